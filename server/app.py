@@ -1,0 +1,141 @@
+"""The ASGI application: wires settings, Redis, keys and services, and owns their lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from server.auth_http import AuthRoutes, error_response
+from server.auth_service import AuthService
+from server.clock import Clock, system_clock
+from server.errors import HTTPError
+from server.keys import KeyRing
+from server.passwords import Passwords
+from server.redis_conn import RedisClient, connect
+from server.refresh_tokens import RefreshTokenCodec
+from server.sessions import SessionStore
+from server.settings import Settings
+from server.tokens import AccessTokens
+
+log = logging.getLogger("tether")
+
+#: Seconds a readiness probe waits for Redis before answering 503.
+READY_PING_TIMEOUT = 1.0
+
+
+@dataclass
+class Node:
+    """Everything one Tether instance shares between its HTTP routes and its sockets."""
+
+    settings: Settings
+    redis: RedisClient
+    keyring: KeyRing
+    tokens: AccessTokens
+    sessions: SessionStore
+    auth: AuthService
+    passwords: Passwords
+    clock: Clock
+
+    @classmethod
+    def build(cls, settings: Settings, clock: Clock = system_clock) -> Node:
+        if settings.redis_url is None:
+            raise ValueError("redis_url must be set (the CLI starts an embedded Redis)")
+        redis = connect(settings.redis_url)
+        if settings.keys is not None:
+            keyring = KeyRing(inline=settings.keys)
+        else:
+            keyring = KeyRing(path=settings.effective_keys_file)
+        tokens = AccessTokens(
+            keyring,
+            issuer=settings.effective_issuer,
+            audience=settings.audience,
+            leeway=settings.clock_leeway,
+        )
+        codec = RefreshTokenCodec(keyring.current.refresh_secret)
+        sessions = SessionStore(redis, codec, settings, clock)
+        passwords = Passwords(settings)
+        auth = AuthService(settings, redis, sessions, tokens, passwords, clock)
+        return cls(settings, redis, keyring, tokens, sessions, auth, passwords, clock)
+
+    async def ready(self) -> bool:
+        try:
+            async with asyncio.timeout(READY_PING_TIMEOUT):
+                return bool(await self.redis.ping())
+        except (RedisError, TimeoutError, OSError):
+            return False
+
+    async def sweep_sessions_forever(self) -> None:
+        """End expired sessions (announcing them) every ``session_sweep_interval`` seconds."""
+        while True:
+            try:
+                await self.sessions.sweep_expired()
+            except RedisError as exc:
+                log.warning("session sweep skipped: %s", exc.__class__.__name__)
+            await asyncio.sleep(self.settings.session_sweep_interval)
+
+    async def close(self) -> None:
+        self.passwords.close()
+        await self.redis.aclose()
+
+
+def create_app(
+    settings: Settings, application: object | None = None, *, clock: Clock = system_clock
+) -> Starlette:
+    """The Tether ASGI app for ``settings``; ``application`` is the user's function registry
+    (``None``: the built-in demo)."""
+    node = Node.build(settings, clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(node.sweep_sessions_forever(), name="session-sweep")
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await node.close()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if await node.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPError)
+        return error_response(exc)
+
+    async def on_http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = "not_found" if exc.status_code == 404 else "invalid_request"
+        return JSONResponse(
+            {"error": code, "message": exc.detail},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        *AuthRoutes(node.auth, settings.max_request_bytes).routes(),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPError: on_http_error, HTTPException: on_http_exception},
+    )
+    app.state.node = node
+    return app

@@ -1,0 +1,345 @@
+"""The ``tether`` command (also ``python -m server``).
+
+Subcommands::
+
+    tether serve [MODULE:ATTR]      run the server (the built-in demo application without one)
+    tether keys rotate              add a new signing key to the key file
+    tether sessions revoke          end sessions of a user, or one session, on a running deployment
+
+Exit codes: 0 success (including a shutdown asked for with SIGTERM or Ctrl-C), 1 a runtime
+failure, 2 a usage or configuration error (the message, on stderr, names the flag or variable).
+
+The modules that need the whole server (``server.app``, ``server.keys``, ``server.sessions``) are
+imported inside the command that uses them: ``tether --help`` and a configuration error answer
+without loading them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from server.embedded_redis import URL_FILE_NAME, EmbeddedRedis
+from server.settings import ENV_PREFIX, Settings, SettingsError
+
+PROG = "tether"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A command cannot run; the message is printed as ``tether: <message>``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _ShutdownRequested(BaseException):
+    """Raised by our SIGTERM/SIGINT handler. A BaseException so that no ``except Exception`` on
+    the way swallows it, as with KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``tether`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        code: int = args.run(args)
+        return code
+    except (SettingsError, CommandError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, CommandError) else EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------- arguments
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Tether: a realtime sync backend.",
+        epilog=f"Every setting also reads {ENV_PREFIX}<NAME>; a flag beats the environment.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server. Without --redis-url (or TETHER_REDIS_URL) it starts an "
+        "embedded redis-server with its data in the data directory.",
+        epilog=_settings_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "application",
+        nargs="?",
+        metavar="MODULE:ATTR",
+        help="the application (its queries and mutations); default: the built-in demo",
+    )
+    serve.add_argument("--host", help="address to listen on [127.0.0.1]")
+    serve.add_argument("--port", type=int, help="port to listen on [8000]")
+    _add_redis_url(serve)
+    _add_data_dir(serve)
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="[info]")
+    serve.set_defaults(run=_serve)
+
+    keys = commands.add_parser("keys", help="manage signing keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    rotate = keys_commands.add_parser(
+        "rotate",
+        help="add a new signing key",
+        description="Add a new signing key to the key file. Restart (or reload) every server "
+        "of the deployment to sign with it.",
+    )
+    rotate.add_argument(
+        "--keys-file", type=Path, help="the key file [TETHER_KEYS_FILE or DATA_DIR/keys.json]"
+    )
+    _add_data_dir(rotate)
+    rotate.set_defaults(run=_keys_rotate)
+
+    sessions = commands.add_parser("sessions", help="manage sessions")
+    sessions_commands = sessions.add_subparsers(
+        dest="sessions_command", required=True, metavar="COMMAND"
+    )
+    revoke = sessions_commands.add_parser(
+        "revoke",
+        help="end sessions now, on every instance",
+        description="End every session of a user, or one session. Live connections of those "
+        "sessions receive session_revoked with reason 'revoked'.",
+    )
+    who = revoke.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="ID", help="end every session of this user")
+    who.add_argument("--session", metavar="ID", help="end this session")
+    _add_redis_url(
+        revoke,
+        extra=" [TETHER_REDIS_URL, else the embedded Redis of a server running on DATA_DIR]",
+    )
+    _add_data_dir(revoke)
+    revoke.set_defaults(run=_sessions_revoke)
+    return parser
+
+
+def _add_redis_url(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    parser.add_argument("--redis-url", metavar="URL", help="redis://HOST:PORT/DB" + extra)
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", type=Path, metavar="PATH", help="embedded Redis data and key file [.tether]"
+    )
+
+
+def _settings_table() -> str:
+    rows = Settings.documented()
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"  {name:<{width}}  {doc} [{default}]" for name, default, doc in rows]
+    return "environment:\n" + "\n".join(lines)
+
+
+def _load_settings(args: argparse.Namespace, *flags: str) -> Settings:
+    """Settings from the environment, with the given flags (when given) beating it."""
+    overrides: dict[str, Any] = {flag: getattr(args, flag) for flag in flags}
+    return Settings.load(overrides)
+
+
+# ---------------------------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _load_settings(args, "host", "port", "redis_url", "data_dir", "log_level")
+    application = load_application(args.application) if args.application else None
+    try:
+        from server.app import create_app
+    except ImportError as exc:
+        raise CommandError(f"cannot load the server: {exc}", EXIT_FAILURE) from exc
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
+    )
+    embedded: EmbeddedRedis | None = None
+    with _shutdown_on_signals():
+        try:
+            if settings.redis_url is None:
+                embedded = EmbeddedRedis(settings.data_dir)
+                try:
+                    url = embedded.start()
+                except RuntimeError as exc:
+                    raise CommandError(f"embedded Redis: {exc}", EXIT_FAILURE) from exc
+                logging.getLogger(__name__).info(
+                    "embedded Redis at %s, data in %s", url, settings.data_dir
+                )
+                settings = dataclasses.replace(settings, redis_url=url)
+            return _run_uvicorn(settings, create_app(settings, application))
+        except _ShutdownRequested:
+            return EXIT_OK
+        finally:
+            # Last step of every exit path: the server has drained, now its Redis can go. A
+            # second signal must not cut this short (stop() is bounded: SIGKILL after 5 s).
+            _ignore_shutdown_signals()
+            if embedded is not None:
+                embedded.stop()
+
+
+def _run_uvicorn(settings: Settings, app: Any) -> int:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        lifespan="on",
+        log_level=settings.log_level.lower(),
+        # uvicorn's own deadline for open connections comes after the app's drain deadline: the
+        # app closes its sockets with a proper close code first.
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout + 5),
+        proxy_headers=False,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown while serve() runs. Afterwards it
+    # re-raises the signal it caught; our handler (see _shutdown_on_signals) then raises
+    # _ShutdownRequested, which the caller reads as a clean exit.
+    try:
+        asyncio.run(server.serve())
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind its socket
+        return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
+    if not server.started:
+        print(f"{PROG}: the server did not start (see the log above)", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+@contextmanager
+def _shutdown_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`_ShutdownRequested` while the block runs.
+
+    Outside uvicorn's serve() (starting the embedded Redis, building the app) this lets the
+    ``finally`` of the caller stop Redis; inside it, uvicorn installs its own handlers and
+    restores these afterwards. Python's default SIGTERM action would kill the process on the
+    spot, skipping every ``finally``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        _ignore_shutdown_signals()  # once shutdown is under way, nothing may interrupt cleanup
+        raise _ShutdownRequested(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in _SHUTDOWN_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _ignore_shutdown_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in _SHUTDOWN_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def load_application(spec: str) -> object:
+    """Import ``MODULE:ATTR`` (``ATTR`` may be dotted) and return that object.
+
+    The current directory is importable, as with ``python -m``, so ``tether serve myapp:app``
+    finds ``./myapp.py`` also when run through the ``tether`` script.
+    Raises :class:`CommandError` naming the spec and the reason.
+    """
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise CommandError(f"cannot load application {spec!r}: expected MODULE:ATTR")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CommandError(f"cannot load application {spec!r}: {exc}") from exc
+    except Exception as exc:  # the module itself failed while importing
+        raise CommandError(
+            f"cannot load application {spec!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    for name in attr_path.split("."):
+        try:
+            obj = getattr(obj, name)
+        except AttributeError:
+            raise CommandError(
+                f"cannot load application {spec!r}: {module_name} has no attribute {attr_path!r}"
+            ) from None
+    return obj
+
+
+# ---------------------------------------------------------------------------------- keys
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    if args.keys_file is not None:
+        path: Path = args.keys_file
+    else:
+        path = _load_settings(args, "data_dir").effective_keys_file
+    from server.keys import rotate_key_file
+
+    kid = rotate_key_file(path)
+    print(f"new signing key {kid}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------- sessions
+
+
+def _sessions_revoke(args: argparse.Namespace) -> int:
+    redis_url = admin_redis_url(_load_settings(args, "redis_url", "data_dir"))
+    from server.sessions import revoke_from_cli
+
+    ended = asyncio.run(revoke_from_cli(redis_url, user_id=args.user, session_id=args.session))
+    print(f"ended {ended} session(s)")
+    return EXIT_OK
+
+
+def admin_redis_url(settings: Settings) -> str:
+    """The Redis an admin command talks to: ``--redis-url``, else ``TETHER_REDIS_URL`` (both in
+    ``settings.redis_url``), else the embedded Redis of a server running on the data directory.
+
+    Raises :class:`CommandError` when none is known.
+    """
+    if settings.redis_url is not None:
+        return settings.redis_url
+    url_file = settings.data_dir / URL_FILE_NAME
+    try:
+        url = url_file.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        url = ""
+    if not url:
+        raise CommandError(
+            f"no Redis to talk to: pass --redis-url or set {ENV_PREFIX}REDIS_URL, or run this "
+            f"where a server with an embedded Redis runs (no {url_file})"
+        )
+    return url

@@ -1,0 +1,47 @@
+"""Connecting to Redis (standalone or Cluster) and loading Tether's Lua scripts.
+
+``redis+cluster://host:port`` (or ``rediss+cluster://``) selects Redis Cluster; any other URL is
+a standalone server. Commands are retried a bounded number of times on connection errors and
+time-outs: every script Tether runs gives the same answer when retried after a lost reply.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, TypeAlias
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+RedisClient: TypeAlias = "Redis | RedisCluster"
+
+#: Seconds before a Redis command is abandoned (and the request answered ``unavailable``).
+SOCKET_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0
+
+
+def connect(url: str) -> RedisClient:
+    """A client for ``url`` with bounded retries; it connects lazily on first use."""
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "retry": retry,
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+    for scheme in ("redis+cluster://", "rediss+cluster://"):
+        if url.startswith(scheme):
+            plain = url.replace("+cluster", "", 1)
+            return RedisCluster.from_url(plain, **common)
+    return Redis.from_url(url, health_check_interval=15, **common)
+
+
+def load_script(client: RedisClient, name: str) -> AsyncScript:
+    """Register ``server/lua/<name>.lua``: called by SHA, re-sent in full after SCRIPT FLUSH."""
+    text = resources.files("server").joinpath("lua", f"{name}.lua").read_text()
+    return client.register_script(text)

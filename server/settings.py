@@ -1,0 +1,250 @@
+"""One typed settings object, built from CLI flags and ``TETHER_*`` environment variables.
+
+A flag beats the environment; the environment beats the default. Every value is parsed and
+validated when the object is built, so a bad deployment stops at start-up with a message that
+names the setting and the problem (:class:`SettingsError`), never later at first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TETHER_"
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the setting and the problem."""
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` events per ``seconds``: written ``"10/300"`` in the environment."""
+
+    count: int
+    seconds: int
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.seconds}"
+
+
+def _parse_int(raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected an integer, got {raw!r}") from None
+
+
+def _parse_float(raw: str) -> float:
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {raw!r}") from None
+
+
+def _parse_rate(raw: str) -> Rate:
+    count, sep, seconds = raw.strip().partition("/")
+    if not sep:
+        raise ValueError(f"expected COUNT/SECONDS such as 10/60, got {raw!r}")
+    rate = Rate(_parse_int(count), _parse_int(seconds))
+    if rate.count < 1 or rate.seconds < 1:
+        raise ValueError(f"count and seconds must be positive, got {raw!r}")
+    return rate
+
+
+def _parse_origins(raw: str) -> tuple[str, ...]:
+    return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+
+
+def _parse_str(raw: str) -> str:
+    return raw.strip()
+
+
+def _parse_optional_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _parse_path(raw: str) -> Path:
+    return Path(raw.strip())
+
+
+def _parse_optional_path(raw: str) -> Path | None:
+    return Path(raw.strip()) if raw.strip() else None
+
+
+def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+DEFAULT_ORIGINS = ("self", "http://localhost:*", "http://127.0.0.1:*")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of an instance. Field ``x`` reads ``TETHER_X``; see ``docs/settings.md``."""
+
+    host: str = _setting("127.0.0.1", _parse_str, "address to listen on")
+    port: int = _setting(8000, _parse_int, "port to listen on")
+    redis_url: str | None = _setting(
+        None, _parse_optional_str, "Redis URL; unset starts an embedded redis-server"
+    )
+    data_dir: Path = _setting(Path(".tether"), _parse_path, "embedded Redis data and key file")
+    keys_file: Path | None = _setting(
+        None, _parse_optional_path, "signing key file [DATA_DIR/keys.json]"
+    )
+    keys: str | None = _setting(None, _parse_optional_str, "the key set as JSON, instead of a file")
+    public_url: str | None = _setting(
+        None, _parse_optional_str, "external base URL, for the issuer and jwks_uri"
+    )
+    issuer: str | None = _setting(None, _parse_optional_str, "JWT iss [PUBLIC_URL or 'tether']")
+    audience: str = _setting("tether", _parse_str, "JWT aud")
+    access_ttl: int = _setting(3600, _parse_int, "access-token lifetime, seconds")
+    session_inactive_ttl: int = _setting(
+        2_592_000, _parse_int, "session ends after this many seconds without a refresh"
+    )
+    session_ttl: int = _setting(2_592_000, _parse_int, "session ends this long after sign-in")
+    refresh_reuse_window: int = _setting(
+        10, _parse_int, "seconds the previous refresh token still yields the current pair"
+    )
+    expiry_notice: int = _setting(60, _parse_int, "seconds before exp to push auth_expiring")
+    clock_leeway: int = _setting(5, _parse_int, "tolerated clock skew on exp/nbf/iat, seconds")
+    allowed_origins: tuple[str, ...] = _setting(
+        DEFAULT_ORIGINS, _parse_origins, "Origins allowed to open /sync; * allows any"
+    )
+    max_message_bytes: int = _setting(65536, _parse_int, "largest accepted client frame")
+    max_request_bytes: int = _setting(16384, _parse_int, "largest accepted HTTP auth body")
+    signin_limit_account: Rate = _setting(
+        Rate(10, 300), _parse_rate, "sign-in attempts per e-mail address"
+    )
+    signin_limit_address: Rate = _setting(
+        Rate(100, 300), _parse_rate, "sign-in attempts per client IP address"
+    )
+    signup_limit_address: Rate = _setting(
+        Rate(20, 300), _parse_rate, "sign-ups per client IP address"
+    )
+    refresh_limit_session: Rate = _setting(
+        Rate(120, 60), _parse_rate, "refresh attempts per session"
+    )
+    argon2_time_cost: int = _setting(3, _parse_int, "argon2id iterations")
+    argon2_memory_kib: int = _setting(65536, _parse_int, "argon2id memory, KiB")
+    argon2_parallelism: int = _setting(4, _parse_int, "argon2id lanes")
+    hash_workers: int = _setting(2, _parse_int, "threads that hash passwords")
+    session_sweep_interval: float = _setting(
+        1.0, _parse_float, "seconds between sweeps that end expired sessions"
+    )
+    drain_timeout: float = _setting(
+        10.0, _parse_float, "seconds a draining instance waits for sockets to close"
+    )
+    log_level: str = _setting("info", _parse_str, "debug, info, warning or error")
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def effective_keys_file(self) -> Path:
+        return self.keys_file if self.keys_file is not None else self.data_dir / "keys.json"
+
+    @property
+    def effective_issuer(self) -> str:
+        return self.issuer or self.public_url or "tether"
+
+    def expiry_notice_for(self, lifetime_s: float) -> float:
+        """Seconds before ``exp`` to push ``auth_expiring``: never more than half the lifetime."""
+        return min(float(self.expiry_notice), max(lifetime_s, 0.0) / 2)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Build settings: ``overrides`` (CLI flags, as text or typed) beat ``environ``.
+
+        Raises :class:`SettingsError` naming the first bad setting.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            raw: Any = None
+            if overrides and overrides.get(f.name) is not None:
+                raw = overrides[f.name]
+            elif name in env:
+                raw = env[name]
+            if isinstance(raw, str):
+                # Flags and variables arrive as text: both go through the same parser.
+                try:
+                    raw = f.metadata["parse"](raw)
+                except ValueError as exc:
+                    raise SettingsError(f"{name}: {exc}") from None
+            if raw is not None:
+                values[f.name] = raw
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check every value and their relations; raise :class:`SettingsError` on the first."""
+
+        def fail(name: str, problem: str) -> None:
+            raise SettingsError(f"{ENV_PREFIX}{name.upper()}: {problem}")
+
+        if not 0 <= self.port <= 65535:
+            fail("port", f"must be 0-65535, got {self.port}")
+        positive = (
+            "access_ttl",
+            "session_inactive_ttl",
+            "session_ttl",
+            "max_message_bytes",
+            "max_request_bytes",
+            "argon2_time_cost",
+            "argon2_parallelism",
+            "hash_workers",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                fail(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("refresh_reuse_window", "expiry_notice", "clock_leeway"):
+            if getattr(self, name) < 0:
+                fail(name, f"must not be negative, got {getattr(self, name)}")
+        for name in ("session_sweep_interval", "drain_timeout"):
+            if getattr(self, name) <= 0:
+                fail(name, f"must be positive, got {getattr(self, name)}")
+        if self.access_ttl > self.session_ttl:
+            fail("access_ttl", "must not exceed TETHER_SESSION_TTL")
+        if self.clock_leeway >= self.access_ttl:
+            fail("clock_leeway", "must be shorter than TETHER_ACCESS_TTL")
+        # OWASP password storage cheat sheet: argon2id with m >= 19 MiB and t >= 2 (or a
+        # memory-heavier configuration with t = 1: m >= 46 MiB).
+        if self.argon2_memory_kib < 19456 or (
+            self.argon2_time_cost < 2 and self.argon2_memory_kib < 47104
+        ):
+            fail(
+                "argon2_memory_kib",
+                "argon2id below the OWASP minimum (m >= 19456 KiB with t >= 2, "
+                "or m >= 47104 KiB with t = 1)",
+            )
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            fail("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        ):
+            fail("redis_url", f"unsupported scheme in {self.redis_url!r}")
+        for origin in self.allowed_origins:
+            if origin not in ("*", "self") and "://" not in origin:
+                fail("allowed_origins", f"{origin!r} is not an origin like https://app.example")
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, meaning) for every setting, for docs and ``--help``."""
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default
+            shown = ",".join(default) if isinstance(default, tuple) else str(default)
+            rows.append((ENV_PREFIX + f.name.upper(), shown, f.metadata["doc"]))
+        return rows
