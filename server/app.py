@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from server.auth_http import AuthRoutes, error_response
 from server.auth_service import AuthService
@@ -23,8 +23,10 @@ from server.keys import KeyRing
 from server.passwords import Passwords
 from server.redis_conn import RedisClient, connect
 from server.refresh_tokens import RefreshTokenCodec
+from server.session_hub import SessionHub
 from server.sessions import SessionStore
 from server.settings import Settings
+from server.sync import SyncEndpoint
 from server.tokens import AccessTokens
 
 log = logging.getLogger("tether")
@@ -44,10 +46,12 @@ class Node:
     sessions: SessionStore
     auth: AuthService
     passwords: Passwords
+    hub: SessionHub
+    sync: SyncEndpoint
     clock: Clock
 
     @classmethod
-    def build(cls, settings: Settings, clock: Clock = system_clock) -> Node:
+    def build(cls, settings: Settings, application: object, clock: Clock = system_clock) -> Node:
         if settings.redis_url is None:
             raise ValueError("redis_url must be set (the CLI starts an embedded Redis)")
         redis = connect(settings.redis_url)
@@ -65,9 +69,13 @@ class Node:
         sessions = SessionStore(redis, codec, settings, clock)
         passwords = Passwords(settings)
         auth = AuthService(settings, redis, sessions, tokens, passwords, clock)
-        return cls(settings, redis, keyring, tokens, sessions, auth, passwords, clock)
+        hub = SessionHub(settings.redis_url, sessions)
+        sync = SyncEndpoint(settings, auth, hub, application, clock)
+        return cls(settings, redis, keyring, tokens, sessions, auth, passwords, hub, sync, clock)
 
     async def ready(self) -> bool:
+        if not self.hub.ready.is_set():
+            return False  # not yet listening for revocations: sockets would miss them
         try:
             async with asyncio.timeout(READY_PING_TIMEOUT):
                 return bool(await self.redis.ping())
@@ -84,6 +92,8 @@ class Node:
             await asyncio.sleep(self.settings.session_sweep_interval)
 
     async def close(self) -> None:
+        self.sync.close()
+        await self.hub.close()
         self.passwords.close()
         await self.redis.aclose()
 
@@ -93,17 +103,26 @@ def create_app(
 ) -> Starlette:
     """The Tether ASGI app for ``settings``; ``application`` is the user's function registry
     (``None``: the built-in demo)."""
-    node = Node.build(settings, clock)
+    if application is None:
+        from server.demo import app as demo
+
+        application = demo
+    node = Node.build(settings, application, clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(node.sweep_sessions_forever(), name="session-sweep")
+        tasks = [
+            asyncio.create_task(node.sweep_sessions_forever(), name="session-sweep"),
+            asyncio.create_task(node.hub.run(), name="session-hub"),
+        ]
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await node.close()
 
     async def healthz(request: Request) -> Response:
@@ -131,6 +150,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *AuthRoutes(node.auth, settings.max_request_bytes).routes(),
+        WebSocketRoute("/sync", node.sync),
     ]
     app = Starlette(
         routes=routes,

@@ -191,7 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
                     url = embedded.start()
                 except RuntimeError as exc:
                     raise CommandError(f"embedded Redis: {exc}", EXIT_FAILURE) from exc
-                logging.getLogger(__name__).info(
+                logging.getLogger("tether").info(
                     "embedded Redis at %s, data in %s", url, settings.data_dir
                 )
                 settings = dataclasses.replace(settings, redis_url=url)
@@ -317,9 +317,15 @@ def _keys_rotate(args: argparse.Namespace) -> int:
 
 def _sessions_revoke(args: argparse.Namespace) -> int:
     redis_url = admin_redis_url(_load_settings(args, "redis_url", "data_dir"))
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     from server.sessions import revoke_from_cli
 
-    ended = asyncio.run(revoke_from_cli(redis_url, user_id=args.user, session_id=args.session))
+    try:
+        ended = asyncio.run(revoke_from_cli(redis_url, user_id=args.user, session_id=args.session))
+    except (RedisConnectionError, OSError) as exc:
+        # Typically a redis.url left behind by a server that was killed.
+        raise CommandError(f"cannot reach Redis at {redis_url}: {exc}", EXIT_FAILURE) from exc
     print(f"ended {ended} session(s)")
     return EXIT_OK
 

@@ -97,7 +97,7 @@ def free_loopback_port() -> int:
 
 def die_with_parent_preexec(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
     """A ``preexec_fn`` for :class:`subprocess.Popen` that makes the child get ``sig`` when its
-    parent dies, or None where the platform has no such mechanism (only Linux has one).
+    parent dies, or None off Linux (the only platform this is implemented for).
 
     Linux delivers the signal when the *thread* that forked the child exits, not the process:
     call ``Popen`` from a thread that lives as long as the process (the main thread). A child
@@ -144,6 +144,7 @@ class EmbeddedRedis:
         self._port: int | None = port
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_file: IO[bytes] | None = None
+        self._owns_url_file = False
 
     # ------------------------------------------------------------------ state
 
@@ -161,7 +162,8 @@ class EmbeddedRedis:
 
     @property
     def pid(self) -> int | None:
-        """The process id of the running ``redis-server``, or None when it is not running."""
+        """The process id of the ``redis-server`` started last, or None once it was stopped (or
+        before any start)."""
         return self._process.pid if self._process is not None else None
 
     @property
@@ -188,7 +190,8 @@ class EmbeddedRedis:
         """
         if self.running:
             raise RuntimeError("embedded Redis is already running")
-        self._forget()  # a previous run that died on its own
+        if self._process is not None:
+            self._forget()  # a previous run that died on its own
         binary = self._binary or find_redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
@@ -305,8 +308,10 @@ class EmbeddedRedis:
 
     def _forget(self) -> None:
         self._process = None
-        with contextlib.suppress(FileNotFoundError):
-            self.url_file.unlink()
+        if self._owns_url_file:  # never remove the file of another process's Redis
+            with contextlib.suppress(FileNotFoundError):
+                self.url_file.unlink()
+            self._owns_url_file = False
         self._release_lock()
 
     def _write_url_file(self) -> None:
@@ -314,6 +319,7 @@ class EmbeddedRedis:
         tmp = self.url_file.with_suffix(".url.tmp")
         tmp.write_text(self.url + "\n", encoding="ascii")
         tmp.replace(self.url_file)
+        self._owns_url_file = True
 
     def _acquire_lock(self) -> None:
         # flock, not the presence of a file: the kernel releases it when the holder dies, so a

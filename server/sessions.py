@@ -200,6 +200,24 @@ class SessionStore:
             result[sid] = info
         return result
 
+    async def end_reasons(self, session_ids: list[str]) -> dict[str, SessionEndReason]:
+        """Why each of ``session_ids`` ended, read from its tombstone.
+
+        A session with no tombstone left (its key expired) counts as ``session_expired``.
+        Call it only for sessions :meth:`lookup_many` found inactive.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.hget(redis_keys.session(sid), "reason")
+            rows = await pipe.execute()
+        result = {}
+        for sid, reason in zip(session_ids, rows, strict=True):
+            try:
+                result[sid] = SessionEndReason(reason)
+            except ValueError:
+                result[sid] = SessionEndReason.SESSION_EXPIRED
+        return result
+
     async def sweep_expired(self) -> int:
         """End sessions whose deadline passed (announcing ``session_expired``); return how many.
 

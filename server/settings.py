@@ -129,6 +129,23 @@ class Settings:
     refresh_limit_session: Rate = _setting(
         Rate(120, 60), _parse_rate, "refresh attempts per session"
     )
+    send_queue_bytes: int = _setting(
+        1_048_576, _parse_int, "bytes queued for one slow client before closing it with 4008"
+    )
+    max_subscriptions: int = _setting(256, _parse_int, "subscriptions per connection")
+    max_pending_mutations: int = _setting(64, _parse_int, "mutations in flight per connection")
+    max_result_bytes: int = _setting(
+        1_048_576, _parse_int, "largest encoded query or mutation result"
+    )
+    message_rate: Rate = _setting(
+        Rate(200, 10), _parse_rate, "client messages per connection before rate_limited"
+    )
+    auth_rate: Rate = _setting(
+        Rate(20, 60), _parse_rate, "authenticate + refresh messages per connection"
+    )
+    heartbeat_timeout: int = _setting(
+        75, _parse_int, "close with 4009 after this many seconds without a client frame"
+    )
     argon2_time_cost: int = _setting(3, _parse_int, "argon2id iterations")
     argon2_memory_kib: int = _setting(65536, _parse_int, "argon2id memory, KiB")
     argon2_parallelism: int = _setting(4, _parse_int, "argon2id lanes")

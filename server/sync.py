@@ -1,0 +1,446 @@
+"""The ``/sync`` WebSocket endpoint: the I/O shell around :mod:`server.protocol`.
+
+A raw ASGI app (no Starlette ``WebSocket`` wrapper: idle connections must stay lean). Each
+socket is owned by one :class:`Connection`, which moves frames between the socket and its
+:class:`~server.protocol.ConnectionCore`, runs the actions the core returns, and releases
+everything in one ``finally``. Deadlines of every connection share one
+:class:`~server.timers.DeadlineQueue`; revocations arrive through the
+:class:`~server.session_hub.SessionHub`.
+
+Outgoing frames go through a per-connection queue bounded in bytes
+(``TETHER_SEND_QUEUE_BYTES``): a client that does not read is closed with 4008 instead of
+growing the server's memory. The writer task exists only while there is something to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from server.auth_service import AuthService
+from server.clock import Clock
+from server.errors import AuthErrorCode, CloseCode, ErrorCode, FunctionError, HTTPError
+from server.protocol import (
+    Action,
+    BadMessage,
+    BindSession,
+    Close,
+    ConnectionCore,
+    Identity,
+    Limits,
+    QueryResult,
+    RotateRefresh,
+    RunMutation,
+    RunQueries,
+    Send,
+    Timing,
+    UnbindSession,
+    VerifyToken,
+    encode_frame,
+)
+from server.session_hub import SessionHub
+from server.settings import Settings
+from server.timers import DeadlineQueue
+from server.tokens import TokenError
+
+log = logging.getLogger("tether.sync")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+SendFn = Callable[[Message], Awaitable[None]]
+
+#: Seconds a close frame may wait behind a client that stopped reading before we give up.
+CLOSE_TIMEOUT = 2.0
+
+
+def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...], scheme: str) -> bool:
+    """Is a browser ``Origin`` allowed to open ``/sync``? Patterns may use ``*`` for a port."""
+    origin = origin.rstrip("/").lower()
+    for pattern in allowed:
+        if pattern == "*":
+            return True
+        if pattern == "self":
+            if host and origin in (f"http://{host}".lower(), f"https://{host}".lower()):
+                return True
+            continue
+        if fnmatch.fnmatchcase(origin, pattern.lower()):
+            return True
+    return False
+
+
+class Connection:
+    """One ``/sync`` socket from accept to close. Closing is idempotent."""
+
+    __slots__ = (
+        "closing",
+        "core",
+        "endpoint",
+        "out",
+        "out_bytes",
+        "scheduled_deadline",
+        "send",
+        "tasks",
+        "writer",
+    )
+
+    def __init__(self, endpoint: SyncEndpoint, send: SendFn, core: ConnectionCore) -> None:
+        self.endpoint = endpoint
+        self.send = send
+        self.core = core
+        self.out: deque[str | tuple[int, str]] = deque()
+        self.out_bytes = 0
+        self.writer: asyncio.Task[None] | None = None
+        self.tasks: set[asyncio.Task[None]] | None = None
+        self.scheduled_deadline: float | None = None
+        self.closing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, receive: Receive) -> None:
+        endpoint = self.endpoint
+        endpoint.connections.add(self)
+        try:
+            self.reschedule()
+            while not self.closing:
+                message = await receive()
+                kind = message["type"]
+                if kind == "websocket.disconnect":
+                    break
+                if kind != "websocket.receive":
+                    continue
+                text = message.get("text")
+                frame: str | bytes = text if text is not None else (message.get("bytes") or b"")
+                if len(frame) > endpoint.settings.max_message_bytes:
+                    self.close_now(CloseCode.MESSAGE_TOO_BIG, "frame too large")
+                    break
+                self.execute(self.core.receive(frame, endpoint.clock()))
+            if self.closing and self.writer is not None:
+                # Let queued frames and the close frame go out, but not forever.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self.writer), CLOSE_TIMEOUT)
+        finally:
+            self.closing = True
+            endpoint.connections.discard(self)
+            endpoint.timers.schedule(self, None)
+            self.execute(self.core.close())
+            for task in list(self.tasks or ()):
+                task.cancel()
+            if self.writer is not None:
+                self.writer.cancel()
+
+    def reschedule(self) -> None:
+        self.endpoint.timers.schedule(self, self.core.next_deadline())
+
+    def on_deadline(self, now: float) -> None:
+        self.execute(self.core.on_timer(now))
+
+    def session_ended(self, session_id: str, reason: Any) -> None:
+        self.execute(self.core.session_ended(session_id, reason, self.endpoint.clock()))
+
+    # ------------------------------------------------------------------ actions
+
+    def execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.enqueue(encode_frame(action.frame))
+            elif isinstance(action, Close):
+                self.close_soon(action.code, action.reason)
+            elif isinstance(action, BindSession):
+                self.endpoint.hub.bind(action.session_id, self)
+            elif isinstance(action, UnbindSession):
+                self.endpoint.hub.unbind(action.session_id, self)
+            elif isinstance(action, VerifyToken | RotateRefresh):
+                self.spawn(self.authenticate(action))
+            elif isinstance(action, RunQueries):
+                self.spawn(self.run_queries(action))
+            elif isinstance(action, RunMutation):
+                self.spawn(self.run_mutation(action))
+        if not self.closing:
+            self.reschedule()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        if self.closing:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            return
+        if self.tasks is None:
+            self.tasks = set()
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self.tasks is not None:
+            self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection task failed", exc_info=task.exception())
+
+    # ------------------------------------------------------------------ sending
+
+    def enqueue(self, text: str) -> None:
+        if self.closing:
+            return
+        self.out.append(text)
+        self.out_bytes += len(text)
+        if self.out_bytes > self.endpoint.settings.send_queue_bytes:
+            self.close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.ensure_future(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self.out:
+                item = self.out.popleft()
+                if isinstance(item, tuple):
+                    code, reason = item
+                    await self.send({"type": "websocket.close", "code": code, "reason": reason})
+                    self.out.clear()
+                    return
+                self.out_bytes -= len(item)
+                await self.send({"type": "websocket.send", "text": item})
+        except Exception:  # the client went away; the receive loop sees the disconnect
+            self.out.clear()
+            self.closing = True
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close after the frames already queued (protocol errors, heartbeat)."""
+        if self.closing:
+            return
+        self.closing = True
+        self.out.append((code, reason))
+        self._start_writer()
+
+    def close_now(self, code: int, reason: str) -> None:
+        """Close without sending what is queued (slow consumer, oversize frame)."""
+        if self.writer is not None:
+            self.writer.cancel()
+        self.out.clear()
+        self.out_bytes = 0
+        self.closing = True
+        self.out.append((code, reason))
+        self.writer = asyncio.ensure_future(self._write())
+
+    # ------------------------------------------------------------------ work
+
+    async def authenticate(self, action: VerifyToken | RotateRefresh) -> None:
+        endpoint, core = self.endpoint, self.core
+        tokens: dict[str, Any] | None = None
+        try:
+            if isinstance(action, VerifyToken):
+                claims = endpoint.auth.tokens.verify(action.token, now=endpoint.clock())
+                info = await endpoint.auth.sessions.lookup(claims.session_id)
+                if info is None or info.user_id != claims.user_id:
+                    raise HTTPError(401, AuthErrorCode.SESSION_REVOKED, "the session has ended")
+            else:
+                pair = await endpoint.auth.refresh(action.refresh_token, action.retry_key)
+                claims = endpoint.auth.tokens.verify(pair.access_token, now=endpoint.clock())
+                tokens = {
+                    "accessToken": pair.access_token,
+                    "refreshToken": pair.refresh_token,
+                    "expiresAt": pair.expires_at,
+                }
+            # The session may have ended between the lookup and now: the hub remembers.
+            ended = endpoint.hub.recently_ended(claims.session_id)
+            if ended is not None:
+                raise HTTPError(401, AuthErrorCode.SESSION_REVOKED, "the session has ended")
+        except TokenError as exc:
+            self.execute(core.auth_failed(action.auth_version, exc.code, exc.message, self.now()))
+            return
+        except HTTPError as exc:
+            code = _auth_code(exc.code)
+            self.execute(core.auth_failed(action.auth_version, code, exc.message, self.now()))
+            return
+        except RedisError:
+            self.execute(
+                core.auth_failed(
+                    action.auth_version,
+                    AuthErrorCode.UNAVAILABLE,
+                    "the session store is unreachable; retry shortly",
+                    self.now(),
+                )
+            )
+            return
+        identity = Identity(
+            claims.user_id, claims.session_id, float(claims.issued_at), float(claims.expires_at)
+        )
+        self.execute(core.auth_succeeded(action.auth_version, identity, self.now(), tokens))
+
+    def now(self) -> float:
+        return self.endpoint.clock()
+
+    def _identity_usable(self, identity: Identity | None) -> bool:
+        """Check at use: an identity past exp + leeway, or whose session ended, runs nothing."""
+        if identity is None:
+            return True
+        endpoint = self.endpoint
+        if self.now() >= identity.expires_at + endpoint.settings.clock_leeway:
+            self.execute(self.core.on_timer(self.now()))
+            return False
+        reason = endpoint.hub.recently_ended(identity.session_id)
+        if reason is not None:
+            self.execute(self.core.session_ended(identity.session_id, reason, self.now()))
+            return False
+        return True
+
+    async def run_queries(self, action: RunQueries) -> None:
+        if not self._identity_usable(action.identity):
+            return
+        results = [
+            await self.endpoint.evaluate(name, args, action.identity, qid)
+            for qid, name, args in action.queries
+        ]
+        version = self.endpoint.current_version()
+        self.execute(self.core.queries_done(action.generation, version, results, self.now()))
+
+    async def run_mutation(self, action: RunMutation) -> None:
+        if not self._identity_usable(action.identity):
+            self.execute(
+                self.core.mutation_done(
+                    action.generation,
+                    action.request_id,
+                    self.now(),
+                    error=("unauthenticated", "the identity has ended; authenticate again"),
+                )
+            )
+            return
+        value_json, error = await self.endpoint.call_mutation(
+            action.name, action.args, action.identity
+        )
+        self.execute(
+            self.core.mutation_done(
+                action.generation,
+                action.request_id,
+                self.now(),
+                value_json=value_json,
+                version=self.endpoint.current_version(),
+                error=error,
+            )
+        )
+
+
+def _auth_code(code: str) -> AuthErrorCode:
+    try:
+        return AuthErrorCode(code)
+    except ValueError:
+        return AuthErrorCode.INVALID_TOKEN
+
+
+class SyncEndpoint:
+    """The raw ASGI app serving ``/sync`` for one instance."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        auth: AuthService,
+        hub: SessionHub,
+        application: Any,
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.hub = hub
+        self.application = application
+        self.clock = clock
+        self.timers = DeadlineQueue(clock)
+        self.connections: set[Connection] = set()
+        self.timing = Timing(float(settings.expiry_notice), float(settings.clock_leeway))
+        self.limits = Limits(
+            max_subscriptions=settings.max_subscriptions,
+            max_pending_mutations=settings.max_pending_mutations,
+            message_rate=(settings.message_rate.count, float(settings.message_rate.seconds)),
+            auth_rate=(settings.auth_rate.count, float(settings.auth_rate.seconds)),
+            heartbeat_timeout=float(settings.heartbeat_timeout),
+        )
+
+    # ------------------------------------------------------------------ functions
+
+    def resolve(self, kind: str, name: str, args: dict[str, Any]) -> None:
+        from server.functions import ArgsError
+
+        spec = self.application.lookup(name)
+        if spec is None or spec.kind != kind:
+            raise BadMessage(ErrorCode.UNKNOWN_FUNCTION, f"no {kind} named {name!r}")
+        try:
+            spec.validate_args(args)
+        except ArgsError as exc:
+            raise BadMessage(ErrorCode.BAD_ARGS, exc.message) from None
+
+    def _context(self, identity: Identity | None) -> Any:
+        from server.functions import Auth, Context
+
+        auth = Auth(identity.user_id, identity.session_id) if identity is not None else None
+        return Context(auth)
+
+    async def evaluate(
+        self, name: str, args: dict[str, Any], identity: Identity | None, query_id: int
+    ) -> QueryResult:
+        from server.functions import encode_result, invoke
+
+        spec = self.application.lookup(name)
+        ctx = self._context(identity)
+        try:
+            value = await invoke(spec, ctx, spec.validate_args(args))
+            text = encode_result(value, self.settings.max_result_bytes)
+        except FunctionError as exc:
+            return QueryResult(
+                query_id, error=(exc.code, exc.message), reads_identity=ctx.read_identity
+            )
+        return QueryResult(query_id, value_json=text, reads_identity=ctx.read_identity)
+
+    async def call_mutation(
+        self, name: str, args: dict[str, Any], identity: Identity | None
+    ) -> tuple[str | None, tuple[str, str] | None]:
+        from server.functions import encode_result, invoke
+
+        spec = self.application.lookup(name)
+        ctx = self._context(identity)
+        try:
+            value = await invoke(spec, ctx, spec.validate_args(args))
+            return encode_result(value, self.settings.max_result_bytes), None
+        except FunctionError as exc:
+            return None, (exc.code, exc.message)
+
+    def current_version(self) -> int:
+        # The data layer (reactive queries) supplies real versions; until then, 0.
+        return 0
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: SendFn) -> None:
+        if scope["type"] != "websocket":
+            return
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = headers.get("origin")
+        if origin is not None and not origin_allowed(
+            origin, headers.get("host"), self.settings.allowed_origins, scope.get("scheme", "ws")
+        ):
+            await send({"type": "websocket.close", "code": 1008})  # → HTTP 403
+            return
+        await send({"type": "websocket.accept"})
+        core = ConnectionCore(
+            connection_id=secrets.token_urlsafe(9),
+            now=self.clock(),
+            timing=self.timing,
+            limits=self.limits,
+            resolve=self.resolve,
+        )
+        await Connection(self, send, core).run(receive)
+
+    def close(self) -> None:
+        self.timers.close()

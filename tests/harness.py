@@ -1,0 +1,350 @@
+"""Real processes for integration tests: a ``redis-server``, and Tether servers on free ports.
+
+No mock stands in for Redis or the server. Every process started here is registered, and
+``conftest.py`` kills whatever is still running when a test ends, passed or failed; an ``atexit``
+hook and ``PR_SET_PDEATHSIG`` cover a pytest that dies on its own.
+
+Start processes from the main thread (the test itself or a fixture): on Linux a child started from
+a thread gets SIGTERM when that thread exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+import redis.asyncio
+
+from server.embedded_redis import EmbeddedRedis, die_with_parent_preexec, free_loopback_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: argon2id at the OWASP minimum: real hashing, but fast enough for tests.
+FAST_ARGON2_ENV = {
+    "TETHER_ARGON2_TIME_COST": "2",
+    "TETHER_ARGON2_MEMORY_KIB": "19456",
+    "TETHER_ARGON2_PARALLELISM": "1",
+}
+TEST_ISSUER = "https://tether.test"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    return free_loopback_port()
+
+
+def shared_env(tmp_path: Path) -> dict[str, str]:
+    """Environment shared by every server of one deployment in one test: the same key file
+    (``tmp_path/keys.json``, created by the first server that starts) and the same issuer, so a
+    token minted by one instance verifies on the others."""
+    return {
+        **FAST_ARGON2_ENV,
+        "TETHER_KEYS_FILE": str(tmp_path / "keys.json"),
+        "TETHER_ISSUER": TEST_ISSUER,
+    }
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    state = stat.rpartition(")")[2].split()[0]
+    return state not in ("Z", "X")
+
+
+def wait_pid_gone(pid: int, timeout: float = 5.0) -> bool:
+    """Wait until ``pid`` is gone; True if it went within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux ``/proc``), e.g. the embedded redis-server of a server."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            children.extend(int(p) for p in task.read_text().split())
+    return children
+
+
+# ---------------------------------------------------------------------------------- registry
+
+
+class _Killable(Protocol):
+    def kill(self) -> None: ...
+
+
+_live: dict[int, _Killable] = {}
+
+
+def _register(proc: _Killable) -> None:
+    _live[id(proc)] = proc
+
+
+def _unregister(proc: _Killable) -> None:
+    _live.pop(id(proc), None)
+
+
+def kill_all() -> None:
+    """Kill every process this module started that is still running (test teardown)."""
+    while _live:
+        _, proc = _live.popitem()
+        with contextlib.suppress(Exception):
+            proc.kill()
+
+
+atexit.register(kill_all)
+
+
+# ---------------------------------------------------------------------------------- Redis
+
+
+class RedisProcess:
+    """A real ``redis-server`` for one test: AOF on, data in ``data_dir`` (a fresh temporary
+    directory when not given). :meth:`restart` keeps the port and the data, as a Redis restart in
+    production would."""
+
+    def __init__(self, data_dir: Path | None = None, *, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp())
+        self._redis = EmbeddedRedis(self.data_dir, port=port, appendonly=True)
+
+    @property
+    def url(self) -> str:
+        return self._redis.url
+
+    @property
+    def port(self) -> int:
+        return self._redis.port
+
+    @property
+    def pid(self) -> int | None:
+        return self._redis.pid
+
+    @property
+    def running(self) -> bool:
+        return self._redis.running
+
+    def start(self, timeout: float = 10.0) -> str:
+        _register(self)
+        return self._redis.start(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Shut down in order (SIGTERM: the AOF is flushed). Safe to call again."""
+        try:
+            self._redis.stop(timeout)
+        finally:
+            _unregister(self)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would. Safe to call again."""
+        try:
+            self._redis.kill()
+        finally:
+            _unregister(self)
+
+    def restart(self, *, kill: bool = False, timeout: float = 10.0) -> str:
+        """Stop (or, with ``kill``, SIGKILL) and start again on the same port with the same data."""
+        port = self._redis.port
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        self._redis = EmbeddedRedis(self.data_dir, port=port, appendonly=True)
+        return self.start(timeout)
+
+    def client(self, *, decode_responses: bool = True) -> redis.asyncio.Redis:
+        """A new ``redis.asyncio.Redis`` for this server; the caller closes it (``aclose``)."""
+        return redis.asyncio.Redis.from_url(self.url, decode_responses=decode_responses)
+
+
+# ---------------------------------------------------------------------------------- server
+
+
+class ServerStartError(RuntimeError):
+    """The server process exited or did not become ready; the message ends with its log."""
+
+
+class ServerProcess:
+    """``python -m server serve`` as a real subprocess on a free port.
+
+    ``redis_url`` None lets the server start its own embedded Redis. ``env`` is laid over a clean
+    environment: the caller's ``TETHER_*`` variables are dropped, then the test defaults (fast
+    argon2, a private data directory and key file) apply, then ``env``. Pass
+    :func:`shared_env` in ``env`` to make several servers one deployment. ``tmp_dir`` holds
+    the log and the private data directory (default: a new temporary directory).
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None,
+        *,
+        env: dict[str, str] | None = None,
+        app: str | None = None,
+        port: int | None = None,
+        cwd: Path | None = None,
+        tmp_dir: Path | None = None,
+    ) -> None:
+        self.redis_url = redis_url
+        self.app = app
+        self.cwd = cwd if cwd is not None else REPO_ROOT
+        self._requested_port = port
+        self.port = port if port is not None else free_port()
+        if tmp_dir is None:
+            tmp_dir = Path(tempfile.mkdtemp(prefix="tether-server-"))
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = tmp_dir
+        self.log_path = self.tmp_dir / "server.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+        self.env.update(FAST_ARGON2_ENV)
+        self.env["TETHER_DATA_DIR"] = str(self.tmp_dir / "data")
+        self.env["TETHER_KEYS_FILE"] = str(self.tmp_dir / "keys.json")
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.env.update(env or {})
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/sync"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.env["TETHER_DATA_DIR"])
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll() if self.process is not None else None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port)]
+        if self.redis_url is not None:
+            cmd += ["--redis-url", self.redis_url]
+        if self.app is not None:
+            cmd.append(self.app)
+        return cmd
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        """Start the process and wait until ``GET /readyz`` answers 200.
+
+        A port taken in the meantime is retried with a new one (unless ``port`` was given).
+        Raises :class:`ServerStartError` with the server's log otherwise.
+        """
+        deadline = time.monotonic() + timeout
+        for _ in range(3):
+            self._spawn()
+            if self._wait_ready(deadline):
+                return self
+            if self._requested_port is None and "address already in use" in self.log_text():
+                self.port = free_port()
+                continue
+            break
+        self.kill()
+        raise ServerStartError(
+            f"server on port {self.port} did not become ready "
+            f"(exit code {self.returncode}); log:\n{self.log_text()}"
+        )
+
+    def _spawn(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError("server already running")
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent_preexec(signal.SIGTERM),
+            )
+        _register(self)
+
+    def _wait_ready(self, deadline: float) -> bool:
+        assert self.process is not None
+        with httpx.Client(timeout=1.0) as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    return False
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(self.base_url + "/readyz").status_code == 200:
+                        return True
+                time.sleep(0.05)
+        return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Send ``sig`` and wait for the exit; SIGKILL the process group after ``timeout``.
+
+        Returns the exit code (negative: killed by that signal). Safe to call again.
+        """
+        process = self.process
+        if process is None:
+            raise RuntimeError("server was never started")
+        try:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(sig)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._kill_group()
+            return process.wait()
+        finally:
+            _unregister(self)
+
+    async def astop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """:meth:`stop` without blocking the event loop (clients in the test keep running)."""
+        return await asyncio.to_thread(self.stop, sig, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group at once. Safe to call again."""
+        try:
+            if self.process is not None:
+                self._kill_group()
+                self.process.wait()
+        finally:
+            _unregister(self)
+
+    def _kill_group(self) -> None:
+        assert self.process is not None
+        # The embedded Redis, if any, is in its own process group: it follows by PDEATHSIG.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""

@@ -1,0 +1,247 @@
+"""The ``tether`` command: configuration errors, application loading, admin Redis lookup, and
+``serve`` with its embedded Redis as a real process."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server import cli
+from server.settings import Settings, SettingsError
+from tests.harness import (
+    REPO_ROOT,
+    ServerProcess,
+    child_pids,
+    free_port,
+    pid_alive,
+    wait_pid_gone,
+)
+
+
+def run_tether(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m server ARGS`` as a real process, with no TETHER_* from the caller."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        cwd=REPO_ROOT,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("TETHER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+# ------------------------------------------------------------------------- configuration errors
+
+
+def test_bad_environment_value_exits_2_naming_the_variable() -> None:
+    result = run_tether("serve", env={"TETHER_ACCESS_TTL": "abc"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("tether: TETHER_ACCESS_TTL:")
+    assert "abc" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_out_of_range_flag_exits_2_naming_the_setting() -> None:
+    result = run_tether("serve", "--port", "70000")
+    assert result.returncode == 2
+    assert "TETHER_PORT" in result.stderr and "70000" in result.stderr
+
+
+def test_flag_beats_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TETHER_PORT", "not-a-number")
+    # The flag wins, so the bad environment value is never parsed...
+    args = cli._build_parser().parse_args(["serve", "--port", "9000"])
+    assert cli._load_settings(args, "port").port == 9000
+    # ...and without the flag it is.
+    args = cli._build_parser().parse_args(["serve"])
+    with pytest.raises(SettingsError, match="TETHER_PORT"):
+        cli._load_settings(args, "port")
+
+
+def test_non_integer_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", "--port", "eighty"]) == 2
+    assert "--port" in capsys.readouterr().err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    assert "serve" in capsys.readouterr().out
+    assert cli.main(["serve", "--help"]) == 0
+    assert "TETHER_ACCESS_TTL" in capsys.readouterr().out
+
+
+def test_missing_command_is_a_usage_error() -> None:
+    assert cli.main([]) == 2
+
+
+# ------------------------------------------------------------------------- application loading
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("no_such_module_xyz:app", "No module named 'no_such_module_xyz'"),
+        ("server.settings:no_such_attr", "has no attribute 'no_such_attr'"),
+        ("justamodule", "expected MODULE:ATTR"),
+    ],
+)
+def test_bad_application_exits_2(spec: str, why: str) -> None:
+    result = run_tether("serve", spec, "--redis-url", "redis://127.0.0.1:1/0")
+    assert result.returncode == 2
+    assert f"tether: cannot load application '{spec}': " in result.stderr
+    assert why in result.stderr
+
+
+def test_application_module_that_fails_on_import(tmp_path: Path) -> None:
+    (tmp_path / "broken_app.py").write_text("raise ValueError('boom')\n")
+    with pytest.raises(cli.CommandError, match=r"'broken_app:app': ValueError: boom"):
+        cli.load_application("broken_app:app")
+
+
+def test_application_loads_from_the_current_directory(tmp_path: Path) -> None:
+    (tmp_path / "my_tether_app.py").write_text("class Registry:\n    app = object()\n")
+    loaded = cli.load_application("my_tether_app:Registry.app")
+    assert loaded is sys.modules["my_tether_app"].Registry.app
+
+
+# ------------------------------------------------------------------------- admin Redis lookup
+
+
+def test_admin_redis_url_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "redis.url").write_text("redis://127.0.0.1:1111/0\n")
+    monkeypatch.setenv("TETHER_DATA_DIR", str(data_dir))
+    assert cli.admin_redis_url(Settings.load()) == "redis://127.0.0.1:1111/0"
+    monkeypatch.setenv("TETHER_REDIS_URL", "redis://127.0.0.1:2222/0")
+    assert cli.admin_redis_url(Settings.load()) == "redis://127.0.0.1:2222/0"
+    flag = Settings.load({"redis_url": "redis://127.0.0.1:3333/0"})
+    assert cli.admin_redis_url(flag) == "redis://127.0.0.1:3333/0"
+
+
+def test_sessions_revoke_without_any_redis_exits_2(tmp_path: Path) -> None:
+    result = run_tether(
+        "sessions", "revoke", "--user", "u1", env={"TETHER_DATA_DIR": str(tmp_path / "none")}
+    )
+    assert result.returncode == 2
+    assert "--redis-url" in result.stderr and "TETHER_REDIS_URL" in result.stderr
+
+
+def test_sessions_revoke_needs_exactly_one_target() -> None:
+    assert cli.main(["sessions", "revoke", "--redis-url", "redis://127.0.0.1:1/0"]) == 2
+    assert cli.main(["sessions", "revoke", "--user", "u", "--session", "s"]) == 2
+
+
+# ------------------------------------------------------------------------- commands on the server
+
+needs_keys = pytest.mark.skipif(
+    not importlib.util.find_spec("server.keys"), reason="server.keys not written yet"
+)
+needs_app = pytest.mark.skipif(
+    not importlib.util.find_spec("server.app"), reason="server.app not written yet"
+)
+needs_sessions = pytest.mark.skipif(
+    not importlib.util.find_spec("server.sessions"), reason="server.sessions not written yet"
+)
+
+
+@needs_keys
+def test_keys_rotate_prints_the_new_kid(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.json"
+    first = run_tether("keys", "rotate", "--keys-file", str(keys_file))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("new signing key ")
+    # Without --keys-file: TETHER_KEYS_FILE, else DATA_DIR/keys.json.
+    second = run_tether("keys", "rotate", env={"TETHER_KEYS_FILE": str(keys_file)})
+    assert second.returncode == 0, second.stderr
+    assert second.stdout != first.stdout
+    third = run_tether("keys", "rotate", "--data-dir", str(tmp_path / "d"))
+    assert third.returncode == 0, third.stderr
+    assert (tmp_path / "d" / "keys.json").exists()
+
+
+@needs_sessions
+def test_sessions_revoke_finds_the_redis_by_flag(redis_url: str) -> None:
+    result = run_tether(
+        "sessions", "revoke", "--session", "no-such-session", "--redis-url", redis_url
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ended 0 session(s)"
+
+
+@needs_sessions
+def test_sessions_revoke_with_a_stale_url_file_exits_1(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "redis.url").write_text(f"redis://127.0.0.1:{free_port()}/0\n")
+    result = run_tether(
+        "sessions", "revoke", "--user", "u1", env={"TETHER_DATA_DIR": str(data_dir)}
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("tether: cannot reach Redis at redis://127.0.0.1:")
+
+
+@needs_app
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_with_embedded_redis_stops_it_on_signal(
+    tmp_path: Path, server_env: dict[str, str], sig: signal.Signals
+) -> None:
+    server = ServerProcess(None, env=server_env, tmp_dir=tmp_path / "server")
+    server.start()
+    try:
+        assert server.pid is not None
+        url_file = server.data_dir / "redis.url"
+        assert url_file.exists(), server.log_text()
+        redis_pids = child_pids(server.pid)
+        assert len(redis_pids) == 1, redis_pids
+        assert "redis-server" in Path(f"/proc/{redis_pids[0]}/cmdline").read_text()
+
+        # An admin command finds the embedded Redis through DATA_DIR/redis.url.
+        if importlib.util.find_spec("server.sessions"):
+            revoke = run_tether(
+                "sessions", "revoke", "--user", "nobody",
+                env={"TETHER_DATA_DIR": str(server.data_dir)},
+            )  # fmt: skip
+            assert revoke.returncode == 0, revoke.stderr
+            assert revoke.stdout.strip() == "ended 0 session(s)"
+
+        assert server.stop(sig) == 0, server.log_text()
+        assert wait_pid_gone(redis_pids[0], timeout=1), "embedded redis-server left running"
+        assert not url_file.exists()
+    finally:
+        server.kill()
+        for pid in child_pids(server.pid or 0):
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@needs_app
+def test_two_servers_share_one_redis_and_one_key_file(
+    server_factory: Callable[..., ServerProcess], server_env: dict[str, str]
+) -> None:
+    first = server_factory()
+    second = server_factory()
+    assert first.port != second.port
+    jwks = [httpx.get(s.base_url + "/.well-known/jwks.json").json() for s in (first, second)]
+    assert jwks[0] == jwks[1]
+    assert Path(server_env["TETHER_KEYS_FILE"]).exists()
+    assert first.stop() == 0
+    # The other instance is unaffected, and so is the Redis it shares.
+    assert httpx.get(second.base_url + "/readyz").status_code == 200

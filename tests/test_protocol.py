@@ -1,0 +1,1679 @@
+"""Unit tests of the ``/sync`` protocol core (``server.protocol``), against protocol §3.
+
+The core is sans I/O: these tests feed it frames and answers with a fake clock (plain floats for
+``now``, seconds) and check the actions it returns. No socket, no sleep, no Redis. ``resolve``
+below stands in for the function registry.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server.errors import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
+from server.protocol import (
+    Authenticate,
+    BadMessage,
+    BindSession,
+    Close,
+    Connect,
+    ConnectionCore,
+    Identity,
+    Limits,
+    Mutate,
+    Ping,
+    QueryResult,
+    Raw,
+    Refresh,
+    RotateRefresh,
+    RunMutation,
+    RunQueries,
+    Send,
+    Subscribe,
+    Timing,
+    UnbindSession,
+    Unsubscribe,
+    VerifyToken,
+    encode_frame,
+    parse_client_message,
+)
+
+ACTION_TYPES = (
+    Send,
+    Close,
+    VerifyToken,
+    RotateRefresh,
+    RunQueries,
+    RunMutation,
+    BindSession,
+    UnbindSession,
+)
+
+# ------------------------------------------------------------------------------ test doubles
+
+FUNCTIONS = {"whoami": "query", "echo": "query", "notes.add": "mutation"}
+
+
+def resolve(kind: str, name: str, args: dict[str, Any]) -> None:
+    """The function registry's stand-in: ``{"invalid": true}`` marks args as not fitting."""
+    if FUNCTIONS.get(name) != kind:
+        raise BadMessage(ErrorCode.UNKNOWN_FUNCTION, f"no {kind} named {name!r}")
+    if args.get("invalid") is True:
+        raise BadMessage(ErrorCode.BAD_ARGS, "these args do not fit the function")
+
+
+# Identities. ALICE: iat 0, exp 100 → notice min(60, 100/2) = 50 s → auth_expiring at t=50,
+# auth_expired at 100 + leeway 5 = 105.
+ALICE = Identity("alice", "sess-a", 0.0, 100.0)
+ALICE_LATER = Identity("alice", "sess-a", 0.0, 200.0)  # notice 60 → 140; expired at 205
+ALICE_OTHER_SESSION = Identity("alice", "sess-a2", 0.0, 100.0)
+BOB = Identity("bob", "sess-b", 0.0, 100.0)
+TOKENS = {"accessToken": "at-2", "refreshToken": "rt-2", "expiresAt": 200_000}
+
+TIMING = Timing(expiry_notice=60.0, clock_leeway=5.0)
+# A heartbeat far away, so that timer tests of expiry see only expiry.
+QUIET = Limits(heartbeat_timeout=1000.0)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def msg(kind: Any, **fields: Any) -> str:
+    return json.dumps({"type": kind, **fields})
+
+
+def sent(actions: list[Any]) -> list[dict[str, Any]]:
+    """The frames of the ``Send`` actions, in order."""
+    return [a.frame for a in actions if isinstance(a, Send)]
+
+
+def of_type(actions: list[Any], kind: str) -> list[dict[str, Any]]:
+    return [f for f in sent(actions) if f["type"] == kind]
+
+
+def only_frame(actions: list[Any], kind: str) -> dict[str, Any]:
+    frames = of_type(actions, kind)
+    assert len(frames) == 1, f"expected one {kind!r} frame in {actions!r}"
+    return frames[0]
+
+
+def instances(actions: list[Any], cls: type) -> list[Any]:
+    return [a for a in actions if isinstance(a, cls)]
+
+
+def error_frame(actions: list[Any]) -> dict[str, Any]:
+    """The single ``error`` frame of ``actions``; the connection must stay open."""
+    assert not instances(actions, Close), actions
+    frame = only_frame(actions, "error")
+    assert isinstance(frame["message"], str) and frame["message"]
+    return frame
+
+
+def new_core(
+    *,
+    now: float = 0.0,
+    limits: Limits = QUIET,
+    timing: Timing = TIMING,
+    connection_id: str = "conn-1",
+) -> ConnectionCore:
+    return ConnectionCore(
+        connection_id=connection_id, now=now, timing=timing, limits=limits, resolve=resolve
+    )
+
+
+def connected(
+    *, now: float = 0.0, limits: Limits = QUIET, timing: Timing = TIMING
+) -> ConnectionCore:
+    core = new_core(now=now, limits=limits, timing=timing)
+    actions = core.receive(msg("connect", clientId="client-1", protocol=1), now)
+    only_frame(actions, "connected")
+    return core
+
+
+def sign_in(
+    core: ConnectionCore, identity: Identity, version: int, now: float, token: str = "jwt"
+) -> list[Any]:
+    """``authenticate`` with ``token`` and have the shell verify it as ``identity``."""
+    actions = core.receive(msg("authenticate", token=token, authVersion=version), now)
+    assert actions == [VerifyToken(version, token)]
+    return core.auth_succeeded(version, identity, now)
+
+
+def subscribe(
+    core: ConnectionCore,
+    query_id: int,
+    name: str = "echo",
+    args: dict[str, Any] | None = None,
+    now: float = 0.0,
+) -> RunQueries:
+    actions = core.receive(msg("subscribe", queryId=query_id, name=name, args=args or {}), now)
+    runs = instances(actions, RunQueries)
+    assert len(runs) == 1 and runs[0].queries[-1][0] == query_id, actions
+    return runs[-1]
+
+
+def ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+# ============================================================================== parsing
+
+
+@pytest.mark.parametrize("text", ["not json", "{", "", "{'type': 'ping'}", '{"type": "ping"'])
+def test_not_json_is_bad_message(text: str) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(text)
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+@pytest.mark.parametrize("text", ["[]", '["ping"]', "1", '"ping"', "null", "true"])
+def test_not_an_object_is_bad_message(text: str) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(text)
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{}",
+        '{"type": 1}',
+        '{"type": null}',
+        '{"type": ["ping"]}',
+        '{"type": {"a": 1}}',
+        '{"Type": "ping"}',
+    ],
+)
+def test_missing_or_wrong_typed_type_is_bad_message(text: str) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(text)
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+@pytest.mark.parametrize("kind", ["nope", "", "PING", "connected", "pong"])
+def test_unknown_type(kind: str) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg(kind))
+    assert info.value.code is ErrorCode.UNKNOWN_TYPE
+
+
+def test_binary_frame_is_bad_message() -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("ping").encode())
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+BAD_INTS = ["1", True, False, -1, 1.5, 1.0, 2**60, 2**53, None, [1], {"v": 1}]
+
+
+@pytest.mark.parametrize("value", BAD_INTS)
+@pytest.mark.parametrize("kind", ["authenticate", "refresh"])
+def test_auth_version_must_be_a_safe_non_negative_integer(kind: str, value: Any) -> None:
+    frame = msg(kind, token="jwt", refreshToken="rt", authVersion=value)
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(frame)
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+def test_auth_version_missing_is_bad_message() -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("authenticate", token="jwt"))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+def test_auth_version_bounds_accepted() -> None:
+    assert parse_client_message(msg("authenticate", token="t", authVersion=0)) == Authenticate(
+        "t", 0
+    )
+    top = 2**53 - 1
+    assert parse_client_message(msg("authenticate", token="t", authVersion=top)) == Authenticate(
+        "t", top
+    )
+
+
+@pytest.mark.parametrize("value", BAD_INTS)
+@pytest.mark.parametrize("kind", ["subscribe", "unsubscribe"])
+def test_query_id_wrong_type(kind: str, value: Any) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg(kind, queryId=value, name="echo", args={}))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+    assert info.value.query_id is None  # not known: nothing to carry
+
+
+@pytest.mark.parametrize("value", BAD_INTS)
+def test_request_id_wrong_type(value: Any) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("mutate", requestId=value, name="notes.add", args={}))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+    assert info.value.request_id is None
+
+
+@pytest.mark.parametrize("client_id", ["", "x" * 129, None, 7, True, ["a"], {"a": 1}])
+def test_client_id_wrong(client_id: Any) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("connect", clientId=client_id, protocol=1))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+def test_client_id_missing_is_bad_message() -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("connect", protocol=1))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+def test_client_id_of_128_characters_accepted() -> None:
+    assert parse_client_message(msg("connect", clientId="x" * 128, protocol=1)) == Connect(
+        "x" * 128, 1
+    )
+
+
+@pytest.mark.parametrize("protocol", ["1", True, -1, 1.0, None])
+def test_protocol_wrong_type_is_bad_message(protocol: Any) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("connect", clientId="c", protocol=protocol))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+@pytest.mark.parametrize("token", [1, 0, True, False, {}, [], ["jwt"], {"jwt": 1}, 1.5])
+def test_token_neither_string_nor_null(token: Any) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("authenticate", token=token, authVersion=1))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+def test_authenticate_without_token_field_is_bad_message() -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("authenticate", authVersion=1))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+def test_authenticate_with_null_token_means_anonymous() -> None:
+    assert parse_client_message(msg("authenticate", token=None, authVersion=3)) == Authenticate(
+        None, 3
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"authVersion": 1},  # no refreshToken
+        {"authVersion": 1, "refreshToken": None},
+        {"authVersion": 1, "refreshToken": 5},
+        {"authVersion": 1, "refreshToken": ""},
+        {"authVersion": 1, "refreshToken": "rt", "retryKey": 5},
+        {"authVersion": 1, "refreshToken": "rt", "retryKey": ["k"]},
+    ],
+)
+def test_refresh_wrong_fields(fields: dict[str, Any]) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("refresh", **fields))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+
+
+def test_refresh_retry_key_is_optional() -> None:
+    assert parse_client_message(msg("refresh", refreshToken="rt", authVersion=2)) == Refresh(
+        "rt", 2, None
+    )
+    key = "k" * 32
+    assert parse_client_message(
+        msg("refresh", refreshToken="rt", authVersion=2, retryKey=key)
+    ) == Refresh("rt", 2, key)
+
+
+@pytest.mark.parametrize("args", [[], ["a"], "x", 1, True, None])
+def test_subscribe_args_not_an_object_carries_query_id(args: Any) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("subscribe", queryId=7, name="echo", args=args))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+    assert info.value.query_id == 7
+    assert info.value.to_frame() == {
+        "type": "error",
+        "code": "bad_message",
+        "message": info.value.message,
+        "queryId": 7,
+    }
+
+
+@pytest.mark.parametrize("args", [[], "x", 1, False, None])
+def test_mutate_args_not_an_object_carries_request_id(args: Any) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("mutate", requestId=9, name="notes.add", args=args))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+    assert info.value.request_id == 9
+    assert info.value.to_frame() == {
+        "type": "error",
+        "code": "bad_message",
+        "message": info.value.message,
+        "requestId": 9,
+    }
+
+
+@pytest.mark.parametrize("name", [None, 3, "", "n" * 129, ["echo"]])
+def test_subscribe_name_wrong_carries_query_id(name: Any) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("subscribe", queryId=4, name=name, args={}))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+    assert info.value.query_id == 4
+
+
+@pytest.mark.parametrize("name", [None, 3, "", ["notes.add"]])
+def test_mutate_name_wrong_carries_request_id(name: Any) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(msg("mutate", requestId=5, name=name, args={}))
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+    assert info.value.request_id == 5
+
+
+def test_unknown_extra_fields_are_ignored() -> None:
+    extra = {"extra": {"nested": [1, 2]}, "x-trace": "abc", "version": "9"}
+    assert parse_client_message(msg("connect", clientId="c", protocol=1, **extra)) == Connect(
+        "c", 1
+    )
+    assert parse_client_message(msg("ping", **extra)) == Ping()
+    assert parse_client_message(
+        msg("subscribe", queryId=1, name="echo", args={"a": 1}, **extra)
+    ) == Subscribe(1, "echo", {"a": 1})
+    assert parse_client_message(msg("unsubscribe", queryId=1, **extra)) == Unsubscribe(1)
+    assert parse_client_message(
+        msg("mutate", requestId=2, name="notes.add", args={"text": "x"}, **extra)
+    ) == Mutate(2, "notes.add", {"text": "x"})
+    assert parse_client_message(msg("authenticate", token=None, authVersion=1, **extra)) == (
+        Authenticate(None, 1)
+    )
+
+
+def test_malformed_frames_through_receive_are_error_frames_and_keep_the_connection() -> None:
+    core = connected()
+    assert error_frame(core.receive("not json", 1.0))["code"] == "bad_message"
+    assert error_frame(core.receive(b'{"type":"ping"}', 1.0))["code"] == "bad_message"
+    assert error_frame(core.receive(msg("nope"), 1.0))["code"] == "unknown_type"
+    frame = error_frame(core.receive(msg("subscribe", queryId=3, name="echo", args=[1]), 1.0))
+    assert frame == {
+        "type": "error",
+        "code": "bad_message",
+        "message": frame["message"],
+        "queryId": 3,
+    }
+    frame = error_frame(core.receive(msg("mutate", requestId=8, name="notes.add", args=1), 1.0))
+    assert frame == {
+        "type": "error",
+        "code": "bad_message",
+        "message": frame["message"],
+        "requestId": 8,
+    }
+    # still open and working
+    assert core.receive(msg("ping"), 2.0) == [Send({"type": "pong", "serverTime": 2000})]
+
+
+# ============================================================================== connect
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        msg("ping"),
+        msg("subscribe", queryId=1, name="echo", args={}),
+        msg("unsubscribe", queryId=1),
+        msg("mutate", requestId=1, name="notes.add", args={}),
+        msg("authenticate", token="jwt", authVersion=1),
+        msg("refresh", refreshToken="rt", authVersion=1),
+    ],
+)
+def test_anything_before_connect_is_not_connected(frame: str) -> None:
+    core = new_core()
+    actions = core.receive(frame, 1.0)
+    assert error_frame(actions)["code"] == "not_connected"
+    assert len(actions) == 1  # nothing runs, nothing is verified
+    # the connection stays open, and connect still works
+    actions = core.receive(msg("connect", clientId="c", protocol=1), 2.0)
+    assert only_frame(actions, "connected")["protocol"] == 1
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 99])
+def test_wrong_protocol_closes_4503(protocol: int) -> None:
+    core = new_core()
+    actions = core.receive(msg("connect", clientId="c", protocol=protocol), 1.0)
+    assert len(actions) == 1 and isinstance(actions[0], Close)
+    assert actions[0].code == CloseCode.UNSUPPORTED_PROTOCOL == 4503
+    assert core.next_deadline() is None
+    assert core.receive(msg("ping"), 2.0) == []
+
+
+def test_connected_frame() -> None:
+    core = new_core(now=1_700_000_000.0)
+    actions = core.receive(msg("connect", clientId="client-1", protocol=1), 1_700_000_001.2345)
+    assert actions == [
+        Send(
+            {
+                "type": "connected",
+                "connectionId": "conn-1",
+                "serverTime": 1_700_000_001_234,
+                "protocol": 1,
+            }
+        )
+    ]
+    frame = sent(actions)[0]
+    assert type(frame["serverTime"]) is int
+    assert json.loads(encode_frame(frame)) == frame
+
+
+def test_connect_deadline() -> None:
+    core = new_core(now=100.0)
+    assert core.next_deadline() == 110.0
+    assert core.on_timer(105.0) == []
+    assert core.on_timer(109.999) == []
+    actions = core.on_timer(110.0)
+    assert len(actions) == 1 and isinstance(actions[0], Close)
+    assert actions[0].code == CloseCode.PROTOCOL_VIOLATION == 4500
+    assert core.next_deadline() is None
+    assert core.receive(msg("connect", clientId="c", protocol=1), 110.5) == []
+
+
+def test_malformed_frames_do_not_extend_the_connect_deadline() -> None:
+    core = new_core(now=0.0)
+    core.receive("junk", 5.0)
+    core.receive(msg("ping"), 9.0)
+    assert core.next_deadline() == 10.0
+    assert [a.code for a in core.on_timer(10.0)] == [4500]
+
+
+def test_connect_in_time_cancels_the_connect_deadline() -> None:
+    core = new_core(now=0.0, limits=Limits(heartbeat_timeout=30.0))
+    core.receive(msg("connect", clientId="c", protocol=1), 9.0)
+    assert core.next_deadline() == 39.0  # the heartbeat, no longer the connect deadline
+    assert core.on_timer(10.0) == []
+
+
+def test_second_connect_is_bad_message() -> None:
+    core = connected()
+    actions = core.receive(msg("connect", clientId="client-1", protocol=1), 1.0)
+    assert error_frame(actions)["code"] == "bad_message"
+    assert len(actions) == 1
+
+
+# ============================================================================== auth
+
+
+def test_auth_ok_fields_for_authenticate() -> None:
+    core = connected()
+    actions = core.receive(msg("authenticate", token="jwt-1", authVersion=1), 1.0)
+    assert actions == [VerifyToken(1, "jwt-1")]
+    actions = core.auth_succeeded(1, ALICE, 2.5)
+    assert actions[0] == Send(
+        {
+            "type": "auth_ok",
+            "authVersion": 1,
+            "identity": {"userId": "alice", "sessionId": "sess-a"},
+            "expiresAt": 100_000,
+            "serverTime": 2500,
+        }
+    )
+    assert "tokens" not in sent(actions)[0]
+    assert instances(actions, BindSession) == [BindSession("sess-a")]
+    assert core.identity == ALICE
+
+
+def test_auth_ok_fields_for_refresh_carry_tokens() -> None:
+    core = connected()
+    actions = core.receive(
+        msg("refresh", refreshToken="rt-1", authVersion=1, retryKey="k" * 20), 1.0
+    )
+    assert actions == [RotateRefresh(1, "rt-1", "k" * 20)]
+    actions = core.auth_succeeded(1, ALICE, 2.0, tokens=TOKENS)
+    assert only_frame(actions, "auth_ok") == {
+        "type": "auth_ok",
+        "authVersion": 1,
+        "identity": {"userId": "alice", "sessionId": "sess-a"},
+        "expiresAt": 100_000,
+        "serverTime": 2000,
+        "tokens": TOKENS,
+    }
+
+
+@pytest.mark.parametrize("version", [5, 4, 0])
+def test_auth_version_equal_or_lower_is_bad_message(version: int) -> None:
+    core = connected()
+    sign_in(core, ALICE, 5, 1.0)
+    actions = core.receive(msg("authenticate", token="other", authVersion=version), 2.0)
+    assert error_frame(actions)["code"] == "bad_message"
+    assert instances(actions, VerifyToken) == []
+    assert len(actions) == 1
+    assert core.identity == ALICE
+    # a refresh is held to the same ordering
+    actions = core.receive(msg("refresh", refreshToken="rt", authVersion=version), 2.0)
+    assert error_frame(actions)["code"] == "bad_message"
+    assert core.identity == ALICE
+    # a larger one is still accepted
+    assert core.receive(msg("authenticate", token="t6", authVersion=6), 3.0) == [
+        VerifyToken(6, "t6")
+    ]
+
+
+def test_auth_version_ordering_counts_refused_and_pending_requests() -> None:
+    core = connected()
+    core.receive(msg("authenticate", token="t", authVersion=3), 1.0)
+    core.auth_failed(3, AuthErrorCode.INVALID_TOKEN, "bad", 1.0)
+    actions = core.receive(msg("authenticate", token="t", authVersion=3), 2.0)
+    assert error_frame(actions)["code"] == "bad_message"
+    core.receive(msg("authenticate", token="t", authVersion=10), 2.0)  # in flight
+    actions = core.receive(msg("authenticate", token="t", authVersion=7), 2.0)
+    assert error_frame(actions)["code"] == "bad_message"
+
+
+def test_auth_requests_are_processed_one_at_a_time_in_order() -> None:
+    core = connected()
+    assert core.receive(msg("authenticate", token="t1", authVersion=1), 1.0) == [
+        VerifyToken(1, "t1")
+    ]
+    assert core.receive(msg("refresh", refreshToken="rt2", authVersion=2), 1.1) == []
+    assert core.receive(msg("authenticate", token="t3", authVersion=3), 1.2) == []
+
+    actions = core.auth_succeeded(1, ALICE, 2.0)
+    assert only_frame(actions, "auth_ok")["authVersion"] == 1
+    assert actions[-1] == RotateRefresh(2, "rt2", None)
+    assert instances(actions, VerifyToken) == []
+
+    actions = core.auth_failed(2, AuthErrorCode.REFRESH_INVALID, "unknown refresh token", 3.0)
+    assert only_frame(actions, "auth_error")["authVersion"] == 2
+    assert actions[-1] == VerifyToken(3, "t3")
+
+    actions = core.auth_succeeded(3, BOB, 4.0)
+    assert only_frame(actions, "auth_ok")["authVersion"] == 3
+    assert core.identity == BOB
+
+
+def test_answer_for_a_version_not_in_flight_is_ignored() -> None:
+    core = connected()
+    assert core.auth_succeeded(1, ALICE, 1.0) == []  # nothing in flight at all
+    assert core.auth_failed(1, AuthErrorCode.INVALID_TOKEN, "x", 1.0) == []
+    sign_in(core, ALICE, 1, 1.0)
+    core.receive(msg("authenticate", token="tb", authVersion=2), 2.0)
+    # a late duplicate answer for version 1 cannot overwrite anything
+    assert core.auth_succeeded(1, Identity("carol", "sess-c", 0.0, 100.0), 3.0) == []
+    assert core.auth_failed(1, AuthErrorCode.INVALID_TOKEN, "x", 3.0) == []
+    assert core.identity == ALICE
+    core.auth_succeeded(2, BOB, 4.0)
+    assert core.identity == BOB
+    # and the answer for 2, repeated, is ignored too
+    assert core.auth_succeeded(2, ALICE, 5.0) == []
+    assert core.auth_failed(2, AuthErrorCode.INVALID_TOKEN, "x", 5.0) == []
+    assert core.identity == BOB
+
+
+def test_auth_error_fields_and_the_connection_becomes_anonymous() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    run = subscribe(core, 1, "whoami", now=1.5)
+    assert run.identity == ALICE
+    generation = core.generation
+    core.receive(msg("authenticate", token="bad", authVersion=2), 2.0)
+    actions = core.auth_failed(2, AuthErrorCode.INVALID_TOKEN, "signature mismatch", 3.0)
+    assert actions == [
+        Send(
+            {
+                "type": "auth_error",
+                "authVersion": 2,
+                "code": "invalid_token",
+                "message": "signature mismatch",
+            }
+        ),
+        UnbindSession("sess-a"),
+        RunQueries(generation + 1, None, ((1, "whoami", {}),)),
+    ]
+    assert core.identity is None
+    # still open
+    assert core.receive(msg("ping"), 4.0) == [Send({"type": "pong", "serverTime": 4000})]
+
+
+def test_auth_error_while_anonymous_binds_nothing() -> None:
+    core = connected()
+    core.receive(msg("refresh", refreshToken="rt", authVersion=1), 1.0)
+    actions = core.auth_failed(1, AuthErrorCode.REFRESH_REUSED, "reused", 2.0)
+    assert sent(actions) == [
+        {"type": "auth_error", "authVersion": 1, "code": "refresh_reused", "message": "reused"}
+    ]
+    assert instances(actions, UnbindSession) == []
+    assert instances(actions, BindSession) == []
+
+
+def test_authenticate_with_null_token_is_answered_at_once() -> None:
+    core = connected()
+    actions = core.receive(msg("authenticate", token=None, authVersion=1), 1.0)
+    assert actions == [
+        Send(
+            {
+                "type": "auth_ok",
+                "authVersion": 1,
+                "identity": None,
+                "expiresAt": None,
+                "serverTime": 1000,
+            }
+        )
+    ]
+    sign_in(core, ALICE, 2, 2.0)
+    subscribe(core, 1, "whoami", now=2.0)
+    generation = core.generation
+    actions = core.receive(msg("authenticate", token=None, authVersion=3), 3.0)
+    assert actions == [
+        Send(
+            {
+                "type": "auth_ok",
+                "authVersion": 3,
+                "identity": None,
+                "expiresAt": None,
+                "serverTime": 3000,
+            }
+        ),
+        UnbindSession("sess-a"),
+        RunQueries(generation + 1, None, ((1, "whoami", {}),)),
+    ]
+    assert core.identity is None
+    assert instances(core.on_timer(200.0), Send) == []  # no expiry pushes for nobody
+
+
+# ============================================================================== expiry
+
+
+def test_expiry_notice_and_expiry_at_exact_times() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    run = subscribe(core, 1, "whoami", now=1.0)
+    core.queries_done(run.generation, 1, [QueryResult(1, '{"userId":"alice"}')], 1.0)
+    generation = core.generation
+    # notice = min(60, (100 - 0) / 2) = 50 s before exp → at t=50
+    assert core.next_deadline() == 50.0
+    assert core.on_timer(49.9) == []
+    assert core.on_timer(50.0) == [
+        Send({"type": "auth_expiring", "expiresAt": 100_000, "serverTime": 50_000})
+    ]
+    # pushed once
+    assert core.next_deadline() == 105.0
+    assert core.on_timer(60.0) == []
+    assert core.on_timer(104.99) == []
+    assert core.receive(msg("ping"), 104.99) == [Send({"type": "pong", "serverTime": 104_990})]
+    actions = core.on_timer(105.0)
+    assert actions == [
+        Send({"type": "auth_expired", "expiresAt": 100_000, "serverTime": 105_000}),
+        UnbindSession("sess-a"),
+        RunQueries(generation + 1, None, ((1, "whoami", {}),)),
+    ]
+    assert core.identity is None
+    assert core.on_timer(200.0) == []
+
+
+def test_notice_never_more_than_half_the_lifetime() -> None:
+    core = connected(timing=Timing(expiry_notice=60.0, clock_leeway=5.0))
+    sign_in(core, Identity("u", "s", 1000.0, 1300.0), 1, 1000.0)  # lifetime 300: notice 60
+    assert core.next_deadline() == 1240.0
+    core2 = connected()
+    sign_in(core2, Identity("u", "s", 0.0, 20.0), 1, 0.0)  # lifetime 20: notice 10
+    assert core2.next_deadline() == 10.0
+
+
+def test_identity_adopted_inside_its_notice_window_gets_the_notice_at_once() -> None:
+    core = connected()
+    actions = sign_in(core, ALICE, 1, 70.0)
+    assert [f["type"] for f in sent(actions)] == ["auth_ok", "auth_expiring"]
+    assert only_frame(actions, "auth_expiring") == {
+        "type": "auth_expiring",
+        "expiresAt": 100_000,
+        "serverTime": 70_000,
+    }
+    assert core.on_timer(80.0) == []
+
+
+def test_replacement_identity_cancels_the_old_pushes() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    generation = core.generation
+    # same principal, later exp, before the notice: deadlines move
+    core.receive(msg("refresh", refreshToken="rt", authVersion=2), 10.0)
+    actions = core.auth_succeeded(2, ALICE_LATER, 10.0, tokens=TOKENS)
+    assert [f["type"] for f in sent(actions)] == ["auth_ok"]
+    assert core.generation == generation
+    # ALICE_LATER: notice min(60, 200/2) = 60 → at 140; expired at 205
+    assert core.next_deadline() == 140.0
+    assert core.on_timer(50.0) == []
+    assert core.on_timer(105.0) == []
+    assert core.on_timer(139.99) == []
+    assert core.on_timer(140.0) == [
+        Send({"type": "auth_expiring", "expiresAt": 200_000, "serverTime": 140_000})
+    ]
+    assert core.on_timer(204.99) == []
+    actions = core.on_timer(205.0)
+    assert sent(actions) == [{"type": "auth_expired", "expiresAt": 200_000, "serverTime": 205_000}]
+    assert core.identity is None
+
+
+def test_replacement_after_the_notice_gets_its_own_notice() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    assert of_type(core.on_timer(50.0), "auth_expiring")
+    core.receive(msg("refresh", refreshToken="rt", authVersion=2), 60.0)
+    core.auth_succeeded(2, ALICE_LATER, 60.0, tokens=TOKENS)
+    assert core.on_timer(105.0) == []  # the old identity's expiry does not fire
+    assert core.on_timer(140.0) == [
+        Send({"type": "auth_expiring", "expiresAt": 200_000, "serverTime": 140_000})
+    ]
+
+
+def test_replacement_by_another_user_cancels_the_old_pushes() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    bob_later = Identity("bob", "sess-b", 0.0, 300.0)  # notice 60 → 240; expired at 305
+    sign_in(core, bob_later, 2, 10.0)
+    assert core.on_timer(50.0) == []
+    assert core.on_timer(105.0) == []
+    assert core.identity == bob_later
+    assert of_type(core.on_timer(240.0), "auth_expiring")[0]["expiresAt"] == 300_000
+
+
+# ============================================================================== check at use
+
+
+def test_subscribe_after_expiry_runs_anonymously_without_the_timer() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    generation = core.generation
+    actions = core.receive(msg("subscribe", queryId=1, name="whoami", args={}), 105.0)
+    # the expiry first (with the notice that was never pushed being skipped), then the run
+    assert sent(actions)[0] == {
+        "type": "auth_expired",
+        "expiresAt": 100_000,
+        "serverTime": 105_000,
+    }
+    assert of_type(actions, "auth_expiring") == []
+    assert UnbindSession("sess-a") in actions
+    assert actions.index(UnbindSession("sess-a")) < len(actions) - 1
+    assert actions[-1] == RunQueries(generation + 1, None, ((1, "whoami", {}),))
+    assert core.identity is None
+
+
+def test_mutate_after_expiry_runs_anonymously_without_the_timer() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    generation = core.generation
+    actions = core.receive(msg("mutate", requestId=1, name="notes.add", args={"text": "hi"}), 150.0)
+    assert sent(actions) == [{"type": "auth_expired", "expiresAt": 100_000, "serverTime": 150_000}]
+    assert actions[-1] == RunMutation(generation + 1, None, 1, "notes.add", {"text": "hi"})
+
+
+def test_results_computed_under_an_expired_identity_are_dropped() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    run = subscribe(core, 1, "whoami", now=1.0)
+    assert run.identity == ALICE
+    # the result comes back after exp + leeway, before any timer fired
+    actions = core.queries_done(run.generation, 3, [QueryResult(1, '{"userId":"alice"}')], 106.0)
+    assert of_type(actions, "transition") == []
+    assert sent(actions) == [{"type": "auth_expired", "expiresAt": 100_000, "serverTime": 106_000}]
+    assert instances(actions, RunQueries) == [RunQueries(run.generation + 1, None, run.queries)]
+
+
+def test_identity_just_before_expiry_is_still_used() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    core.on_timer(50.0)
+    actions = core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 104.99)
+    assert actions == [RunMutation(core.generation, ALICE, 1, "notes.add", {})]
+
+
+# ============================================================================== principal changes
+
+
+def test_same_principal_refresh_changes_nothing_else() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    run = subscribe(core, 1, "whoami", now=1.0)
+    core.queries_done(run.generation, 1, [QueryResult(1, '{"userId":"alice"}')], 1.0)
+    generation = core.generation
+    core.receive(msg("refresh", refreshToken="rt-1", authVersion=2), 10.0)
+    actions = core.auth_succeeded(2, ALICE_LATER, 11.0, tokens=TOKENS)
+    assert actions == [
+        Send(
+            {
+                "type": "auth_ok",
+                "authVersion": 2,
+                "identity": {"userId": "alice", "sessionId": "sess-a"},
+                "expiresAt": 200_000,
+                "serverTime": 11_000,
+                "tokens": TOKENS,
+            }
+        )
+    ]
+    assert core.generation == generation
+    assert core.identity == ALICE_LATER
+    # results of work started before the refresh are still good
+    actions = core.queries_done(run.generation, 2, [QueryResult(1, '{"userId":"alice2"}')], 12.0)
+    assert of_type(actions, "transition")
+
+
+def test_new_session_of_the_same_user_is_a_change() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    subscribe(core, 1, "whoami", now=1.0)
+    generation = core.generation
+    actions = sign_in(core, ALICE_OTHER_SESSION, 2, 2.0)
+    assert core.generation == generation + 1
+    assert actions[1:] == [
+        UnbindSession("sess-a"),
+        BindSession("sess-a2"),
+        RunQueries(generation + 1, ALICE_OTHER_SESSION, ((1, "whoami", {}),)),
+    ]
+
+
+def test_change_of_user_reruns_only_subscriptions_that_read_the_identity() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    run1 = subscribe(core, 1, "whoami", now=1.0)
+    run2 = subscribe(core, 2, "echo", {"x": 1}, now=1.0)
+    run3 = subscribe(core, 3, "echo", {"x": 2}, now=1.0)
+    assert run1.identity == run2.identity == ALICE
+    core.queries_done(
+        core.generation,
+        1,
+        [
+            QueryResult(1, '{"userId":"alice"}'),
+            QueryResult(2, '"x=1"', reads_identity=False),
+            QueryResult(3, '"x=2 for alice"'),
+        ],
+        1.0,
+    )
+    assert run3.generation == core.generation
+    generation = core.generation
+    core.receive(msg("authenticate", token="bob", authVersion=2), 2.0)
+    actions = core.auth_succeeded(2, BOB, 3.0)
+    assert actions == [
+        Send(
+            {
+                "type": "auth_ok",
+                "authVersion": 2,
+                "identity": {"userId": "bob", "sessionId": "sess-b"},
+                "expiresAt": 100_000,
+                "serverTime": 3000,
+            }
+        ),
+        UnbindSession("sess-a"),
+        BindSession("sess-b"),
+        RunQueries(generation + 1, BOB, ((1, "whoami", {}), (3, "echo", {"x": 2}))),
+    ]
+    assert core.generation == generation + 1
+    # the new results reach the client in one transition
+    actions = core.queries_done(
+        generation + 1,
+        2,
+        [QueryResult(1, '{"userId":"bob"}'), QueryResult(3, '"x=2 for bob"')],
+        4.0,
+    )
+    assert encode_frame(only_frame(actions, "transition")) == (
+        '{"type":"transition","version":2,"updates":['
+        '{"queryId":1,"value":{"userId":"bob"}},{"queryId":3,"value":"x=2 for bob"}]}'
+    )
+
+
+def test_becoming_anonymous_reruns_the_identity_readers() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    subscribe(core, 1, "whoami", now=1.0)
+    subscribe(core, 2, "echo", now=1.0)
+    core.queries_done(
+        core.generation,
+        1,
+        [QueryResult(1, "{}"), QueryResult(2, "1", reads_identity=False)],
+        1.0,
+    )
+    actions = core.session_ended("sess-a", SessionEndReason.SIGNED_OUT, 2.0)
+    assert instances(actions, RunQueries) == [
+        RunQueries(core.generation, None, ((1, "whoami", {}),))
+    ]
+
+
+# ============================================================================== queries_done
+
+
+def test_results_from_an_old_generation_are_dropped() -> None:
+    core = connected()
+    run = subscribe(core, 1, "whoami", now=1.0)  # anonymous, generation 0
+    sign_in(core, ALICE, 1, 2.0)
+    assert core.generation == run.generation + 1
+    assert core.queries_done(run.generation, 5, [QueryResult(1, "null")], 3.0) == []
+    actions = core.queries_done(core.generation, 5, [QueryResult(1, '{"userId":"alice"}')], 3.0)
+    assert only_frame(actions, "transition")["updates"] == [
+        {"queryId": 1, "value": Raw('{"userId":"alice"}')}
+    ]
+
+
+def test_updates_are_grouped_in_one_transition_and_spliced_raw() -> None:
+    core = connected()
+    subscribe(core, 1, now=1.0)
+    subscribe(core, 2, now=1.0)
+    subscribe(core, 3, now=1.0)
+    value = '{ "b" : 1, "a" : [1, 2.5, "é"] }'  # spliced as is, not re-encoded
+    actions = core.queries_done(
+        0,
+        7,
+        [QueryResult(1, value), QueryResult(2, "null"), QueryResult(3, '"text"')],
+        2.0,
+    )
+    assert actions == [
+        Send(
+            {
+                "type": "transition",
+                "version": 7,
+                "updates": [
+                    {"queryId": 1, "value": Raw(value)},
+                    {"queryId": 2, "value": Raw("null")},
+                    {"queryId": 3, "value": Raw('"text"')},
+                ],
+            }
+        )
+    ]
+    text = encode_frame(sent(actions)[0])
+    assert text == (
+        '{"type":"transition","version":7,"updates":['
+        '{"queryId":1,"value":{ "b" : 1, "a" : [1, 2.5, "é"] }},'
+        '{"queryId":2,"value":null},{"queryId":3,"value":"text"}]}'
+    )
+    assert json.loads(text)["updates"][0]["value"] == {"b": 1, "a": [1, 2.5, "é"]}
+
+
+def test_identical_results_are_not_resent() -> None:
+    core = connected()
+    subscribe(core, 1, now=1.0)
+    subscribe(core, 2, now=1.0)
+    core.queries_done(0, 1, [QueryResult(1, "1"), QueryResult(2, "2")], 2.0)
+    assert core.queries_done(0, 2, [QueryResult(1, "1"), QueryResult(2, "2")], 3.0) == []
+    actions = core.queries_done(0, 3, [QueryResult(1, "1"), QueryResult(2, "22")], 4.0)
+    assert sent(actions) == [
+        {"type": "transition", "version": 3, "updates": [{"queryId": 2, "value": Raw("22")}]}
+    ]
+
+
+def test_error_results() -> None:
+    core = connected()
+    subscribe(core, 1, "whoami", now=1.0)
+    subscribe(core, 2, now=1.0)
+    actions = core.queries_done(
+        0,
+        4,
+        [
+            QueryResult(1, error=("unauthenticated", "sign in first")),
+            QueryResult(2, '"ok"'),
+        ],
+        2.0,
+    )
+    frame = only_frame(actions, "transition")
+    assert frame == {
+        "type": "transition",
+        "version": 4,
+        "updates": [
+            {"queryId": 1, "error": {"code": "unauthenticated", "message": "sign in first"}},
+            {"queryId": 2, "value": Raw('"ok"')},
+        ],
+    }
+    assert json.loads(encode_frame(frame))["updates"][0] == {
+        "queryId": 1,
+        "error": {"code": "unauthenticated", "message": "sign in first"},
+    }
+    # the same error is not re-sent; a different one is; then a value again
+    error = QueryResult(1, error=("unauthenticated", "sign in first"))
+    assert core.queries_done(0, 5, [error], 3.0) == []
+    actions = core.queries_done(0, 6, [QueryResult(1, error=("forbidden", "no"))], 3.0)
+    assert only_frame(actions, "transition")["updates"] == [
+        {"queryId": 1, "error": {"code": "forbidden", "message": "no"}}
+    ]
+    actions = core.queries_done(0, 7, [QueryResult(1, "null")], 3.0)
+    assert only_frame(actions, "transition")["updates"] == [{"queryId": 1, "value": Raw("null")}]
+
+
+def test_results_for_unsubscribed_queries_are_dropped() -> None:
+    core = connected()
+    subscribe(core, 1, now=1.0)
+    subscribe(core, 2, now=1.0)
+    assert core.receive(msg("unsubscribe", queryId=1), 1.5) == []
+    assert core.receive(msg("unsubscribe", queryId=99), 1.5) == []  # unknown: silently fine
+    actions = core.queries_done(0, 3, [QueryResult(1, "1"), QueryResult(2, "2")], 2.0)
+    assert only_frame(actions, "transition")["updates"] == [{"queryId": 2, "value": Raw("2")}]
+    assert core.queries_done(0, 4, [QueryResult(1, "11")], 2.0) == []
+
+
+def test_versions_never_decrease() -> None:
+    core = connected()
+    subscribe(core, 1, now=1.0)
+    subscribe(core, 2, now=1.0)
+    assert (
+        only_frame(core.queries_done(0, 9, [QueryResult(1, "1")], 2.0), "transition")["version"]
+        == 9
+    )
+    # a result computed at an older version arrives later
+    assert (
+        only_frame(core.queries_done(0, 4, [QueryResult(2, "2")], 3.0), "transition")["version"]
+        == 9
+    )
+    assert (
+        only_frame(core.queries_done(0, 12, [QueryResult(1, "3")], 4.0), "transition")["version"]
+        == 12
+    )
+    assert (
+        only_frame(core.queries_done(0, 0, [QueryResult(2, "4")], 5.0), "transition")["version"]
+        == 12
+    )
+
+
+def test_nothing_changed_sends_nothing() -> None:
+    core = connected()
+    subscribe(core, 1, now=1.0)
+    assert core.queries_done(0, 1, [], 2.0) == []
+
+
+# ============================================================================== session_ended
+
+
+@pytest.mark.parametrize("reason", list(SessionEndReason))
+def test_session_ended_for_this_session(reason: SessionEndReason) -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    actions = core.session_ended("sess-a", reason, 2.0)
+    assert actions[0] == Send({"type": "session_revoked", "reason": reason.value})
+    assert UnbindSession("sess-a") in actions
+    assert core.identity is None
+    assert core.on_timer(50.0) == []  # no expiry pushes for the ended identity
+    assert core.on_timer(105.0) == []
+
+
+def test_session_ended_for_another_session_does_nothing() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    assert core.session_ended("sess-b", SessionEndReason.SIGNED_OUT, 2.0) == []
+    assert core.identity == ALICE
+    anonymous = connected()
+    assert anonymous.session_ended("sess-a", SessionEndReason.REVOKED, 2.0) == []
+
+
+# ============================================================================== subscriptions
+
+
+def test_duplicate_query_id() -> None:
+    core = connected()
+    subscribe(core, 1, now=1.0)
+    actions = core.receive(msg("subscribe", queryId=1, name="whoami", args={}), 2.0)
+    frame = error_frame(actions)
+    assert frame == {
+        "type": "error",
+        "code": "duplicate_query_id",
+        "message": frame["message"],
+        "queryId": 1,
+    }
+    assert instances(actions, RunQueries) == []
+    # after unsubscribing, the id is free again
+    core.receive(msg("unsubscribe", queryId=1), 3.0)
+    subscribe(core, 1, "whoami", now=3.0)
+
+
+def test_subscription_limit() -> None:
+    core = connected(limits=Limits(max_subscriptions=2, heartbeat_timeout=1000.0))
+    subscribe(core, 1, now=1.0)
+    subscribe(core, 2, now=1.0)
+    actions = core.receive(msg("subscribe", queryId=3, name="echo", args={}), 2.0)
+    frame = error_frame(actions)
+    assert frame == {
+        "type": "error",
+        "code": "limit_exceeded",
+        "message": frame["message"],
+        "queryId": 3,
+    }
+    assert len(actions) == 1
+    core.receive(msg("unsubscribe", queryId=1), 3.0)
+    subscribe(core, 3, now=3.0)
+
+
+@pytest.mark.parametrize("name", ["nope", "notes.add", "Echo"])
+def test_subscribe_unknown_function(name: str) -> None:
+    core = connected()
+    actions = core.receive(msg("subscribe", queryId=5, name=name, args={}), 1.0)
+    frame = error_frame(actions)
+    assert frame == {
+        "type": "error",
+        "code": "unknown_function",
+        "message": frame["message"],
+        "queryId": 5,
+    }
+    assert len(actions) == 1
+    # the id was not taken
+    subscribe(core, 5, now=2.0)
+
+
+def test_subscribe_bad_args() -> None:
+    core = connected()
+    actions = core.receive(msg("subscribe", queryId=5, name="echo", args={"invalid": True}), 1.0)
+    frame = error_frame(actions)
+    assert frame == {
+        "type": "error",
+        "code": "bad_args",
+        "message": frame["message"],
+        "queryId": 5,
+    }
+    assert len(actions) == 1
+
+
+def test_subscribe_runs_under_the_current_identity() -> None:
+    core = connected()
+    assert subscribe(core, 1, "echo", {"a": 1}, now=1.0) == RunQueries(
+        0, None, ((1, "echo", {"a": 1}),)
+    )
+    sign_in(core, ALICE, 1, 2.0)
+    assert subscribe(core, 2, "whoami", now=2.0) == RunQueries(
+        core.generation, ALICE, ((2, "whoami", {}),)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "code"),
+    [
+        ("nope", {}, "unknown_function"),
+        ("whoami", {}, "unknown_function"),  # a query used with mutate
+        ("notes.add", {"invalid": True}, "bad_args"),
+    ],
+)
+def test_mutate_rejected(name: str, args: dict[str, Any], code: str) -> None:
+    core = connected()
+    actions = core.receive(msg("mutate", requestId=4, name=name, args=args), 1.0)
+    frame = error_frame(actions)
+    assert frame == {"type": "error", "code": code, "message": frame["message"], "requestId": 4}
+    assert len(actions) == 1
+
+
+def test_mutation_limit_and_mutation_done_frees_a_slot() -> None:
+    core = connected(limits=Limits(max_pending_mutations=2, heartbeat_timeout=1000.0))
+    sign_in(core, ALICE, 1, 1.0)
+    generation = core.generation
+    assert core.receive(msg("mutate", requestId=1, name="notes.add", args={"text": "a"}), 2.0) == [
+        RunMutation(generation, ALICE, 1, "notes.add", {"text": "a"})
+    ]
+    assert core.receive(msg("mutate", requestId=2, name="notes.add", args={}), 2.0) == [
+        RunMutation(generation, ALICE, 2, "notes.add", {})
+    ]
+    actions = core.receive(msg("mutate", requestId=3, name="notes.add", args={}), 2.0)
+    frame = error_frame(actions)
+    assert frame == {
+        "type": "error",
+        "code": "limit_exceeded",
+        "message": frame["message"],
+        "requestId": 3,
+    }
+    assert len(actions) == 1
+
+    actions = core.mutation_done(generation, 1, 3.0, value_json='"note-1"', version=5)
+    assert actions == [
+        Send({"type": "mutation_result", "requestId": 1, "value": Raw('"note-1"'), "version": 5})
+    ]
+    assert encode_frame(sent(actions)[0]) == (
+        '{"type":"mutation_result","requestId":1,"value":"note-1","version":5}'
+    )
+    assert core.receive(msg("mutate", requestId=3, name="notes.add", args={}), 4.0) == [
+        RunMutation(generation, ALICE, 3, "notes.add", {})
+    ]
+
+
+def test_mutation_result_error() -> None:
+    core = connected()
+    core.receive(msg("mutate", requestId=7, name="notes.add", args={}), 1.0)
+    actions = core.mutation_done(0, 7, 2.0, error=("unauthenticated", "sign in first"))
+    assert actions == [
+        Send(
+            {
+                "type": "mutation_result",
+                "requestId": 7,
+                "error": {"code": "unauthenticated", "message": "sign in first"},
+            }
+        )
+    ]
+    assert json.loads(encode_frame(sent(actions)[0])) == {
+        "type": "mutation_result",
+        "requestId": 7,
+        "error": {"code": "unauthenticated", "message": "sign in first"},
+    }
+
+
+# ============================================================================== limits
+
+
+def test_message_rate_limit_and_window_reset() -> None:
+    core = connected(now=0.0, limits=Limits(message_rate=(5, 10.0), heartbeat_timeout=1000.0))
+    # connect was message 1 of the window that started at t=0
+    for t in (1.0, 2.0, 3.0, 4.0):
+        assert core.receive(msg("ping"), t) == [Send({"type": "pong", "serverTime": ms(t)})]
+    actions = core.receive(msg("ping"), 5.0)  # the 6th
+    frame = error_frame(actions)
+    assert frame["code"] == "rate_limited"
+    assert len(actions) == 1
+    # a rate-limited message is not processed, even a valid subscribe
+    actions = core.receive(msg("subscribe", queryId=1, name="echo", args={}), 9.99)
+    assert error_frame(actions)["code"] == "rate_limited"
+    assert instances(actions, RunQueries) == []
+    # the window resets 10 s after it started
+    assert core.receive(msg("ping"), 10.0) == [Send({"type": "pong", "serverTime": 10_000})]
+
+
+def test_too_many_rate_violations_close_4429() -> None:
+    limits = Limits(message_rate=(1, 10.0), max_rate_violations=3, heartbeat_timeout=1000.0)
+    core = connected(limits=limits)
+    for t in (1.0, 2.0, 3.0):
+        assert error_frame(core.receive(msg("ping"), t))["code"] == "rate_limited"
+    actions = core.receive(msg("ping"), 4.0)
+    assert len(actions) == 1 and isinstance(actions[0], Close)
+    assert actions[0].code == CloseCode.RATE_LIMITED == 4429
+    assert core.receive(msg("ping"), 20.0) == []
+    assert core.next_deadline() is None
+
+
+@pytest.mark.parametrize("opened", [False, True])
+def test_stream_of_malformed_messages_closes_4500(opened: bool) -> None:
+    limits = Limits(max_bad_messages=3, heartbeat_timeout=1000.0)
+    core = connected(limits=limits) if opened else new_core(limits=limits)
+    for i in range(3):
+        assert error_frame(core.receive(f"junk {i}", 1.0 + i))["code"] == "bad_message"
+    actions = core.receive(b"\x00", 5.0)
+    assert len(actions) == 1 and isinstance(actions[0], Close)
+    assert actions[0].code == CloseCode.PROTOCOL_VIOLATION == 4500
+    assert core.receive(msg("ping"), 6.0) == []
+
+
+def test_heartbeat_timeout_and_ping() -> None:
+    core = new_core(limits=Limits(heartbeat_timeout=30.0))
+    core.receive(msg("connect", clientId="c", protocol=1), 0.0)
+    assert core.next_deadline() == 30.0
+    assert core.on_timer(19.9) == []
+    actions = core.receive(msg("ping"), 20.0)
+    assert actions == [Send({"type": "pong", "serverTime": 20_000})]
+    assert core.next_deadline() == 50.0
+    assert core.on_timer(30.0) == []
+    assert core.on_timer(49.99) == []
+    actions = core.on_timer(50.0)
+    assert len(actions) == 1 and isinstance(actions[0], Close)
+    assert actions[0].code == CloseCode.HEARTBEAT_TIMEOUT == 4009
+    assert core.next_deadline() is None
+
+
+def test_any_frame_counts_as_a_heartbeat() -> None:
+    core = new_core(limits=Limits(heartbeat_timeout=30.0))
+    core.receive(msg("connect", clientId="c", protocol=1), 0.0)
+    core.receive(msg("unsubscribe", queryId=1), 25.0)
+    assert core.next_deadline() == 55.0
+    assert core.on_timer(30.0) == []
+
+
+def test_heartbeat_deadline_is_earlier_than_expiry_when_due_first() -> None:
+    core = new_core(limits=Limits(heartbeat_timeout=30.0))
+    core.receive(msg("connect", clientId="c", protocol=1), 0.0)
+    sign_in(core, ALICE, 1, 1.0)
+    assert core.next_deadline() == 31.0  # heartbeat (1 + 30) before the notice (50)
+
+
+def test_auth_rate_limit() -> None:
+    core = connected(limits=Limits(auth_rate=(2, 60.0), heartbeat_timeout=1000.0))
+    sign_in(core, ALICE, 1, 1.0)
+    sign_in(core, ALICE_LATER, 2, 2.0)
+    actions = core.receive(msg("refresh", refreshToken="rt", authVersion=3), 3.0)
+    assert actions[0] == Send(
+        {
+            "type": "auth_error",
+            "authVersion": 3,
+            "code": "rate_limited",
+            "message": sent(actions)[0]["message"],
+        }
+    )
+    assert instances(actions, RotateRefresh) == []
+    assert UnbindSession("sess-a") in actions  # auth_error: the connection is now anonymous
+    assert core.identity is None
+    # the window passes
+    assert core.receive(msg("authenticate", token="t", authVersion=4), 61.0) == [
+        VerifyToken(4, "t")
+    ]
+
+
+def test_max_pending_auth() -> None:
+    core = connected(limits=Limits(max_pending_auth=2, heartbeat_timeout=1000.0))
+    assert core.receive(msg("authenticate", token="t", authVersion=1), 1.0) == [VerifyToken(1, "t")]
+    # queued behind the one in flight
+    assert core.receive(msg("authenticate", token="t", authVersion=2), 1.0) == []
+    assert core.receive(msg("authenticate", token="t", authVersion=3), 1.0) == []
+    actions = core.receive(msg("authenticate", token="t", authVersion=4), 1.0)
+    frame = only_frame(actions, "auth_error")
+    assert frame == {
+        "type": "auth_error",
+        "authVersion": 4,
+        "code": "rate_limited",
+        "message": frame["message"],
+    }
+    assert instances(actions, VerifyToken) == []
+
+
+def test_auth_rate_violations_count_toward_close_4429() -> None:
+    limits = Limits(auth_rate=(1, 60.0), max_rate_violations=2, heartbeat_timeout=1000.0)
+    core = connected(limits=limits)
+    sign_in(core, ALICE, 1, 1.0)
+    for version in (2, 3):
+        actions = core.receive(msg("authenticate", token="t", authVersion=version), 2.0)
+        assert only_frame(actions, "auth_error")["code"] == "rate_limited"
+    actions = core.receive(msg("authenticate", token="t", authVersion=4), 2.0)
+    assert [a.code for a in instances(actions, Close)] == [4429]
+
+
+# ============================================================================== close
+
+
+def test_close_releases_the_session_and_is_idempotent() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    subscribe(core, 1, now=1.0)
+    assert core.close() == [UnbindSession("sess-a")]
+    assert core.close() == []
+    assert core.close() == []
+    assert core.next_deadline() is None
+    assert core.receive(msg("ping"), 2.0) == []
+    assert core.on_timer(200.0) == []
+    assert core.session_ended("sess-a", SessionEndReason.SIGNED_OUT, 3.0) == []
+    assert core.queries_done(core.generation, 3, [QueryResult(1, "1")], 3.0) == []
+
+
+def test_close_of_an_anonymous_or_unconnected_connection_releases_nothing() -> None:
+    assert connected().close() == []
+    core = new_core()
+    assert core.close() == []
+    assert core.close() == []
+
+
+def test_close_after_a_protocol_close_still_releases_the_session() -> None:
+    core = new_core(limits=Limits(heartbeat_timeout=30.0))
+    core.receive(msg("connect", clientId="c", protocol=1), 0.0)
+    sign_in(core, ALICE, 1, 1.0)
+    assert [a.code for a in core.on_timer(31.0)] == [4009]
+    assert core.close() == [UnbindSession("sess-a")]
+    assert core.close() == []
+
+
+def test_answers_after_close_are_ignored() -> None:
+    core = connected()
+    core.receive(msg("authenticate", token="t", authVersion=1), 1.0)
+    core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 1.0)
+    assert core.close() == []
+    assert core.auth_succeeded(1, ALICE, 2.0) == []
+    assert core.identity is None
+    assert core.mutation_done(0, 1, 2.0, value_json="1", version=1) == []
+    assert core.close() == []
+
+
+# ============================================================================== bugs found
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="auth_succeeded for an identity already past exp+leeway calls auth_failed after "
+    "clearing auth_in_flight, so auth_failed ignores it: no auth_error token_expired is sent "
+    "and the queued requests never start",
+)
+def test_identity_expired_when_verified_is_refused_with_token_expired() -> None:
+    core = connected()
+    core.receive(msg("authenticate", token="old", authVersion=1), 100.0)
+    assert core.receive(msg("authenticate", token="new", authVersion=2), 100.0) == []
+    actions = core.auth_succeeded(1, ALICE, 106.0)  # ALICE ends at 105
+    frame = only_frame(actions, "auth_error")
+    assert frame == {
+        "type": "auth_error",
+        "authVersion": 1,
+        "code": "token_expired",
+        "message": frame["message"],
+    }
+    assert actions[-1] == VerifyToken(2, "new")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_start_next_auth answers a null-token authenticate with actions.insert(0, auth_ok): "
+    "two queued null authenticates started in one call are answered in reverse order",
+)
+def test_queued_anonymous_authenticates_are_answered_in_order() -> None:
+    core = connected()
+    core.receive(msg("authenticate", token="t", authVersion=1), 1.0)
+    assert core.receive(msg("authenticate", token=None, authVersion=2), 1.0) == []
+    assert core.receive(msg("authenticate", token=None, authVersion=3), 1.0) == []
+    actions = core.auth_succeeded(1, ALICE, 2.0)
+    versions = [f["authVersion"] for f in sent(actions) if f["type"] == "auth_ok"]
+    assert versions == [1, 2, 3]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a rate-limited authenticate is answered (auth_error, connection anonymous) at once, "
+    "out of order; the answer to the older request still in flight then re-adopts an identity "
+    "the client has already seen superseded",
+)
+def test_older_answer_cannot_undo_a_newer_auth_error() -> None:
+    core = connected(limits=Limits(auth_rate=(1, 60.0), heartbeat_timeout=1000.0))
+    assert core.receive(msg("authenticate", token="t", authVersion=1), 1.0) == [VerifyToken(1, "t")]
+    actions = core.receive(msg("authenticate", token="t2", authVersion=2), 1.0)
+    assert only_frame(actions, "auth_error")["code"] == "rate_limited"
+    # the client now knows: after authVersion 2, the connection is anonymous
+    actions = core.auth_succeeded(1, ALICE, 2.0)
+    assert instances(actions, BindSession) == []
+    assert core.identity is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="results are matched to subscriptions by queryId only: after unsubscribe + subscribe "
+    "with the same queryId and other args, the in-flight result of the old subscription is "
+    "sent as the new one's value",
+)
+def test_result_of_a_replaced_subscription_is_not_sent_for_its_successor() -> None:
+    core = connected()
+    old = subscribe(core, 1, "echo", {"x": 1}, now=1.0)
+    core.receive(msg("unsubscribe", queryId=1), 1.1)
+    subscribe(core, 1, "echo", {"x": 2}, now=1.2)
+    actions = core.queries_done(old.generation, 3, [QueryResult(1, '"result for x=1"')], 2.0)
+    assert of_type(actions, "transition") == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="latent: queries_done remembers an error as json.dumps({'error': [code, message]}) in "
+    "the same slot as value texts, so a value with that exact text is taken as unchanged",
+)
+def test_value_whose_text_equals_the_error_key_is_sent() -> None:
+    core = connected()
+    subscribe(core, 1, now=1.0)
+    core.queries_done(0, 1, [QueryResult(1, error=("invalid", "bad"))], 2.0)
+    text = '{"error": ["invalid", "bad"]}'
+    actions = core.queries_done(0, 2, [QueryResult(1, text)], 3.0)
+    assert only_frame(actions, "transition")["updates"] == [{"queryId": 1, "value": Raw(text)}]
+
+
+# ============================================================================== property
+
+
+_json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_ids = st.one_of(st.integers(min_value=0, max_value=4), st.integers(-2, 2**54), _json_values)
+_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "clientId": st.one_of(st.just("client-1"), st.text(max_size=3), _json_values),
+    "protocol": st.one_of(st.just(1), st.just(1), _json_values),
+    "token": st.one_of(st.just("jwt"), st.none(), _json_values),
+    "authVersion": st.one_of(st.integers(min_value=0, max_value=20), _ids),
+    "refreshToken": st.one_of(st.just("rt"), _json_values),
+    "retryKey": st.one_of(st.none(), st.just("k" * 16), _json_values),
+    "queryId": _ids,
+    "requestId": _ids,
+    "name": st.one_of(st.sampled_from(["whoami", "echo", "notes.add", "nope", ""]), _json_values),
+    "args": st.one_of(
+        st.dictionaries(
+            st.sampled_from(["x", "invalid", "text"]),
+            st.one_of(st.booleans(), st.integers(), st.text(max_size=3)),
+            max_size=2,
+        ),
+        _json_values,
+    ),
+    "extra": _json_values,
+}
+_TYPES = st.one_of(
+    st.sampled_from(
+        ["connect", "authenticate", "refresh", "subscribe", "unsubscribe", "mutate", "ping"]
+    ),
+    st.sampled_from(["", "nope", "connected"]),
+    _json_values,
+)
+
+
+@st.composite
+def _object_frames(draw: st.DrawFn) -> str:
+    doc: dict[str, Any] = {}
+    if draw(st.integers(0, 9)) > 0:
+        doc["type"] = draw(_TYPES)
+    for name, strategy in _FIELDS.items():
+        if draw(st.integers(0, 3)) > 0:
+            doc[name] = draw(strategy)
+    return json.dumps(doc)
+
+
+_frames = st.one_of(
+    _object_frames(),
+    _object_frames(),
+    _object_frames(),
+    st.text(max_size=20),
+    st.binary(max_size=12),
+    _json_values.map(json.dumps),
+)
+
+_ops = st.one_of(
+    st.tuples(st.just("frame"), _frames),
+    st.tuples(st.just("frame"), _frames),
+    st.tuples(st.just("timer"), st.none()),
+    st.tuples(st.just("deadline"), st.none()),
+    st.tuples(
+        st.just("auth"),
+        st.tuples(st.booleans(), st.sampled_from(["alice", "bob"]), st.floats(-10, 300)),
+    ),
+    st.tuples(st.just("queries"), st.tuples(st.booleans(), st.booleans(), st.integers(0, 50))),
+    st.tuples(st.just("mutation"), st.tuples(st.booleans(), st.integers(0, 50))),
+    st.tuples(st.just("session_end"), st.sampled_from(["alice", "bob"])),
+    st.tuples(st.just("close"), st.none()),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    connect_first=st.booleans(),
+    steps=st.lists(st.tuples(_ops, st.floats(0.0, 40.0)), max_size=40),
+)
+def test_random_input_never_raises_and_every_frame_encodes(
+    connect_first: bool, steps: list[tuple[tuple[str, Any], float]]
+) -> None:
+    limits = Limits(
+        max_subscriptions=3,
+        max_pending_auth=2,
+        max_pending_mutations=2,
+        message_rate=(8, 10.0),
+        auth_rate=(4, 60.0),
+        max_rate_violations=4,
+        max_bad_messages=6,
+        heartbeat_timeout=60.0,
+    )
+    core = new_core(now=0.0, limits=limits)
+    now = 0.0
+    pending_auth: list[VerifyToken | RotateRefresh] = []
+    pending_queries: list[RunQueries] = []
+    pending_mutations: list[RunMutation] = []
+    last_version = -1
+
+    def check(actions: list[Any]) -> None:
+        nonlocal last_version
+        assert isinstance(actions, list)
+        for action in actions:
+            assert isinstance(action, ACTION_TYPES), action
+            if isinstance(action, Send):
+                frame = action.frame
+                assert isinstance(frame, dict)
+                assert isinstance(frame.get("type"), str)
+                decoded = json.loads(encode_frame(frame))
+                assert decoded["type"] == frame["type"]
+                if frame["type"] == "transition":
+                    assert frame["version"] >= last_version  # versions only grow
+                    last_version = frame["version"]
+            elif isinstance(action, Close):
+                assert 1000 <= action.code <= 4999
+            elif isinstance(action, VerifyToken | RotateRefresh):
+                pending_auth.append(action)
+            elif isinstance(action, RunQueries):
+                pending_queries.append(action)
+            elif isinstance(action, RunMutation):
+                pending_mutations.append(action)
+        deadline = core.next_deadline()
+        assert deadline is None or isinstance(deadline, float)
+
+    if connect_first:
+        check(core.receive(msg("connect", clientId="client-1", protocol=1), now))
+    for (op, arg), dt in steps:
+        now += dt
+        if op == "frame":
+            check(core.receive(arg, now))
+        elif op == "timer":
+            check(core.on_timer(now))
+        elif op == "deadline":
+            deadline = core.next_deadline()
+            if deadline is not None:
+                now = max(now, deadline)
+            check(core.on_timer(now))
+        elif op == "auth" and pending_auth:
+            ok, user, lifetime = arg
+            request = pending_auth.pop(0)
+            if ok:
+                identity = Identity(user, f"sess-{user}", now - 1.0, now + lifetime)
+                tokens = TOKENS if isinstance(request, RotateRefresh) else None
+                check(core.auth_succeeded(request.auth_version, identity, now, tokens))
+            else:
+                check(
+                    core.auth_failed(request.auth_version, AuthErrorCode.INVALID_TOKEN, "no", now)
+                )
+        elif op == "queries" and pending_queries:
+            as_error, reads_identity, version = arg
+            run = pending_queries.pop(0)
+            results = [
+                QueryResult(qid, error=("invalid", "no"), reads_identity=reads_identity)
+                if as_error
+                else QueryResult(qid, json.dumps([name, version]), reads_identity=reads_identity)
+                for qid, name, _ in run.queries
+            ]
+            check(core.queries_done(run.generation, version, results, now))
+        elif op == "mutation" and pending_mutations:
+            failed, version = arg
+            run_m = pending_mutations.pop(0)
+            if failed:
+                check(core.mutation_done(run_m.generation, run_m.request_id, now, error=("x", "y")))
+            else:
+                check(
+                    core.mutation_done(
+                        run_m.generation, run_m.request_id, now, value_json="1", version=version
+                    )
+                )
+        elif op == "session_end":
+            check(core.session_ended(f"sess-{arg}", SessionEndReason.REVOKED, now))
+        elif op == "close":
+            check(core.close())
+    check(core.close())
+    assert core.close() == []

@@ -1,0 +1,798 @@
+"""The session store against a real ``redis-server``: the five rotation rules of protocol §2, the
+idempotence of the rotation script under a retried call, the session-ended events, and what
+Tether leaves in Redis.
+
+Time is a :class:`ManualClock` started at the real time: Redis expires keys by its own clock, so a
+manual clock in the past would make Redis drop every session the moment it is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from server import redis_keys
+from server.app import Node
+from server.clock import ManualClock, to_ms
+from server.errors import HTTPCode, SessionEndReason
+from server.keys import KeySet
+from server.redis_conn import connect
+from server.refresh_tokens import RefreshTokenCodec
+from server.sessions import (
+    DEADLINE_GRACE_MS,
+    RefreshRejected,
+    SessionGrant,
+    SessionStore,
+    revoke_from_cli,
+)
+from server.settings import Settings
+from tests.harness import RedisProcess
+
+#: argon2id at the OWASP minimum (the settings refuse anything weaker).
+FAST_ARGON2 = {"argon2_time_cost": 2, "argon2_memory_kib": 19456, "argon2_parallelism": 1}
+CHANNEL = redis_keys.SESSION_ENDED_CHANNEL
+INVALID = HTTPCode.REFRESH_INVALID
+REUSED = HTTPCode.REFRESH_REUSED
+
+
+def make_settings(**overrides: Any) -> Settings:
+    return Settings.load({**FAST_ARGON2, **overrides}, environ={})
+
+
+def secret_of(token: str) -> str:
+    """The secret segment of ``rt1.<sid>.<secret>.<tag>``."""
+    return token.split(".")[2]
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    # Whole seconds: every advance below is exact in binary, so to_ms() never rounds a
+    # boundary case to the other side.
+    return ManualClock(float(int(time.time())))
+
+
+@pytest.fixture
+def mac_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+@pytest.fixture
+def codec(mac_key: bytes) -> RefreshTokenCodec:
+    return RefreshTokenCodec(mac_key)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    # A day of inactivity within a 30-day session: the inactivity deadline is the binding one.
+    return make_settings(refresh_reuse_window=10, session_inactive_ttl=86_400)
+
+
+@pytest.fixture
+def store(
+    redis_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    settings: Settings,
+    clock: ManualClock,
+) -> SessionStore:
+    return SessionStore(redis_client, codec, settings, clock)
+
+
+async def rejected(store: SessionStore, token: object, retry_key: str | None = None) -> str:
+    """The code ``rotate`` refuses ``token`` with; fails the test if it is accepted."""
+    with pytest.raises(RefreshRejected) as info:
+        await store.rotate(token, retry_key)
+    return str(info.value.code)
+
+
+async def all_keys(client: redis.asyncio.Redis) -> set[str]:
+    return {str(k) async for k in client.scan_iter(count=1000)}
+
+
+class SessionEvents:
+    """Session-ended events read from a real subscription.
+
+    :meth:`drain` publishes a sentinel on the channel and reads up to it: Redis delivers the
+    messages of one channel in the order the PUBLISHes ran, so every event caused by an awaited
+    call arrives before the sentinel, and "nothing more was announced" needs no sleep.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self.pubsub = client.pubsub()
+        self._n = 0
+
+    async def start(self) -> None:
+        await self.pubsub.subscribe(CHANNEL)
+        async with asyncio.timeout(5):
+            while True:
+                msg = await self.pubsub.get_message(timeout=1.0)
+                if msg is not None and msg["type"] == "subscribe":
+                    return
+
+    async def drain(self) -> list[dict[str, Any]]:
+        self._n += 1
+        sentinel = json.dumps({"type": "test-sentinel", "n": self._n})
+        await self.client.publish(CHANNEL, sentinel)
+        events: list[dict[str, Any]] = []
+        async with asyncio.timeout(5):
+            while True:
+                msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is None:
+                    continue
+                if msg["data"] == sentinel:
+                    return events
+                events.append(json.loads(msg["data"]))
+
+    async def close(self) -> None:
+        await self.pubsub.unsubscribe()
+        await self.pubsub.aclose()
+
+
+@pytest.fixture
+async def events(redis_client: redis.asyncio.Redis) -> AsyncIterator[SessionEvents]:
+    sub = SessionEvents(redis_client)
+    await sub.start()
+    try:
+        yield sub
+    finally:
+        await sub.close()
+
+
+def assert_event(
+    event: dict[str, Any], grant: SessionGrant, reason: SessionEndReason, at_ms: int
+) -> None:
+    assert event == {
+        "type": "session_ended",
+        "sessionId": grant.session_id,
+        "userId": grant.user_id,
+        "reason": reason.value,
+        "at": at_ms,
+    }
+
+
+# ----------------------------------------------------------------------------- rule 1
+
+
+async def test_rule1_current_token_rotates_and_becomes_previous(
+    store: SessionStore,
+    redis_client: redis.asyncio.Redis,
+    clock: ManualClock,
+    settings: Settings,
+) -> None:
+    first = await store.create("user-1")
+    assert re.fullmatch(r"rt1\.[\w-]+\.[\w-]+\.[\w-]+", first.refresh_token)
+    clock.advance(3)
+
+    second = await store.rotate(first.refresh_token)
+
+    assert second.refresh_token != first.refresh_token
+    assert (second.user_id, second.session_id) == ("user-1", first.session_id)
+    assert second.deadline_ms == to_ms(clock()) + settings.session_inactive_ttl * 1000
+    stored = await redis_client.hgetall(redis_keys.session(first.session_id))
+    assert stored["cur"] == sha256(secret_of(second.refresh_token))
+    assert stored["prev"] == sha256(secret_of(first.refresh_token))
+    assert int(stored["rotated"]) == to_ms(clock())
+
+    # The new token is now the current one: it rotates in turn.
+    third = await store.rotate(second.refresh_token)
+    assert third.refresh_token not in (first.refresh_token, second.refresh_token)
+    assert await store.lookup(first.session_id) is not None
+
+
+# ----------------------------------------------------------------------------- rule 2
+
+
+async def test_rule2_previous_within_window_yields_the_same_pair(
+    store: SessionStore, clock: ManualClock, events: SessionEvents
+) -> None:
+    first = await store.create("user-1")
+    second = await store.rotate(first.refresh_token)
+
+    clock.advance(5)  # inside the 10 s window
+    again = await store.rotate(first.refresh_token)
+    clock.advance(5)  # exactly at its end: still inside
+    once_more = await store.rotate(first.refresh_token, "a-retry-key-nobody-used-0000")
+
+    assert again == second
+    assert once_more == second
+    # No rotation happened: the current token still rotates, to a new token.
+    third = await store.rotate(second.refresh_token)
+    assert third.refresh_token != second.refresh_token
+    assert await events.drain() == []
+
+
+async def test_rule2_previous_with_same_retry_key_after_window_until_current_is_used(
+    store: SessionStore, clock: ManualClock, events: SessionEvents
+) -> None:
+    retry_key = secrets.token_urlsafe(24)
+    first = await store.create("user-1")
+    second = await store.rotate(first.refresh_token, retry_key)
+
+    clock.advance(3600)  # far past the reuse window
+    assert await store.rotate(first.refresh_token, retry_key) == second
+    assert await store.rotate(first.refresh_token, retry_key) == second
+
+    # Once the current token has been used, the old previous one is reuse even with the key.
+    third = await store.rotate(second.refresh_token)
+    assert await rejected(store, first.refresh_token, retry_key) == REUSED
+    assert await store.lookup(first.session_id) is None
+    assert await rejected(store, third.refresh_token) == INVALID
+    [event] = await events.drain()
+    assert_event(event, first, SessionEndReason.REFRESH_REUSED, to_ms(clock()))
+
+
+async def test_rule2_previous_within_window_after_current_was_used_is_reuse(
+    store: SessionStore, clock: ManualClock
+) -> None:
+    first = await store.create("user-1")
+    second = await store.rotate(first.refresh_token)
+    clock.advance(1)
+    await store.rotate(second.refresh_token)
+    clock.advance(1)
+    # `first` is now the grandparent, though its rotation was 2 s ago.
+    assert await rejected(store, first.refresh_token) == REUSED
+    assert await store.lookup(first.session_id) is None
+
+
+# ----------------------------------------------------------------------------- rule 3
+
+
+async def test_rule3_grandparent_is_reuse_and_ends_the_whole_session(
+    store: SessionStore,
+    clock: ManualClock,
+    events: SessionEvents,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    first = await store.create("user-1")
+    second = await store.rotate(first.refresh_token)
+    third = await store.rotate(second.refresh_token)
+    other = await store.create("user-1")  # another session of the same user
+    clock.advance(1)
+
+    assert await rejected(store, first.refresh_token) == REUSED
+
+    assert await store.lookup(first.session_id) is None
+    assert await rejected(store, third.refresh_token) == INVALID
+    assert await rejected(store, second.refresh_token) == INVALID
+    # Asked again with the token that revoked it: the same answer, and no second announcement.
+    assert await rejected(store, first.refresh_token) == REUSED
+    [event] = await events.drain()
+    assert_event(event, first, SessionEndReason.REFRESH_REUSED, to_ms(clock()))
+    tombstone = await redis_client.hgetall(redis_keys.session(first.session_id))
+    assert tombstone["state"] == "ended" and tombstone["reason"] == "refresh_reused"
+    assert "cur" not in tombstone and "prev" not in tombstone
+    # Only that session ended.
+    assert await store.lookup(other.session_id) is not None
+    await store.rotate(other.refresh_token)
+
+
+@pytest.mark.parametrize("retry", ["none", "different"], ids=["no-retry-key", "other-retry-key"])
+async def test_rule3_previous_after_window_without_matching_retry_key_is_reuse(
+    store: SessionStore, clock: ManualClock, events: SessionEvents, retry: str
+) -> None:
+    first = await store.create("user-1")
+    second = await store.rotate(first.refresh_token, secrets.token_urlsafe(24))
+    clock.advance(10.0625)  # 62 ms past the 10 s window
+
+    presented_key = None if retry == "none" else secrets.token_urlsafe(24)
+    assert await rejected(store, first.refresh_token, presented_key) == REUSED
+
+    assert await store.lookup(first.session_id) is None
+    assert await rejected(store, second.refresh_token) == INVALID
+    [event] = await events.drain()
+    assert_event(event, first, SessionEndReason.REFRESH_REUSED, to_ms(clock()))
+
+
+async def test_rule3_previous_without_retry_key_was_never_given_one(
+    store: SessionStore, clock: ManualClock
+) -> None:
+    # The rotation carried no retryKey: presenting the previous token with any key after the
+    # window must not match the empty stored value.
+    first = await store.create("user-1")
+    await store.rotate(first.refresh_token)
+    clock.advance(11)
+    assert await rejected(store, first.refresh_token, secrets.token_urlsafe(24)) == REUSED
+
+
+# ----------------------------------------------------------------------------- rule 4
+
+
+def forgeries(victim: SessionGrant, victim_codec: RefreshTokenCodec) -> dict[str, object]:
+    """Tokens that must change nothing; several name the victim's session."""
+    _, sid, secret, tag = victim.refresh_token.split(".")
+    rand = secrets.token_urlsafe
+    flipped_tag = tag[:-1] + ("A" if tag[-1] != "A" else "B")
+    other_key_token = RefreshTokenCodec(secrets.token_bytes(32)).mint(sid).token
+    return {
+        "not-a-string": 12345,
+        "none": None,
+        "empty": "",
+        "garbage": "definitely not a token",
+        "three-segments": f"rt1.{sid}.{secret}",
+        "five-segments": f"{victim.refresh_token}.{rand(16)}",
+        "wrong-version": f"rt2.{sid}.{secret}.{tag}",
+        "short-segment": f"rt1.{sid}.abc.{tag}",
+        "bad-characters": f"rt1.{sid}.{secret[:-1]}!.{tag}",
+        "oversized": f"rt1.{sid}.{secret}.{tag}" + "A" * 300,
+        "victim-sid-random-secret-and-tag": f"rt1.{sid}.{rand(32)}.{rand(32)}",
+        "victim-sid-and-secret-flipped-tag": f"rt1.{sid}.{secret}.{flipped_tag}",
+        "victim-sid-minted-with-another-key": other_key_token,
+        "unknown-sid-valid-mac": victim_codec.mint(rand(16)).token,
+    }
+
+
+async def test_rule4_malformed_and_forged_tokens_change_nothing(
+    store: SessionStore,
+    codec: RefreshTokenCodec,
+    redis_client: redis.asyncio.Redis,
+    events: SessionEvents,
+    clock: ManualClock,
+) -> None:
+    victim = await store.create("victim")
+    victim_next = await store.rotate(victim.refresh_token, secrets.token_urlsafe(24))
+    clock.advance(60)  # past the window: a state in which the wrong move would be "reuse"
+    victim_key = redis_keys.session(victim.session_id)
+    before = await redis_client.hgetall(victim_key)
+    keys_before = await all_keys(redis_client)
+
+    for name, token in forgeries(victim, codec).items():
+        code = await rejected(store, token)
+        assert code == INVALID, name
+
+    assert await redis_client.hgetall(victim_key) == before
+    assert await all_keys(redis_client) == keys_before
+    assert await events.drain() == []
+    assert await store.lookup(victim.session_id) is not None
+    # The victim's real token still works.
+    after = await store.rotate(victim_next.refresh_token)
+    assert after.session_id == victim.session_id
+
+
+async def test_rule4_valid_mac_for_a_session_that_does_not_exist_creates_nothing(
+    store: SessionStore, codec: RefreshTokenCodec, redis_client: redis.asyncio.Redis
+) -> None:
+    token = codec.mint("no-such-session-0000")
+    assert await rejected(store, token.token) == INVALID
+    assert await all_keys(redis_client) == set()
+
+
+# ----------------------------------------------------------------------------- rule 5
+
+
+async def test_rule5_inactivity_expiry(
+    redis_client: redis.asyncio.Redis, codec: RefreshTokenCodec, clock: ManualClock
+) -> None:
+    settings = make_settings(session_inactive_ttl=60, session_ttl=3600, access_ttl=30)
+    store = SessionStore(redis_client, codec, settings, clock)
+    grant = await store.create("user-1")
+    # Each refresh restarts the inactivity period: 2 × 59 s is more than 60 s in total.
+    clock.advance(59)
+    grant = await store.rotate(grant.refresh_token)
+    clock.advance(59)
+    grant = await store.rotate(grant.refresh_token)
+    assert grant.deadline_ms == to_ms(clock()) + 60_000
+
+    clock.advance(60)  # exactly at the deadline: ended
+    assert await store.lookup(grant.session_id) is None
+    assert await rejected(store, grant.refresh_token) == INVALID
+    assert await rejected(store, grant.refresh_token) == INVALID
+
+
+async def test_rule5_absolute_expiry_despite_recent_refreshes(
+    redis_client: redis.asyncio.Redis, codec: RefreshTokenCodec, clock: ManualClock
+) -> None:
+    settings = make_settings(session_inactive_ttl=60, session_ttl=100, access_ttl=30)
+    store = SessionStore(redis_client, codec, settings, clock)
+    start_ms = to_ms(clock())
+    grant = await store.create("user-1")
+    clock.advance(50)
+    grant = await store.rotate(grant.refresh_token)
+    clock.advance(49)
+    grant = await store.rotate(grant.refresh_token)
+    # The inactivity deadline would be 159 s; the absolute one (100 s) wins.
+    assert grant.deadline_ms == start_ms + 100_000
+    clock.advance(2)  # 101 s after sign-in, 2 s after the last refresh
+    assert await store.lookup(grant.session_id) is None
+    assert await rejected(store, grant.refresh_token) == INVALID
+
+
+# ----------------------------------------------------------------------------- idempotence
+
+
+def rotate_args(
+    codec: RefreshTokenCodec, settings: Settings, token: str, now_ms: int, retry_hash: str = ""
+) -> tuple[str, list[object]]:
+    """KEYS[1] and ARGV of ``session_rotate.lua`` as its header documents them."""
+    parsed = codec.parse(token)
+    assert parsed is not None
+    successor = codec.successor(parsed)
+    tombstone_ms = (settings.access_ttl + settings.clock_leeway) * 1000
+    argv: list[object] = [
+        parsed.session_id,
+        now_ms,
+        parsed.secret_hash,
+        successor.secret_hash,
+        retry_hash,
+        settings.refresh_reuse_window * 1000,
+        tombstone_ms,
+        DEADLINE_GRACE_MS,
+        CHANNEL,
+    ]
+    return redis_keys.session(parsed.session_id), argv
+
+
+async def test_rotate_script_called_twice_with_identical_arguments_answers_the_same(
+    redis_client: redis.asyncio.Redis, codec: RefreshTokenCodec, clock: ManualClock
+) -> None:
+    # Window 0: only the retry of the very same call (same `now`) may converge.
+    settings = make_settings(refresh_reuse_window=0)
+    store = SessionStore(redis_client, codec, settings, clock)
+    grant = await store.create("user-1")
+    source = resources.files("server").joinpath("lua", "session_rotate.lua").read_text()
+    sha = await redis_client.script_load(source)
+    key, argv = rotate_args(codec, settings, grant.refresh_token, to_ms(clock()))
+
+    first = await redis_client.evalsha(sha, 1, key, *argv)
+    second = await redis_client.evalsha(sha, 1, key, *argv)
+
+    assert first[0] == "rotated" and second[0] == "current"
+    assert first[1:] == second[1:] == ["user-1", to_ms(clock()) + 2_592_000_000]
+    # The store derives the same successor from those answers: the same refresh token string.
+    clock.advance(0.0625)
+    successor = codec.successor(codec.parse(grant.refresh_token))  # type: ignore[arg-type]
+    assert await rejected(store, grant.refresh_token) == REUSED  # 62 ms later, window 0: reuse
+    assert await rejected(store, successor.token) == INVALID
+
+
+async def test_store_rotate_retried_at_the_same_instant_survives_script_flush(
+    redis_client: redis.asyncio.Redis, codec: RefreshTokenCodec, clock: ManualClock
+) -> None:
+    settings = make_settings(refresh_reuse_window=0)
+    store = SessionStore(redis_client, codec, settings, clock)
+    grant = await store.create("user-1")
+    retry_key = secrets.token_urlsafe(24)
+
+    first = await store.rotate(grant.refresh_token, retry_key)
+    await redis_client.script_flush()
+    assert await redis_client.script_exists(store._rotate.sha) == [False]
+    second = await store.rotate(grant.refresh_token, retry_key)
+
+    assert second == first
+    assert await redis_client.script_exists(store._rotate.sha) == [True]
+    # Exactly one rotation: the new token rotates once, then the original is a grandparent.
+    await store.rotate(first.refresh_token)
+    assert await rejected(store, grant.refresh_token, retry_key) == REUSED
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy in front of Redis that forwards everything but swallows the reply to the
+    first ``EVALSHA`` and then cuts that connection, as a network failure after Redis ran the
+    script would."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.dropped: bytes | None = None
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        armed = asyncio.Event()
+        cut = asyncio.Event()
+
+        async def client_to_redis() -> None:
+            while data := await reader.read(65536):
+                if self.dropped is None and b"EVALSHA" in data.upper():
+                    armed.set()
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def redis_to_client() -> None:
+            while data := await up_reader.read(65536):
+                if armed.is_set() and self.dropped is None:
+                    self.dropped = data
+                    cut.set()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        tasks = [asyncio.create_task(client_to_redis()), asyncio.create_task(redis_to_client())]
+        self._tasks.update(tasks)
+        cut_wait = asyncio.create_task(cut.wait())
+        await asyncio.wait([*tasks, cut_wait], return_when=asyncio.FIRST_COMPLETED)
+        for task in (*tasks, cut_wait):
+            task.cancel()
+        for w in (writer, up_writer):
+            w.close()
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
+
+
+async def test_lost_reply_to_rotation_is_retried_by_redis_py_and_converges(
+    redis_proc: RedisProcess,
+    redis_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    clock: ManualClock,
+    settings: Settings,
+    events: SessionEvents,
+) -> None:
+    direct = SessionStore(redis_client, codec, settings, clock)
+    grant = await direct.create("user-1")  # also loads the scripts into Redis
+    await redis_client.script_load(direct._rotate.script)
+    proxy = ReplyDroppingProxy(redis_proc.port)
+    port = await proxy.start()
+    # The production client: bounded retries on connection errors (server.redis_conn).
+    client = connect(f"redis://127.0.0.1:{port}/0")
+    try:
+        via_proxy = SessionStore(client, codec, settings, clock)
+        rotated = await via_proxy.rotate(grant.refresh_token)
+    finally:
+        await client.aclose()
+        await proxy.close()
+
+    # Redis ran the rotation, its reply was lost, redis-py retried on a new connection.
+    assert proxy.dropped is not None and b"rotated" in proxy.dropped
+    assert proxy.connections >= 2
+    stored = await redis_client.hgetall(redis_keys.session(grant.session_id))
+    assert stored["state"] == "active"
+    assert stored["cur"] == sha256(secret_of(rotated.refresh_token))
+    assert stored["prev"] == sha256(secret_of(grant.refresh_token))
+    assert await events.drain() == []
+    # The token the client got back is the live one.
+    assert (await direct.rotate(rotated.refresh_token)).session_id == grant.session_id
+
+
+# ----------------------------------------------------------------------------- session-ended events
+
+
+async def test_sign_out_announces_once(
+    store: SessionStore, events: SessionEvents, clock: ManualClock
+) -> None:
+    grant = await store.create("user-1")
+    clock.advance(7)
+    assert await store.end(grant.session_id, SessionEndReason.SIGNED_OUT) is True
+    assert await store.end(grant.session_id, SessionEndReason.SIGNED_OUT) is False
+    assert await store.end(grant.session_id, SessionEndReason.REVOKED) is False
+
+    [event] = await events.drain()
+    assert_event(event, grant, SessionEndReason.SIGNED_OUT, to_ms(clock()))
+    assert await store.lookup(grant.session_id) is None
+    assert await rejected(store, grant.refresh_token) == INVALID
+
+
+async def test_end_all_announces_each_session_once_and_spares_other_users(
+    store: SessionStore, events: SessionEvents, clock: ManualClock
+) -> None:
+    mine = [await store.create("user-1") for _ in range(2)]
+    theirs = await store.create("user-2")
+    mine[1] = await store.rotate(mine[1].refresh_token)
+
+    assert await store.end_all("user-1", SessionEndReason.SIGNED_OUT_EVERYWHERE) == 2
+    assert await store.end_all("user-1", SessionEndReason.SIGNED_OUT_EVERYWHERE) == 0
+
+    got = sorted(await events.drain(), key=lambda e: e["sessionId"])
+    want = sorted(mine, key=lambda g: g.session_id)
+    assert len(got) == 2
+    for event, grant in zip(got, want, strict=True):
+        assert_event(event, grant, SessionEndReason.SIGNED_OUT_EVERYWHERE, to_ms(clock()))
+    for grant in mine:
+        assert await store.lookup(grant.session_id) is None
+        assert await rejected(store, grant.refresh_token) == INVALID
+    assert await store.lookup(theirs.session_id) is not None
+    await store.rotate(theirs.refresh_token)
+
+
+async def test_reuse_announces_refresh_reused(
+    store: SessionStore, events: SessionEvents, clock: ManualClock
+) -> None:
+    grant = await store.create("user-1")
+    second = await store.rotate(grant.refresh_token)
+    await store.rotate(second.refresh_token)
+    assert await rejected(store, grant.refresh_token) == REUSED
+    assert await store.end(grant.session_id, SessionEndReason.SIGNED_OUT) is False
+    [event] = await events.drain()
+    assert_event(event, grant, SessionEndReason.REFRESH_REUSED, to_ms(clock()))
+
+
+async def test_sweep_ends_expired_sessions_once_and_follows_refreshed_ones(
+    redis_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    clock: ManualClock,
+    events: SessionEvents,
+) -> None:
+    settings = make_settings(session_inactive_ttl=60, session_ttl=3600, access_ttl=30)
+    store = SessionStore(redis_client, codec, settings, clock)
+    idle = await store.create("user-1")
+    busy = await store.create("user-2")
+    clock.advance(50)
+    busy = await store.rotate(busy.refresh_token)  # its deadline moves to +110 s
+    clock.advance(11)  # +61 s: idle is due, busy is indexed as due but was refreshed
+
+    assert await store.sweep_expired() == 1
+    [event] = await events.drain()
+    assert_event(event, idle, SessionEndReason.SESSION_EXPIRED, to_ms(clock()))
+    assert await store.lookup(busy.session_id) is not None
+    assert await redis_client.zscore(redis_keys.SESSION_DEADLINES, busy.session_id) == (
+        busy.deadline_ms
+    )
+    assert await redis_client.zscore(redis_keys.SESSION_DEADLINES, idle.session_id) is None
+
+    assert await store.sweep_expired() == 0
+    assert await events.drain() == []
+    assert await rejected(store, idle.refresh_token) == INVALID
+
+    clock.advance(50)  # +111 s: now busy is due as well
+    assert await store.sweep_expired() == 1
+    [event] = await events.drain()
+    assert_event(event, busy, SessionEndReason.SESSION_EXPIRED, to_ms(clock()))
+
+
+async def test_expired_session_found_by_refresh_is_announced_once(
+    redis_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    clock: ManualClock,
+    events: SessionEvents,
+) -> None:
+    settings = make_settings(session_inactive_ttl=60, session_ttl=3600, access_ttl=30)
+    store = SessionStore(redis_client, codec, settings, clock)
+    grant = await store.create("user-1")
+    clock.advance(61)
+    assert await rejected(store, grant.refresh_token) == INVALID
+    assert await store.sweep_expired() == 0  # already ended by the refresh
+    [event] = await events.drain()
+    assert_event(event, grant, SessionEndReason.SESSION_EXPIRED, to_ms(clock()))
+
+
+async def test_admin_revoke_announces_revoked(
+    store: SessionStore, events: SessionEvents, redis_url: str
+) -> None:
+    one = await store.create("user-1")
+    two = [await store.create("user-2") for _ in range(2)]
+    spared = await store.create("user-3")
+
+    before_ms = int(time.time() * 1000)
+    assert await revoke_from_cli(redis_url, user_id=None, session_id=one.session_id) == 1
+    assert await revoke_from_cli(redis_url, user_id=None, session_id=one.session_id) == 0
+    assert await revoke_from_cli(redis_url, user_id="user-2", session_id=None) == 2
+    after_ms = int(time.time() * 1000)
+
+    got = await events.drain()
+    assert len(got) == 3
+    by_sid = {e["sessionId"]: e for e in got}
+    for grant in (one, *two):
+        event = by_sid[grant.session_id]
+        # The CLI runs on the real clock.
+        assert before_ms <= event["at"] <= after_ms
+        assert_event(event, grant, SessionEndReason.REVOKED, event["at"])
+        assert await store.lookup(grant.session_id) is None
+    assert await store.lookup(spared.session_id) is not None
+
+
+# ----------------------------------------------------------------------------- key hygiene
+
+HASH_TAGGED = re.compile(r"^tether:[a-z-]+:\{[^{}]+\}(:[a-z-]+)?$")
+#: Global indexes: one key each, touched by single-key commands only, never with another key
+#: in one script, so a hash tag would change nothing.
+UNTAGGED_GLOBALS = {redis_keys.SESSION_DEADLINES}
+
+
+async def dump_everything(client: redis.asyncio.Redis) -> dict[bytes, list[bytes]]:
+    """Every key and every stored byte string under it, read by type (no DEBUG, no DUMP, whose
+    compression could hide a substring)."""
+    out: dict[bytes, list[bytes]] = {}
+    async for key in client.scan_iter(count=1000):
+        kind = (await client.type(key)).decode()
+        if kind == "string":
+            values = [await client.get(key)]
+        elif kind == "hash":
+            values = [b for kv in (await client.hgetall(key)).items() for b in kv]
+        elif kind == "set":
+            values = list(await client.smembers(key))
+        elif kind == "zset":
+            values = [m for m, _ in await client.zrange(key, 0, -1, withscores=True)]
+        elif kind == "list":
+            values = await client.lrange(key, 0, -1)
+        else:
+            raise AssertionError(f"unexpected type {kind} for {key!r}")
+        out[key] = values
+    return out
+
+
+async def test_keys_are_tagged_expiring_and_hold_no_secret(
+    redis_proc: RedisProcess, redis_client: redis.asyncio.Redis, clock: ManualClock
+) -> None:
+    key_set = KeySet.generate()
+    node = Node.build(
+        make_settings(redis_url=redis_proc.url, keys=key_set.to_json(), refresh_reuse_window=10),
+        clock,
+    )
+    password = "correct horse battery staple"
+    retry_key = secrets.token_urlsafe(24)
+    issued: list[str] = []
+    try:
+        auth = node.auth
+        alice = await auth.sign_up("alice@example.com", password, "10.0.0.1")
+        bob = await auth.sign_up("bob@example.com", password + "!", "10.0.0.2")
+        with pytest.raises(Exception, match="invalid_credentials"):
+            await auth.sign_in("alice@example.com", "wrong password!", "10.0.0.3")
+        alice2 = await auth.sign_in("ALICE@example.com", password, "10.0.0.3")
+        rotated = await auth.refresh(alice.refresh_token, retry_key)
+        again = await auth.refresh(alice.refresh_token, retry_key)  # rule 2 answer
+        bob2 = await auth.refresh(bob.refresh_token)
+        await auth.refresh(bob2.refresh_token)
+        with pytest.raises(Exception, match="refresh_reused"):
+            await auth.refresh(bob.refresh_token)  # ends bob's session
+        await auth.sign_out(alice2.access_token)
+        issued = [
+            t
+            for pair in (alice, bob, alice2, rotated, again, bob2)
+            for t in (pair.refresh_token, pair.access_token)
+        ]
+    finally:
+        await node.close()
+
+    raw = redis_proc.client(decode_responses=False)
+    try:
+        dump = await dump_everything(raw)
+        names = [k.decode() for k in dump]
+        assert any(n.startswith("tether:rl:") for n in names)  # the flows did hit the limiter
+        assert any(n.startswith("tether:session:") for n in names)
+        for name in names:
+            assert name in UNTAGGED_GLOBALS or HASH_TAGGED.match(name), name
+            if name.startswith(("tether:session:", "tether:rl:")) or name.endswith(":sessions"):
+                assert await raw.pttl(name) > 0, f"{name} has no TTL"
+
+        mac = key_set.refresh_secret
+        needles = {
+            "password": password.encode(),
+            "retry key": retry_key.encode(),
+            "MAC key (raw)": mac,
+            "MAC key (hex)": mac.hex().encode(),
+            "MAC key (base64url)": base64.urlsafe_b64encode(mac).rstrip(b"=")[:32],
+            "MAC key (base64)": base64.b64encode(mac).rstrip(b"=")[:32],
+        }
+        for token in issued:
+            needles[f"token {token[:12]}"] = token.encode()
+            if token.startswith("rt1."):
+                _, _, secret, tag = token.split(".")
+                needles[f"secret of {token[:12]}"] = secret.encode()
+                needles[f"tag of {token[:12]}"] = tag.encode()
+        blobs = [k for k in dump] + [v for vs in dump.values() for v in vs]
+        for label, needle in needles.items():
+            for blob in blobs:
+                assert needle not in blob, f"{label} found in Redis"
+        # The check is not vacuous: what *is* stored is the hash of a secret.
+        alice_key = redis_keys.session(alice.session_id).encode()
+        assert dump.get(alice_key) is not None
+    finally:
+        await raw.aclose()
