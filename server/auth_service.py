@@ -138,9 +138,9 @@ class AuthService:
             grant.user_id, grant.session_id, access, grant.refresh_token, expires * 1000
         )
 
-    async def _limit(self, scope: str, rate_name: str, *, peek: bool = False) -> None:
+    async def _limit(self, scope: str, rate_name: str) -> None:
         rate = getattr(self.settings, rate_name)
-        wait = await (self.limits.peek if peek else self.limits.hit)(scope, rate)
+        wait = await self.limits.hit(scope, rate)
         if wait is not None:
             raise HTTPError(
                 429, HTTPCode.RATE_LIMITED, "too many attempts; retry later", retry_after=wait
@@ -181,15 +181,17 @@ class AuthService:
             raise invalid from None
         async with redis_unavailable_as_503():
             await self._limit(f"signin:addr:{client}", "signin_limit_address")
-            # Per account only failures count (so a user signing in often is not locked out),
-            # from every address together (so spreading a brute force over many doesn't help).
-            await self._limit(f"signin:acct:{email}", "signin_limit_account", peek=True)
+            # Per account, every attempt from every address counts before the password is
+            # checked (so parallel guesses cannot slip past the limit), and a success is
+            # refunded (so a user who signs in often is never locked out).
+            account = f"signin:acct:{email}"
+            await self._limit(account, "signin_limit_account")
             uid = _opt_str(await self.redis.get(redis_keys.email(email)))
             stored = _opt_str(await self.redis.hget(redis_keys.user(uid), "pw")) if uid else None
             # verify() spends the same time when the e-mail is unknown (stored is None).
             if not await self.passwords.verify(stored, password):
-                await self.limits.hit(f"signin:acct:{email}", self.settings.signin_limit_account)
                 raise invalid
+            await self.limits.refund(account, self.settings.signin_limit_account)
             assert uid is not None and stored is not None
             if self.passwords.needs_rehash(stored):
                 await self.redis.hset(

@@ -132,10 +132,13 @@ class KeySet:
                     private.curve, ec.SECP256R1
                 ):
                     raise KeySetError(f"key {entry['kid']!r} is not a P-256 key")
-                keys.append(SigningKey(str(entry["kid"]), int(entry["created"]), private))
+                kid = entry["kid"]
+                if not isinstance(kid, str) or not kid:
+                    raise KeySetError("every key needs a non-empty string kid")
+                keys.append(SigningKey(kid, int(entry["created"]), private))
         except KeySetError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KeySetError(f"malformed key set: {exc.__class__.__name__}: {exc}") from None
         if not keys:
             raise KeySetError("the key set holds no key")
@@ -212,8 +215,13 @@ class KeyRing:
         self._mtime = self._stat()
         self._checked = time.monotonic()
 
-    def _stat(self) -> float:
-        return self._path.stat().st_mtime if self._path is not None else 0.0
+    def _stat(self) -> tuple[int, int, int]:
+        # A rotation writes a new file (new inode): comparing the mtime alone would miss one
+        # made within the file system's timestamp granularity.
+        if self._path is None:
+            return (0, 0, 0)
+        st = self._path.stat()
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     @property
     def current(self) -> KeySet:

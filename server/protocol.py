@@ -23,7 +23,7 @@ import enum
 import json
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from server.errors import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
@@ -244,6 +244,9 @@ class RunQueries:
     generation: int
     identity: Identity | None
     queries: tuple[tuple[int, str, dict[str, Any]], ...]
+    #: One per query: hand it back in :attr:`QueryResult.serial` so a result is never taken
+    #: for a later subscription that reuses the same ``queryId``.
+    serials: tuple[int, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,8 +350,16 @@ class _Window:
 class _Subscription:
     name: str
     args: dict[str, Any]
+    serial: int
     reads_identity: bool = True  # until its first result says otherwise
     last_value: str | None = None  # the JSON text last sent, to send only real changes
+
+
+@dataclass(frozen=True, slots=True)
+class _RateLimited:
+    """A queued auth request that will be refused with ``rate_limited`` in its turn."""
+
+    auth_version: int
 
 
 AuthRequest: TypeAlias = Authenticate | Refresh
@@ -362,6 +373,7 @@ class QueryResult:
     value_json: str | None = None
     error: tuple[str, str] | None = None
     reads_identity: bool = True
+    serial: int | None = None  # from RunQueries.serials; None skips the check
 
 
 #: ``resolve(kind, name, args)`` raises :class:`BadMessage` (``unknown_function`` when ``name``
@@ -391,6 +403,7 @@ class ConnectionCore:
         "opened_at",
         "phase",
         "rate_violations",
+        "serials",
         "subscriptions",
         "timing",
         "version",
@@ -420,8 +433,9 @@ class ConnectionCore:
         self.expiring_sent = False
         self.max_auth_version = -1
         self.auth_in_flight: AuthRequest | None = None
-        self.auth_queue: deque[AuthRequest] = deque()
+        self.auth_queue: deque[AuthRequest | _RateLimited] = deque()
         self.subscriptions: dict[int, _Subscription] = {}
+        self.serials = 0
         self.version = 0  # the highest version sent in a transition
         self.bad_messages = 0
         self.rate_violations = 0
@@ -459,18 +473,23 @@ class ConnectionCore:
         self.expiring_sent = False
         if identity is not None and identity.same_principal(old):
             return actions  # same user and session: deadlines move, nothing else
+        if identity is None and old is None:
+            return actions  # anonymous stays anonymous: nothing to re-run
         self.generation += 1
         if old is not None:
             actions.append(UnbindSession(old.session_id))
         if identity is not None:
             actions.append(BindSession(identity.session_id))
-        rerun = tuple(
-            (qid, sub.name, sub.args)
-            for qid, sub in self.subscriptions.items()
-            if sub.reads_identity
-        )
+        rerun = [(qid, sub) for qid, sub in self.subscriptions.items() if sub.reads_identity]
         if rerun:
-            actions.append(RunQueries(self.generation, identity, rerun))
+            actions.append(
+                RunQueries(
+                    self.generation,
+                    identity,
+                    tuple((qid, sub.name, sub.args) for qid, sub in rerun),
+                    tuple(sub.serial for _, sub in rerun),
+                )
+            )
         return actions
 
     def _tick(self, now: float) -> list[Action]:
@@ -522,6 +541,8 @@ class ConnectionCore:
             return self._error(exc)
         actions = self._tick(now)
         if self.phase is Phase.AWAITING_CONNECT:
+            if now >= self.opened_at + CONNECT_TIMEOUT:
+                return self._close(CloseCode.PROTOCOL_VIOLATION, "no connect message in time")
             return actions + self._on_first(message, now)
         return actions + self._dispatch(message, now)
 
@@ -576,26 +597,33 @@ class ConnectionCore:
             self.rate_violations += 1
             if self.rate_violations > self.limits.max_rate_violations:
                 return self._close(CloseCode.RATE_LIMITED, "too many authentication attempts")
-            return self._auth_failure(
-                version, AuthErrorCode.RATE_LIMITED, "too many authentication attempts", now
-            )
-        self.auth_queue.append(message)
+            # Answered in its turn, after the requests before it: answers stay in order.
+            self.auth_queue.append(_RateLimited(version))
+        else:
+            self.auth_queue.append(message)
         return self._start_next_auth(now)
 
     def _start_next_auth(self, now: float) -> list[Action]:
         actions: list[Action] = []
         while self.auth_in_flight is None and self.auth_queue:
             request = self.auth_queue.popleft()
-            if isinstance(request, Refresh):
+            if isinstance(request, _RateLimited):
+                actions.extend(
+                    self._auth_failure(
+                        request.auth_version,
+                        AuthErrorCode.RATE_LIMITED,
+                        "too many authentication attempts",
+                        now,
+                    )
+                )
+            elif isinstance(request, Refresh):
                 self.auth_in_flight = request
                 actions.append(
                     RotateRefresh(request.auth_version, request.refresh_token, request.retry_key)
                 )
             elif request.token is None:
                 # Becoming anonymous needs no I/O: answer at once.
-                actions.extend(self._set_identity(None, now))
-                actions.insert(
-                    0,
+                actions.append(
                     Send(
                         {
                             "type": "auth_ok",
@@ -604,8 +632,9 @@ class ConnectionCore:
                             "expiresAt": None,
                             "serverTime": int(now * 1000),
                         }
-                    ),
+                    )
                 )
+                actions.extend(self._set_identity(None, now))
             else:
                 self.auth_in_flight = request
                 actions.append(VerifyToken(request.auth_version, request.token))
@@ -625,7 +654,9 @@ class ConnectionCore:
         if self.phase is Phase.CLOSED:
             return []
         if now >= identity.expires_at + self.timing.clock_leeway:
-            return self.auth_failed(auth_version, AuthErrorCode.TOKEN_EXPIRED, "expired", now)
+            return self._auth_failure(
+                auth_version, AuthErrorCode.TOKEN_EXPIRED, "the token has expired", now
+            ) + self._start_next_auth(now)
         frame: dict[str, Any] = {
             "type": "auth_ok",
             "authVersion": auth_version,
@@ -693,8 +724,16 @@ class ConnectionCore:
         except BadMessage as exc:
             exc.query_id = qid
             return self._error(exc)
-        self.subscriptions[qid] = _Subscription(message.name, message.args)
-        return [RunQueries(self.generation, self.identity, ((qid, message.name, message.args),))]
+        self.serials += 1
+        self.subscriptions[qid] = _Subscription(message.name, message.args, self.serials)
+        return [
+            RunQueries(
+                self.generation,
+                self.identity,
+                ((qid, message.name, message.args),),
+                (self.serials,),
+            )
+        ]
 
     def _on_mutate(self, message: Mutate) -> list[Action]:
         try:
@@ -727,11 +766,12 @@ class ConnectionCore:
         updates: list[dict[str, Any]] = []
         for result in results:
             sub = self.subscriptions.get(result.query_id)
-            if sub is None:
-                continue  # unsubscribed meanwhile
+            if sub is None or (result.serial is not None and result.serial != sub.serial):
+                continue  # unsubscribed meanwhile (perhaps resubscribed under the same id)
             sub.reads_identity = result.reads_identity
             if result.error is not None:
-                text = json.dumps({"error": result.error})
+                # A NUL cannot start JSON text, so an error never compares equal to a value.
+                text = "\x00" + json.dumps(result.error)
                 if text == sub.last_value:
                     continue
                 sub.last_value = text

@@ -33,6 +33,6 @@ class RateLimiter:
         """Count one event; ``None`` if allowed, else the seconds to wait (``Retry-After``)."""
         return await self._call(scope, rate, "hit")
 
-    async def peek(self, scope: str, rate: Rate) -> int | None:
-        """Like :meth:`hit` without counting: is ``scope`` already over its limit?"""
-        return await self._call(scope, rate, "peek")
+    async def refund(self, scope: str, rate: Rate) -> None:
+        """Take back one :meth:`hit` that turned out not to count (e.g. a correct password)."""
+        await self._call(scope, rate, "refund")

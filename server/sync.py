@@ -298,10 +298,12 @@ class Connection:
     async def run_queries(self, action: RunQueries) -> None:
         if not self._identity_usable(action.identity):
             return
-        results = [
-            await self.endpoint.evaluate(name, args, action.identity, qid)
-            for qid, name, args in action.queries
-        ]
+        serials = action.serials or (None,) * len(action.queries)
+        results = []
+        for (qid, name, args), serial in zip(action.queries, serials, strict=True):
+            result = await self.endpoint.evaluate(name, args, action.identity, qid)
+            result.serial = serial
+            results.append(result)
         version = self.endpoint.current_version()
         self.execute(self.core.queries_done(action.generation, version, results, self.now()))
 

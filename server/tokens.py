@@ -7,6 +7,7 @@ the claims. Time checks use the injected clock, not PyJWT's, so tests can move t
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ TOKEN_TYPE = "at+jwt"
 #: Longest access token accepted; ours are about 600 bytes. Checked before any parsing.
 MAX_TOKEN_BYTES = 4096
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "sid", "iat", "exp", "jti")
-_COMPACT_JWS = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 class TokenError(Exception):
@@ -80,7 +81,7 @@ class AccessTokens:
         invalid = AuthErrorCode.INVALID_TOKEN
         if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
             raise TokenError(invalid, "the token is not a string of acceptable size")
-        if not _COMPACT_JWS.match(token):
+        if not _COMPACT_JWS.fullmatch(token):
             raise TokenError(invalid, "the token is not a compact JWS")
         try:
             header = jwt.get_unverified_header(token)
@@ -132,7 +133,8 @@ class AccessTokens:
         if iat > now + self.leeway:
             raise TokenError(invalid, "the token was issued in the future")
         if nbf is not None:
-            if not isinstance(nbf, int | float) or isinstance(nbf, bool):
+            # PyJWT's JSON parser accepts NaN and Infinity, which every comparison lets through.
+            if not isinstance(nbf, int | float) or isinstance(nbf, bool) or not math.isfinite(nbf):
                 raise TokenError(invalid, "the token's nbf claim is malformed")
             if nbf > now + self.leeway:
                 raise TokenError(invalid, "the token is not valid yet")

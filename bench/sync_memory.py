@@ -1,0 +1,525 @@
+"""Memory per idle, authenticated ``/sync`` connection, beside a bare ``websockets`` server.
+
+Each server runs in a process of its own and gets the same N connections from this process (the
+load generator): Tether's idle connections have sent ``connect`` and ``authenticate`` with a
+valid access token and been answered; the baselines get the same two frames and echo them. The
+server's resident memory (``VmRSS``) is read before the N connections (after a small warm-up,
+so one-time costs such as lazy imports are not charged to the connections) and after all N are
+open and have been idle for a few seconds. Rows, measured in the same run:
+
+* ``bare``       -- ``websockets`` 17 asyncio server, compression off: the baseline (1.00x).
+* ``asgi``       -- a raw ASGI echo callable on uvicorn with Tether's exact uvicorn settings
+  (``websockets-sansio``, per-message deflate off): uvicorn's share.
+* ``starlette``  -- (optional) the same callable behind Starlette's router, as Tether mounts
+  ``/sync``: the router's share.
+* ``tether-anon`` -- (optional) ``python -m server serve``, connected but not authenticated.
+* ``tether``     -- ``python -m server serve``, connected and authenticated: the figure with
+  the target (at most 1.5x bare, ``/work/shared/baselines.md``).
+
+Run from the repository root::
+
+    .venv/bin/python bench/sync_memory.py            # N = 10,000, rows bare, asgi, tether
+    .venv/bin/python bench/sync_memory.py --n 2000 --servers bare,asgi,starlette,tether-anon,tether
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import httpx  # noqa: E402
+from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
+from websockets.protocol import State  # noqa: E402
+
+from server.embedded_redis import die_with_parent_preexec  # noqa: E402
+from tests.harness import RedisProcess, ServerProcess, free_port, shared_env  # noqa: E402
+
+TARGET_RATIO = 1.5
+ALL_KINDS = ("bare", "asgi", "starlette", "tether-anon", "tether")
+LABELS = {
+    "bare": "bare websockets 17 (asyncio)",
+    "asgi": "raw ASGI echo, uvicorn sansio",
+    "starlette": "raw ASGI echo behind Starlette router",
+    "tether-anon": "Tether /sync, connected, anonymous",
+    "tether": "Tether /sync, authenticated",
+}
+#: A connection that sent nothing for this long sends an application ``ping``: Tether closes a
+#: connection silent for ``TETHER_HEARTBEAT_TIMEOUT`` (75 s), as a real client knows.
+KEEPALIVE_AFTER = 40.0
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file limit to its hard limit; children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (``VmRSS`` of ``/proc/PID/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+class ChildServer:
+    """A baseline server (``--serve KIND``) run from this file as a process of its own."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", kind, "--port", str(self.port)],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent_preexec(signal.SIGTERM),
+        )
+        wait_port(self.port, self.proc)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/sync"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Deployment:
+    """Our own ``redis-server`` and Tether server processes; :meth:`close` stops them all."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+        self.env = {**shared_env(self.tmp), **env}
+        self.redis = RedisProcess(self.tmp / "redis")
+        self.servers: list[ServerProcess] = []
+
+    def start_redis(self) -> str:
+        return self.redis.start()
+
+    def start_server(self) -> ServerProcess:
+        server = ServerProcess(self.redis.url, env=self.env, tmp_dir=self.tmp / f"s{len(self.servers)}")
+        self.servers.append(server)
+        return server.start()
+
+    def close(self) -> None:
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                if server.process is not None:
+                    server.stop(timeout=15)
+        with contextlib.suppress(Exception):
+            self.redis.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every ``finally`` (process cleanup) runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def sign_up(base_url: str, count: int) -> list[str]:
+    """Sign up ``count`` users; return their access tokens."""
+    tokens = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, trust_env=False) as http:
+        for _ in range(count):
+            email = f"bench-{uuid.uuid4().hex[:12]}@example.com"
+            resp = await http.post("/auth/signup", json={"email": email, "password": "bench-pw-1"})
+            resp.raise_for_status()
+            tokens.append(resp.json()["accessToken"])
+    return tokens
+
+
+# ------------------------------------------------------------------------------ load generator
+
+
+@dataclass
+class Clients:
+    """The load generator's connections to one server."""
+
+    url: str
+    source_ips: int
+    conns: list[ClientConnection] = field(default_factory=list)
+    last_sent: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    async def open_one(self, index: int, frames: list[str], expect: list[str | None]) -> None:
+        kwargs: dict[str, Any] = {}
+        if self.source_ips > 1:
+            kwargs["local_addr"] = (f"127.0.0.{1 + index % self.source_ips}", 0)
+        ws = await connect(
+            self.url,
+            compression=None,
+            proxy=None,
+            ping_interval=None,  # the servers ping; the client answers, as browsers do
+            open_timeout=30,
+            close_timeout=1,
+            max_queue=4,
+            **kwargs,
+        )
+        try:
+            for frame, kind in zip(frames, expect, strict=True):
+                await ws.send(frame)
+                reply = await asyncio.wait_for(ws.recv(), 30)
+                got = json.loads(reply).get("type")
+                if (kind is None and reply != frame) or (kind is not None and got != kind):
+                    raise RuntimeError(f"expected {kind or 'an echo'}, got {reply[:200]}")
+        except BaseException:
+            ws.transport.abort()
+            raise
+        self.conns.append(ws)
+        self.last_sent.append(time.monotonic())
+
+    async def open_many(
+        self,
+        n: int,
+        frames_for: Callable[[int], list[str]],
+        expect: list[str | None],
+        concurrency: int,
+        label: str,
+    ) -> float:
+        """Open ``n`` connections, ``concurrency`` at a time; return the seconds it took."""
+        sem = asyncio.Semaphore(concurrency)
+        started = time.monotonic()
+        last_print = started
+
+        async def one(i: int) -> None:
+            nonlocal last_print
+            async with sem:
+                try:
+                    await self.open_one(i, frames_for(i), expect)
+                except Exception as exc:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+            now = time.monotonic()
+            if now - last_print >= 2.0:
+                last_print = now
+                print(f"  {label}: {len(self.conns):>6}/{n} open", flush=True)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return time.monotonic() - started
+
+    async def keepalive(self, ping: str) -> None:
+        """Send an application ping on connections silent for :data:`KEEPALIVE_AFTER`."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for i, ws in enumerate(self.conns):
+                if now - self.last_sent[i] >= KEEPALIVE_AFTER and ws.state is State.OPEN:
+                    self.last_sent[i] = now
+                    with contextlib.suppress(Exception):
+                        await ws.send(ping)
+                        await asyncio.wait_for(ws.recv(), 10)
+
+    def open_count(self) -> int:
+        return sum(1 for ws in self.conns if ws.state is State.OPEN)
+
+    def abort_all(self) -> None:
+        for ws in self.conns:
+            ws.transport.abort()
+        self.conns.clear()
+
+
+def tether_frames(tokens: list[str] | None) -> Callable[[int], list[str]]:
+    def frames(i: int) -> list[str]:
+        out = [json.dumps({"type": "connect", "clientId": f"bench-{i}", "protocol": 1})]
+        if tokens is not None:
+            token = tokens[i % len(tokens)]
+            out.append(json.dumps({"type": "authenticate", "token": token, "authVersion": 1}))
+        return out
+
+    return frames
+
+
+# ------------------------------------------------------------------------------ one row
+
+
+@dataclass
+class Row:
+    kind: str
+    n_open: int
+    rss_before: int
+    rss_after: int
+    open_seconds: float
+    failures: int
+
+    @property
+    def kib_per_conn(self) -> float:
+        return (self.rss_after - self.rss_before) / max(self.n_open, 1)
+
+
+async def measure(kind: str, args: argparse.Namespace) -> Row:
+    deployment: Deployment | None = None
+    child: ChildServer | None = None
+    clients: Clients | None = None
+    keepalive: asyncio.Task[None] | None = None
+    try:
+        tokens: list[str] | None = None
+        if kind.startswith("tether"):
+            deployment = Deployment({"TETHER_ACCESS_TTL": "3600", "TETHER_LOG_LEVEL": "warning"})
+            deployment.start_redis()
+            server = deployment.start_server()
+            pid, url = server.pid, server.ws_url
+            assert pid is not None
+            alive: Callable[[], bool] = lambda: server.returncode is None  # noqa: E731
+            all_tokens = await sign_up(server.base_url, args.users)
+            tokens = all_tokens if kind == "tether" else None
+            expect: list[str | None] = ["connected", "auth_ok"] if tokens else ["connected"]
+            frames_for = tether_frames(tokens)
+        else:
+            child = ChildServer(kind)
+            pid, url, alive = child.pid, child.ws_url, child.alive
+            # The same two frames Tether gets, echoed back: same sizes, same number of writes.
+            all_tokens = await token_stand_ins(args.users)
+            frames_for = tether_frames(all_tokens)
+            expect = [None, None]
+
+        # Warm-up: one-time costs (lazy imports, first-use caches) are not per-connection.
+        warm = Clients(url, 1)
+        await warm.open_many(args.warmup, frames_for, expect, args.concurrency, "warm-up")
+        warm.abort_all()
+        if warm.failures:
+            raise RuntimeError(f"{kind}: warm-up connection failed: {warm.failures[0]}")
+        await asyncio.sleep(1.0)
+        before = rss_kib(pid)
+        print(f"{LABELS[kind]}: RSS before {before / 1024:.1f} MiB; opening {args.n}", flush=True)
+
+        clients = Clients(url, args.source_ips)
+        keepalive = asyncio.create_task(clients.keepalive(json.dumps({"type": "ping"})))
+        seconds = await clients.open_many(args.n, frames_for, expect, args.concurrency, kind)
+        if clients.failures:
+            print(f"  {len(clients.failures)} connections failed, e.g. {clients.failures[0]}")
+        print(f"  {len(clients.conns)} open in {seconds:.1f} s; idle {args.idle:.0f} s", flush=True)
+        await asyncio.sleep(args.idle)
+        after = rss_kib(pid)
+        n_open = clients.open_count()
+        if not alive():
+            raise RuntimeError(f"{kind} server died during the run")
+        if n_open < len(clients.conns):
+            print(f"  warning: {len(clients.conns) - n_open} connections closed while idle")
+        return Row(kind, n_open, before, after, seconds, len(clients.failures))
+    finally:
+        if keepalive is not None:
+            keepalive.cancel()
+        if clients is not None:
+            clients.abort_all()
+        if child is not None:
+            child.stop()
+        if deployment is not None:
+            deployment.close()
+
+
+async def token_stand_ins(count: int) -> list[str]:
+    """Token-sized stand-ins for the echo baselines (ES256 JWTs are about this long)."""
+    return [("eyJ" + uuid.uuid4().hex * 8)[:420] for _ in range(count)]
+
+
+# ------------------------------------------------------------------------------ baseline servers
+
+
+def serve_bare(port: int) -> None:
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async def run() -> None:
+        async with serve(echo, "127.0.0.1", port, compression=None, backlog=1024) as server:
+            await server.serve_forever()
+
+    asyncio.run(run())
+
+
+class AsgiEcho:
+    """The smallest ASGI WebSocket app: accept, echo text frames, return on disconnect.
+
+    A callable object, not a function, as Tether's ``SyncEndpoint``: Starlette's
+    ``WebSocketRoute`` then mounts it as a raw ASGI app instead of wrapping it in a session.
+    """
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is not None:
+                await send({"type": "websocket.send", "text": message["text"]})
+
+
+def serve_uvicorn(port: int, behind_router: bool) -> None:
+    import uvicorn
+
+    app: Any = AsgiEcho()
+    if behind_router:
+        from starlette.applications import Starlette
+        from starlette.routing import WebSocketRoute
+
+        app = Starlette(routes=[WebSocketRoute("/sync", AsgiEcho())])
+    # The settings of server/cli.py's _run_uvicorn, so only the application differs.
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        lifespan="off",
+        log_level="warning",
+        proxy_headers=False,
+        backlog=1024,
+    )
+    uvicorn.Server(config).run()
+
+
+def serve(kind: str, port: int) -> None:
+    raise_nofile()
+    if kind == "bare":
+        serve_bare(port)
+    elif kind in ("asgi", "starlette"):
+        serve_uvicorn(port, behind_router=kind == "starlette")
+    else:
+        raise SystemExit(f"unknown server kind {kind}")
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def print_table(rows: list[Row], n: int) -> None:
+    base = next((r for r in rows if r.kind == "bare"), None)
+    print()
+    print(f"Memory per idle connection, N = {n:,} (server VmRSS after - before) / N")
+    header = f"| {'server':<38} | {'RSS before':>10} | {'RSS after':>10} | {'KiB/conn':>8} |"
+    header += f" {'vs bare':>7} | {'open/s':>7} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for row in rows:
+        ratio = f"{row.kib_per_conn / base.kib_per_conn:.2f}x" if base else "-"
+        print(
+            f"| {LABELS[row.kind]:<38} | {row.rss_before / 1024:>6.1f} MiB | "
+            f"{row.rss_after / 1024:>6.1f} MiB | {row.kib_per_conn:>8.1f} | {ratio:>7} | "
+            f"{row.n_open / row.open_seconds:>7.0f} |"
+        )
+    tether = next((r for r in rows if r.kind == "tether"), None)
+    if base and tether:
+        ratio = tether.kib_per_conn / base.kib_per_conn
+        verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
+        print(f"Target: Tether <= {TARGET_RATIO:.2f}x bare -> {ratio:.2f}x, {verdict}")
+    for row in rows:
+        if row.failures or row.n_open < n:
+            print(f"note: {row.kind}: {row.n_open} of {n} open at the end, {row.failures} failed")
+
+
+async def run(args: argparse.Namespace) -> list[Row]:
+    rows = []
+    for kind in args.servers:
+        rows.append(await measure(kind, args))
+        print(f"  -> {rows[-1].kib_per_conn:.1f} KiB/connection", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=10_000, help="connections per server [10000]")
+    parser.add_argument(
+        "--servers",
+        default="bare,asgi,tether",
+        help=f"comma-separated rows among {','.join(ALL_KINDS)} [bare,asgi,tether]",
+    )
+    parser.add_argument("--concurrency", type=int, default=100, help="handshakes in flight [100]")
+    parser.add_argument("--idle", type=float, default=5.0, help="idle seconds before reading RSS")
+    parser.add_argument("--users", type=int, default=8, help="users whose tokens are shared [8]")
+    parser.add_argument("--warmup", type=int, default=50, help="connections before 'before' [50]")
+    parser.add_argument(
+        "--source-ips", type=int, default=1, help="spread clients over 127.0.0.1..K [1]"
+    )
+    parser.add_argument("--timeout", type=float, default=900, help="give up after this many s")
+    parser.add_argument("--serve", choices=["bare", "asgi", "starlette"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port)
+        return
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(args.servers) - set(ALL_KINDS)
+    if unknown:
+        parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
+    limit = raise_nofile()
+    if limit < args.n + 100:
+        parser.error(f"RLIMIT_NOFILE is {limit}: too low for {args.n} connections")
+    print(
+        f"sync_memory: N={args.n}, rows {', '.join(args.servers)}; Python "
+        f"{sys.version.split()[0]}, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+
+    async def bounded() -> list[Row]:
+        async with asyncio.timeout(args.timeout):
+            return await run(args)
+
+    with terminate_as_interrupt():
+        rows = asyncio.run(bounded())
+    print_table(rows, args.n)
+
+
+if __name__ == "__main__":
+    main()
