@@ -104,7 +104,6 @@ class AuthRoutes:
             {
                 "issuer": settings.effective_issuer,
                 "jwks_uri": base + JWKS_PATH,
-                "id_token_signing_alg_values_supported": ["ES256"],
                 "token_endpoint": base + "/auth/refresh",
             }
         )

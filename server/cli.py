@@ -114,8 +114,8 @@ def _build_parser() -> argparse.ArgumentParser:
     rotate = keys_commands.add_parser(
         "rotate",
         help="add a new signing key",
-        description="Add a new signing key to the key file. Restart (or reload) every server "
-        "of the deployment to sign with it.",
+        description="Add a new signing key in front of the key file. Running servers that "
+        "read the file pick it up within seconds; servers given TETHER_KEYS inline need a restart.",
     )
     rotate.add_argument(
         "--keys-file", type=Path, help="the key file [TETHER_KEYS_FILE or DATA_DIR/keys.json]"

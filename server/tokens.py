@@ -18,7 +18,7 @@ from server.errors import AuthErrorCode
 from server.keys import ALGORITHM, KeyRing
 
 TOKEN_TYPE = "at+jwt"
-#: Longest access token accepted; ours are about 600 bytes. Checked before any parsing.
+#: Longest access token accepted; ours are about 400 bytes. Checked before any parsing.
 MAX_TOKEN_BYTES = 4096
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "sid", "iat", "exp", "jti")
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
