@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,24 +49,29 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
-from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
+from websockets.client import ClientProtocol  # noqa: E402
+from websockets.frames import Frame, Opcode  # noqa: E402
+from websockets.http11 import Response  # noqa: E402
 from websockets.protocol import State  # noqa: E402
+from websockets.uri import parse_uri  # noqa: E402
 
 from server.embedded_redis import die_with_parent_preexec  # noqa: E402
 from tests.harness import RedisProcess, ServerProcess, free_port, shared_env  # noqa: E402
 
 TARGET_RATIO = 1.5
-ALL_KINDS = ("bare", "asgi", "starlette", "tether-anon", "tether")
+ALL_KINDS = ("bare", "asgi", "asgi-wsproto", "starlette", "tether-anon", "tether")
+BASELINE_KINDS = ("bare", "asgi", "asgi-wsproto", "starlette")
 LABELS = {
     "bare": "bare websockets 17 (asyncio)",
     "asgi": "raw ASGI echo, uvicorn sansio",
+    "asgi-wsproto": "raw ASGI echo, uvicorn wsproto",
     "starlette": "raw ASGI echo behind Starlette router",
     "tether-anon": "Tether /sync, connected, anonymous",
     "tether": "Tether /sync, authenticated",
 }
 #: A connection that sent nothing for this long sends an application ``ping``: Tether closes a
 #: connection silent for ``TETHER_HEARTBEAT_TIMEOUT`` (75 s), as a real client knows.
-KEEPALIVE_AFTER = 40.0
+KEEPALIVE_AFTER = 60.0
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -99,13 +105,14 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
 
 
 class ChildServer:
-    """A baseline server (``--serve KIND``) run from this file as a process of its own."""
+    """A baseline server run as a process of its own: ``SCRIPT --serve KIND --port P [EXTRA]``
+    (``script`` defaults to this file)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, script: str = __file__, extra: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind, "--port", str(self.port)],
+            [sys.executable, script, "--serve", kind, "--port", str(self.port), *extra],
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
@@ -147,7 +154,8 @@ class Deployment:
         return self.redis.start()
 
     def start_server(self) -> ServerProcess:
-        server = ServerProcess(self.redis.url, env=self.env, tmp_dir=self.tmp / f"s{len(self.servers)}")
+        tmp_dir = self.tmp / f"server{len(self.servers)}"
+        server = ServerProcess(self.redis.url, env=self.env, tmp_dir=tmp_dir)
         self.servers.append(server)
         return server.start()
 
@@ -190,40 +198,157 @@ async def sign_up(base_url: str, count: int) -> list[str]:
 # ------------------------------------------------------------------------------ load generator
 
 
+#: ``on_message(client, text, receipt wall time)``.
+OnMessage = Callable[["LeanClient", str, float], None]
+
+
+class LeanClient(asyncio.Protocol):
+    """A WebSocket client connection on ``websockets``' sans-I/O ``ClientProtocol``.
+
+    Much cheaper per connection and per message than ``websockets.asyncio.client`` (no task per
+    connection, no message queue), so one load-generator process is not the bottleneck of the
+    servers it measures. Every text message is time-stamped (``time.time()``) in
+    ``data_received``, before any other work. Pings from the server are answered by the
+    protocol; per-message deflate is not offered.
+    """
+
+    def __init__(self, url: str, on_message: OnMessage | None) -> None:
+        self.protocol = ClientProtocol(parse_uri(url), max_size=2**22)
+        self.on_message = on_message
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.inbox: deque[tuple[str, float]] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.close_code: int | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.protocol.send_request(self.protocol.connect())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Response):
+                if not self.opened.done():
+                    if self.protocol.handshake_exc is None:
+                        self.opened.set_result(None)
+                    else:
+                        self.opened.set_exception(self.protocol.handshake_exc)
+            elif isinstance(event, Frame):
+                if event.opcode is Opcode.TEXT:
+                    text = event.data.decode()
+                    if self.on_message is not None:
+                        self.on_message(self, text, now)
+                    else:
+                        self.inbox.append((text, now))
+                        self._wake()
+                elif event.opcode is Opcode.CLOSE:
+                    self.close_code = self.protocol.close_code
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.opened.done():
+            self.opened.set_exception(exc or ConnectionError("closed during the handshake"))
+        self._wake()
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                self.transport.write_eof()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    # API
+    @property
+    def is_open(self) -> bool:
+        return not self.closed and self.protocol.state is State.OPEN
+
+    def send(self, text: str) -> None:
+        if self.is_open:
+            self.protocol.send_text(text.encode())
+            self._flush()
+
+    async def recv(self, timeout: float = 30.0) -> tuple[str, float]:
+        """The next text message and its receipt time (only without ``on_message``)."""
+        async with asyncio.timeout(timeout):
+            while not self.inbox:
+                if self.closed:
+                    raise ConnectionError(f"connection closed (code {self.close_code})")
+                self.waiter = asyncio.get_running_loop().create_future()
+                await self.waiter
+        return self.inbox.popleft()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def lean_connect(
+    url: str,
+    *,
+    local_ip: str | None = None,
+    on_message: OnMessage | None = None,
+    timeout: float = 30.0,
+) -> LeanClient:
+    """Open a :class:`LeanClient` to ``url`` and complete the handshake."""
+    uri = parse_uri(url)
+    loop = asyncio.get_running_loop()
+    local_addr = (local_ip, 0) if local_ip is not None else None
+    _, client = await loop.create_connection(
+        lambda: LeanClient(url, on_message), uri.host, uri.port, local_addr=local_addr
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            await client.opened
+    except BaseException:
+        client.abort()
+        raise
+    return client
+
+
 @dataclass
 class Clients:
     """The load generator's connections to one server."""
 
     url: str
-    source_ips: int
-    conns: list[ClientConnection] = field(default_factory=list)
+    source_ips: int = 1
+    #: Called for every message after the opening exchange (else messages queue up unread).
+    on_message: OnMessage | None = None
+    conns: list[LeanClient] = field(default_factory=list)
     last_sent: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: Seconds from the TCP connect to the last expected reply, per connection opened.
+    latencies: list[float] = field(default_factory=list)
 
     async def open_one(self, index: int, frames: list[str], expect: list[str | None]) -> None:
-        kwargs: dict[str, Any] = {}
-        if self.source_ips > 1:
-            kwargs["local_addr"] = (f"127.0.0.{1 + index % self.source_ips}", 0)
-        ws = await connect(
-            self.url,
-            compression=None,
-            proxy=None,
-            ping_interval=None,  # the servers ping; the client answers, as browsers do
-            open_timeout=30,
-            close_timeout=1,
-            max_queue=4,
-            **kwargs,
-        )
+        """Connect, then send each frame and wait for its reply: the type in ``expect``, or an
+        echo of the frame where ``expect`` says None."""
+        started = time.perf_counter()
+        local_ip = f"127.0.0.{1 + index % self.source_ips}" if self.source_ips > 1 else None
+        ws = await lean_connect(self.url, local_ip=local_ip)
         try:
             for frame, kind in zip(frames, expect, strict=True):
-                await ws.send(frame)
-                reply = await asyncio.wait_for(ws.recv(), 30)
+                ws.send(frame)
+                reply, _ = await ws.recv()
                 got = json.loads(reply).get("type")
                 if (kind is None and reply != frame) or (kind is not None and got != kind):
                     raise RuntimeError(f"expected {kind or 'an echo'}, got {reply[:200]}")
         except BaseException:
-            ws.transport.abort()
+            ws.abort()
             raise
+        self.latencies.append(time.perf_counter() - started)
+        ws.on_message = self.on_message
         self.conns.append(ws)
         self.last_sent.append(time.monotonic())
 
@@ -234,11 +359,14 @@ class Clients:
         expect: list[str | None],
         concurrency: int,
         label: str,
+        *,
+        first_index: int = 0,
     ) -> float:
         """Open ``n`` connections, ``concurrency`` at a time; return the seconds it took."""
         sem = asyncio.Semaphore(concurrency)
         started = time.monotonic()
         last_print = started
+        target = len(self.conns) + n
 
         async def one(i: int) -> None:
             nonlocal last_print
@@ -250,36 +378,40 @@ class Clients:
             now = time.monotonic()
             if now - last_print >= 2.0:
                 last_print = now
-                print(f"  {label}: {len(self.conns):>6}/{n} open", flush=True)
+                print(f"  {label}: {len(self.conns):>6}/{target} open", flush=True)
 
-        await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.gather(*(one(first_index + i) for i in range(n)))
         return time.monotonic() - started
 
     async def keepalive(self, ping: str) -> None:
-        """Send an application ping on connections silent for :data:`KEEPALIVE_AFTER`."""
+        """Send an application ping on connections silent for :data:`KEEPALIVE_AFTER` (the
+        pong is left unread: the client buffers it, the server does not care)."""
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for i, ws in enumerate(self.conns):
-                if now - self.last_sent[i] >= KEEPALIVE_AFTER and ws.state is State.OPEN:
+                if now - self.last_sent[i] >= KEEPALIVE_AFTER and ws.is_open:
                     self.last_sent[i] = now
-                    with contextlib.suppress(Exception):
-                        await ws.send(ping)
-                        await asyncio.wait_for(ws.recv(), 10)
+                    ws.send(ping)
 
     def open_count(self) -> int:
-        return sum(1 for ws in self.conns if ws.state is State.OPEN)
+        return sum(1 for ws in self.conns if ws.is_open)
 
     def abort_all(self) -> None:
         for ws in self.conns:
-            ws.transport.abort()
+            ws.abort()
         self.conns.clear()
 
 
-def tether_frames(tokens: list[str] | None) -> Callable[[int], list[str]]:
+def tether_frames(tokens: list[str] | None, *, ping: bool = False) -> Callable[[int], list[str]]:
+    """Frames connection ``i`` sends: ``connect``, then ``authenticate`` with one of ``tokens``
+    (none when ``tokens`` is None), or with ``ping`` an application ``ping`` instead."""
+
     def frames(i: int) -> list[str]:
         out = [json.dumps({"type": "connect", "clientId": f"bench-{i}", "protocol": 1})]
-        if tokens is not None:
+        if ping:
+            out.append(json.dumps({"type": "ping"}))
+        elif tokens is not None:
             token = tokens[i % len(tokens)]
             out.append(json.dumps({"type": "authenticate", "token": token, "authVersion": 1}))
         return out
@@ -326,7 +458,7 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
             child = ChildServer(kind)
             pid, url, alive = child.pid, child.ws_url, child.alive
             # The same two frames Tether gets, echoed back: same sizes, same number of writes.
-            all_tokens = await token_stand_ins(args.users)
+            all_tokens = token_stand_ins(args.users)
             frames_for = tether_frames(all_tokens)
             expect = [None, None]
 
@@ -365,7 +497,7 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
             deployment.close()
 
 
-async def token_stand_ins(count: int) -> list[str]:
+def token_stand_ins(count: int) -> list[str]:
     """Token-sized stand-ins for the echo baselines (ES256 JWTs are about this long)."""
     return [("eyJ" + uuid.uuid4().hex * 8)[:420] for _ in range(count)]
 
@@ -407,7 +539,7 @@ class AsgiEcho:
                 await send({"type": "websocket.send", "text": message["text"]})
 
 
-def serve_uvicorn(port: int, behind_router: bool) -> None:
+def serve_uvicorn(port: int, *, behind_router: bool = False, ws: str = "websockets-sansio") -> None:
     import uvicorn
 
     app: Any = AsgiEcho()
@@ -416,12 +548,13 @@ def serve_uvicorn(port: int, behind_router: bool) -> None:
         from starlette.routing import WebSocketRoute
 
         app = Starlette(routes=[WebSocketRoute("/sync", AsgiEcho())])
-    # The settings of server/cli.py's _run_uvicorn, so only the application differs.
+    # The settings of server/cli.py's _run_uvicorn, so only the application (or, for the wsproto
+    # row, the WebSocket implementation) differs.
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=port,
-        ws="websockets-sansio",
+        ws=ws,
         ws_per_message_deflate=False,
         lifespan="off",
         log_level="warning",
@@ -435,8 +568,12 @@ def serve(kind: str, port: int) -> None:
     raise_nofile()
     if kind == "bare":
         serve_bare(port)
-    elif kind in ("asgi", "starlette"):
-        serve_uvicorn(port, behind_router=kind == "starlette")
+    elif kind == "asgi":
+        serve_uvicorn(port)
+    elif kind == "asgi-wsproto":
+        serve_uvicorn(port, ws="wsproto")
+    elif kind == "starlette":
+        serve_uvicorn(port, behind_router=True)
     else:
         raise SystemExit(f"unknown server kind {kind}")
 
@@ -493,7 +630,7 @@ def main() -> None:
         "--source-ips", type=int, default=1, help="spread clients over 127.0.0.1..K [1]"
     )
     parser.add_argument("--timeout", type=float, default=900, help="give up after this many s")
-    parser.add_argument("--serve", choices=["bare", "asgi", "starlette"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=BASELINE_KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:

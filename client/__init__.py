@@ -1,0 +1,53 @@
+"""The Tether Python client: one ``/sync`` connection whose session stays alive by itself.
+
+::
+
+    from client import TetherClient
+
+    async with TetherClient("ws://127.0.0.1:8000/sync", email=..., password=...) as tether:
+        print(await tether.query("whoami"))
+        async with tether.subscribe("counter.get", name="clicks") as sub:
+            async for value in sub:
+                print(value)
+
+See ``docs/client.md``.
+"""
+
+from client.client import ClientOptions, FetchToken, Subscription, TetherClient
+from client.core import AuthState, AuthStatus, Backoff, ConnectionState, ConnectionStatus
+from client.errors import (
+    AuthError,
+    ClientClosed,
+    MessageTooLarge,
+    MutationError,
+    QueryError,
+    TetherError,
+)
+from client.http_auth import AuthAPI, http_base_url, sign_in, sign_up
+from client.token_store import FileTokenStore, MemoryTokenStore, StoredSession, TokenStore
+
+__all__ = [
+    "AuthAPI",
+    "AuthError",
+    "AuthState",
+    "AuthStatus",
+    "Backoff",
+    "ClientClosed",
+    "ClientOptions",
+    "ConnectionState",
+    "ConnectionStatus",
+    "FetchToken",
+    "FileTokenStore",
+    "MemoryTokenStore",
+    "MessageTooLarge",
+    "MutationError",
+    "QueryError",
+    "StoredSession",
+    "Subscription",
+    "TetherClient",
+    "TetherError",
+    "TokenStore",
+    "http_base_url",
+    "sign_in",
+    "sign_up",
+]

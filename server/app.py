@@ -18,7 +18,9 @@ from starlette.routing import Route, WebSocketRoute
 from server.auth_http import AuthRoutes, error_response
 from server.auth_service import AuthService
 from server.clock import Clock, system_clock
+from server.engine import QueryEngine
 from server.errors import HTTPError
+from server.functions import App
 from server.keys import KeyRing
 from server.passwords import Passwords
 from server.redis_conn import RedisClient, connect
@@ -26,6 +28,7 @@ from server.refresh_tokens import RefreshTokenCodec
 from server.session_hub import SessionHub
 from server.sessions import SessionStore
 from server.settings import Settings
+from server.store import Store
 from server.sync import SyncEndpoint
 from server.tokens import AccessTokens
 
@@ -47,11 +50,12 @@ class Node:
     auth: AuthService
     passwords: Passwords
     hub: SessionHub
+    store: Store
     sync: SyncEndpoint
     clock: Clock
 
     @classmethod
-    def build(cls, settings: Settings, application: object, clock: Clock = system_clock) -> Node:
+    def build(cls, settings: Settings, application: App, clock: Clock = system_clock) -> Node:
         if settings.redis_url is None:
             raise ValueError("redis_url must be set (the CLI starts an embedded Redis)")
         redis = connect(settings.redis_url)
@@ -70,8 +74,20 @@ class Node:
         passwords = Passwords(settings)
         auth = AuthService(settings, redis, sessions, tokens, passwords, clock)
         hub = SessionHub(settings.redis_url, sessions)
-        sync = SyncEndpoint(settings, auth, hub, application, clock)
-        return cls(settings, redis, keyring, tokens, sessions, auth, passwords, hub, sync, clock)
+        store = Store(
+            redis,
+            schema=application.schema,
+            clock=clock,
+            stream_maxlen=settings.commit_stream_maxlen,
+            outcome_ttl=settings.mutation_outcome_ttl,
+            max_result_bytes=settings.max_result_bytes,
+            max_retries=settings.mutation_retries,
+        )
+        engine = QueryEngine(application, store)
+        sync = SyncEndpoint(settings, auth, hub, application, engine, clock)
+        return cls(
+            settings, redis, keyring, tokens, sessions, auth, passwords, hub, store, sync, clock
+        )
 
     async def ready(self) -> bool:
         if not self.hub.ready.is_set():
@@ -107,6 +123,8 @@ def create_app(
         from server.demo import app as demo
 
         application = demo
+    if not isinstance(application, App):
+        raise TypeError(f"the application must be a server.functions.App, not {application!r}")
     node = Node.build(settings, application, clock)
 
     @contextlib.asynccontextmanager
@@ -114,6 +132,7 @@ def create_app(
         tasks = [
             asyncio.create_task(node.sweep_sessions_forever(), name="session-sweep"),
             asyncio.create_task(node.hub.run(), name="session-hub"),
+            asyncio.create_task(node.sync.subscriptions.run(), name="subscriptions"),
         ]
         try:
             yield

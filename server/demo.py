@@ -21,16 +21,18 @@ Errors: ``unauthenticated`` (anonymous caller) for ``messages.send``, ``notes.mi
 ``notes.add``; ``invalid`` for an empty ``messages.send`` body or one over 4000 characters. Both are
 checked before any data is touched, so they hold also without a data layer.
 
-Provisional data-layer interface
---------------------------------
-Everything but ``whoami`` reads and writes through ``ctx.db``, which the reactive-queries work
-provides; until then ``ctx.db`` is ``None`` and these functions fail with
-``FunctionError("internal", "no data layer configured")``. The interface they are written
-against, which that work is expected to provide (or to change here along with it)::
+Data-layer interface
+--------------------
+Everything but ``whoami`` reads and writes through ``ctx.db``: a :class:`server.store.QueryDB` in
+a query, a :class:`server.store.MutationDB` in a mutation. When no data layer is configured,
+``ctx.db`` is ``None`` and these functions fail with
+``FunctionError("internal", "no data layer configured")``. The interface they use::
 
     await db.insert(table: str, doc: dict) -> str                  # the new document's id
     await db.get(table: str, id: str) -> dict | None
     await db.patch(table: str, id: str, fields: dict) -> None      # shallow merge of fields
+    await db.replace(table: str, id: str, doc: dict) -> None       # (not used by the demo)
+    await db.delete(table: str, id: str) -> None                   # (not used by the demo)
     await db.query(table: str, *, index: str, equals: dict,
                    order: "asc" | "desc" = "asc", limit: int | None = None) -> list[dict]
 
@@ -40,9 +42,9 @@ against, which that work is expected to provide (or to change here along with it
 * ``query`` returns the documents of ``table`` whose index fields equal ``equals``, in creation
   order (``"asc"``: oldest first), at most ``limit`` of them.
 * A mutation's reads and writes form one serialisable transaction (``counter.increment`` reads,
-  then writes).
+  then writes); a query reads one consistent snapshot.
 
-Tables and the indexes the demo uses:
+Tables and the indexes the demo declares (``app.table``):
 
 ============  ==============  ===========================================
 table         index           fields: stored ``{...}``, indexed on
@@ -61,6 +63,9 @@ from server.errors import ErrorCode, FunctionError, FunctionErrorCode
 from server.functions import App, Context
 
 app = App("demo")
+app.table("messages", indexes={"by_channel": ["channel"]})
+app.table("notes", indexes={"by_owner": ["owner"]})
+app.table("counters", indexes={"by_name": ["name"]})
 
 #: Longest ``messages.send`` body, in characters (code points).
 MAX_MESSAGE_CHARS = 4000

@@ -42,7 +42,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, TypeVar, overload
@@ -70,6 +70,12 @@ FunctionKind = Literal["query", "mutation"]
 
 #: Dotted identifiers: ``whoami``, ``messages.send``.
 FUNCTION_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+#: Names of tables and indexes.
+IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+#: The default of ``App.table(indexes=...)``: no index.
+_NO_INDEXES: Mapping[str, Sequence[str]] = types.MappingProxyType({})
 
 #: Longest rendering of a client-supplied key in an error message (a key can be any size).
 _MAX_ECHO_CHARS = 40
@@ -114,7 +120,7 @@ class Auth:
 
 
 class Context:
-    """What a function receives first: the caller's identity and (later) the data layer.
+    """What a function receives first: the caller's identity and the data layer.
 
     The caller builds one ``Context`` per run of a function. Reading the identity, through
     :attr:`auth` or :meth:`require_auth`, sets :attr:`read_identity`: the server re-runs, when the
@@ -124,8 +130,9 @@ class Context:
 
     __slots__ = ("_auth", "_read_identity", "db")
 
-    #: The data layer for this run, set by the caller; ``None`` when none is configured. Typed
-    #: ``Any`` until the data layer exists (see :mod:`server.demo` for the interface expected).
+    #: The data layer for this run, set by the caller; ``None`` when none is configured: a
+    #: :class:`server.store.QueryDB` in a query, a :class:`server.store.MutationDB` in a mutation.
+    #: Typed ``Any`` because :mod:`server.store` builds on this module.
     db: Any
 
     def __init__(self, auth: Auth | None = None, *, db: Any = None) -> None:
@@ -489,12 +496,18 @@ class App:
 
         @app.mutation()          # or bare @app.mutation: the name is the function's __name__
         async def reset(ctx: Context) -> None: ...
+
+    Its data lives in the tables it declares with :meth:`table`; :attr:`schema` lists them.
     """
 
     def __init__(self, name: str = "app") -> None:
         self.name = name
         self._functions: dict[str, FunctionSpec] = {}
         self._view: Mapping[str, FunctionSpec] = types.MappingProxyType(self._functions)
+        self._tables: dict[str, Mapping[str, tuple[str, ...]]] = {}
+        self._schema_view: Mapping[str, Mapping[str, tuple[str, ...]]] = types.MappingProxyType(
+            self._tables
+        )
 
     @property
     def functions(self) -> Mapping[str, FunctionSpec]:
@@ -504,6 +517,45 @@ class App:
     def lookup(self, name: str) -> FunctionSpec | None:
         """The function registered as ``name``, or ``None`` (the client's ``unknown_function``)."""
         return self._functions.get(name)
+
+    def table(self, name: str, *, indexes: Mapping[str, Sequence[str]] = _NO_INDEXES) -> None:
+        """Declare the table ``name`` and its indexes, each a list of document fields.
+
+        The data layer reads and writes only declared tables, and queries only declared indexes
+        (``FunctionError("invalid")`` otherwise); it keeps every index of a table up to date on
+        each write. An index with no fields lists the whole table in creation order. A field
+        a document lacks is indexed as ``null``.
+
+        Raises ``ValueError`` when ``name`` or an index name is not an identifier, the table is
+        already declared, or an index's fields are not a list of distinct, non-empty field names
+        (a name starting with ``_`` is reserved for the data layer's own fields).
+        """
+        if not isinstance(name, str) or not IDENTIFIER_RE.fullmatch(name):
+            raise ValueError(f"invalid table name {name!r}: expected an identifier")
+        if name in self._tables:
+            raise ValueError(f"table {name!r} is already declared in app {self.name!r}")
+        declared: dict[str, tuple[str, ...]] = {}
+        for index, fields in indexes.items():
+            where = f"index {index!r} of table {name!r}"
+            if not isinstance(index, str) or not IDENTIFIER_RE.fullmatch(index):
+                raise ValueError(f"invalid index name {index!r} in table {name!r}")
+            if isinstance(fields, str | bytes) or not isinstance(fields, Sequence):
+                raise ValueError(f"{where}: give its fields as a list of names")
+            names = tuple(fields)
+            for field_name in names:
+                if not isinstance(field_name, str) or not field_name:
+                    raise ValueError(f"{where}: field {field_name!r} is not a non-empty string")
+                if field_name.startswith("_"):
+                    raise ValueError(f"{where}: field {field_name!r} is reserved (starts with _)")
+            if len(set(names)) != len(names):
+                raise ValueError(f"{where}: a field is listed twice")
+            declared[index] = names
+        self._tables[name] = types.MappingProxyType(declared)
+
+    @property
+    def schema(self) -> Mapping[str, Mapping[str, tuple[str, ...]]]:
+        """Every declared table: table → index name → indexed fields (a read-only live view)."""
+        return self._schema_view
 
     @overload
     def query(self, name: _F) -> _F: ...

@@ -259,6 +259,13 @@ class RunMutation:
 
 
 @dataclass(frozen=True, slots=True)
+class DropQuery:
+    """The client unsubscribed ``query_id``: stop evaluating it for this connection."""
+
+    query_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class BindSession:
     session_id: str
 
@@ -275,6 +282,7 @@ Action: TypeAlias = (
     | RotateRefresh
     | RunQueries
     | RunMutation
+    | DropQuery
     | BindSession
     | UnbindSession
 )
@@ -374,6 +382,9 @@ class QueryResult:
     error: tuple[str, str] | None = None
     reads_identity: bool = True
     serial: int | None = None  # from RunQueries.serials; None skips the check
+    #: The identity generation it was computed under; None for a result that read no identity
+    #: (valid under any). A result from another generation than the current one is dropped.
+    generation: int | None = None
 
 
 #: ``resolve(kind, name, args)`` raises :class:`BadMessage` (``unknown_function`` when ``name``
@@ -574,8 +585,9 @@ class ConnectionCore:
         if isinstance(message, Subscribe):
             return self._on_subscribe(message)
         if isinstance(message, Unsubscribe):
-            self.subscriptions.pop(message.query_id, None)
-            return []
+            if self.subscriptions.pop(message.query_id, None) is None:
+                return []
+            return [DropQuery(message.query_id)]
         if isinstance(message, Mutate):
             return self._on_mutate(message)
         # A second connect: the connection is already open.
@@ -768,6 +780,8 @@ class ConnectionCore:
             sub = self.subscriptions.get(result.query_id)
             if sub is None or (result.serial is not None and result.serial != sub.serial):
                 continue  # unsubscribed meanwhile (perhaps resubscribed under the same id)
+            if result.generation is not None and result.generation != self.generation:
+                continue  # computed under an identity this connection no longer has
             sub.reads_identity = result.reads_identity
             if result.error is not None:
                 # A NUL cannot start JSON text, so an error never compares equal to a value.
@@ -790,6 +804,16 @@ class ConnectionCore:
             actions.append(
                 Send({"type": "transition", "version": self.version, "updates": updates})
             )
+        return actions
+
+    def advance_version(self, version: int, now: float) -> list[Action]:
+        """Tell the client that all its subscriptions are current at ``version`` (an empty
+        ``transition``), if it has not seen that version yet: read-your-writes."""
+        actions = self._tick(now)
+        if self.phase is not Phase.OPEN or version <= self.version:
+            return actions
+        self.version = version
+        actions.append(Send({"type": "transition", "version": version, "updates": []}))
         return actions
 
     def mutation_done(

@@ -15,9 +15,41 @@ key                                 type        holds
 ``tether:rl:{HASH}``                string      a rate-limit window counter
 channel ``tether:session-ended``    pub/sub     one JSON event per ended session
 ==================================  ==========  ============================================
+
+The data layer (:mod:`server.store`) keeps every key under the one hash tag ``{tether-data}``:
+a commit touches many documents and indexes atomically, so in Redis Cluster the whole data
+layer lives in one slot (one primary's memory and CPU).
+
+================================================  ======  ===================================
+key (``D`` = ``tether:{tether-data}``)            type    holds
+================================================  ======  ===================================
+``D:version``                                     string  the global version: the last commit's
+``D:commits``                                     stream  one entry per commit, id ``V-0``,
+                                                          fields ``v`` (version) and ``k``
+                                                          (JSON list of the keys it wrote)
+``D:doc:<TABLE>:<ID>``                            hash    a document: ``v`` version that last
+                                                          wrote it, ``d`` JSON, ``c`` creation
+                                                          score; deleted: only ``v`` (a
+                                                          tombstone with a TTL)
+``D:idx:<TABLE>:<INDEX>:<VALUES>``                zset    ids of the documents whose indexed
+                                                          fields equal <VALUES>, score =
+                                                          creation score (version*1000+slot)
+``D:kv``                                          hash    index key → version that last
+                                                          changed its membership
+``D:outcome:<CLIENT>:<REQUEST>``                  string  a mutation's JSON outcome (TTL);
+                                                          CLIENT = sha256(clientId)[:32]
+``D:attempt:<NONCE>``                             string  the outcome of a commit made without
+                                                          a clientId, kept briefly so a
+                                                          retried script call answers the same
+================================================  ======  ===================================
+
+``<VALUES>`` is the unpadded base64url of the canonical JSON of the indexed values
+(``server.store.encode_index_values``): injective, and free of ``{``, ``}`` and ``:``.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 PREFIX = "tether:"
 
@@ -43,3 +75,36 @@ def email(normalized: str) -> str:
 
 def rate_limit(scope: str) -> str:
     return f"{PREFIX}rl:{{{scope}}}"
+
+
+# ---------------------------------------------------------------------------------- data layer
+
+#: The hash tag every data-layer key carries: the data layer is one Redis Cluster slot.
+DATA_TAG = "{tether-data}"
+_DATA = f"{PREFIX}{DATA_TAG}:"
+
+DATA_VERSION = _DATA + "version"
+DATA_COMMITS = _DATA + "commits"
+DATA_INDEX_VERSIONS = _DATA + "kv"
+
+
+def data_doc_prefix(table: str) -> str:
+    """Every document key of ``table`` is this prefix followed by the document's id."""
+    return f"{_DATA}doc:{table}:"
+
+
+def data_doc(table: str, doc_id: str) -> str:
+    return data_doc_prefix(table) + doc_id
+
+
+def data_index(table: str, index: str, encoded_values: str) -> str:
+    return f"{_DATA}idx:{table}:{index}:{encoded_values}"
+
+
+def data_outcome(client_id: str, request_id: int) -> str:
+    client = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{_DATA}outcome:{client}:{request_id}"
+
+
+def data_attempt(nonce: str) -> str:
+    return f"{_DATA}attempt:{nonce}"

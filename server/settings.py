@@ -146,6 +146,15 @@ class Settings:
     heartbeat_timeout: int = _setting(
         75, _parse_int, "close with 4009 after this many seconds without a client frame"
     )
+    mutation_outcome_ttl: int = _setting(
+        900, _parse_int, "seconds a mutation's outcome answers replays of its requestId"
+    )
+    mutation_retries: int = _setting(
+        8, _parse_int, "times a conflicting mutation is re-run before it fails with conflict"
+    )
+    commit_stream_maxlen: int = _setting(
+        100_000, _parse_int, "commits kept in the commit stream for instances catching up"
+    )
     argon2_time_cost: int = _setting(3, _parse_int, "argon2id iterations")
     argon2_memory_kib: int = _setting(65536, _parse_int, "argon2id memory, KiB")
     argon2_parallelism: int = _setting(4, _parse_int, "argon2id lanes")
@@ -226,7 +235,9 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 fail(name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("refresh_reuse_window", "expiry_notice", "clock_leeway"):
+        if self.mutation_outcome_ttl < 600:
+            fail("mutation_outcome_ttl", "must be at least 600 (outcomes are kept 10 minutes)")
+        for name in ("refresh_reuse_window", "expiry_notice", "clock_leeway", "mutation_retries"):
             if getattr(self, name) < 0:
                 fail(name, f"must not be negative, got {getattr(self, name)}")
         for name in ("session_sweep_interval", "drain_timeout"):

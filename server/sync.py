@@ -27,13 +27,16 @@ from redis.exceptions import RedisError
 
 from server.auth_service import AuthService
 from server.clock import Clock
-from server.errors import AuthErrorCode, CloseCode, ErrorCode, FunctionError, HTTPError
+from server.engine import QueryEngine
+from server.errors import AuthErrorCode, CloseCode, ErrorCode, HTTPError
+from server.functions import App, ArgsError
 from server.protocol import (
     Action,
     BadMessage,
     BindSession,
     Close,
     ConnectionCore,
+    DropQuery,
     Identity,
     Limits,
     QueryResult,
@@ -48,6 +51,7 @@ from server.protocol import (
 )
 from server.session_hub import SessionHub
 from server.settings import Settings
+from server.subscriptions import Evaluation, Registration, SubscriptionManager
 from server.timers import DeadlineQueue
 from server.tokens import TokenError
 
@@ -86,6 +90,7 @@ class Connection:
         "endpoint",
         "out",
         "out_bytes",
+        "regs",
         "scheduled_deadline",
         "send",
         "tasks",
@@ -101,6 +106,7 @@ class Connection:
         self.writer: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[None]] | None = None
         self.scheduled_deadline: float | None = None
+        self.regs: dict[int, Registration] | None = None
         self.closing = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -132,6 +138,9 @@ class Connection:
             endpoint.connections.discard(self)
             endpoint.timers.schedule(self, None)
             self.execute(self.core.close())
+            for reg in (self.regs or {}).values():
+                endpoint.subscriptions.detach(reg)
+            self.regs = None
             for task in list(self.tasks or ()):
                 task.cancel()
             if self.writer is not None:
@@ -161,7 +170,9 @@ class Connection:
             elif isinstance(action, VerifyToken | RotateRefresh):
                 self.spawn(self.authenticate(action))
             elif isinstance(action, RunQueries):
-                self.spawn(self.run_queries(action))
+                self.run_queries(action)
+            elif isinstance(action, DropQuery):
+                self.drop_query(action.query_id)
             elif isinstance(action, RunMutation):
                 self.spawn(self.run_mutation(action))
         if not self.closing:
@@ -295,22 +306,62 @@ class Connection:
             return False
         return True
 
-    async def run_queries(self, action: RunQueries) -> None:
-        if not self._identity_usable(action.identity):
-            return
-        serials = action.serials or (None,) * len(action.queries)
-        results = []
+    # ------------------------------------------------------------------ queries
+
+    def run_queries(self, action: RunQueries) -> None:
+        """Attach the subscriptions to the instance's shared live queries."""
+        manager = self.endpoint.subscriptions
+        serials = action.serials or (0,) * len(action.queries)
+        regs = []
+        if self.regs is None:
+            self.regs = {}
         for (qid, name, args), serial in zip(action.queries, serials, strict=True):
-            result = await self.endpoint.evaluate(name, args, action.identity, qid)
-            result.serial = serial
-            results.append(result)
-        version = self.endpoint.current_version()
-        self.execute(self.core.queries_done(action.generation, version, results, self.now()))
+            old = self.regs.pop(qid, None)
+            if old is not None:
+                manager.detach(old)
+            reg = Registration(self, qid, serial, action.generation, name, args, action.identity)
+            self.regs[qid] = reg
+            regs.append(reg)
+        manager.attach(regs)
+
+    def drop_query(self, query_id: int) -> None:
+        reg = self.regs.pop(query_id, None) if self.regs else None
+        if reg is not None:
+            self.endpoint.subscriptions.detach(reg)
+
+    def deliver(self, version: int, updates: list[tuple[Registration, Evaluation]]) -> None:
+        results = []
+        for reg, ev in updates:
+            if self.regs is None or self.regs.get(reg.query_id) is not reg:
+                continue
+            results.append(
+                QueryResult(
+                    reg.query_id,
+                    value_json=ev.value_json if ev.error is None else None,
+                    error=ev.error,
+                    reads_identity=ev.reads_identity,
+                    serial=reg.serial,
+                    # A result that read no identity is valid under any identity.
+                    generation=reg.generation if ev.reads_identity else None,
+                )
+            )
+        if results:
+            core = self.core
+            self.execute(core.queries_done(core.generation, version, results, self.now()))
+
+    def current_identity(self) -> Identity | None:
+        return self.core.identity
+
+    def identity_ended(self) -> None:
+        self._identity_usable(self.core.identity)
+
+    # ------------------------------------------------------------------ mutations
 
     async def run_mutation(self, action: RunMutation) -> None:
+        core = self.core
         if not self._identity_usable(action.identity):
             self.execute(
-                self.core.mutation_done(
+                core.mutation_done(
                     action.generation,
                     action.request_id,
                     self.now(),
@@ -318,17 +369,28 @@ class Connection:
                 )
             )
             return
-        value_json, error = await self.endpoint.call_mutation(
-            action.name, action.args, action.identity
+        outcome = await self.endpoint.engine.run_mutation(
+            action.name,
+            action.args,
+            action.identity,
+            client_id=core.client_id or "",
+            request_id=action.request_id,
         )
+        if outcome.version is not None and outcome.error is None:
+            # Read your writes: every subscription of this connection is delivered at a
+            # version >= the commit's before the mutation's result goes out.
+            manager = self.endpoint.subscriptions
+            manager.notify_commit()
+            processed = await manager.wait_processed(outcome.version)
+            self.execute(core.advance_version(processed, self.now()))
         self.execute(
-            self.core.mutation_done(
+            core.mutation_done(
                 action.generation,
                 action.request_id,
                 self.now(),
-                value_json=value_json,
-                version=self.endpoint.current_version(),
-                error=error,
+                value_json=outcome.value_json,
+                version=outcome.version,
+                error=outcome.error,
             )
         )
 
@@ -348,14 +410,19 @@ class SyncEndpoint:
         settings: Settings,
         auth: AuthService,
         hub: SessionHub,
-        application: Any,
+        application: App,
+        engine: QueryEngine,
         clock: Clock,
     ) -> None:
         self.settings = settings
         self.auth = auth
         self.hub = hub
         self.application = application
+        self.engine = engine
         self.clock = clock
+        self.subscriptions = SubscriptionManager(
+            engine, clock=clock, identity_usable=self.identity_usable
+        )
         self.timers = DeadlineQueue(clock)
         self.connections: set[Connection] = set()
         self.timing = Timing(float(settings.expiry_notice), float(settings.clock_leeway))
@@ -369,9 +436,13 @@ class SyncEndpoint:
 
     # ------------------------------------------------------------------ functions
 
-    def resolve(self, kind: str, name: str, args: dict[str, Any]) -> None:
-        from server.functions import ArgsError
+    def identity_usable(self, identity: Identity) -> bool:
+        """Check at use, for the live queries: not past exp + leeway, session not ended."""
+        if self.clock() >= identity.expires_at + self.settings.clock_leeway:
+            return False
+        return self.hub.recently_ended(identity.session_id) is None
 
+    def resolve(self, kind: str, name: str, args: dict[str, Any]) -> None:
         spec = self.application.lookup(name)
         if spec is None or spec.kind != kind:
             raise BadMessage(ErrorCode.UNKNOWN_FUNCTION, f"no {kind} named {name!r}")
@@ -379,45 +450,6 @@ class SyncEndpoint:
             spec.validate_args(args)
         except ArgsError as exc:
             raise BadMessage(ErrorCode.BAD_ARGS, exc.message) from None
-
-    def _context(self, identity: Identity | None) -> Any:
-        from server.functions import Auth, Context
-
-        auth = Auth(identity.user_id, identity.session_id) if identity is not None else None
-        return Context(auth)
-
-    async def evaluate(
-        self, name: str, args: dict[str, Any], identity: Identity | None, query_id: int
-    ) -> QueryResult:
-        from server.functions import encode_result, invoke
-
-        spec = self.application.lookup(name)
-        ctx = self._context(identity)
-        try:
-            value = await invoke(spec, ctx, spec.validate_args(args))
-            text = encode_result(value, self.settings.max_result_bytes)
-        except FunctionError as exc:
-            return QueryResult(
-                query_id, error=(exc.code, exc.message), reads_identity=ctx.read_identity
-            )
-        return QueryResult(query_id, value_json=text, reads_identity=ctx.read_identity)
-
-    async def call_mutation(
-        self, name: str, args: dict[str, Any], identity: Identity | None
-    ) -> tuple[str | None, tuple[str, str] | None]:
-        from server.functions import encode_result, invoke
-
-        spec = self.application.lookup(name)
-        ctx = self._context(identity)
-        try:
-            value = await invoke(spec, ctx, spec.validate_args(args))
-            return encode_result(value, self.settings.max_result_bytes), None
-        except FunctionError as exc:
-            return None, (exc.code, exc.message)
-
-    def current_version(self) -> int:
-        # The data layer (reactive queries) supplies real versions; until then, 0.
-        return 0
 
     # ------------------------------------------------------------------ ASGI
 

@@ -22,6 +22,7 @@ from server.protocol import (
     Close,
     Connect,
     ConnectionCore,
+    DropQuery,
     Identity,
     Limits,
     Mutate,
@@ -49,6 +50,7 @@ ACTION_TYPES = (
     RotateRefresh,
     RunQueries,
     RunMutation,
+    DropQuery,
     BindSession,
     UnbindSession,
 )
@@ -1042,8 +1044,9 @@ def test_results_for_unsubscribed_queries_are_dropped() -> None:
     core = connected()
     subscribe(core, 1, now=1.0)
     subscribe(core, 2, now=1.0)
-    assert core.receive(msg("unsubscribe", queryId=1), 1.5) == []
-    assert core.receive(msg("unsubscribe", queryId=99), 1.5) == []  # unknown: silently fine
+    # the shell is told to stop evaluating it; an unknown id is silently fine
+    assert core.receive(msg("unsubscribe", queryId=1), 1.5) == [DropQuery(1)]
+    assert core.receive(msg("unsubscribe", queryId=99), 1.5) == []
     actions = core.queries_done(0, 3, [QueryResult(1, "1"), QueryResult(2, "2")], 2.0)
     assert only_frame(actions, "transition")["updates"] == [{"queryId": 2, "value": Raw("2")}]
     assert core.queries_done(0, 4, [QueryResult(1, "11")], 2.0) == []

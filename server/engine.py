@@ -1,0 +1,79 @@
+"""The query engine: the application's functions run against the store.
+
+:class:`QueryEngine` is what the realtime layer calls — it looks functions up in the
+application, validates arguments, builds the identity a function sees, and hands the run to
+the :class:`~server.store.Store` (snapshot-validated queries, optimistic mutations with
+idempotent outcomes). It also exposes the commit stream to the subscription manager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import ErrorCode, FunctionError
+from server.functions import App, ArgsError, Auth
+from server.protocol import Identity
+from server.store import CommitBatch, QueryEvaluation, Store
+
+
+@dataclass(frozen=True, slots=True)
+class MutationResult:
+    value_json: str | None
+    error: tuple[str, str] | None
+    version: int | None
+
+
+def _auth(identity: Identity | None) -> Auth | None:
+    return Auth(identity.user_id, identity.session_id) if identity is not None else None
+
+
+class QueryEngine:
+    def __init__(self, application: App, store: Store) -> None:
+        self.application = application
+        self.store = store
+
+    async def evaluate(
+        self, name: str, args: dict[str, Any], identity: Identity | None
+    ) -> QueryEvaluation:
+        spec = self.application.lookup(name)
+        if spec is None or spec.kind != "query":
+            raise FunctionError(ErrorCode.UNKNOWN_FUNCTION, f"no query named {name!r}")
+        try:
+            kwargs = spec.validate_args(args)
+        except ArgsError as exc:
+            return QueryEvaluation(
+                value_json=None,
+                error=(exc.code, exc.message),
+                read_set=frozenset(),
+                version=0,  # read nothing: valid at every version
+                reads_identity=False,
+            )
+        return await self.store.run_query(spec, kwargs, _auth(identity))
+
+    async def run_mutation(
+        self,
+        name: str,
+        args: dict[str, Any],
+        identity: Identity | None,
+        *,
+        client_id: str,
+        request_id: int,
+    ) -> MutationResult:
+        spec = self.application.lookup(name)
+        if spec is None or spec.kind != "mutation":
+            return MutationResult(None, (ErrorCode.UNKNOWN_FUNCTION, "no such mutation"), None)
+        try:
+            kwargs = spec.validate_args(args)
+        except ArgsError as exc:
+            return MutationResult(None, (exc.code, exc.message), None)
+        outcome = await self.store.run_mutation(
+            spec, kwargs, _auth(identity), client_id=client_id, request_id=request_id
+        )
+        return MutationResult(outcome.value_json, outcome.error, outcome.version)
+
+    async def read_commits(self, after: int, *, block_ms: int | None, count: int) -> CommitBatch:
+        return await self.store.read_commits(after, block_ms=block_ms, count=count)
+
+    async def version(self) -> int:
+        return await self.store.version()

@@ -1,0 +1,118 @@
+-- Commit one mutation (optimistic concurrency control): check that nothing it read has changed,
+-- apply its writes, advance the global version, append the commit to the stream and store the
+-- mutation's outcome, all in one atomic step.
+--
+-- KEYS[1]  tether:{tether-data}:version   the global version
+-- KEYS[2]  tether:{tether-data}:commits   the commit stream (entry id V-0)
+-- KEYS[3]  tether:{tether-data}:kv        index key -> version that last changed it
+-- KEYS[4]  the outcome key: the client's (clientId, requestId), or a one-off attempt key
+-- KEYS[5..] every document and index key named below; the payload names them by position
+-- ARGV[1]  JSON payload:
+--   attempt         random id of this commit attempt (the same when redis-py retries the call)
+--   reads           [[i, 'doc' | 'index', version_seen], ...]
+--   docs            [[i, json | false, slot], ...]  false deletes, leaving a tombstone;
+--                   slot >= 0 marks a new document, whose creation score is V*1000 + slot
+--   index_ops       [['new', i, id, slot] | ['add', i, id, score] | ['rem', i, id], ...]
+--   touched         [i, ...]  index keys whose membership changes: their kv version becomes V
+--   written         JSON text, the list of keys written: the stream entry's field k
+--   outcome         JSON object text '{"attempt":...,...}', stored at KEYS[4] as
+--                   '{"version":V,"attempt":...,...}' (the value JSON is never re-encoded here)
+--   outcome_ttl_ms, tombstone_ttl_ms, maxlen
+--
+-- Returns {'ok', V} | {'conflict', key} | {'duplicate', stored_outcome}.
+--
+-- A commit that writes nothing validates its reads and stores its outcome at the current version
+-- without advancing it. A retried call (a lost reply) finds its own attempt in the outcome key
+-- and answers {'ok', V} again without writing anything; any other call that finds an outcome
+-- there is a replay of a mutation that already finished, and gets that outcome.
+local p = cjson.decode(ARGV[1])
+
+local function int(n)
+  -- Exact for integers below 2^53; tostring() would switch to an exponent past 1e14.
+  return string.format('%.0f', n)
+end
+
+local stored = redis.call('GET', KEYS[4])
+if stored then
+  local version, attempt = string.match(stored, '^{"version":(%d+),"attempt":"([^"]*)"')
+  if attempt ~= nil and attempt == p.attempt then return {'ok', tonumber(version)} end
+  return {'duplicate', stored}
+end
+
+for _, read in ipairs(p.reads) do
+  local key = KEYS[read[1]]
+  local current
+  if read[2] == 'doc' then
+    current = redis.call('HGET', key, 'v')
+  else
+    current = redis.call('HGET', KEYS[3], key)
+  end
+  if (tonumber(current) or 0) ~= read[3] then return {'conflict', key} end
+end
+
+local function store_outcome(version)
+  if p.outcome ~= cjson.null then
+    redis.call('SET', KEYS[4], '{"version":' .. int(version) .. ',' .. string.sub(p.outcome, 2),
+               'PX', p.outcome_ttl_ms)
+  end
+end
+
+local current = tonumber(redis.call('GET', KEYS[1])) or 0
+if #p.docs == 0 and #p.index_ops == 0 then
+  store_outcome(current)
+  return {'ok', current}
+end
+
+-- The stream entry is written first: when it fails, nothing else has been written yet.
+local v = current + 1
+local function append(version)
+  return redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', p.maxlen, int(version) .. '-0',
+                     'v', int(version), 'k', p.written)
+end
+local added = append(v)
+if type(added) == 'table' and added.err then
+  -- The stream already holds V (the version key was reset or restored on its own): continue
+  -- after the stream's last id, so versions keep growing. Any other error aborts here.
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  for j = 1, #info, 2 do
+    if info[j] == 'last-generated-id' then
+      v = math.max(v, tonumber(string.match(info[j + 1], '^(%d+)')) + 1)
+    end
+  end
+  added = append(v)
+  if type(added) == 'table' and added.err then return redis.error_reply(added.err) end
+end
+redis.call('SET', KEYS[1], int(v))
+
+for _, doc in ipairs(p.docs) do
+  local key = KEYS[doc[1]]
+  if doc[2] then
+    redis.call('HSET', key, 'v', int(v), 'd', doc[2])
+    if doc[3] >= 0 then redis.call('HSET', key, 'c', int(v * 1000 + doc[3])) end
+    redis.call('PERSIST', key)
+  else
+    -- A tombstone keeps the deletion's version: a reader that meets it knows the document
+    -- changed after its snapshot, which a missing key could not tell.
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'v', int(v))
+    redis.call('PEXPIRE', key, p.tombstone_ttl_ms)
+  end
+end
+
+for _, op in ipairs(p.index_ops) do
+  local key = KEYS[op[2]]
+  if op[1] == 'new' then
+    redis.call('ZADD', key, int(v * 1000 + op[4]), op[3])
+  elseif op[1] == 'add' then
+    redis.call('ZADD', key, int(op[4]), op[3])
+  else
+    redis.call('ZREM', key, op[3])
+  end
+end
+
+for _, i in ipairs(p.touched) do
+  redis.call('HSET', KEYS[3], KEYS[i], int(v))
+end
+
+store_outcome(v)
+return {'ok', v}

@@ -1,0 +1,496 @@
+"""The client's pure parts, without a socket or a sleep: backoff, close-code decisions, the
+protocol core (authVersion, gating, resubscribe and replay), renewal deadlines, error
+classification, and the token stores (files and locks, but no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.core import (
+    AuthExpiring,
+    AuthFailed,
+    AuthOk,
+    Backoff,
+    ClientCore,
+    CloseDecision,
+    Identity,
+    MutationDone,
+    QueryRejected,
+    QueryUpdate,
+    Reconnector,
+    ServerError,
+    SessionRevoked,
+    Unrecognized,
+    close_decision,
+    renewal_due,
+)
+from client.errors import AuthErrorKind, MessageTooLarge, classify_auth_code
+from client.http_auth import http_base_url
+from client.token_store import FileTokenStore, MemoryTokenStore, StoredSession
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def frames(core: ClientCore) -> list[dict[str, Any]]:
+    return [json.loads(text) for text in core.data_to_send()]
+
+
+def connected(core: ClientCore) -> None:
+    """Open a connection on ``core`` and answer its ``connect``."""
+    core.connection_opened()
+    sent = frames(core)
+    assert sent == [{"type": "connect", "clientId": core.client_id, "protocol": 1}]
+    core.receive(json.dumps({"type": "connected", "connectionId": "c", "serverTime": 1}))
+
+
+# ---------------------------------------------------------------------------------- backoff
+
+
+def test_backoff_ceiling_doubles_from_100_ms_to_16_s() -> None:
+    backoff = Backoff()
+    ceilings = [backoff.ceiling(n) for n in range(10)]
+    assert ceilings == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 16.0, 16.0])
+    assert backoff.ceiling(1000) == 16.0
+
+
+@pytest.mark.parametrize("attempt", [0, 1, 3, 7, 8, 50])
+def test_full_jitter_spreads_over_the_whole_window(attempt: int) -> None:
+    backoff = Backoff()
+    ceiling = backoff.ceiling(attempt)
+    assert backoff.delay(attempt, 0.0) == 0.0
+    assert backoff.delay(attempt, 0.999999) == pytest.approx(ceiling, rel=1e-5)
+    rng = random.Random(attempt)
+    samples = [backoff.delay(attempt, rng.random()) for _ in range(4000)]
+    assert all(0.0 <= s <= ceiling for s in samples)
+    # Full jitter: uniform over [0, ceiling] — not "equal jitter" (which never waits less
+    # than half) and not a fixed delay.
+    assert min(samples) < 0.02 * ceiling
+    assert max(samples) > 0.98 * ceiling
+    assert sum(samples) / len(samples) == pytest.approx(ceiling / 2, rel=0.05)
+    assert sum(s < ceiling / 2 for s in samples) / len(samples) == pytest.approx(0.5, abs=0.05)
+
+
+# ---------------------------------------------------------------------------------- close codes
+
+
+@pytest.mark.parametrize(
+    ("code", "decision"),
+    [
+        (4000, CloseDecision.RECONNECT),
+        (4008, CloseDecision.RECONNECT),
+        (4009, CloseDecision.RECONNECT),
+        (4429, CloseDecision.RECONNECT),
+        (4499, CloseDecision.RECONNECT),
+        (4500, CloseDecision.STOP),
+        (4503, CloseDecision.STOP),
+        (4999, CloseDecision.STOP),
+        (1012, CloseDecision.RECONNECT_NOW),
+        (1000, CloseDecision.RECONNECT),
+        (1001, CloseDecision.RECONNECT),
+        (1006, CloseDecision.RECONNECT),
+        (1009, CloseDecision.RECONNECT),
+        (1011, CloseDecision.RECONNECT),
+        (None, CloseDecision.RECONNECT),
+    ],
+)
+def test_close_code_decisions(code: int | None, decision: CloseDecision) -> None:
+    assert close_decision(code) is decision
+
+
+def test_reconnector_backs_off_rotates_urls_and_stops_on_45xx() -> None:
+    reconnector = Reconnector(3, Backoff(), stable_after=10.0, rand=lambda: 0.999999)
+    plans = [reconnector.plan(4429, now=0.0) for _ in range(5)]
+    assert [p.url_index for p in plans] == [1, 2, 0, 1, 2]
+    assert [p.delay for p in plans] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6], rel=1e-5)
+    assert not any(p.stop for p in plans)
+
+    stop = reconnector.plan(4503, now=0.0)
+    assert stop.stop and stop.close_code == 4503 and stop.delay == 0.0
+
+
+def test_1012_reconnects_at_once_to_the_next_url_whatever_the_backoff() -> None:
+    reconnector = Reconnector(2, Backoff(), rand=lambda: 0.999999)
+    for _ in range(6):
+        reconnector.plan(None, now=0.0)  # six failures: the backoff is at 6.4 s
+    assert reconnector.url_index == 0
+    plan = reconnector.plan(1012, now=0.0)
+    assert plan.decision is CloseDecision.RECONNECT_NOW
+    assert (plan.delay, plan.url_index) == (0.0, 1)
+    # Draining does not reset the backoff: a deployment that drains every instance at once
+    # still meets the growing backoff on the failures that follow.
+    assert reconnector.plan(None, now=0.0).delay == pytest.approx(6.4, rel=1e-5)
+
+
+def test_backoff_starts_over_only_after_a_stable_connection() -> None:
+    reconnector = Reconnector(1, Backoff(), stable_after=10.0, rand=lambda: 0.999999)
+    for _ in range(4):
+        reconnector.plan(None, now=0.0)
+    # Accepted, then closed at once (a crash loop, a rate limit): the backoff keeps growing.
+    reconnector.connected(100.0)
+    assert reconnector.plan(4429, now=101.0).delay == pytest.approx(1.6, rel=1e-5)
+    # Up for ten seconds: the next failure starts from the first step again.
+    reconnector.connected(200.0)
+    assert reconnector.plan(1006, now=210.0).delay == pytest.approx(0.1, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------- core
+
+
+def test_auth_version_strictly_increases_across_requests_and_connections() -> None:
+    core = ClientCore("client-1")
+    versions: list[int] = []
+    for _ in range(3):
+        connected(core)
+        versions.append(core.authenticate("token"))
+        versions.append(core.refresh("refresh-token", "k" * 20))
+        versions.append(core.authenticate(None))
+        sent = frames(core)
+        assert [f["authVersion"] for f in sent] == versions[-3:]
+        core.connection_lost()
+    assert versions == sorted(set(versions))
+    assert versions[0] >= 1
+
+
+def test_auth_frames_need_a_connected_connection() -> None:
+    core = ClientCore("client-1")
+    with pytest.raises(RuntimeError):
+        core.authenticate("token")
+    core.connection_opened()
+    with pytest.raises(RuntimeError):  # `connect` not answered yet
+        core.refresh("rt")
+
+
+def test_refresh_frame_carries_the_retry_key_only_when_given() -> None:
+    core = ClientCore("client-1")
+    connected(core)
+    core.refresh("rt-1")
+    core.refresh("rt-2", "key-" * 5)
+    first, second = frames(core)
+    assert first == {"type": "refresh", "refreshToken": "rt-1", "authVersion": 1}
+    assert second["retryKey"] == "key-" * 5
+
+
+def test_nothing_but_connect_and_auth_goes_out_before_ready() -> None:
+    core = ClientCore("client-1")
+    core.subscribe("whoami", {})
+    core.mutate("notes.add", {"text": "hi"})
+    assert core.data_to_send() == []
+    connected(core)
+    core.authenticate("token")
+    assert [f["type"] for f in frames(core)] == ["authenticate"]
+    core.set_ready(True)
+    assert [f["type"] for f in frames(core)] == ["subscribe", "mutate"]
+
+
+def test_reconnect_resubscribes_and_replays_unacknowledged_mutations_in_order() -> None:
+    core = ClientCore("client-1")
+    connected(core)
+    core.set_ready(True)
+    q1 = core.subscribe("whoami", {})
+    q2 = core.subscribe("counter.get", {"name": "a"})
+    q3 = core.subscribe("notes.mine", {})
+    r1 = core.mutate("counter.increment", {"name": "a"})
+    r2 = core.mutate("notes.add", {"text": "x"})
+    r3 = core.mutate("counter.increment", {"name": "b", "by": 2})
+    first_sent = frames(core)
+    assert len(first_sent) == 6
+    core.unsubscribe(q2)
+    assert frames(core) == [{"type": "unsubscribe", "queryId": q2}]
+    core.receive(json.dumps({"type": "mutation_result", "requestId": r2, "value": "n1"}))
+
+    core.connection_lost()
+    assert core.resubscribe_list() == [(q1, "whoami", {}), (q3, "notes.mine", {})]
+    assert core.replay_list() == [
+        (r1, "counter.increment", {"name": "a"}),
+        (r3, "counter.increment", {"name": "b", "by": 2}),
+    ]
+    core.unsubscribe(q3)  # while disconnected: nothing to tell the server
+    assert core.data_to_send() == []
+
+    connected(core)
+    assert core.data_to_send() == []  # held until the identity is settled
+    core.set_ready(True)
+    assert frames(core) == [
+        {"type": "subscribe", "queryId": q1, "name": "whoami", "args": {}},
+        {"type": "mutate", "requestId": r1, "name": "counter.increment", "args": {"name": "a"}},
+        {
+            "type": "mutate",
+            "requestId": r3,
+            "name": "counter.increment",
+            "args": {"name": "b", "by": 2},
+        },
+    ]
+    # The replayed frames are the originals: same requestId, name and args.
+    originals = {f["requestId"]: f for f in first_sent if f["type"] == "mutate"}
+    assert originals[r1]["args"] == {"name": "a"}
+    # New identifiers never reuse old ones.
+    assert core.subscribe("whoami", {}) > q3
+    assert core.mutate("notes.add", {"text": "y"}) > r3
+
+
+def test_holding_keeps_what_was_sent_and_queues_new_operations() -> None:
+    core = ClientCore("client-1")
+    connected(core)
+    core.set_ready(True)
+    core.subscribe("whoami", {})
+    frames(core)
+    core.set_ready(False)  # the identity lapsed: nothing new may run as anonymous
+    q = core.subscribe("notes.mine", {})
+    r = core.mutate("notes.add", {"text": "x"})
+    assert core.data_to_send() == []
+    core.set_ready(True)
+    assert [(f["type"], f.get("queryId", f.get("requestId"))) for f in frames(core)] == [
+        ("subscribe", q),
+        ("mutate", r),
+    ]
+
+
+def test_server_frames_become_events() -> None:
+    core = ClientCore("client-1")
+    connected(core)
+    core.set_ready(True)
+    q = core.subscribe("whoami", {})
+    r = core.mutate("counter.increment", {"name": "a"})
+    frames(core)
+
+    auth_version = core.authenticate("t")
+    ok = core.receive(
+        json.dumps(
+            {
+                "type": "auth_ok",
+                "authVersion": auth_version,
+                "identity": {"userId": "u", "sessionId": "s"},
+                "expiresAt": 5000,
+                "serverTime": 1000,
+            }
+        )
+    )
+    assert ok == [AuthOk(auth_version, Identity("u", "s"), 5000, 1000, None)]
+    assert core.identity == Identity("u", "s") and not core.pending_auth
+
+    update = {"type": "transition", "version": 7, "updates": [{"queryId": q, "value": 1}]}
+    update["updates"].append({"queryId": 999, "value": "unsubscribed long ago"})
+    assert core.receive(json.dumps(update)) == [QueryUpdate(q, 7, value=1)]
+    failed = {"queryId": q, "error": {"code": "unauthenticated", "message": "m"}}
+    assert core.receive(json.dumps({"type": "transition", "version": 8, "updates": [failed]})) == [
+        QueryUpdate(q, 8, error=("unauthenticated", "m"))
+    ]
+    result = {"type": "mutation_result", "requestId": r, "value": 3, "version": 9}
+    assert core.receive(json.dumps(result)) == [MutationDone(r, value=3, version=9)]
+    assert core.receive(json.dumps(result)) == []  # a duplicate answer is dropped
+    assert core.version == 9
+
+    # auth_expiring about an identity the connection no longer holds is dropped.
+    assert core.receive(json.dumps({"type": "auth_expiring", "expiresAt": 4000})) == []
+    expiring = {"type": "auth_expiring", "expiresAt": 5000, "serverTime": 4000}
+    assert core.receive(json.dumps(expiring)) == [AuthExpiring(5000, 4000)]
+    assert core.receive(json.dumps({"type": "session_revoked", "reason": "signed_out"})) == [
+        SessionRevoked("signed_out")
+    ]
+    assert core.identity is None
+
+    bad = core.authenticate("t2")
+    failed_auth = {"type": "auth_error", "authVersion": bad, "code": "unavailable"}
+    assert core.receive(json.dumps(failed_auth)) == [AuthFailed(bad, "unavailable", "")]
+
+    assert isinstance(core.receive("not json"), list)
+    assert core.receive('{"type": "from_the_future"}') == [
+        Unrecognized('{"type": "from_the_future"}')
+    ]
+
+
+def test_error_frames_reject_the_named_query_or_mutation() -> None:
+    core = ClientCore("client-1")
+    connected(core)
+    core.set_ready(True)
+    q = core.subscribe("nope", {})
+    r = core.mutate("nope", {})
+    frames(core)
+    error = {"type": "error", "code": "unknown_function", "message": "m", "queryId": q}
+    assert core.receive(json.dumps(error)) == [QueryRejected(q, "unknown_function", "m")]
+    assert q not in core.subscriptions  # not re-sent after a reconnect
+    error = {"type": "error", "code": "bad_args", "message": "m", "requestId": r}
+    assert core.receive(json.dumps(error)) == [MutationDone(r, error=("bad_args", "m"))]
+    assert r not in core.mutations
+    general = {"type": "error", "code": "rate_limited", "message": "too many"}
+    assert core.receive(json.dumps(general)) == [ServerError("rate_limited", "too many")]
+
+
+def test_a_frame_over_the_limit_fails_the_call_and_is_never_queued() -> None:
+    core = ClientCore("client-1", max_message_bytes=200)
+    connected(core)
+    core.set_ready(True)
+    with pytest.raises(MessageTooLarge):
+        core.mutate("notes.add", {"text": "é" * 100})  # 200 bytes of UTF-8 in the args alone
+    assert core.mutations == {} and core.data_to_send() == []
+    core.mutate("notes.add", {"text": "short"})
+    assert len(core.data_to_send()) == 1
+
+
+def test_client_id_is_the_same_on_every_connect() -> None:
+    core = ClientCore("stable-id")
+    for _ in range(3):
+        core.connection_opened()
+        assert frames(core)[0]["clientId"] == "stable-id"
+        core.connection_lost()
+    with pytest.raises(ValueError):
+        ClientCore("")
+
+
+# ---------------------------------------------------------------------------------- time
+
+
+def test_renewal_deadline_is_corrected_for_clock_skew() -> None:
+    local_now = 1_000_000.0
+    skew = 3600.0  # the server's clock is an hour ahead of ours
+    server_now_ms = int((local_now + skew) * 1000)
+    expires_ms = server_now_ms + 3_600_000  # a one-hour token
+    due = renewal_due(expires_ms, server_now_ms, received_at=local_now)
+    # 30 s before exp by the server's clock, which is local_now + 3600 - 30 by ours.
+    assert due == pytest.approx(local_now + 3600 - 30)
+
+
+def test_renewal_margin_is_a_quarter_of_a_short_lifetime() -> None:
+    due = renewal_due(expires_at_ms=12_000, server_time_ms=10_000, received_at=10.0)
+    assert due == pytest.approx(11.5)  # a 2 s token: renewed 0.5 s before exp
+
+
+def test_stored_session_freshness_uses_the_stored_skew() -> None:
+    session = StoredSession(
+        "u", "s", "at", "rt", expires_at=20_000, server_time=10_000, received_at=1000.0
+    )
+    # Issued 10 s before exp by the server's clock; the server is 990 s behind ours.
+    assert session.access_fresh(now=1005.0)
+    assert not session.access_fresh(now=1008.0)  # within 2.5 s (a quarter) of exp
+
+
+# ---------------------------------------------------------------------------------- codes
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("unavailable", AuthErrorKind.RETRY),
+        ("rate_limited", AuthErrorKind.RETRY),
+        ("network", AuthErrorKind.RETRY),
+        ("something_new", AuthErrorKind.RETRY),
+        ("token_expired", AuthErrorKind.RENEW),
+        ("invalid_token", AuthErrorKind.RENEW),
+        ("refresh_invalid", AuthErrorKind.SIGNED_OUT),
+        ("refresh_reused", AuthErrorKind.SIGNED_OUT),
+        ("session_revoked", AuthErrorKind.SIGNED_OUT),
+        ("invalid_credentials", AuthErrorKind.SIGNED_OUT),
+    ],
+)
+def test_auth_codes_are_classified(code: str, kind: AuthErrorKind) -> None:
+    assert classify_auth_code(code) is kind
+
+
+@pytest.mark.parametrize(
+    ("url", "base"),
+    [
+        ("ws://127.0.0.1:8000/sync", "http://127.0.0.1:8000"),
+        ("wss://example.com/tether/sync", "https://example.com/tether"),
+        ("wss://example.com/sync/", "https://example.com"),
+        ("http://127.0.0.1:8000/", "http://127.0.0.1:8000"),
+    ],
+)
+def test_http_base_url_is_derived_from_the_sync_url(url: str, base: str) -> None:
+    assert http_base_url(url) == base
+
+
+# ---------------------------------------------------------------------------------- stores
+
+
+def session(refresh_token: str = "rt-1") -> StoredSession:
+    return StoredSession("u", "s", "at", refresh_token, 5000, 1000, 1_000_000.5)
+
+
+async def test_memory_store_round_trip() -> None:
+    store = MemoryTokenStore()
+    assert await store.load() is None
+    async with store.locked():
+        await store.save(session())
+    assert await store.load() == session()
+    await store.save(None)
+    assert await store.load() is None
+
+
+async def test_file_store_writes_atomically_with_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "session.json"
+    store = FileTokenStore(path)
+    assert await store.load() is None
+    stored = session().with_retry_key("k" * 32)
+    await store.save(stored)
+    assert await FileTokenStore(path).load() == stored  # another instance reads the same
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["session.json"]  # no temp files
+    doc = json.loads(path.read_text())
+    assert doc["session"]["refresh_token"] == "rt-1"
+    assert doc["session"]["retry_key"] == "k" * 32
+    await store.save(None)
+    assert await store.load() is None
+
+
+async def test_file_store_ignores_a_file_that_is_not_a_session(tmp_path: Path) -> None:
+    path = tmp_path / "session.json"
+    path.write_text("{not json")
+    assert await FileTokenStore(path).load() is None
+
+
+async def test_file_store_lock_excludes_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "session.json"
+    lock_path = str(path) + ".lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({lock_path!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(1.5)\n",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.to_thread(holder.stdout.readline) == b"locked\n"
+        store = FileTokenStore(path, lock_timeout=0.3)
+        with pytest.raises(TimeoutError):
+            async with store.locked():
+                pass
+        # Once the other process lets go (here: exits), the lock is ours.
+        patient = FileTokenStore(path, lock_timeout=5.0)
+        started = time.monotonic()
+        async with patient.locked():
+            waited = time.monotonic() - started
+        assert 0.5 < waited < 5.0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def test_file_store_lock_excludes_a_second_instance_in_the_same_process(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "session.json"
+    first, second = FileTokenStore(path), FileTokenStore(path, lock_timeout=0.2)
+    async with first.locked():
+        with pytest.raises(TimeoutError):
+            async with second.locked():
+                pass
+    async with second.locked():
+        pass
+    assert os.path.exists(str(path) + ".lock")
