@@ -32,6 +32,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ class Run:
     errors: list[str] = field(default_factory=list)
     duplicates: int = 0
     notices_seen: int = 0
+    #: How many connections received each sequence of message types (for a failed run).
+    sequences: Counter[str] = field(default_factory=Counter)
 
     def on_message(self, client: LeanClient, text: str, received: float) -> None:
         # Keep the client's work per message minimal: parse after the run.
@@ -98,9 +101,11 @@ class Run:
 
     def analyse(self) -> None:
         seen: set[int] = set()
+        sequences: dict[int, list[str]] = {}
         for cid, text, received in self.inbox:
             doc = json.loads(text)
             kind = doc.get("type")
+            sequences.setdefault(cid, []).append(f"{kind}:{doc.get('code', '')}")
             if kind == "auth_ok":
                 self.authenticated += 1
             elif kind == "auth_expiring":
@@ -113,6 +118,7 @@ class Run:
                 self.server_part.append(doc["serverTime"] / 1000 - due)
             elif kind in ("auth_error", "error", "session_revoked", "auth_expired"):
                 self.errors.append(text[:200])
+        self.sequences = Counter(" ".join(seq) for seq in sequences.values())
 
 
 async def mint_tokens(base_url: str, sessions: int) -> tuple[httpx.AsyncClient, list[str]]:
@@ -181,7 +187,8 @@ async def measure(kind: str, args: argparse.Namespace) -> Run:
                 resp = await http.post(
                     "/auth/refresh", json={"refreshToken": refresh_tokens[session]}
                 )
-                resp.raise_for_status()
+                if resp.status_code != 200:
+                    raise RuntimeError(f"refresh at tick {tick}: {resp.status_code} {resp.text}")
                 body = resp.json()
                 refresh_tokens[session] = body["refreshToken"]
                 token = body["accessToken"]
@@ -202,9 +209,15 @@ async def measure(kind: str, args: argparse.Namespace) -> Run:
                     "dueAt": due * 1000,
                 }
             )
-            for ws in conns:
-                run.due[id(ws)] = due
-                ws.send(frame)
+            # Spread the batch over the tick: a burst of hundreds of authenticates at once
+            # is another benchmark (sync_connect.py), and exhausts Tether's Redis pool.
+            chunks = max(1, math.ceil(len(conns) / args.burst))
+            for c in range(chunks):
+                for ws in conns[c * args.burst : (c + 1) * args.burst]:
+                    run.due[id(ws)] = due
+                    ws.send(frame)
+                if c + 1 < chunks:
+                    await asyncio.sleep(args.tick * 0.8 / chunks)
             if tick % max(1, round(2 / args.tick)) == 0:
                 print(
                     f"  authenticating: {min((tick + 1) * batch, run.connected)}"
@@ -223,6 +236,10 @@ async def measure(kind: str, args: argparse.Namespace) -> Run:
             )
         run.analyse()
         return run
+    except BaseException:
+        if deployment is not None:
+            print(deployment.log_tails(), file=sys.stderr)
+        raise
     finally:
         if keepalive is not None:
             keepalive.cancel()
@@ -324,6 +341,8 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
         if run.errors or run.duplicates:
             print(f"note: {run.kind}: {len(run.errors)} unexpected messages, e.g. {run.errors[:1]}")
             print(f"note: {run.kind}: {run.duplicates} duplicate notices")
+            for seq, count in run.sequences.most_common(5):
+                print(f"note: {run.kind}: {count} connections received: {seq}")
 
 
 async def run_all(args: argparse.Namespace) -> list[Run]:
@@ -336,6 +355,9 @@ def main() -> None:
     parser.add_argument("--spread", type=float, default=25.0, help="seconds to mint over [25]")
     parser.add_argument("--tick", type=float, default=0.25, help="seconds between mints [0.25]")
     parser.add_argument("--sessions", type=int, default=8, help="sessions refreshed in turn [8]")
+    parser.add_argument(
+        "--burst", type=int, default=20, help="authenticates sent back to back, at most [20]"
+    )
     parser.add_argument("--concurrency", type=int, default=100, help="handshakes in flight")
     parser.add_argument("--servers", default="timers,tether", help="rows [timers,tether]")
     parser.add_argument("--source-ips", type=int, default=1, help="127.0.0.1..K as sources [1]")

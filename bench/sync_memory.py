@@ -159,6 +159,14 @@ class Deployment:
         self.servers.append(server)
         return server.start()
 
+    def log_tails(self, lines: int = 15) -> str:
+        """The last lines of every server's log (for a failed run)."""
+        out = []
+        for i, server in enumerate(self.servers):
+            tail = server.log_text().splitlines()[-lines:]
+            out.append(f"--- server {i} log (last {len(tail)} lines)\n" + "\n".join(tail))
+        return "\n".join(out)
+
     def close(self) -> None:
         for server in self.servers:
             with contextlib.suppress(Exception):

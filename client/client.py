@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 from typing import Any, Generic, TypeAlias, TypeVar
-from urllib.parse import urlsplit
 
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.uri import parse_uri
 
 from client.core import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -301,8 +301,10 @@ class TetherClient:
         if not self.urls:
             raise ValueError("at least one URL is needed")
         for u in self.urls:
-            if urlsplit(u).scheme not in ("ws", "wss"):
-                raise ValueError(f"not a ws:// or wss:// URL: {u!r}")
+            try:
+                parse_uri(u)
+            except websockets.InvalidURI as exc:
+                raise ValueError(f"not a ws:// or wss:// URL: {u!r}") from exc
         if (email is None) != (password is None):
             raise ValueError("email and password go together")
         if fetch_token is not None and (email is not None or token_store is not None):
@@ -533,6 +535,25 @@ class TetherClient:
             self._end_session("signed_out")
         await self._become_anonymous()
 
+    async def reauthenticate(self) -> AuthStatus:
+        """Take the identity from the auth source again, now.
+
+        For when the application knows it changed: ``fetch_token`` has a (different) user, or
+        another process signed in to the shared token file. Also ends a ``SIGNED_OUT`` state
+        if the source has a session. Returns the auth state once settled (or, while
+        disconnected, at once: the next connection does it).
+        """
+        if self._fetch_token is None and self._store is None:
+            raise RuntimeError("this client has no auth source")
+        self._signed_out = False
+        self._expect_identity = True
+        self._had_session = False
+        if self._core.phase is Phase.CONNECTED and self._established:
+            with contextlib.suppress(_ConnectionLost):
+                if await self._run_auth(renew=False) is _Outcome.RETRY:
+                    self._renew.set()  # the keep-alive retries with backoff
+        return self._auth_status
+
     async def _adopt(self, session: StoredSession) -> AuthStatus:
         if self._store is None:
             if self._fetch_token is not None:
@@ -762,13 +783,14 @@ class TetherClient:
             waiter = self._auth_waiters.pop(event.auth_version, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(event)
-            elif isinstance(event, AuthFailed):
-                log.warning("auth_error nobody waited for: %s", event.code)
+            else:
+                # Cannot happen while every request has a waiter until its connection ends.
+                log.warning("an auth answer nobody waited for: %s", event)
         elif isinstance(event, AuthExpiring):
             self._renew_hint = event.expires_at
             self._renew.set()
         elif isinstance(event, AuthExpired):
-            log.warning("the server ended the identity at its expiry; renewing")
+            log.info("the server ended the identity at its expiry; renewing")
             self._identity_timing = None
             if self._expect_identity:
                 self._set_auth(self._refreshing("token_expired"))
@@ -777,7 +799,7 @@ class TetherClient:
         elif isinstance(event, SessionRevoked):
             self._identity_timing = None
             if self._expect_identity or self._auth_status.state is AuthState.AUTHENTICATED:
-                log.warning("the session ended: %s", event.reason)
+                log.info("the session ended: %s", event.reason)
                 self._spawn_forget_session(self._session)
                 self._end_session(event.reason)
             self._update_gate()
@@ -820,6 +842,8 @@ class TetherClient:
                 raise _ConnectionLost()
             if self._signed_out or not self._expect_identity:
                 return _Outcome.DONE
+            if renew and not self._needs_renewal():
+                return _Outcome.DONE  # another operation renewed while this one waited
             if self._fetch_token is not None:
                 return await self._auth_with_fetch(renew, gen)
             return await self._auth_with_store(renew, gen)
@@ -1025,6 +1049,7 @@ class TetherClient:
                 )
             )
         self._update_gate()
+        self._renew.set()  # wake the keep-alive: it schedules the timer for the new exp
 
     def _refreshing(self, reason: str | None) -> AuthStatus:
         session = self._session

@@ -355,6 +355,30 @@ async def test_stays_authenticated_for_ten_token_lifetimes_without_a_gap(
     assert versions == sorted(set(versions))
 
 
+async def test_renewal_timer_renews_on_time_when_no_expiry_push_comes(
+    server_factory: ServerFactory,
+) -> None:
+    # TETHER_EXPIRY_NOTICE=0: the server would push auth_expiring only at exp itself, too late
+    # for a gapless renewal. The client's own timer (exp − lifetime/4, skew-corrected) must act.
+    server = server_factory(env={**FAST_EXPIRY, "TETHER_EXPIRY_NOTICE": "0"})
+    email = unique_email()
+    await sign_up(server.ws_url, email, PASSWORD)
+    trace, recorder = Trace(), Recorder()
+    async with TetherClient(
+        server.ws_url, email=email, password=PASSWORD, trace=trace, on_auth_state=recorder.on_auth
+    ) as client:
+        async with client.subscribe("whoami") as sub:
+            user = await next_value(sub, 10)
+            mark = len(recorder.auth)
+            await asyncio.sleep(6)  # three lifetimes
+            await assert_no_value(sub)
+            assert await client.query("whoami") == user
+    assert recorder.auth[mark:] == []
+    assert trace.received("auth_expiring") == []  # every renewal came before exp
+    assert trace.received("auth_expired") == []
+    assert len(trace.sent("refresh")) >= 3
+
+
 async def test_fetch_token_callback_is_asked_to_force_a_new_token_before_expiry(
     server_factory: ServerFactory,
 ) -> None:
@@ -379,6 +403,29 @@ async def test_fetch_token_callback_is_asked_to_force_a_new_token_before_expiry(
     assert calls[0] is False and calls.count(True) >= 2
     assert trace.received("auth_expired") == [] and trace.received("auth_error") == []
     assert trace.sent("refresh") == []  # an outside provider: authenticate only
+
+
+async def test_reauthenticate_takes_a_new_user_from_fetch_token(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory()
+    email = unique_email()
+    await sign_up(server.ws_url, email, PASSWORD)
+    signed_in = asyncio.Event()
+
+    async def fetch_token(force_refresh: bool) -> str | None:
+        if not signed_in.is_set():
+            return None  # the identity provider has no user yet
+        return (await AuthAPI(server.ws_url).sign_in(email, PASSWORD)).access_token
+
+    async with TetherClient(server.ws_url, fetch_token=fetch_token) as client:
+        async with client.subscribe("whoami") as sub:
+            assert await next_value(sub, 10) is None
+            assert client.auth_status == AuthStatus(AuthState.ANONYMOUS)
+            signed_in.set()
+            status = await client.reauthenticate()
+            assert status.state is AuthState.AUTHENTICATED
+            assert await next_value(sub) == {"userId": status.user_id}
 
 
 async def test_tokens_are_saved_before_they_are_spent(
@@ -820,3 +867,40 @@ def test_cli_commands_register_on_a_tether_parser() -> None:
     args = parser.parse_args(["call", "x", "--url", "ws://h1/sync", "--url", "ws://h2/sync"])
     assert args.url == ["ws://h1/sync", "ws://h2/sync"]
     assert parser.parse_args(["login", "--email", "e@x.io"]).email == "e@x.io"
+
+
+# ---------------------------------------------------------------------------------- docs
+
+
+def runnable_examples() -> list[str]:
+    """The Python blocks of ``docs/client.md`` marked ``<!-- runnable -->``."""
+    text = (REPO_ROOT / "docs" / "client.md").read_text()
+    blocks = []
+    for part in text.split("<!-- runnable -->")[1:]:
+        body = part.split("```python\n", 1)[1].split("\n```", 1)[0]
+        blocks.append(body + "\n")
+    return blocks
+
+
+@pytest.mark.parametrize("index", range(len(runnable_examples())))
+async def test_docs_examples_run(server_factory: ServerFactory, index: int) -> None:
+    source = runnable_examples()[index]
+    if "counter." in source and not data_layer_available():
+        pytest.skip("the example uses counter.*: no data layer yet")
+    if "ws://127.0.0.1:8000/sync" in source:
+        source = source.replace("ws://127.0.0.1:8000/sync", server_factory().ws_url)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        source,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert out.strip(), "the example printed nothing"

@@ -343,10 +343,14 @@ async def test_a_patch_moves_a_document_between_index_keys_keeping_its_place(sto
 
 
 def test_index_value_encoding() -> None:
-    same = [([1], [1.0]), ([{"a": 1, "b": 2}], [{"b": 2, "a": 1.0}]), ([-0.0], [0])]
+    same: list[tuple[list[Any], list[Any]]] = [
+        ([1], [1.0]),
+        ([{"a": 1, "b": 2}], [{"b": 2, "a": 1.0}]),
+        ([-0.0], [0]),
+    ]
     for left, right in same:
         assert encode_index_values(left) == encode_index_values(right)
-    different = [
+    different: list[tuple[list[Any], list[Any]]] = [
         ([1], [True]),
         ([1], ["1"]),
         (["a"], [["a"]]),
