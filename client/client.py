@@ -96,8 +96,9 @@ class ClientOptions:
     #: Seconds between ``ping`` frames. The server closes a silent client with 4009 after
     #: ``TETHER_HEARTBEAT_TIMEOUT`` (75 s), so three pings fit in its window.
     ping_interval: float = 25.0
-    #: A connection from which nothing arrived for ``ping_interval + pong_timeout`` seconds is
-    #: taken for dead and replaced.
+    #: A connection on which nothing at all arrived within this many seconds of a ``ping`` is
+    #: taken for dead and replaced (the ping goes out ``pong_timeout`` earlier, so pings stay
+    #: ``ping_interval`` apart).
     pong_timeout: float = 10.0
     #: Seconds for the TCP + WebSocket handshake, and again for the answer to ``connect``.
     open_timeout: float = 10.0
@@ -427,6 +428,8 @@ class TetherClient:
         A reader that falls more than 64 changes behind loses the oldest ones.
         """
         watch = _Watch(self._auth_status)
+        if self._closed is not None:
+            watch.push(_END)
         self._auth_watches.add(watch)
         try:
             while (status := await watch.next()) is not None:
@@ -437,6 +440,8 @@ class TetherClient:
     async def connection_states(self) -> AsyncIterator[ConnectionStatus]:
         """The current connection state, then every change, until the client closes."""
         watch = _Watch(self._connection_status)
+        if self._closed is not None:
+            watch.push(_END)
         self._connection_watches.add(watch)
         try:
             while (status := await watch.next()) is not None:
@@ -465,7 +470,9 @@ class TetherClient:
 
         Sent once connected; if the connection is lost before the outcome arrives, it is sent
         again with the same ``requestId`` and the server answers with the original outcome:
-        it runs at most once. Raises :class:`~client.errors.MutationError`.
+        it runs once, however many connections it takes. (Cancelling the call stops the
+        replays: the mutation then ran once or not at all.) Raises
+        :class:`~client.errors.MutationError`.
         """
         self._check_open()
         self.start()
@@ -711,18 +718,24 @@ class TetherClient:
                     await ws.send(text)
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
+        """``ping`` every ``ping_interval``; drop the connection if nothing at all arrives
+        within ``pong_timeout`` of one (a dead peer or network, which TCP may not notice for
+        many minutes)."""
         opts = self.options
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(opts.ping_interval)
-            if loop.time() - self._last_received >= opts.ping_interval + opts.pong_timeout:
-                log.warning("nothing from the server for %.0f s; reconnecting", opts.pong_timeout)
+            await asyncio.sleep(max(0.0, opts.ping_interval - opts.pong_timeout))
+            if self._core.phase is Phase.CLOSED:
+                return
+            sent_at = loop.time()
+            self._core.ping()
+            self._pongs.append(None)
+            self._wake_writer.set()
+            await asyncio.sleep(opts.pong_timeout)
+            if self._last_received < sent_at:
+                log.warning("no answer to ping within %.0f s; reconnecting", opts.pong_timeout)
                 ws.transport.abort()
                 return
-            if self._core.phase is not Phase.CLOSED:
-                self._core.ping()
-                self._pongs.append(None)
-                self._wake_writer.set()
 
     async def _lifecycle(self, ws: ClientConnection) -> None:
         """Await ``connected``, settle the identity, open the gate, keep the identity alive."""

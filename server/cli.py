@@ -215,6 +215,9 @@ def _run_uvicorn(settings: Settings, app: Any) -> int:
         port=settings.port,
         ws="websockets-sansio",
         ws_per_message_deflate=False,
+        # Frames over the limit are refused by the WebSocket layer with 1009 before they are
+        # buffered whole; the endpoint checks again for servers run another way.
+        ws_max_size=settings.max_message_bytes,
         lifespan="on",
         log_level=settings.log_level.lower(),
         # uvicorn's own deadline for open connections comes after the app's drain deadline: the

@@ -81,6 +81,15 @@ def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...], sche
     return False
 
 
+def _over_limit(frame: str | bytes, limit: int) -> bool:
+    """Is ``frame`` over ``limit`` bytes (UTF-8 for text)? Encodes only when it could be."""
+    if len(frame) > limit:
+        return True
+    if isinstance(frame, str) and len(frame) * 4 > limit:
+        return len(frame.encode("utf-8", "surrogatepass")) > limit
+    return False
+
+
 class Connection:
     """One ``/sync`` socket from accept to close. Closing is idempotent."""
 
@@ -125,7 +134,7 @@ class Connection:
                     continue
                 text = message.get("text")
                 frame: str | bytes = text if text is not None else (message.get("bytes") or b"")
-                if len(frame) > endpoint.settings.max_message_bytes:
+                if _over_limit(frame, endpoint.settings.max_message_bytes):
                     self.close_now(CloseCode.MESSAGE_TOO_BIG, "frame too large")
                     break
                 self.execute(self.core.receive(frame, endpoint.clock()))

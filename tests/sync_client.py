@@ -107,13 +107,16 @@ def check_frame(data: str | bytes) -> dict[str, Any]:
 
 
 class SyncClient:
-    """One ``/sync`` connection. ``frames`` keeps every frame received, in order."""
+    """One ``/sync`` connection. ``frames`` keeps every frame received, in order; every frame
+    is checked with :func:`check_frame`, and transition versions must never go back."""
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.frames: list[dict[str, Any]] = []
         #: The ``connected`` frame, when :func:`connect_sync` sent ``connect``.
         self.connected: dict[str, Any] | None = None
+        #: The newest ``transition`` version received.
+        self.version = 0
 
     async def __aenter__(self) -> SyncClient:
         return self
@@ -141,7 +144,14 @@ class SyncClient:
             raise AssertionError(f"no frame within {timeout} s") from None
         except websockets.ConnectionClosed:
             raise AssertionError(f"the connection closed with code {self.close_code}") from None
+        return self._received(data)
+
+    def _received(self, data: str | bytes) -> dict[str, Any]:
         frame = check_frame(data)
+        if frame["type"] == "transition":
+            # Contract §3: versions only grow on a connection.
+            assert frame["version"] >= self.version, f"version went back: {frame}"
+            self.version = frame["version"]
         self.frames.append(frame)
         return frame
 
@@ -195,8 +205,7 @@ class SyncClient:
                 code = self.close_code
                 assert code is not None
                 return code
-            frame = check_frame(data)
-            self.frames.append(frame)
+            frame = self._received(data)
             if allow is not None and frame["type"] not in allow:
                 raise AssertionError(f"expected the connection to close, got {frame}")
 

@@ -25,6 +25,7 @@ import redis.asyncio
 
 from server import redis_keys
 from server.app import Node
+from server.demo import app as demo_app
 from server.clock import ManualClock, to_ms
 from server.errors import HTTPCode, SessionEndReason
 from server.keys import KeySet
@@ -731,6 +732,7 @@ async def test_keys_are_tagged_expiring_and_hold_no_secret(
     key_set = KeySet.generate()
     node = Node.build(
         make_settings(redis_url=redis_proc.url, keys=key_set.to_json(), refresh_reuse_window=10),
+        demo_app,
         clock,
     )
     password = "correct horse battery staple"

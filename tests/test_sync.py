@@ -524,10 +524,6 @@ async def test_a_frame_over_max_message_bytes_closes_with_1009(
     assert await binary.wait_closed() == 1009
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the size check counts characters, not bytes: len(text) of the decoded frame",
-)
 async def test_max_message_bytes_counts_utf8_bytes_not_characters(
     server_factory: Callable[..., ServerProcess], open_sync: Opener
 ) -> None:

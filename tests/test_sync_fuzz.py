@@ -3,12 +3,14 @@
 Random JSON values, objects with a contract ``type`` and fields of any type plus junk,
 well-formed messages whose ids collide, non-JSON text, binary frames and a few hand-picked nasty
 frames go to a connected socket, each followed by a ``ping``. Everything read up to its ``pong``
-must be a JSON object in a text frame whose ``type`` and codes the contract lists (:func:`tests.sync_client.check_frame`), and the connection
-must stay open. The one close allowed is 1009, after a frame over ``TETHER_MAX_MESSAGE_BYTES``:
-an example sends at most a few frames, far from the floods that earn 4500 or 4429.
+must be a JSON object in a text frame whose ``type`` and codes the contract lists
+(:func:`tests.sync_client.check_frame`), and the connection must stay open. The one close
+allowed is 1009, after a frame over ``TETHER_MAX_MESSAGE_BYTES``: an example sends at most a few
+frames, far from the floods that earn 4500 or 4429.
 
-Each example opens its own connection, so examples are independent and shrink cleanly; the
-server process is started once for the whole run.
+Each example opens its own connection, so examples are independent and shrink cleanly. The
+server process is started once for the whole run: the property runs inside one test, which is
+what a module-scoped server would buy (conftest kills every harness process after each test).
 """
 
 from __future__ import annotations

@@ -1,0 +1,811 @@
+"""Reactive queries and mutations end to end (issue 4): two server processes on one real
+``redis-server``, driven over ``/sync`` by real WebSocket clients.
+
+Each socket is read by a background task (:class:`Live`) that keeps every frame and what the
+client holds after it: the value (or error) of each subscription and the version of the last
+``transition``. So a test can say what the client held *at the moment* a ``mutation_result``
+arrived (read your writes), and every socket checks on its own that versions never go down.
+
+The demo application (protocol §4) is the target, except for the error paths, which need a
+query that raises or grows past the result limit: those are served from
+``tests/apps/reactive_app.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio
+import websockets
+
+from server import redis_keys
+from tests.harness import RedisProcess, ServerProcess
+from tests.sync_client import SyncClient, auth_post, check_frame, connect_sync, signup
+
+pytestmark = pytest.mark.timeout(90)
+
+#: Seconds a test waits for something that needs no retries and no restart.
+WAIT = 5.0
+#: Short lifetimes: a 3 s token, its notice 1 s before exp, identity gone 1 s after exp.
+EXPIRY_ENV = {"TETHER_ACCESS_TTL": "3", "TETHER_EXPIRY_NOTICE": "1", "TETHER_CLOCK_LEEWAY": "1"}
+TEST_APP = "tests.apps.reactive_app:app"
+UNAUTHENTICATED = ("error", "unauthenticated")
+
+Held = tuple[str, Any]  # ("value", value) or ("error", code)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+class Live:
+    """One ``/sync`` socket, read continuously by a background task.
+
+    ``held`` is what the client holds after the last frame: queryId → ``("value", v)`` or
+    ``("error", code)``. ``version`` is the last transition's. For each ``mutation_result``,
+    ``at_result[requestId]`` is ``(version, held)`` as they were when it arrived. A frame outside
+    the contract, or a transition whose version is below the one before, is recorded in
+    ``problems``; every wait fails on the first problem.
+    """
+
+    def __init__(self, client: SyncClient, label: str) -> None:
+        self.client = client
+        self.label = label
+        self.frames: list[dict[str, Any]] = []
+        self.held: dict[int, Held] = {}
+        self.version = -1
+        self.results: dict[int, dict[str, Any]] = {}
+        self.at_result: dict[int, tuple[int, dict[int, Held]]] = {}
+        self.problems: list[str] = []
+        self.closed = False
+        self._changed = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read(self) -> None:
+        try:
+            async for data in self.client.ws:
+                try:
+                    frame = check_frame(data)
+                except AssertionError as exc:
+                    self.problems.append(f"{self.label}: {exc}")
+                    continue
+                self._apply(frame)
+                async with self._changed:
+                    self._changed.notify_all()
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.closed = True
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _apply(self, frame: dict[str, Any]) -> None:
+        self.frames.append(frame)
+        kind = frame["type"]
+        if kind == "transition":
+            if frame["version"] < self.version:
+                self.problems.append(
+                    f"{self.label}: version went down from {self.version}: {frame}"
+                )
+            self.version = max(self.version, frame["version"])
+            for update in frame["updates"]:
+                if "error" in update:
+                    self.held[update["queryId"]] = ("error", update["error"]["code"])
+                else:
+                    self.held[update["queryId"]] = ("value", update["value"])
+        elif kind == "mutation_result":
+            self.results[frame["requestId"]] = frame
+            self.at_result[frame["requestId"]] = (self.version, dict(self.held))
+
+    # ------------------------------------------------------------------ waiting
+
+    async def wait(self, predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+        """Until ``predicate()`` holds; fails on a timeout, a problem, or a closed socket."""
+
+        def ready() -> bool:
+            return bool(self.problems) or predicate() or self.closed
+
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.label}: not within {timeout} s: {what}; held {self.held}, "
+                f"last frames {self.frames[-5:]}"
+            ) from None
+        assert not self.problems, self.problems
+        if not predicate():
+            raise AssertionError(f"{self.label}: closed ({self.client.close_code}) before {what}")
+
+    async def wait_held(self, query_id: int, expected: Held, timeout: float = WAIT) -> None:
+        await self.wait(
+            lambda: self.held.get(query_id) == expected,
+            f"query {query_id} holds {expected}",
+            timeout,
+        )
+
+    async def wait_frame(
+        self, kind: str, after: int = 0, timeout: float = WAIT
+    ) -> tuple[int, dict[str, Any]]:
+        """The first frame of type ``kind`` at index ``after`` or later, and its index."""
+
+        def find() -> tuple[int, dict[str, Any]] | None:
+            for index in range(after, len(self.frames)):
+                if self.frames[index]["type"] == kind:
+                    return index, self.frames[index]
+            return None
+
+        await self.wait(lambda: find() is not None, f"a {kind!r} frame", timeout)
+        found = find()
+        assert found is not None
+        return found
+
+    def value(self, query_id: int) -> Any:
+        kind, value = self.held[query_id]
+        assert kind == "value", f"{self.label}: query {query_id} holds an error: {value}"
+        return value
+
+    # ------------------------------------------------------------------ sending
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.client.send(frame)
+
+    async def subscribe(self, query_id: int, name: str, args: dict[str, Any] | None = None) -> None:
+        """Subscribe and wait for the subscription's first result."""
+        await self.send(
+            {"type": "subscribe", "queryId": query_id, "name": name, "args": args or {}}
+        )
+        await self.wait(lambda: query_id in self.held, f"a first result for query {query_id}")
+
+    async def mutate(
+        self, request_id: int, name: str, args: dict[str, Any], timeout: float = WAIT
+    ) -> dict[str, Any]:
+        """Send ``mutate`` and return its ``mutation_result``."""
+        await self.send({"type": "mutate", "requestId": request_id, "name": name, "args": args})
+        return await self.result(request_id, timeout)
+
+    async def result(self, request_id: int, timeout: float = WAIT) -> dict[str, Any]:
+        await self.wait(
+            lambda: request_id in self.results, f"mutation_result {request_id}", timeout
+        )
+        return self.results[request_id]
+
+    async def authenticate(self, token: str, auth_version: int) -> dict[str, Any]:
+        """Send ``authenticate``; return the ``auth_ok`` (fails on ``auth_error``)."""
+        start = len(self.frames)
+        await self.send({"type": "authenticate", "token": token, "authVersion": auth_version})
+
+        def answer() -> dict[str, Any] | None:
+            for frame in self.frames[start:]:
+                if frame["type"] in ("auth_ok", "auth_error"):
+                    return frame
+            return None
+
+        await self.wait(lambda: answer() is not None, f"an answer to authVersion {auth_version}")
+        frame = answer()
+        assert frame is not None and frame["type"] == "auth_ok", frame
+        return frame
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.close(), 3)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._reader, 3)
+
+
+Opener = Callable[..., Awaitable[Live]]
+
+
+@pytest.fixture
+async def open_live() -> AsyncIterator[Opener]:
+    """``await open_live(server, label=..., client_id=...)``: a connected :class:`Live`, closed
+    after the test."""
+    opened: list[Live] = []
+
+    async def open_(server: ServerProcess, label: str = "", **kwargs: Any) -> Live:
+        client = await connect_sync(server.ws_url, **kwargs)
+        live = Live(client, label or f"socket {len(opened) + 1} on :{server.port}")
+        opened.append(live)
+        return live
+
+    yield open_
+    await asyncio.gather(*(live.close() for live in opened))
+
+
+def two_instances(
+    server_factory: Callable[..., ServerProcess], env: dict[str, str] | None = None
+) -> tuple[ServerProcess, ServerProcess]:
+    """Instances A and B of one deployment: one Redis, one key file, one issuer."""
+    return server_factory(env=env), server_factory(env=env)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def transitions(live: Live, start: int = 0) -> list[dict[str, Any]]:
+    return [f for f in live.frames[start:] if f["type"] == "transition"]
+
+
+def values_of(live: Live, query_id: int) -> list[Any]:
+    """Every value ``query_id`` took on ``live``, in order."""
+    return [
+        update["value"]
+        for frame in transitions(live)
+        for update in frame["updates"]
+        if update["queryId"] == query_id and "value" in update
+    ]
+
+
+async def commit_versions(redis_client: redis.asyncio.Redis) -> list[int]:
+    """The versions in the commit stream, in order."""
+    entries = await redis_client.xrange(redis_keys.DATA_COMMITS)
+    return [int(fields["v"]) for _, fields in entries]
+
+
+# ---------------------------------------------------------------------------------- counting
+
+
+async def test_twenty_clients_on_two_instances_increment_one_counter_exactly_once_each(
+    server_factory: Callable[..., ServerProcess],
+    open_live: Opener,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    a, b = two_instances(server_factory)
+    name = unique("hits")
+    watchers = [await open_live(server, label=f"watcher {i}") for i, server in enumerate((a, b))]
+    for watcher in watchers:
+        await watcher.subscribe(1, "counter.get", {"name": name})
+        assert watcher.value(1) == 0
+    per_client = 5
+    clients = [await open_live((a, b)[i % 2], label=f"client {i}") for i in range(20)]
+
+    async def burst(client: Live) -> list[dict[str, Any]]:
+        # Every increment of the client is in flight at once.
+        for request_id in range(1, per_client + 1):
+            await client.send(
+                {
+                    "type": "mutate",
+                    "requestId": request_id,
+                    "name": "counter.increment",
+                    "args": {"name": name},
+                }
+            )
+        return [await client.result(rid, timeout=60) for rid in range(1, per_client + 1)]
+
+    outcomes = [r for results in await asyncio.gather(*map(burst, clients)) for r in results]
+    acked = [r for r in outcomes if "error" not in r]
+    refused = [r for r in outcomes if "error" in r]
+    assert all(r["error"]["code"] == "conflict" for r in refused), refused
+    assert acked, "every increment failed: nothing was tested"
+
+    # Serialisable increments by 1 return 1, 2, ..., n: none lost, none applied twice.
+    assert sorted(r["value"] for r in acked) == list(range(1, len(acked) + 1))
+    assert len({r["version"] for r in acked}) == len(acked)
+    # One commit per acknowledged increment, and none for the refused ones.
+    assert sorted(await commit_versions(redis_client)) == sorted(r["version"] for r in acked)
+
+    for watcher in watchers:
+        await watcher.wait_held(1, ("value", len(acked)))
+        seen = values_of(watcher, 1)
+        assert seen == sorted(seen), f"the counter went down on {watcher.label}: {seen}"
+    for server in (a, b):
+        reader = await open_live(server, label="late reader")
+        await reader.subscribe(1, "counter.get", {"name": name})
+        assert reader.value(1) == len(acked)
+
+
+# ------------------------------------------------------------------------------ read your writes
+
+
+async def test_read_your_writes_for_counter_notes_and_messages_on_both_instances(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    a, b = two_instances(server_factory)
+    user = await signup(a.base_url)
+    counter, channel = unique("rw"), unique("room")
+    writers = [
+        await open_live(server, label=f"writer on {n}") for n, server in (("A", a), ("B", b))
+    ]
+    for auth_version, writer in enumerate(writers, 1):
+        await writer.authenticate(user["accessToken"], auth_version)
+        await writer.subscribe(1, "counter.get", {"name": counter})
+        await writer.subscribe(2, "notes.mine")
+        await writer.subscribe(3, "messages.list", {"channel": channel})
+
+    async def write(writer: Live, tag: str) -> int:
+        checked = 0
+        request_id = 0
+        for round_ in range(4):
+            text = f"{tag}-{round_}"
+            calls = {
+                request_id + 1: ("counter.increment", {"name": counter}),
+                request_id + 2: ("notes.add", {"text": text}),
+                request_id + 3: ("messages.send", {"channel": channel, "body": text}),
+            }
+            request_id += 3
+            # Pipelined: the three mutations are in flight together on the socket.
+            for rid, (name, args) in calls.items():
+                await writer.send({"type": "mutate", "requestId": rid, "name": name, "args": args})
+            for rid, (name, _args) in calls.items():
+                result = await writer.result(rid)
+                assert "error" not in result, result
+                version, held = writer.at_result[rid]
+                where = f"{writer.label}, {name} → {result}, holding {held} at {version}"
+                assert version >= result["version"], where
+                if name == "counter.increment":
+                    assert held[1][0] == "value" and held[1][1] >= result["value"], where
+                elif name == "notes.add":
+                    assert {"id": result["value"], "text": text} in held[2][1], where
+                else:
+                    ids = {(m["id"], m["body"]) for m in held[3][1]}
+                    assert (result["value"], text) in ids, where
+                checked += 1
+        return checked
+
+    assert await asyncio.gather(write(writers[0], "a"), write(writers[1], "b")) == [12, 12]
+    # And each writer ends with the other's writes too.
+    for writer in writers:
+        await writer.wait_held(1, ("value", 8))
+        await writer.wait(lambda w=writer: len(w.value(2)) == 8, "eight notes")  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------- idempotency
+
+
+async def test_a_mutation_resent_on_the_other_instance_gets_its_original_outcome_once(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    a, b = two_instances(server_factory)
+    user = await signup(a.base_url)
+    client_id = unique("replayer")
+    counter, channel = unique("once"), unique("room")
+
+    on_a = await open_live(a, label="first socket on A", client_id=client_id)
+    await on_a.authenticate(user["accessToken"], 1)
+    note = await on_a.mutate(1, "notes.add", {"text": "only once"})
+    bump = await on_a.mutate(2, "counter.increment", {"name": counter, "by": 5})
+    invalid = await on_a.mutate(3, "messages.send", {"channel": channel, "body": ""})
+    assert "error" not in note and "error" not in bump, (note, bump)
+    assert bump["value"] == 5
+    assert invalid["error"]["code"] == "invalid"
+    await on_a.close()
+
+    on_b = await open_live(b, label="reconnected on B", client_id=client_id)
+    await on_b.authenticate(user["accessToken"], 1)
+    await on_b.subscribe(1, "notes.mine")
+    await on_b.subscribe(2, "counter.get", {"name": counter})
+    await on_b.subscribe(3, "messages.list", {"channel": channel})
+    assert await on_b.mutate(1, "notes.add", {"text": "only once"}) == note
+    assert await on_b.mutate(2, "counter.increment", {"name": counter, "by": 5}) == bump
+    assert await on_b.mutate(3, "messages.send", {"channel": channel, "body": ""}) == invalid
+    assert on_b.value(1) == [{"id": note["value"], "text": "only once"}]
+    assert on_b.value(2) == 5
+    assert on_b.value(3) == []
+
+    # The same request on both instances at once (a client that reconnected while its first
+    # socket was still open): one outcome, applied once.
+    on_a2 = await open_live(a, label="second socket on A", client_id=client_id)
+    await on_a2.authenticate(user["accessToken"], 1)
+    frame = {
+        "type": "mutate",
+        "requestId": 4,
+        "name": "counter.increment",
+        "args": {"name": counter},
+    }
+    await asyncio.gather(on_a2.send(frame), on_b.send(frame))
+    twins = await asyncio.gather(on_a2.result(4), on_b.result(4))
+    assert twins[0] == twins[1] and twins[0]["value"] == 6, twins
+    await on_b.wait_held(2, ("value", 6))
+
+    # A reply lost with its socket: the client re-sends on the other instance.
+    await on_a2.send(
+        {"type": "mutate", "requestId": 5, "name": "notes.add", "args": {"text": "lost reply"}}
+    )
+    await on_a2.close()
+    resent = await on_b.mutate(5, "notes.add", {"text": "lost reply"})
+    assert "error" not in resent, resent
+    await on_b.wait(lambda: len(on_b.value(1)) == 2, "two notes")
+    assert on_b.value(1) == [
+        {"id": note["value"], "text": "only once"},
+        {"id": resent["value"], "text": "lost reply"},
+    ]
+    await asyncio.sleep(0.5)  # a late second application would show up here
+    assert len(on_b.value(1)) == 2 and on_b.value(2) == 6
+
+
+# ---------------------------------------------------------------------------------- identity
+
+
+async def test_notes_mine_follows_the_identity_and_a_same_user_refresh_sends_nothing(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    a, b = two_instances(server_factory)
+    alice, bob = await signup(a.base_url), await signup(a.base_url)
+    alice_writer = await open_live(a, label="alice writer")
+    await alice_writer.authenticate(alice["accessToken"], 1)
+    bob_writer = await open_live(a, label="bob writer")
+    await bob_writer.authenticate(bob["accessToken"], 1)
+    a1 = (await alice_writer.mutate(1, "notes.add", {"text": "a1"}))["value"]
+    b1 = (await bob_writer.mutate(1, "notes.add", {"text": "b1"}))["value"]
+
+    watcher = await open_live(b, label="watcher on B")
+    await watcher.subscribe(1, "notes.mine")
+    await watcher.subscribe(2, "whoami")
+    await watcher.subscribe(3, "counter.get", {"name": unique("bystander")})
+    assert watcher.held[1] == UNAUTHENTICATED
+    assert watcher.held[2] == ("value", None)
+
+    # Anonymous → alice: both identity-reading queries change in one transition; the counter,
+    # which never read the identity, is not re-sent.
+    start = len(watcher.frames)
+    await watcher.authenticate(alice["accessToken"], 1)
+    await watcher.wait_held(1, ("value", [{"id": a1, "text": "a1"}]))
+    changed = transitions(watcher, start)
+    assert len(changed) == 1, changed
+    assert sorted(u["queryId"] for u in changed[0]["updates"]) == [1, 2]
+    assert watcher.value(2) == {"userId": alice["userId"]}
+
+    a2 = (await alice_writer.mutate(2, "notes.add", {"text": "a2"}))["value"]
+    await watcher.wait_held(1, ("value", [{"id": a1, "text": "a1"}, {"id": a2, "text": "a2"}]))
+
+    # Alice → bob.
+    start = len(watcher.frames)
+    await watcher.authenticate(bob["accessToken"], 2)
+    await watcher.wait_held(1, ("value", [{"id": b1, "text": "b1"}]))
+    changed = transitions(watcher, start)
+    assert len(changed) == 1 and watcher.value(2) == {"userId": bob["userId"]}, changed
+
+    # Alice's new note is not bob's business; bob's is.
+    await alice_writer.mutate(3, "notes.add", {"text": "a3"})
+    b2 = (await bob_writer.mutate(2, "notes.add", {"text": "b2"}))["value"]
+    bobs = [{"id": b1, "text": "b1"}, {"id": b2, "text": "b2"}]
+    await watcher.wait_held(1, ("value", bobs))
+    assert all("a3" not in json.dumps(f) for f in watcher.frames), watcher.frames
+
+    # An in-band refresh that keeps user and session: auth_ok (with new tokens), nothing else.
+    start = len(watcher.frames)
+    await watcher.send({"type": "refresh", "refreshToken": bob["refreshToken"], "authVersion": 3})
+    _, ok = await watcher.wait_frame("auth_ok", start)
+    assert ok["authVersion"] == 3 and "tokens" in ok, ok
+    assert ok["identity"] == {"userId": bob["userId"], "sessionId": bob["sessionId"]}
+    await asyncio.sleep(1.0)
+    assert watcher.frames[start:] == [ok], watcher.frames[start:]
+
+    # Bob signs out over HTTP on the other instance: back to unauthenticated.
+    start = len(watcher.frames)
+    response = await auth_post(a.base_url, "/auth/signout", token=ok["tokens"]["accessToken"])
+    assert response.status_code == 204, response.text
+    await watcher.wait_held(1, UNAUTHENTICATED)
+    revoked, anonymous = watcher.frames[start:][:2]
+    assert revoked == {"type": "session_revoked", "reason": "signed_out"}, revoked
+    assert anonymous["type"] == "transition", anonymous
+    assert sorted(u["queryId"] for u in anonymous["updates"]) == [1, 2]
+    assert watcher.held[2] == ("value", None)
+    assert watcher.held[3] == ("value", 0)
+
+
+async def test_notes_mine_becomes_unauthenticated_when_the_identity_expires(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    a, b = two_instances(server_factory, EXPIRY_ENV)
+    alice = await signup(a.base_url)
+    writer = await open_live(a, label="alice writer")
+    await writer.authenticate(alice["accessToken"], 1)
+    note = (await writer.mutate(1, "notes.add", {"text": "before expiry"}))["value"]
+
+    watcher = await open_live(b, label="watcher on B")
+    await watcher.subscribe(1, "notes.mine")
+    assert watcher.held[1] == UNAUTHENTICATED
+    await watcher.authenticate(alice["accessToken"], 1)
+    await watcher.wait_held(1, ("value", [{"id": note, "text": "before expiry"}]))
+
+    # exp is 3 s after sign-up, plus 1 s of leeway.
+    index, _ = await watcher.wait_frame("auth_expired", timeout=8)
+    await watcher.wait_held(1, UNAUTHENTICATED)
+    later = watcher.frames[index + 1 :]
+    assert [f["type"] for f in later] == ["transition"], later
+    assert later[0]["updates"] == [
+        {
+            "queryId": 1,
+            "error": {
+                "code": "unauthenticated",
+                "message": later[0]["updates"][0]["error"]["message"],
+            },
+        }
+    ]
+    # Nothing computed under the ended identity arrives afterwards.
+    await asyncio.sleep(0.5)
+    assert watcher.held[1] == UNAUTHENTICATED
+
+
+# ---------------------------------------------------------------------------------- sharing
+
+
+async def test_identical_subscriptions_on_one_instance_share_one_evaluation(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    """Black box: ``tally.evaluations`` returns a per-process count of its runs, so sockets that
+    share one evaluation receive the same count, and sockets evaluated apart cannot."""
+    server = server_factory(app=TEST_APP)
+    alice = await signup(server.base_url)
+    bob = await signup(server.base_url)
+    name = unique("shared")
+
+    same = [await open_live(server, label=f"same args {i}") for i in range(3)]
+    other_args = await open_live(server, label="other args")
+    for live in same:
+        await live.subscribe(1, "tally.evaluations", {"name": name})
+    await other_args.subscribe(1, "tally.evaluations", {"name": unique("other")})
+    # Identity-reading: shared per (user, session), never across users.
+    alice_sockets = [await open_live(server, label=f"alice {i}") for i in range(2)]
+    for live in alice_sockets:
+        await live.authenticate(alice["accessToken"], 1)
+        await live.subscribe(2, "tally.mine", {"name": name})
+    bob_socket = await open_live(server, label="bob")
+    await bob_socket.authenticate(bob["accessToken"], 1)
+    await bob_socket.subscribe(2, "tally.mine", {"name": name})
+
+    writer = await open_live(server, label="writer")
+    for round_ in range(1, 4):
+        await writer.mutate(round_, "tally.bump", {"name": name})
+        for live in same:
+            await live.wait(
+                lambda live=live, r=round_: live.value(1)["value"] == r, f"tally {round_}"
+            )  # type: ignore[misc]
+        for live in (*alice_sockets, bob_socket):
+            await live.wait(
+                lambda live=live, r=round_: live.value(2)["value"] == r, f"tally {round_}"
+            )  # type: ignore[misc]
+        counts = {live.value(1)["evaluation"] for live in same}
+        assert len(counts) == 1, f"round {round_}: evaluated separately: {counts}"
+        alice_counts = {live.value(2)["evaluation"] for live in alice_sockets}
+        assert len(alice_counts) == 1, f"round {round_}: alice's sockets apart: {alice_counts}"
+        assert {live.value(2)["user"] for live in alice_sockets} == {alice["userId"]}
+        assert bob_socket.value(2)["user"] == bob["userId"]
+        assert bob_socket.value(2)["evaluation"] not in alice_counts | counts
+    # The unrelated subscription was not re-run by commits it did not read.
+    assert len(values_of(other_args, 1)) == 1
+
+
+# ---------------------------------------------------------------------------------- Redis restart
+
+
+async def test_subscriptions_resynchronise_after_redis_restarts(
+    server_factory: Callable[..., ServerProcess],
+    open_live: Opener,
+    redis_proc: RedisProcess,
+) -> None:
+    a, b = two_instances(server_factory)
+    user = await signup(a.base_url)
+    counter, channel = unique("restart"), unique("room")
+    watchers = [await open_live(s, label=f"watcher on {n}") for n, s in (("A", a), ("B", b))]
+    for watcher in watchers:
+        await watcher.subscribe(1, "counter.get", {"name": counter})
+        await watcher.subscribe(2, "messages.list", {"channel": channel})
+    writer = await open_live(a, label="writer on A")
+    await writer.authenticate(user["accessToken"], 1)
+    for rid in range(1, 4):
+        assert (await writer.mutate(rid, "counter.increment", {"name": counter}))["value"] == rid
+    for watcher in watchers:
+        await watcher.wait_held(1, ("value", 3))
+
+    redis_proc.stop()
+    # A subscription made while Redis is away gets its first value once it is back.
+    newcomer = await open_live(b, label="newcomer on B")
+    await newcomer.send(
+        {"type": "subscribe", "queryId": 1, "name": "counter.get", "args": {"name": counter}}
+    )
+    await asyncio.sleep(1.5)
+    redis_proc.restart()
+
+    # Re-send with the same requestId until answered: idempotent, so never applied twice.
+    async def until_answered(rid: int, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        for _ in range(20):
+            await writer.send({"type": "mutate", "requestId": rid, "name": name, "args": args})
+            with contextlib.suppress(AssertionError):
+                result = await writer.result(rid, timeout=1.0)
+                if "error" not in result:
+                    return result
+                writer.results.pop(rid)
+        raise AssertionError(f"mutation {rid} never succeeded: {writer.frames[-5:]}")
+
+    bump = await until_answered(10, "counter.increment", {"name": counter})
+    assert bump["value"] == 4, bump
+    sent = await until_answered(11, "messages.send", {"channel": channel, "body": "after"})
+    for watcher in (*watchers, newcomer):
+        await watcher.wait_held(1, ("value", 4), timeout=10)
+    for watcher in watchers:
+        await watcher.wait(
+            lambda w=watcher: [m["id"] for m in w.value(2)] == [sent["value"]],  # type: ignore[misc]
+            "the message sent after the restart",
+            timeout=10,
+        )
+    for live in (*watchers, newcomer, writer):
+        assert not live.problems, live.problems  # versions never went down
+
+
+# ---------------------------------------------------------------------------------- trimming
+
+
+async def test_subscribers_converge_while_the_commit_stream_is_trimmed(
+    server_factory: Callable[..., ServerProcess],
+    open_live: Opener,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    a, b = two_instances(server_factory)
+    user = await signup(a.base_url)
+    counter, channel = unique("trim"), unique("room")
+    watchers = [await open_live(s, label=f"watcher on {n}") for n, s in (("A", a), ("B", b))]
+    for watcher in watchers:
+        await watcher.subscribe(1, "counter.get", {"name": counter})
+        await watcher.subscribe(2, "messages.list", {"channel": channel})
+    writers = [await open_live(s, label=f"writer on {n}") for n, s in (("A", a), ("B", b))]
+    for writer in writers:
+        await writer.authenticate(user["accessToken"], 1)
+
+    done = asyncio.Event()
+    trims = 0
+
+    async def trim() -> None:
+        nonlocal trims
+        while not done.is_set():
+            await redis_client.xtrim(redis_keys.DATA_COMMITS, maxlen=0, approximate=False)
+            trims += 1
+            await asyncio.sleep(0.01)
+
+    async def write(writer: Live, tag: str) -> tuple[int, list[tuple[int, str]]]:
+        bumps, messages = 0, []
+        for i in range(15):
+            result = await writer.mutate(2 * i + 1, "counter.increment", {"name": counter})
+            bumps += "error" not in result
+            sent = await writer.mutate(
+                2 * i + 2, "messages.send", {"channel": channel, "body": f"{tag}{i}"}
+            )
+            if "error" not in sent:
+                messages.append((sent["version"], sent["value"]))
+        return bumps, messages
+
+    trimmer = asyncio.create_task(trim())
+    try:
+        written = await asyncio.gather(write(writers[0], "a"), write(writers[1], "b"))
+    finally:
+        done.set()
+        await trimmer
+    assert trims > 10
+    total = sum(bumps for bumps, _ in written)
+    messages = [mid for _, mid in sorted(m for _, ms in written for m in ms)]
+    assert total > 0 and messages
+    for watcher in watchers:
+        await watcher.wait_held(1, ("value", total), timeout=10)
+        await watcher.wait(
+            lambda w=watcher: [m["id"] for m in w.value(2)] == messages,  # type: ignore[misc]
+            "every message, in commit order",
+            timeout=10,
+        )
+        seen = values_of(watcher, 1)
+        assert seen == sorted(seen), f"the counter went down on {watcher.label}: {seen}"
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+async def test_unknown_functions_and_bad_args_are_refused_and_the_socket_keeps_working(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    server = server_factory()
+    live = await open_live(server)
+    cases = [
+        ({"type": "subscribe", "queryId": 1, "name": "no.such", "args": {}}, "unknown_function"),
+        # A mutation is not a query, and the other way round.
+        (
+            {"type": "subscribe", "queryId": 2, "name": "counter.increment", "args": {"name": "x"}},
+            "unknown_function",
+        ),
+        ({"type": "mutate", "requestId": 1, "name": "no.such", "args": {}}, "unknown_function"),
+        (
+            {"type": "mutate", "requestId": 2, "name": "counter.get", "args": {"name": "x"}},
+            "unknown_function",
+        ),
+        ({"type": "subscribe", "queryId": 3, "name": "counter.get", "args": {}}, "bad_args"),
+        (
+            {"type": "subscribe", "queryId": 4, "name": "counter.get", "args": {"name": 7}},
+            "bad_args",
+        ),
+        ({"type": "subscribe", "queryId": 5, "name": "whoami", "args": {"extra": 1}}, "bad_args"),
+        (
+            {
+                "type": "mutate",
+                "requestId": 3,
+                "name": "counter.increment",
+                "args": {"name": "x", "by": "two"},
+            },
+            "bad_args",
+        ),
+        (
+            {
+                "type": "mutate",
+                "requestId": 4,
+                "name": "counter.increment",
+                "args": {"name": "x", "by": True},
+            },
+            "bad_args",
+        ),
+    ]
+    for frame, code in cases:
+        start = len(live.frames)
+        await live.send(frame)
+        _, error = await live.wait_frame("error", start)
+        assert error["code"] == code, (frame, error)
+        id_field = "queryId" if frame["type"] == "subscribe" else "requestId"
+        other = "requestId" if id_field == "queryId" else "queryId"
+        id_value = frame[id_field]
+        assert error.get(id_field) == id_value and other not in error, (frame, error)
+    assert not live.held and not live.results
+    # Nothing was registered or run: the ids are free, and the counter was never touched.
+    await live.subscribe(1, "counter.get", {"name": "x"})
+    await live.subscribe(3, "counter.get", {"name": "x"})
+    assert live.held == {1: ("value", 0), 3: ("value", 0)}
+    assert (await live.mutate(3, "counter.increment", {"name": "x"}))["value"] == 1
+    await live.wait_held(1, ("value", 1))
+
+
+async def test_failing_and_oversized_queries_get_error_updates_and_nothing_else_breaks(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    server = server_factory(app=TEST_APP, env={"TETHER_MAX_RESULT_BYTES": "1000"})
+    name = unique("t")
+    live = await open_live(server, label="subscriber")
+    bystander = await open_live(server, label="bystander")
+    await bystander.subscribe(1, "tally.get", {"name": name})
+
+    await live.subscribe(1, "tally.get", {"name": name})
+    await live.subscribe(2, "boom")
+    assert live.held[2] == ("error", "internal")
+    await live.subscribe(3, "tally.flaky", {"name": name})
+    await live.subscribe(4, "big", {"size": 1000})  # 1002 bytes with its quotes
+    await live.subscribe(5, "big", {"size": 998})
+    await live.subscribe(6, "tally.sized", {"name": name, "unit": 400})
+    assert live.held[3] == ("value", 0)
+    assert live.held[4] == ("error", "limit_exceeded")
+    assert live.held[5] == ("value", "x" * 998)
+    assert live.held[6] == ("value", "")
+    # The error messages are the contract's, not the exception's text.
+    boom_update = next(u for f in transitions(live) for u in f["updates"] if u["queryId"] == 2)
+    assert "always fails" not in boom_update["error"]["message"]
+
+    expected = {
+        1: [("value", 1), ("value", 2), ("value", 3)],
+        3: [("error", "internal"), ("value", 2), ("error", "internal")],
+        6: [("value", "x" * 400), ("value", "x" * 800), ("error", "limit_exceeded")],
+    }
+    writer = await open_live(server, label="writer")
+    for step in range(3):
+        result = await writer.mutate(step + 1, "tally.bump", {"name": name})
+        assert result["value"] == step + 1
+        for query_id, states in expected.items():
+            await live.wait_held(query_id, states[step])
+        await bystander.wait_held(1, ("value", step + 1))
+    # The failing queries never disturbed the others: each state came in one transition each.
+    assert live.held[2] == ("error", "internal") and live.held[4] == ("error", "limit_exceeded")
+    start = len(live.frames)
+    await live.send({"type": "ping"})
+    await live.wait_frame("pong", start)
+
+    # Mutations that fail after writing: the error is the outcome and the writes are dropped.
+    failed = await writer.mutate(10, "tally.bump_then_raise", {"name": name})
+    assert failed["error"]["code"] == "internal", failed
+    too_big = await writer.mutate(11, "tally.bump_big", {"name": name, "size": 2000})
+    assert too_big["error"]["code"] == "limit_exceeded", too_big
+    fine = await writer.mutate(12, "tally.bump_big", {"name": name, "size": 10})
+    assert fine["value"] == "x" * 10
+    await live.wait_held(1, ("value", 4))
+    await bystander.wait_held(1, ("value", 4))
+    assert values_of(bystander, 1) == [0, 1, 2, 3, 4]
