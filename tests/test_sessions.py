@@ -25,8 +25,8 @@ import redis.asyncio
 
 from server import redis_keys
 from server.app import Node
-from server.demo import app as demo_app
 from server.clock import ManualClock, to_ms
+from server.demo import app as demo_app
 from server.errors import HTTPCode, SessionEndReason
 from server.keys import KeySet
 from server.redis_conn import connect
