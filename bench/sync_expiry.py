@@ -274,6 +274,7 @@ async def authenticate_and_wait(
 def serve_timers(port: int) -> None:
     """The baseline: one ``loop.call_at`` per authenticated connection, then one send."""
     from websockets.asyncio.server import ServerConnection, serve
+    from websockets.exceptions import ConnectionClosed
 
     async def handler(ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
@@ -301,6 +302,8 @@ def serve_timers(port: int) -> None:
                     await ws.send(json.dumps({"type": "auth_ok", "serverTime": now_ms()}))
                 elif kind == "ping":
                     await ws.send(json.dumps({"type": "pong", "serverTime": now_ms()}))
+        except ConnectionClosed:  # the load generator aborts its connections at the end
+            pass
         finally:
             if timer is not None:
                 timer.cancel()

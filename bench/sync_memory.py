@@ -10,16 +10,19 @@ open and have been idle for a few seconds. Rows, measured in the same run:
 * ``bare``       -- ``websockets`` 17 asyncio server, compression off: the baseline (1.00x).
 * ``asgi``       -- a raw ASGI echo callable on uvicorn with Tether's exact uvicorn settings
   (``websockets-sansio``, per-message deflate off): uvicorn's share.
-* ``starlette``  -- (optional) the same callable behind Starlette's router, as Tether mounts
-  ``/sync``: the router's share.
-* ``tether-anon`` -- (optional) ``python -m server serve``, connected but not authenticated.
+* ``asgi-wsproto`` -- the same on uvicorn's ``wsproto`` implementation, for comparison.
+* ``starlette``  -- the same callable behind Starlette's router, as Tether mounts ``/sync``:
+  the router's share.
+* ``tether-anon`` -- ``python -m server serve``, connected but not authenticated.
 * ``tether``     -- ``python -m server serve``, connected and authenticated: the figure with
   the target (at most 1.5x bare, ``/work/shared/baselines.md``).
 
-Run from the repository root::
+The load generator is one process of :class:`LeanClient` connections (sans-I/O, cheap);
+``sync_connect.py``, ``sync_expiry.py`` and ``sync_revocation.py`` import it and the process
+helpers from here. Run from the repository root::
 
-    .venv/bin/python bench/sync_memory.py            # N = 10,000, rows bare, asgi, tether
-    .venv/bin/python bench/sync_memory.py --n 2000 --servers bare,asgi,starlette,tether-anon,tether
+    .venv/bin/python bench/sync_memory.py                    # N = 10,000, every row
+    .venv/bin/python bench/sync_memory.py --n 2000 --servers bare,tether
 """
 
 from __future__ import annotations
@@ -527,7 +530,7 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
 
 def token_stand_ins(count: int) -> list[str]:
     """Token-sized stand-ins for the echo baselines (ES256 JWTs are about this long)."""
-    return [("eyJ" + uuid.uuid4().hex * 8)[:420] for _ in range(count)]
+    return [("eyJ" + uuid.uuid4().hex * 8)[:370] for _ in range(count)]
 
 
 # ------------------------------------------------------------------------------ baseline servers
@@ -535,10 +538,14 @@ def token_stand_ins(count: int) -> list[str]:
 
 def serve_bare(port: int) -> None:
     from websockets.asyncio.server import ServerConnection, serve
+    from websockets.exceptions import ConnectionClosed
 
     async def echo(ws: ServerConnection) -> None:
-        async for message in ws:
-            await ws.send(message)
+        try:
+            async for message in ws:
+                await ws.send(message)
+        except ConnectionClosed:  # the load generator aborts its connections at the end
+            pass
 
     async def run() -> None:
         async with serve(echo, "127.0.0.1", port, compression=None, backlog=1024) as server:
@@ -647,10 +654,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000, help="connections per server [10000]")
     parser.add_argument(
         "--servers",
-        default="bare,asgi,tether",
-        help=f"comma-separated rows among {','.join(ALL_KINDS)} [bare,asgi,tether]",
+        default=",".join(ALL_KINDS),
+        help=f"comma-separated rows among {','.join(ALL_KINDS)} [all]",
     )
-    parser.add_argument("--concurrency", type=int, default=100, help="handshakes in flight [100]")
+    parser.add_argument("--concurrency", type=int, default=50, help="handshakes in flight [50]")
     parser.add_argument("--idle", type=float, default=5.0, help="idle seconds before reading RSS")
     parser.add_argument("--users", type=int, default=8, help="users whose tokens are shared [8]")
     parser.add_argument("--warmup", type=int, default=50, help="connections before 'before' [50]")

@@ -32,6 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from client.cli import add_client_commands
 from server.embedded_redis import URL_FILE_NAME, EmbeddedRedis
 from server.settings import ENV_PREFIX, Settings, SettingsError
 
@@ -142,6 +143,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_data_dir(revoke)
     revoke.set_defaults(run=_sessions_revoke)
+    add_client_commands(commands)
     return parser
 
 

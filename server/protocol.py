@@ -203,6 +203,21 @@ def parse_client_message(frame: str | bytes) -> ClientMessage:
     raise BadMessage(ErrorCode.UNKNOWN_TYPE, "unknown message type")
 
 
+def _rate_limited(frame: str | bytes) -> BadMessage:
+    """The ``rate_limited`` error for a dropped frame, naming its queryId/requestId if it has
+    one, so the client knows which request will get no other answer."""
+    error = BadMessage(ErrorCode.RATE_LIMITED, "too many messages; this one was dropped")
+    try:
+        message = parse_client_message(frame)
+    except BadMessage:
+        return error
+    if isinstance(message, Subscribe):
+        error.query_id = message.query_id
+    elif isinstance(message, Mutate):
+        error.request_id = message.request_id
+    return error
+
+
 # --------------------------------------------------------------------------------- actions
 
 
@@ -542,7 +557,7 @@ class ConnectionCore:
             self.rate_violations += 1
             if self.rate_violations > self.limits.max_rate_violations:
                 return self._close(CloseCode.RATE_LIMITED, "too many messages")
-            return [Send(BadMessage(ErrorCode.RATE_LIMITED, "too many messages").to_frame())]
+            return [Send(_rate_limited(frame).to_frame())]
         try:
             message = parse_client_message(frame)
         except BadMessage as exc:

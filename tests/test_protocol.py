@@ -1748,3 +1748,22 @@ def test_random_input_never_raises_and_every_frame_encodes(
             check(core.close())
     check(core.close())
     assert core.close() == []
+
+
+def test_rate_limited_error_names_the_dropped_request() -> None:
+    """A subscribe or mutate dropped by the message rate limit is named in the error, so the
+    client knows that request will get no other answer."""
+    core = connected(limits=Limits(message_rate=(1, 10.0), heartbeat_timeout=1000.0))
+    # the connect used the window's only message
+    actions = core.receive(msg("subscribe", queryId=7, name="echo", args={}), 1.0)
+    assert only_frame(actions, "error") == {
+        "type": "error",
+        "code": "rate_limited",
+        "message": only_frame(actions, "error")["message"],
+        "queryId": 7,
+    }
+    actions = core.receive(msg("mutate", requestId=9, name="notes.add", args={}), 1.1)
+    assert only_frame(actions, "error")["requestId"] == 9
+    assert instances(actions, RunMutation) == []
+    # a ping names nothing
+    assert "queryId" not in only_frame(core.receive(msg("ping"), 1.2), "error")

@@ -4,9 +4,9 @@ Served with ``server_factory(app="tests.apps.reactive_app:app")``: the server ru
 repository root as its working directory and ``python -m`` puts that directory on ``sys.path``,
 so ``tests.apps`` imports there as it does in the test process.
 
-Every query below reads a *tally* (a named integer, like the demo's counter) so that a
-``tally.bump`` re-runs it: the error cases are then reached by a re-evaluation after a commit,
-not only by the first run of a subscription.
+Most queries read a *tally* (a named integer, like the demo's counter) so that a ``tally.bump``
+re-runs them: the error cases are then reached by a re-evaluation after a commit, not only by
+the first run of a subscription.
 
 Functions (args → result):
 
@@ -20,6 +20,8 @@ Functions (args → result):
 * ``tally.bump_big`` mutation ``{"name", "size"}`` → bumps, then returns ``size`` characters
 * ``boom`` query ``{}`` → always raises ``RuntimeError``
 * ``big`` query ``{"size"}`` → a string of ``size`` characters
+* ``tally.gated`` query ``{"name"}`` → ``{"value"}``, plus ``"user"`` once the value is positive:
+  it reads the identity only then
 
 ``evaluation`` is a per-process count of the runs of these two functions: two subscribers that
 share one evaluation receive the same number, two that are evaluated separately cannot.
@@ -117,3 +119,14 @@ async def boom(ctx: Context) -> None:
 async def big(ctx: Context, size: int) -> str:
     """A string of ``size`` characters (ASCII, so also ``size`` bytes)."""
     return "x" * size
+
+
+@app.query("tally.gated")
+async def tally_gated(ctx: Context, name: str) -> dict[str, Any]:
+    """``{"value"}``, plus ``"user"`` once the tally is positive: it reads the identity only
+    then, as a query that checks access only for some documents would."""
+    value = await _value(ctx, name)
+    if value <= 0:
+        return {"value": value}
+    auth = ctx.auth
+    return {"value": value, "user": None if auth is None else auth.user_id}
