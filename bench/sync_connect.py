@@ -46,7 +46,7 @@ from sync_memory import (
 )
 
 KINDS = ("bare", "asgi", "starlette", "tether-anon", "tether")
-DEFAULT_KINDS = ("bare", "asgi", "tether")
+DEFAULT_KINDS = KINDS
 LABELS = {
     "bare": "bare websockets 17: handshake + 2 echoes",
     "asgi": "raw ASGI echo, uvicorn sansio: same",

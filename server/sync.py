@@ -209,11 +209,14 @@ class Connection:
     def enqueue(self, text: str) -> None:
         if self.closing:
             return
-        self.out.append(text)
-        self.out_bytes += len(text)
+        # The client is behind when what it has not taken yet is over the limit; a single
+        # large frame onto a short queue is not a slow consumer (memory stays bounded by the
+        # limit plus one frame).
         if self.out_bytes > self.endpoint.settings.send_queue_bytes:
             self.close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
+        self.out.append(text)
+        self.out_bytes += len(text)
         self._start_writer()
 
     def _start_writer(self) -> None:

@@ -686,16 +686,14 @@ async def test_slow_consumer_is_closed_with_4008_and_released_while_the_server_s
         watcher = await open_sync(server.ws_url)  # a fresh message-rate window
         slowest = await _flood_big_subscriptions(silent, watcher, count)
         assert slowest < 0.5, f"a pong took {slowest:.3f} s while the slow client backed up"
-        deadline = time.monotonic() + 10.0 + 3.0
+        deadline = time.monotonic() + 10.0 + 5.0
         while _server_holds_connection(server, silent.port):
             assert time.monotonic() < deadline, "the server still holds the slow consumer"
             await asyncio.sleep(0.2)
         await watcher.ping(timeout=1)
         # The close frame was queued before the server let go: the kernel still delivers it.
-        assert _last_frame(await silent.read_to_end(10)) == (
-            0x8,
-            (4008).to_bytes(2, "big") + b"slow consumer",
-        )
+        opcode, payload = _last_frame(await silent.read_to_end(10))
+        assert (opcode, payload[:2]) == (0x8, (4008).to_bytes(2, "big")), payload
     finally:
         silent.close()
 
