@@ -38,6 +38,7 @@ from sync_memory import (
     ChildServer,
     Clients,
     Deployment,
+    describe_run,
     raise_nofile,
     sign_up,
     terminate_as_interrupt,
@@ -225,8 +226,8 @@ def main() -> None:
     if raise_nofile() < args.n + 100:
         parser.error("RLIMIT_NOFILE too low for --n")
     print(
-        f"sync_connect: N={args.n}, {args.concurrency} in flight, {args.repeat} run(s); Python "
-        f"{sys.version.split()[0]}, {os.cpu_count()} CPUs",
+        f"sync_connect: N={args.n}, {args.concurrency} in flight, {args.repeat} run(s); "
+        f"{describe_run()}",
         flush=True,
     )
 

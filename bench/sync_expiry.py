@@ -28,7 +28,6 @@ import asyncio
 import base64
 import json
 import math
-import os
 import sys
 import time
 import uuid
@@ -45,6 +44,7 @@ from sync_memory import (
     Clients,
     Deployment,
     LeanClient,
+    describe_run,
     quiet_gc,
     raise_nofile,
     terminate_as_interrupt,
@@ -395,11 +395,7 @@ def main() -> None:
     # under the default refresh limit (120 per 60 s).
     if 60 / (args.tick * args.sessions) > 100:
         parser.error("too many refreshes per session: raise --sessions or --tick")
-    print(
-        f"sync_expiry: N={args.n}, spread {args.spread} s; Python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} CPUs",
-        flush=True,
-    )
+    print(f"sync_expiry: N={args.n}, spread {args.spread} s; {describe_run()}", flush=True)
 
     async def bounded() -> list[Run]:
         async with asyncio.timeout(args.timeout):

@@ -89,6 +89,27 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def describe_run() -> str:
+    """Python, CPUs and the commit measured (``+ local changes`` when the tree is dirty)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "server"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        tree = f"commit {commit}" + (" + local changes in server/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        tree = "commit unknown"
+    return f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {tree}"
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of ``pid`` in KiB (``VmRSS`` of ``/proc/PID/status``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -678,11 +699,7 @@ def main() -> None:
     limit = raise_nofile()
     if limit < args.n + 100:
         parser.error(f"RLIMIT_NOFILE is {limit}: too low for {args.n} connections")
-    print(
-        f"sync_memory: N={args.n}, rows {', '.join(args.servers)}; Python "
-        f"{sys.version.split()[0]}, {os.cpu_count()} CPUs",
-        flush=True,
-    )
+    print(f"sync_memory: N={args.n}, rows {', '.join(args.servers)}; {describe_run()}", flush=True)
 
     async def bounded() -> list[Row]:
         async with asyncio.timeout(args.timeout):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 import uuid
@@ -38,6 +37,7 @@ from sync_memory import (
     Clients,
     Deployment,
     LeanClient,
+    describe_run,
     lean_connect,
     quiet_gc,
     raise_nofile,
@@ -283,11 +283,7 @@ def main() -> None:
         serve_relay(args.port, args.redis_url)
         return
     raise_nofile()
-    print(
-        f"sync_revocation: {args.repeat} rounds; Python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} CPUs",
-        flush=True,
-    )
+    print(f"sync_revocation: {args.repeat} rounds; {describe_run()}", flush=True)
 
     async def bounded() -> list[Samples]:
         async with asyncio.timeout(args.timeout):

@@ -389,12 +389,13 @@ class SubscriptionManager:
             if self.entries.get(entry.key) is not entry:
                 return  # dropped while evaluating
             if entry.free and ev.reads_identity:
-                # It reads the identity after all: give each subscriber its own entry.
+                # It reads the identity after all: each subscriber moves to an entry for its own
+                # identity, evaluated in this same cycle (they are dirty, so the cycle does not
+                # converge — nor deliver, nor release mutations — before they have values).
                 self._free_names.discard((entry.key[0], entry.key[1]))
                 self._drop(entry)
                 for reg in entry.regs:
-                    self._pending.append(reg)
-                self._wake.set()
+                    self._place(reg)
                 return
             version = ev.version if ev.version is not None else self.fetched
             newest = max(newest, version)

@@ -62,6 +62,10 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 SendFn = Callable[[Message], Awaitable[None]]
 
+#: The ``mutation_result`` error code when Redis could not be reached: the outcome is unknown
+#: and the client should re-send the mutation with the same requestId.
+MUTATION_UNAVAILABLE = "unavailable"
+
 #: Seconds a close frame may wait behind a client that stopped reading before we give up.
 CLOSE_TIMEOUT = 2.0
 
@@ -381,20 +385,35 @@ class Connection:
                 )
             )
             return
-        outcome = await self.endpoint.engine.run_mutation(
-            action.name,
-            action.args,
-            action.identity,
-            client_id=core.client_id or "",
-            request_id=action.request_id,
-        )
-        if outcome.version is not None and outcome.error is None:
-            # Read your writes: every subscription of this connection is delivered at a
-            # version >= the commit's before the mutation's result goes out.
-            manager = self.endpoint.subscriptions
-            manager.notify_commit()
-            processed = await manager.wait_processed(outcome.version)
-            self.execute(core.advance_version(processed, self.now()))
+        try:
+            outcome = await self.endpoint.engine.run_mutation(
+                action.name,
+                action.args,
+                action.identity,
+                client_id=core.client_id or "",
+                request_id=action.request_id,
+            )
+            if outcome.version is not None and outcome.error is None:
+                # Read your writes: every subscription of this connection is delivered at a
+                # version >= the commit's before the mutation's result goes out.
+                manager = self.endpoint.subscriptions
+                manager.notify_commit()
+                processed = await manager.wait_processed(outcome.version)
+                self.execute(core.advance_version(processed, self.now()))
+        except RedisError:
+            # Whether it committed is unknown; re-sending the same requestId is always safe.
+            self.execute(
+                core.mutation_done(
+                    action.generation,
+                    action.request_id,
+                    self.now(),
+                    error=(
+                        MUTATION_UNAVAILABLE,
+                        "the data store is unreachable; re-send with the same requestId",
+                    ),
+                )
+            )
+            return
         self.execute(
             core.mutation_done(
                 action.generation,

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import websockets
@@ -290,7 +290,7 @@ def observed(name: str, update: dict[str, Any], created: dict[str, int]) -> tupl
             message = dict(message)
             created_at = message.pop("createdAt", None)
             assert isinstance(created_at, int), f"createdAt is not an integer: {update}"
-            first = created.setdefault(message.get("id"), created_at)
+            first = created.setdefault(message["id"], created_at)
             assert first == created_at, f"createdAt changed for {message}: {first}"
             stripped.append(message)
         return ("value", stripped)
@@ -524,7 +524,10 @@ class ClientRun:
 async def commit_stream_versions(deployment: Deployment, after: int) -> list[int]:
     redis = deployment.redis.client()
     try:
-        entries = await redis.xrange(redis_keys.DATA_COMMITS, min=f"{after + 1}-0", max="+")
+        entries = cast(
+            "list[Any]",
+            await redis.xrange(redis_keys.DATA_COMMITS, min=f"{after + 1}-0", max="+"),
+        )
     finally:
         await redis.aclose()
     return [int(fields["v"]) for _, fields in entries]
@@ -533,7 +536,7 @@ async def commit_stream_versions(deployment: Deployment, after: int) -> list[int
 async def last_stream_version(deployment: Deployment) -> int:
     redis = deployment.redis.client()
     try:
-        last = await redis.xrevrange(redis_keys.DATA_COMMITS, count=1)
+        last = cast("list[Any]", await redis.xrevrange(redis_keys.DATA_COMMITS, count=1))
     finally:
         await redis.aclose()
     return int(last[0][1]["v"]) if last else 0
