@@ -40,8 +40,8 @@ from sync_memory import (
     Deployment,
     describe_run,
     raise_nofile,
+    run_bounded,
     sign_up,
-    terminate_as_interrupt,
     tether_frames,
     token_stand_ins,
 )
@@ -111,7 +111,7 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
             expect = [None, None]
         warm = Clients(url, 1)
         await warm.open_many(args.warmup, frames_for, expect, args.concurrency, "warm-up")
-        warm.abort_all()
+        await warm.abort_all()
         if warm.failures:
             raise RuntimeError(f"{kind}: warm-up failed: {warm.failures[0]}")
         await asyncio.sleep(0.5)
@@ -144,7 +144,7 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
         return row
     finally:
         if clients is not None:
-            clients.abort_all()
+            await clients.abort_all()
         if child is not None:
             child.stop()
         if deployment is not None:
@@ -231,12 +231,7 @@ def main() -> None:
         flush=True,
     )
 
-    async def bounded() -> list[Row]:
-        async with asyncio.timeout(args.timeout):
-            return await run(args)
-
-    with terminate_as_interrupt():
-        rows = asyncio.run(bounded())
+    rows = run_bounded(lambda: run(args), args.timeout)
     print_table(rows, args)
 
 

@@ -47,7 +47,7 @@ from sync_memory import (
     describe_run,
     quiet_gc,
     raise_nofile,
-    terminate_as_interrupt,
+    run_bounded,
     token_stand_ins,
 )
 
@@ -91,6 +91,7 @@ class Run:
     errors: list[str] = field(default_factory=list)
     duplicates: int = 0
     notices_seen: int = 0
+    refresh_retries: int = 0
     #: How many connections received each sequence of message types (for a failed run).
     sequences: Counter[str] = field(default_factory=Counter)
 
@@ -186,7 +187,7 @@ async def measure(kind: str, args: argparse.Namespace) -> Run:
         if http is not None:
             await http.aclose()
         if clients is not None:
-            clients.abort_all()
+            await clients.abort_all()
         if child is not None:
             child.stop()
         if deployment is not None:
@@ -215,7 +216,15 @@ async def authenticate_and_wait(
         await asyncio.sleep(max(0.0, start + tick * args.tick - loop.time()))
         if http is not None:
             session = tick % len(refresh_tokens)
-            resp = await http.post("/auth/refresh", json={"refreshToken": refresh_tokens[session]})
+            for attempt in range(10):
+                resp = await http.post(
+                    "/auth/refresh", json={"refreshToken": refresh_tokens[session]}
+                )
+                if resp.status_code != 503:
+                    break
+                # 503 unavailable means "retry" (protocol section 2); count it, it is a finding.
+                run.refresh_retries += 1
+                await asyncio.sleep(0.05 * (attempt + 1))
             if resp.status_code != 200:
                 raise RuntimeError(f"refresh at tick {tick}: {resp.status_code} {resp.text}")
             body = resp.json()
@@ -356,6 +365,8 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
         if missing:
             print(f"MISSED: {missing} connections got no auth_expiring")
     for run in runs:
+        if run.refresh_retries:
+            print(f"note: {run.kind}: {run.refresh_retries} token refreshes answered 503, retried")
         if run.errors or run.duplicates:
             print(f"note: {run.kind}: {len(run.errors)} unexpected messages, e.g. {run.errors[:1]}")
             print(f"note: {run.kind}: {run.duplicates} duplicate notices")
@@ -397,12 +408,7 @@ def main() -> None:
         parser.error("too many refreshes per session: raise --sessions or --tick")
     print(f"sync_expiry: N={args.n}, spread {args.spread} s; {describe_run()}", flush=True)
 
-    async def bounded() -> list[Run]:
-        async with asyncio.timeout(args.timeout):
-            return await run_all(args)
-
-    with terminate_as_interrupt():
-        runs = asyncio.run(bounded())
+    runs = run_bounded(lambda: run_all(args), args.timeout)
     print_table(runs, args)
 
 

@@ -15,7 +15,7 @@ open and have been idle for a few seconds. Rows, measured in the same run:
   the router's share.
 * ``tether-anon`` -- ``python -m server serve``, connected but not authenticated.
 * ``tether``     -- ``python -m server serve``, connected and authenticated: the figure with
-  the target (at most 1.5x bare, ``/work/shared/baselines.md``).
+  the target (at most 1.5x bare; figures in ``docs/benchmarks.md``).
 
 The load generator is one process of :class:`LeanClient` connections (sans-I/O, cheap);
 ``sync_connect.py``, ``sync_expiry.py`` and ``sync_revocation.py`` import it and the process
@@ -43,10 +43,10 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -235,6 +235,32 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+T = TypeVar("T")
+
+
+def run_bounded(make: Callable[[], Awaitable[T]], timeout: float) -> T:
+    """Run the benchmark coroutine ``make()`` for at most ``timeout`` seconds. Ctrl-C, SIGTERM
+    and the time limit unwind through every ``finally``, which stop the processes started."""
+
+    async def bounded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        # SIGTERM cancels the run like Ctrl-C does (asyncio.run's own SIGINT handling).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        async with asyncio.timeout(timeout):
+            return await make()
+
+    try:
+        with terminate_as_interrupt():
+            return asyncio.run(bounded())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; the processes this benchmark started are stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+    except TimeoutError:
+        print(f"gave up after {timeout:.0f} s (--timeout); processes stopped", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 async def sign_up(base_url: str, count: int) -> list[str]:
     """Sign up ``count`` users; return their access tokens."""
     tokens = []
@@ -258,8 +284,9 @@ class LeanClient(asyncio.Protocol):
     """A WebSocket client connection on ``websockets``' sans-I/O ``ClientProtocol``.
 
     Much cheaper per connection and per message than ``websockets.asyncio.client`` (no task per
-    connection, no message queue), so one load-generator process is not the bottleneck of the
-    servers it measures. Every text message is time-stamped (``time.time()``) in
+    connection, no message queue), so that one load-generator process can keep up with the
+    servers it measures (``sync_connect.py`` prints its CPU share). Every text message is
+    time-stamped (``time.time()``) in
     ``data_received``, before any other work. Pings from the server are answered by the
     protocol; per-message deflate is not offered.
     """
@@ -269,6 +296,8 @@ class LeanClient(asyncio.Protocol):
         self.on_message = on_message
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A handshake abandoned by an interrupted run must not log "exception never retrieved".
+        self.opened.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.inbox: deque[tuple[str, float]] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
@@ -411,8 +440,6 @@ class Clients:
         expect: list[str | None],
         concurrency: int,
         label: str,
-        *,
-        first_index: int = 0,
     ) -> float:
         """Open ``n`` connections, ``concurrency`` at a time; return the seconds it took."""
         sem = asyncio.Semaphore(concurrency)
@@ -432,7 +459,7 @@ class Clients:
                 last_print = now
                 print(f"  {label}: {len(self.conns):>6}/{target} open", flush=True)
 
-        await asyncio.gather(*(one(first_index + i) for i in range(n)))
+        await asyncio.gather(*(one(i) for i in range(n)))
         return time.monotonic() - started
 
     async def keepalive(self, ping: str) -> None:
@@ -449,10 +476,14 @@ class Clients:
     def open_count(self) -> int:
         return sum(1 for ws in self.conns if ws.is_open)
 
-    def abort_all(self) -> None:
+    async def abort_all(self) -> None:
+        """Drop every connection at once (no closing handshake). Awaited so that the sockets
+        are really closed before a server is stopped: a server that still sees them open
+        would wait for them to drain."""
         for ws in self.conns:
             ws.abort()
         self.conns.clear()
+        await asyncio.sleep(0.05)  # abort() closes the socket in a callback of the loop
 
 
 def tether_frames(tokens: list[str] | None, *, ping: bool = False) -> Callable[[int], list[str]]:
@@ -517,7 +548,7 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
         # Warm-up: one-time costs (lazy imports, first-use caches) are not per-connection.
         warm = Clients(url, 1)
         await warm.open_many(args.warmup, frames_for, expect, args.concurrency, "warm-up")
-        warm.abort_all()
+        await warm.abort_all()
         if warm.failures:
             raise RuntimeError(f"{kind}: warm-up connection failed: {warm.failures[0]}")
         await asyncio.sleep(1.0)
@@ -542,7 +573,7 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
         if keepalive is not None:
             keepalive.cancel()
         if clients is not None:
-            clients.abort_all()
+            await clients.abort_all()
         if child is not None:
             child.stop()
         if deployment is not None:
@@ -701,12 +732,7 @@ def main() -> None:
         parser.error(f"RLIMIT_NOFILE is {limit}: too low for {args.n} connections")
     print(f"sync_memory: N={args.n}, rows {', '.join(args.servers)}; {describe_run()}", flush=True)
 
-    async def bounded() -> list[Row]:
-        async with asyncio.timeout(args.timeout):
-            return await run(args)
-
-    with terminate_as_interrupt():
-        rows = asyncio.run(bounded())
+    rows = run_bounded(lambda: run(args), args.timeout)
     print_table(rows, args.n)
 
 

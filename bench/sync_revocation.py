@@ -41,8 +41,8 @@ from sync_memory import (
     lean_connect,
     quiet_gc,
     raise_nofile,
+    run_bounded,
     sign_up,
-    terminate_as_interrupt,
     tether_frames,
 )
 
@@ -171,7 +171,7 @@ async def run(args: argparse.Namespace) -> list[Samples]:
         if publisher is not None:
             await publisher.aclose()
         if background is not None:
-            background.abort_all()
+            await background.abort_all()
         if relay is not None:
             relay.stop()
         deployment.close()
@@ -285,12 +285,7 @@ def main() -> None:
     raise_nofile()
     print(f"sync_revocation: {args.repeat} rounds; {describe_run()}", flush=True)
 
-    async def bounded() -> list[Samples]:
-        async with asyncio.timeout(args.timeout):
-            return await run(args)
-
-    with terminate_as_interrupt():
-        results = asyncio.run(bounded())
+    results = run_bounded(lambda: run(args), args.timeout)
     print_table(results, args)
 
 

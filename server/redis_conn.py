@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any, TypeAlias
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -22,6 +22,8 @@ RedisClient: TypeAlias = "Redis | RedisCluster"
 #: Seconds before a Redis command is abandoned (and the request answered ``unavailable``).
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
+#: Connections one client keeps to a standalone Redis; callers beyond it wait their turn.
+MAX_CONNECTIONS = 64
 
 
 def connect(url: str) -> RedisClient:
@@ -38,7 +40,16 @@ def connect(url: str) -> RedisClient:
         if url.startswith(scheme):
             plain = url.replace("+cluster", "", 1)
             return RedisCluster.from_url(plain, **common)
-    return Redis.from_url(url, health_check_interval=15, **common)
+    # A burst (thousands of sockets authenticating at once) waits for a pooled connection
+    # instead of failing as if Redis were down.
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=SOCKET_TIMEOUT,
+        health_check_interval=15,
+        **common,
+    )
+    return Redis(connection_pool=pool)
 
 
 def load_script(client: RedisClient, name: str) -> AsyncScript:

@@ -205,6 +205,8 @@ class Connection:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if self.tasks is not None:
             self.tasks.discard(task)
+            if not self.tasks:
+                self.tasks = None
         if not task.cancelled() and task.exception() is not None:
             log.error("connection task failed", exc_info=task.exception())
 
@@ -228,6 +230,14 @@ class Connection:
             self.writer = asyncio.ensure_future(self._write())
 
     async def _write(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            # Idle connections keep no finished task (or its frame) alive.
+            if self.writer is asyncio.current_task():
+                self.writer = None
+
+    async def _drain(self) -> None:
         try:
             while self.out:
                 item = self.out.popleft()
@@ -490,11 +500,7 @@ class SyncEndpoint:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        origin = headers.get("origin")
-        if origin is not None and not origin_allowed(
-            origin, headers.get("host"), self.settings.allowed_origins, scope.get("scheme", "ws")
-        ):
+        if not self._origin_ok(scope):
             await send({"type": "websocket.close", "code": 1008})  # → HTTP 403
             return
         await send({"type": "websocket.accept"})
@@ -506,6 +512,20 @@ class SyncEndpoint:
             resolve=self.resolve,
         )
         await Connection(self, send, core).run(receive)
+
+    def _origin_ok(self, scope: Scope) -> bool:
+        # A method of its own so the headers are not kept alive for the socket's life.
+        origin = host = None
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                origin = value.decode("latin-1")
+            elif name == b"host":
+                host = value.decode("latin-1")
+        if origin is None:
+            return True  # not a browser: nothing to check
+        return origin_allowed(
+            origin, host, self.settings.allowed_origins, scope.get("scheme", "ws")
+        )
 
     def close(self) -> None:
         self.timers.close()
