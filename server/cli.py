@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import importlib
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -273,33 +271,17 @@ def _ignore_shutdown_signals() -> None:
 
 
 def load_application(spec: str) -> object:
-    """Import ``MODULE:ATTR`` (``ATTR`` may be dotted) and return that object.
+    """Import ``MODULE:ATTR`` and return the :class:`~server.functions.App` it names.
 
-    The current directory is importable, as with ``python -m``, so ``tether serve myapp:app``
-    finds ``./myapp.py`` also when run through the ``tether`` script.
-    Raises :class:`CommandError` naming the spec and the reason.
+    Raises :class:`CommandError` naming the spec and the reason (see
+    :func:`server.functions.load_application`, which does the work).
     """
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise CommandError(f"cannot load application {spec!r}: expected MODULE:ATTR")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    from server.functions import load_application as load
+
     try:
-        obj: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise CommandError(f"cannot load application {spec!r}: {exc}") from exc
-    except Exception as exc:  # the module itself failed while importing
-        raise CommandError(
-            f"cannot load application {spec!r}: {type(exc).__name__}: {exc}"
-        ) from exc
-    for name in attr_path.split("."):
-        try:
-            obj = getattr(obj, name)
-        except AttributeError:
-            raise CommandError(
-                f"cannot load application {spec!r}: {module_name} has no attribute {attr_path!r}"
-            ) from None
-    return obj
+        return load(spec)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------- keys

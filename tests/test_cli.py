@@ -116,9 +116,15 @@ def test_application_module_that_fails_on_import(tmp_path: Path) -> None:
 
 
 def test_application_loads_from_the_current_directory(tmp_path: Path) -> None:
-    (tmp_path / "my_tether_app.py").write_text("class Registry:\n    app = object()\n")
+    (tmp_path / "my_tether_app.py").write_text(
+        "from server.functions import App\n"
+        "class Registry:\n    app = App('mine')\n    other = object()\n"
+    )
     loaded = cli.load_application("my_tether_app:Registry.app")
     assert loaded is sys.modules["my_tether_app"].Registry.app
+    # Anything but an App is refused at start-up, naming the spec.
+    with pytest.raises(cli.CommandError, match=r"my_tether_app:Registry\.other"):
+        cli.load_application("my_tether_app:Registry.other")
 
 
 # ------------------------------------------------------------------------- admin Redis lookup
