@@ -1,7 +1,7 @@
 """Fan-out latency: one change, N subscribers, trigger to the last receipt, beside two baselines.
 
 Every system gets the same N receiving connections, opened by receiver processes of their own
-(not the servers', not this one), and the same ~75-byte JSON payload. A *trigger* client in this
+(not the servers', not this one), and the same ~70-byte JSON payload. A *trigger* client in this
 process causes one change per round; each receiver time-stamps, per connection, the moment the
 bytes that complete the new value's frame reach it. Rows, measured in the same run:
 
@@ -14,7 +14,8 @@ bytes that complete the new value's frame reach it. Rows, measured in the same r
   (to each instance in turn) and the transition carrying the new value is the receipt.
 * ``socketio`` -- python-socketio 5 with ``AsyncRedisManager`` on the same ``redis-server``, two
   aiohttp server processes with the receivers spread evenly over both; the trigger emits an event
-  (to each process in turn) whose handler calls ``sio.emit`` of the payload to everyone. The
+  (to each process in turn) whose handler calls ``sio.emit`` of the payload to everyone (the
+  Socket.IO event framing, ``42["transition",...]``, adds 17 bytes on the wire). The
   receivers speak raw Engine.IO 4 / Socket.IO 5 over WebSocket (``websocket`` transport only):
   the python-socketio client is too heavy to hold 10,000 connections in two processes.
 
@@ -26,7 +27,10 @@ returned, python-socketio's reply after ``emit()`` returned. Time is ``time.mono
 (``CLOCK_MONOTONIC``, one clock for every process of the machine). Over R rounds (after a few
 warm-up rounds) the table shows p50 and p99 (nearest rank: with R < 100 rounds that is the
 slowest round). Targets (issue 4): Tether's p50 and p99 within 1.5x the ceiling's, and at least
-2x faster than python-socketio.
+2x faster than python-socketio. "CPU ms/round" is the user + system CPU the system's server
+processes used over the measured rounds (``/proc/PID/stat``, pauses between rounds included),
+per round: the work one fan-out costs, steadier than latency on a shared machine. The notes
+give the same for ``redis-server`` and the receivers (their parsing, after each round, included).
 
 Receivers are cheap on purpose: a sans-I/O ``websockets`` client on ``asyncio.Protocol``; while a
 round runs, ``data_received`` only appends ``(time, bytes)``; the bytes are parsed (and the value

@@ -797,8 +797,12 @@ class TetherClient:
             if waiter is not None and not waiter.done():
                 waiter.set_result(event)
             else:
-                # Cannot happen while every request has a waiter until its connection ends.
-                log.warning("an auth answer nobody waited for: %s", event)
+                # Its waiter was cancelled (the client closed mid-refresh). Log no token.
+                log.debug(
+                    "an auth answer nobody waited for: %s authVersion=%d",
+                    type(event).__name__,
+                    event.auth_version,
+                )
         elif isinstance(event, AuthExpiring):
             self._renew_hint = event.expires_at
             self._renew.set()

@@ -27,7 +27,7 @@ import enum
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from client.errors import MessageTooLarge
@@ -257,7 +257,7 @@ class AuthOk:
     expires_at: int | None
     server_time: int
     #: ``{"accessToken", "refreshToken", "expiresAt"}`` when the server minted tokens.
-    tokens: dict[str, Any] | None
+    tokens: dict[str, Any] | None = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,14 +53,15 @@ class StoredSession:
 
     user_id: str
     session_id: str
-    access_token: str
-    refresh_token: str
+    # Secrets stay out of repr(): a logged or printed session shows no token.
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
     expires_at: int
     server_time: int
     received_at: float
     #: The ``retryKey`` sent (or about to be sent) with ``refresh_token``; kept until the
     #: new refresh token replaces this one.
-    retry_key: str | None = None
+    retry_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_tokens(

@@ -108,6 +108,8 @@ class Node:
                 await self.sessions.sweep_expired()
             except RedisError as exc:
                 log.warning("session sweep skipped: %s", exc.__class__.__name__)
+            except Exception:
+                log.exception("session sweep failed")
             await asyncio.sleep(self.settings.session_sweep_interval)
 
     async def close(self) -> None:
@@ -115,6 +117,12 @@ class Node:
         await self.hub.close()
         self.passwords.close()
         await self.redis.aclose()
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    """A background task of the instance ended other than by cancellation: say so loudly."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s died", task.get_name(), exc_info=task.exception())
 
 
 def create_app(
@@ -137,6 +145,8 @@ def create_app(
             asyncio.create_task(node.hub.run(), name="session-hub"),
             asyncio.create_task(node.sync.subscriptions.run(), name="subscriptions"),
         ]
+        for task in tasks:
+            task.add_done_callback(_report_crash)
         try:
             yield
         finally:

@@ -37,11 +37,11 @@ class QueryEngine:
         self, name: str, args: dict[str, Any], identity: Identity | None
     ) -> QueryEvaluation:
         spec = self.application.lookup(name)
-        if spec is None or spec.kind != "query":
-            raise FunctionError(ErrorCode.UNKNOWN_FUNCTION, f"no query named {name!r}")
         try:
+            if spec is None or spec.kind != "query":
+                raise FunctionError(ErrorCode.UNKNOWN_FUNCTION, f"no query named {name!r}")
             kwargs = spec.validate_args(args)
-        except ArgsError as exc:
+        except FunctionError as exc:
             return QueryEvaluation(
                 value_json=None,
                 error=(exc.code, exc.message),

@@ -221,6 +221,9 @@ class SubscriptionManager:
     def _drop(self, entry: _Entry) -> None:
         if self.entries.get(entry.key) is entry:
             del self.entries[entry.key]
+            if entry.free:
+                # Client-chosen args must not accumulate: forget it with its last subscriber.
+                self._free_names.discard((entry.key[0], entry.key[1]))
         self._dirty.discard(entry)
         self._changed.discard(entry)
         if entry.value is not None:
@@ -292,6 +295,13 @@ class SubscriptionManager:
                     backoff = 0.1
                 except RedisError as exc:
                     log.warning("subscription cycle failed (%s); retrying", exc.__class__.__name__)
+                    self._resync = True
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    self._wake.set()
+                except Exception:
+                    # A bug must not freeze every live query of the instance: log, start over.
+                    log.exception("subscription cycle failed; re-running everything")
                     self._resync = True
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -372,16 +382,17 @@ class SubscriptionManager:
 
         async def one(entry: _Entry) -> None:
             nonlocal newest
-            usable, identity = entry.identity()
-            if not usable or (identity is not None and not self.identity_usable(identity)):
-                # Check at use: no function runs under an ended identity. The connections
-                # re-check themselves and come back under their new identity.
-                for reg in list(entry.regs):
-                    self.detach(reg)
-                    reg.subscriber.identity_ended()
-                return
             try:
                 async with semaphore:
+                    # Check at use, once a slot is ours: no function runs under an ended
+                    # identity. The connections re-check themselves and come back under their
+                    # new identity.
+                    usable, identity = entry.identity()
+                    if not usable or (identity is not None and not self.identity_usable(identity)):
+                        for reg in list(entry.regs):
+                            self.detach(reg)
+                            reg.subscriber.identity_ended()
+                        return
                     ev = await self.engine.evaluate(entry.name, entry.args, identity)
             except RedisError:
                 self._dirty.add(entry)  # try again next cycle
@@ -459,6 +470,11 @@ class SubscriptionManager:
                 subscriber.deliver(version, updates)
             except Exception:
                 log.exception("delivering a transition failed")
+        if self._pending:
+            # Subscriptions arrived during this cycle and have no value yet: a mutation's
+            # result must not overtake their first transition (read your writes).
+            self._wake.set()
+            return
         still: list[tuple[int, asyncio.Future[int]]] = []
         for wanted, future in self._waiters:
             if future.done():

@@ -65,6 +65,9 @@ SendFn = Callable[[Message], Awaitable[None]]
 #: The ``mutation_result`` error code when Redis could not be reached: the outcome is unknown
 #: and the client should re-send the mutation with the same requestId.
 MUTATION_UNAVAILABLE = "unavailable"
+#: Seconds a committed mutation waits for its transition to be delivered (read your writes)
+#: before it is answered ``unavailable`` (a replay then returns the stored outcome).
+DELIVERY_TIMEOUT = 10.0
 
 #: Seconds a close frame may wait behind a client that stopped reading before we give up.
 CLOSE_TIMEOUT = 2.0
@@ -310,6 +313,18 @@ class Connection:
                 )
             )
             return
+        except Exception:
+            # Never leave the request in flight: later auth requests would queue forever.
+            log.exception("authentication failed unexpectedly")
+            self.execute(
+                core.auth_failed(
+                    action.auth_version,
+                    AuthErrorCode.UNAVAILABLE,
+                    "authentication failed on the server; retry shortly",
+                    self.now(),
+                )
+            )
+            return
         identity = Identity(
             claims.user_id, claims.session_id, float(claims.issued_at), float(claims.expires_at)
         )
@@ -408,9 +423,10 @@ class Connection:
                 # version >= the commit's before the mutation's result goes out.
                 manager = self.endpoint.subscriptions
                 manager.notify_commit()
-                processed = await manager.wait_processed(outcome.version)
+                async with asyncio.timeout(DELIVERY_TIMEOUT):
+                    processed = await manager.wait_processed(outcome.version)
                 self.execute(core.advance_version(processed, self.now()))
-        except RedisError:
+        except (RedisError, TimeoutError):
             # Whether it committed is unknown; re-sending the same requestId is always safe.
             self.execute(
                 core.mutation_done(
@@ -421,6 +437,18 @@ class Connection:
                         MUTATION_UNAVAILABLE,
                         "the data store is unreachable; re-send with the same requestId",
                     ),
+                )
+            )
+            return
+        except Exception:
+            # Always answer, or the requestId waits forever and its slot is never freed.
+            log.exception("mutation %s failed unexpectedly", action.name)
+            self.execute(
+                core.mutation_done(
+                    action.generation,
+                    action.request_id,
+                    self.now(),
+                    error=("internal", "the mutation failed on the server"),
                 )
             )
             return
