@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -28,6 +29,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
+
+log = logging.getLogger("tether.keys")
 
 ALGORITHM = "ES256"
 #: Keys kept in a set after rotation: the signer plus older ones that still verify.
@@ -214,6 +217,7 @@ class KeyRing:
             raise KeySetError("a key file or inline key set is required")
         self._mtime = self._stat()
         self._checked = time.monotonic()
+        self._warned = float("-inf")
 
     def _stat(self) -> tuple[int, int, int]:
         # A rotation writes a new file (new inode): comparing the mtime alone would miss one
@@ -250,6 +254,10 @@ class KeyRing:
             self._set = KeySet.from_json(self._path.read_text())
             self._mtime = mtime
             return True
-        except (OSError, KeySetError):
+        except (OSError, KeySetError) as exc:
             # Keep serving with the keys we have; a broken file must not stop verification.
+            # Say so (the class only: the file holds private keys), at most once a minute.
+            if now - self._warned >= 60.0:
+                self._warned = now
+                log.warning("key file %s not reloaded: %s", self._path, exc.__class__.__name__)
             return False

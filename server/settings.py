@@ -130,7 +130,9 @@ class Settings:
         Rate(120, 60), _parse_rate, "refresh attempts per session"
     )
     send_queue_bytes: int = _setting(
-        1_048_576, _parse_int, "bytes queued for one slow client before closing it with 4008"
+        1_048_576,
+        _parse_int,
+        "JSON text (characters; bytes for ASCII) queued for one client before 4008",
     )
     max_subscriptions: int = _setting(256, _parse_int, "subscriptions per connection")
     max_pending_mutations: int = _setting(64, _parse_int, "mutations in flight per connection")

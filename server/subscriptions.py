@@ -101,6 +101,9 @@ class Subscriber(Protocol):
     def current_identity(self) -> Identity | None:
         """The identity the connection holds now."""
 
+    def current_generation(self) -> int:
+        """The generation of that identity (see :class:`server.protocol.ConnectionCore`)."""
+
 
 Principal = tuple[str, str]  # (user id, session id)
 EntryKey = tuple[str, str, Principal | None]
@@ -406,6 +409,10 @@ class SubscriptionManager:
                 self._free_names.discard((entry.key[0], entry.key[1]))
                 self._drop(entry)
                 for reg in entry.regs:
+                    # Registered perhaps long ago, under an identity the connection has since
+                    # replaced: it now depends on the identity the connection holds today.
+                    reg.identity = reg.subscriber.current_identity()
+                    reg.generation = reg.subscriber.current_generation()
                     self._place(reg)
                 return
             version = ev.version if ev.version is not None else self.fetched

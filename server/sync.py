@@ -393,6 +393,9 @@ class Connection:
     def current_identity(self) -> Identity | None:
         return self.core.identity
 
+    def current_generation(self) -> int:
+        return self.core.generation
+
     def identity_ended(self) -> None:
         self._identity_usable(self.core.identity)
 
