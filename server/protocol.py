@@ -884,15 +884,21 @@ def encode_frame(frame: Any) -> str:
     return "".join(out)
 
 
+#: One encoder for every scalar: ``json.dumps`` with non-default options builds a new encoder
+#: per call, which was the largest single cost of a fan-out (bench/fanout.py, py-spy).
+_SCALAR = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def _write(value: Any, out: list[str]) -> None:
     if isinstance(value, Raw):
         out.append(value.text)
     elif isinstance(value, dict):
         out.append("{")
         for i, (key, item) in enumerate(value.items()):
-            out.append(',"' if i else '"')
-            out.append(json.dumps(str(key))[1:-1])
-            out.append('":')
+            if i:
+                out.append(",")
+            out.append(_SCALAR.encode(str(key)))
+            out.append(":")
             _write(item, out)
         out.append("}")
     elif isinstance(value, list | tuple):
@@ -903,4 +909,4 @@ def _write(value: Any, out: list[str]) -> None:
             _write(item, out)
         out.append("]")
     else:
-        out.append(json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+        out.append(_SCALAR.encode(value))
