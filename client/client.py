@@ -935,21 +935,32 @@ class TetherClient:
             self._session = stored
             self._had_session = True
             if stored.access_fresh(time.time(), self.options.renewal_margin):
-                access_token = stored.access_token
-                answer = await self._send_auth(gen, partial(self._core.authenticate, access_token))
-                if isinstance(answer, AuthOk):
-                    self._authenticated(answer)
-                    return _Outcome.DONE
-                kind = classify_auth_code(answer.code)
-                if kind is AuthErrorKind.RETRY:
-                    self._set_auth(self._refreshing(answer.code))
-                    return _Outcome.RETRY
-                if kind is AuthErrorKind.SIGNED_OUT:
-                    await self._forget_session(stored)
-                    self._end_session(answer.code)
-                    return _Outcome.DONE
+                outcome = await self._present_access(
+                    gen, stored.access_token, partial(self._forget_session, stored)
+                )
+                if outcome is not None:
+                    return outcome
                 # token_expired / invalid_token: the refresh token may still be good.
         return await self._refresh_in_band(gen)
+
+    async def _present_access(
+        self, gen: int, access_token: str, forget: Callable[[], Awaitable[None]]
+    ) -> _Outcome | None:
+        """Authenticate with a stored access token. ``None``: refused in a way a refresh may
+        still mend (expired or invalid token); ``forget`` clears the store on a sign-out."""
+        answer = await self._send_auth(gen, partial(self._core.authenticate, access_token))
+        if isinstance(answer, AuthOk):
+            self._authenticated(answer)
+            return _Outcome.DONE
+        kind = classify_auth_code(answer.code)
+        if kind is AuthErrorKind.RETRY:
+            self._set_auth(self._refreshing(answer.code))
+            return _Outcome.RETRY
+        if kind is AuthErrorKind.SIGNED_OUT:
+            await forget()
+            self._end_session(answer.code)
+            return _Outcome.DONE
+        return None
 
     async def _refresh_in_band(self, gen: int) -> _Outcome:
         """The read-renew-write cycle of :mod:`client.token_store`, under the store's lock."""
@@ -967,21 +978,12 @@ class TetherClient:
                 ):
                     # Another process rotated already: use its tokens, spend nothing.
                     self._session = stored
-                    access_token = stored.access_token
-                    answer = await self._send_auth(
-                        gen, partial(self._core.authenticate, access_token)
+                    # Under the store's lock already: clear it directly on a sign-out.
+                    outcome = await self._present_access(
+                        gen, stored.access_token, partial(store.save, None)
                     )
-                    if isinstance(answer, AuthOk):
-                        self._authenticated(answer)
-                        return _Outcome.DONE
-                    kind = classify_auth_code(answer.code)
-                    if kind is AuthErrorKind.RETRY:
-                        self._set_auth(self._refreshing(answer.code))
-                        return _Outcome.RETRY
-                    if kind is AuthErrorKind.SIGNED_OUT:
-                        await store.save(None)
-                        self._end_session(answer.code)
-                        return _Outcome.DONE
+                    if outcome is not None:
+                        return outcome
                 if stored.retry_key is None:
                     # Saved before the token is spent: a retry, in this process or another,
                     # sends the same key and gets the same answer if the first one was lost.
