@@ -8,7 +8,7 @@ idempotent outcomes). It also exposes the commit stream to the subscription mana
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import ErrorCode, FunctionError
@@ -22,6 +22,8 @@ class MutationResult:
     value_json: str | None
     error: tuple[str, str] | None
     version: int | None
+    #: The keys its commit wrote (see :class:`~server.store.MutationOutcome`).
+    written_keys: frozenset[str] = field(default=frozenset(), compare=False)
 
 
 def _auth(identity: Identity | None) -> Auth | None:
@@ -70,7 +72,9 @@ class QueryEngine:
         outcome = await self.store.run_mutation(
             spec, kwargs, _auth(identity), client_id=client_id, request_id=request_id
         )
-        return MutationResult(outcome.value_json, outcome.error, outcome.version)
+        return MutationResult(
+            outcome.value_json, outcome.error, outcome.version, outcome.written_keys
+        )
 
     async def read_commits(self, after: int, *, block_ms: int | None, count: int) -> CommitBatch:
         return await self.store.read_commits(after, block_ms=block_ms, count=count)

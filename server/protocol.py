@@ -223,9 +223,14 @@ def _rate_limited(frame: str | bytes) -> BadMessage:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send ``frame`` (a JSON-ready dict) to the client."""
+    """Send ``frame`` (a JSON-ready dict) to the client.
+
+    ``text``, when given, is ``frame`` already encoded (:func:`encode_frame`): a transition that
+    many connections receive identically is encoded once and shared.
+    """
 
     frame: dict[str, Any]
+    text: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -784,13 +789,23 @@ class ConnectionCore:
         ]
 
     def queries_done(
-        self, generation: int, version: int, results: list[QueryResult], now: float
+        self,
+        generation: int,
+        version: int,
+        results: list[QueryResult],
+        now: float,
+        shared: dict[tuple[Any, ...], Send] | None = None,
     ) -> list[Action]:
-        """Results of a :class:`RunQueries`. Sent as one ``transition`` if anything changed."""
+        """Results of a :class:`RunQueries`. Sent as one ``transition`` if anything changed.
+
+        ``shared`` is a dict the caller keeps for one delivery to many connections: connections
+        that receive the same transition (same version, query ids and results) get the same
+        :class:`Send`, built and encoded once (its ``text`` set).
+        """
         actions = self._tick(now)
         if generation != self.generation or self.phase is not Phase.OPEN:
             return actions  # computed under an identity that has since ended or changed
-        updates: list[dict[str, Any]] = []
+        changed: list[tuple[int, str, tuple[str, str] | None]] = []  # (queryId, text, error)
         for result in results:
             sub = self.subscriptions.get(result.query_id)
             if sub is None or (result.serial is not None and result.serial != sub.serial):
@@ -801,24 +816,28 @@ class ConnectionCore:
             if result.error is not None:
                 # A NUL cannot start JSON text, so an error never compares equal to a value.
                 text = "\x00" + json.dumps(result.error)
-                if text == sub.last_value:
-                    continue
-                sub.last_value = text
-                code, message = result.error
-                updates.append(
-                    {"queryId": result.query_id, "error": {"code": code, "message": message}}
-                )
             else:
                 assert result.value_json is not None
-                if result.value_json == sub.last_value:
-                    continue
-                sub.last_value = result.value_json
-                updates.append({"queryId": result.query_id, "value": Raw(result.value_json)})
-        if updates:
-            self.version = max(self.version, version)
-            actions.append(
-                Send({"type": "transition", "version": self.version, "updates": updates})
-            )
+                text = result.value_json
+            if text == sub.last_value:
+                continue
+            sub.last_value = text
+            changed.append((result.query_id, text, result.error))
+        if not changed:
+            return actions
+        self.version = version = max(self.version, version)
+        if shared is None:
+            actions.append(Send(_transition(version, changed)))
+            return actions
+        if len(changed) == 1:
+            key: tuple[Any, ...] = (version, changed[0][0], changed[0][1])
+        else:
+            key = (version, *[(query_id, text) for query_id, text, _ in changed])
+        send = shared.get(key)
+        if send is None:
+            frame = _transition(version, changed)
+            send = shared[key] = Send(frame, encode_frame(frame))
+        actions.append(send)
         return actions
 
     def advance_version(self, version: int, now: float) -> list[Action]:
@@ -867,6 +886,19 @@ class ConnectionCore:
         self.subscriptions.clear()
         self.auth_queue.clear()
         return actions
+
+
+def _transition(
+    version: int, changed: list[tuple[int, str, tuple[str, str] | None]]
+) -> dict[str, Any]:
+    updates: list[dict[str, Any]] = []
+    for query_id, text, error in changed:
+        if error is not None:
+            code, message = error
+            updates.append({"queryId": query_id, "error": {"code": code, "message": message}})
+        else:
+            updates.append({"queryId": query_id, "value": Raw(text)})
+    return {"type": "transition", "version": version, "updates": updates}
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,7 +73,7 @@ import random
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
 from redis.exceptions import RedisError
@@ -217,11 +217,16 @@ class QueryEvaluation:
 
 @dataclass(frozen=True, slots=True)
 class MutationOutcome:
-    """A mutation's outcome: ``value_json`` and the ``version`` it committed at, or ``error``."""
+    """A mutation's outcome: ``value_json`` and the ``version`` it committed at, or ``error``.
+
+    ``written_keys`` is what this run's commit wrote (empty for a replayed outcome, an error, or
+    a mutation that wrote nothing): the commit stream's entry at ``version`` holds the same.
+    """
 
     value_json: str | None
     error: tuple[str, str] | None
     version: int | None
+    written_keys: frozenset[str] = field(default=frozenset(), compare=False)
 
     @classmethod
     def from_stored(cls, stored: Mapping[str, Any]) -> MutationOutcome:
@@ -755,22 +760,19 @@ class Store:
         version ``after + 1`` though the global version is past it (trimmed, or Redis restarted
         without its data), or when the global version is below ``after`` (data loss).
         """
-        current = await self.version()
+        # One round trip: the global version and the entries after ``after``. An XREAD blocks
+        # only while there are none; a pipeline keeps the replies in order.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(redis_keys.DATA_VERSION)
+            if block_ms is not None:
+                pipe.xread({redis_keys.DATA_COMMITS: f"{after}-0"}, count=count, block=block_ms)
+            else:
+                pipe.xrange(redis_keys.DATA_COMMITS, min=f"{after + 1}-0", max="+", count=count)
+            raw_version, reply = await pipe.execute()
+        current = int(raw_version) if raw_version is not None else 0
         if current < after:
             return CommitBatch((), True, current)
-        entries: list[Any]
-        if current == after and block_ms is not None:
-            reply = await self.redis.xread(
-                {redis_keys.DATA_COMMITS: f"{after}-0"}, count=count, block=block_ms
-            )
-            entries = _stream_entries(reply)
-        else:
-            entries = list(
-                await self.redis.xrange(
-                    redis_keys.DATA_COMMITS, min=f"{after + 1}-0", max="+", count=count
-                )
-                or []
-            )
+        entries: list[Any] = _stream_entries(reply) if block_ms is not None else list(reply or [])
         commits: list[Commit] = []
         gap = False
         for _, fields in entries:
@@ -1058,7 +1060,7 @@ class Store:
                 return MutationOutcome.from_stored(result.duplicate)
             if error is not None:
                 return MutationOutcome(None, error, None)
-            return MutationOutcome(value_json, None, result.version)
+            return MutationOutcome(value_json, None, result.version, result.written_keys)
         code, message = FunctionErrorCode.CONFLICT, _CONFLICT_MESSAGE.format("mutation")
         if client_id is not None and request_id is not None:
             stored = await self.put_outcome(client_id, request_id, code, message)

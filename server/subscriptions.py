@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from server.clock import Clock
-from server.protocol import Identity
+from server.protocol import Identity, Send
 
 log = logging.getLogger("tether.subscriptions")
 
@@ -92,7 +92,12 @@ class Engine(Protocol):
 class Subscriber(Protocol):
     """A connection, as the manager sees it."""
 
-    def deliver(self, version: int, updates: list[tuple[Registration, Evaluation]]) -> None:
+    def deliver(
+        self,
+        version: int,
+        updates: list[tuple[Registration, Evaluation]],
+        shared: dict[tuple[Any, ...], Send] | None = None,
+    ) -> None:
         """Send these results (all valid at ``version``) in one transition."""
 
     def identity_ended(self) -> None:
@@ -195,6 +200,10 @@ class SubscriptionManager:
         self._free_names: set[tuple[str, str]] = set()  # (name, args) known not to read auth
         self.fetched = 0  # every commit up to this version has been applied to dirtiness
         self.processed = -1  # every entry is valid at this version and was delivered
+        # Commits known before the pump reads them from the stream: those the watcher read and
+        # those made on this instance (version -> keys written). Applied in version order.
+        self._known: dict[int, frozenset[str]] = {}
+        self._needed = 0  # a version known to exist: the pump reads up to it before delivering
         self._wake = asyncio.Event()
         self._dirty: set[_Entry] = set()
         self._changed: set[_Entry] = set()
@@ -265,8 +274,13 @@ class SubscriptionManager:
 
     # ------------------------------------------------------------------ waiting
 
-    def notify_commit(self) -> None:
-        """A commit was made on this instance: look at the stream now, not at the next poll."""
+    def notify_commit(self, version: int, written_keys: frozenset[str] = frozenset()) -> None:
+        """A commit was made on this instance at ``version``, writing ``written_keys`` (what its
+        stream entry holds): process it now, without waiting for the stream or reading it back.
+        With no keys, the pump reads the stream up to ``version``."""
+        if written_keys and version > self.fetched:
+            self._known[version] = written_keys
+        self._needed = max(self._needed, version)
         self._wake.set()
 
     async def wait_processed(self, version: int) -> int:
@@ -275,6 +289,7 @@ class SubscriptionManager:
             return self.processed
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.append((version, future))
+        self._needed = max(self._needed, version)
         self._wake.set()
         return await future
 
@@ -296,6 +311,9 @@ class SubscriptionManager:
                 try:
                     await self._cycle()
                     backoff = 0.1
+                    # A cycle may finish without waiting on anything (all it needed was known):
+                    # let the other tasks run before the next one.
+                    await asyncio.sleep(0)
                 except RedisError as exc:
                     log.warning("subscription cycle failed (%s); retrying", exc.__class__.__name__)
                     self._resync = True
@@ -319,7 +337,9 @@ class SubscriptionManager:
         while True:
             try:
                 # Below the Redis client's socket timeout, so an idle wait is not an error.
-                batch = await self.engine.read_commits(position, block_ms=WATCH_BLOCK_MS, count=1)
+                batch = await self.engine.read_commits(
+                    position, block_ms=WATCH_BLOCK_MS, count=COMMIT_BATCH
+                )
                 backoff = 0.1
             except RedisError:
                 await asyncio.sleep(backoff)
@@ -330,7 +350,12 @@ class SubscriptionManager:
                 position = max(position, batch.version)
                 self.resync()
             elif batch.commits:
+                # Handed to the pump: it need not read them again.
+                for commit in batch.commits:
+                    if commit.version > self.fetched:
+                        self._known[commit.version] = commit.written_keys
                 position = batch.commits[-1].version
+                self._needed = max(self._needed, batch.version)
                 self._wake.set()
             else:
                 # Idle: keep the watch position close to the pump's.
@@ -344,7 +369,9 @@ class SubscriptionManager:
         if self._resync:
             self._resync = False
             self._dirty.update(self.entries.values())
+            self._known.clear()  # perhaps from before Redis lost data: read them again
             self.fetched = await self.engine.version()
+            self._needed = max(self._needed, self.fetched)
         converged = False
         for _ in range(MAX_ROUNDS):
             await self._read_commits()
@@ -357,26 +384,48 @@ class SubscriptionManager:
             if newest <= self.fetched and not self._dirty:
                 converged = True
                 break
+            self._needed = max(self._needed, newest)  # read the commits that run saw
         if not converged:
             self._wake.set()  # commits keep landing on what we read: go round again
             return
         self._deliver()
 
     async def _read_commits(self) -> None:
+        """Apply every commit up to (at least) ``_needed``: those already known, in version
+        order, then the rest from the stream."""
         while True:
+            known = self._known
+            while known:
+                keys = known.pop(self.fetched + 1, None)
+                if keys is None:
+                    break
+                self._apply(self.fetched + 1, keys)
+            if known:
+                for version in [v for v in known if v <= self.fetched]:
+                    del known[version]
+            # Waiters need their versions read, whatever lowered the target since they came.
+            needed = max(self._needed, *(wanted for wanted, _ in self._waiters), 0)
+            if self.fetched >= needed:
+                return
             batch = await self.engine.read_commits(self.fetched, block_ms=None, count=COMMIT_BATCH)
             if batch.gap:
                 self._dirty.update(self.entries.values())
-                self.fetched = batch.version
+                self.fetched = self._needed = batch.version
+                known.clear()
                 return
             for commit in batch.commits:
-                for key in commit.written_keys:
-                    for entry in self._by_key.get(key, ()):
-                        if entry.valid_at < commit.version:
-                            self._dirty.add(entry)
-                self.fetched = commit.version
+                self._apply(commit.version, commit.written_keys)
+            self._needed = max(self._needed, batch.version)
             if len(batch.commits) < COMMIT_BATCH:
                 return
+
+    def _apply(self, version: int, written_keys: frozenset[str]) -> None:
+        """Commit ``version`` wrote ``written_keys``: what read them is dirty."""
+        for key in written_keys:
+            for entry in self._by_key.get(key, ()):
+                if entry.valid_at < version:
+                    self._dirty.add(entry)
+        self.fetched = version
 
     async def _evaluate(self, dirty: list[_Entry]) -> int:
         """Re-evaluate ``dirty``; return the newest snapshot version seen."""
@@ -472,9 +521,11 @@ class SubscriptionManager:
                 continue
             per_subscriber.setdefault(reg.subscriber, []).append((reg, holder.value))
         self.processed = version
+        # Subscribers of one query mostly receive the same transition: it is encoded once.
+        shared: dict[tuple[Any, ...], Send] = {}
         for subscriber, updates in per_subscriber.items():
             try:
-                subscriber.deliver(version, updates)
+                subscriber.deliver(version, updates, shared)
             except Exception:
                 log.exception("delivering a transition failed")
         if self._pending:

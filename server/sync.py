@@ -9,7 +9,8 @@ everything in one ``finally``. Deadlines of every connection share one
 
 Outgoing frames go through a per-connection queue bounded in bytes
 (``TETHER_SEND_QUEUE_BYTES``): a client that does not read is closed with 4008 instead of
-growing the server's memory. The writer task exists only while there is something to send.
+growing the server's memory. Frames are written inline while the socket takes them; a writer task
+exists only while a send has to wait for the socket to drain.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from redis.exceptions import RedisError
 
 from server.auth_service import AuthService
 from server.clock import Clock
+from server.eager import start_eagerly
 from server.engine import QueryEngine
 from server.errors import AuthErrorCode, CloseCode, ErrorCode, HTTPError
 from server.functions import App, ArgsError
@@ -103,6 +105,7 @@ class Connection:
     __slots__ = (
         "closing",
         "core",
+        "draining",
         "endpoint",
         "out",
         "out_bytes",
@@ -124,6 +127,7 @@ class Connection:
         self.scheduled_deadline: float | None = None
         self.regs: dict[int, Registration] | None = None
         self.closing = False
+        self.draining = False  # the writer is running inline (see _start_writer)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,7 +180,8 @@ class Connection:
     def execute(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self.enqueue(encode_frame(action.frame))
+                text = action.text
+                self.enqueue(text if text is not None else encode_frame(action.frame))
             elif isinstance(action, Close):
                 self.close_soon(action.code, action.reason)
             elif isinstance(action, BindSession):
@@ -229,16 +234,24 @@ class Connection:
         self._start_writer()
 
     def _start_writer(self) -> None:
-        if self.writer is None or self.writer.done():
-            self.writer = asyncio.ensure_future(self._write())
-
-    async def _write(self) -> None:
+        if self.draining or (self.writer is not None and not self.writer.done()):
+            return  # the running writer takes what was queued
+        # The queue is drained inline, in the caller (a fan-out writes into thousands of sockets
+        # that nearly all take a frame at once); a task takes over only when a send has to wait
+        # for the transport to drain.
+        self.draining = True
         try:
-            await self._drain()
+            task = start_eagerly(self._drain())
         finally:
-            # Idle connections keep no finished task (or its frame) alive.
-            if self.writer is asyncio.current_task():
-                self.writer = None
+            self.draining = False
+        if task is not None:
+            self.writer = task
+            task.add_done_callback(self._writer_done)
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        # Idle connections keep no finished task (or its frame) alive.
+        if self.writer is task:
+            self.writer = None
 
     async def _drain(self) -> None:
         try:
@@ -267,11 +280,12 @@ class Connection:
         """Close without sending what is queued (slow consumer, oversize frame)."""
         if self.writer is not None:
             self.writer.cancel()
+            self.writer = None
         self.out.clear()
         self.out_bytes = 0
         self.closing = True
         self.out.append((code, reason))
-        self.writer = asyncio.ensure_future(self._write())
+        self._start_writer()
 
     # ------------------------------------------------------------------ work
 
@@ -370,25 +384,44 @@ class Connection:
         if reg is not None:
             self.endpoint.subscriptions.detach(reg)
 
-    def deliver(self, version: int, updates: list[tuple[Registration, Evaluation]]) -> None:
+    def deliver(
+        self,
+        version: int,
+        updates: list[tuple[Registration, Evaluation]],
+        shared: dict[tuple[Any, ...], Send] | None = None,
+    ) -> None:
+        regs = self.regs
+        if regs is None:
+            return
         results = []
         for reg, ev in updates:
-            if self.regs is None or self.regs.get(reg.query_id) is not reg:
+            if regs.get(reg.query_id) is not reg:
                 continue
+            error = ev.error
+            reads_identity = ev.reads_identity
             results.append(
                 QueryResult(
                     reg.query_id,
-                    value_json=ev.value_json if ev.error is None else None,
-                    error=ev.error,
-                    reads_identity=ev.reads_identity,
-                    serial=reg.serial,
+                    ev.value_json if error is None else None,
+                    error,
+                    reads_identity,
+                    reg.serial,
                     # A result that read no identity is valid under any identity.
-                    generation=reg.generation if ev.reads_identity else None,
+                    reg.generation if reads_identity else None,
                 )
             )
-        if results:
-            core = self.core
-            self.execute(core.queries_done(core.generation, version, results, self.now()))
+        if not results:
+            return
+        core = self.core
+        actions = core.queries_done(core.generation, version, results, self.now(), shared)
+        if len(actions) == 1:
+            action = actions[0]
+            if isinstance(action, Send) and action.text is not None:
+                # Only the shared transition, and no timer fired: the connection's deadlines are
+                # unchanged, so there is nothing to reschedule (the common fan-out case).
+                self.enqueue(action.text)
+                return
+        self.execute(actions)
 
     def current_identity(self) -> Identity | None:
         return self.core.identity
@@ -425,7 +458,7 @@ class Connection:
                 # Read your writes: every subscription of this connection is delivered at a
                 # version >= the commit's before the mutation's result goes out.
                 manager = self.endpoint.subscriptions
-                manager.notify_commit()
+                manager.notify_commit(outcome.version, outcome.written_keys)
                 async with asyncio.timeout(DELIVERY_TIMEOUT):
                     processed = await manager.wait_processed(outcome.version)
                 self.execute(core.advance_version(processed, self.now()))

@@ -1003,6 +1003,45 @@ def test_identical_results_are_not_resent() -> None:
     ]
 
 
+def test_connections_receiving_the_same_transition_share_one_encoded_send() -> None:
+    shared: dict[tuple[Any, ...], Send] = {}
+    cores = [connected() for _ in range(3)]
+    for core in cores:
+        subscribe(core, 1, now=1.0)
+    cores[2].advance_version(7, 1.5)  # this one has already seen version 7
+    sends = []
+    for core in cores:
+        [send] = core.queries_done(0, 5, [QueryResult(1, '{"n":1}')], 2.0, shared)
+        assert isinstance(send, Send)
+        sends.append(send)
+    assert sends[0] is sends[1]  # built and encoded once
+    assert sends[2] is not sends[0] and sends[2].frame["version"] == 7
+    for send in sends:
+        assert send.text == encode_frame(send.frame)
+    assert json.loads(sends[0].text or "") == {
+        "type": "transition",
+        "version": 5,
+        "updates": [{"queryId": 1, "value": {"n": 1}}],
+    }
+    # Errors and several updates at once are shared by what they hold, too.
+    pair = [connected() for _ in range(2)]
+    for core in pair:
+        subscribe(core, 1, now=1.0)
+        subscribe(core, 2, now=1.0)
+    results = [QueryResult(1, error=("forbidden", "no")), QueryResult(2, "2")]
+    first, second = (core.queries_done(0, 6, results, 2.0, shared) for core in pair)
+    assert first[0] is second[0]
+    assert json.loads(encode_frame(first[0].frame))["updates"] == [
+        {"queryId": 1, "error": {"code": "forbidden", "message": "no"}},
+        {"queryId": 2, "value": 2},
+    ]
+    # Without a shared dict nothing is pre-encoded.
+    alone = connected()
+    subscribe(alone, 1, now=1.0)
+    [plain] = alone.queries_done(0, 5, [QueryResult(1, '{"n":1}')], 2.0)
+    assert isinstance(plain, Send) and plain.text is None
+
+
 def test_error_results() -> None:
     core = connected()
     subscribe(core, 1, "whoami", now=1.0)

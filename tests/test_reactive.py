@@ -330,6 +330,39 @@ async def test_twenty_clients_on_two_instances_increment_one_counter_exactly_onc
         assert reader.value(1) == len(acked)
 
 
+async def command_calls(redis_client: redis.asyncio.Redis, command: str) -> int:
+    """How many times Redis has run ``command`` (``INFO commandstats``)."""
+    stats = await redis_client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_instances_follow_commits_without_reading_the_stream_back(
+    server_factory: Callable[..., ServerProcess],
+    open_live: Opener,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Each instance learns of a commit once: the instance that made it from its own commit, the
+    other from the entries its blocking stream read returned. Neither reads the stream again
+    (XRANGE) to deliver it, yet both deliver every value."""
+    a, b = two_instances(server_factory)
+    name = unique("rtt")
+    watchers = [await open_live(server, label=f"watcher {i}") for i, server in enumerate((a, b))]
+    for watcher in watchers:
+        await watcher.subscribe(1, "counter.get", {"name": name})
+    writer = await open_live(a, label="writer")
+    await writer.mutate(1, "counter.increment", {"name": name})  # creates the counter
+    for watcher in watchers:
+        await watcher.wait_held(1, ("value", 1))
+    before = await command_calls(redis_client, "xrange")
+    for request_id in range(2, 12):
+        await writer.mutate(request_id, "counter.increment", {"name": name})
+        for watcher in watchers:
+            await watcher.wait_held(1, ("value", request_id))
+    assert await command_calls(redis_client, "xrange") == before
+    for watcher in watchers:
+        assert values_of(watcher, 1) == list(range(12))
+
+
 # ------------------------------------------------------------------------------ read your writes
 
 
