@@ -464,7 +464,8 @@ class ConnectionCore:
         self.expiring_sent = False
         self.max_auth_version = -1
         self.auth_in_flight: AuthRequest | None = None
-        self.auth_queue: deque[AuthRequest | _RateLimited] = deque()
+        # Auth requests waiting for the one in flight; created when needed, dropped when empty.
+        self.auth_queue: deque[AuthRequest | _RateLimited] | None = None
         self.subscriptions: dict[int, _Subscription] = {}
         self.serials = 0
         self.version = 0  # the highest version sent in a transition
@@ -625,14 +626,17 @@ class ConnectionCore:
                 )
             )
         self.max_auth_version = version
-        if not self._auths.allow(now) or len(self.auth_queue) >= self.limits.max_pending_auth:
+        queue = self.auth_queue
+        if queue is None:
+            queue = self.auth_queue = deque()
+        if not self._auths.allow(now) or len(queue) >= self.limits.max_pending_auth:
             self.rate_violations += 1
             if self.rate_violations > self.limits.max_rate_violations:
                 return self._close(CloseCode.RATE_LIMITED, "too many authentication attempts")
             # Answered in its turn, after the requests before it: answers stay in order.
-            self.auth_queue.append(_RateLimited(version))
+            queue.append(_RateLimited(version))
         else:
-            self.auth_queue.append(message)
+            queue.append(message)
         return self._start_next_auth(now)
 
     def _start_next_auth(self, now: float) -> list[Action]:
@@ -670,6 +674,8 @@ class ConnectionCore:
             else:
                 self.auth_in_flight = request
                 actions.append(VerifyToken(request.auth_version, request.token))
+        if not self.auth_queue:
+            self.auth_queue = None
         return actions
 
     def auth_succeeded(
@@ -884,7 +890,7 @@ class ConnectionCore:
             self.identity = None
         self.phase = Phase.CLOSED
         self.subscriptions.clear()
-        self.auth_queue.clear()
+        self.auth_queue = None
         return actions
 
 

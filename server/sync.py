@@ -120,7 +120,9 @@ class Connection:
         self.endpoint = endpoint
         self.send = send
         self.core = core
-        self.out: deque[str | tuple[int, str]] = deque()
+        # Frames not yet handed to the socket; created when needed, dropped when empty (an idle
+        # connection keeps no queue: most frames go out inline).
+        self.out: deque[str | tuple[int, str]] | None = None
         self.out_bytes = 0
         self.writer: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[None]] | None = None
@@ -229,9 +231,15 @@ class Connection:
         if self.out_bytes > self.endpoint.settings.send_queue_bytes:
             self.close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
-        self.out.append(text)
+        self._queue().append(text)
         self.out_bytes += len(text)
         self._start_writer()
+
+    def _queue(self) -> deque[str | tuple[int, str]]:
+        out = self.out
+        if out is None:
+            out = self.out = deque()
+        return out
 
     def _start_writer(self) -> None:
         if self.draining or (self.writer is not None and not self.writer.done()):
@@ -260,12 +268,13 @@ class Connection:
                 if isinstance(item, tuple):
                     code, reason = item
                     await self.send({"type": "websocket.close", "code": code, "reason": reason})
-                    self.out.clear()
+                    self.out = None
                     return
                 self.out_bytes -= len(item)
                 await self.send({"type": "websocket.send", "text": item})
+            self.out = None
         except Exception:  # the client went away; the receive loop sees the disconnect
-            self.out.clear()
+            self.out = None
             self.closing = True
 
     def close_soon(self, code: int, reason: str) -> None:
@@ -273,7 +282,7 @@ class Connection:
         if self.closing:
             return
         self.closing = True
-        self.out.append((code, reason))
+        self._queue().append((code, reason))
         self._start_writer()
 
     def close_now(self, code: int, reason: str) -> None:
@@ -281,10 +290,9 @@ class Connection:
         if self.writer is not None:
             self.writer.cancel()
             self.writer = None
-        self.out.clear()
+        self.out = deque([(code, reason)])
         self.out_bytes = 0
         self.closing = True
-        self.out.append((code, reason))
         self._start_writer()
 
     # ------------------------------------------------------------------ work
