@@ -8,6 +8,7 @@ idempotent outcomes). It also exposes the commit stream to the subscription mana
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,7 @@ class QueryEngine:
         *,
         client_id: str,
         request_id: int,
+        authorized: Callable[[], bool] | None = None,
     ) -> MutationResult:
         spec = self.application.lookup(name)
         if spec is None or spec.kind != "mutation":
@@ -70,7 +72,12 @@ class QueryEngine:
         except ArgsError as exc:
             return MutationResult(None, (exc.code, exc.message), None)
         outcome = await self.store.run_mutation(
-            spec, kwargs, _auth(identity), client_id=client_id, request_id=request_id
+            spec,
+            kwargs,
+            _auth(identity),
+            client_id=client_id,
+            request_id=request_id,
+            authorized=authorized,
         )
         return MutationResult(
             outcome.value_json, outcome.error, outcome.version, outcome.written_keys

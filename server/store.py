@@ -72,7 +72,7 @@ import json
 import random
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
@@ -704,6 +704,10 @@ class _CommitRequest:
     written: frozenset[str]
 
 
+#: The error message of a mutation whose caller's identity ended while it ran.
+_ENDED = "the identity has ended; authenticate again"
+
+
 class Store:
     """Documents, indexes and mutation outcomes in Redis, and the functions that use them.
 
@@ -1010,8 +1014,13 @@ class Store:
         *,
         client_id: str | None,
         request_id: int | None,
+        authorized: Callable[[], bool] | None = None,
     ) -> MutationOutcome:
         """Run the mutation ``spec`` once per ``(client_id, request_id)`` and commit it.
+
+        ``authorized`` is asked before every commit attempt (retries sleep and re-run): when it
+        says the caller's identity has ended, the mutation ends with ``unauthenticated`` and
+        nothing is written or remembered, so a replay after signing in again runs it.
 
         A request that already has an outcome gets it back without running. Otherwise the
         function runs against a fresh :class:`MutationDB` and commits; on :class:`Conflict` it
@@ -1052,6 +1061,8 @@ class Store:
             # An error is committed without its writes: its reads are still checked, so the
             # error, too, is the answer of one consistent state.
             request = self._commit_request(db, key, nonce, text, ttl, apply_writes=error is None)
+            if authorized is not None and not authorized():
+                return MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, _ENDED), None)
             try:
                 result = await self._send_commit(request)
             except Conflict:

@@ -461,6 +461,9 @@ class Connection:
                 action.identity,
                 client_id=core.client_id or "",
                 request_id=action.request_id,
+                # Asked again before each commit attempt: a conflict's retries take time, and
+                # the session may end meanwhile.
+                authorized=lambda: self._identity_usable(action.identity),
             )
             if outcome.version is not None and outcome.error is None:
                 # Read your writes: every subscription of this connection is delivered at a

@@ -520,6 +520,67 @@ async def test_a_mutation_that_writes_nothing_does_not_advance_the_version(
     assert await store.get_outcome("c", 7) == {"version": 1, "value": "v"}
 
 
+async def test_a_retry_after_the_identity_ended_commits_nothing(store: Store) -> None:
+    """The caller's identity is asked for again before every commit attempt: a session that
+    ends while a conflicting mutation waits to retry gets nothing written in its name."""
+    (doc_id,) = await insert(store, "items", {"tag": "x", "n": 0})
+    reached, proceed = asyncio.Event(), asyncio.Event()
+    runs = 0
+    identity_alive = True
+    asked = 0
+
+    async def bump(ctx: Context, doc_id: str) -> int:
+        nonlocal runs, identity_alive
+        runs += 1
+        doc = await ctx.db.get("items", doc_id)
+        if runs == 1:
+            reached.set()
+            await proceed.wait()
+        elif runs == 2:
+            identity_alive = False  # the session ends while the retry runs
+        await ctx.db.patch("items", doc_id, {"n": doc["n"] + 1})
+        return int(doc["n"]) + 1
+
+    def authorized() -> bool:
+        nonlocal asked
+        asked += 1
+        return identity_alive
+
+    task = asyncio.create_task(
+        store.run_mutation(
+            spec(bump, "mutation"),
+            {"doc_id": doc_id},
+            None,
+            client_id="c",
+            request_id=1,
+            authorized=authorized,
+        )
+    )
+    await reached.wait()
+    await mutate(store, lambda db: db.patch("items", doc_id, {"n": 10}))  # the first conflicts
+    version = await store.version()
+    proceed.set()
+    outcome = await task
+    # Asked before the first commit (which conflicted) and before the retry's (refused).
+    assert (asked, runs) == (2, 2)
+    assert outcome.error is not None and outcome.error[0] == "unauthenticated"
+    assert outcome.version is None
+    assert await store.version() == version  # nothing committed
+    assert fields(await by_tag(store, "x")) == [10]
+    # Not remembered: signing in again and re-sending the same request runs it.
+    assert await store.get_outcome("c", 1) is None
+    identity_alive, runs = True, 10  # signed in again; no more session ending in `bump`
+    again = await store.run_mutation(
+        spec(bump, "mutation"),
+        {"doc_id": doc_id},
+        None,
+        client_id="c",
+        request_id=1,
+        authorized=authorized,
+    )
+    assert again.value_json == "11" and again.error is None
+
+
 async def test_run_mutation_retries_after_a_conflict(store: Store) -> None:
     (doc_id,) = await insert(store, "items", {"tag": "x", "n": 0})
     reached, proceed = asyncio.Event(), asyncio.Event()
