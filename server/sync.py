@@ -225,6 +225,9 @@ class Connection:
     def enqueue(self, text: str) -> None:
         if self.closing:
             return
+        if self.out is None and self._writer_idle():
+            self._start_writer(text)  # nothing waits: this frame goes out now, unqueued
+            return
         # The client is behind when what it has not taken yet is over the limit; a single
         # large frame onto a short queue is not a slow consumer (memory stays bounded by the
         # limit plus one frame).
@@ -241,15 +244,19 @@ class Connection:
             out = self.out = deque()
         return out
 
-    def _start_writer(self) -> None:
-        if self.draining or (self.writer is not None and not self.writer.done()):
+    def _writer_idle(self) -> bool:
+        return not self.draining and (self.writer is None or self.writer.done())
+
+    def _start_writer(self, first: str | None = None) -> None:
+        """Send ``first`` (if given), then what is queued, unless a writer is at it already."""
+        if not self._writer_idle():
             return  # the running writer takes what was queued
         # The queue is drained inline, in the caller (a fan-out writes into thousands of sockets
         # that nearly all take a frame at once); a task takes over only when a send has to wait
         # for the transport to drain.
         self.draining = True
         try:
-            task = start_eagerly(self._drain())
+            task = start_eagerly(self._drain(first))
         finally:
             self.draining = False
         if task is not None:
@@ -261,8 +268,10 @@ class Connection:
         if self.writer is task:
             self.writer = None
 
-    async def _drain(self) -> None:
+    async def _drain(self, first: str | None) -> None:
         try:
+            if first is not None:
+                await self.send({"type": "websocket.send", "text": first})
             while self.out:
                 item = self.out.popleft()
                 if isinstance(item, tuple):
