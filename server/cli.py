@@ -237,7 +237,10 @@ def _run_uvicorn(settings: Settings, app: Any) -> int:
         # uvicorn's own deadline for open connections comes after the app's drain deadline: the
         # app closes its sockets with a proper close code first.
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout + 5),
-        proxy_headers=False,
+        # X-Forwarded-For/-Proto are believed only from the configured proxies: anyone else
+        # could name any address and escape the per-address rate limits.
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies) or None,
     )
     server = uvicorn.Server(config)
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown while serve() runs. Afterwards it

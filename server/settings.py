@@ -8,6 +8,7 @@ names the setting and the problem (:class:`SettingsError`), never later at first
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,19 @@ def _parse_rate(raw: str) -> Rate:
 
 def _parse_origins(raw: str) -> tuple[str, ...]:
     return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+
+
+def _parse_proxies(raw: str) -> tuple[str, ...]:
+    proxies = tuple(p.strip() for p in raw.split(",") if p.strip())
+    for proxy in proxies:
+        if proxy == "*":
+            continue
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            message = f"{proxy!r} is not an IP address or a network like 10.0.0.0/8"
+            raise ValueError(message) from None
+    return proxies
 
 
 def _parse_str(raw: str) -> str:
@@ -125,6 +139,11 @@ class Settings:
     )
     signup_limit_address: Rate = _setting(
         Rate(20, 300), _parse_rate, "sign-ups per client IP address"
+    )
+    trusted_proxies: tuple[str, ...] = _setting(
+        (),
+        _parse_proxies,
+        "proxies (IPs or networks; * any) whose X-Forwarded-For/-Proto name the client",
     )
     refresh_limit_session: Rate = _setting(
         Rate(120, 60), _parse_rate, "refresh attempts per session"

@@ -25,6 +25,7 @@ import pytest
 import redis.asyncio
 
 from server import redis_keys
+from server.settings import Settings, SettingsError
 from tests.harness import REPO_ROOT, TEST_ISSUER, RedisProcess, ServerProcess
 
 ServerFactory = Callable[..., ServerProcess]
@@ -407,6 +408,65 @@ async def test_signin_address_limit(server_factory: ServerFactory) -> None:
         assert 1 <= int(blocked.headers["retry-after"]) <= 60
     async with client_for(server, "127.0.4.2") as elsewhere:
         assert (await sign_in(elsewhere, email)).status_code == 200
+
+
+ADDRESS_LIMIT_ENV = {
+    **MANY_SIGNUPS,
+    "TETHER_SIGNIN_LIMIT_ADDRESS": "2/60",
+    "TETHER_SIGNIN_LIMIT_ACCOUNT": "1000/60",
+}
+
+
+async def sign_in_as(http: httpx.AsyncClient, email: str, forwarded_for: str) -> httpx.Response:
+    return await http.post(
+        "/auth/signin",
+        json={"email": email, "password": PASSWORD},
+        headers={"X-Forwarded-For": forwarded_for},
+    )
+
+
+async def test_behind_a_trusted_proxy_the_address_limit_counts_each_forwarded_client(
+    server_factory: ServerFactory,
+) -> None:
+    """Behind a load balancer every request comes from the proxy: with the proxy trusted, the
+    client named in X-Forwarded-For is the one counted, so one client's guesses do not lock
+    every other client out."""
+    server = server_factory(env={**ADDRESS_LIMIT_ENV, "TETHER_TRUSTED_PROXIES": "127.0.5.1"})
+    async with client_for(server) as http:
+        email = new_email()
+        await sign_up(http, email)
+    async with client_for(server, "127.0.5.1") as proxy:
+        # What nginx's $proxy_add_x_forwarded_for sends: the client's own header, then the
+        # address nginx saw. The address the proxy appended is the one that counts.
+        assert (await sign_in_as(proxy, email, "198.51.100.1, 203.0.113.7")).status_code == 200
+        assert (await sign_in_as(proxy, email, "198.51.100.2, 203.0.113.7")).status_code == 200
+        assert_error(await sign_in_as(proxy, email, "203.0.113.7"), 429, "rate_limited")
+        assert (await sign_in_as(proxy, email, "203.0.113.8")).status_code == 200
+
+
+async def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(
+    server_factory: ServerFactory,
+) -> None:
+    """A client that writes its own X-Forwarded-For does not escape the per-address limit,
+    whether no proxy is trusted (the default) or another address is."""
+    trusting_another = {**ADDRESS_LIMIT_ENV, "TETHER_TRUSTED_PROXIES": "127.0.6.9"}
+    # One Redis for both servers: each spoofer comes from an address of its own.
+    for env, address in ((ADDRESS_LIMIT_ENV, "127.0.6.1"), (trusting_another, "127.0.6.2")):
+        server = server_factory(env=env)
+        async with client_for(server) as http:
+            email = new_email()
+            await sign_up(http, email)
+        async with client_for(server, address) as spoofer:
+            assert (await sign_in_as(spoofer, email, "203.0.113.1")).status_code == 200
+            assert (await sign_in_as(spoofer, email, "203.0.113.2")).status_code == 200
+            assert_error(await sign_in_as(spoofer, email, "203.0.113.3"), 429, "rate_limited")
+
+
+def test_a_trusted_proxy_must_be_an_address_or_a_network() -> None:
+    with pytest.raises(SettingsError, match="TETHER_TRUSTED_PROXIES"):
+        Settings.load(environ={"TETHER_TRUSTED_PROXIES": "10.0.0.1,nginx"})
+    loaded = Settings.load(environ={"TETHER_TRUSTED_PROXIES": "10.0.0.0/8, ::1,*"})
+    assert loaded.trusted_proxies == ("10.0.0.0/8", "::1", "*")
 
 
 # ----------------------------------------------------------------------------- refresh
