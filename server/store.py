@@ -67,12 +67,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import json
 import random
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
@@ -704,6 +705,16 @@ class _CommitRequest:
     written: frozenset[str]
 
 
+class _Turn:
+    """One key's retry lock on this instance, and how many retries hold or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 #: The error message of a mutation whose caller's identity ended while it ran.
 _ENDED = "the identity has ended; authenticate again"
 
@@ -746,6 +757,7 @@ class Store:
         self.query_attempts = query_attempts
         self._commit_script = load_script(redis, "commit")
         self._read_script = load_script(redis, "read")
+        self._retry_turns: dict[str, _Turn] = {}  # key -> the retries waiting on it here
 
     # -------------------------------------------------------------- versions and commits
 
@@ -1035,48 +1047,88 @@ class Store:
             raw = await self.redis.get(outcome_key)
             if raw is not None:
                 return MutationOutcome.from_stored(_parse_outcome(_text(raw)))
+        hot_key: str | None = None  # the key the last attempt conflicted on
         for attempt in range(self.max_retries + 1):
             if attempt:
                 await self._backoff(attempt - 1)
-            db = MutationDB(self)
-            ctx = Context(auth, db=db)
-            value_json: str | None = None
-            error: tuple[str, str] | None = None
-            try:
-                value = await invoke(spec, ctx, kwargs)
-                value_json = encode_result(value, self.max_result_bytes)
-            except _Abort:
-                pass
-            except FunctionError as exc:
-                error = (exc.code, exc.message)
-            if db.aborted:
-                db._raise_redis_failure()
-                continue
-            nonce = _nonce()
-            if outcome_key is None:
-                key, ttl, text = redis_keys.data_attempt(nonce), ATTEMPT_TTL, _outcome_text(nonce)
-            else:
-                key, ttl = outcome_key, self.outcome_ttl
-                text = _outcome_text(nonce, value_json=value_json, error=error)
-            # An error is committed without its writes: its reads are still checked, so the
-            # error, too, is the answer of one consistent state.
-            request = self._commit_request(db, key, nonce, text, ttl, apply_writes=error is None)
-            if authorized is not None and not authorized():
-                return MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, _ENDED), None)
-            try:
-                result = await self._send_commit(request)
-            except Conflict:
-                continue
-            if result.duplicate is not None:
-                return MutationOutcome.from_stored(result.duplicate)
-            if error is not None:
-                return MutationOutcome(None, error, None)
-            return MutationOutcome(value_json, None, result.version, result.written_keys)
+            # A retry waits for this instance's other retries on the same key: they would only
+            # invalidate each other (one commit per key per round trip can win).
+            async with self._retry_turn(hot_key):
+                try:
+                    outcome = await self._attempt(
+                        spec, kwargs, auth, outcome_key, authorized=authorized
+                    )
+                except Conflict as exc:
+                    hot_key = exc.key
+                    continue
+            if outcome is not None:
+                return outcome
         code, message = FunctionErrorCode.CONFLICT, _CONFLICT_MESSAGE.format("mutation")
         if client_id is not None and request_id is not None:
             stored = await self.put_outcome(client_id, request_id, code, message)
             return MutationOutcome.from_stored(stored)
         return MutationOutcome(None, (code, message), None)
+
+    async def _attempt(
+        self,
+        spec: FunctionSpec,
+        kwargs: Mapping[str, Any],
+        auth: Auth | None,
+        outcome_key: str | None,
+        *,
+        authorized: Callable[[], bool] | None,
+    ) -> MutationOutcome | None:
+        """Run the mutation once and commit it: its outcome, or None when a Redis failure
+        inside the function's reads asks for another attempt. Raises :class:`Conflict`."""
+        db = MutationDB(self)
+        ctx = Context(auth, db=db)
+        value_json: str | None = None
+        error: tuple[str, str] | None = None
+        try:
+            value = await invoke(spec, ctx, kwargs)
+            value_json = encode_result(value, self.max_result_bytes)
+        except _Abort:
+            pass
+        except FunctionError as exc:
+            error = (exc.code, exc.message)
+        if db.aborted:
+            db._raise_redis_failure()
+            return None
+        nonce = _nonce()
+        if outcome_key is None:
+            key, ttl, text = redis_keys.data_attempt(nonce), ATTEMPT_TTL, _outcome_text(nonce)
+        else:
+            key, ttl = outcome_key, self.outcome_ttl
+            text = _outcome_text(nonce, value_json=value_json, error=error)
+        # An error is committed without its writes: its reads are still checked, so the
+        # error, too, is the answer of one consistent state.
+        request = self._commit_request(db, key, nonce, text, ttl, apply_writes=error is None)
+        if authorized is not None and not authorized():
+            return MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, _ENDED), None)
+        result = await self._send_commit(request)
+        if result.duplicate is not None:
+            return MutationOutcome.from_stored(result.duplicate)
+        if error is not None:
+            return MutationOutcome(None, error, None)
+        return MutationOutcome(value_json, None, result.version, result.written_keys)
+
+    @contextlib.asynccontextmanager
+    async def _retry_turn(self, key: str | None) -> AsyncIterator[None]:
+        """Hold this instance's turn to retry on ``key`` (no turn needed for ``None``)."""
+        if key is None:
+            yield
+            return
+        turn = self._retry_turns.get(key)
+        if turn is None:
+            turn = self._retry_turns[key] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._retry_turns[key]
 
     async def _backoff(self, retry: int) -> None:
         await asyncio.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**retry)))

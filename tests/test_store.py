@@ -520,6 +520,46 @@ async def test_a_mutation_that_writes_nothing_does_not_advance_the_version(
     assert await store.get_outcome("c", 7) == {"version": 1, "value": "v"}
 
 
+async def test_retries_on_one_hot_key_take_turns_on_an_instance(
+    redis_client: redis.asyncio.Redis, clock: ManualClock
+) -> None:
+    """Twenty increments read the same counter, then all commit: one wins, nineteen conflict.
+    Their retries take turns on the key, so each retry commits on its first try — one retry is
+    enough for all of them. (Run together, the nineteen retries would mostly conflict again.)"""
+    store = Store(redis_client, schema=app.schema, clock=clock, max_retries=1)
+    (doc_id,) = await insert(store, "items", {"tag": "hot", "n": 0})
+    first_reads: list[asyncio.Event] = []
+    all_read = asyncio.Event()
+    clients = 20
+
+    async def increment(ctx: Context, doc_id: str, client: int) -> int:
+        doc = await ctx.db.get("items", doc_id)
+        if len(first_reads) < clients:  # a first attempt: wait until every first read is done
+            first_reads.append(asyncio.Event())
+            if len(first_reads) == clients:
+                all_read.set()
+            await all_read.wait()
+        await ctx.db.patch("items", doc_id, {"n": doc["n"] + 1})
+        return int(doc["n"]) + 1
+
+    outcomes = await asyncio.gather(
+        *(
+            store.run_mutation(
+                spec(increment, "mutation"),
+                {"doc_id": doc_id, "client": i},
+                None,
+                client_id=f"client-{i}",
+                request_id=1,
+            )
+            for i in range(clients)
+        )
+    )
+    assert [o.error for o in outcomes] == [None] * clients
+    assert sorted(int(o.value_json or 0) for o in outcomes) == list(range(1, clients + 1))
+    assert fields(await by_tag(store, "hot")) == [clients]
+    assert store._retry_turns == {}  # no key's turn outlives its retries
+
+
 async def test_a_retry_after_the_identity_ended_commits_nothing(store: Store) -> None:
     """The caller's identity is asked for again before every commit attempt: a session that
     ends while a conflicting mutation waits to retry gets nothing written in its name."""
