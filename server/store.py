@@ -993,15 +993,7 @@ class Store:
         for _ in range(self.query_attempts):
             db = QueryDB(self)
             ctx = Context(auth, db=db)
-            value_json: str | None = None
-            error: tuple[str, str] | None = None
-            try:
-                value = await invoke(spec, ctx, kwargs)
-                value_json = encode_result(value, self.max_result_bytes)
-            except _Abort:
-                pass
-            except FunctionError as exc:
-                error = (exc.code, exc.message)
+            value_json, error = await self._run_function(spec, ctx, kwargs)
             read_set |= db._read_set
             reads_identity = reads_identity or ctx.read_identity
             if db.aborted:
@@ -1081,16 +1073,7 @@ class Store:
         """Run the mutation once and commit it: its outcome, or None when a Redis failure
         inside the function's reads asks for another attempt. Raises :class:`Conflict`."""
         db = MutationDB(self)
-        ctx = Context(auth, db=db)
-        value_json: str | None = None
-        error: tuple[str, str] | None = None
-        try:
-            value = await invoke(spec, ctx, kwargs)
-            value_json = encode_result(value, self.max_result_bytes)
-        except _Abort:
-            pass
-        except FunctionError as exc:
-            error = (exc.code, exc.message)
+        value_json, error = await self._run_function(spec, Context(auth, db=db), kwargs)
         if db.aborted:
             db._raise_redis_failure()
             return None
@@ -1111,6 +1094,20 @@ class Store:
         if error is not None:
             return MutationOutcome(None, error, None)
         return MutationOutcome(value_json, None, result.version, result.written_keys)
+
+    async def _run_function(
+        self, spec: FunctionSpec, ctx: Context, kwargs: Mapping[str, Any]
+    ) -> tuple[str | None, tuple[str, str] | None]:
+        """Run ``spec``: ``(value JSON, None)``, or ``(None, (code, message))`` for a
+        :class:`~server.errors.FunctionError`; ``(None, None)`` when ``ctx.db`` ended the run
+        (its ``aborted`` says why)."""
+        try:
+            value = await invoke(spec, ctx, kwargs)
+            return encode_result(value, self.max_result_bytes), None
+        except _Abort:
+            return None, None
+        except FunctionError as exc:
+            return None, (exc.code, exc.message)
 
     @contextlib.asynccontextmanager
     async def _retry_turn(self, key: str | None) -> AsyncIterator[None]:
