@@ -477,6 +477,9 @@ class SubscriptionManager:
             if not ev.reads_identity and not entry.free:
                 self._make_free(entry)
 
+        if len(dirty) == 1:
+            await one(dirty[0])  # the common case after a commit: no task, no loop iteration
+            return newest
         results = await asyncio.gather(*(one(entry) for entry in dirty), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
