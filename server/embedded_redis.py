@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -133,14 +133,17 @@ class EmbeddedRedis:
         port: int | None = None,
         binary: str | None = None,
         appendonly: bool = True,
+        extra_args: Sequence[str] = (),
     ) -> None:
         """``port``: the port to use, or None for a free one picked at each start. ``binary``: the
         ``redis-server`` to run, or None for :func:`find_redis_server`. ``appendonly``: keep the
-        append-only file on (turn it off only for throwaway data)."""
+        append-only file on (turn it off only for throwaway data). ``extra_args``: more
+        ``redis-server`` options, appended after Tether's own (e.g. ``--cluster-enabled yes``)."""
         self.data_dir = Path(data_dir)
         self._requested_port = port
         self._binary = binary
         self._appendonly = appendonly
+        self._extra_args = tuple(extra_args)
         self._port: int | None = port
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_file: IO[bytes] | None = None
@@ -254,6 +257,7 @@ class EmbeddedRedis:
             "--logfile", str(self.log_file.resolve()),
             "--appendonly", "yes" if self._appendonly else "no",
             "--save", "",
+            *self._extra_args,
         ]  # fmt: skip
 
     def _launch(self, binary: str, port: int, deadline: float) -> bool:

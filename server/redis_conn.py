@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
@@ -39,7 +40,7 @@ def connect(url: str) -> RedisClient:
     for scheme in ("redis+cluster://", "rediss+cluster://"):
         if url.startswith(scheme):
             plain = url.replace("+cluster", "", 1)
-            return RedisCluster.from_url(plain, **common)
+            return _RedisCluster.from_url(plain, **common)
     # A burst (thousands of sockets authenticating at once) waits for a pooled connection
     # instead of failing as if Redis were down.
     pool = BlockingConnectionPool.from_url(
@@ -50,6 +51,22 @@ def connect(url: str) -> RedisClient:
         **common,
     )
     return Redis(connection_pool=pool)
+
+
+class _RedisCluster(RedisCluster):
+    """A cluster client whose failure to learn the cluster's layout is a connection error.
+
+    redis-py raises ``RedisClusterException`` when no node answers or the slots are not all
+    covered (every command of a client that lost its nodes first re-reads the layout). That is
+    no ``RedisError``: an outage would reach callers as an unexpected exception (HTTP 500,
+    ``internal``) instead of the ``unavailable`` of a standalone server's outage.
+    """
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise RedisConnectionError(f"Redis Cluster unreachable: {exc}") from exc
 
 
 def load_script(client: RedisClient, name: str) -> AsyncScript:

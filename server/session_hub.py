@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from redis.asyncio import RedisCluster
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -88,6 +89,10 @@ class SessionHub:
         if recheck_batch < 1:
             raise ValueError("recheck_batch must be at least 1")
         self._redis: RedisClient = connect(redis_url)
+        if isinstance(self._redis, RedisCluster) and not hasattr(self._redis, "pubsub"):
+            # Before redis-py 8.0 the asyncio cluster client has no Pub/Sub: the subscriber would
+            # fail forever and the instance never become ready.
+            raise RuntimeError("Redis Cluster needs redis-py 8.0 or later (asyncio Pub/Sub)")
         self._sessions = sessions
         self._recent_ttl = recent_ttl
         self._recheck_batch = recheck_batch
@@ -166,6 +171,10 @@ class SessionHub:
             while not self._closing:
                 pubsub = self._redis.pubsub()
                 try:
+                    if isinstance(self._redis, RedisCluster):
+                        # The cluster's Pub/Sub picks its node from the slot map, which a new
+                        # client loads on its first command only: this may be the first.
+                        await self._redis.initialize()
                     await pubsub.subscribe(SESSION_ENDED_CHANNEL)
                     await self._listen(pubsub)
                 except (RedisError, OSError) as exc:

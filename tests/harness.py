@@ -1,4 +1,5 @@
-"""Real processes for integration tests: a ``redis-server``, and Tether servers on free ports.
+"""Real processes for integration tests: a ``redis-server``, a Redis Cluster of several, and
+Tether servers on free ports.
 
 No mock stands in for Redis or the server. Every process started here is registered, and
 ``conftest.py`` kills whatever is still running when a test ends, passed or failed; an ``atexit``
@@ -14,7 +15,9 @@ import asyncio
 import atexit
 import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 import httpx
+import redis
 import redis.asyncio
 
 from server.embedded_redis import EmbeddedRedis, die_with_parent_preexec, free_loopback_port
@@ -177,6 +181,189 @@ class RedisProcess:
     def client(self, *, decode_responses: bool = True) -> redis.asyncio.Redis:
         """A new ``redis.asyncio.Redis`` for this server; the caller closes it (``aclose``)."""
         return redis.asyncio.Redis.from_url(self.url, decode_responses=decode_responses)
+
+
+class RedisClusterError(RuntimeError):
+    """The cluster did not form; the message says which step failed."""
+
+
+#: A cluster node also listens on its port + 10000 (the cluster bus; ``cluster-port`` exists only
+#: from Redis 7 on): its port can be at most this.
+_MAX_CLUSTER_NODE_PORT = 55535
+
+
+def _free_cluster_port() -> int:
+    """A port for a cluster node: free, as is the bus port 10000 above it, a moment ago."""
+    for _ in range(200):
+        port = free_port()
+        if port > _MAX_CLUSTER_NODE_PORT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RedisClusterError("no free port pair (node, node + 10000) found for a cluster node")
+
+
+class RedisClusterProcess:
+    """A real Redis Cluster for one test: ``masters`` ``redis-server`` processes (no replicas) on
+    free ports of 127.0.0.1, AOF on, each with its data in ``data_dir/<port>`` and its cluster
+    configuration in ``data_dir/nodes-<port>.conf``, joined by ``redis-cli --cluster create``.
+
+    :attr:`url` is the ``redis+cluster://`` URL Tether takes (``TETHER_REDIS_URL``); the client
+    finds the other nodes from the first one. Every node is stopped by :meth:`stop` or
+    :meth:`kill`, and by the harness's cleanup after the test.
+    """
+
+    def __init__(self, data_dir: Path | None = None, *, masters: int = 3) -> None:
+        if masters < 3:
+            raise ValueError("Redis Cluster needs at least 3 masters")
+        self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp())
+        self.masters = masters
+        self._nodes: list[EmbeddedRedis] = []
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self._nodes]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://127.0.0.1:PORT/0`` of the first node. RuntimeError before start."""
+        if not self._nodes:
+            raise RuntimeError("the cluster has not been started")
+        return f"redis+cluster://127.0.0.1:{self._nodes[0].port}/0"
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Start the nodes, create the cluster, wait until every node says ``cluster_state:ok``,
+        and return :attr:`url`. Raises (after stopping every node) when any step fails."""
+        if self._nodes:
+            raise RuntimeError("the cluster was started before: restart() starts it again")
+        redis_cli = shutil.which("redis-cli")
+        if redis_cli is None:
+            raise RedisClusterError("redis-cli is not on PATH: it creates the cluster")
+        _register(self)
+        deadline = time.monotonic() + timeout
+        try:
+            for _ in range(self.masters):
+                self._nodes.append(self._start_node(deadline))
+            addresses = [f"127.0.0.1:{port}" for port in self.ports]
+            options = ["--cluster-replicas", "0", "--cluster-yes"]
+            create = subprocess.run(
+                [redis_cli, "--cluster", "create", *addresses, *options],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, deadline - time.monotonic()),
+                check=False,
+            )
+            if create.returncode != 0:
+                raise RedisClusterError(
+                    f"redis-cli --cluster create failed ({create.returncode}):\n"
+                    f"{create.stdout[-2000:]}{create.stderr[-2000:]}"
+                )
+            self._wait_ok(deadline)
+        except BaseException:
+            self.kill()
+            raise
+        return self.url
+
+    def _start_node(self, deadline: float) -> EmbeddedRedis:
+        # The port is fixed before the start (it names the directory and the config file): one
+        # taken in the meantime is retried with another.
+        for attempt in range(3):
+            port = _free_cluster_port()
+            node = EmbeddedRedis(
+                self.data_dir / str(port),
+                port=port,
+                appendonly=True,
+                extra_args=[
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str((self.data_dir / f"nodes-{port}.conf").resolve()),
+                ],
+            )  # fmt: skip
+            try:
+                node.start(max(1.0, deadline - time.monotonic()))
+            except RuntimeError as exc:
+                if attempt == 2 or "could not listen" not in str(exc):
+                    raise
+                continue
+            return node
+        raise AssertionError("unreachable")
+
+    def _wait_ok(self, deadline: float) -> None:
+        """Until every node reports ``cluster_state:ok`` and knows every other node."""
+        pending = list(self.ports)
+        want = {
+            "cluster_state": "ok",
+            "cluster_known_nodes": str(self.masters),
+            "cluster_slots_ok": "16384",
+        }
+        seen: dict[str, str] = {}
+        while pending:
+            port = pending[0]
+            with contextlib.suppress(redis.RedisError, OSError):
+                with redis.Redis("127.0.0.1", port, socket_timeout=2.0) as node:
+                    info = node.execute_command("CLUSTER INFO")  # parsed into a dict
+                seen = {name: str(info.get(name)) for name in want}
+                if seen == want:
+                    pending.pop(0)
+                    continue
+            if time.monotonic() > deadline:
+                raise RedisClusterError(f"node :{port} never reached {want}: {seen}")
+            time.sleep(0.05)
+
+    @property
+    def running(self) -> bool:
+        """True while every node runs."""
+        return bool(self._nodes) and all(node.running for node in self._nodes)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Shut every node down in order (SIGTERM: the AOFs are flushed); ports and data are
+        kept for :meth:`restart`. Safe to call again."""
+        try:
+            for node in self._nodes:
+                with contextlib.suppress(Exception):
+                    node.stop(timeout)
+        finally:
+            _unregister(self)
+
+    def kill(self) -> None:
+        """SIGKILL every node, as a crash would. Safe to call again."""
+        try:
+            for node in self._nodes:
+                with contextlib.suppress(Exception):
+                    node.kill()
+        finally:
+            _unregister(self)
+
+    def restart(self, *, kill: bool = False, timeout: float = 30.0) -> str:
+        """Stop (or, with ``kill``, SIGKILL) every node, then start each again on its port with
+        its data and cluster configuration: the cluster re-forms by itself from those, as after
+        a restart in production. Waits for ``cluster_state:ok`` on every node."""
+        if not self._nodes:
+            raise RuntimeError("the cluster has not been started")
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        _register(self)
+        deadline = time.monotonic() + timeout
+        try:
+            for node in self._nodes:
+                node.start(max(1.0, deadline - time.monotonic()))
+            self._wait_ok(deadline)
+        except BaseException:
+            self.kill()
+            raise
+        return self.url
+
+    def client(self, *, decode_responses: bool = True) -> redis.asyncio.RedisCluster:
+        """A new ``redis.asyncio.RedisCluster``; the caller closes it (``aclose``)."""
+        return redis.asyncio.RedisCluster(
+            host="127.0.0.1", port=self.ports[0], decode_responses=decode_responses
+        )
 
 
 # ---------------------------------------------------------------------------------- server
