@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``tether`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_attach_ids(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
@@ -81,6 +81,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------- arguments
+
+#: Options whose value is an id: ids made by ``secrets.token_urlsafe`` may begin with ``-``.
+_ID_OPTIONS = ("--user", "--session")
+#: What may follow them that is an option, not an id (a forgotten id stays a usage error).
+_REVOKE_OPTIONS = ("--user", "--session", "--redis-url", "--data-dir", "-h", "--help")
+
+
+def _attach_ids(argv: list[str]) -> list[str]:
+    """``--session -abc`` as ``--session=-abc``: argparse would take ``-abc`` for an option and
+    refuse the command (about one id in 64 begins with ``-``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if (
+            arg in _ID_OPTIONS
+            and value.startswith("-")
+            and value.partition("=")[0] not in _REVOKE_OPTIONS
+        ):
+            out.append(f"{arg}={value}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -193,6 +193,18 @@ def test_sessions_revoke_finds_the_redis_by_flag(redis_url: str) -> None:
 
 
 @needs_sessions
+def test_sessions_revoke_takes_ids_that_begin_with_a_dash(redis_url: str) -> None:
+    """About one id in 64 (secrets.token_urlsafe) begins with ``-``; argparse alone would take
+    it for an option. A forgotten id is still a usage error."""
+    for option in ("--session", "--user"):
+        result = run_tether("sessions", "revoke", option, "-Ab3_x9", "--redis-url", redis_url)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "ended 0 session(s)"
+    forgot = run_tether("sessions", "revoke", "--session", "--redis-url", redis_url)
+    assert forgot.returncode == 2, forgot.stdout
+
+
+@needs_sessions
 def test_sessions_revoke_with_a_stale_url_file_exits_1(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
