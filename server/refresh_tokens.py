@@ -11,47 +11,68 @@ A token is ``rt1.<sessionId>.<secret>.<tag>``:
   cannot revoke it.
 * Redis holds ``SHA-256(secret)`` only. ``K`` (the key set's ``refreshSecret``) never enters
   Redis: a dump of Redis can neither use nor mint a token.
+
+Every refresh computes three HMACs (the presented token's tag, the next secret, its tag), so the
+codec keeps HMAC-SHA-256's two keyed states (RFC 2104: the hash after ``K ^ ipad`` and after
+``K ^ opad``) and copies them per MAC: about 1 µs a MAC instead of the 2-4 µs of
+``hmac.digest``, which sets the key up again on every call.
 """
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
+from typing import NamedTuple
 
 VERSION = "rt1"
 #: Longest refresh token looked at; anything longer is refused unparsed.
 MAX_REFRESH_TOKEN_BYTES = 256
-_SEGMENT = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+#: ``rt1.<sid>.<secret>.<tag>``, each segment 16-64 characters of unpadded base64url.
+_TOKEN = re.compile(re.escape(VERSION) + r"\.([A-Za-z0-9_-]{16,64})" * 3)
+_BLOCK = 64  # SHA-256's block size, for the HMAC key schedule
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    """Unpadded base64url (RFC 4648 §5) of ``data``."""
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
 
-@dataclass(frozen=True)
-class RefreshToken:
+def _sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class RefreshToken(NamedTuple):
     session_id: str
     secret: str
     token: str
 
     @property
     def secret_hash(self) -> str:
-        return hashlib.sha256(self.secret.encode()).hexdigest()
+        """What Redis stores for this token: the hex SHA-256 of its secret."""
+        return _sha256_hex(self.secret)
 
 
 class RefreshTokenCodec:
     """Mints, checks and derives refresh tokens with the MAC key ``K``."""
 
     def __init__(self, key: bytes) -> None:
-        self._key = key
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
 
     def _mac(self, label: str, session_id: str, secret: str) -> str:
-        msg = f"{label}:{session_id}.{secret}".encode()
-        return _b64(hmac.new(self._key, msg, hashlib.sha256).digest())
+        """``HMAC-SHA-256(K, label + ":" + session_id + "." + secret)``, unpadded base64url."""
+        inner = self._inner.copy()
+        inner.update(f"{label}:{session_id}.{secret}".encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return _b64(outer.digest())
 
     def _make(self, session_id: str, secret: str) -> RefreshToken:
         tag = self._mac("tag", session_id, secret)
@@ -69,12 +90,10 @@ class RefreshTokenCodec:
         """The token if it is well-formed and minted with ``K``; else ``None``. No I/O."""
         if not isinstance(raw, str) or len(raw) > MAX_REFRESH_TOKEN_BYTES:
             return None
-        parts = raw.split(".")
-        if len(parts) != 4 or parts[0] != VERSION:
+        match = _TOKEN.fullmatch(raw)
+        if match is None:
             return None
-        _, session_id, secret, tag = parts
-        if not (_SEGMENT.match(session_id) and _SEGMENT.match(secret) and _SEGMENT.match(tag)):
-            return None
+        session_id, secret, tag = match.groups()
         if not hmac.compare_digest(tag, self._mac("tag", session_id, secret)):
             return None
         return RefreshToken(session_id, secret, raw)
@@ -82,4 +101,4 @@ class RefreshTokenCodec:
 
 def hash_retry_key(retry_key: str) -> str:
     """Retry keys are stored only as hashes."""
-    return hashlib.sha256(("retry:" + retry_key).encode()).hexdigest()
+    return _sha256_hex("retry:" + retry_key)

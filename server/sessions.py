@@ -74,6 +74,11 @@ class SessionStore:
         self.clock = clock
         self._rotate = load_script(redis, "session_rotate")
         self._end = load_script(redis, "session_end")
+        # The rotation script's constant settings, as its one ARGV[3] (settings are immutable).
+        self._rotate_settings = (
+            f"{settings.refresh_reuse_window * 1000} {self._tombstone_ms}"
+            f" {DEADLINE_GRACE_MS} {redis_keys.SESSION_ENDED_CHANNEL}"
+        ).encode()
 
     @property
     def _tombstone_ms(self) -> int:
@@ -126,23 +131,19 @@ class SessionStore:
             # Forged or malformed: refused before Redis is touched.
             raise RefreshRejected(HTTPCode.REFRESH_INVALID, "the refresh token is not valid")
         successor = self.codec.successor(token)
-        reply = await self._rotate(
-            keys=[redis_keys.session(token.session_id)],
-            args=[
-                token.session_id,
-                to_ms(self.clock()),
-                token.secret_hash,
-                successor.secret_hash,
-                hash_retry_key(retry_key) if retry_key else "",
-                self.settings.refresh_reuse_window * 1000,
-                self._tombstone_ms,
-                DEADLINE_GRACE_MS,
-                redis_keys.SESSION_ENDED_CHANNEL,
-            ],
+        sid = token.session_id
+        hashes = token.secret_hash + successor.secret_hash
+        if retry_key:
+            hashes += hash_retry_key(retry_key)
+        reply: str = await self._rotate(
+            keys=[redis_keys.session(sid)],
+            args=[to_ms(self.clock()), hashes, self._rotate_settings],
         )
-        outcome = reply[0]
-        if outcome in ("rotated", "current"):
-            return SessionGrant(str(reply[1]), token.session_id, successor.token, int(reply[2]))
+        # 'rotated DEADLINE USERID' | 'current DEADLINE USERID' | 'reused' | 'invalid'
+        outcome, _, rest = reply.partition(" ")
+        if outcome == "rotated" or outcome == "current":
+            deadline, _, user_id = rest.partition(" ")
+            return SessionGrant(user_id, sid, successor.token, int(deadline))
         if outcome == "reused":
             raise RefreshRejected(
                 HTTPCode.REFRESH_REUSED,

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -196,6 +197,16 @@ async def test_rule1_current_token_rotates_and_becomes_previous(
     assert await store.lookup(first.session_id) is not None
 
 
+@pytest.mark.parametrize("user_id", ["u", "user with spaces", "line\r\nbreak\n", "ünïcødé"])
+async def test_any_user_id_comes_back_unaltered(store: SessionStore, user_id: str) -> None:
+    # The script answers with a one-line status reply, in which Redis would turn CR and LF
+    # into spaces; such a user id must take the bulk-reply path.
+    first = await store.create(user_id)
+    second = await store.rotate(first.refresh_token)
+    again = await store.rotate(first.refresh_token)  # rule 2: the "current" answer
+    assert second.user_id == again.user_id == user_id
+
+
 # ----------------------------------------------------------------------------- rule 2
 
 
@@ -370,6 +381,29 @@ async def test_rule4_valid_mac_for_a_session_that_does_not_exist_creates_nothing
     assert await all_keys(redis_client) == set()
 
 
+@pytest.mark.parametrize("key_bytes", [1, 32, 64, 65, 100])
+def test_token_macs_are_hmac_sha256_as_documented(key_bytes: int) -> None:
+    # The codec computes HMAC-SHA-256 from precomputed key states; tokens already issued (and
+    # any other implementation) use the standard construction: they must agree exactly.
+    key = secrets.token_bytes(key_bytes)
+    codec = RefreshTokenCodec(key)
+
+    def mac(label: str, sid: str, secret: str) -> str:
+        digest = hmac.new(key, f"{label}:{sid}.{secret}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    sid, secret = secrets.token_urlsafe(16), secrets.token_urlsafe(32)
+    by_hand = f"rt1.{sid}.{secret}.{mac('tag', sid, secret)}"
+    parsed = codec.parse(by_hand)
+    assert parsed is not None and (parsed.session_id, parsed.secret) == (sid, secret)
+    assert parsed.secret_hash == sha256(secret)
+    following = mac("next", sid, secret)
+    assert codec.successor(parsed).token == f"rt1.{sid}.{following}.{mac('tag', sid, following)}"
+    minted = codec.mint(sid).token
+    _, _, minted_secret, minted_tag = minted.split(".")
+    assert minted_tag == mac("tag", sid, minted_secret)
+
+
 # ----------------------------------------------------------------------------- rule 5
 
 
@@ -410,6 +444,39 @@ async def test_rule5_absolute_expiry_despite_recent_refreshes(
     assert await rejected(store, grant.refresh_token) == INVALID
 
 
+@pytest.mark.parametrize(
+    "inactive_ttl", [86_400, 2_592_000], ids=["inactivity-binds", "absolute-binds"]
+)
+async def test_session_key_expires_at_deadline_plus_grace_after_each_rotation(
+    redis_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    clock: ManualClock,
+    inactive_ttl: int,
+) -> None:
+    # The script skips PEXPIREAT when the deadline did not move (the absolute one binds): the
+    # expiry set at sign-in must then still be the right one.
+    settings = make_settings(session_inactive_ttl=inactive_ttl, session_ttl=2_592_000)
+    store = SessionStore(redis_client, codec, settings, clock)
+    signed_in_ms = to_ms(clock())
+    grant = await store.create("user-1")
+    key = redis_keys.session(grant.session_id)
+
+    async def assert_expiry() -> None:
+        # Redis counts the TTL on its own (real) clock.
+        expected = grant.deadline_ms + DEADLINE_GRACE_MS - int(time.time() * 1000)
+        assert abs(await redis_client.pttl(key) - expected) < 1000
+
+    await assert_expiry()
+    for _ in range(3):
+        clock.advance(600)
+        grant = await store.rotate(grant.refresh_token)
+        await assert_expiry()
+    if inactive_ttl == 86_400:
+        assert grant.deadline_ms == to_ms(clock()) + 86_400_000
+    else:
+        assert grant.deadline_ms == signed_in_ms + 2_592_000_000
+
+
 # ----------------------------------------------------------------------------- idempotence
 
 
@@ -421,16 +488,13 @@ def rotate_args(
     assert parsed is not None
     successor = codec.successor(parsed)
     tombstone_ms = (settings.access_ttl + settings.clock_leeway) * 1000
+    constants = (
+        f"{settings.refresh_reuse_window * 1000} {tombstone_ms} {DEADLINE_GRACE_MS} {CHANNEL}"
+    )
     argv: list[object] = [
-        parsed.session_id,
         now_ms,
-        parsed.secret_hash,
-        successor.secret_hash,
-        retry_hash,
-        settings.refresh_reuse_window * 1000,
-        tombstone_ms,
-        DEADLINE_GRACE_MS,
-        CHANNEL,
+        parsed.secret_hash + successor.secret_hash + retry_hash,
+        constants,
     ]
     return redis_keys.session(parsed.session_id), argv
 
@@ -449,8 +513,9 @@ async def test_rotate_script_called_twice_with_identical_arguments_answers_the_s
     first = await redis_client.evalsha(sha, 1, key, *argv)
     second = await redis_client.evalsha(sha, 1, key, *argv)
 
-    assert first[0] == "rotated" and second[0] == "current"
-    assert first[1:] == second[1:] == ["user-1", to_ms(clock()) + 2_592_000_000]
+    deadline = to_ms(clock()) + 2_592_000_000
+    assert first == f"rotated {deadline} user-1"
+    assert second == f"current {deadline} user-1"
     # The store derives the same successor from those answers: the same refresh token string.
     clock.advance(0.0625)
     successor = codec.successor(codec.parse(grant.refresh_token))  # type: ignore[arg-type]
