@@ -9,8 +9,11 @@ one serialised payload, however many sockets hold them.
 Consistency. Commits carry a global version and the keys they wrote (the store's commit
 stream). An entry's value is valid from its evaluation's snapshot version onwards until a later
 commit writes a key in its read set. The manager's *pump* repeats, until nothing is dirty:
-read every commit up to now and mark the entries it touches; re-evaluate the dirty ones; if an
-evaluation saw a snapshot newer than the commits read so far, read those commits too. When a
+apply every commit up to the newest one known and mark the entries it touches; re-evaluate the
+dirty ones; if an evaluation saw a snapshot newer than the commits applied so far, apply those
+commits too. Commits are known without reading the stream back: the watcher hands over what
+its blocking read returned, and the instance that committed hands over its own commit; the pump
+reads the stream only for versions it was not given. When a
 round marks nothing, every entry is valid at the last version read, ``P``, and the changed
 results go out as transitions at version ``P``. A connection therefore never receives a
 transition unless all of its subscriptions equal their query's result at that version; and
