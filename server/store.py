@@ -715,8 +715,8 @@ class _Turn:
         self.users = 0
 
 
-#: The error message of a mutation whose caller's identity ended while it ran.
-_ENDED = "the identity has ended; authenticate again"
+#: The error message of a mutation whose caller's identity has ended (before or while it ran).
+IDENTITY_ENDED = "the identity has ended; authenticate again"
 
 
 class Store:
@@ -1087,7 +1087,7 @@ class Store:
         # error, too, is the answer of one consistent state.
         request = self._commit_request(db, key, nonce, text, ttl, apply_writes=error is None)
         if authorized is not None and not authorized():
-            return MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, _ENDED), None)
+            return MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED), None)
         result = await self._send_commit(request)
         if result.duplicate is not None:
             return MutationOutcome.from_stored(result.duplicate)

@@ -353,9 +353,10 @@ class SubscriptionManager:
                 position = max(position, batch.version)
                 self.resync()
             elif batch.commits:
-                # Handed to the pump: it need not read them again.
+                # Handed to the pump: it need not read them again. Bounded: a pump that has
+                # fallen this far behind reads the rest from the stream.
                 for commit in batch.commits:
-                    if commit.version > self.fetched:
+                    if commit.version > self.fetched and len(self._known) < COMMIT_BATCH:
                         self._known[commit.version] = commit.written_keys
                 position = batch.commits[-1].version
                 self._needed = max(self._needed, batch.version)

@@ -53,6 +53,7 @@ from server.protocol import (
 )
 from server.session_hub import SessionHub
 from server.settings import Settings
+from server.store import IDENTITY_ENDED
 from server.subscriptions import Evaluation, Registration, SubscriptionManager
 from server.timers import DeadlineQueue
 from server.tokens import TokenError
@@ -454,14 +455,7 @@ class Connection:
     async def run_mutation(self, action: RunMutation) -> None:
         core = self.core
         if not self._identity_usable(action.identity):
-            self.execute(
-                core.mutation_done(
-                    action.generation,
-                    action.request_id,
-                    self.now(),
-                    error=("unauthenticated", "the identity has ended; authenticate again"),
-                )
-            )
+            self._mutation_failed(action, "unauthenticated", IDENTITY_ENDED)
             return
         try:
             outcome = await self.endpoint.engine.run_mutation(
@@ -484,29 +478,16 @@ class Connection:
                 self.execute(core.advance_version(processed, self.now()))
         except (RedisError, TimeoutError):
             # Whether it committed is unknown; re-sending the same requestId is always safe.
-            self.execute(
-                core.mutation_done(
-                    action.generation,
-                    action.request_id,
-                    self.now(),
-                    error=(
-                        MUTATION_UNAVAILABLE,
-                        "the data store is unreachable; re-send with the same requestId",
-                    ),
-                )
+            self._mutation_failed(
+                action,
+                MUTATION_UNAVAILABLE,
+                "the data store is unreachable; re-send with the same requestId",
             )
             return
         except Exception:
             # Always answer, or the requestId waits forever and its slot is never freed.
             log.exception("mutation %s failed unexpectedly", action.name)
-            self.execute(
-                core.mutation_done(
-                    action.generation,
-                    action.request_id,
-                    self.now(),
-                    error=("internal", "the mutation failed on the server"),
-                )
-            )
+            self._mutation_failed(action, "internal", "the mutation failed on the server")
             return
         self.execute(
             core.mutation_done(
@@ -516,6 +497,13 @@ class Connection:
                 value_json=outcome.value_json,
                 version=outcome.version,
                 error=outcome.error,
+            )
+        )
+
+    def _mutation_failed(self, action: RunMutation, code: str, message: str) -> None:
+        self.execute(
+            self.core.mutation_done(
+                action.generation, action.request_id, self.now(), error=(code, message)
             )
         )
 
