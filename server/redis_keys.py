@@ -25,8 +25,9 @@ key (``D`` = ``tether:{tether-data}``)            type    holds
 ================================================  ======  ===================================
 ``D:version``                                     string  the global version: the last commit's
 ``D:commits``                                     stream  one entry per commit, id ``V-0``,
-                                                          fields ``v`` (version) and ``k``
+                                                          fields ``v`` (version), ``k``
                                                           (JSON list of the keys it wrote)
+                                                          and ``t`` (Redis time, µs)
 ``D:doc:<TABLE>:<ID>``                            hash    a document: ``v`` version that last
                                                           wrote it, ``d`` JSON, ``c`` creation
                                                           score; deleted: only ``v`` (a

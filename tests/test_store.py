@@ -505,6 +505,18 @@ async def test_a_conflict_leaves_nothing_behind(store: Store, redis_client: Any)
     assert await store.get_outcome("c", 1) is None
 
 
+async def test_each_commit_entry_records_when_it_committed_on_redis_clock(
+    store: Store, redis_client: Any
+) -> None:
+    before_s, before_us = await redis_client.time()
+    await insert(store, "items", {"tag": "x"})
+    await insert(store, "items", {"tag": "y"})
+    after_s, after_us = await redis_client.time()
+    entries = await redis_client.xrange(redis_keys.DATA_COMMITS)
+    first, second = (int(fields["t"]) for _, fields in entries[-2:])
+    assert before_s * 1_000_000 + before_us <= first <= second <= after_s * 1_000_000 + after_us
+
+
 async def test_a_mutation_that_writes_nothing_does_not_advance_the_version(
     store: Store, redis_client: Any
 ) -> None:

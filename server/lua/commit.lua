@@ -3,7 +3,7 @@
 -- mutation's outcome, all in one atomic step.
 --
 -- KEYS[1]  tether:{tether-data}:version   the global version
--- KEYS[2]  tether:{tether-data}:commits   the commit stream (entry id V-0)
+-- KEYS[2]  tether:{tether-data}:commits   the commit stream (entry id V-0; fields v, k, t)
 -- KEYS[3]  tether:{tether-data}:kv        index key -> version that last changed it
 -- KEYS[4]  the outcome key: the client's (clientId, requestId), or a one-off attempt key
 -- KEYS[5..] every document and index key named below; the payload names them by position
@@ -63,11 +63,15 @@ if #p.docs == 0 and #p.index_ops == 0 then
   return {'ok', current}
 end
 
--- The stream entry is written first: when it fails, nothing else has been written yet.
+-- The stream entry is written first: when it fails, nothing else has been written yet. Its field
+-- t is the commit's time on Redis's clock in microseconds since the epoch: nothing in Tether reads
+-- it; it tells operators (XREVRANGE) and bench/fanout.py when a commit happened.
 local v = current + 1
+local clock = redis.call('TIME')
+local committed_at = clock[1] .. string.format('%06d', tonumber(clock[2]))
 local function append(version)
   return redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', p.maxlen, int(version) .. '-0',
-                     'v', int(version), 'k', p.written)
+                     'v', int(version), 'k', p.written, 't', committed_at)
 end
 local added = append(v)
 if type(added) == 'table' and added.err then
