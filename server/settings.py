@@ -167,6 +167,11 @@ class Settings:
     heartbeat_timeout: int = _setting(
         75, _parse_int, "close with 4009 after this many seconds without a client frame"
     )
+    close_grace: int = _setting(
+        10,
+        _parse_int,
+        "seconds a closed connection's unsent bytes may wait before its socket is aborted",
+    )
     mutation_outcome_ttl: int = _setting(
         900, _parse_int, "seconds a mutation's outcome answers replays of its requestId"
     )
@@ -252,6 +257,12 @@ class Settings:
             "argon2_time_cost",
             "argon2_parallelism",
             "hash_workers",
+            "send_queue_bytes",
+            "max_subscriptions",
+            "max_pending_mutations",
+            "max_result_bytes",
+            "heartbeat_timeout",
+            "close_grace",
         )
         for name in positive:
             if getattr(self, name) < 1:

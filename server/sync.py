@@ -91,6 +91,31 @@ def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...], sche
     return False
 
 
+def release_socket_later(send: SendFn, delay: float) -> None:
+    """Abort the connection's TCP socket ``delay`` seconds from now if it still holds bytes the
+    client has not taken by then.
+
+    An ASGI app can end a WebSocket only by sending a close frame. A client that stopped
+    reading never takes it: the server's graceful close then waits for a write buffer that never
+    drains, and TCP keeps the connection (zero-window probes answered by the client's kernel) for
+    as long as the client likes, with the buffer, the socket and the protocol object. uvicorn,
+    which ``tether serve`` runs, hands the app its protocol's bound ``send``, whose ``transport``
+    is the socket's; another server without one is left to close as it does. A socket that
+    closed in the meantime, or whose buffer is empty (the close handshake may still be under
+    way), is left alone.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if not isinstance(transport, asyncio.WriteTransport):
+        return
+
+    def abort_if_stuck() -> None:
+        if transport.get_write_buffer_size() > 0:
+            log.info("aborted a closed connection whose client stopped reading")
+            transport.abort()
+
+    asyncio.get_running_loop().call_later(delay, abort_if_stuck)
+
+
 def _over_limit(frame: str | bytes, limit: int) -> bool:
     """Is ``frame`` over ``limit`` bytes (UTF-8 for text)? Encodes only when it could be."""
     if len(frame) > limit:
@@ -583,7 +608,10 @@ class SyncEndpoint:
             limits=self.limits,
             resolve=self.resolve,
         )
-        await Connection(self, send, core).run(receive)
+        try:
+            await Connection(self, send, core).run(receive)
+        finally:
+            release_socket_later(send, self.settings.close_grace)
 
     def _origin_ok(self, scope: Scope) -> bool:
         # A method of its own so the headers are not kept alive for the socket's life.

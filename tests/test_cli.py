@@ -263,3 +263,21 @@ def test_two_servers_share_one_redis_and_one_key_file(
     assert first.stop() == 0
     # The other instance is unaffected, and so is the Redis it shares.
     assert httpx.get(second.base_url + "/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "TETHER_SEND_QUEUE_BYTES",
+        "TETHER_MAX_SUBSCRIPTIONS",
+        "TETHER_MAX_PENDING_MUTATIONS",
+        "TETHER_MAX_RESULT_BYTES",
+        "TETHER_HEARTBEAT_TIMEOUT",
+        "TETHER_CLOSE_GRACE",
+    ],
+)
+def test_connection_limits_must_be_positive(name: str) -> None:
+    assert getattr(Settings.load(environ={name: "1"}), name.removeprefix("TETHER_").lower()) == 1
+    for bad in ("0", "-5"):
+        with pytest.raises(SettingsError, match=f"{name}: must be at least 1"):
+            Settings.load(environ={name: bad})

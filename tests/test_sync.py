@@ -33,6 +33,7 @@ from server.redis_conn import connect as redis_connect
 from server.refresh_tokens import RefreshTokenCodec
 from server.sessions import SessionStore
 from server.settings import Settings
+from server.sync import CLOSE_TIMEOUT
 from tests.harness import FAST_ARGON2_ENV, REPO_ROOT, RedisProcess, ServerProcess
 from tests.sync_client import SyncClient, auth_post, connect_sync, signin, signup
 
@@ -687,8 +688,7 @@ async def test_slow_consumer_is_closed_with_4008_and_released_while_the_server_s
     #    answering the close frame behind the test's back): the instance stays responsive while
     #    it backs up, and once the client does read, the last frame on the wire is the close
     #    with 4008 — the server gave up on it instead of queueing without bound.
-    #    (While such a client reads nothing, its socket is held with bounded memory: ASGI gives
-    #    the app no way to abort a transport whose buffer cannot drain. See the closing note.)
+    #    (One that never reads loses its socket: the next test.)
     silent = await RawWebSocket.open(server.port)
     try:
         assert _server_holds_connection(server, silent.port)  # the probe sees it
@@ -701,6 +701,38 @@ async def test_slow_consumer_is_closed_with_4008_and_released_while_the_server_s
         opcode, payload = _last_frame(received)
         assert (opcode, payload[:2]) == (0x8, (4008).to_bytes(2, "big")), payload
         assert len(received) < count * 60_000, "everything was queued: the limit did not hold"
+    finally:
+        silent.close()
+
+
+async def test_a_client_that_never_reads_loses_its_socket_after_the_close_grace(
+    server_factory: Callable[..., ServerProcess], open_sync: Opener
+) -> None:
+    # The close frame of a client that stopped reading waits behind everything it did not take:
+    # a graceful close never completes, and TCP would keep the connection (and the server's
+    # buffer) for as long as the client's kernel answers. The server aborts it instead.
+    grace = 3
+    server = server_factory(
+        env={"TETHER_SEND_QUEUE_BYTES": "262144", "TETHER_CLOSE_GRACE": str(grace)},
+        app="tests.apps.bigresult:app",
+    )
+    silent = await RawWebSocket.open(server.port)
+    try:
+        await silent.send({"type": "connect", "clientId": "silent", "protocol": 1})
+        watcher = await open_sync(server.ws_url)
+        await _flood_big_subscriptions(silent, watcher, 100)
+        # Not dropped at once: the server waits CLOSE_TIMEOUT for the close frame to go out,
+        # then the grace, before it aborts.
+        assert _server_holds_connection(server, silent.port)
+        deadline = time.monotonic() + CLOSE_TIMEOUT + grace + 5
+        while _server_holds_connection(server, silent.port):
+            assert time.monotonic() < deadline, "the socket of a client that never reads is held"
+            await asyncio.sleep(0.1)
+        # The client, reading at last, finds the end of the stream (a reset, or what its buffer
+        # held and then the end), not a connection that goes on.
+        with contextlib.suppress(ConnectionResetError):
+            await silent.read_to_end(5)
+        await watcher.ping()  # the instance is fine
     finally:
         silent.close()
 
