@@ -7,10 +7,12 @@ time-outs: every script Tether runs gives the same answer when retried after a l
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 from typing import Any, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -23,7 +25,8 @@ RedisClient: TypeAlias = "Redis | RedisCluster"
 #: Seconds before a Redis command is abandoned (and the request answered ``unavailable``).
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
-#: Connections one client keeps to a standalone Redis; callers beyond it wait their turn.
+#: Connections one client keeps to a standalone Redis, and commands (or pipelines) one Cluster
+#: client has in flight; callers beyond it wait their turn, up to SOCKET_TIMEOUT.
 MAX_CONNECTIONS = 64
 
 
@@ -54,7 +57,16 @@ def connect(url: str) -> RedisClient:
 
 
 class _RedisCluster(RedisCluster):
-    """A cluster client whose failure to learn the cluster's layout is a connection error.
+    """A cluster client that waits for its turn under a burst, and whose failure to learn the
+    cluster's layout is a connection error.
+
+    redis-py's cluster client has no blocking pool: past ``max_connections`` on a node it raises
+    ``MaxConnectionsError``, a ``ConnectionError``, so a burst (a reconnect storm authenticating
+    thousands of sockets) was answered as an outage, made the client re-read the layout, and —
+    measured with ``INCR`` — ran some retried commands twice. This client keeps at most
+    :data:`MAX_CONNECTIONS` commands and pipelines in flight; the others wait, as a standalone
+    client waits for its ``BlockingConnectionPool``, and fail as an outage only after
+    :data:`SOCKET_TIMEOUT`.
 
     redis-py raises ``RedisClusterException`` when no node answers or the slots are not all
     covered (every command of a client that lost its nodes first re-reads the layout). That is
@@ -62,11 +74,52 @@ class _RedisCluster(RedisCluster):
     ``internal``) instead of the ``unavailable`` of a standalone server's outage.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
+
+    async def take_turn(self) -> None:
+        """Wait until fewer than :data:`MAX_CONNECTIONS` calls are in flight; the caller then
+        owes :meth:`end_turn`. A connection error after :data:`SOCKET_TIMEOUT`."""
+        try:
+            async with asyncio.timeout(SOCKET_TIMEOUT):
+                await self._in_flight.acquire()
+        except TimeoutError:
+            raise RedisConnectionError("too many Redis commands waiting for a turn") from None
+
+    def end_turn(self) -> None:
+        self._in_flight.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.take_turn()
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self.end_turn()
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        super().pipeline(transaction, shard_hint)  # its checks of the arguments
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]  # typing only
+
     async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
         try:
             return await super().initialize(*args, **kwargs)
         except RedisClusterException as exc:
             raise RedisConnectionError(f"Redis Cluster unreachable: {exc}") from exc
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A cluster pipeline that counts as one call in flight for its client's bound."""
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        client = self.cluster_client
+        if not isinstance(client, _RedisCluster):
+            return await super().execute(*args, **kwargs)
+        await client.take_turn()
+        try:
+            return await super().execute(*args, **kwargs)
+        finally:
+            client.end_turn()
 
 
 def load_script(client: RedisClient, name: str) -> AsyncScript:
