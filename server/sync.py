@@ -107,6 +107,8 @@ def release_socket_later(send: SendFn, delay: float) -> None:
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     if not isinstance(transport, asyncio.WriteTransport):
         return
+    if transport.is_closing() and transport.get_write_buffer_size() == 0:
+        return  # gone already (the client left): nothing to keep alive for the check
 
     def abort_if_stuck() -> None:
         if transport.get_write_buffer_size() > 0:
