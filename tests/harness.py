@@ -208,25 +208,50 @@ def _free_cluster_port() -> int:
 
 
 class RedisClusterProcess:
-    """A real Redis Cluster for one test: ``masters`` ``redis-server`` processes (no replicas) on
-    free ports of 127.0.0.1, AOF on, each with its data in ``data_dir/<port>`` and its cluster
-    configuration in ``data_dir/nodes-<port>.conf``, joined by ``redis-cli --cluster create``.
+    """A real Redis Cluster for one test: ``masters`` masters, each with ``replicas`` replicas
+    (none by default), all ``redis-server`` processes on free ports of 127.0.0.1, AOF on, each
+    with its data in ``data_dir/<port>`` and its cluster configuration in
+    ``data_dir/nodes-<port>.conf``, joined by ``redis-cli --cluster create``.
+
+    ``node_timeout_ms`` is the nodes' ``cluster-node-timeout`` (None: Redis's default, 15 s): how
+    long a node may not answer before the others declare it failed and a replica of a failed
+    master takes its place. :meth:`kill_node` crashes one node; :meth:`wait_failed_over` waits
+    until the cluster serves every slot again without it.
 
     :attr:`url` is the ``redis+cluster://`` URL Tether takes (``TETHER_REDIS_URL``); the client
     finds the other nodes from the first one. Every node is stopped by :meth:`stop` or
     :meth:`kill`, and by the harness's cleanup after the test.
     """
 
-    def __init__(self, data_dir: Path | None = None, *, masters: int = 3) -> None:
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int | None = None,
+    ) -> None:
         if masters < 3:
             raise ValueError("Redis Cluster needs at least 3 masters")
+        if replicas < 0:
+            raise ValueError("replicas must not be negative")
+        if node_timeout_ms is not None and node_timeout_ms < 100:
+            raise ValueError("node_timeout_ms must be at least 100")
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp())
         self.masters = masters
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
         self._nodes: list[EmbeddedRedis] = []
 
     @property
     def ports(self) -> list[int]:
+        """Every node's port, also of nodes that were killed."""
         return [node.port for node in self._nodes]
+
+    @property
+    def live_ports(self) -> list[int]:
+        """The ports of the nodes that run."""
+        return [node.port for node in self._nodes if node.running]
 
     @property
     def url(self) -> str:
@@ -236,8 +261,9 @@ class RedisClusterProcess:
         return f"redis+cluster://127.0.0.1:{self._nodes[0].port}/0"
 
     def start(self, timeout: float = 30.0) -> str:
-        """Start the nodes, create the cluster, wait until every node says ``cluster_state:ok``,
-        and return :attr:`url`. Raises (after stopping every node) when any step fails."""
+        """Start the nodes, create the cluster, wait until every node says ``cluster_state:ok``
+        (and every replica is in sync with its master), and return :attr:`url`. Raises (after
+        stopping every node) when any step fails."""
         if self._nodes:
             raise RuntimeError("the cluster was started before: restart() starts it again")
         redis_cli = shutil.which("redis-cli")
@@ -246,10 +272,12 @@ class RedisClusterProcess:
         _register(self)
         deadline = time.monotonic() + timeout
         try:
-            for _ in range(self.masters):
+            for _ in range(self.masters * (1 + self.replicas)):
                 self._nodes.append(self._start_node(deadline))
             addresses = [f"127.0.0.1:{port}" for port in self.ports]
-            options = ["--cluster-replicas", "0", "--cluster-yes"]
+            # All nodes share one host: redis-cli warns that replicas sit beside their masters,
+            # and --cluster-yes accepts.
+            options = ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
             create = subprocess.run(
                 [redis_cli, "--cluster", "create", *addresses, *options],
                 stdin=subprocess.DEVNULL,
@@ -272,6 +300,12 @@ class RedisClusterProcess:
     def _start_node(self, deadline: float) -> EmbeddedRedis:
         # The port is fixed before the start (it names the directory and the config file): one
         # taken in the meantime is retried with another.
+        extra: list[str] = []
+        if self.node_timeout_ms is not None:
+            extra += ["--cluster-node-timeout", str(self.node_timeout_ms)]
+        if self.replicas:
+            # A master would wait 5 s (the default) for more replicas before their first sync.
+            extra += ["--repl-diskless-sync-delay", "0"]
         for attempt in range(3):
             port = _free_cluster_port()
             node = EmbeddedRedis(
@@ -281,6 +315,7 @@ class RedisClusterProcess:
                 extra_args=[
                     "--cluster-enabled", "yes",
                     "--cluster-config-file", str((self.data_dir / f"nodes-{port}.conf").resolve()),
+                    *extra,
                 ],
             )  # fmt: skip
             try:
@@ -292,27 +327,70 @@ class RedisClusterProcess:
             return node
         raise AssertionError("unreachable")
 
-    def _wait_ok(self, deadline: float) -> None:
-        """Until every node reports ``cluster_state:ok`` and knows every other node."""
-        pending = list(self.ports)
+    def _wait_ok(self, deadline: float, *, without: int | None = None) -> None:
+        """Until every running node reports ``cluster_state:ok``, knows every node (also a
+        failed one) and serves every slot; a replica also until its link to its master is up.
+        ``without``: the port of a node that must no longer be the master of any slot."""
+        pending = list(self.live_ports)
         want = {
             "cluster_state": "ok",
-            "cluster_known_nodes": str(self.masters),
+            "cluster_known_nodes": str(self.masters * (1 + self.replicas)),
             "cluster_slots_ok": "16384",
+            "waiting_for": "nothing",
         }
         seen: dict[str, str] = {}
         while pending:
             port = pending[0]
             with contextlib.suppress(redis.RedisError, OSError):
-                with redis.Redis("127.0.0.1", port, socket_timeout=2.0) as node:
-                    info = node.execute_command("CLUSTER INFO")  # parsed into a dict
-                seen = {name: str(info.get(name)) for name in want}
+                seen = self._node_state(port, want, without)
                 if seen == want:
                     pending.pop(0)
                     continue
             if time.monotonic() > deadline:
                 raise RedisClusterError(f"node :{port} never reached {want}: {seen}")
             time.sleep(0.05)
+
+    @staticmethod
+    def _node_state(port: int, want: dict[str, str], without: int | None) -> dict[str, str]:
+        """The node's ``CLUSTER INFO`` fields named in ``want``, and ``waiting_for``: what else
+        it lacks (``nothing`` when all is well)."""
+        with redis.Redis("127.0.0.1", port, socket_timeout=2.0) as node:
+            info = node.execute_command("CLUSTER INFO")  # parsed into a dict
+            seen = {name: str(info.get(name)) for name in want}
+            seen["waiting_for"] = "nothing"
+            replication = node.info("replication")
+            if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
+                seen["waiting_for"] = "its link to its master"
+            elif without is not None:
+                # One entry per slot range: [first, last, [host, port, id], *replicas].
+                ranges = node.execute_command("CLUSTER SLOTS")
+                if any(int(entry[2][1]) == without for entry in ranges):
+                    seen["waiting_for"] = f"the slots of :{without} to move"
+        return seen
+
+    def role(self, port: int) -> str:
+        """``master`` or ``slave``: what the node on ``port`` says it is now (``ROLE``)."""
+        with redis.Redis("127.0.0.1", port, socket_timeout=2.0) as node:
+            reply = node.execute_command("ROLE")
+        role = reply[0]
+        return role.decode() if isinstance(role, bytes) else str(role)
+
+    def kill_node(self, port: int) -> None:
+        """SIGKILL the node on ``port``, as a crash would. The cluster sees it fail after
+        ``node_timeout_ms``; :meth:`stop`, :meth:`kill` and :meth:`restart` still include it."""
+        for node in self._nodes:
+            if node.port == port:
+                node.kill()
+                return
+        raise ValueError(f"no node of this cluster listens on :{port}")
+
+    def wait_failed_over(self, port: int, timeout: float = 20.0) -> None:
+        """After :meth:`kill_node` (``port``): wait until every other node reports
+        ``cluster_state:ok`` again, with every slot of the dead master served by a replica that
+        took its place. RedisClusterError after ``timeout`` seconds (e.g. no replica)."""
+        if port in self.live_ports:
+            raise RuntimeError(f"the node on :{port} still runs")
+        self._wait_ok(time.monotonic() + timeout, without=port)
 
     @property
     def running(self) -> bool:
