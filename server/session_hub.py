@@ -15,6 +15,11 @@ A connection that stops answering (a half-open TCP connection delivers nothing a
 nothing) is detected with a PING after a quiet spell, and treated like a dropped one. An ended
 session therefore stays authenticated at most until the subscription is back, plus one re-check.
 
+On Redis Cluster the subscription goes to the node that serves the channel's slot in the hub
+client's slot map. That client sends nothing else, so nothing else would ever correct the map:
+after a failed subscription the hub re-reads the cluster's layout before it subscribes again, and
+follows a failover to the replica that took the dead master's place.
+
 Each binding is told at most once: a session that ended never comes back, so the hub drops its
 bindings when it tells them, and an event that arrives after the re-check already reported it
 finds nobody left to tell.
@@ -33,8 +38,9 @@ from typing import Any, Protocol
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from server.errors import SessionEndReason
 from server.redis_conn import RedisClient, connect
@@ -104,6 +110,8 @@ class SessionHub:
         # a plain dict rescans the holes left at its front by earlier deletions.
         self._recent: OrderedDict[str, tuple[SessionEndReason, float]] = OrderedDict()
         self._backoff = _BACKOFF_MIN
+        # On a cluster: the client has loaded the cluster's layout once (see _load_layout).
+        self._layout_loaded = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
@@ -167,17 +175,19 @@ class SessionHub:
         if self._task is not None:
             raise RuntimeError("SessionHub.run is already running")
         self._task = asyncio.current_task()
+        # On a cluster: the node of the last failed subscription, None before any failure.
+        failed_node: str | None = None
         try:
             while not self._closing:
                 pubsub = self._redis.pubsub()
                 try:
                     if isinstance(self._redis, RedisCluster):
-                        # The cluster's Pub/Sub picks its node from the slot map, which a new
-                        # client loads on its first command only: this may be the first.
-                        await self._redis.initialize()
+                        await self._load_layout(self._redis, failed_node)
                     await pubsub.subscribe(SESSION_ENDED_CHANNEL)
                     await self._listen(pubsub)
-                except (RedisError, OSError) as exc:
+                # RedisClusterException: no node answered the layout query, or the layout left
+                # the channel's slot uncovered. redis-py does not count it as a RedisError.
+                except (RedisError, RedisClusterException, OSError) as exc:
                     # The backoff is back at its minimum only after a subscribe worked: the
                     # first failure is worth a warning, the retries during an outage are not.
                     first = self._backoff == _BACKOFF_MIN
@@ -187,6 +197,10 @@ class SessionHub:
                     log.exception("session-ended subscriber failed; reconnecting")
                 finally:
                     await _close_quietly(pubsub)
+                if isinstance(pubsub, ClusterPubSub):
+                    node = pubsub.get_pubsub_node()
+                    if node is not None:
+                        failed_node = node.name
                 delay = self._backoff
                 self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
                 # Jitter spreads the reconnects of many instances after one Redis restart.
@@ -233,6 +247,22 @@ class SessionHub:
         return ended
 
     # ------------------------------------------------------------------ internals
+
+    async def _load_layout(self, cluster: RedisCluster, failed_node: str | None) -> None:
+        """Make the cluster client's slot map, from which its Pub/Sub picks its node, current.
+
+        The first time, load it (a new client loads it on its first command only, and the
+        subscribe would be the first). After that, every call follows a failed subscription:
+        re-read the map from the nodes the client knows, ``failed_node`` (where the subscription
+        failed) asked last. After a failover the channel's slot is served by the promoted
+        replica, and the client would otherwise go on trying the dead master. Raises when no
+        node answers (a re-read raises ``RedisClusterException``, which is no ``RedisError``).
+        """
+        if not self._layout_loaded:
+            await cluster.initialize()
+            self._layout_loaded = True
+        else:
+            await cluster.nodes_manager.initialize(last_failed_node_name=failed_node)
 
     async def _listen(self, pubsub: PubSub) -> None:
         """Read the subscription until it fails (raises); never returns normally."""
