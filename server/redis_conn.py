@@ -8,6 +8,8 @@ time-outs: every script Tether runs gives the same answer when retried after a l
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any, TypeAlias
 
@@ -15,9 +17,8 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
@@ -122,7 +123,34 @@ class _ClusterPipeline(ClusterPipeline):
             client.end_turn()
 
 
-def load_script(client: RedisClient, name: str) -> AsyncScript:
-    """Register ``server/lua/<name>.lua``: called by SHA, re-sent in full after SCRIPT FLUSH."""
+class Script:
+    """One of Tether's Lua scripts: called by its SHA1 (``EVALSHA``), and sent in full
+    (``EVAL``) to a node that does not have it (a restart, ``SCRIPT FLUSH``, a replica promoted
+    by a failover, a node added to a Cluster).
+
+    redis-py's own script object answers ``NOSCRIPT`` with ``SCRIPT LOAD``, which on a Cluster
+    goes to every master: while any master was down (until its replica takes over), no script
+    missing on its node could run anywhere. ``EVAL`` goes to the node of the script's keys only,
+    and caches the script there. Sending it again is safe: the script did not run when
+    ``NOSCRIPT`` came back.
+    """
+
+    __slots__ = ("client", "script", "sha")
+
+    def __init__(self, client: RedisClient, script: str) -> None:
+        self.client = client
+        self.script = script
+        # The name Redis gives a script (not a security use of SHA-1).
+        self.sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.client.eval(self.script, len(keys), *keys, *args)
+
+
+def load_script(client: RedisClient, name: str) -> Script:
+    """``server/lua/<name>.lua`` as a :class:`Script` on ``client``."""
     text = resources.files("server").joinpath("lua", f"{name}.lua").read_text()
-    return client.register_script(text)
+    return Script(client, text)

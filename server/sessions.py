@@ -15,8 +15,11 @@ Session-ended event, published on ``redis_keys.SESSION_ENDED_CHANNEL`` as JSON::
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
+
+from redis.exceptions import RedisError
 
 from server import redis_keys
 from server.clock import Clock, system_clock, to_ms
@@ -24,6 +27,8 @@ from server.errors import HTTPCode, SessionEndReason
 from server.redis_conn import RedisClient, connect, load_script
 from server.refresh_tokens import RefreshTokenCodec, hash_retry_key
 from server.settings import Settings
+
+log = logging.getLogger("tether.sessions")
 
 #: Kept after a session's deadline so the sweep can still read it and announce its end (ms).
 DEADLINE_GRACE_MS = 60_000
@@ -166,7 +171,12 @@ class SessionStore:
         )
         ended = int(reply[0]) == 1
         if ended:
-            await self.redis.zrem(redis_keys.SESSION_DEADLINES, session_id)
+            try:
+                await self.redis.zrem(redis_keys.SESSION_DEADLINES, session_id)
+            except RedisError as exc:
+                # The session has ended and been announced; its deadline entry (on another
+                # Cluster node, which may be down) is dropped by the first sweep that meets it.
+                log.warning("session ended; its deadline entry stays: %s", type(exc).__name__)
         return ended
 
     async def end_all(self, user_id: str, reason: SessionEndReason) -> int:
