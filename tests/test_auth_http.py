@@ -233,7 +233,7 @@ async def test_oversized_password_is_refused_without_hashing(
     server_factory: ServerFactory,
 ) -> None:
     # argon2 well above the OWASP minimum, so one hash costs clearly more than a refusal.
-    server = server_factory(env={**MANY_SIGNUPS, "TETHER_ARGON2_TIME_COST": "8"})
+    server = server_factory(env={**MANY_SIGNUPS, "TETHER_ARGON2_TIME_COST": "16"})
     megabyte = json.dumps({"email": new_email(), "password": "x" * (1 << 20)}).encode()
 
     async def chunked() -> AsyncIterator[bytes]:
@@ -263,8 +263,8 @@ async def test_oversized_password_is_refused_without_hashing(
         assert_error(resp, 400, "invalid_request")
         assert "content-length" not in resp.request.headers
 
-    assert min(normal) > 0.1, normal
-    assert min(refused) < 0.05, refused
+    # Relative, not absolute: one hash takes 70 ms on one day of this machine and 200 on another.
+    assert max(refused) * 4 < min(normal), (refused, normal)
 
 
 # ----------------------------------------------------------------------------- sign-in
