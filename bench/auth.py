@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import secrets
 import statistics
@@ -42,17 +41,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import httpx
+from common import cpu_seconds, load_average, percentile
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from server.redis_conn import RedisClient, connect  # noqa: E402
-from server.refresh_tokens import RefreshTokenCodec  # noqa: E402
-from server.sessions import SessionStore  # noqa: E402
-from server.settings import Settings  # noqa: E402
-from tests.harness import RedisProcess, ServerProcess  # noqa: E402
+# Importing common (above) put the repository root on sys.path.
+from server.redis_conn import RedisClient, connect
+from server.refresh_tokens import RefreshTokenCodec
+from server.sessions import SessionStore
+from server.settings import Settings
+from tests.harness import RedisProcess, ServerProcess
 
 TRIVIAL_SCRIPT = "return redis.call('INCR', KEYS[1])"
 PASSWORD = "bench password 0123456789"
@@ -68,12 +67,6 @@ SERVER_ENV = {
     "TETHER_SIGNIN_LIMIT_ACCOUNT": "100000000/60",
     "TETHER_LOG_LEVEL": "warning",
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -251,17 +244,11 @@ async def bench_signin_latency(
                 cpu += cpu_seconds(server_pid) - cpu_before
         timings = sorted(timings[2:])  # the first two warm up the connection and thread pool
         p50 = statistics.median(timings)
-        p99 = timings[min(len(timings) - 1, round(0.99 * (len(timings) - 1)))]
+        p99 = percentile(timings, 99)
         return p50, p99, cpu / samples
 
 
 # ---------------------------------------------------------------------------------- main
-
-
-def load() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return "?"
 
 
 def main() -> int:
@@ -278,7 +265,7 @@ def main() -> int:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load()}")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load_average()}")
     redis_proc = RedisProcess(Path(tempfile.mkdtemp(prefix="tether-bench-redis-")))
     redis_proc.start()
     assert redis_proc.pid is not None
@@ -332,7 +319,7 @@ def main() -> int:
         f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; server CPU {signin_cpu * 1000:.0f} ms"
         " per sign-in"
     )
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now {load()}")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now {load_average()}")
     return 0
 
 

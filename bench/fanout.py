@@ -54,35 +54,38 @@ import asyncio
 import contextlib
 import gc
 import json
-import math
-import os
-import resource
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from websockets.client import ClientProtocol  # noqa: E402
-from websockets.frames import Frame, Opcode  # noqa: E402
-from websockets.http11 import Response  # noqa: E402
-from websockets.protocol import State  # noqa: E402
-from websockets.uri import parse_uri  # noqa: E402
-
-from server.embedded_redis import die_with_parent_preexec  # noqa: E402
-from tests.harness import RedisProcess, ServerProcess, free_port, shared_env  # noqa: E402
+from common import (
+    ChildServer,
+    Deployment,
+    child_options,
+    comma_list,
+    cpu_seconds,
+    describe_run,
+    load_average,
+    now,
+    percentile,
+    print_header,
+    raise_nofile,
+    redis_unless_given,
+    run_bounded,
+    serve_websockets,
+)
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 SYSTEMS = ("bare", "tether", "socketio")
 LABELS = {
@@ -101,156 +104,6 @@ COUNTER = "fan"
 #: answer back.
 RUN_ID = uuid.uuid4().hex[:8]
 TETHER_ENV = {"TETHER_LOG_LEVEL": "warning", "TETHER_HEARTBEAT_TIMEOUT": "3600"}
-
-
-def now() -> float:
-    return time.monotonic()
-
-
-# ------------------------------------------------------------------------------ process helpers
-
-
-def raise_nofile() -> int:
-    """Raise this process's open-file limit to its hard limit; children inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def describe_run() -> str:
-    """Python, CPUs and the commit measured (``+ local changes`` when ``server/`` is dirty)."""
-    try:
-
-        def git(*args: str) -> str:
-            return subprocess.run(
-                ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True
-            ).stdout.strip()
-
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "server")
-        tree = f"commit {commit}" + (" + local changes in server/" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        tree = "commit unknown"
-    return f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {tree}"
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds ``pid`` has used so far (``/proc/PID/stat``); 0 if gone."""
-    if pid is None:
-        return 0.0
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def load_average() -> str:
-    return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; safe to call again."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-
-
-class ChildServer:
-    """A baseline server run as a process of its own: ``SCRIPT --serve KIND --port P [EXTRA]``."""
-
-    def __init__(self, kind: str, *, script: str = __file__, extra: tuple[str, ...] = ()) -> None:
-        self.kind = kind
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [sys.executable, script, "--serve", kind, "--port", str(self.port), *extra],
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent_preexec(signal.SIGTERM),
-        )
-        try:
-            wait_port(self.port, self.proc)
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
-class Deployment:
-    """Tether server processes on a ``redis-server``; :meth:`close` stops the servers.
-
-    The caller owns the Redis (one per run, shared with the socketio row)."""
-
-    def __init__(self, redis_url: str, env: dict[str, str]) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
-        self.redis_url = redis_url
-        self.env = {**shared_env(self.tmp), **env}
-        self.servers: list[ServerProcess] = []
-
-    def start_server(self) -> ServerProcess:
-        tmp_dir = self.tmp / f"server{len(self.servers)}"
-        server = ServerProcess(self.redis_url, env=self.env, tmp_dir=tmp_dir)
-        self.servers.append(server)
-        return server.start()
-
-    def log_tails(self, lines: int = 15) -> str:
-        out = []
-        for i, server in enumerate(self.servers):
-            tail = server.log_text().splitlines()[-lines:]
-            out.append(f"--- tether server {i} log (last {len(tail)} lines)\n" + "\n".join(tail))
-        return "\n".join(out)
-
-    def close(self) -> None:
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                if server.process is not None:
-                    server.stop(timeout=15)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every ``finally`` (process cleanup) runs."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------ payloads
@@ -669,7 +522,7 @@ class Receiver:
 
 
 def serve_bare(port: int) -> None:
-    from websockets.asyncio.server import ServerConnection, broadcast, serve
+    from websockets.asyncio.server import ServerConnection, broadcast
     from websockets.exceptions import ConnectionClosed
 
     receivers: set[ServerConnection] = set()
@@ -692,11 +545,7 @@ def serve_bare(port: int) -> None:
         except ConnectionClosed:  # the clients abort their connections at the end
             pass
 
-    async def run() -> None:
-        async with serve(handler, "127.0.0.1", port, compression=None, backlog=2048) as server:
-            await server.serve_forever()
-
-    asyncio.run(run())
+    asyncio.run(serve_websockets(handler, port, backlog=2048))
 
 
 def serve_socketio(port: int, redis_url: str) -> None:
@@ -761,12 +610,10 @@ class ReceiverProcess:
             str(first),
             "--concurrency",
             str(concurrency),
-            cwd=REPO_ROOT,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=2**24,  # a round's answer holds every receipt time
-            start_new_session=True,
-            preexec_fn=die_with_parent_preexec(signal.SIGTERM),
+            **child_options(),
         )
         return cls(proc, count)
 
@@ -831,11 +678,7 @@ class Result:
 
     def p(self, attr: str, q: float) -> float:
         """Nearest-rank percentile ``q`` (0-100) of a round attribute, in ms."""
-        values = sorted(getattr(r, attr) for r in self.rounds)
-        if not values:
-            return math.nan
-        rank = max(1, math.ceil(q / 100 * len(values)))
-        return values[rank - 1] * 1000
+        return percentile([getattr(r, attr) for r in self.rounds], q, nearest_rank=True) * 1000
 
 
 class Trigger:
@@ -916,7 +759,7 @@ async def measure(system: str, n: int, rounds: int, args: argparse.Namespace) ->
     trigger: Trigger | None = None
     alive: Callable[[], bool]
     try:
-        print(f"[{system} N={n:,}] starting servers; {load_average()}", flush=True)
+        print(f"[{system} N={n:,}] starting servers; load {load_average()}", flush=True)
         if system == "tether":
             deployment = Deployment(args.redis_url, TETHER_ENV)
             servers = [deployment.start_server() for _ in range(2)]
@@ -925,14 +768,16 @@ async def measure(system: str, n: int, rounds: int, args: argparse.Namespace) ->
             alive = lambda: all(s.returncode is None for s in servers)  # noqa: E731
             pids = [s.pid for s in servers]
         elif system == "bare":
-            children.append(ChildServer("bare"))
+            children.append(ChildServer("bare", script=__file__))
             base = f"ws://127.0.0.1:{children[0].port}"
             urls, trigger_urls = [base + "/"], [base + "/trigger"]
             alive = children[0].alive
             pids = [children[0].pid]
         else:
             for _ in range(2):
-                children.append(ChildServer("socketio", extra=("--redis-url", args.redis_url)))
+                children.append(
+                    ChildServer("socketio", script=__file__, extra=("--redis-url", args.redis_url))
+                )
             urls = [
                 f"ws://127.0.0.1:{c.port}/socket.io/?EIO=4&transport=websocket" for c in children
             ]
@@ -976,10 +821,10 @@ async def measure(system: str, n: int, rounds: int, args: argparse.Namespace) ->
         cpu0 = redis0 = receivers0 = 0.0
         for i in range(total):
             if i == args.warmup:
-                cpu0 = sum(cpu_seconds(pid) for pid in pids)
-                redis0 = cpu_seconds(args.redis_pid)
-                receivers0 = sum(cpu_seconds(r.proc.pid) for r in receivers)
-                result.load = load_average()
+                cpu0 = sum(cpu_seconds(pid, missing_ok=True) for pid in pids)
+                redis0 = cpu_seconds(args.redis_pid, missing_ok=True)
+                receivers0 = sum(cpu_seconds(r.proc.pid, missing_ok=True) for r in receivers)
+                result.load = f"load {load_average()}"
             value += 1
             for r in receivers:
                 await r.command(cmd="arm", expected=value, timeout=args.round_timeout)
@@ -1026,9 +871,11 @@ async def measure(system: str, n: int, rounds: int, args: argparse.Namespace) ->
             if not alive():
                 raise RuntimeError(f"a {system} server died during the run")
             gc.collect(0)
-        result.server_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
-        result.redis_cpu = cpu_seconds(args.redis_pid) - redis0
-        result.receiver_cpu = sum(cpu_seconds(r.proc.pid) for r in receivers) - receivers0
+        result.server_cpu = sum(cpu_seconds(pid, missing_ok=True) for pid in pids) - cpu0
+        result.redis_cpu = cpu_seconds(args.redis_pid, missing_ok=True) - redis0
+        result.receiver_cpu = (
+            sum(cpu_seconds(r.proc.pid, missing_ok=True) for r in receivers) - receivers0
+        )
         return result
     except BaseException:
         if deployment is not None:
@@ -1060,8 +907,7 @@ def print_table(results: list[Result]) -> None:
         f"{'median p50':>10} | {'ack p50':>7} | {'CPU ms/round':>12} | "
         f"{'vs ceiling p50/p99':>18} | {'socketio / this p50/p99':>23} |"
     )
-    print(header)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    print_header(header)
     for n in sorted({r.n for r in results}):
         rows = {r.system: r for r in results if r.n == n}
         for system in SYSTEMS:
@@ -1082,8 +928,7 @@ def print_table(results: list[Result]) -> None:
         f"| {'N':>6} | {'system':<36} | {'commit p50':>10} | {'last p50':>8} | {'last p99':>8} | "
         f"{'median p50':>10} | {'vs ceiling p50/p99':>18} | {'socketio / this p50/p99':>23} |"
     )
-    print(header)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    print_header(header)
     for n in sorted({r.n for r in results}):
         rows = {r.system: r for r in results if r.n == n}
         for system in SYSTEMS:
@@ -1146,21 +991,11 @@ def default_rounds(n: int) -> int:
 
 async def run(args: argparse.Namespace) -> list[Result]:
     results: list[Result] = []
-    redis: RedisProcess | None = None
-    try:
-        if args.redis_url is None:
-            redis = RedisProcess(Path(tempfile.mkdtemp(prefix="fanout-redis-")))
-            args.redis_url = redis.start()
-            args.redis_pid = redis.pid
-            print(f"redis-server on {args.redis_url}", flush=True)
+    with redis_unless_given(args, "fanout-redis-"):
         for n in args.n:
             rounds = args.rounds or default_rounds(n)
             for system in args.systems:
                 results.append(await measure(system, n, rounds, args))
-    finally:
-        if redis is not None:
-            redis.stop()
-            shutil.rmtree(redis.data_dir, ignore_errors=True)
     return results
 
 
@@ -1198,8 +1033,8 @@ def main() -> None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(Receiver(args).run())
         return
-    args.n = [int(x) for x in args.n.split(",") if x.strip()]
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.n = [int(x) for x in comma_list(args.n)]
+    args.systems = comma_list(args.systems)
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
@@ -1212,17 +1047,7 @@ def main() -> None:
         flush=True,
     )
 
-    async def bounded() -> list[Result]:
-        async with asyncio.timeout(args.timeout):
-            return await run(args)
-
-    try:
-        with terminate_as_interrupt():
-            results = asyncio.run(bounded())
-    except KeyboardInterrupt:
-        # Every process this run started has been stopped by the finally blocks on the way out.
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    results = run_bounded(lambda: run(args), args.timeout)
     print_table(results)
 
 

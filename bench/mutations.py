@@ -37,10 +37,7 @@ import asyncio
 import contextlib
 import json
 import math
-import shutil
-import signal
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -50,23 +47,24 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis.asyncio
-from fanout import (
-    REPO_ROOT,
-    Conn,
+from common import (
     Deployment,
+    child_options,
+    comma_list,
     cpu_seconds,
     describe_run,
-    frame_type,
     load_average,
-    open_conn,
+    now,
+    percentile,
+    print_header,
     raise_nofile,
-    terminate_as_interrupt,
+    redis_unless_given,
+    run_bounded,
 )
+from fanout import Conn, frame_type, open_conn
 
-# Importing fanout (above) put the repository root on sys.path.
+# Importing common (above) put the repository root on sys.path.
 from server import redis_keys
-from server.embedded_redis import die_with_parent_preexec
-from tests.harness import RedisProcess
 
 ROWS = ("tether-hot", "tether-indep", "redis-hot", "redis-indep")
 LABELS = {
@@ -81,10 +79,6 @@ TETHER_ENV = {
     "TETHER_HEARTBEAT_TIMEOUT": "3600",
 }
 INCR_SCRIPT = "return redis.call('INCR', KEYS[1])"
-
-
-def now() -> float:
-    return time.monotonic()
 
 
 @dataclass
@@ -116,13 +110,6 @@ class Row:
         return (self.evalsha / 2) / self.commits if self.commits else math.nan
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    values = sorted(values)
-    return values[max(1, math.ceil(q / 100 * len(values))) - 1]
-
-
 @dataclass
 class Snapshot:
     at: float
@@ -140,8 +127,8 @@ async def snapshot(
         at=now(),
         version=int(await r.get(redis_keys.DATA_VERSION) or 0),
         evalsha=int(stats.get("cmdstat_evalsha", {}).get("calls", 0)),
-        server_cpu=sum(cpu_seconds(pid) for pid in pids),
-        redis_cpu=cpu_seconds(redis_pid),
+        server_cpu=sum(cpu_seconds(pid, missing_ok=True) for pid in pids),
+        redis_cpu=cpu_seconds(redis_pid, missing_ok=True),
     )
 
 
@@ -234,8 +221,8 @@ async def measure_tether(
             evalsha=end.evalsha - start.evalsha,
             client_cpu=end.server_cpu - start.server_cpu,
             redis_cpu=end.redis_cpu - start.redis_cpu,
-            p50_ms=percentile(latencies, 50) * 1000,
-            p99_ms=percentile(latencies, 99) * 1000,
+            p50_ms=percentile(latencies, 50, nearest_rank=True) * 1000,
+            p99_ms=percentile(latencies, 99, nearest_rank=True) * 1000,
         )
     finally:
         stop.set()
@@ -320,15 +307,13 @@ async def measure_redis(kind: str, clients: int, args: argparse.Namespace) -> Ro
                     str(args.seconds),
                     "--warmup",
                     str(args.warmup),
-                    cwd=REPO_ROOT,
                     stdout=asyncio.subprocess.PIPE,
                     limit=2**26,
-                    start_new_session=True,
-                    preexec_fn=die_with_parent_preexec(signal.SIGTERM),
+                    **child_options(),
                 )
             )
         outs = []
-        redis_cpu0 = cpu_seconds(args.redis_pid)
+        redis_cpu0 = cpu_seconds(args.redis_pid, missing_ok=True)
         async with asyncio.timeout(args.seconds + args.warmup + 30):
             for proc in procs:
                 assert proc.stdout is not None
@@ -338,7 +323,9 @@ async def measure_redis(kind: str, clients: int, args: argparse.Namespace) -> Ro
                 outs.append(json.loads(line))
         # (Redis CPU over the workers' whole life, warm-up included, scaled to the window.)
         redis_cpu = (
-            (cpu_seconds(args.redis_pid) - redis_cpu0) * args.seconds / (args.seconds + args.warmup)
+            (cpu_seconds(args.redis_pid, missing_ok=True) - redis_cpu0)
+            * args.seconds
+            / (args.seconds + args.warmup)
         )
         count = sum(o["count"] for o in outs)
         seconds = max(o["seconds"] for o in outs)
@@ -352,8 +339,8 @@ async def measure_redis(kind: str, clients: int, args: argparse.Namespace) -> Ro
             evalsha=2 * count,
             client_cpu=sum(o["cpu"] for o in outs),
             redis_cpu=redis_cpu,
-            p50_ms=percentile(latencies, 50) * 1000,
-            p99_ms=percentile(latencies, 99) * 1000,
+            p50_ms=percentile(latencies, 50, nearest_rank=True) * 1000,
+            p99_ms=percentile(latencies, 99, nearest_rank=True) * 1000,
         )
     finally:
         for proc in procs:
@@ -374,8 +361,7 @@ def print_table(rows: list[Row]) -> None:
         f"{'attempts/commit':>15} | {'p50 ms':>7} | {'p99 ms':>7} | {'vs ceiling':>10} | "
         f"{'CPU us/commit':>13} | {'redis us/commit':>15} |"
     )
-    print(header)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    print_header(header)
     for row in rows:
         ceiling_kind = "redis-hot" if row.kind.endswith("hot") else "redis-indep"
         ceiling = next(
@@ -398,59 +384,51 @@ def print_table(rows: list[Row]) -> None:
 
 async def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
-    redis_proc: RedisProcess | None = None
     deployment: Deployment | None = None
     r: redis.asyncio.Redis | None = None
-    try:
-        if args.redis_url is None:
-            redis_proc = RedisProcess(Path(tempfile.mkdtemp(prefix="mutations-redis-")))
-            args.redis_url = redis_proc.start()
-            args.redis_pid = redis_proc.pid
-            print(f"redis-server on {args.redis_url}", flush=True)
-        r = redis.asyncio.Redis.from_url(args.redis_url, decode_responses=True)
-        urls: list[str] = []
-        pids: list[int | None] = []
-        if any(k.startswith("tether") for k in args.rows):
-            deployment = Deployment(args.redis_url, TETHER_ENV)
-            servers = [deployment.start_server() for _ in range(2)]
-            urls = [s.ws_url for s in servers]
-            pids = [s.pid for s in servers]
-            print(f"two Tether instances: {', '.join(urls)}", flush=True)
-        for clients in args.clients:
-            for kind in args.rows:
-                print(
-                    f"[{kind} C={clients}] {args.warmup:.0f} s warm-up + {args.seconds:.0f} s; "
-                    f"{load_average()}",
-                    flush=True,
-                )
-                if kind.startswith("tether"):
-                    row = await measure_tether(kind, clients, urls, pids, r, args)
-                else:
-                    row = await measure_redis(kind, clients, args)
-                rows.append(row)
-                extra = ""
-                if kind.startswith("tether"):
-                    extra = (
-                        f", {row.conflicts} conflict errors of {row.acks} answers, "
-                        f"{row.attempts_per_commit:.2f} attempts/commit"
+    with redis_unless_given(args, "mutations-redis-"):
+        try:
+            r = redis.asyncio.Redis.from_url(args.redis_url, decode_responses=True)
+            urls: list[str] = []
+            pids: list[int | None] = []
+            if any(k.startswith("tether") for k in args.rows):
+                deployment = Deployment(args.redis_url, TETHER_ENV)
+                servers = [deployment.start_server() for _ in range(2)]
+                urls = [s.ws_url for s in servers]
+                pids = [s.pid for s in servers]
+                print(f"two Tether instances: {', '.join(urls)}", flush=True)
+            for clients in args.clients:
+                for kind in args.rows:
+                    print(
+                        f"[{kind} C={clients}] {args.warmup:.0f} s warm-up + {args.seconds:.0f} s; "
+                        f"load {load_average()}",
+                        flush=True,
                     )
-                print(
-                    f"  -> {row.rate:,.0f} commits/s, p50 {row.p50_ms:.2f} ms, "
-                    f"p99 {row.p99_ms:.2f} ms{extra}",
-                    flush=True,
-                )
-                if deployment is not None and any(
-                    s.returncode is not None for s in deployment.servers
-                ):
-                    raise RuntimeError("a Tether server died:\n" + deployment.log_tails())
-    finally:
-        if r is not None:
-            await r.aclose()
-        if deployment is not None:
-            deployment.close()
-        if redis_proc is not None:
-            redis_proc.stop()
-            shutil.rmtree(redis_proc.data_dir, ignore_errors=True)
+                    if kind.startswith("tether"):
+                        row = await measure_tether(kind, clients, urls, pids, r, args)
+                    else:
+                        row = await measure_redis(kind, clients, args)
+                    rows.append(row)
+                    extra = ""
+                    if kind.startswith("tether"):
+                        extra = (
+                            f", {row.conflicts} conflict errors of {row.acks} answers, "
+                            f"{row.attempts_per_commit:.2f} attempts/commit"
+                        )
+                    print(
+                        f"  -> {row.rate:,.0f} commits/s, p50 {row.p50_ms:.2f} ms, "
+                        f"p99 {row.p99_ms:.2f} ms{extra}",
+                        flush=True,
+                    )
+                    if deployment is not None and any(
+                        s.returncode is not None for s in deployment.servers
+                    ):
+                        raise RuntimeError("a Tether server died:\n" + deployment.log_tails())
+        finally:
+            if r is not None:
+                await r.aclose()
+            if deployment is not None:
+                deployment.close()
     return rows
 
 
@@ -472,8 +450,8 @@ def main() -> None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(evalsha_worker(args))
         return
-    args.clients = [int(x) for x in args.clients.split(",") if x.strip()]
-    args.rows = [k.strip() for k in args.rows.split(",") if k.strip()]
+    args.clients = [int(x) for x in comma_list(args.clients)]
+    args.rows = comma_list(args.rows)
     unknown = set(args.rows) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
@@ -484,17 +462,7 @@ def main() -> None:
         flush=True,
     )
 
-    async def bounded() -> list[Row]:
-        async with asyncio.timeout(args.timeout):
-            return await run(args)
-
-    try:
-        with terminate_as_interrupt():
-            rows = asyncio.run(bounded())
-    except KeyboardInterrupt:
-        # Every process this run started has been stopped by the finally blocks on the way out.
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    rows = run_bounded(lambda: run(args), args.timeout)
     print_table(rows)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
@@ -34,17 +33,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sync_memory import (
+import sync_memory
+from common import (
     ChildServer,
-    Clients,
-    Deployment,
+    DeploymentWithRedis,
+    comma_list,
+    cpu_seconds,
     describe_run,
+    percentile,
+    print_header,
     raise_nofile,
     run_bounded,
     sign_up,
-    tether_frames,
-    token_stand_ins,
 )
+from sync_memory import Clients, tether_frames, token_stand_ins
 
 KINDS = ("bare", "asgi", "starlette", "tether-anon", "tether")
 DEFAULT_KINDS = KINDS
@@ -55,17 +57,6 @@ LABELS = {
     "tether-anon": "Tether: handshake + connect + ping",
     "tether": "Tether: handshake + connect + authenticate",
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 @dataclass
@@ -89,13 +80,15 @@ class Row:
 
 
 async def measure(kind: str, args: argparse.Namespace) -> Row:
-    deployment: Deployment | None = None
+    deployment: DeploymentWithRedis | None = None
     child: ChildServer | None = None
     clients: Clients | None = None
     try:
         redis_pid: int | None = None
         if kind.startswith("tether"):
-            deployment = Deployment({"TETHER_ACCESS_TTL": "3600", "TETHER_LOG_LEVEL": "warning"})
+            deployment = DeploymentWithRedis(
+                {"TETHER_ACCESS_TTL": "3600", "TETHER_LOG_LEVEL": "warning"}
+            )
             deployment.start_redis()
             redis_pid = deployment.redis.pid
             server = deployment.start_server()
@@ -105,7 +98,8 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
             frames_for = tether_frames(tokens, ping=kind == "tether-anon")
             expect: list[str | None] = ["connected", "pong" if kind == "tether-anon" else "auth_ok"]
         else:
-            child = ChildServer(kind)
+            # The baseline servers are those of sync_memory.py.
+            child = ChildServer(kind, script=sync_memory.__file__)
             pid, url = child.pid, child.ws_url
             frames_for = tether_frames(token_stand_ins(args.users))
             expect = [None, None]
@@ -162,8 +156,7 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
         f" {'server CPU us/conn':>18} | {'vs bare':>7} | {'redis us/conn':>13} |"
         f" {'client CPU':>10} |"
     )
-    print(header)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    print_header(header)
     by_kind: dict[str, list[Row]] = {}
     for row in rows:
         by_kind.setdefault(row.kind, []).append(row)
@@ -220,7 +213,7 @@ def main() -> None:
     parser.add_argument("--source-ips", type=int, default=1, help="127.0.0.1..K as sources [1]")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many s")
     args = parser.parse_args()
-    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.servers = comma_list(args.servers)
     if set(args.servers) - set(KINDS):
         parser.error(f"--servers: choose among {', '.join(KINDS)}")
     if raise_nofile() < args.n + 100:

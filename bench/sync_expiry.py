@@ -39,17 +39,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
-from sync_memory import (
+from common import (
     ChildServer,
-    Clients,
-    Deployment,
-    LeanClient,
+    DeploymentWithRedis,
+    comma_list,
     describe_run,
+    percentile,
+    print_header,
     quiet_gc,
     raise_nofile,
     run_bounded,
-    token_stand_ins,
+    serve_websockets,
 )
+from sync_memory import Clients, LeanClient, token_stand_ins
 
 ACCESS_TTL = 40
 EXPIRY_NOTICE = 15
@@ -58,11 +60,6 @@ LABELS = {
     "timers": "bare websockets 17 + loop.call_at per conn",
     "tether": "Tether (one DeadlineQueue per instance)",
 }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def jwt_times(token: str) -> tuple[int, int]:
@@ -137,7 +134,7 @@ async def mint_tokens(base_url: str, sessions: int) -> tuple[httpx.AsyncClient, 
 
 async def measure(kind: str, args: argparse.Namespace) -> Run:
     run = Run(kind)
-    deployment: Deployment | None = None
+    deployment: DeploymentWithRedis | None = None
     child: ChildServer | None = None
     clients: Clients | None = None
     keepalive: asyncio.Task[None] | None = None
@@ -145,7 +142,7 @@ async def measure(kind: str, args: argparse.Namespace) -> Run:
     refresh_tokens: list[str] = []
     try:
         if kind == "tether":
-            deployment = Deployment(
+            deployment = DeploymentWithRedis(
                 {
                     "TETHER_ACCESS_TTL": str(ACCESS_TTL),
                     "TETHER_EXPIRY_NOTICE": str(EXPIRY_NOTICE),
@@ -282,7 +279,7 @@ async def authenticate_and_wait(
 
 def serve_timers(port: int) -> None:
     """The baseline: one ``loop.call_at`` per authenticated connection, then one send."""
-    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.asyncio.server import ServerConnection
     from websockets.exceptions import ConnectionClosed
 
     async def handler(ws: ServerConnection) -> None:
@@ -317,12 +314,8 @@ def serve_timers(port: int) -> None:
             if timer is not None:
                 timer.cancel()
 
-    async def run() -> None:
-        async with serve(handler, "127.0.0.1", port, compression=None, backlog=1024) as server:
-            await server.serve_forever()
-
     raise_nofile()
-    asyncio.run(run())
+    asyncio.run(serve_websockets(handler, port, backlog=1024))
 
 
 def now_ms() -> int:
@@ -342,8 +335,7 @@ def print_table(runs: list[Run], args: argparse.Namespace) -> None:
         f"| {'server':<42} | {'notices':>13} | {'p50 ms':>7} | {'p99 ms':>7} | {'max ms':>7} |"
         f" {'server part p50/p99/max ms':>26} |"
     )
-    print(header)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    print_header(header)
     for run in runs:
         if not run.lateness:
             print(f"| {LABELS[run.kind]:<42} | {'0':>13} | no notices received")
@@ -397,7 +389,7 @@ def main() -> None:
     if args.serve:
         serve_timers(args.port)
         return
-    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.servers = comma_list(args.servers)
     if set(args.servers) - set(LABELS):
         parser.error(f"--servers: choose among {', '.join(LABELS)}")
     if raise_nofile() < args.n + 100:

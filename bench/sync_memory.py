@@ -29,38 +29,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import gc
 import json
-import os
-import resource
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import httpx  # noqa: E402
-from websockets.client import ClientProtocol  # noqa: E402
-from websockets.frames import Frame, Opcode  # noqa: E402
-from websockets.http11 import Response  # noqa: E402
-from websockets.protocol import State  # noqa: E402
-from websockets.uri import parse_uri  # noqa: E402
-
-from server.embedded_redis import die_with_parent_preexec  # noqa: E402
-from tests.harness import RedisProcess, ServerProcess, free_port, shared_env  # noqa: E402
+from common import (
+    ChildServer,
+    DeploymentWithRedis,
+    comma_list,
+    describe_run,
+    print_header,
+    raise_nofile,
+    run_bounded,
+    serve_websockets,
+    sign_up,
+)
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 TARGET_RATIO = 1.5
 ALL_KINDS = ("bare", "asgi", "asgi-wsproto", "starlette", "tether-anon", "tether")
@@ -81,196 +77,12 @@ KEEPALIVE_AFTER = 60.0
 # ------------------------------------------------------------------------------ helpers
 
 
-def raise_nofile() -> int:
-    """Raise this process's open-file limit to its hard limit; children inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def describe_run() -> str:
-    """Python, CPUs and the commit measured (``+ local changes`` when the tree is dirty)."""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "server"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        tree = f"commit {commit}" + (" + local changes in server/" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        tree = "commit unknown"
-    return f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {tree}"
-
-
 def rss_kib(pid: int) -> int:
     """Resident set size of ``pid`` in KiB (``VmRSS`` of ``/proc/PID/status``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
-
-class ChildServer:
-    """A baseline server run as a process of its own: ``SCRIPT --serve KIND --port P [EXTRA]``
-    (``script`` defaults to this file)."""
-
-    def __init__(self, kind: str, *, script: str = __file__, extra: tuple[str, ...] = ()) -> None:
-        self.kind = kind
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, script, "--serve", kind, "--port", str(self.port), *extra],
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent_preexec(signal.SIGTERM),
-        )
-        wait_port(self.port, self.proc)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/sync"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Deployment:
-    """Our own ``redis-server`` and Tether server processes; :meth:`close` stops them all."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
-        self.env = {**shared_env(self.tmp), **env}
-        self.redis = RedisProcess(self.tmp / "redis")
-        self.servers: list[ServerProcess] = []
-
-    def start_redis(self) -> str:
-        return self.redis.start()
-
-    def start_server(self) -> ServerProcess:
-        tmp_dir = self.tmp / f"server{len(self.servers)}"
-        server = ServerProcess(self.redis.url, env=self.env, tmp_dir=tmp_dir)
-        self.servers.append(server)
-        return server.start()
-
-    def log_tails(self, lines: int = 15) -> str:
-        """The last lines of every server's log (for a failed run)."""
-        out = []
-        for i, server in enumerate(self.servers):
-            tail = server.log_text().splitlines()[-lines:]
-            out.append(f"--- server {i} log (last {len(tail)} lines)\n" + "\n".join(tail))
-        return "\n".join(out)
-
-    def close(self) -> None:
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                if server.process is not None:
-                    server.stop(timeout=15)
-        with contextlib.suppress(Exception):
-            self.redis.stop()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def quiet_gc() -> Iterator[None]:
-    """Keep the load generator's own garbage collector out of the measurement.
-
-    With thousands of connections a full collection in this process takes hundreds of
-    milliseconds, during which nothing is received or time-stamped: that pause would be
-    charged to the server. Collect once, freeze what survives, and collect nothing until the
-    block ends (the block must not allocate without bound).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-        gc.unfreeze()
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every ``finally`` (process cleanup) runs."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-T = TypeVar("T")
-
-
-def run_bounded(make: Callable[[], Awaitable[T]], timeout: float) -> T:
-    """Run the benchmark coroutine ``make()`` for at most ``timeout`` seconds. Ctrl-C, SIGTERM
-    and the time limit unwind through every ``finally``, which stop the processes started."""
-
-    async def bounded() -> T:
-        task = asyncio.current_task()
-        assert task is not None
-        # SIGTERM cancels the run like Ctrl-C does (asyncio.run's own SIGINT handling).
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        async with asyncio.timeout(timeout):
-            return await make()
-
-    try:
-        with terminate_as_interrupt():
-            return asyncio.run(bounded())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; the processes this benchmark started are stopped", file=sys.stderr)
-        raise SystemExit(130) from None
-    except TimeoutError:
-        print(f"gave up after {timeout:.0f} s (--timeout); processes stopped", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-async def sign_up(base_url: str, count: int) -> list[str]:
-    """Sign up ``count`` users; return their access tokens."""
-    tokens = []
-    async with httpx.AsyncClient(base_url=base_url, timeout=30, trust_env=False) as http:
-        for _ in range(count):
-            email = f"bench-{uuid.uuid4().hex[:12]}@example.com"
-            resp = await http.post("/auth/signup", json={"email": email, "password": "bench-pw-1"})
-            resp.raise_for_status()
-            tokens.append(resp.json()["accessToken"])
-    return tokens
 
 
 # ------------------------------------------------------------------------------ load generator
@@ -520,14 +332,16 @@ class Row:
 
 
 async def measure(kind: str, args: argparse.Namespace) -> Row:
-    deployment: Deployment | None = None
+    deployment: DeploymentWithRedis | None = None
     child: ChildServer | None = None
     clients: Clients | None = None
     keepalive: asyncio.Task[None] | None = None
     try:
         tokens: list[str] | None = None
         if kind.startswith("tether"):
-            deployment = Deployment({"TETHER_ACCESS_TTL": "3600", "TETHER_LOG_LEVEL": "warning"})
+            deployment = DeploymentWithRedis(
+                {"TETHER_ACCESS_TTL": "3600", "TETHER_LOG_LEVEL": "warning"}
+            )
             deployment.start_redis()
             server = deployment.start_server()
             pid, url = server.pid, server.ws_url
@@ -538,7 +352,7 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
             expect: list[str | None] = ["connected", "auth_ok"] if tokens else ["connected"]
             frames_for = tether_frames(tokens)
         else:
-            child = ChildServer(kind)
+            child = ChildServer(kind, script=__file__)
             pid, url, alive = child.pid, child.ws_url, child.alive
             # The same two frames Tether gets, echoed back: same sizes, same number of writes.
             all_tokens = token_stand_ins(args.users)
@@ -589,7 +403,7 @@ def token_stand_ins(count: int) -> list[str]:
 
 
 def serve_bare(port: int) -> None:
-    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.asyncio.server import ServerConnection
     from websockets.exceptions import ConnectionClosed
 
     async def echo(ws: ServerConnection) -> None:
@@ -599,11 +413,7 @@ def serve_bare(port: int) -> None:
         except ConnectionClosed:  # the load generator aborts its connections at the end
             pass
 
-    async def run() -> None:
-        async with serve(echo, "127.0.0.1", port, compression=None, backlog=1024) as server:
-            await server.serve_forever()
-
-    asyncio.run(run())
+    asyncio.run(serve_websockets(echo, port, backlog=1024))
 
 
 class AsgiEcho:
@@ -674,8 +484,7 @@ def print_table(rows: list[Row], n: int) -> None:
     print(f"Memory per idle connection, N = {n:,} (server VmRSS after - before) / N")
     header = f"| {'server':<38} | {'RSS before':>10} | {'RSS after':>10} | {'KiB/conn':>8} |"
     header += f" {'vs bare':>7} | {'open/s':>7} |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    print_header(header)
     for row in rows:
         ratio = f"{row.kib_per_conn / base.kib_per_conn:.2f}x" if base else "-"
         print(
@@ -723,7 +532,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.port)
         return
-    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.servers = comma_list(args.servers)
     unknown = set(args.servers) - set(ALL_KINDS)
     if unknown:
         parser.error(f"unknown servers: {', '.join(sorted(unknown))}")

@@ -32,27 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
 import redis.asyncio
-from sync_memory import (
+from common import (
     ChildServer,
-    Clients,
-    Deployment,
-    LeanClient,
+    DeploymentWithRedis,
     describe_run,
-    lean_connect,
+    percentile,
+    print_header,
     quiet_gc,
     raise_nofile,
     run_bounded,
+    serve_websockets,
     sign_up,
-    tether_frames,
 )
+from sync_memory import Clients, LeanClient, lean_connect, tether_frames
 
 TARGET_P99_MS = 100.0
 CHANNEL = "bench:session-ended"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 @dataclass
@@ -118,7 +113,7 @@ async def expect(ws: LeanClient, kind: str, timeout: float = 10.0) -> float:
 
 
 async def run(args: argparse.Namespace) -> list[Samples]:
-    deployment = Deployment(
+    deployment = DeploymentWithRedis(
         {
             "TETHER_ACCESS_TTL": "3600",
             "TETHER_LOG_LEVEL": "warning",
@@ -182,7 +177,7 @@ async def run(args: argparse.Namespace) -> list[Samples]:
 
 def serve_relay(port: int, redis_url: str) -> None:
     """Forward each event on :data:`CHANNEL` to the socket bound to its session id."""
-    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.asyncio.server import ServerConnection
     from websockets.exceptions import ConnectionClosed
 
     bound: dict[str, ServerConnection] = {}
@@ -220,8 +215,7 @@ def serve_relay(port: int, redis_url: str) -> None:
         pubsub = client.pubsub()
         await pubsub.subscribe(CHANNEL)  # before listening: no event can be missed
         listener = asyncio.create_task(listen(pubsub))
-        async with serve(handler, "127.0.0.1", port, compression=None) as server:
-            await server.serve_forever()
+        await serve_websockets(handler, port, backlog=100)  # asyncio's default
         listener.cancel()
 
     raise_nofile()
@@ -241,8 +235,7 @@ def print_table(results: list[Samples], args: argparse.Namespace) -> None:
         f"| {'path':<46} | {'n':>4} | {'reply p50':>9} | {'reply p99':>9} | {'reply max':>9} |"
         f" {'request p50':>11} | {'request p99':>11} | {'before reply':>12} |"
     )
-    print(header)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    print_header(header)
     for s in results:
         if not s.from_reply:
             print(f"| {s.label:<46} | no samples; failures: {s.failures[:1]}")
