@@ -18,8 +18,8 @@ open and have been idle for a few seconds. Rows, measured in the same run:
   the target (at most 1.5x bare; figures in ``docs/benchmarks.md``).
 
 The load generator is one process of :class:`LeanClient` connections (sans-I/O, cheap);
-``sync_connect.py``, ``sync_expiry.py`` and ``sync_revocation.py`` import it and the process
-helpers from here. Run from the repository root::
+``sync_connect.py``, ``sync_expiry.py`` and ``sync_revocation.py`` import it from here (the
+process helpers every script shares are in ``common.py``). Run from the repository root::
 
     .venv/bin/python bench/sync_memory.py                    # N = 10,000, every row
     .venv/bin/python bench/sync_memory.py --n 2000 --servers bare,tether
