@@ -744,7 +744,10 @@ async def test_subscribers_converge_while_the_commit_stream_is_trimmed(
 
     async def write(writer: Live, tag: str) -> tuple[int, list[tuple[int, str]]]:
         bumps, messages = 0, []
-        for i in range(15):
+        # At least 15 rounds, and on until the stream has been trimmed under them many times (a
+        # fast machine did 60 mutations in 7 trims).
+        i = 0
+        while i < 15 or (trims <= 10 and i < 500):
             result = await writer.mutate(2 * i + 1, "counter.increment", {"name": counter})
             bumps += "error" not in result
             sent = await writer.mutate(
@@ -752,6 +755,7 @@ async def test_subscribers_converge_while_the_commit_stream_is_trimmed(
             )
             if "error" not in sent:
                 messages.append((sent["version"], sent["value"]))
+            i += 1
         return bumps, messages
 
     trimmer = asyncio.create_task(trim())
@@ -768,8 +772,8 @@ async def test_subscribers_converge_while_the_commit_stream_is_trimmed(
         await watcher.wait_held(1, ("value", total), timeout=10)
         await watcher.wait_value(
             2,
-            lambda listed: [m["id"] for m in listed] == messages,
-            "every message, in commit order",
+            lambda listed: [m["id"] for m in listed] == messages[-100:],
+            "every message (the last 100: what messages.list shows), in commit order",
             timeout=10,
         )
         seen = values_of(watcher, 1)
