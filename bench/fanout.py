@@ -58,7 +58,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -908,19 +908,14 @@ def print_table(results: list[Result]) -> None:
         f"{'vs ceiling p50/p99':>18} | {'socketio / this p50/p99':>23} |"
     )
     print_header(header)
-    for n in sorted({r.n for r in results}):
-        rows = {r.system: r for r in results if r.n == n}
-        for system in SYSTEMS:
-            r = rows.get(system)
-            if r is None:
-                continue
-            print(
-                f"| {n:>6,} | {LABELS[system]:<36} | {len(r.rounds):>6} | "
-                f"{r.p('last', 50):>8.1f} | {r.p('last', 99):>8.1f} | "
-                f"{r.p('median', 50):>10.1f} | {r.p('ack', 50):>7.1f} | "
-                f"{r.server_cpu * 1000 / max(len(r.rounds), 1):>12.1f} | "
-                f"{ratios(rows, system, 'last'):>18} | {speedups(rows, system, 'last'):>23} |"
-            )
+    for n, system, r, rows in table_rows(results):
+        print(
+            f"| {n:>6,} | {LABELS[system]:<36} | {len(r.rounds):>6} | "
+            f"{r.p('last', 50):>8.1f} | {r.p('last', 99):>8.1f} | "
+            f"{r.p('median', 50):>10.1f} | {r.p('ack', 50):>7.1f} | "
+            f"{r.server_cpu * 1000 / max(len(r.rounds), 1):>12.1f} | "
+            f"{ratios(rows, system, 'last'):>18} | {speedups(rows, system, 'last'):>23} |"
+        )
     print()
     print("From the commit (the issue's definition): Tether's commit time is the `t` Redis stamps")
     print("on the commit's stream entry; a baseline's is the moment its server starts sending.")
@@ -929,19 +924,14 @@ def print_table(results: list[Result]) -> None:
         f"{'median p50':>10} | {'vs ceiling p50/p99':>18} | {'socketio / this p50/p99':>23} |"
     )
     print_header(header)
-    for n in sorted({r.n for r in results}):
-        rows = {r.system: r for r in results if r.n == n}
-        for system in SYSTEMS:
-            r = rows.get(system)
-            if r is None:
-                continue
-            print(
-                f"| {n:>6,} | {LABELS[system]:<36} | {r.p('commit', 50):>10.1f} | "
-                f"{r.p('last_from_commit', 50):>8.1f} | {r.p('last_from_commit', 99):>8.1f} | "
-                f"{r.p('median_from_commit', 50):>10.1f} | "
-                f"{ratios(rows, system, 'last_from_commit'):>18} | "
-                f"{speedups(rows, system, 'last_from_commit'):>23} |"
-            )
+    for n, system, r, rows in table_rows(results):
+        print(
+            f"| {n:>6,} | {LABELS[system]:<36} | {r.p('commit', 50):>10.1f} | "
+            f"{r.p('last_from_commit', 50):>8.1f} | {r.p('last_from_commit', 99):>8.1f} | "
+            f"{r.p('median_from_commit', 50):>10.1f} | "
+            f"{ratios(rows, system, 'last_from_commit'):>18} | "
+            f"{speedups(rows, system, 'last_from_commit'):>23} |"
+        )
     for n in sorted({r.n for r in results}):
         rows = {r.system: r for r in results if r.n == n}
         tether, bare, sio = rows.get("tether"), rows.get("bare"), rows.get("socketio")
@@ -965,6 +955,15 @@ def print_table(results: list[Result]) -> None:
         if r.missing:
             note += f", {r.missing} receipts MISSING"
         print(f"note: {r.system} N={r.n:,}: {note}, receivers opened in {r.setup_seconds:.1f} s")
+
+
+def table_rows(results: list[Result]) -> Iterator[tuple[int, str, Result, dict[str, Result]]]:
+    """``(N, system, result, every result of that N)`` in table order: by N, then system."""
+    for n in sorted({r.n for r in results}):
+        rows = {r.system: r for r in results if r.n == n}
+        for system in SYSTEMS:
+            if system in rows:
+                yield n, system, rows[system], rows
 
 
 def ratios(rows: dict[str, Result], system: str, attr: str) -> str:
