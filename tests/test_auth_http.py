@@ -297,7 +297,8 @@ async def test_signin_unknown_email_and_wrong_password_are_indistinguishable(
 async def test_signin_answers_an_unknown_email_as_slowly_as_a_wrong_password(
     server_factory: ServerFactory,
 ) -> None:
-    server = server_factory(env={"TETHER_ARGON2_TIME_COST": "6"})
+    # t=12: one hash ~100 ms on a fast day of this machine, clearly above the 50 ms floor below.
+    server = server_factory(env={"TETHER_ARGON2_TIME_COST": "12"})
     async with client_for(server) as http:
         email = new_email()
         await sign_up(http, email)
