@@ -8,13 +8,15 @@ time-outs: every script Tether runs gives the same answer when retried after a l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextvars import ContextVar
 from importlib import resources
 from typing import Any, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,7 +29,7 @@ RedisClient: TypeAlias = "Redis | RedisCluster"
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 #: Connections one client keeps to a standalone Redis, and commands (or pipelines) one Cluster
-#: client has in flight; callers beyond it wait their turn, up to SOCKET_TIMEOUT.
+#: client has in flight on one node; callers beyond it wait their turn, up to SOCKET_TIMEOUT.
 MAX_CONNECTIONS = 64
 
 
@@ -57,17 +59,22 @@ def connect(url: str) -> RedisClient:
     return Redis(connection_pool=pool)
 
 
+#: The cluster nodes (by name) on which the running task holds a turn: the commands a pipeline
+#: re-sends one by one after a redirect run inside its turn and must not wait for a second one.
+_TURNS_HELD: ContextVar[frozenset[str]] = ContextVar("tether_cluster_turns", default=frozenset())
+
+
 class _RedisCluster(RedisCluster):
-    """A cluster client that waits for its turn under a burst, and whose failure to learn the
-    cluster's layout is a connection error.
+    """A cluster client that waits for its turn on a node under a burst, and whose failure to
+    learn the cluster's layout is a connection error.
 
     redis-py's cluster client has no blocking pool: past ``max_connections`` on a node it raises
-    ``MaxConnectionsError``, a ``ConnectionError``, so a burst (a reconnect storm authenticating
-    thousands of sockets) was answered as an outage, made the client re-read the layout, and —
-    measured with ``INCR`` — ran some retried commands twice. This client keeps at most
-    :data:`MAX_CONNECTIONS` commands and pipelines in flight; the others wait, as a standalone
-    client waits for its ``BlockingConnectionPool``, and fail as an outage only after
-    :data:`SOCKET_TIMEOUT`.
+    ``MaxConnectionsError``, so a burst (a reconnect storm authenticating thousands of sockets)
+    was answered as an outage. This client keeps at most :data:`MAX_CONNECTIONS` commands and
+    pipelines in flight *per node*; the others wait, as a standalone client waits for its
+    ``BlockingConnectionPool``, and fail as an outage only after :data:`SOCKET_TIMEOUT`. Per
+    node, so that a node that stalls (a partition, not a refused connection) holds up the
+    commands for its own slots and no others.
 
     redis-py raises ``RedisClusterException`` when no node answers or the slots are not all
     covered (every command of a client that lost its nodes first re-reads the layout). That is
@@ -77,26 +84,49 @@ class _RedisCluster(RedisCluster):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._turns: dict[str, asyncio.Semaphore] = {}
 
-    async def take_turn(self) -> None:
-        """Wait until fewer than :data:`MAX_CONNECTIONS` calls are in flight; the caller then
-        owes :meth:`end_turn`. A connection error after :data:`SOCKET_TIMEOUT`."""
+    @contextlib.asynccontextmanager
+    async def turns(self, nodes: Iterable[str]) -> AsyncIterator[None]:
+        """Hold a turn on each of ``nodes`` (names) that this task does not hold one on yet,
+        taken in name order; a connection error when they are not all free within
+        :data:`SOCKET_TIMEOUT`."""
+        held = _TURNS_HELD.get()
+        wanted = sorted(set(nodes) - held)
+        taken: list[asyncio.Semaphore] = []
         try:
-            async with asyncio.timeout(SOCKET_TIMEOUT):
-                await self._in_flight.acquire()
-        except TimeoutError:
-            raise RedisConnectionError("too many Redis commands waiting for a turn") from None
-
-    def end_turn(self) -> None:
-        self._in_flight.release()
-
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        await self.take_turn()
-        try:
-            return await super().execute_command(*args, **kwargs)
+            try:
+                async with asyncio.timeout(SOCKET_TIMEOUT):
+                    for name in wanted:
+                        turns = self._turns.get(name)
+                        if turns is None:
+                            turns = self._turns[name] = asyncio.Semaphore(MAX_CONNECTIONS)
+                        await turns.acquire()
+                        taken.append(turns)
+            except TimeoutError:
+                raise RedisConnectionError("too many Redis commands waiting for a node") from None
+            token = _TURNS_HELD.set(held.union(wanted))
+            try:
+                yield
+            finally:
+                _TURNS_HELD.reset(token)
         finally:
-            self.end_turn()
+            for turns in taken:
+                turns.release()
+
+    async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
+        # Every command (and each of its retries and redirects) reaches one node through here.
+        async with self.turns((target_node.name,)):
+            return await super()._execute_command(target_node, *args, **kwargs)
+
+    async def node_of(self, args: tuple[Any, ...]) -> str | None:
+        """The name of the node that serves the first key of command ``args``, if it has one."""
+        if self._initialize:
+            await self.initialize()
+        keys = await self.commands_parser.get_keys(*args)
+        if not keys:
+            return None
+        return str(self.nodes_manager.get_node_from_slot(self.keyslot(keys[0])).name)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         super().pipeline(transaction, shard_hint)  # its checks of the arguments
@@ -110,17 +140,32 @@ class _RedisCluster(RedisCluster):
 
 
 class _ClusterPipeline(ClusterPipeline):
-    """A cluster pipeline that counts as one call in flight for its client's bound."""
+    """A cluster pipeline that holds a turn on the node of its first command while it runs.
+
+    Tether's pipelines are one node's (a commit stream read, one session's lookup or creation
+    pieces by hash tag) but for the re-check of many sessions, whose other nodes' parts go
+    unbounded.
+    """
+
+    def __init__(self, client: RedisCluster, transaction: Any | None = None) -> None:
+        super().__init__(client, transaction)
+        self._first: tuple[Any, ...] | None = None
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._first is None:
+            self._first = args
+        return super().execute_command(*args, **kwargs)
 
     async def execute(self, *args: Any, **kwargs: Any) -> Any:
-        client = self.cluster_client
-        if not isinstance(client, _RedisCluster):
+        client, first, self._first = self.cluster_client, self._first, None
+        node = None
+        if isinstance(client, _RedisCluster) and first is not None:
+            node = await client.node_of(first)
+        if node is None:
             return await super().execute(*args, **kwargs)
-        await client.take_turn()
-        try:
+        assert isinstance(client, _RedisCluster)
+        async with client.turns((node,)):
             return await super().execute(*args, **kwargs)
-        finally:
-            client.end_turn()
 
 
 class Script:

@@ -68,8 +68,8 @@ def cluster(tmp_path: Path) -> Iterator[RedisClusterProcess]:
 
 async def test_a_burst_on_a_cluster_waits_its_turn(cluster: RedisClusterProcess) -> None:
     # redis-py's cluster client keeps at most 100 connections per node and raises
-    # MaxConnectionsError past them (a ConnectionError: answered "unavailable", and it makes the
-    # client re-read the cluster's layout). One hash tag puts the whole burst on one node.
+    # MaxConnectionsError past them (a ConnectionError: answered "unavailable"). One hash tag
+    # puts the whole burst on one node.
     client = connect(cluster.url)
     try:
         # Loaded first, as an instance's client is by its start-up work before any socket comes.
@@ -79,5 +79,43 @@ async def test_a_burst_on_a_cluster_waits_its_turn(cluster: RedisClusterProcess)
         await burst(client, "{burst}:counter")
         for port in cluster.ports:
             assert await connected_clients(port) <= MAX_CONNECTIONS
+    finally:
+        await client.aclose()
+
+
+async def keys_on_two_nodes(client: RedisClient) -> tuple[str, str]:
+    """Two keys whose slots two different masters serve."""
+    assert isinstance(client, redis.asyncio.RedisCluster)
+    first = "{stall}:k"
+    node = client.get_node_from_key(first)
+    for i in range(100):
+        other = f"{{free-{i}}}:k"
+        if client.get_node_from_key(other) != node:
+            return first, other
+    raise AssertionError("every key on one node")
+
+
+async def test_a_stalled_node_holds_up_its_own_commands_only(
+    cluster: RedisClusterProcess,
+) -> None:
+    # The turns are per node: a master that stalls (a partition, a pause) with every turn on it
+    # taken must not hold up commands and pipelines for the other masters' slots.
+    client = connect(cluster.url)
+    try:
+        assert await client.ping()
+        stalled_key, free_key = await keys_on_two_nodes(client)
+        assert isinstance(client, redis.asyncio.RedisCluster)
+        stalled = client.get_node_from_key(stalled_key)
+        async with redis.asyncio.Redis(host=stalled.host, port=stalled.port) as node:
+            await node.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+        stuck = [asyncio.create_task(client.incr(stalled_key)) for _ in range(MAX_CONNECTIONS + 20)]
+        await asyncio.sleep(0.2)  # every turn on the stalled node is taken, 20 wait
+        assert not any(task.done() for task in stuck)
+        started = asyncio.get_running_loop().time()
+        assert await client.incr(free_key) == 1
+        assert await pipelined(client, free_key) == 2
+        assert asyncio.get_running_loop().time() - started < 0.5
+        # And the stalled node's commands all complete once it answers again.
+        assert sorted(await asyncio.gather(*stuck)) == list(range(1, MAX_CONNECTIONS + 21))
     finally:
         await client.aclose()
