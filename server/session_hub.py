@@ -38,7 +38,6 @@ from typing import Any, Protocol
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterPubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -197,10 +196,12 @@ class SessionHub:
                     log.exception("session-ended subscriber failed; reconnecting")
                 finally:
                     await _close_quietly(pubsub)
-                if isinstance(pubsub, ClusterPubSub):
-                    node = pubsub.get_pubsub_node()
-                    if node is not None:
-                        failed_node = node.name
+                # A cluster's Pub/Sub (redis-py >= 8.0: not imported, so that older redis-py
+                # still runs a standalone deployment) names the node it was on.
+                get_node = getattr(pubsub, "get_pubsub_node", None)
+                node = get_node() if get_node is not None else None
+                if node is not None:
+                    failed_node = node.name
                 delay = self._backoff
                 self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
                 # Jitter spreads the reconnects of many instances after one Redis restart.
