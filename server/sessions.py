@@ -156,8 +156,9 @@ class SessionStore:
             )
         raise RefreshRejected(HTTPCode.REFRESH_INVALID, "the refresh token is not valid")
 
-    async def end(self, session_id: str, reason: SessionEndReason) -> bool:
-        """End one session; True if this call ended it (it was active)."""
+    async def end(self, session_id: str, reason: SessionEndReason, *, unindex: bool = True) -> bool:
+        """End one session; True if this call ended it (it was active). ``unindex=False``
+        leaves its deadline entry to the caller (:meth:`end_all` drops them together)."""
         reply = await self._end(
             keys=[redis_keys.session(session_id)],
             args=[
@@ -170,25 +171,29 @@ class SessionStore:
             ],
         )
         ended = int(reply[0]) == 1
-        if ended:
-            try:
-                await self.redis.zrem(redis_keys.SESSION_DEADLINES, session_id)
-            except RedisError as exc:
-                # The session has ended and been announced; its deadline entry (on another
-                # Cluster node, which may be down) is dropped by the first sweep that meets it.
-                log.warning("session ended; its deadline entry stays: %s", type(exc).__name__)
+        if ended and unindex:
+            await self._unindex([session_id])
         return ended
+
+    async def _unindex(self, session_ids: list[str]) -> None:
+        """Drop ended sessions' deadline entries, best effort: the sessions have ended and been
+        announced; an entry left (its Cluster node down) is dropped by the first sweep that
+        meets it."""
+        try:
+            await self.redis.zrem(redis_keys.SESSION_DEADLINES, *session_ids)
+        except RedisError as exc:
+            log.warning("sessions ended; their deadline entries stay: %s", type(exc).__name__)
 
     async def end_all(self, user_id: str, reason: SessionEndReason) -> int:
         """End every session of ``user_id``; return how many were active."""
         index = redis_keys.user_sessions(user_id)
         sids = [str(sid) for sid in await self.redis.smembers(index)]
-        ended = 0
-        for sid in sids:
-            ended += await self.end(sid, reason)
+        ended = [sid for sid in sids if await self.end(sid, reason, unindex=False)]
+        if ended:
+            await self._unindex(ended)
         if sids:
             await self.redis.srem(index, *sids)
-        return ended
+        return len(ended)
 
     async def lookup(self, session_id: str) -> SessionInfo | None:
         """The session if it is active now, else ``None``."""

@@ -671,6 +671,9 @@ async def test_end_all_announces_each_session_once_and_spares_other_users(
     for grant in mine:
         assert await store.lookup(grant.session_id) is None
         assert await rejected(store, grant.refresh_token) == INVALID
+        # Unindexed together at the end: the sweep has nothing left to end.
+        assert await store.redis.zscore(redis_keys.SESSION_DEADLINES, grant.session_id) is None
+    assert await store.redis.zscore(redis_keys.SESSION_DEADLINES, theirs.session_id) is not None
     assert await store.lookup(theirs.session_id) is not None
     await store.rotate(theirs.refresh_token)
 
