@@ -101,8 +101,10 @@ def release_socket_later(send: SendFn, delay: float) -> None:
     as long as the client likes, with the buffer, the socket and the protocol object. uvicorn,
     which ``tether serve`` runs, hands the app its protocol's bound ``send``, whose ``transport``
     is the socket's; another server without one is left to close as it does. A socket that
-    closed in the meantime, or whose buffer is empty (the close handshake may still be under
-    way), is left alone.
+    closed in the meantime, or whose buffer is empty, is left alone, but one whose server side
+    is still in the close handshake is looked at again ``delay`` seconds later. A client that reads,
+    but too slowly to take what was queued within the grace, is cut off too (without its close
+    code).
     """
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     if not isinstance(transport, asyncio.WriteTransport):
@@ -110,12 +112,19 @@ def release_socket_later(send: SendFn, delay: float) -> None:
     if transport.is_closing() and transport.get_write_buffer_size() == 0:
         return  # gone already (the client left): nothing to keep alive for the check
 
+    loop = asyncio.get_running_loop()
+
     def abort_if_stuck() -> None:
         if transport.get_write_buffer_size() > 0:
             log.info("aborted a closed connection whose client stopped reading")
             transport.abort()
+        elif not transport.is_closing():
+            # Nothing waits now, but the server is still in its close handshake (uvicorn waits
+            # for the client's close frame and answers its pings meanwhile, which can fill the
+            # buffer again): look again.
+            loop.call_later(delay, abort_if_stuck)
 
-    asyncio.get_running_loop().call_later(delay, abort_if_stuck)
+    loop.call_later(delay, abort_if_stuck)
 
 
 def _over_limit(frame: str | bytes, limit: int) -> bool:
