@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from importlib import resources
 from typing import Any, TypeAlias
@@ -62,6 +62,24 @@ def connect(url: str) -> RedisClient:
 #: The cluster nodes (by name) on which the running task holds a turn: the commands a pipeline
 #: re-sends one by one after a redirect run inside its turn and must not wait for a second one.
 _TURNS_HELD: ContextVar[frozenset[str]] = ContextVar("tether_cluster_turns", default=frozenset())
+#: Set while the running task's calls take no turn (see :func:`without_turns`).
+_NO_TURNS: ContextVar[bool] = ContextVar("tether_cluster_no_turns", default=False)
+
+
+@contextlib.contextmanager
+def without_turns() -> Iterator[None]:
+    """Calls made in this block take no turn on a Cluster node (a no-op elsewhere).
+
+    For the one blocking read of each instance's commit watcher: it must not queue behind a
+    burst of commands on the data node (fan-out would wait, and a wait past the timeout would
+    make every subscription re-run). One connection per instance above the bound is well within
+    redis-py's 100 per node.
+    """
+    token = _NO_TURNS.set(True)
+    try:
+        yield
+    finally:
+        _NO_TURNS.reset(token)
 
 
 class _RedisCluster(RedisCluster):
@@ -91,6 +109,9 @@ class _RedisCluster(RedisCluster):
         """Hold a turn on each of ``nodes`` (names) that this task does not hold one on yet,
         taken in name order; a connection error when they are not all free within
         :data:`SOCKET_TIMEOUT`."""
+        if _NO_TURNS.get():
+            yield
+            return
         held = _TURNS_HELD.get()
         wanted = sorted(set(nodes) - held)
         taken: list[asyncio.Semaphore] = []

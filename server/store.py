@@ -83,7 +83,7 @@ from server import redis_keys
 from server.clock import Clock, to_ms
 from server.errors import ErrorCode, FunctionError, FunctionErrorCode
 from server.functions import Auth, Context, FunctionSpec, encode_result, invoke
-from server.redis_conn import RedisClient, load_script
+from server.redis_conn import RedisClient, load_script, without_turns
 
 __all__ = [
     "ATTEMPT_TTL",
@@ -784,7 +784,10 @@ class Store:
                 pipe.xread({redis_keys.DATA_COMMITS: f"{after}-0"}, count=count, block=block_ms)
             else:
                 pipe.xrange(redis_keys.DATA_COMMITS, min=f"{after + 1}-0", max="+", count=count)
-            raw_version, reply = await pipe.execute()
+            # The blocking read takes no turn on a Cluster node: a burst of commands on the data
+            # node must not hold up the watcher (see redis_conn.without_turns).
+            with without_turns() if block_ms is not None else contextlib.nullcontext():
+                raw_version, reply = await pipe.execute()
         current = int(raw_version) if raw_version is not None else 0
         if current < after:
             return CommitBatch((), True, current)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
-from server.redis_conn import MAX_CONNECTIONS, RedisClient, connect
+from server.redis_conn import MAX_CONNECTIONS, RedisClient, connect, without_turns
 from tests.harness import RedisClusterProcess, RedisProcess
 
 #: Commands in flight at once: well past MAX_CONNECTIONS and redis-py's own default of 100.
@@ -118,4 +118,39 @@ async def test_a_stalled_node_holds_up_its_own_commands_only(
         # And the stalled node's commands all complete once it answers again.
         assert sorted(await asyncio.gather(*stuck)) == list(range(1, MAX_CONNECTIONS + 21))
     finally:
+        await client.aclose()
+
+
+async def test_calls_without_turns_pass_a_node_whose_turns_are_all_taken(
+    cluster: RedisClusterProcess,
+) -> None:
+    # The commit watcher's blocking read (server/store.py) goes past a burst on the data node.
+    client = connect(cluster.url)
+    release = asyncio.Event()
+    try:
+        assert await client.ping()
+        assert isinstance(client, redis.asyncio.RedisCluster)
+        name = client.get_node_from_key("{data}:k").name
+        taken = asyncio.Event()
+        holders = 0
+
+        async def hold() -> None:
+            nonlocal holders
+            async with client.turns((name,)):  # type: ignore[attr-defined]
+                holders += 1
+                if holders == MAX_CONNECTIONS:
+                    taken.set()
+                await release.wait()
+
+        tasks = [asyncio.create_task(hold()) for _ in range(MAX_CONNECTIONS)]
+        await asyncio.wait_for(taken.wait(), 5)
+        with without_turns():
+            assert await asyncio.wait_for(pipelined(client, "{data}:k"), 1) == 1
+        with pytest.raises(TimeoutError):  # a call with turns waits for one
+            await asyncio.wait_for(client.incr("{data}:k"), 0.5)
+        release.set()
+        await asyncio.gather(*tasks)
+        assert await client.incr("{data}:k") == 2
+    finally:
+        release.set()
         await client.aclose()
