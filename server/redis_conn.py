@@ -163,9 +163,9 @@ class _RedisCluster(RedisCluster):
 class _ClusterPipeline(ClusterPipeline):
     """A cluster pipeline that holds a turn on the node of its first command while it runs.
 
-    Tether's pipelines are one node's (a commit stream read, one session's lookup or creation
-    pieces by hash tag) but for the re-check of many sessions, whose other nodes' parts go
-    unbounded.
+    Most of Tether's pipelines go to one node (a commit stream read, one session's lookup);
+    those that span nodes (a sign-in's writes, the re-check's lookups) are bounded on their
+    first node only, and their other nodes' parts go unbounded.
     """
 
     def __init__(self, client: RedisCluster, transaction: Any | None = None) -> None:
