@@ -7,9 +7,11 @@ ends, whether it passed or failed.
 from __future__ import annotations
 
 import itertools
+import shutil
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -20,7 +22,13 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from tests.harness import RedisProcess, ServerProcess, kill_all, shared_env  # noqa: E402
+from tests.harness import (  # noqa: E402
+    RedisClusterProcess,
+    RedisProcess,
+    ServerProcess,
+    kill_all,
+    shared_env,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +52,22 @@ def redis_proc(tmp_path: Path) -> Iterator[RedisProcess]:
 @pytest.fixture
 def redis_url(redis_proc: RedisProcess) -> str:
     return redis_proc.url
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisClusterProcess]:
+    """A fresh Redis Cluster (3 masters; indirect parametrization passes more
+    :class:`RedisClusterProcess` options), stopped after the test. Skips without ``redis-cli``,
+    which creates the cluster."""
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not on PATH: it creates the Redis Cluster")
+    options: dict[str, Any] = getattr(request, "param", {})
+    proc = RedisClusterProcess(tmp_path / "cluster", **options)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture

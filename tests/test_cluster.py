@@ -19,8 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -72,19 +71,6 @@ TEST_USER = "tether-test"
 #: For ``@pytest.mark.parametrize("cluster", [REPLICATED], indirect=True)``: each master with a
 #: replica, and a node timeout short enough that a failover comes within the test (~2 s).
 REPLICATED = {"replicas": 1, "node_timeout_ms": 1000}
-
-
-@pytest.fixture
-def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisClusterProcess]:
-    """A fresh 3-master Redis Cluster, stopped after the test. Indirect parametrization passes
-    more :class:`RedisClusterProcess` options (:data:`REPLICATED`)."""
-    options: dict[str, Any] = getattr(request, "param", {})
-    proc = RedisClusterProcess(tmp_path / "cluster", **options)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

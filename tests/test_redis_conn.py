@@ -7,9 +7,6 @@ were down, and not open a connection per command — on one server and on a Clus
 from __future__ import annotations
 
 import asyncio
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio
@@ -52,18 +49,6 @@ async def test_a_burst_on_one_redis_waits_for_pooled_connections(redis_proc: Red
         assert await connected_clients(redis_proc.port) <= MAX_CONNECTIONS
     finally:
         await client.aclose()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RedisClusterProcess]:
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not on PATH: it creates the Redis Cluster")
-    proc = RedisClusterProcess(tmp_path / "cluster")
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 async def test_a_burst_on_a_cluster_waits_its_turn(cluster: RedisClusterProcess) -> None:
