@@ -966,22 +966,22 @@ def table_rows(results: list[Result]) -> Iterator[tuple[int, str, Result, dict[s
                 yield n, system, rows[system], rows
 
 
-def ratios(rows: dict[str, Result], system: str, attr: str) -> str:
-    """``system``'s p50 / p99 of ``attr`` over the ceiling's, or "-" without a ceiling row."""
-    bare = rows.get("bare")
-    if bare is None:
+def ratio(top: Result | None, bottom: Result | None, attr: str) -> str:
+    """``top``'s p50 / p99 of ``attr`` over ``bottom``'s, or "-" when either row is missing."""
+    if top is None or bottom is None:
         return "-"
-    r = rows[system]
-    return f"{r.p(attr, 50) / bare.p(attr, 50):.2f}x / {r.p(attr, 99) / bare.p(attr, 99):.2f}x"
+    p50 = top.p(attr, 50) / bottom.p(attr, 50)
+    return f"{p50:.2f}x / {top.p(attr, 99) / bottom.p(attr, 99):.2f}x"
+
+
+def ratios(rows: dict[str, Result], system: str, attr: str) -> str:
+    """``system`` over the ceiling."""
+    return ratio(rows[system], rows.get("bare"), attr)
 
 
 def speedups(rows: dict[str, Result], system: str, attr: str) -> str:
-    """python-socketio's p50 / p99 of ``attr`` over ``system``'s, or "-" without its row."""
-    sio = rows.get("socketio")
-    if sio is None:
-        return "-"
-    r = rows[system]
-    return f"{sio.p(attr, 50) / r.p(attr, 50):.2f}x / {sio.p(attr, 99) / r.p(attr, 99):.2f}x"
+    """python-socketio over ``system``."""
+    return ratio(rows.get("socketio"), rows[system], attr)
 
 
 def default_rounds(n: int) -> int:
