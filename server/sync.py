@@ -92,19 +92,21 @@ def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...], sche
 
 
 def release_socket_later(send: SendFn, delay: float) -> None:
-    """Abort the connection's TCP socket ``delay`` seconds from now if it still holds bytes the
-    client has not taken by then.
+    """Abort the connection's TCP socket ``delay`` seconds from now unless its close handshake
+    has completed by then (contract §5 rule 9).
 
     An ASGI app can end a WebSocket only by sending a close frame. A client that stopped
-    reading never takes it: the server's graceful close then waits for a write buffer that never
-    drains, and TCP keeps the connection (zero-window probes answered by the client's kernel) for
-    as long as the client likes, with the buffer, the socket and the protocol object. uvicorn,
-    which ``tether serve`` runs, hands the app its protocol's bound ``send``, whose ``transport``
-    is the socket's; another server without one is left to close as it does. A socket that
-    closed in the meantime, or whose buffer is empty, is left alone, but one whose server side
-    is still in the close handshake is looked at again ``delay`` seconds later. A client that reads,
-    but too slowly to take what was queued within the grace, is cut off too (without its close
-    code).
+    reading never answers it: with small socket buffers the frame waits behind data the client
+    does not take, with large ones (tens of MB on loopback) it sits unread in the client's
+    kernel while the server's own buffer reads empty. Either way the graceful close never
+    completes, and TCP keeps the connection (zero-window probes answered by the client's
+    kernel) for as long as the client likes, with the buffer, the socket and the protocol
+    object. So the rule is the handshake's outcome, not the buffer: a socket that is not closed
+    ``delay`` seconds after the connection ended is aborted. A client that reads, but too slowly
+    to take what was queued within the grace, is cut off too (without its close code).
+
+    uvicorn, which ``tether serve`` runs, hands the app its protocol's bound ``send``, whose
+    ``transport`` is the socket's; another server without one is left to close as it does.
     """
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     if not isinstance(transport, asyncio.WriteTransport):
@@ -112,19 +114,13 @@ def release_socket_later(send: SendFn, delay: float) -> None:
     if transport.is_closing() and transport.get_write_buffer_size() == 0:
         return  # gone already (the client left): nothing to keep alive for the check
 
-    loop = asyncio.get_running_loop()
+    def abort_unless_closed() -> None:
+        if transport.is_closing() and transport.get_write_buffer_size() == 0:
+            return  # the handshake completed (or the client left) within the grace
+        log.info("aborted a connection whose close handshake did not complete in time")
+        transport.abort()
 
-    def abort_if_stuck() -> None:
-        if transport.get_write_buffer_size() > 0:
-            log.info("aborted a closed connection whose client stopped reading")
-            transport.abort()
-        elif not transport.is_closing():
-            # Nothing waits now, but the server is still in its close handshake (uvicorn waits
-            # for the client's close frame and answers its pings meanwhile, which can fill the
-            # buffer again): look again.
-            loop.call_later(delay, abort_if_stuck)
-
-    loop.call_later(delay, abort_if_stuck)
+    asyncio.get_running_loop().call_later(delay, abort_unless_closed)
 
 
 def _over_limit(frame: str | bytes, limit: int) -> bool:

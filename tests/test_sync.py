@@ -537,12 +537,17 @@ async def test_max_message_bytes_counts_utf8_bytes_not_characters(
     assert await client.wait_closed(allow=()) == 1009
 
 
-def _slow_socket(port: int) -> socket.socket:
-    """A TCP connection whose receive buffer is as small as the kernel allows: once the client
-    stops reading, the server's writes back up almost at once instead of filling megabytes of
-    kernel buffers. The buffer must be set before connecting (it fixes the window scale)."""
+#: Receive buffers for a client that stops reading: as small as the kernel allows (the server's
+#: writes back up almost at once) and as large as it allows (the kernels take everything the
+#: server writes, so its own buffer reads empty while the close handshake never ends).
+SMALL_RCVBUF, LARGE_RCVBUF = 4096, 1 << 30
+
+
+def _slow_socket(port: int, rcvbuf: int = SMALL_RCVBUF) -> socket.socket:
+    """A TCP connection whose receive buffer is ``rcvbuf`` bytes, clamped by the kernel (it must
+    be set before connecting: it fixes the window scale)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", port))
     return sock
 
@@ -561,8 +566,8 @@ class RawWebSocket:
         self.port = sock.getsockname()[1]
 
     @classmethod
-    async def open(cls, port: int) -> RawWebSocket:
-        raw = cls(_slow_socket(port))
+    async def open(cls, port: int, rcvbuf: int = SMALL_RCVBUF) -> RawWebSocket:
+        raw = cls(_slow_socket(port, rcvbuf))
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET /sync HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
@@ -705,18 +710,28 @@ async def test_slow_consumer_is_closed_with_4008_and_released_while_the_server_s
         silent.close()
 
 
+@pytest.mark.parametrize(
+    "rcvbuf", [SMALL_RCVBUF, LARGE_RCVBUF], ids=["small-buffer", "large-buffer"]
+)
 async def test_a_client_that_never_reads_loses_its_socket_after_the_close_grace(
-    server_factory: Callable[..., ServerProcess], open_sync: Opener
+    server_factory: Callable[..., ServerProcess], open_sync: Opener, rcvbuf: int
 ) -> None:
-    # The close frame of a client that stopped reading waits behind everything it did not take:
-    # a graceful close never completes, and TCP would keep the connection (and the server's
-    # buffer) for as long as the client's kernel answers. The server aborts it instead.
-    grace = 3
+    # The close frame of a client that stopped reading waits behind everything it did not take
+    # (small buffers), or sits unread in its kernel (large ones): either way the close handshake
+    # never completes, and TCP would keep the connection (and the server's buffer) for as long
+    # as the client's kernel answers. The server aborts it instead (contract §5 rule 9).
+    # With large buffers the flood may fit in the two kernels and never overflow the send
+    # queue: the heartbeat then ends the connection, and its close frame is never answered.
+    grace, heartbeat = 3, 2
     server = server_factory(
-        env={"TETHER_SEND_QUEUE_BYTES": "262144", "TETHER_CLOSE_GRACE": str(grace)},
+        env={
+            "TETHER_SEND_QUEUE_BYTES": "262144",
+            "TETHER_CLOSE_GRACE": str(grace),
+            "TETHER_HEARTBEAT_TIMEOUT": str(heartbeat),
+        },
         app="tests.apps.bigresult:app",
     )
-    silent = await RawWebSocket.open(server.port)
+    silent = await RawWebSocket.open(server.port, rcvbuf)
     try:
         await silent.send({"type": "connect", "clientId": "silent", "protocol": 1})
         watcher = await open_sync(server.ws_url)
@@ -724,7 +739,7 @@ async def test_a_client_that_never_reads_loses_its_socket_after_the_close_grace(
         # Not dropped at once: the server waits CLOSE_TIMEOUT for the close frame to go out,
         # then the grace, before it aborts.
         assert _server_holds_connection(server, silent.port)
-        deadline = time.monotonic() + CLOSE_TIMEOUT + grace + 5
+        deadline = time.monotonic() + heartbeat + CLOSE_TIMEOUT + grace + 5
         while _server_holds_connection(server, silent.port):
             assert time.monotonic() < deadline, "the socket of a client that never reads is held"
             await asyncio.sleep(0.1)
@@ -732,7 +747,8 @@ async def test_a_client_that_never_reads_loses_its_socket_after_the_close_grace(
         # held and then the end), not a connection that goes on.
         with contextlib.suppress(ConnectionResetError):
             await silent.read_to_end(5)
-        await watcher.ping()  # the instance is fine
+        fresh = await open_sync(server.ws_url)  # (the watcher's heartbeat has run out by now)
+        await fresh.ping()  # the instance is fine
     finally:
         silent.close()
 
