@@ -12,7 +12,7 @@ Prints:
   limit nor the client's connection pool is what is measured);
 * rotations/s through ``SessionStore.rotate`` directly, 1 and 16 in flight;
 * the baseline: ``EVALSHA`` of a trivial one-key Lua script from redis-py, 1 and 16 in flight, on
-  the same Redis with the same client settings (``server.redis_conn.connect``);
+  the same Redis with the same client settings (``tether.server.redis.connection.connect``);
 * store / baseline (target: at least 60 %), from the best rounds, and beside it the median of
   the per-pair ratios (each store round against the baseline round just before it);
 * sign-in latency p50/p99 with the default argon2id parameters (t=3, 64 MiB, p=4).
@@ -45,12 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
 from common import cpu_seconds, load_average, percentile
+from tether.server.auth.refresh_tokens import RefreshTokenCodec
+from tether.server.auth.sessions import SessionStore
 
 # Importing common (above) put the repository root on sys.path.
-from server.redis_conn import RedisClient, connect
-from server.refresh_tokens import RefreshTokenCodec
-from server.sessions import SessionStore
-from server.settings import Settings
+from tether.server.redis.connection import RedisClient, connect
+from tether.server.settings import Settings
+
 from tests.harness import RedisProcess, ServerProcess
 
 TRIVIAL_SCRIPT = "return redis.call('INCR', KEYS[1])"

@@ -32,8 +32,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
+from tether.server.redis.embedded import die_with_parent_preexec  # noqa: E402
 
-from server.embedded_redis import die_with_parent_preexec  # noqa: E402
 from tests.harness import RedisProcess, ServerProcess, free_port, shared_env  # noqa: E402
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ async def serve_websockets(
 
 
 class Deployment:
-    """Tether server processes (``python -m server serve``) on a ``redis-server`` the caller
+    """Tether server processes (``python -m tether serve``) on a ``redis-server`` the caller
     owns, sharing one key file and issuer; :meth:`close` stops the servers.
 
     :class:`DeploymentWithRedis` starts and stops a ``redis-server`` of its own.

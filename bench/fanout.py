@@ -8,7 +8,7 @@ bytes that complete the new value's frame reach it. Rows, measured in the same r
 * ``bare``     -- the ceiling: a bare ``websockets`` 17 asyncio server (compression off) that
   calls ``websockets.asyncio.server.broadcast`` with the payload on every receiver when the
   trigger client sends it a message. One process.
-* ``tether``   -- two ``python -m server serve`` processes sharing one ``redis-server``; the N
+* ``tether``   -- two ``python -m tether serve`` processes sharing one ``redis-server``; the N
   receivers, spread evenly over both, are anonymous and subscribe to
   ``counter.get {"name": "fan"}``; the trigger sends ``mutate counter.increment {"name": "fan"}``
   (to each instance in turn) and the transition carrying the new value is the receipt.
@@ -150,8 +150,7 @@ async def commit_time(redis_url: str, version: int) -> float:
     """When Tether committed ``version``: the ``t`` field (Redis's clock, µs) of its entry in
     the commit stream, in ``time.time()`` seconds."""
     import redis.asyncio
-
-    from server import redis_keys
+    from tether.server.redis import keys as redis_keys
 
     async with redis.asyncio.Redis.from_url(redis_url) as client:
         entries = await client.xrange(

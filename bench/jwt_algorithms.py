@@ -5,10 +5,10 @@ Run from the repository root::
     .venv/bin/python bench/jwt_algorithms.py [--batch-ms 200] [--batches 15]
 
 For each algorithm the script times ``jwt.encode`` (sign) and ``jwt.decode`` (verify, with the
-options Tether's :class:`server.tokens.AccessTokens` passes), and the bare signature primitive of
-``cryptography`` ("raw"), which shows how much of each figure is the algorithm and how much is
-JOSE (base64url, JSON, claim checks). HS256 is the symmetric reference measured in the same run;
-the last row is Tether's own ``AccessTokens.issue``/``verify`` (ES256 plus its header and claim
+options Tether's :class:`tether.server.auth.tokens.AccessTokens` passes), and the bare signature
+primitive of ``cryptography`` ("raw"), which shows how much of each figure is the algorithm and how
+much is JOSE (base64url, JSON, claim checks). HS256 is the symmetric reference measured in the same
+run; the last row is Tether's own ``AccessTokens.issue``/``verify`` (ES256 plus its header and claim
 checks) when the ``server`` package is importable.
 
 Rounds are interleaved across all rows, so drift on a noisy machine spreads over every figure.
@@ -179,8 +179,8 @@ def rows() -> list[Row]:
 def tether_row() -> Row | None:
     """Tether's own ``AccessTokens`` (ES256), or None when ``server`` is not importable."""
     try:
-        from server.keys import KeyRing, KeySet
-        from server.tokens import AccessTokens
+        from tether.server.auth.signing_keys import KeyRing, KeySet
+        from tether.server.auth.tokens import AccessTokens
     except ImportError:
         return None
     tokens = AccessTokens(

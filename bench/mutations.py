@@ -1,6 +1,6 @@
 """Mutation throughput in commits per second, beside the Redis ceiling for a scripted write.
 
-Two Tether instances (``python -m server serve``) share one ``redis-server``; C clients, spread
+Two Tether instances (``python -m tether serve``) share one ``redis-server``; C clients, spread
 evenly over both, each run ``counter.increment`` in a closed loop (one mutation in flight per
 client, the next sent when ``mutation_result`` arrives). Rows, measured in the same run, for
 each C:
@@ -64,7 +64,7 @@ from common import (
 from fanout import Conn, frame_type, open_conn
 
 # Importing common (above) put the repository root on sys.path.
-from server import redis_keys
+from tether.server.redis import keys as redis_keys
 
 ROWS = ("tether-hot", "tether-indep", "redis-hot", "redis-indep")
 LABELS = {

@@ -10,7 +10,7 @@ Rows, measured in the same run, each server in a process of its own:
 * ``asgi``   -- a raw ASGI echo callable on uvicorn with Tether's uvicorn settings.
 * ``starlette`` -- (optional) the same callable behind Starlette's router, as Tether mounts it.
 * ``tether-anon`` -- (optional) Tether with ``connect`` + ``ping``: the cost of all but auth.
-* ``tether`` -- ``python -m server serve`` (its own ``redis-server``).
+* ``tether`` -- ``python -m tether serve`` (its own ``redis-server``).
 
 Besides connections/s (wall clock, which the load generator can limit on a 2-CPU machine), it
 prints the CPU time the server process spent per connection (``/proc/PID/stat``), which does not

@@ -13,8 +13,8 @@ open and have been idle for a few seconds. Rows, measured in the same run:
 * ``asgi-wsproto`` -- the same on uvicorn's ``wsproto`` implementation, for comparison.
 * ``starlette``  -- the same callable behind Starlette's router, as Tether mounts ``/sync``:
   the router's share.
-* ``tether-anon`` -- ``python -m server serve``, connected but not authenticated.
-* ``tether``     -- ``python -m server serve``, connected and authenticated: the figure with
+* ``tether-anon`` -- ``python -m tether serve``, connected but not authenticated.
+* ``tether``     -- ``python -m tether serve``, connected and authenticated: the figure with
   the target (at most 1.5x bare; figures in ``docs/benchmarks.md``).
 
 The load generator is one process of :class:`LeanClient` connections (sans-I/O, cheap);
@@ -445,8 +445,8 @@ def serve_uvicorn(port: int, *, behind_router: bool = False, ws: str = "websocke
         from starlette.routing import WebSocketRoute
 
         app = Starlette(routes=[WebSocketRoute("/sync", AsgiEcho())])
-    # The settings of server/cli.py's _run_uvicorn, so only the application (or, for the wsproto
-    # row, the WebSocket implementation) differs.
+    # The settings of server/tether/server/cli.py's _run_uvicorn, so only the application (or, for
+    # the wsproto row, the WebSocket implementation) differs.
     config = uvicorn.Config(
         app,
         host="127.0.0.1",

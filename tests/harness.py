@@ -28,8 +28,7 @@ from typing import Protocol
 import httpx
 import redis
 import redis.asyncio
-
-from server.embedded_redis import EmbeddedRedis, die_with_parent_preexec, free_loopback_port
+from tether.server.redis.embedded import EmbeddedRedis, die_with_parent_preexec, free_loopback_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -452,7 +451,7 @@ class ServerStartError(RuntimeError):
 
 
 class ServerProcess:
-    """``python -m server serve`` as a real subprocess on a free port.
+    """``python -m tether serve`` as a real subprocess on a free port.
 
     ``redis_url`` None lets the server start its own embedded Redis. ``env`` is laid over a clean
     environment: the caller's ``TETHER_*`` variables are dropped, then the test defaults (fast
@@ -510,7 +509,7 @@ class ServerProcess:
         return self.process.poll() if self.process is not None else None
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1"]
+        cmd = [sys.executable, "-m", "tether", "serve", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port)]
         if self.redis_url is not None:
             cmd += ["--redis-url", self.redis_url]

@@ -3,8 +3,8 @@
 Every frame received is checked against the wire contract (``/work/shared/protocol.md`` §3) by
 :func:`check_frame`: a JSON object in a text frame, a ``type`` the server may send, and codes
 from the contract's lists. The vocabularies below are copied from the contract on purpose, not
-imported from ``server.errors``: a test that took the server's word for the contract could not
-catch the server drifting from it.
+imported from ``tether.server.errors``: a test that took the server's word for the contract could
+not catch the server drifting from it.
 
 Usage::
 

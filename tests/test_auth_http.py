@@ -23,9 +23,9 @@ import httpx
 import jwt
 import pytest
 import redis.asyncio
+from tether.server.redis import keys as redis_keys
+from tether.server.settings import Settings, SettingsError
 
-from server import redis_keys
-from server.settings import Settings, SettingsError
 from tests.harness import REPO_ROOT, TEST_ISSUER, RedisProcess, ServerProcess
 
 ServerFactory = Callable[..., ServerProcess]
@@ -658,7 +658,7 @@ async def test_redis_outage_answers_503_and_recovers_with_the_same_token(
 def run_revoke(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     return subprocess.run(
-        [sys.executable, "-m", "server", "sessions", "revoke", *args],
+        [sys.executable, "-m", "tether", "sessions", "revoke", *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

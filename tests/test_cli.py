@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tether.server import cli
+from tether.server.settings import Settings, SettingsError
 
-from server import cli
-from server.settings import Settings, SettingsError
 from tests.harness import (
     REPO_ROOT,
     ServerProcess,
@@ -27,10 +27,10 @@ from tests.harness import (
 
 
 def run_tether(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m server ARGS`` as a real process, with no TETHER_* from the caller."""
+    """``python -m tether ARGS`` as a real process, with no TETHER_* from the caller."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     return subprocess.run(
-        [sys.executable, "-m", "server", *args],
+        [sys.executable, "-m", "tether", *args],
         cwd=REPO_ROOT,
         env={**clean, **(env or {})},
         capture_output=True,
@@ -98,7 +98,7 @@ def test_missing_command_is_a_usage_error() -> None:
     ("spec", "why"),
     [
         ("no_such_module_xyz:app", "No module named 'no_such_module_xyz'"),
-        ("server.settings:no_such_attr", "has no attribute 'no_such_attr'"),
+        ("tether.server.settings:no_such_attr", "has no attribute 'no_such_attr'"),
         ("justamodule", "expected MODULE:ATTR"),
     ],
 )
@@ -117,7 +117,7 @@ def test_application_module_that_fails_on_import(tmp_path: Path) -> None:
 
 def test_application_loads_from_the_current_directory(tmp_path: Path) -> None:
     (tmp_path / "my_tether_app.py").write_text(
-        "from server.functions import App\n"
+        "from tether.server.data.functions import App\n"
         "class Registry:\n    app = App('mine')\n    other = object()\n"
     )
     loaded = cli.load_application("my_tether_app:Registry.app")
@@ -158,13 +158,15 @@ def test_sessions_revoke_needs_exactly_one_target() -> None:
 # ------------------------------------------------------------------------- commands on the server
 
 needs_keys = pytest.mark.skipif(
-    not importlib.util.find_spec("server.keys"), reason="server.keys not written yet"
+    not importlib.util.find_spec("tether.server.auth.signing_keys"),
+    reason="tether.server.auth.signing_keys not written yet",
 )
 needs_app = pytest.mark.skipif(
-    not importlib.util.find_spec("server.app"), reason="server.app not written yet"
+    not importlib.util.find_spec("tether.server.app"), reason="tether.server.app not written yet"
 )
 needs_sessions = pytest.mark.skipif(
-    not importlib.util.find_spec("server.sessions"), reason="server.sessions not written yet"
+    not importlib.util.find_spec("tether.server.auth.sessions"),
+    reason="tether.server.auth.sessions not written yet",
 )
 
 
@@ -232,7 +234,7 @@ def test_serve_with_embedded_redis_stops_it_on_signal(
         assert "redis-server" in Path(f"/proc/{redis_pids[0]}/cmdline").read_text()
 
         # An admin command finds the embedded Redis through DATA_DIR/redis.url.
-        if importlib.util.find_spec("server.sessions"):
+        if importlib.util.find_spec("tether.server.auth.sessions"):
             revoke = run_tether(
                 "sessions", "revoke", "--user", "nobody",
                 env={"TETHER_DATA_DIR": str(server.data_dir)},

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from client import (
+from tether.client import (
     AuthAPI,
     AuthState,
     AuthStatus,
@@ -45,6 +44,7 @@ from client import (
     TetherClient,
     sign_up,
 )
+
 from tests.harness import REPO_ROOT, RedisProcess, ServerProcess, shared_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -793,7 +793,15 @@ async def test_two_processes_sharing_a_token_file_refresh_together_without_sign_
 
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     child_env["PYTHONUNBUFFERED"] = "1"
-    command = [sys.executable, "-m", "client", "watch", "whoami", "--token-file", str(token_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "tether.client",
+        "watch",
+        "whoami",
+        "--token-file",
+        str(token_file),
+    ]
     watchers = [
         await asyncio.create_subprocess_exec(
             *command,
@@ -838,7 +846,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20) 
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     child_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "client", *args],
+        [sys.executable, "-m", "tether.client", *args],
         cwd=REPO_ROOT,
         env=child_env,
         capture_output=True,
@@ -878,7 +886,7 @@ async def test_cli_login_call_and_watch(server_factory: ServerFactory, tmp_path:
     assert send.returncode == 1 and "invalid" in send.stderr, send.stderr
 
     watch = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "client", "watch", "whoami", *common),
+        *(sys.executable, "-m", "tether.client", "watch", "whoami", *common),
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -899,7 +907,7 @@ async def test_cli_login_call_and_watch(server_factory: ServerFactory, tmp_path:
 def test_cli_commands_register_on_a_tether_parser() -> None:
     import argparse
 
-    from client.cli import add_client_commands
+    from tether.client.cli import add_client_commands
 
     parser = argparse.ArgumentParser(prog="tether")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from client.core import (
+from tether.client.core import (
     AuthExpiring,
     AuthFailed,
     AuthOk,
@@ -35,9 +34,9 @@ from client.core import (
     close_decision,
     renewal_due,
 )
-from client.errors import AuthErrorKind, MessageTooLarge, classify_auth_code
-from client.http_auth import http_base_url
-from client.token_store import FileTokenStore, MemoryTokenStore, StoredSession
+from tether.client.errors import AuthErrorKind, MessageTooLarge, classify_auth_code
+from tether.client.http_auth import http_base_url
+from tether.client.token_store import FileTokenStore, MemoryTokenStore, StoredSession
 
 pytestmark = pytest.mark.timeout(30)
 

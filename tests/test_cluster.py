@@ -1,13 +1,13 @@
 """Tether on a real Redis Cluster: three masters, no replicas, started by each test (one test
 gives each master a replica and crashes a master).
 
-``TETHER_REDIS_URL=redis+cluster://…`` is a supported deployment (``server/redis_conn.py``,
-``docs/redis.md``). Here two server processes share one cluster (``redis_url`` is overridden
-below, so ``server_factory`` points every server at it) and the key file of ``shared_env``, and
-what crosses keys, slots, nodes and instances is driven end to end: the HTTP session lifecycle,
-reactive queries over ``/sync``, and ``session_revoked`` across instances, also when the event is
-lost, when every node goes down and comes back, and when the master the instances subscribe
-on crashes and its replica takes over.
+``TETHER_REDIS_URL=redis+cluster://…`` is a supported deployment
+(``server/tether/server/redis/connection.py``, ``docs/redis.md``). Here two server processes share
+one cluster (``redis_url`` is overridden below, so ``server_factory`` points every server at it) and
+the key file of ``shared_env``, and what crosses keys, slots, nodes and instances is driven end to
+end: the HTTP session lifecycle, reactive queries over ``/sync``, and ``session_revoked`` across
+instances, also when the event is lost, when every node goes down and comes back, and when the
+master the instances subscribe on crashes and its replica takes over.
 
 The helpers are those of the standalone tests, imported, so both deployments are held to the
 same checks. Needs ``redis-cli`` (it creates the cluster) and a ``redis-server`` with cluster
@@ -24,14 +24,14 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from tether.server.auth.refresh_tokens import RefreshTokenCodec
+from tether.server.auth.sessions import SessionStore
+from tether.server.errors import SessionEndReason
+from tether.server.realtime.session_hub import SessionHub
+from tether.server.redis import keys as redis_keys
+from tether.server.redis.connection import connect as redis_connect
+from tether.server.settings import Settings
 
-from server import redis_keys
-from server.errors import SessionEndReason
-from server.redis_conn import connect as redis_connect
-from server.refresh_tokens import RefreshTokenCodec
-from server.session_hub import SessionHub
-from server.sessions import SessionStore
-from server.settings import Settings
 from tests.harness import FAST_ARGON2_ENV, RedisClusterProcess, ServerProcess
 from tests.sync_client import auth_post, signin, signup
 from tests.test_auth_http import (

@@ -44,8 +44,8 @@ import pytest
 import websockets
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from tether.server.redis import keys as redis_keys
 
-from server import redis_keys
 from tests.harness import RedisProcess, ServerProcess, kill_all, shared_env
 from tests.sync_client import check_frame, connect_sync, signup
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.errors import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
-from server.settings import Settings
+from tether.server.errors import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
+from tether.server.settings import Settings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -1,12 +1,12 @@
-"""server.eager.start_eagerly: run inline until the first suspension, then as a task."""
+"""tether.server.realtime.eager.start_eagerly: run inline until the first suspension, then as a
+task."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-
-from server.eager import start_eagerly
+from tether.server.realtime.eager import start_eagerly
 
 
 async def test_a_coroutine_that_never_waits_runs_to_the_end_inline() -> None:

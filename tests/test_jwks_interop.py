@@ -15,9 +15,8 @@ import pytest
 from joserfc import jwt as jose_jwt
 from joserfc.errors import BadSignatureError, ExpiredTokenError, InvalidKeyIdError
 from joserfc.jwk import KeySet as JoseKeySet
-
-from server.keys import MAX_KEYS, KeyRing, KeySet
-from server.tokens import AccessTokens
+from tether.server.auth.signing_keys import MAX_KEYS, KeyRing, KeySet
+from tether.server.auth.tokens import AccessTokens
 
 ISSUER = "https://tether.test"
 AUDIENCE = "tether-test"

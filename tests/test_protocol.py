@@ -1,4 +1,4 @@
-"""Unit tests of the ``/sync`` protocol core (``server.protocol``), against protocol §3.
+"""Unit tests of the ``/sync`` protocol core (``tether.server.realtime.core``), against protocol §3.
 
 The core is sans I/O: these tests feed it frames and answers with a fake clock (plain floats for
 ``now``, seconds) and check the actions it returns. No socket, no sleep, no Redis. ``resolve``
@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from server.errors import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
-from server.protocol import (
+from tether.server.errors import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
+from tether.server.realtime.core import (
     Authenticate,
     BadMessage,
     BindSession,

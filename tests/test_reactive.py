@@ -23,8 +23,8 @@ from typing import Any, cast
 import pytest
 import redis.asyncio
 import websockets
+from tether.server.redis import keys as redis_keys
 
-from server import redis_keys
 from tests.harness import RedisProcess, ServerProcess
 from tests.sync_client import SyncClient, auth_post, check_frame, connect_sync, signup
 

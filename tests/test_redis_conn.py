@@ -1,7 +1,7 @@
-"""The Redis clients Tether makes (``server/redis_conn.py``) under a burst: far more commands in
-flight at once than the client keeps connections, as in a reconnect storm after a deploy, when
-thousands of sockets authenticate together. The burst must wait its turn — not fail as if Redis
-were down, and not open a connection per command — on one server and on a Cluster.
+"""The Redis clients Tether makes (``server/tether/server/redis/connection.py``) under a burst: far
+more commands in flight at once than the client keeps connections, as in a reconnect storm after a
+deploy, when thousands of sockets authenticate together. The burst must wait its turn — not fail as
+if Redis were down, and not open a connection per command — on one server and on a Cluster.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 import redis.asyncio
+from tether.server.redis.connection import MAX_CONNECTIONS, RedisClient, connect, without_turns
 
-from server.redis_conn import MAX_CONNECTIONS, RedisClient, connect, without_turns
 from tests.harness import RedisClusterProcess, RedisProcess
 
 #: Commands in flight at once: well past MAX_CONNECTIONS and redis-py's own default of 100.
@@ -109,7 +109,8 @@ async def test_a_stalled_node_holds_up_its_own_commands_only(
 async def test_calls_without_turns_pass_a_node_whose_turns_are_all_taken(
     cluster: RedisClusterProcess,
 ) -> None:
-    # The commit watcher's blocking read (server/store.py) goes past a burst on the data node.
+    # The commit watcher's blocking read (server/tether/server/data/store.py) goes past a burst on
+    # the data node.
     client = connect(cluster.url)
     release = asyncio.Event()
     try:

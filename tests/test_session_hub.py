@@ -16,15 +16,15 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from tether.server.auth.refresh_tokens import RefreshTokenCodec
+from tether.server.auth.sessions import SessionStore
+from tether.server.clock import ManualClock
+from tether.server.errors import SessionEndReason
+from tether.server.realtime.session_hub import SessionHub
+from tether.server.redis import keys as redis_keys
+from tether.server.redis.connection import connect
+from tether.server.settings import Settings
 
-from server import redis_keys
-from server.clock import ManualClock
-from server.errors import SessionEndReason
-from server.redis_conn import connect
-from server.refresh_tokens import RefreshTokenCodec
-from server.session_hub import SessionHub
-from server.sessions import SessionStore
-from server.settings import Settings
 from tests.harness import FAST_ARGON2_ENV, RedisProcess
 
 pytestmark = pytest.mark.timeout(30)

@@ -23,23 +23,23 @@ from typing import Any
 
 import pytest
 import redis.asyncio
-
-from server import redis_keys
-from server.app import Node
-from server.clock import ManualClock, to_ms
-from server.demo import app as demo_app
-from server.errors import HTTPCode, SessionEndReason
-from server.keys import KeySet
-from server.redis_conn import connect
-from server.refresh_tokens import RefreshTokenCodec
-from server.sessions import (
+from tether.server.app import Node
+from tether.server.auth.refresh_tokens import RefreshTokenCodec
+from tether.server.auth.sessions import (
     DEADLINE_GRACE_MS,
     RefreshRejected,
     SessionGrant,
     SessionStore,
     revoke_from_cli,
 )
-from server.settings import Settings
+from tether.server.auth.signing_keys import KeySet
+from tether.server.clock import ManualClock, to_ms
+from tether.server.demo import app as demo_app
+from tether.server.errors import HTTPCode, SessionEndReason
+from tether.server.redis import keys as redis_keys
+from tether.server.redis.connection import connect
+from tether.server.settings import Settings
+
 from tests.harness import RedisProcess
 
 #: argon2id at the OWASP minimum (the settings refuse anything weaker).
@@ -506,7 +506,7 @@ async def test_rotate_script_called_twice_with_identical_arguments_answers_the_s
     settings = make_settings(refresh_reuse_window=0)
     store = SessionStore(redis_client, codec, settings, clock)
     grant = await store.create("user-1")
-    source = resources.files("server").joinpath("lua", "session_rotate.lua").read_text()
+    source = resources.files("tether.server.auth").joinpath("lua", "session_rotate.lua").read_text()
     sha = await redis_client.script_load(source)
     key, argv = rotate_args(codec, settings, grant.refresh_token, to_ms(clock()))
 
@@ -614,7 +614,7 @@ async def test_lost_reply_to_rotation_is_retried_by_redis_py_and_converges(
     await redis_client.script_load(direct._rotate.script)
     proxy = ReplyDroppingProxy(redis_proc.port)
     port = await proxy.start()
-    # The production client: bounded retries on connection errors (server.redis_conn).
+    # The production client: bounded retries on connection errors (tether.server.redis.connection).
     client = connect(f"redis://127.0.0.1:{port}/0")
     try:
         via_proxy = SessionStore(client, codec, settings, clock)

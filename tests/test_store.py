@@ -1,4 +1,4 @@
-"""The data layer's storage (``server.store``) against a real ``redis-server``.
+"""The data layer's storage (``tether.server.data.store``) against a real ``redis-server``.
 
 Every database operation, index order and limits, a mutation's view of its own writes, optimistic
 concurrency (conflicts, retries, 50 concurrent increments), once-only mutations per
@@ -23,13 +23,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-
-from server import demo, redis_keys
-from server import store as store_module
-from server.clock import ManualClock, to_ms
-from server.errors import FunctionError
-from server.functions import App, Auth, Context, FunctionKind, FunctionSpec
-from server.store import (
+from tether.server import demo
+from tether.server.clock import ManualClock, to_ms
+from tether.server.data import store as store_module
+from tether.server.data.functions import App, Auth, Context, FunctionKind, FunctionSpec
+from tether.server.data.store import (
     Conflict,
     MutationDB,
     MutationOutcome,
@@ -37,6 +35,9 @@ from server.store import (
     Store,
     encode_index_values,
 )
+from tether.server.errors import FunctionError
+from tether.server.redis import keys as redis_keys
+
 from tests.harness import RedisProcess, free_port
 
 USER = Auth(user_id="u1", session_id="s1")

@@ -26,14 +26,14 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from tether.server.auth.refresh_tokens import RefreshTokenCodec
+from tether.server.auth.sessions import SessionStore
+from tether.server.errors import SessionEndReason
+from tether.server.realtime.endpoint import CLOSE_TIMEOUT
+from tether.server.redis import keys as redis_keys
+from tether.server.redis.connection import connect as redis_connect
+from tether.server.settings import Settings
 
-from server import redis_keys
-from server.errors import SessionEndReason
-from server.redis_conn import connect as redis_connect
-from server.refresh_tokens import RefreshTokenCodec
-from server.sessions import SessionStore
-from server.settings import Settings
-from server.sync import CLOSE_TIMEOUT
 from tests.harness import FAST_ARGON2_ENV, REPO_ROOT, RedisProcess, ServerProcess
 from tests.sync_client import SyncClient, auth_post, connect_sync, signin, signup
 
@@ -277,7 +277,7 @@ async def test_cli_revoke_of_a_session_reaches_both_instances(
     bystander = await authed(open_sync, b, other_session)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    command = [sys.executable, "-m", "server", "sessions", "revoke"]
+    command = [sys.executable, "-m", "tether", "sessions", "revoke"]
     command += ["--session", tokens["sessionId"], "--redis-url", redis_url]
     proc = await asyncio.create_subprocess_exec(
         *command,

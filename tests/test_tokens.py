@@ -1,11 +1,11 @@
 """Adversarial unit tests of access-token verification (protocol §2) and of the key set.
 
 Pure: no network, no Redis. Time reaches :meth:`AccessTokens.verify` through ``now=``, key files
-live in ``tmp_path``, and the :class:`KeyRing` reload timer reads ``server.keys.time``, which the
-``mono`` fixture replaces. Tokens are built by hand (:func:`make_token`) so that any header, claim
-or signature can be produced; every refusal starts from a token that *does* verify
-(:func:`test_hand_made_token_verifies`) and changes one thing, so a refusal cannot come from a
-broken helper.
+live in ``tmp_path``, and the :class:`KeyRing` reload timer reads
+``tether.server.auth.signing_keys.time``, which the ``mono`` fixture replaces. Tokens are built by
+hand (:func:`make_token`) so that any header, claim or signature can be produced; every refusal
+starts from a token that *does* verify (:func:`test_hand_made_token_verifies`) and changes one
+thing, so a refusal cannot come from a broken helper.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from server import keys as keys_module
-from server.errors import AuthErrorCode
-from server.keys import (
+from tether.server.auth import signing_keys as keys_module
+from tether.server.auth.signing_keys import (
     MAX_KEYS,
     RELOAD_INTERVAL,
     KeyRing,
@@ -44,7 +42,8 @@ from server.keys import (
     load_or_create_key_file,
     rotate_key_file,
 )
-from server.tokens import MAX_TOKEN_BYTES, AccessClaims, AccessTokens, TokenError
+from tether.server.auth.tokens import MAX_TOKEN_BYTES, AccessClaims, AccessTokens, TokenError
+from tether.server.errors import AuthErrorCode
 
 ISSUER = "https://tether.test"
 AUDIENCE = "tether-test"
@@ -56,7 +55,7 @@ EXPIRED = AuthErrorCode.TOKEN_EXPIRED
 #: Order of the P-256 group: ECDSA signatures (r, s) and (r, n - s) are both valid.
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 #: The claims protocol §2 requires; spelled out rather than imported so that dropping one from
-#: ``server.tokens.REQUIRED_CLAIMS`` fails a test instead of shrinking it.
+#: ``tether.server.auth.tokens.REQUIRED_CLAIMS`` fails a test instead of shrinking it.
 CONTRACT_CLAIMS = ("iss", "aud", "sub", "sid", "iat", "exp", "jti")
 
 
@@ -909,8 +908,8 @@ def test_valid_token_verifies_up_to_the_size_limit_and_not_one_byte_more() -> No
 
 
 class FakeTime:
-    """Stands in for the ``time`` module inside ``server.keys``: monotonic time moves only when
-    told to; wall time is real (it only stamps new keys)."""
+    """Stands in for the ``time`` module inside ``tether.server.auth.signing_keys``: monotonic time
+    moves only when told to; wall time is real (it only stamps new keys)."""
 
     def __init__(self) -> None:
         self._monotonic = 1_000.0

@@ -7,7 +7,7 @@ so ``tests.apps`` imports there as it does in the test process.
 
 from __future__ import annotations
 
-from server.functions import App, Context
+from tether.server.data.functions import App, Context
 
 app = App("big")
 

@@ -1,0 +1,8 @@
+"""``python -m tether.client watch|call|login …``: the client commands of ``tether`` on their
+own."""
+
+import sys
+
+from tether.client.cli import main
+
+sys.exit(main())

@@ -1,0 +1,331 @@
+"""The client commands of ``tether``: ``watch``, ``call`` and ``login``.
+
+::
+
+    tether login [--email E] [--signup]          sign in; store the session in the token file
+    tether watch NAME [--args JSON]              print each new result of a query, one JSON line
+    tether call NAME [--args JSON]               run a mutation, print its result as JSON
+
+Every command takes ``--url`` (the server's ``/sync`` URL, repeatable for several instances;
+default ``ws://127.0.0.1:8000/sync``), ``--token-file`` (default
+``~/.config/tether/session.json``) and ``--email``; the password comes from ``TETHER_PASSWORD``
+or a prompt. ``watch`` and ``call`` use the session in the token file (anonymous without one);
+with ``--email`` they sign in first. Processes sharing a token file share the session safely
+(:class:`~tether.client.token_store.FileTokenStore`).
+
+Exit codes, as for the rest of ``tether``: 0 success (and Ctrl-C or SIGTERM for ``watch``),
+1 a failure (the server refused, could not be reached, or stopped the client), 2 a usage error.
+
+``server/tether/server/cli.py`` registers these with :func:`add_client_commands`; ``python -m
+tether.client`` runs them on their own. This module imports the client library only when a command
+runs, so ``tether --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tether.client.connection import TetherClient
+    from tether.client.core import AuthStatus, ConnectionStatus
+    from tether.client.token_store import FileTokenStore
+
+PROG = "tether"
+DEFAULT_URL = "ws://127.0.0.1:8000/sync"
+DEFAULT_TOKEN_FILE = "~/.config/tether/session.json"
+PASSWORD_ENV = "TETHER_PASSWORD"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    """Bad arguments: printed as ``tether: <message>``, exit code 2."""
+
+
+def add_client_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Register ``watch``, ``call`` and ``login`` on ``subparsers`` (of ``tether``).
+
+    Each parser sets ``run``: a function of the parsed arguments returning the exit code.
+    """
+    watch = subparsers.add_parser(
+        "watch",
+        help="print each new result of a query",
+        description="Subscribe to query NAME and print each new result as one JSON line. "
+        "Errors of the query go to stderr and watching continues; so do changes of the "
+        "connection and of the session. Stop with Ctrl-C.",
+    )
+    _add_function(watch)
+    _add_connection_options(watch)
+    watch.set_defaults(run=_run_watch)
+
+    call = subparsers.add_parser(
+        "call",
+        help="run a mutation",
+        description="Run mutation NAME once and print its result as JSON.",
+    )
+    _add_function(call)
+    _add_connection_options(call)
+    call.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up after this long without an answer [30]",
+    )
+    call.set_defaults(run=_run_call)
+
+    login = subparsers.add_parser(
+        "login",
+        help="sign in and store the session",
+        description=f"Sign in over HTTP and store the session in the token file, for watch "
+        f"and call. The password comes from {PASSWORD_ENV}, else a prompt.",
+    )
+    _add_connection_options(login)
+    login.add_argument("--signup", action="store_true", help="create the account first")
+    login.set_defaults(run=_run_login)
+
+
+def _add_function(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="the function, e.g. counter.get")
+    parser.add_argument(
+        "--args",
+        dest="function_args",
+        default="{}",
+        metavar="JSON",
+        help='its arguments as a JSON object, e.g. \'{"name": "clicks"}\' [{}]',
+    )
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        action="append",
+        metavar="URL",
+        help=f"the server's /sync URL; repeat for more instances [{DEFAULT_URL}]",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=Path(DEFAULT_TOKEN_FILE),
+        metavar="PATH",
+        help=f"where the session is kept [{DEFAULT_TOKEN_FILE}]",
+    )
+    parser.add_argument(
+        "--email", help=f"sign in as this user first (password: {PASSWORD_ENV} or a prompt)"
+    )
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    return _run(_watch(args))
+
+
+def _run_call(args: argparse.Namespace) -> int:
+    return _run(_call(args))
+
+
+def _run_login(args: argparse.Namespace) -> int:
+    return _run(_login(args))
+
+
+def _run(coro: Any) -> int:
+    try:
+        code: int = asyncio.run(coro)
+        return code
+    except _UsageError as exc:
+        _say(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+async def _login(args: argparse.Namespace) -> int:
+    from tether.client.errors import AuthError
+
+    store = _store(args)
+    email = args.email or _prompt("e-mail: ")
+    try:
+        session = await _sign_in(args, email, signup=args.signup)
+    except AuthError as exc:
+        _say(f"sign-in failed: {exc.code}: {exc.message}")
+        return EXIT_FAILURE
+    async with store.locked():
+        await store.save(session)
+    print(f"signed in as {session.user_id} (session {session.session_id}); saved to {store.path}")
+    return EXIT_OK
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    from tether.client.errors import AuthError, ClientClosed, QueryError
+
+    function_args = _json_object(args.function_args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        client = await _client(args)
+    except AuthError as exc:
+        _say(f"sign-in failed: {exc.code}: {exc.message}")
+        return EXIT_FAILURE
+
+    async def print_values() -> int:
+        async with client, client.subscribe(args.name, **function_args) as sub:
+            while True:
+                try:
+                    async for value in sub:
+                        print(json.dumps(value, ensure_ascii=False), flush=True)
+                    return EXIT_OK
+                except QueryError as exc:
+                    _say(f"{args.name}: {exc.code}: {exc.message}")
+                    if exc.code in ("unknown_function", "bad_args"):
+                        return EXIT_FAILURE
+                except ClientClosed as exc:
+                    _say(f"stopped: {exc.message}")
+                    return EXIT_FAILURE
+
+    watching = asyncio.create_task(print_values())
+    stopping = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if watching in done:
+        return watching.result()
+    watching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
+    return EXIT_OK
+
+
+async def _call(args: argparse.Namespace) -> int:
+    from tether.client.errors import AuthError, ClientClosed, MutationError
+
+    function_args = _json_object(args.function_args)
+    try:
+        client = await _client(args)
+    except AuthError as exc:
+        _say(f"sign-in failed: {exc.code}: {exc.message}")
+        return EXIT_FAILURE
+    async with client:
+        try:
+            async with asyncio.timeout(args.timeout):
+                value = await client.mutate(args.name, **function_args)
+        except MutationError as exc:
+            _say(f"{args.name}: {exc.code}: {exc.message}")
+            return EXIT_FAILURE
+        except ClientClosed as exc:
+            _say(f"stopped: {exc.message}")
+            return EXIT_FAILURE
+        except TimeoutError:
+            _say(f"{args.name}: no answer within {args.timeout:g} s")
+            return EXIT_FAILURE
+    print(json.dumps(value, ensure_ascii=False))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _urls(args: argparse.Namespace) -> list[str]:
+    return list(args.url) if args.url else [DEFAULT_URL]
+
+
+def _store(args: argparse.Namespace) -> FileTokenStore:
+    from tether.client.token_store import FileTokenStore
+
+    return FileTokenStore(args.token_file)
+
+
+async def _sign_in(args: argparse.Namespace, email: str, *, signup: bool = False) -> Any:
+    from tether.client.http_auth import AuthAPI
+
+    password = os.environ.get(PASSWORD_ENV) or _prompt("password: ", secret=True)
+    api = AuthAPI(_urls(args))
+    if signup:
+        return await api.sign_up(email, password)
+    return await api.sign_in(email, password)
+
+
+async def _client(args: argparse.Namespace) -> TetherClient:
+    """A client on the token file; with ``--email``, after signing in and storing it."""
+    from tether.client.connection import TetherClient
+
+    store = _store(args)
+    if args.email:
+        session = await _sign_in(args, args.email)
+        async with store.locked():
+            await store.save(session)
+    return TetherClient(
+        _urls(args),
+        token_store=store,
+        on_auth_state=_report_auth,
+        on_connection_state=_report_connection,
+    )
+
+
+def _report_auth(status: AuthStatus) -> None:
+    detail = f" ({status.reason})" if status.reason else ""
+    who = f" as {status.user_id}" if status.user_id and status.state == "authenticated" else ""
+    _say(f"auth: {status.state}{who}{detail}")
+
+
+def _report_connection(status: ConnectionStatus) -> None:
+    if status.state == "connecting":
+        return
+    parts = [f"connection: {status.state}"]
+    if status.url:
+        parts.append(status.url)
+    if status.close_code is not None:
+        parts.append(f"code {status.close_code}")
+    if status.error:
+        parts.append(status.error)
+    if status.retry_in is not None:
+        parts.append(f"retry in {status.retry_in:.2f} s")
+    _say(", ".join(parts))
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise _UsageError(f"--args is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _UsageError("--args must be a JSON object")
+    return value
+
+
+def _prompt(label: str, *, secret: bool = False) -> str:
+    if not sys.stdin.isatty():
+        what = f"set {PASSWORD_ENV}" if secret else "pass --email"
+        raise _UsageError(f"cannot prompt for {label.rstrip(': ')} (no terminal): {what}")
+    return getpass.getpass(label) if secret else input(label)
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tether.client COMMAND …``: the client commands without the server's CLI."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Tether client commands.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_client_commands(commands)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    code: int = args.run(args)
+    return code

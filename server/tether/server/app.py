@@ -1,0 +1,212 @@
+"""The ASGI application: wires settings, Redis, keys and services, and owns their lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+
+from tether.server.auth.http import AuthRoutes, error_response
+from tether.server.auth.passwords import Passwords
+from tether.server.auth.refresh_tokens import RefreshTokenCodec
+from tether.server.auth.service import AuthService
+from tether.server.auth.sessions import SessionStore
+from tether.server.auth.signing_keys import KeyRing
+from tether.server.auth.tokens import AccessTokens
+from tether.server.clock import Clock, system_clock
+from tether.server.data.engine import QueryEngine
+from tether.server.data.functions import App
+from tether.server.data.store import Store
+from tether.server.errors import HTTPError
+from tether.server.realtime.endpoint import SyncEndpoint
+from tether.server.realtime.session_hub import SessionHub
+from tether.server.redis.connection import RedisClient, connect
+from tether.server.settings import Settings
+
+log = logging.getLogger("tether")
+
+SYNC_PATH = "/sync"
+
+#: Seconds a readiness probe waits for Redis before answering 503.
+READY_PING_TIMEOUT = 1.0
+
+
+@dataclass
+class Node:
+    """Everything one Tether instance shares between its HTTP routes and its sockets."""
+
+    settings: Settings
+    redis: RedisClient
+    keyring: KeyRing
+    tokens: AccessTokens
+    sessions: SessionStore
+    auth: AuthService
+    passwords: Passwords
+    hub: SessionHub
+    store: Store
+    sync: SyncEndpoint
+    clock: Clock
+
+    @classmethod
+    def build(cls, settings: Settings, application: App, clock: Clock = system_clock) -> Node:
+        if settings.redis_url is None:
+            raise ValueError("redis_url must be set (the CLI starts an embedded Redis)")
+        redis = connect(settings.redis_url)
+        if settings.keys is not None:
+            keyring = KeyRing(inline=settings.keys)
+        else:
+            keyring = KeyRing(path=settings.effective_keys_file)
+        tokens = AccessTokens(
+            keyring,
+            issuer=settings.effective_issuer,
+            audience=settings.audience,
+            leeway=settings.clock_leeway,
+        )
+        codec = RefreshTokenCodec(keyring.current.refresh_secret)
+        sessions = SessionStore(redis, codec, settings, clock)
+        passwords = Passwords(settings)
+        auth = AuthService(settings, redis, sessions, tokens, passwords, clock)
+        hub = SessionHub(settings.redis_url, sessions)
+        store = Store(
+            redis,
+            schema=application.schema,
+            clock=clock,
+            stream_maxlen=settings.commit_stream_maxlen,
+            outcome_ttl=settings.mutation_outcome_ttl,
+            max_result_bytes=settings.max_result_bytes,
+            max_retries=settings.mutation_retries,
+        )
+        engine = QueryEngine(application, store)
+        sync = SyncEndpoint(settings, auth, hub, application, engine, clock)
+        return cls(
+            settings, redis, keyring, tokens, sessions, auth, passwords, hub, store, sync, clock
+        )
+
+    async def ready(self) -> bool:
+        if not self.hub.ready.is_set():
+            return False  # not yet listening for revocations: sockets would miss them
+        try:
+            async with asyncio.timeout(READY_PING_TIMEOUT):
+                return bool(await self.redis.ping())
+        except (RedisError, TimeoutError, OSError):
+            return False
+
+    async def sweep_sessions_forever(self) -> None:
+        """End expired sessions (announcing them) every ``session_sweep_interval`` seconds."""
+        while True:
+            try:
+                await self.sessions.sweep_expired()
+            except RedisError as exc:
+                log.warning("session sweep skipped: %s", exc.__class__.__name__)
+            except Exception:
+                log.exception("session sweep failed")
+            await asyncio.sleep(self.settings.session_sweep_interval)
+
+    async def close(self) -> None:
+        self.sync.close()
+        await self.hub.close()
+        self.passwords.close()
+        await self.redis.aclose()
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    """A background task of the instance ended other than by cancellation: say so loudly."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s died", task.get_name(), exc_info=task.exception())
+
+
+def create_app(
+    settings: Settings, application: object | None = None, *, clock: Clock = system_clock
+) -> TetherApp:
+    """The Tether ASGI app for ``settings``; ``application`` is the user's function registry
+    (``None``: the built-in demo)."""
+    if application is None:
+        from tether.server.demo import app as demo
+
+        application = demo
+    if not isinstance(application, App):
+        raise TypeError(
+            f"the application must be a tether.server.data.functions.App, not {application!r}"
+        )
+    node = Node.build(settings, application, clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        tasks = [
+            asyncio.create_task(node.sweep_sessions_forever(), name="session-sweep"),
+            asyncio.create_task(node.hub.run(), name="session-hub"),
+            asyncio.create_task(node.sync.subscriptions.run(), name="subscriptions"),
+        ]
+        for task in tasks:
+            task.add_done_callback(_report_crash)
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await node.close()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if await node.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPError)
+        return error_response(exc)
+
+    async def on_http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = "not_found" if exc.status_code == 404 else "invalid_request"
+        return JSONResponse(
+            {"error": code, "message": exc.detail},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        *AuthRoutes(node.auth, settings.max_request_bytes).routes(),
+        WebSocketRoute(SYNC_PATH, node.sync),  # reached only if TetherApp is bypassed
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPError: on_http_error, HTTPException: on_http_exception},
+    )
+    app.state.node = node
+    return TetherApp(app, node)
+
+
+class TetherApp:
+    """The ASGI entry point: ``/sync`` sockets go straight to the endpoint, everything else
+    (HTTP, lifespan) to Starlette. Skipping the router for sockets saves several coroutines and
+    ~3 KiB per idle connection (see ``docs/benchmarks.md``)."""
+
+    def __init__(self, app: Starlette, node: Node) -> None:
+        self.app = app
+        self.node = node
+        self.state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == SYNC_PATH:
+            await self.node.sync(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

@@ -1,0 +1,243 @@
+"""The authentication service: users, sign-in, refresh, sign-out.
+
+Transport-neutral: the HTTP API (``tether.server.auth.http``) and the ``refresh`` message on
+``/sync`` both call it. Failures raise :class:`tether.server.errors.HTTPError` carrying the
+contract's status and code; the realtime layer reuses the code (``refresh_invalid``,
+``rate_limited`` …) in ``auth_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from tether.server.auth.passwords import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, Passwords
+from tether.server.auth.rate_limits import RateLimiter
+from tether.server.auth.sessions import RefreshRejected, SessionGrant, SessionStore
+from tether.server.auth.tokens import AccessClaims, AccessTokens, TokenError
+from tether.server.clock import Clock, system_clock, to_ms
+from tether.server.errors import HTTPCode, HTTPError, SessionEndReason
+from tether.server.redis import keys as redis_keys
+from tether.server.redis.connection import RedisClient
+from tether.server.settings import Settings
+
+log = logging.getLogger("tether.auth")
+
+MAX_EMAIL_CHARS = 254
+RETRY_KEY_MIN, RETRY_KEY_MAX = 16, 128
+# Deliberately simple: one @, a dot in the domain, no spaces. Real validation is a mail sent.
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    """A session's tokens as the contract returns them (``expires_at`` in ms)."""
+
+    user_id: str
+    session_id: str
+    access_token: str
+    refresh_token: str
+    expires_at: int
+
+    def to_json(self, server_time: int) -> dict[str, object]:
+        return {
+            "userId": self.user_id,
+            "sessionId": self.session_id,
+            "accessToken": self.access_token,
+            "refreshToken": self.refresh_token,
+            "expiresAt": self.expires_at,
+            "serverTime": server_time,
+        }
+
+
+def normalize_email(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise HTTPError(400, HTTPCode.INVALID_REQUEST, "email must be a string")
+    email = raw.strip().lower()
+    if len(email) > MAX_EMAIL_CHARS or not _EMAIL.match(email):
+        raise HTTPError(400, HTTPCode.INVALID_REQUEST, "email is not a valid e-mail address")
+    return email
+
+
+def check_password(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise HTTPError(400, HTTPCode.INVALID_REQUEST, "password must be a string")
+    if not MIN_PASSWORD_CHARS <= len(raw) <= MAX_PASSWORD_CHARS:
+        raise HTTPError(
+            400,
+            HTTPCode.INVALID_REQUEST,
+            f"password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters",
+        )
+    return raw
+
+
+def check_retry_key(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not RETRY_KEY_MIN <= len(raw) <= RETRY_KEY_MAX:
+        raise HTTPError(
+            400,
+            HTTPCode.INVALID_REQUEST,
+            f"retryKey must be a string of {RETRY_KEY_MIN} to {RETRY_KEY_MAX} characters",
+        )
+    return raw
+
+
+def _opt_str(value: bytes | str | None) -> str | None:
+    # The client decodes responses; this only narrows redis-py's declared types.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@asynccontextmanager
+async def redis_unavailable_as_503() -> AsyncIterator[None]:
+    """Turn a Redis outage into ``503 unavailable``: retry later, never a sign-out."""
+    try:
+        yield
+    except RedisError as exc:
+        log.warning("redis unavailable: %s", exc.__class__.__name__)
+        raise HTTPError(
+            503, HTTPCode.UNAVAILABLE, "the session store is unreachable; retry shortly"
+        ) from None
+
+
+class AuthService:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: RedisClient,
+        sessions: SessionStore,
+        tokens: AccessTokens,
+        passwords: Passwords,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.sessions = sessions
+        self.tokens = tokens
+        self.passwords = passwords
+        self.limits = RateLimiter(redis)
+        self.clock = clock
+
+    # ------------------------------------------------------------------ helpers
+
+    def _pair(self, grant: SessionGrant) -> TokenPair:
+        now = self.clock()
+        # An access token never outlives its session, so no timer is needed to end an identity
+        # at the session's deadline: the token's own exp does it.
+        expires = min(int(now) + self.settings.access_ttl, grant.deadline_ms // 1000)
+        access = self.tokens.issue(
+            user_id=grant.user_id, session_id=grant.session_id, now=now, expires_at=expires
+        )
+        return TokenPair(
+            grant.user_id, grant.session_id, access, grant.refresh_token, expires * 1000
+        )
+
+    async def _limit(self, scope: str, rate_name: str) -> None:
+        rate = getattr(self.settings, rate_name)
+        wait = await self.limits.hit(scope, rate)
+        if wait is not None:
+            raise HTTPError(
+                429, HTTPCode.RATE_LIMITED, "too many attempts; retry later", retry_after=wait
+            )
+
+    # ------------------------------------------------------------------ operations
+
+    async def sign_up(self, email_raw: object, password_raw: object, client: str) -> TokenPair:
+        email = normalize_email(email_raw)
+        password = check_password(password_raw)
+        async with redis_unavailable_as_503():
+            await self._limit(f"signup:addr:{client}", "signup_limit_address")
+            if await self.redis.exists(redis_keys.email(email)):
+                raise HTTPError(409, HTTPCode.EMAIL_TAKEN, "an account uses this e-mail")
+            password_hash = await self.passwords.hash(password)
+            uid = secrets.token_urlsafe(16)
+            user_key = redis_keys.user(uid)
+            # The user record first, then the e-mail claim: a crash in between leaves an unused
+            # record, never an address that points nowhere and can't be registered again.
+            await self.redis.hset(
+                user_key,
+                mapping={"email": email, "pw": password_hash, "created": to_ms(self.clock())},
+            )
+            if not await self.redis.set(redis_keys.email(email), uid, nx=True):
+                await self.redis.delete(user_key)
+                raise HTTPError(409, HTTPCode.EMAIL_TAKEN, "an account uses this e-mail")
+            grant = await self.sessions.create(uid)
+        log.info("user signed up user=%s session=%s", uid, grant.session_id)
+        return self._pair(grant)
+
+    async def sign_in(self, email_raw: object, password_raw: object, client: str) -> TokenPair:
+        # Malformed input gets the same answer as a wrong password: nothing to enumerate.
+        invalid = HTTPError(401, HTTPCode.INVALID_CREDENTIALS, "wrong e-mail or password")
+        try:
+            email = normalize_email(email_raw)
+            password = check_password(password_raw)
+        except HTTPError:
+            raise invalid from None
+        async with redis_unavailable_as_503():
+            await self._limit(f"signin:addr:{client}", "signin_limit_address")
+            # Per account, every attempt from every address counts before the password is
+            # checked (so parallel guesses cannot slip past the limit), and a success is
+            # refunded (so a user who signs in often is never locked out).
+            account = f"signin:acct:{email}"
+            await self._limit(account, "signin_limit_account")
+            uid = _opt_str(await self.redis.get(redis_keys.email(email)))
+            stored = _opt_str(await self.redis.hget(redis_keys.user(uid), "pw")) if uid else None
+            # verify() spends the same time when the e-mail is unknown (stored is None).
+            if not await self.passwords.verify(stored, password):
+                raise invalid
+            await self.limits.refund(account, self.settings.signin_limit_account)
+            assert uid is not None and stored is not None
+            if self.passwords.needs_rehash(stored):
+                await self.redis.hset(
+                    redis_keys.user(uid), "pw", await self.passwords.hash(password)
+                )
+            grant = await self.sessions.create(uid)
+        log.info("user signed in user=%s session=%s", uid, grant.session_id)
+        return self._pair(grant)
+
+    async def refresh(self, refresh_token: object, retry_key_raw: object = None) -> TokenPair:
+        retry_key = check_retry_key(retry_key_raw)
+        parsed = self.sessions.codec.parse(refresh_token)
+        if parsed is None:
+            raise HTTPError(401, HTTPCode.REFRESH_INVALID, "the refresh token is not valid")
+        async with redis_unavailable_as_503():
+            await self._limit(f"refresh:sess:{parsed.session_id}", "refresh_limit_session")
+            try:
+                grant = await self.sessions.rotate(refresh_token, retry_key)
+            except RefreshRejected as exc:
+                if exc.code == HTTPCode.REFRESH_REUSED:
+                    log.warning("refresh token reuse: session %s ended", parsed.session_id)
+                raise HTTPError(401, exc.code, exc.message) from None
+        return self._pair(grant)
+
+    async def verify_access(self, token: object) -> AccessClaims:
+        """Verify an access token *and* that its session is still active."""
+        try:
+            claims = self.tokens.verify(token, now=self.clock())
+        except TokenError as exc:
+            raise HTTPError(401, HTTPCode.INVALID_TOKEN, exc.message) from None
+        async with redis_unavailable_as_503():
+            info = await self.sessions.lookup(claims.session_id)
+        if info is None or info.user_id != claims.user_id:
+            raise HTTPError(401, HTTPCode.INVALID_TOKEN, "the session has ended")
+        return claims
+
+    async def sign_out(self, token: object) -> None:
+        claims = await self.verify_access(token)
+        async with redis_unavailable_as_503():
+            await self.sessions.end(claims.session_id, SessionEndReason.SIGNED_OUT)
+        log.info("signed out user=%s session=%s", claims.user_id, claims.session_id)
+
+    async def sign_out_all(self, token: object) -> None:
+        claims = await self.verify_access(token)
+        async with redis_unavailable_as_503():
+            count = await self.sessions.end_all(
+                claims.user_id, SessionEndReason.SIGNED_OUT_EVERYWHERE
+            )
+        log.info("signed out everywhere user=%s sessions=%d", claims.user_id, count)

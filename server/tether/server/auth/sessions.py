@@ -1,0 +1,283 @@
+"""Sessions and refresh-token rotation, held atomically in Redis.
+
+A session is one hash (``redis_keys.session``) holding its user, its deadlines and the hashes of
+its current and previous refresh secrets. Rotation is one Lua script (``lua/session_rotate.lua``)
+so every instance sees one order of events; ending a session is another
+(``lua/session_end.lua``), which also publishes the session-ended event that the realtime layer
+fans out. Expired sessions are ended by a sweep that any number of instances may run at once.
+
+Session-ended event, published on ``redis_keys.SESSION_ENDED_CHANNEL`` as JSON::
+
+    {"type": "session_ended", "sessionId": SID, "userId": UID, "reason": REASON, "at": MS}
+
+``reason`` is one of :class:`tether.server.errors.SessionEndReason`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from tether.server.auth.refresh_tokens import RefreshTokenCodec, hash_retry_key
+from tether.server.clock import Clock, system_clock, to_ms
+from tether.server.errors import HTTPCode, SessionEndReason
+from tether.server.redis import keys as redis_keys
+from tether.server.redis.connection import RedisClient, connect, load_script
+from tether.server.settings import Settings
+
+log = logging.getLogger("tether.sessions")
+
+#: Kept after a session's deadline so the sweep can still read it and announce its end (ms).
+DEADLINE_GRACE_MS = 60_000
+#: Sessions the expiry sweep looks at per pass.
+SWEEP_BATCH = 200
+
+
+class RefreshRejected(Exception):
+    """A refresh token was refused: ``code`` is ``refresh_invalid`` or ``refresh_reused``."""
+
+    def __init__(self, code: HTTPCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SessionGrant:
+    """What sign-in and refresh hand out, before an access token is minted for it."""
+
+    user_id: str
+    session_id: str
+    refresh_token: str
+    deadline_ms: int  # when the session ends unless refreshed (inactivity) or at all (absolute)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    user_id: str
+    deadline_ms: int
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+class SessionStore:
+    def __init__(
+        self,
+        redis: RedisClient,
+        codec: RefreshTokenCodec,
+        settings: Settings,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.redis = redis
+        self.codec = codec
+        self.settings = settings
+        self.clock = clock
+        self._rotate = load_script(redis, "tether.server.auth", "session_rotate")
+        self._end = load_script(redis, "tether.server.auth", "session_end")
+        # The rotation script's constant settings, as its one ARGV[3] (settings are immutable).
+        self._rotate_settings = (
+            f"{settings.refresh_reuse_window * 1000} {self._tombstone_ms}"
+            f" {DEADLINE_GRACE_MS} {redis_keys.SESSION_ENDED_CHANNEL}"
+        ).encode()
+
+    @property
+    def _tombstone_ms(self) -> int:
+        # A tombstone outlives every access token of the session it replaces.
+        return (self.settings.access_ttl + self.settings.clock_leeway) * 1000
+
+    async def create(self, user_id: str) -> SessionGrant:
+        """Start a session for ``user_id`` and mint its first refresh token."""
+        now = to_ms(self.clock())
+        sid = new_session_id()
+        token = self.codec.mint(sid)
+        absolute = now + self.settings.session_ttl * 1000
+        inactive = self.settings.session_inactive_ttl * 1000
+        deadline = min(absolute, now + inactive)
+        key = redis_keys.session(sid)
+        user_sessions = redis_keys.user_sessions(user_id)
+        # The session hash is written atomically on its own; the indexes live in other slots and
+        # are written after it. A crash in between leaves a session the sweep still expires.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(
+                key,
+                mapping={
+                    "state": "active",
+                    "uid": user_id,
+                    "created": now,
+                    "abs": absolute,
+                    "last": now,
+                    "inactive": inactive,
+                    "cur": token.secret_hash,
+                    "prev": "",
+                    "rotated": 0,
+                    "retry": "",
+                },
+            )
+            pipe.pexpireat(key, deadline + DEADLINE_GRACE_MS)
+            pipe.zadd(redis_keys.SESSION_DEADLINES, {sid: deadline})
+            pipe.sadd(user_sessions, sid)
+            pipe.pexpire(user_sessions, self.settings.session_ttl * 1000 + DEADLINE_GRACE_MS)
+            await pipe.execute()
+        return SessionGrant(user_id, sid, token.token, deadline)
+
+    async def rotate(self, raw_token: object, retry_key: str | None = None) -> SessionGrant:
+        """Apply the rotation rules to ``raw_token``; return the (new or current) grant.
+
+        Raises :class:`RefreshRejected`; Redis errors propagate (the caller answers
+        ``unavailable``: an outage never ends a session).
+        """
+        token = self.codec.parse(raw_token)
+        if token is None:
+            # Forged or malformed: refused before Redis is touched.
+            raise RefreshRejected(HTTPCode.REFRESH_INVALID, "the refresh token is not valid")
+        successor = self.codec.successor(token)
+        sid = token.session_id
+        hashes = token.secret_hash + successor.secret_hash
+        if retry_key:
+            hashes += hash_retry_key(retry_key)
+        reply: str = await self._rotate(
+            keys=[redis_keys.session(sid)],
+            args=[to_ms(self.clock()), hashes, self._rotate_settings],
+        )
+        # 'rotated DEADLINE USERID' | 'current DEADLINE USERID' | 'reused' | 'invalid'
+        outcome, _, rest = reply.partition(" ")
+        if outcome == "rotated" or outcome == "current":
+            deadline, _, user_id = rest.partition(" ")
+            return SessionGrant(user_id, sid, successor.token, int(deadline))
+        if outcome == "reused":
+            raise RefreshRejected(
+                HTTPCode.REFRESH_REUSED,
+                "this refresh token was already used; the session has been ended",
+            )
+        raise RefreshRejected(HTTPCode.REFRESH_INVALID, "the refresh token is not valid")
+
+    async def end(self, session_id: str, reason: SessionEndReason, *, unindex: bool = True) -> bool:
+        """End one session; True if this call ended it (it was active). ``unindex=False``
+        leaves its deadline entry to the caller (:meth:`end_all` drops them together)."""
+        reply = await self._end(
+            keys=[redis_keys.session(session_id)],
+            args=[
+                session_id,
+                reason.value,
+                to_ms(self.clock()),
+                self._tombstone_ms,
+                redis_keys.SESSION_ENDED_CHANNEL,
+                "0",
+            ],
+        )
+        ended = int(reply[0]) == 1
+        if ended and unindex:
+            await self._unindex([session_id])
+        return ended
+
+    async def _unindex(self, session_ids: list[str]) -> None:
+        """Drop ended sessions' deadline entries, best effort: the sessions have ended and been
+        announced; an entry left (its Cluster node down) is dropped by the first sweep that
+        meets it."""
+        try:
+            await self.redis.zrem(redis_keys.SESSION_DEADLINES, *session_ids)
+        except RedisError as exc:
+            log.warning("sessions ended; their deadline entries stay: %s", type(exc).__name__)
+
+    async def end_all(self, user_id: str, reason: SessionEndReason) -> int:
+        """End every session of ``user_id``; return how many were active."""
+        index = redis_keys.user_sessions(user_id)
+        sids = [str(sid) for sid in await self.redis.smembers(index)]
+        ended = [sid for sid in sids if await self.end(sid, reason, unindex=False)]
+        if ended:
+            await self._unindex(ended)
+        if sids:
+            await self.redis.srem(index, *sids)
+        return len(ended)
+
+    async def lookup(self, session_id: str) -> SessionInfo | None:
+        """The session if it is active now, else ``None``."""
+        return (await self.lookup_many([session_id]))[session_id]
+
+    async def lookup_many(self, session_ids: list[str]) -> dict[str, SessionInfo | None]:
+        """Batch form of :meth:`lookup`: one round trip per Redis node."""
+        now = to_ms(self.clock())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.hmget(redis_keys.session(sid), ["state", "uid", "abs", "last", "inactive"])
+            rows = await pipe.execute()
+        result: dict[str, SessionInfo | None] = {}
+        for sid, (state, uid, absolute, last, inactive) in zip(session_ids, rows, strict=True):
+            info = None
+            if state == "active":
+                deadline = min(int(absolute), int(last) + int(inactive))
+                if now < deadline:
+                    info = SessionInfo(uid, deadline)
+            result[sid] = info
+        return result
+
+    async def end_reasons(self, session_ids: list[str]) -> dict[str, SessionEndReason]:
+        """Why each of ``session_ids`` ended, read from its tombstone.
+
+        A session with no tombstone left (its key expired) counts as ``session_expired``.
+        Call it only for sessions :meth:`lookup_many` found inactive.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.hget(redis_keys.session(sid), "reason")
+            rows = await pipe.execute()
+        result = {}
+        for sid, reason in zip(session_ids, rows, strict=True):
+            try:
+                result[sid] = SessionEndReason(reason)
+            except ValueError:
+                result[sid] = SessionEndReason.SESSION_EXPIRED
+        return result
+
+    async def sweep_expired(self) -> int:
+        """End sessions whose deadline passed (announcing ``session_expired``); return how many.
+
+        Safe to run on every instance at once: ending is atomic and announces once.
+        """
+        now = to_ms(self.clock())
+        due = [
+            str(sid)
+            for sid in await self.redis.zrangebyscore(
+                redis_keys.SESSION_DEADLINES, "-inf", now, start=0, num=SWEEP_BATCH
+            )
+        ]
+        ended = 0
+        for sid in due:
+            reply = await self._end(
+                keys=[redis_keys.session(sid)],
+                args=[
+                    sid,
+                    SessionEndReason.SESSION_EXPIRED.value,
+                    now,
+                    self._tombstone_ms,
+                    redis_keys.SESSION_ENDED_CHANNEL,
+                    "1",
+                ],
+            )
+            if int(reply[0]) == 0:
+                # Refreshed since it was indexed: move it to its new deadline.
+                await self.redis.zadd(redis_keys.SESSION_DEADLINES, {sid: int(reply[1])})
+            else:
+                ended += int(reply[0]) == 1
+                await self.redis.zrem(redis_keys.SESSION_DEADLINES, sid)
+        return ended
+
+
+async def revoke_from_cli(redis_url: str, *, user_id: str | None, session_id: str | None) -> int:
+    """``tether sessions revoke``: end sessions as an administrator; return how many ended."""
+    redis = connect(redis_url)
+    try:
+        # The codec is not needed to end sessions: no token is minted or parsed.
+        store = SessionStore(redis, RefreshTokenCodec(b"\0" * 32), Settings.load())
+        if session_id is not None:
+            return int(await store.end(session_id, SessionEndReason.REVOKED))
+        if user_id is not None:
+            return await store.end_all(user_id, SessionEndReason.REVOKED)
+        raise ValueError("give a user id or a session id")
+    finally:
+        await redis.aclose()

@@ -1,0 +1,145 @@
+"""Access tokens: issue and verify short-lived ES256 JWTs.
+
+Verification is strict and does the cheap checks first: size and shape before any parsing,
+the header (``alg``, ``typ``, ``kid``, no ``crit``) before the signature, the signature before
+the claims. Time checks use the injected clock, not PyJWT's, so tests can move time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass
+
+import jwt
+
+from tether.server.auth.signing_keys import ALGORITHM, KeyRing
+from tether.server.errors import AuthErrorCode
+
+TOKEN_TYPE = "at+jwt"
+#: Longest access token accepted; ours are about 400 bytes. Checked before any parsing.
+MAX_TOKEN_BYTES = 4096
+REQUIRED_CLAIMS = ("iss", "aud", "sub", "sid", "iat", "exp", "jti")
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+class TokenError(Exception):
+    """A token was refused. ``code`` is ``invalid_token`` or ``token_expired``."""
+
+    def __init__(self, code: AuthErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AccessClaims:
+    """The verified identity an access token carries."""
+
+    user_id: str
+    session_id: str
+    issued_at: int
+    expires_at: int  # seconds since the epoch: the JWT ``exp``
+    token_id: str
+
+
+class AccessTokens:
+    """Mints and verifies access tokens with the instance's :class:`KeyRing`."""
+
+    def __init__(self, keyring: KeyRing, *, issuer: str, audience: str, leeway: int) -> None:
+        self.keyring = keyring
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway
+
+    def issue(self, *, user_id: str, session_id: str, now: float, expires_at: int) -> str:
+        """Sign a token for ``user_id``/``session_id`` valid until ``expires_at`` (seconds)."""
+        key = self.keyring.current.signing_key
+        claims = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": user_id,
+            "sid": session_id,
+            "iat": int(now),
+            "exp": int(expires_at),
+            "jti": secrets.token_urlsafe(12),
+        }
+        return jwt.encode(
+            claims,
+            key.private_key,
+            algorithm=ALGORITHM,
+            headers={"kid": key.kid, "typ": TOKEN_TYPE},
+        )
+
+    def verify(self, token: object, *, now: float) -> AccessClaims:
+        """Return the claims of a valid token or raise :class:`TokenError`.
+
+        ``token_expired`` means a well-formed, correctly signed token whose ``exp`` plus the
+        leeway has passed; every other refusal is ``invalid_token``.
+        """
+        invalid = AuthErrorCode.INVALID_TOKEN
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
+            raise TokenError(invalid, "the token is not a string of acceptable size")
+        if not _COMPACT_JWS.fullmatch(token):
+            raise TokenError(invalid, "the token is not a compact JWS")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenError(invalid, "the token header is malformed") from None
+        if header.get("alg") != ALGORITHM:
+            raise TokenError(invalid, "the token's algorithm is not accepted")
+        if header.get("typ") != TOKEN_TYPE:
+            raise TokenError(invalid, "the token is not an access token")
+        if "crit" in header:
+            raise TokenError(invalid, "the token has critical header parameters")
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise TokenError(invalid, "the token names no key")
+        key = self.keyring.public_key(kid)
+        if key is None:
+            raise TokenError(invalid, "the token's key is unknown")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={
+                    "require": list(REQUIRED_CLAIMS),
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "strict_aud": True,
+                },
+            )
+        except jwt.PyJWTError:
+            raise TokenError(invalid, "the token failed verification") from None
+        return self._check_claims(claims, now)
+
+    def _check_claims(self, claims: dict[str, object], now: float) -> AccessClaims:
+        invalid = AuthErrorCode.INVALID_TOKEN
+        sub, sid, jti = claims.get("sub"), claims.get("sid"), claims.get("jti")
+        iat, exp, nbf = claims.get("iat"), claims.get("exp"), claims.get("nbf")
+        for value in (sub, sid, jti):
+            if not isinstance(value, str) or not value:
+                raise TokenError(invalid, "the token's identity claims are malformed")
+        for value in (iat, exp):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TokenError(invalid, "the token's time claims are malformed")
+        assert isinstance(iat, int) and isinstance(exp, int)
+        assert isinstance(sub, str) and isinstance(sid, str) and isinstance(jti, str)
+        if iat > now + self.leeway:
+            raise TokenError(invalid, "the token was issued in the future")
+        if nbf is not None:
+            # PyJWT's JSON parser accepts NaN and Infinity, which every comparison lets through.
+            if not isinstance(nbf, int | float) or isinstance(nbf, bool) or not math.isfinite(nbf):
+                raise TokenError(invalid, "the token's nbf claim is malformed")
+            if nbf > now + self.leeway:
+                raise TokenError(invalid, "the token is not valid yet")
+        if now >= exp + self.leeway:
+            raise TokenError(AuthErrorCode.TOKEN_EXPIRED, "the token has expired")
+        return AccessClaims(
+            user_id=sub, session_id=sid, issued_at=iat, expires_at=exp, token_id=jti
+        )

@@ -1,0 +1,381 @@
+"""The ``tether`` command (also ``python -m tether``).
+
+Subcommands::
+
+    tether serve [MODULE:ATTR]      run the server (the built-in demo application without one)
+    tether keys rotate              add a new signing key to the key file
+    tether sessions revoke          end sessions of a user, or one session, on a running deployment
+
+Exit codes: 0 success (including a shutdown asked for with SIGTERM or Ctrl-C), 1 a runtime
+failure, 2 a usage or configuration error (the message, on stderr, names the flag or variable).
+
+The modules that need the whole server (``tether.server.app``, ``tether.server.auth.signing_keys``,
+``tether.server.auth.sessions``) are imported inside the command that uses them: ``tether --help``
+and a configuration error answer without loading them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import math
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tether.client.cli import add_client_commands
+from tether.server.redis.embedded import URL_FILE_NAME, EmbeddedRedis
+from tether.server.settings import ENV_PREFIX, Settings, SettingsError
+
+PROG = "tether"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A command cannot run; the message is printed as ``tether: <message>``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _ShutdownRequested(BaseException):
+    """Raised by our SIGTERM/SIGINT handler. A BaseException so that no ``except Exception`` on
+    the way swallows it, as with KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: Allocations between young-generation collections (CPython's default is 700).
+GC_THRESHOLD_YOUNG = 50_000
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``tether`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(_attach_ids(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        code: int = args.run(args)
+        return code
+    except (SettingsError, CommandError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, CommandError) else EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------- arguments
+
+#: Options whose value is an id: ids made by ``secrets.token_urlsafe`` may begin with ``-``.
+_ID_OPTIONS = ("--user", "--session")
+#: What may follow them that is an option, not an id (a forgotten id stays a usage error).
+_REVOKE_OPTIONS = ("--user", "--session", "--redis-url", "--data-dir", "-h", "--help")
+
+
+def _attach_ids(argv: list[str]) -> list[str]:
+    """``--session -abc`` as ``--session=-abc``: argparse would take ``-abc`` for an option and
+    refuse the command (about one id in 64 begins with ``-``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if (
+            arg in _ID_OPTIONS
+            and value.startswith("-")
+            and value.partition("=")[0] not in _REVOKE_OPTIONS
+        ):
+            out.append(f"{arg}={value}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Tether: a realtime sync backend.",
+        epilog=f"Every setting also reads {ENV_PREFIX}<NAME>; a flag beats the environment.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server. Without --redis-url (or TETHER_REDIS_URL) it starts an "
+        "embedded redis-server with its data in the data directory.",
+        epilog=_settings_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "application",
+        nargs="?",
+        metavar="MODULE:ATTR",
+        help="the application (its queries and mutations); default: the built-in demo",
+    )
+    serve.add_argument("--host", help="address to listen on [127.0.0.1]")
+    serve.add_argument("--port", type=int, help="port to listen on [8000]")
+    _add_redis_url(serve)
+    _add_data_dir(serve)
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="[info]")
+    serve.set_defaults(run=_serve)
+
+    keys = commands.add_parser("keys", help="manage signing keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    rotate = keys_commands.add_parser(
+        "rotate",
+        help="add a new signing key",
+        description="Add a new signing key in front of the key file. Running servers that "
+        "read the file pick it up within seconds; servers given TETHER_KEYS inline need a restart.",
+    )
+    rotate.add_argument(
+        "--keys-file", type=Path, help="the key file [TETHER_KEYS_FILE or DATA_DIR/keys.json]"
+    )
+    _add_data_dir(rotate)
+    rotate.set_defaults(run=_keys_rotate)
+
+    sessions = commands.add_parser("sessions", help="manage sessions")
+    sessions_commands = sessions.add_subparsers(
+        dest="sessions_command", required=True, metavar="COMMAND"
+    )
+    revoke = sessions_commands.add_parser(
+        "revoke",
+        help="end sessions now, on every instance",
+        description="End every session of a user, or one session. Live connections of those "
+        "sessions receive session_revoked with reason 'revoked'.",
+    )
+    who = revoke.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="ID", help="end every session of this user")
+    who.add_argument("--session", metavar="ID", help="end this session")
+    _add_redis_url(
+        revoke,
+        extra=" [TETHER_REDIS_URL, else the embedded Redis of a server running on DATA_DIR]",
+    )
+    _add_data_dir(revoke)
+    revoke.set_defaults(run=_sessions_revoke)
+    add_client_commands(commands)
+    return parser
+
+
+def _add_redis_url(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    parser.add_argument("--redis-url", metavar="URL", help="redis://HOST:PORT/DB" + extra)
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", type=Path, metavar="PATH", help="embedded Redis data and key file [.tether]"
+    )
+
+
+def _settings_table() -> str:
+    rows = Settings.documented()
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"  {name:<{width}}  {doc} [{default}]" for name, default, doc in rows]
+    return "environment:\n" + "\n".join(lines)
+
+
+def _load_settings(args: argparse.Namespace, *flags: str) -> Settings:
+    """Settings from the environment, with the given flags (when given) beating it."""
+    overrides: dict[str, Any] = {flag: getattr(args, flag) for flag in flags}
+    return Settings.load(overrides)
+
+
+# ---------------------------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _load_settings(args, "host", "port", "redis_url", "data_dir", "log_level")
+    application = load_application(args.application) if args.application else None
+    try:
+        from tether.server.app import create_app
+    except ImportError as exc:
+        raise CommandError(f"cannot load the server: {exc}", EXIT_FAILURE) from exc
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
+    )
+    embedded: EmbeddedRedis | None = None
+    with _shutdown_on_signals():
+        try:
+            if settings.redis_url is None:
+                embedded = EmbeddedRedis(settings.data_dir)
+                try:
+                    url = embedded.start()
+                except RuntimeError as exc:
+                    raise CommandError(f"embedded Redis: {exc}", EXIT_FAILURE) from exc
+                logging.getLogger("tether").info(
+                    "embedded Redis at %s, data in %s", url, settings.data_dir
+                )
+                settings = dataclasses.replace(settings, redis_url=url)
+            return _run_uvicorn(settings, create_app(settings, application))
+        except _ShutdownRequested:
+            return EXIT_OK
+        finally:
+            # Last step of every exit path: the server has drained, now its Redis can go. A
+            # second signal must not cut this short (stop() is bounded: SIGKILL after 5 s).
+            _ignore_shutdown_signals()
+            if embedded is not None:
+                embedded.stop()
+
+
+def _run_uvicorn(settings: Settings, app: Any) -> int:
+    import gc
+
+    import uvicorn
+
+    # Each idle socket holds ~100 objects the collector tracks; with the default thresholds,
+    # thousands of sockets mean full collections pausing the loop for up to a second (see
+    # docs/benchmarks.md). Start-up objects are frozen out of collections, and young
+    # collections run less often.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD_YOUNG, 20, 10)
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        # Frames over the limit are refused by the WebSocket layer with 1009 before they are
+        # buffered whole; the endpoint checks again for servers run another way.
+        ws_max_size=settings.max_message_bytes,
+        lifespan="on",
+        log_level=settings.log_level.lower(),
+        # uvicorn's own deadline for open connections comes after the app's drain deadline: the
+        # app closes its sockets with a proper close code first.
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout + 5),
+        # X-Forwarded-For/-Proto are believed only from the configured proxies: anyone else
+        # could name any address and escape the per-address rate limits.
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies) or None,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown while serve() runs. Afterwards it
+    # re-raises the signal it caught; our handler (see _shutdown_on_signals) then raises
+    # _ShutdownRequested, which the caller reads as a clean exit.
+    try:
+        asyncio.run(server.serve())
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind its socket
+        return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
+    if not server.started:
+        print(f"{PROG}: the server did not start (see the log above)", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+@contextmanager
+def _shutdown_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`_ShutdownRequested` while the block runs.
+
+    Outside uvicorn's serve() (starting the embedded Redis, building the app) this lets the
+    ``finally`` of the caller stop Redis; inside it, uvicorn installs its own handlers and
+    restores these afterwards. Python's default SIGTERM action would kill the process on the
+    spot, skipping every ``finally``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        _ignore_shutdown_signals()  # once shutdown is under way, nothing may interrupt cleanup
+        raise _ShutdownRequested(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in _SHUTDOWN_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _ignore_shutdown_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in _SHUTDOWN_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def load_application(spec: str) -> object:
+    """Import ``MODULE:ATTR`` and return the :class:`~tether.server.data.functions.App` it names.
+
+    Raises :class:`CommandError` naming the spec and the reason (see
+    :func:`tether.server.data.functions.load_application`, which does the work).
+    """
+    from tether.server.data.functions import load_application as load
+
+    try:
+        return load(spec)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+# ---------------------------------------------------------------------------------- keys
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    if args.keys_file is not None:
+        path: Path = args.keys_file
+    else:
+        path = _load_settings(args, "data_dir").effective_keys_file
+    from tether.server.auth.signing_keys import rotate_key_file
+
+    kid = rotate_key_file(path)
+    print(f"new signing key {kid}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------- sessions
+
+
+def _sessions_revoke(args: argparse.Namespace) -> int:
+    redis_url = admin_redis_url(_load_settings(args, "redis_url", "data_dir"))
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from tether.server.auth.sessions import revoke_from_cli
+
+    try:
+        ended = asyncio.run(revoke_from_cli(redis_url, user_id=args.user, session_id=args.session))
+    except (RedisConnectionError, OSError) as exc:
+        # Typically a redis.url left behind by a server that was killed.
+        raise CommandError(f"cannot reach Redis at {redis_url}: {exc}", EXIT_FAILURE) from exc
+    print(f"ended {ended} session(s)")
+    return EXIT_OK
+
+
+def admin_redis_url(settings: Settings) -> str:
+    """The Redis an admin command talks to: ``--redis-url``, else ``TETHER_REDIS_URL`` (both in
+    ``settings.redis_url``), else the embedded Redis of a server running on the data directory.
+
+    Raises :class:`CommandError` when none is known.
+    """
+    if settings.redis_url is not None:
+        return settings.redis_url
+    url_file = settings.data_dir / URL_FILE_NAME
+    try:
+        url = url_file.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        url = ""
+    if not url:
+        raise CommandError(
+            f"no Redis to talk to: pass --redis-url or set {ENV_PREFIX}REDIS_URL, or run this "
+            f"where a server with an embedded Redis runs (no {url_file})"
+        )
+    return url

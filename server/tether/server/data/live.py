@@ -1,0 +1,554 @@
+"""Live queries: one evaluation per distinct subscription, re-run only when a commit touches
+what it read, delivered as consistent, versioned transitions.
+
+Each instance runs one :class:`SubscriptionManager`. Subscriptions with the same function and
+arguments share one :class:`_Entry` — across identities when the query does not read
+``ctx.auth`` (a *free* entry), per ``(user, session)`` when it does — and so one evaluation and
+one serialised payload, however many sockets hold them.
+
+Consistency. Commits carry a global version and the keys they wrote (the store's commit
+stream). An entry's value is valid from its evaluation's snapshot version onwards until a later
+commit writes a key in its read set. The manager's *pump* repeats, until nothing is dirty:
+apply every commit up to the newest one known and mark the entries it touches; re-evaluate the
+dirty ones; if an evaluation saw a snapshot newer than the commits applied so far, apply those
+commits too. Commits are known without reading the stream back: the watcher hands over what
+its blocking read returned, and the instance that committed hands over its own commit; the pump
+reads the stream only for versions it was not given. When a
+round marks nothing, every entry is valid at the last version read, ``P``, and the changed
+results go out as transitions at version ``P``. A connection therefore never receives a
+transition unless all of its subscriptions equal their query's result at that version; and
+``P`` only grows. An instance that missed commits (the stream was trimmed, Redis restarted or
+the connection dropped) re-evaluates everything before delivering again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
+
+from tether.server.clock import Clock
+from tether.server.realtime.core import Identity, Send
+
+log = logging.getLogger("tether.subscriptions")
+
+#: Evaluations run at once by the pump.
+EVALUATION_CONCURRENCY = 32
+#: Rounds of (read commits → re-evaluate) before a cycle gives up converging and starts over.
+MAX_ROUNDS = 10
+#: Commits read per stream read.
+COMMIT_BATCH = 10_000
+#: How long the stream watcher blocks in one read (ms).
+WATCH_BLOCK_MS = 2000
+
+
+class Evaluation(Protocol):
+    """What evaluating a query yields (see :meth:`Engine.evaluate`)."""
+
+    @property
+    def value_json(self) -> str | None: ...
+    @property
+    def error(self) -> tuple[str, str] | None: ...
+    @property
+    def read_set(self) -> frozenset[str]: ...
+    @property
+    def version(self) -> int | None: ...  # the snapshot the reads saw
+    @property
+    def reads_identity(self) -> bool: ...
+
+
+class Commit(Protocol):
+    @property
+    def version(self) -> int: ...
+    @property
+    def written_keys(self) -> frozenset[str]: ...
+
+
+class CommitBatch(Protocol):
+    @property
+    def commits(self) -> tuple[Commit, ...]: ...  # after the position asked for, in order
+    @property
+    def gap(self) -> bool: ...  # commits were missed: re-evaluate everything
+    @property
+    def version(self) -> int: ...  # the global version seen
+
+
+class Engine(Protocol):
+    """The data layer as the manager needs it."""
+
+    async def evaluate(
+        self, name: str, args: dict[str, Any], identity: Identity | None
+    ) -> Evaluation: ...
+
+    async def read_commits(
+        self, after: int, *, block_ms: int | None, count: int
+    ) -> CommitBatch: ...
+
+    async def version(self) -> int: ...
+
+
+class Subscriber(Protocol):
+    """A connection, as the manager sees it."""
+
+    def deliver(
+        self,
+        version: int,
+        updates: list[tuple[Registration, Evaluation]],
+        shared: dict[tuple[Any, ...], Send] | None = None,
+    ) -> None:
+        """Send these results (all valid at ``version``) in one transition."""
+
+    def identity_ended(self) -> None:
+        """An identity this connection subscribed under can no longer be used: re-check it."""
+
+    def current_identity(self) -> Identity | None:
+        """The identity the connection holds now."""
+
+    def current_generation(self) -> int:
+        """The generation of that identity (see
+        :class:`tether.server.realtime.core.ConnectionCore`)."""
+
+
+Principal = tuple[str, str]  # (user id, session id)
+EntryKey = tuple[str, str, Principal | None]
+
+
+@dataclass(eq=False, slots=True)
+class Registration:
+    """One ``queryId`` of one connection, attached to a shared entry."""
+
+    subscriber: Subscriber
+    query_id: int
+    serial: int
+    generation: int
+    name: str
+    args: dict[str, Any]
+    identity: Identity | None
+    entry: _Entry | None = None
+    detached: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    key: EntryKey
+    name: str
+    args: dict[str, Any]
+    regs: set[Registration] = field(default_factory=set)
+    value: Evaluation | None = None
+    text: str | None = None  # what was last delivered, to send only real changes
+    valid_at: int = -1
+
+    @property
+    def free(self) -> bool:
+        return self.key[2] is None
+
+    def identity(self) -> tuple[bool, Identity | None]:
+        """``(usable, identity)`` to evaluate under.
+
+        Free and anonymous entries run without an identity. A bound entry runs under the
+        newest identity that a subscriber holds *now* for the entry's (user, session) — a
+        same-session refresh moves it forward without re-attaching. If no subscriber holds it
+        any more, it has been replaced everywhere: ``usable`` is False.
+        """
+        principal = self.key[2]
+        if principal is None or principal == ANONYMOUS:
+            return True, None
+        best: Identity | None = None
+        for reg in self.regs:
+            current = reg.subscriber.current_identity()
+            if (
+                current is not None
+                and (current.user_id, current.session_id) == principal
+                and (best is None or current.expires_at > best.expires_at)
+            ):
+                best = current
+        return best is not None, best
+
+
+def _args_key(args: dict[str, Any]) -> str:
+    return json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+#: The principal of anonymous subscribers (distinct from ``None``, which marks a free entry).
+ANONYMOUS: Principal = ("", "")
+
+
+def _principal(identity: Identity | None) -> Principal:
+    return (identity.user_id, identity.session_id) if identity is not None else ANONYMOUS
+
+
+def _result_text(ev: Evaluation) -> str:
+    if ev.error is not None:
+        return "\x00" + json.dumps(ev.error)
+    return ev.value_json or "null"
+
+
+class SubscriptionManager:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Clock,
+        identity_usable: Callable[[Identity], bool],
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.identity_usable = identity_usable
+        self.entries: dict[EntryKey, _Entry] = {}
+        self._by_key: dict[str, set[_Entry]] = {}
+        self._free_names: set[tuple[str, str]] = set()  # (name, args) known not to read auth
+        self.fetched = 0  # every commit up to this version has been applied to dirtiness
+        self.processed = -1  # every entry is valid at this version and was delivered
+        # Commits known before the pump reads them from the stream: those the watcher read and
+        # those made on this instance (version -> keys written). Applied in version order.
+        self._known: dict[int, frozenset[str]] = {}
+        self._needed = 0  # a version known to exist: the pump reads up to it before delivering
+        self._wake = asyncio.Event()
+        self._dirty: set[_Entry] = set()
+        self._changed: set[_Entry] = set()
+        self._fresh: set[Registration] = set()
+        self._pending: list[Registration] = []
+        self._waiters: list[tuple[int, asyncio.Future[int]]] = []
+        self._resync = True
+
+    # ------------------------------------------------------------------ registrations
+
+    def attach(self, regs: list[Registration]) -> None:
+        """Queue these registrations; their first results go out in one transition."""
+        self._pending.extend(regs)
+        self._wake.set()
+
+    def detach(self, reg: Registration) -> None:
+        reg.detached = True
+        entry = reg.entry
+        reg.entry = None
+        if entry is None:
+            return
+        entry.regs.discard(reg)
+        self._fresh.discard(reg)
+        if not entry.regs:
+            self._drop(entry)
+
+    def _drop(self, entry: _Entry) -> None:
+        if self.entries.get(entry.key) is entry:
+            del self.entries[entry.key]
+            if entry.free:
+                # Client-chosen args must not accumulate: forget it with its last subscriber.
+                self._free_names.discard((entry.key[0], entry.key[1]))
+        self._dirty.discard(entry)
+        self._changed.discard(entry)
+        if entry.value is not None:
+            for key in entry.value.read_set:
+                holders = self._by_key.get(key)
+                if holders is not None:
+                    holders.discard(entry)
+                    if not holders:
+                        del self._by_key[key]
+
+    def _place(self, reg: Registration) -> None:
+        name_args = (reg.name, _args_key(reg.args))
+        key: EntryKey
+        if name_args in self._free_names:
+            key = (*name_args, None)
+        else:
+            key = (*name_args, _principal(reg.identity))
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = _Entry(key, reg.name, reg.args)
+            self.entries[key] = entry
+            self._dirty.add(entry)
+        entry.regs.add(reg)
+        reg.entry = entry
+        self._fresh.add(reg)
+
+    def _index(self, entry: _Entry, old: frozenset[str], new: frozenset[str]) -> None:
+        for key in old - new:
+            holders = self._by_key.get(key)
+            if holders is not None:
+                holders.discard(entry)
+                if not holders:
+                    del self._by_key[key]
+        for key in new - old:
+            self._by_key.setdefault(key, set()).add(entry)
+
+    # ------------------------------------------------------------------ waiting
+
+    def notify_commit(self, version: int, written_keys: frozenset[str] = frozenset()) -> None:
+        """A commit was made on this instance at ``version``, writing ``written_keys`` (what its
+        stream entry holds): process it now, without waiting for the stream or reading it back.
+        With no keys, the pump reads the stream up to ``version``."""
+        if written_keys and version > self.fetched:
+            self._known[version] = written_keys
+        self._needed = max(self._needed, version)
+        self._wake.set()
+
+    async def wait_processed(self, version: int) -> int:
+        """Wait until every subscription on this instance is delivered at ≥ ``version``."""
+        if self.processed >= version:
+            return self.processed
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.append((version, future))
+        self._needed = max(self._needed, version)
+        self._wake.set()
+        return await future
+
+    def resync(self) -> None:
+        """Re-evaluate every entry (after a Redis reconnect or a gap in the stream)."""
+        self._resync = True
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the pump
+
+    async def run(self) -> None:
+        """The pump and the stream watcher, until cancelled."""
+        watcher = asyncio.create_task(self._watch(), name="commit-watch")
+        backoff = 0.1
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                try:
+                    await self._cycle()
+                    backoff = 0.1
+                    # A cycle may finish without waiting on anything (all it needed was known):
+                    # let the other tasks run before the next one.
+                    await asyncio.sleep(0)
+                except RedisError as exc:
+                    log.warning("subscription cycle failed (%s); retrying", exc.__class__.__name__)
+                    self._resync = True
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    self._wake.set()
+                except Exception:
+                    # A bug must not freeze every live query of the instance: log, start over.
+                    log.exception("subscription cycle failed; re-running everything")
+                    self._resync = True
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    self._wake.set()
+        finally:
+            watcher.cancel()
+
+    async def _watch(self) -> None:
+        """Block on the commit stream and wake the pump when something arrives."""
+        position = max(self.fetched, 0)
+        backoff = 0.1
+        while True:
+            try:
+                # Below the Redis client's socket timeout, so an idle wait is not an error.
+                batch = await self.engine.read_commits(
+                    position, block_ms=WATCH_BLOCK_MS, count=COMMIT_BATCH
+                )
+                backoff = 0.1
+            except RedisError:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                self.resync()  # commits may have been missed while Redis was away
+                continue
+            if batch.gap:
+                position = max(position, batch.version)
+                self.resync()
+            elif batch.commits:
+                # Handed to the pump: it need not read them again. Bounded: a pump that has
+                # fallen this far behind reads the rest from the stream.
+                for commit in batch.commits:
+                    if commit.version > self.fetched and len(self._known) < COMMIT_BATCH:
+                        self._known[commit.version] = commit.written_keys
+                position = batch.commits[-1].version
+                self._needed = max(self._needed, batch.version)
+                self._wake.set()
+            else:
+                # Idle: keep the watch position close to the pump's.
+                position = max(position, self.fetched)
+
+    async def _cycle(self) -> None:
+        for reg in self._pending:
+            if not reg.detached:
+                self._place(reg)
+        self._pending.clear()
+        if self._resync:
+            self._resync = False
+            self._dirty.update(self.entries.values())
+            self._known.clear()  # perhaps from before Redis lost data: read them again
+            self.fetched = await self.engine.version()
+            self._needed = max(self._needed, self.fetched)
+        converged = False
+        for _ in range(MAX_ROUNDS):
+            await self._read_commits()
+            if not self._dirty:
+                converged = True
+                break
+            dirty = list(self._dirty)
+            self._dirty.clear()
+            newest = await self._evaluate(dirty)
+            if newest <= self.fetched and not self._dirty:
+                converged = True
+                break
+            self._needed = max(self._needed, newest)  # read the commits that run saw
+        if not converged:
+            self._wake.set()  # commits keep landing on what we read: go round again
+            return
+        self._deliver()
+
+    async def _read_commits(self) -> None:
+        """Apply every commit up to (at least) ``_needed``: those already known, in version
+        order, then the rest from the stream."""
+        while True:
+            known = self._known
+            while known:
+                keys = known.pop(self.fetched + 1, None)
+                if keys is None:
+                    break
+                self._apply(self.fetched + 1, keys)
+            if known:
+                for version in [v for v in known if v <= self.fetched]:
+                    del known[version]
+            # Waiters need their versions read, whatever lowered the target since they came.
+            needed = max(self._needed, *(wanted for wanted, _ in self._waiters), 0)
+            if self.fetched >= needed:
+                return
+            batch = await self.engine.read_commits(self.fetched, block_ms=None, count=COMMIT_BATCH)
+            if batch.gap:
+                self._dirty.update(self.entries.values())
+                self.fetched = self._needed = batch.version
+                known.clear()
+                return
+            for commit in batch.commits:
+                self._apply(commit.version, commit.written_keys)
+            self._needed = max(self._needed, batch.version)
+            if len(batch.commits) < COMMIT_BATCH:
+                return
+
+    def _apply(self, version: int, written_keys: frozenset[str]) -> None:
+        """Commit ``version`` wrote ``written_keys``: what read them is dirty."""
+        for key in written_keys:
+            for entry in self._by_key.get(key, ()):
+                if entry.valid_at < version:
+                    self._dirty.add(entry)
+        self.fetched = version
+
+    async def _evaluate(self, dirty: list[_Entry]) -> int:
+        """Re-evaluate ``dirty``; return the newest snapshot version seen."""
+        semaphore = asyncio.Semaphore(EVALUATION_CONCURRENCY)
+        newest = self.fetched
+
+        async def one(entry: _Entry) -> None:
+            nonlocal newest
+            try:
+                async with semaphore:
+                    # Check at use, once a slot is ours: no function runs under an ended
+                    # identity. The connections re-check themselves and come back under their
+                    # new identity.
+                    usable, identity = entry.identity()
+                    if not usable or (identity is not None and not self.identity_usable(identity)):
+                        for reg in list(entry.regs):
+                            self.detach(reg)
+                            reg.subscriber.identity_ended()
+                        return
+                    ev = await self.engine.evaluate(entry.name, entry.args, identity)
+            except RedisError:
+                self._dirty.add(entry)  # try again next cycle
+                raise
+            if self.entries.get(entry.key) is not entry:
+                return  # dropped while evaluating
+            if entry.free and ev.reads_identity:
+                # It reads the identity after all: each subscriber moves to an entry for its own
+                # identity, evaluated in this same cycle (they are dirty, so the cycle does not
+                # converge — nor deliver, nor release mutations — before they have values).
+                self._free_names.discard((entry.key[0], entry.key[1]))
+                self._drop(entry)
+                for reg in entry.regs:
+                    # Registered perhaps long ago, under an identity the connection has since
+                    # replaced: it now depends on the identity the connection holds today.
+                    reg.identity = reg.subscriber.current_identity()
+                    reg.generation = reg.subscriber.current_generation()
+                    self._place(reg)
+                return
+            version = ev.version if ev.version is not None else self.fetched
+            newest = max(newest, version)
+            old = entry.value.read_set if entry.value is not None else frozenset()
+            entry.value = ev
+            entry.valid_at = version
+            self._index(entry, old, ev.read_set)
+            text = _result_text(ev)
+            if text != entry.text:
+                self._changed.add(entry)
+            entry.text = text
+            if not ev.reads_identity and not entry.free:
+                self._make_free(entry)
+
+        if len(dirty) == 1:
+            await one(dirty[0])  # the common case after a commit: no task, no loop iteration
+            return newest
+        results = await asyncio.gather(*(one(entry) for entry in dirty), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return newest
+
+    def _make_free(self, entry: _Entry) -> None:
+        """An entry found not to read the identity moves to (or merges into) the free entry."""
+        name_args = (entry.key[0], entry.key[1])
+        self._free_names.add(name_args)
+        free_key: EntryKey = (*name_args, None)
+        target = self.entries.get(free_key)
+        self.entries.pop(entry.key, None)
+        if target is None:
+            entry.key = free_key
+            self.entries[free_key] = entry
+            return
+        # Merge: the regs move over; those whose value differs get it as fresh.
+        assert entry.value is not None
+        self._index(entry, entry.value.read_set, frozenset())
+        for reg in entry.regs:
+            reg.entry = target
+            self._fresh.add(reg)
+            target.regs.add(reg)
+        entry.regs.clear()
+        self._changed.discard(entry)
+
+    def _deliver(self) -> None:
+        version = max(self.fetched, self.processed)
+        per_subscriber: dict[Subscriber, list[tuple[Registration, Evaluation]]] = {}
+        regs = set(self._fresh)
+        for entry in self._changed:
+            regs.update(entry.regs)
+        self._fresh.clear()
+        self._changed.clear()
+        for reg in regs:
+            holder = reg.entry
+            if holder is None:
+                continue  # detached
+            if holder.value is None:
+                self._fresh.add(reg)  # not evaluated yet: deliver with its first value
+                continue
+            per_subscriber.setdefault(reg.subscriber, []).append((reg, holder.value))
+        self.processed = version
+        # Subscribers of one query mostly receive the same transition: it is encoded once.
+        shared: dict[tuple[Any, ...], Send] = {}
+        for subscriber, updates in per_subscriber.items():
+            try:
+                subscriber.deliver(version, updates, shared)
+            except Exception:
+                log.exception("delivering a transition failed")
+        if self._pending:
+            # Subscriptions arrived during this cycle and have no value yet: a mutation's
+            # result must not overtake their first transition (read your writes).
+            self._wake.set()
+            return
+        still: list[tuple[int, asyncio.Future[int]]] = []
+        for wanted, future in self._waiters:
+            if future.done():
+                continue
+            if wanted <= version:
+                future.set_result(version)
+            else:
+                still.append((wanted, future))
+        self._waiters = still
+        if still:
+            self._wake.set()

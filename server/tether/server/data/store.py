@@ -1,0 +1,1143 @@
+"""The data layer's storage: documents, indexes and serialisable mutations, held in Redis.
+
+An application declares its tables and their indexes
+(:meth:`tether.server.data.functions.App.table`). Its functions reach the data through ``ctx.db``: a
+:class:`QueryDB` in a query, a :class:`MutationDB` in a mutation. :class:`Store` runs both kinds of
+function against Redis (:meth:`Store.run_query`, :meth:`Store.run_mutation`) and reads the stream of
+commits that the reactive layer follows (:meth:`Store.read_commits`).
+
+Storage (key layout in :mod:`tether.server.redis.keys`)
+------------------------------------------------
+A document is a hash holding its JSON and the version of the commit that last wrote it; an index
+key is a sorted set of the ids whose indexed fields hold one list of values, in creation order.
+Every commit advances the one global version by exactly one and appends ``(version, written
+keys)`` to a Redis Stream.
+
+Guarantees
+----------
+* **Mutations are serialisable** (optimistic concurrency control, as in Convex). A mutation runs
+  against Redis without locks, recording the version of every document and index key it reads
+  and buffering its writes; :func:`commit` (``lua/commit.lua``) then checks in one atomic step
+  that none of those versions has changed, applies the writes and appends the commit. A changed
+  read fails the commit with :class:`Conflict` and :meth:`Store.run_mutation` runs the function
+  again, with jittered backoff, up to ``max_retries`` times; then its outcome is the error
+  ``conflict``. A mutation sees its own buffered writes. An application error is also checked
+  against the reads (it is the answer of a consistent state), and its writes are dropped.
+* **Queries see one snapshot.** Each read (``lua/read.lua``, atomic, an index range together with
+  its documents) returns the global version and the version of every key read. The first read
+  fixes the query's snapshot; a later read that meets a key written after it raises the internal
+  :class:`SnapshotMoved` and the whole query runs again, so a result never mixes two versions.
+  Past ``query_attempts`` runs the result is the error ``conflict``.
+* **A mutation runs once per** ``(clientId, requestId)``. Its outcome (value and version, or
+  error) is written by the same script as its writes, so a replay on any instance, or a
+  concurrent duplicate, gets the first outcome and applies nothing, for ``outcome_ttl`` seconds
+  (at least 10 minutes). A commit without a client id is still safe to retry after a lost reply:
+  each attempt carries a random id, kept ``ATTEMPT_TTL`` seconds.
+* **Versions only grow** and the commit stream holds every version in order; a reader that falls
+  behind the stream's trimmed head, or finds the global version below what it saw (data loss),
+  is told (:attr:`CommitBatch.gap`) and must re-run everything.
+
+Limits
+------
+* Every data key carries the hash tag ``{tether-data}``: in Redis Cluster the whole data layer is
+  one slot, on one primary. It scales with that node, not with the cluster.
+* The version of every index key ever written stays in one hash (``tether:{tether-data}:kv``): it
+  grows with the number of distinct indexed values, never shrinks.
+* A deleted document leaves a tombstone for ``tombstone_ttl`` seconds (default one day). A query
+  that runs longer than that could miss a deletion that happened during it.
+* Creation order is commit order; ``_creationTime`` is the inserting instance's clock, so two
+  instances' clocks can disagree with it by their skew.
+* At most :data:`MAX_INSERTS` inserts per mutation, documents up to :data:`MAX_DOCUMENT_BYTES`,
+  indexed values up to :data:`MAX_INDEX_VALUES_BYTES` (``limit_exceeded``). A query without a
+  ``limit`` reads its whole index range in one script call.
+* A read set is coarse: reading an index range depends on the whole index key, so any insert or
+  removal under those values conflicts with (or re-runs) it.
+
+Exception tree::
+
+    FunctionError (server.errors)    what a function's caller sees: invalid, not_found, conflict …
+    Conflict                         a commit's reads changed; nothing was written
+    SnapshotMoved (BaseException)    internal: a run saw a newer version; it is retried
+
+Redis errors (``redis.exceptions.RedisError``) propagate from every method, also when they happen
+inside an application function: the caller answers them, they are not the function's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import json
+import random
+import re
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NoReturn
+
+from redis.exceptions import RedisError
+
+from tether.server.clock import Clock, to_ms
+from tether.server.data.functions import Auth, Context, FunctionSpec, encode_result, invoke
+from tether.server.errors import ErrorCode, FunctionError, FunctionErrorCode
+from tether.server.redis import keys as redis_keys
+from tether.server.redis.connection import RedisClient, load_script, without_turns
+
+__all__ = [
+    "ATTEMPT_TTL",
+    "MAX_DOCUMENT_BYTES",
+    "MAX_INDEX_VALUES_BYTES",
+    "MAX_INSERTS",
+    "Commit",
+    "CommitBatch",
+    "CommitResult",
+    "Conflict",
+    "MutationDB",
+    "MutationOutcome",
+    "QueryDB",
+    "QueryEvaluation",
+    "Schema",
+    "SnapshotMoved",
+    "Store",
+    "encode_index_values",
+]
+
+#: Table → index name → indexed fields, as :attr:`tether.server.data.functions.App.schema` gives it.
+Schema = Mapping[str, Mapping[str, tuple[str, ...]]]
+Order = Literal["asc", "desc"]
+
+#: Inserts one mutation may make: a document's creation score is ``version * 1000 + slot``.
+MAX_INSERTS = 1000
+#: Largest document, as compact UTF-8 JSON.
+MAX_DOCUMENT_BYTES = 1_048_576
+#: Largest list of indexed values, as canonical UTF-8 JSON (it becomes part of a Redis key).
+MAX_INDEX_VALUES_BYTES = 1024
+#: Seconds a commit made without a client id remembers its attempt (a retried call's answer).
+ATTEMPT_TTL = 120
+#: The least ``outcome_ttl`` a :class:`Store` accepts: a client replays within minutes.
+MIN_OUTCOME_TTL = 600
+
+#: Backoff between the runs of a conflicting mutation: full jitter, doubling, capped (seconds).
+_BACKOFF_BASE = 0.004
+_BACKOFF_CAP = 0.25
+
+#: The ids ``insert`` makes (``secrets.token_urlsafe(16)``) and the only ids a document can have.
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MAX_SHOWN_CHARS = 40
+#: Any limit above this reads the whole range.
+_ALL = 2**31
+
+_NO_WRITES = "queries cannot write"
+_CONFLICT_MESSAGE = "the data changed too often while the {} ran; try again"
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+class Conflict(Exception):
+    """A commit found that something the mutation read has changed; nothing was written."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"conflict on {key}")
+        self.key = key
+
+
+class _Abort(BaseException):
+    """Internal: ends a function run from inside ``ctx.db``, through the application's code.
+
+    A ``BaseException``, like ``CancelledError``, so that neither :func:`invoke`'s catch-all nor an
+    application's ``except Exception`` turns it into an ``internal`` error. The database also
+    keeps it, so a run that swallowed it anyway is still retried (or its Redis error raised).
+    """
+
+
+class SnapshotMoved(_Abort):
+    """Internal: a read met a version newer than the run's snapshot; the run is retried."""
+
+
+class _RedisFailed(_Abort):
+    def __init__(self, error: RedisError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """One entry of the commit stream: a version and the keys its commit wrote."""
+
+    version: int
+    written_keys: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitBatch:
+    """What :meth:`Store.read_commits` found.
+
+    ``commits`` follow ``after`` without a hole, in order. ``gap`` is true when commits were lost
+    to the reader (the stream was trimmed past them, or Redis lost data): the reader must re-run
+    every query. ``version`` is the latest global version seen.
+    """
+
+    commits: tuple[Commit, ...]
+    gap: bool
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """What :meth:`Store.commit` did: committed at ``version`` writing ``written_keys`` (none, and
+    the current version, for a mutation that wrote nothing), or found the mutation already
+    finished: then ``duplicate`` is its stored outcome (see :meth:`Store.get_outcome`) and
+    ``version`` is ``None``."""
+
+    version: int | None
+    written_keys: frozenset[str]
+    duplicate: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryEvaluation:
+    """A query's result at one snapshot: ``value_json`` or ``error`` (code, message).
+
+    ``read_set`` holds every document and index key the run read (the result changes only when
+    one of them is written); ``version`` is the snapshot; ``reads_identity`` tells whether the
+    result depends on the caller's identity.
+    """
+
+    value_json: str | None
+    error: tuple[str, str] | None
+    read_set: frozenset[str]
+    version: int
+    reads_identity: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MutationOutcome:
+    """A mutation's outcome: ``value_json`` and the ``version`` it committed at, or ``error``.
+
+    ``written_keys`` is what this run's commit wrote (empty for a replayed outcome, an error, or
+    a mutation that wrote nothing): the commit stream's entry at ``version`` holds the same.
+    """
+
+    value_json: str | None
+    error: tuple[str, str] | None
+    version: int | None
+    written_keys: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any]) -> MutationOutcome:
+        """The outcome that :meth:`Store.get_outcome` returned."""
+        error = stored.get("error")
+        if error is not None:
+            return cls(None, (str(error["code"]), str(error["message"])), None)
+        version = stored.get("version")
+        return cls(_compact(stored.get("value")), None, None if version is None else int(version))
+
+
+# ---------------------------------------------------------------------------------- encoding
+
+
+def _compact(value: Any) -> str:
+    # The same text as encode_result gives: a stored outcome reads back byte for byte.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with equal JSON numbers made identical (``1.0`` → ``1``), recursively."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _canonical(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(item) for item in value]
+    return value
+
+
+def encode_index_values(values: Sequence[Any]) -> str:
+    """The index-key segment for one list of indexed values.
+
+    Unpadded base64url of the canonical JSON (sorted object keys, integral floats as integers) of
+    the list: two lists share a segment exactly when they are equal as JSON values. Raises
+    ``FunctionError("invalid")`` for a value that is not JSON and ``limit_exceeded`` past
+    :data:`MAX_INDEX_VALUES_BYTES`.
+    """
+    try:
+        text = json.dumps(
+            _canonical(list(values)),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+        raw = text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError):
+        raise FunctionError(FunctionErrorCode.INVALID, "an indexed value is not JSON") from None
+    if len(raw) > MAX_INDEX_VALUES_BYTES:
+        raise FunctionError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"the indexed values are {len(raw)} bytes, over the limit of {MAX_INDEX_VALUES_BYTES}",
+        )
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _index_key(table: str, index: str, fields: tuple[str, ...], doc: Mapping[str, Any]) -> str:
+    return redis_keys.data_index(table, index, encode_index_values([doc.get(f) for f in fields]))
+
+
+def _encode_document(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The document as it will read back, and its JSON text."""
+    try:
+        text = _compact(doc)
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError, RecursionError):
+        raise FunctionError(FunctionErrorCode.INVALID, "the document is not JSON") from None
+    if size > MAX_DOCUMENT_BYTES:
+        raise FunctionError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"the document is {size} bytes, over the limit of {MAX_DOCUMENT_BYTES}",
+        )
+    normalized: dict[str, Any] = json.loads(text)
+    return normalized, text
+
+
+def _user_fields(fields: object) -> dict[str, Any]:
+    """An application's fields, checked: an object whose keys are strings without a ``_``."""
+    if not isinstance(fields, Mapping):
+        raise FunctionError(FunctionErrorCode.INVALID, "a document must be an object")
+    for name in fields:
+        if not isinstance(name, str):
+            raise FunctionError(FunctionErrorCode.INVALID, "field names must be strings")
+        if name.startswith("_"):
+            raise FunctionError(
+                FunctionErrorCode.INVALID,
+                f"field {_shown(name)} is reserved: names starting with _ belong to the data layer",
+            )
+    return dict(fields)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN_CHARS else text[: _MAX_SHOWN_CHARS - 3] + "..."
+
+
+def _nonce() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def _outcome_text(
+    attempt: str, *, value_json: str | None = None, error: tuple[str, str] | None = None
+) -> str:
+    """An outcome as ``commit.lua`` takes it: ``{"attempt":...}`` then the value or the error."""
+    text = '{"attempt":' + json.dumps(attempt)
+    if error is not None:
+        text += ',"error":' + _compact({"code": error[0], "message": error[1]})
+    elif value_json is not None:
+        text += ',"value":' + value_json
+    return text + "}"
+
+
+def _parse_outcome(text: str) -> dict[str, Any]:
+    stored = json.loads(text)
+    if "error" in stored:
+        return {"version": None, "error": stored["error"]}
+    return {"version": stored.get("version"), "value": stored.get("value")}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True, slots=True)
+class _Doc:
+    """A document as read: its key, version (0: never written), JSON (None: absent), score."""
+
+    key: str
+    version: int
+    doc: dict[str, Any] | None
+    score: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    key: str
+    version: int
+    docs: tuple[_Doc, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _DocOp:
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class _RangeOp:
+    key: str
+    order: Order
+    limit: int | None
+    doc_prefix: str
+
+
+class _Database:
+    """What :class:`QueryDB` and :class:`MutationDB` share: the schema, reading, aborting."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._aborted: _Abort | None = None
+
+    @property
+    def aborted(self) -> bool:
+        """Whether this run was cut short (a newer snapshot, or Redis failed)."""
+        return self._aborted is not None
+
+    def _raise_redis_failure(self) -> None:
+        if isinstance(self._aborted, _RedisFailed):
+            raise self._aborted.error
+
+    def _abort(self, reason: _Abort) -> NoReturn:
+        if self._aborted is None:
+            self._aborted = reason
+        raise reason
+
+    def _indexes(self, table: object) -> Mapping[str, tuple[str, ...]]:
+        indexes = self._store.schema.get(table) if isinstance(table, str) else None
+        if indexes is None:
+            raise FunctionError(
+                FunctionErrorCode.INVALID,
+                f"no table {_shown(table)} in the schema (declare it with App.table)",
+            )
+        return indexes
+
+    def _range_key(
+        self, table: str, index: object, equals: object, order: object, limit: object
+    ) -> tuple[str, tuple[str, ...]]:
+        """The index key a query reads, and the index's fields; ``invalid`` for a bad query."""
+        indexes = self._indexes(table)
+        fields = indexes.get(index) if isinstance(index, str) else None
+        if fields is None:
+            raise FunctionError(
+                FunctionErrorCode.INVALID, f"table {table!r} has no index {_shown(index)}"
+            )
+        if not isinstance(equals, Mapping) or set(equals) != set(fields):
+            names = ", ".join(fields) or "no fields"
+            raise FunctionError(
+                FunctionErrorCode.INVALID,
+                f"index {index!r} of table {table!r} is on {names}: equals must give exactly those",
+            )
+        if order not in ("asc", "desc"):
+            raise FunctionError(FunctionErrorCode.INVALID, "order must be 'asc' or 'desc'")
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
+        ):
+            raise FunctionError(FunctionErrorCode.INVALID, "limit must be a non-negative integer")
+        assert isinstance(index, str)
+        return _index_key(table, index, fields, equals), fields
+
+    async def _fetch(self, ops: Sequence[_DocOp | _RangeOp]) -> tuple[int, list[_Doc | _Range]]:
+        if self._aborted is not None:
+            raise self._aborted  # the run is over: it reads nothing more
+        try:
+            return await self._store._read(ops)
+        except RedisError as exc:
+            self._abort(_RedisFailed(exc))
+
+
+class QueryDB(_Database):
+    """The ``ctx.db`` of a query: reads at one snapshot, no writes.
+
+    ``get`` and ``query`` record every key they read in :attr:`read_set`. The first read fixes
+    :attr:`snapshot`; a later read that meets a key written after it raises :class:`SnapshotMoved`
+    (the caller runs the query again). ``insert``, ``patch``, ``replace`` and ``delete`` raise
+    ``FunctionError("invalid", "queries cannot write")``.
+    """
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self._snapshot: int | None = None
+        self._read_set: set[str] = set()
+
+    @property
+    def snapshot(self) -> int | None:
+        """The global version every read so far is consistent with; ``None`` before the first."""
+        return self._snapshot
+
+    @property
+    def read_set(self) -> frozenset[str]:
+        return frozenset(self._read_set)
+
+    def _observe(self, version: int, key_versions: Sequence[int]) -> None:
+        if self._snapshot is None:
+            self._snapshot = version
+        elif any(v > self._snapshot for v in key_versions):
+            self._abort(SnapshotMoved())
+
+    async def get(self, table: str, id: str) -> dict[str, Any] | None:
+        """The document ``id`` of ``table``, or ``None``."""
+        self._indexes(table)
+        if not isinstance(id, str) or not _ID_RE.fullmatch(id):
+            return None  # no document can have this id
+        key = redis_keys.data_doc(table, id)
+        version, results = await self._fetch([_DocOp(key)])
+        doc = results[0]
+        assert isinstance(doc, _Doc)
+        self._read_set.add(key)
+        self._observe(version, [doc.version])
+        return doc.doc
+
+    async def query(
+        self,
+        table: str,
+        *,
+        index: str,
+        equals: Mapping[str, Any],
+        order: Order = "asc",
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The documents of ``table`` whose ``index`` fields equal ``equals``, in creation order
+        (``"desc"``: newest first), at most ``limit`` of them."""
+        key, _ = self._range_key(table, index, equals, order, limit)
+        version, results = await self._fetch(
+            [_RangeOp(key, order, limit, redis_keys.data_doc_prefix(table))]
+        )
+        found = results[0]
+        assert isinstance(found, _Range)
+        self._read_set.add(key)
+        self._read_set.update(doc.key for doc in found.docs)
+        self._observe(version, [found.version, *(doc.version for doc in found.docs)])
+        return [doc.doc for doc in found.docs if doc.doc is not None]
+
+    async def insert(self, table: str, doc: Mapping[str, Any]) -> str:
+        raise FunctionError(FunctionErrorCode.INVALID, _NO_WRITES)
+
+    async def patch(self, table: str, id: str, fields: Mapping[str, Any]) -> None:
+        raise FunctionError(FunctionErrorCode.INVALID, _NO_WRITES)
+
+    async def replace(self, table: str, id: str, doc: Mapping[str, Any]) -> None:
+        raise FunctionError(FunctionErrorCode.INVALID, _NO_WRITES)
+
+    async def delete(self, table: str, id: str) -> None:
+        raise FunctionError(FunctionErrorCode.INVALID, _NO_WRITES)
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    doc: dict[str, Any]
+    text: str
+
+
+class MutationDB(_Database):
+    """The ``ctx.db`` of a mutation: reads recorded with their versions, writes buffered.
+
+    Nothing reaches Redis before :meth:`Store.commit`, which applies the writes only if every
+    recorded read is unchanged. Reads see the mutation's own writes: ``get`` returns the buffered
+    document, and ``query`` includes inserted and patched documents that match, drops deleted and
+    no-longer-matching ones, and keeps creation order (new documents after existing ones, in
+    insertion order). A document read twice at two versions ends the run at once
+    (:class:`SnapshotMoved`): it could not commit.
+
+    Documents read back carry ``_id`` and ``_creationTime`` (ms, from the store's clock); field
+    names starting with ``_`` are refused on writes (``invalid``). ``patch``, ``replace`` and
+    ``delete`` of a missing document raise ``not_found``.
+    """
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self._reads: dict[str, tuple[Literal["doc", "index"], int]] = {}
+        self._base: dict[str, _Doc] = {}  # documents as read from Redis
+        self._staged: dict[str, _Staged | None] = {}  # key → final state (None: deleted)
+        self._where: dict[str, tuple[str, str]] = {}  # staged key → (table, id)
+        self._new: dict[str, int] = {}  # key of an inserted document → its creation slot
+        self._inserts = 0
+
+    @property
+    def read_set(self) -> frozenset[str]:
+        return frozenset(self._reads)
+
+    # -------------------------------------------------------------- reading
+
+    def _record(self, key: str, kind: Literal["doc", "index"], version: int) -> None:
+        seen = self._reads.get(key)
+        if seen is None:
+            self._reads[key] = (kind, version)
+        elif seen[1] != version:
+            self._abort(SnapshotMoved())
+
+    def _remember(self, doc: _Doc) -> None:
+        self._record(doc.key, "doc", doc.version)
+        self._base.setdefault(doc.key, doc)
+
+    async def _current(self, key: str) -> dict[str, Any] | None:
+        """The document's state for this mutation (not a copy)."""
+        if key in self._staged:
+            staged = self._staged[key]
+            return None if staged is None else staged.doc
+        base = self._base.get(key)
+        if base is None:
+            _, results = await self._fetch([_DocOp(key)])
+            read = results[0]
+            assert isinstance(read, _Doc)
+            self._remember(read)
+            return read.doc
+        return base.doc
+
+    async def _existing(self, table: str, doc_id: object) -> dict[str, Any]:
+        if isinstance(doc_id, str) and _ID_RE.fullmatch(doc_id):
+            current = await self._current(redis_keys.data_doc(table, doc_id))
+            if current is not None:
+                return current
+        raise FunctionError(
+            FunctionErrorCode.NOT_FOUND, f"no document {_shown(doc_id)} in table {table!r}"
+        )
+
+    async def get(self, table: str, id: str) -> dict[str, Any] | None:
+        """The document ``id`` of ``table`` as this mutation sees it, or ``None``."""
+        self._indexes(table)
+        if not isinstance(id, str) or not _ID_RE.fullmatch(id):
+            return None
+        return copy.deepcopy(await self._current(redis_keys.data_doc(table, id)))
+
+    async def query(
+        self,
+        table: str,
+        *,
+        index: str,
+        equals: Mapping[str, Any],
+        order: Order = "asc",
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """As :meth:`QueryDB.query`, over the stored documents with this mutation's writes."""
+        key, fields = self._range_key(table, index, equals, order, limit)
+        staged_here = [k for k, (t, _) in self._where.items() if t == table]
+        # Each stored document this mutation changed may drop out of the range: read that many
+        # more, so `limit` documents remain after the overlay.
+        changed = sum(1 for k in staged_here if k not in self._new)
+        fetch = None if limit is None else limit + changed
+        _, results = await self._fetch(
+            [_RangeOp(key, order, fetch, redis_keys.data_doc_prefix(table))]
+        )
+        found = results[0]
+        assert isinstance(found, _Range)
+        self._record(key, "index", found.version)
+        for doc in found.docs:
+            self._remember(doc)
+
+        rows: list[tuple[tuple[int, int], dict[str, Any]]] = []
+        for doc in found.docs:
+            if doc.key not in self._staged and doc.doc is not None:
+                rows.append(((0, doc.score), doc.doc))
+        assert isinstance(index, str)
+        for k in staged_here:
+            staged = self._staged[k]
+            if staged is None or _index_key(table, index, fields, staged.doc) != key:
+                continue
+            slot = self._new.get(k)
+            rank = (1, slot) if slot is not None else (0, self._base[k].score)
+            rows.append((rank, staged.doc))
+        rows.sort(key=lambda row: row[0], reverse=order == "desc")
+        if limit is not None:
+            rows = rows[:limit]
+        return [copy.deepcopy(doc) for _, doc in rows]
+
+    # -------------------------------------------------------------- writing
+
+    def _stage(self, table: str, doc_id: str, doc: Mapping[str, Any] | None) -> None:
+        key = redis_keys.data_doc(table, doc_id)
+        if doc is None:
+            self._staged[key] = None
+        else:
+            normalized, text = _encode_document(doc)
+            for index, fields in self._indexes(table).items():
+                _index_key(table, index, fields, normalized)  # its size is checked now, not later
+            self._staged[key] = _Staged(normalized, text)
+        self._where[key] = (table, doc_id)
+
+    async def insert(self, table: str, doc: Mapping[str, Any]) -> str:
+        """Insert ``doc`` into ``table``; the new document's id (random, URL-safe)."""
+        self._indexes(table)
+        fields = _user_fields(doc)
+        if self._inserts >= MAX_INSERTS:
+            raise FunctionError(
+                ErrorCode.LIMIT_EXCEEDED, f"a mutation inserts at most {MAX_INSERTS} documents"
+            )
+        doc_id = secrets.token_urlsafe(16)
+        created = to_ms(self._store.clock())
+        self._stage(table, doc_id, {"_id": doc_id, "_creationTime": created, **fields})
+        self._new[redis_keys.data_doc(table, doc_id)] = self._inserts
+        self._inserts += 1
+        return doc_id
+
+    async def patch(self, table: str, id: str, fields: Mapping[str, Any]) -> None:
+        """Set ``fields`` on the document (a shallow merge); ``not_found`` if it is missing."""
+        self._indexes(table)
+        updates = _user_fields(fields)
+        current = await self._existing(table, id)
+        self._stage(table, id, {**current, **updates})
+
+    async def replace(self, table: str, id: str, doc: Mapping[str, Any]) -> None:
+        """Replace the document's fields with ``doc`` (``_id`` and ``_creationTime`` stay)."""
+        self._indexes(table)
+        fields = _user_fields(doc)
+        current = await self._existing(table, id)
+        system = {"_id": current["_id"], "_creationTime": current["_creationTime"]}
+        self._stage(table, id, {**system, **fields})
+
+    async def delete(self, table: str, id: str) -> None:
+        """Delete the document; ``not_found`` if it is missing."""
+        self._indexes(table)
+        await self._existing(table, id)
+        self._stage(table, id, None)
+
+
+# ---------------------------------------------------------------------------------- store
+
+
+@dataclass(frozen=True, slots=True)
+class _CommitRequest:
+    keys: list[str]
+    args: list[str]
+    written: frozenset[str]
+
+
+class _Turn:
+    """One key's retry lock on this instance, and how many retries hold or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+#: The error message of a mutation whose caller's identity has ended (before or while it ran).
+IDENTITY_ENDED = "the identity has ended; authenticate again"
+
+
+class Store:
+    """Documents, indexes and mutation outcomes in Redis, and the functions that use them.
+
+    ``redis`` must decode responses (:func:`tether.server.redis.connection.connect` does).
+    ``schema`` is the application's :attr:`~tether.server.data.functions.App.schema`; ``clock``
+    stamps ``_creationTime``. ``stream_maxlen`` bounds the commit stream (approximately: Redis trims
+    whole nodes); ``outcome_ttl`` is how long, in seconds, a mutation's outcome answers replays (at
+    least :data:`MIN_OUTCOME_TTL`); ``tombstone_ttl`` how long a deleted document's version is kept.
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        schema: Schema,
+        clock: Clock,
+        stream_maxlen: int = 100_000,
+        outcome_ttl: int = 900,
+        tombstone_ttl: int = 86_400,
+        max_result_bytes: int = 1_048_576,
+        max_retries: int = 8,
+        query_attempts: int = 5,
+    ) -> None:
+        if outcome_ttl < MIN_OUTCOME_TTL:
+            raise ValueError(f"outcome_ttl must be at least {MIN_OUTCOME_TTL} seconds")
+        if stream_maxlen < 1 or tombstone_ttl < 1 or max_retries < 0 or query_attempts < 1:
+            raise ValueError("stream_maxlen, tombstone_ttl and query_attempts must be positive")
+        self.redis = redis
+        self.schema = schema
+        self.clock = clock
+        self.stream_maxlen = stream_maxlen
+        self.outcome_ttl = outcome_ttl
+        self.tombstone_ttl = tombstone_ttl
+        self.max_result_bytes = max_result_bytes
+        self.max_retries = max_retries
+        self.query_attempts = query_attempts
+        self._commit_script = load_script(redis, "tether.server.data", "commit")
+        self._read_script = load_script(redis, "tether.server.data", "read")
+        self._retry_turns: dict[str, _Turn] = {}  # key -> the retries waiting on it here
+
+    # -------------------------------------------------------------- versions and commits
+
+    async def version(self) -> int:
+        """The global version: that of the last commit, 0 before the first."""
+        raw = await self.redis.get(redis_keys.DATA_VERSION)
+        return int(raw) if raw is not None else 0
+
+    async def read_commits(
+        self, after: int, *, block_ms: int | None = None, count: int = 100
+    ) -> CommitBatch:
+        """Up to ``count`` commits with versions above ``after``, in order.
+
+        With ``block_ms``, wait up to that long for a commit when there is none yet (keep it
+        below the client's socket timeout). ``gap`` is set when the stream no longer holds
+        version ``after + 1`` though the global version is past it (trimmed, or Redis restarted
+        without its data), or when the global version is below ``after`` (data loss).
+        """
+        # One round trip: the global version and the entries after ``after``. An XREAD blocks
+        # only while there are none; a pipeline keeps the replies in order.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(redis_keys.DATA_VERSION)
+            if block_ms is not None:
+                pipe.xread({redis_keys.DATA_COMMITS: f"{after}-0"}, count=count, block=block_ms)
+            else:
+                pipe.xrange(redis_keys.DATA_COMMITS, min=f"{after + 1}-0", max="+", count=count)
+            # The blocking read takes no turn on a Cluster node: a burst of commands on the data
+            # node must not hold up the watcher (see redis_conn.without_turns).
+            with without_turns() if block_ms is not None else contextlib.nullcontext():
+                raw_version, reply = await pipe.execute()
+        current = int(raw_version) if raw_version is not None else 0
+        if current < after:
+            return CommitBatch((), True, current)
+        entries: list[Any] = _stream_entries(reply) if block_ms is not None else list(reply or [])
+        commits: list[Commit] = []
+        gap = False
+        for _, fields in entries:
+            version = int(_text(fields["v"]))
+            if version != after + 1 + len(commits):
+                gap = True
+                break
+            keys = json.loads(_text(fields["k"]))
+            commits.append(Commit(version, frozenset(keys)))
+        if not commits and current > after:
+            gap = True
+        latest = max(current, commits[-1].version) if commits else current
+        return CommitBatch(tuple(commits), gap, latest)
+
+    # -------------------------------------------------------------- outcomes
+
+    def _outcome_key(self, client_id: str | None, request_id: int | None) -> str | None:
+        if client_id is None or request_id is None:
+            return None
+        return redis_keys.data_outcome(client_id, request_id)
+
+    async def get_outcome(self, client_id: str, request_id: int) -> dict[str, Any] | None:
+        """The stored outcome of ``(client_id, request_id)``, or ``None``.
+
+        ``{"version": V, "value": VALUE}`` for a mutation that succeeded (committed at version
+        ``V``), ``{"version": None, "error": {"code", "message"}}`` for one that failed.
+        """
+        raw = await self.redis.get(redis_keys.data_outcome(client_id, request_id))
+        return None if raw is None else _parse_outcome(_text(raw))
+
+    async def put_outcome(
+        self, client_id: str, request_id: int, code: str, message: str
+    ) -> dict[str, Any]:
+        """Store a failure as the outcome of ``(client_id, request_id)`` unless it has one.
+
+        No commit: for failures decided outside the function (``conflict`` after the last
+        retry). Returns the outcome that holds: this one, or the one stored first.
+        """
+        key = redis_keys.data_outcome(client_id, request_id)
+        text = '{"version":null,' + _outcome_text(_nonce(), error=(code, message))[1:]
+        while True:
+            if await self.redis.set(key, text, nx=True, px=self.outcome_ttl * 1000):
+                return _parse_outcome(text)
+            raw = await self.redis.get(key)
+            if raw is not None:  # else it expired in between: store ours
+                return _parse_outcome(_text(raw))
+
+    # -------------------------------------------------------------- committing
+
+    async def commit(
+        self,
+        db: MutationDB,
+        *,
+        client_id: str | None,
+        request_id: int | None,
+        outcome_value_json: str | None,
+    ) -> CommitResult:
+        """Commit ``db``'s writes if its reads are unchanged; raises :class:`Conflict` otherwise.
+
+        With ``client_id`` and ``request_id``, ``outcome_value_json`` (the mutation's result as
+        compact JSON; ``None`` stores ``null``) is stored as their outcome in the same step, and
+        a mutation that already has an outcome commits nothing: the result's ``duplicate``
+        holds that outcome. A commit that writes nothing leaves the version as it is.
+        """
+        attempt = _nonce()
+        key = self._outcome_key(client_id, request_id)
+        if key is None:
+            request = self._commit_request(
+                db, redis_keys.data_attempt(attempt), attempt, _outcome_text(attempt), ATTEMPT_TTL
+            )
+        else:
+            text = _outcome_text(attempt, value_json=outcome_value_json or "null")
+            request = self._commit_request(db, key, attempt, text, self.outcome_ttl)
+        return await self._send_commit(request)
+
+    def _commit_request(
+        self,
+        db: MutationDB,
+        outcome_key: str,
+        attempt: str,
+        outcome_text: str,
+        outcome_ttl: int,
+        *,
+        apply_writes: bool = True,
+    ) -> _CommitRequest:
+        """The keys and payload of ``commit.lua`` for ``db`` (its reads only, without writes)."""
+        keys = [
+            redis_keys.DATA_VERSION,
+            redis_keys.DATA_COMMITS,
+            redis_keys.DATA_INDEX_VERSIONS,
+            outcome_key,
+        ]
+        position: dict[str, int] = {}
+
+        def at(key: str) -> int:
+            if key not in position:
+                keys.append(key)
+                position[key] = len(keys)  # Lua counts from 1
+            return position[key]
+
+        reads = [[at(key), kind, version] for key, (kind, version) in db._reads.items()]
+        docs: list[list[Any]] = []
+        index_ops: list[list[Any]] = []
+        touched: dict[str, int] = {}
+        written: list[str] = []
+        for key, staged in db._staged.items() if apply_writes else ():
+            slot = db._new.get(key)
+            if slot is not None and staged is None:
+                continue  # inserted and deleted by the same mutation: nothing to write
+            table, doc_id = db._where[key]
+            docs.append(
+                [at(key), False if staged is None else staged.text, -1 if slot is None else slot]
+            )
+            written.append(key)
+            before = None if slot is not None else db._base[key].doc
+            for index, fields in self.schema[table].items():
+                old = None if before is None else _index_key(table, index, fields, before)
+                new = None if staged is None else _index_key(table, index, fields, staged.doc)
+                if old == new:
+                    continue
+                if old is not None:
+                    index_ops.append(["rem", at(old), doc_id])
+                    touched[old] = at(old)
+                if new is not None:
+                    if slot is not None:
+                        index_ops.append(["new", at(new), doc_id, slot])
+                    else:
+                        index_ops.append(["add", at(new), doc_id, db._base[key].score])
+                    touched[new] = at(new)
+        written.extend(touched)
+        payload = {
+            "attempt": attempt,
+            "reads": reads,
+            "docs": docs,
+            "index_ops": index_ops,
+            "touched": list(touched.values()),
+            "written": _compact(written),
+            "outcome": outcome_text,
+            "outcome_ttl_ms": outcome_ttl * 1000,
+            "tombstone_ttl_ms": self.tombstone_ttl * 1000,
+            "maxlen": self.stream_maxlen,
+        }
+        return _CommitRequest(keys, [_compact(payload)], frozenset(written))
+
+    async def _send_commit(self, request: _CommitRequest) -> CommitResult:
+        reply = await self._commit_script(keys=request.keys, args=request.args)
+        status = _text(reply[0])
+        if status == "ok":
+            return CommitResult(int(reply[1]), request.written)
+        if status == "conflict":
+            raise Conflict(_text(reply[1]))
+        return CommitResult(None, frozenset(), _parse_outcome(_text(reply[1])))
+
+    # -------------------------------------------------------------- reading
+
+    async def _read(self, ops: Sequence[_DocOp | _RangeOp]) -> tuple[int, list[_Doc | _Range]]:
+        """One atomic batch read (``read.lua``): the global version and each op's result."""
+        keys = [redis_keys.DATA_VERSION, redis_keys.DATA_INDEX_VERSIONS]
+        encoded: list[list[Any]] = []
+        for op in ops:
+            keys.append(op.key)
+            if isinstance(op, _DocOp):
+                encoded.append(["doc", len(keys)])
+            else:
+                # A limit past any index's size reads all (and stays an integer in Lua).
+                limit = -1 if op.limit is None or op.limit > _ALL else op.limit
+                encoded.append(["index", len(keys), op.order, limit, op.doc_prefix])
+        reply = await self._read_script(keys=keys, args=[_compact(encoded)])
+        results: list[_Doc | _Range] = []
+        for op, result in zip(ops, reply[1:], strict=True):
+            if isinstance(op, _DocOp):
+                version, text, score = (_text(x) for x in result)
+                doc = json.loads(text) if text else None
+                results.append(_Doc(op.key, int(version), doc, int(score)))
+            else:
+                rows = [_text(x) for x in result[1]]
+                docs = tuple(
+                    _Doc(
+                        op.doc_prefix + rows[j],
+                        int(rows[j + 1]),
+                        json.loads(rows[j + 2]),
+                        int(float(rows[j + 3])),
+                    )
+                    for j in range(0, len(rows), 4)
+                )
+                results.append(_Range(op.key, int(_text(result[0])), docs))
+        return int(reply[0]), results
+
+    # -------------------------------------------------------------- running functions
+
+    async def run_query(
+        self, spec: FunctionSpec, kwargs: Mapping[str, Any], auth: Auth | None
+    ) -> QueryEvaluation:
+        """Run the query ``spec`` at one snapshot (``kwargs`` from ``spec.validate_args``).
+
+        A :class:`~tether.server.errors.FunctionError` becomes the result's ``error``; a run that
+        met a newer version is repeated, up to ``query_attempts`` runs, then the error is
+        ``conflict``. Redis errors propagate.
+        """
+        read_set: set[str] = set()
+        reads_identity = False
+        for _ in range(self.query_attempts):
+            db = QueryDB(self)
+            ctx = Context(auth, db=db)
+            value_json, error = await self._run_function(spec, ctx, kwargs)
+            read_set |= db._read_set
+            reads_identity = reads_identity or ctx.read_identity
+            if db.aborted:
+                db._raise_redis_failure()
+                continue
+            snapshot = db.snapshot
+            version = snapshot if snapshot is not None else await self.version()
+            return QueryEvaluation(value_json, error, db.read_set, version, ctx.read_identity)
+        return QueryEvaluation(
+            None,
+            (FunctionErrorCode.CONFLICT, _CONFLICT_MESSAGE.format("query")),
+            frozenset(read_set),
+            await self.version(),
+            reads_identity,
+        )
+
+    async def run_mutation(
+        self,
+        spec: FunctionSpec,
+        kwargs: Mapping[str, Any],
+        auth: Auth | None,
+        *,
+        client_id: str | None,
+        request_id: int | None,
+        authorized: Callable[[], bool] | None = None,
+    ) -> MutationOutcome:
+        """Run the mutation ``spec`` once per ``(client_id, request_id)`` and commit it.
+
+        ``authorized`` is asked before every commit attempt (retries sleep and re-run): when it
+        says the caller's identity has ended, the mutation ends with ``unauthenticated`` and
+        nothing is written or remembered, so a replay after signing in again runs it.
+
+        A request that already has an outcome gets it back without running. Otherwise the
+        function runs against a fresh :class:`MutationDB` and commits; on :class:`Conflict` it
+        runs again after a jittered backoff, up to ``max_retries`` times, then fails with
+        ``conflict``. A :class:`~tether.server.errors.FunctionError` is the outcome too (its writes
+        are dropped), so a replay returns the same error. Without ``client_id`` and ``request_id``
+        nothing is remembered. Redis errors propagate; the mutation may or may not have committed,
+        and a replay with the same ids finds out.
+        """
+        outcome_key = self._outcome_key(client_id, request_id)
+        if outcome_key is not None:
+            raw = await self.redis.get(outcome_key)
+            if raw is not None:
+                return MutationOutcome.from_stored(_parse_outcome(_text(raw)))
+        hot_key: str | None = None  # the key the last attempt conflicted on
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                await self._backoff(attempt - 1)
+            # A retry waits for this instance's other retries on the same key: they would only
+            # invalidate each other (one commit per key per round trip can win).
+            async with self._retry_turn(hot_key):
+                try:
+                    outcome = await self._attempt(
+                        spec, kwargs, auth, outcome_key, authorized=authorized
+                    )
+                except Conflict as exc:
+                    hot_key = exc.key
+                    continue
+            if outcome is not None:
+                return outcome
+        code, message = FunctionErrorCode.CONFLICT, _CONFLICT_MESSAGE.format("mutation")
+        if client_id is not None and request_id is not None:
+            stored = await self.put_outcome(client_id, request_id, code, message)
+            return MutationOutcome.from_stored(stored)
+        return MutationOutcome(None, (code, message), None)
+
+    async def _attempt(
+        self,
+        spec: FunctionSpec,
+        kwargs: Mapping[str, Any],
+        auth: Auth | None,
+        outcome_key: str | None,
+        *,
+        authorized: Callable[[], bool] | None,
+    ) -> MutationOutcome | None:
+        """Run the mutation once and commit it: its outcome, or None when a Redis failure
+        inside the function's reads asks for another attempt. Raises :class:`Conflict`."""
+        db = MutationDB(self)
+        value_json, error = await self._run_function(spec, Context(auth, db=db), kwargs)
+        if db.aborted:
+            db._raise_redis_failure()
+            return None
+        nonce = _nonce()
+        if outcome_key is None:
+            key, ttl, text = redis_keys.data_attempt(nonce), ATTEMPT_TTL, _outcome_text(nonce)
+        else:
+            key, ttl = outcome_key, self.outcome_ttl
+            text = _outcome_text(nonce, value_json=value_json, error=error)
+        # An error is committed without its writes: its reads are still checked, so the
+        # error, too, is the answer of one consistent state.
+        request = self._commit_request(db, key, nonce, text, ttl, apply_writes=error is None)
+        if authorized is not None and not authorized():
+            return MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED), None)
+        result = await self._send_commit(request)
+        if result.duplicate is not None:
+            return MutationOutcome.from_stored(result.duplicate)
+        if error is not None:
+            return MutationOutcome(None, error, None)
+        return MutationOutcome(value_json, None, result.version, result.written_keys)
+
+    async def _run_function(
+        self, spec: FunctionSpec, ctx: Context, kwargs: Mapping[str, Any]
+    ) -> tuple[str | None, tuple[str, str] | None]:
+        """Run ``spec``: ``(value JSON, None)``, or ``(None, (code, message))`` for a
+        :class:`~tether.server.errors.FunctionError`; ``(None, None)`` when ``ctx.db`` ended the run
+        (its ``aborted`` says why)."""
+        try:
+            value = await invoke(spec, ctx, kwargs)
+            return encode_result(value, self.max_result_bytes), None
+        except _Abort:
+            return None, None
+        except FunctionError as exc:
+            return None, (exc.code, exc.message)
+
+    @contextlib.asynccontextmanager
+    async def _retry_turn(self, key: str | None) -> AsyncIterator[None]:
+        """Hold this instance's turn to retry on ``key`` (no turn needed for ``None``)."""
+        if key is None:
+            yield
+            return
+        turn = self._retry_turns.get(key)
+        if turn is None:
+            turn = self._retry_turns[key] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._retry_turns[key]
+
+    async def _backoff(self, retry: int) -> None:
+        await asyncio.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**retry)))
+
+
+def _stream_entries(reply: Any) -> list[Any]:
+    """The entries of an ``XREAD`` reply on one stream (a RESP2 list or a RESP3 map)."""
+    if not reply:
+        return []
+    if isinstance(reply, Mapping):
+        return list(next(iter(reply.values()))[0])
+    return list(reply[0][1])

@@ -1,0 +1,950 @@
+"""The ``/sync`` protocol, sans I/O: parse client frames, run the per-connection state machine.
+
+Nothing here touches a socket, Redis or the event loop's clock. :class:`ConnectionCore` takes
+parsed messages, results of work the shell did for it, and the time (``now``, seconds since the
+epoch), and returns :data:`Action`\\ s for the shell (``tether.server.realtime.endpoint``) to carry
+out: frames to send, a close, token checks, function runs, session (un)binding, and the next
+deadline. Tests of the protocol drive it directly with a fake clock: no socket, no sleep.
+
+Identity rules (protocol §3, "Guarantees"):
+
+* ``authenticate``/``refresh`` requests are processed one at a time in the order received, and
+  their ``authVersion`` must grow, so an answer can never overwrite a newer identity.
+* Every identity has a *generation*. Work started under one generation whose result arrives
+  under another is dropped: no result computed under an ended identity is sent.
+* ``exp + leeway`` is checked whenever something is about to run or be sent (:meth:`_tick`),
+  not only when the timer fires.
+* A refresh that keeps user and session only moves the deadlines: same generation, no re-run.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from tether.server.errors import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
+
+PROTOCOL_VERSION = 1
+#: ``connect`` must arrive within this many seconds of the upgrade (contract).
+CONNECT_TIMEOUT = 10.0
+MAX_CLIENT_ID_CHARS = 128
+MAX_NAME_CHARS = 128
+MAX_TOKEN_CHARS = 8192
+#: Integers on the wire must survive JavaScript's Number.
+MAX_SAFE_INT = 2**53 - 1
+
+
+# --------------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    client_id: str
+    protocol: int
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    token: str | None
+    auth_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    refresh_token: str
+    auth_version: int
+    retry_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    query_id: int
+    name: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    query_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mutate:
+    request_id: int
+    name: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+ClientMessage: TypeAlias = (
+    Connect | Authenticate | Refresh | Subscribe | Unsubscribe | Mutate | Ping
+)
+
+
+class BadMessage(Exception):
+    """A frame the contract rejects with an ``error`` message; the connection stays open."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        query_id: int | None = None,
+        request_id: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.query_id = query_id
+        self.request_id = request_id
+
+    def to_frame(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "error", "code": self.code.value, "message": self.message}
+        if self.query_id is not None:
+            frame["queryId"] = self.query_id
+        if self.request_id is not None:
+            frame["requestId"] = self.request_id
+        return frame
+
+
+def _int_field(doc: dict[str, Any], name: str, *, required: bool = True) -> int | None:
+    value = doc.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SAFE_INT:
+        raise BadMessage(ErrorCode.BAD_MESSAGE, f"{name} must be a non-negative integer")
+    return value
+
+
+def _str_field(doc: dict[str, Any], name: str, max_chars: int, *, nullable: bool = False) -> Any:
+    value = doc.get(name)
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= max_chars:
+        raise BadMessage(
+            ErrorCode.BAD_MESSAGE, f"{name} must be a string of 1 to {max_chars} characters"
+        )
+    return value
+
+
+def _args_field(doc: dict[str, Any], **ids: int | None) -> dict[str, Any]:
+    args = doc.get("args", {})
+    if not isinstance(args, dict):
+        raise BadMessage(ErrorCode.BAD_MESSAGE, "args must be an object", **ids)
+    return args
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; Python's parser accepts them unless told not to.
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_client_message(frame: str | bytes) -> ClientMessage:
+    """Parse one frame; raise :class:`BadMessage` (``bad_message`` or ``unknown_type``)."""
+    if not isinstance(frame, str):
+        raise BadMessage(ErrorCode.BAD_MESSAGE, "frames must be text frames holding JSON")
+    try:
+        doc = json.loads(frame, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise BadMessage(ErrorCode.BAD_MESSAGE, "the frame is not JSON") from None
+    if not isinstance(doc, dict):
+        raise BadMessage(ErrorCode.BAD_MESSAGE, "the frame is not a JSON object")
+    kind = doc.get("type")
+    if not isinstance(kind, str):
+        raise BadMessage(ErrorCode.BAD_MESSAGE, "the frame has no string field 'type'")
+    if kind == "connect":
+        protocol = _int_field(doc, "protocol")
+        assert protocol is not None
+        return Connect(_str_field(doc, "clientId", MAX_CLIENT_ID_CHARS), protocol)
+    if kind == "authenticate":
+        if "token" not in doc:
+            raise BadMessage(ErrorCode.BAD_MESSAGE, "token is required (null for anonymous)")
+        version = _int_field(doc, "authVersion")
+        assert version is not None
+        return Authenticate(_str_field(doc, "token", MAX_TOKEN_CHARS, nullable=True), version)
+    if kind == "refresh":
+        version = _int_field(doc, "authVersion")
+        assert version is not None
+        return Refresh(
+            _str_field(doc, "refreshToken", MAX_TOKEN_CHARS),
+            version,
+            _str_field(doc, "retryKey", MAX_TOKEN_CHARS, nullable=True),
+        )
+    if kind == "subscribe":
+        query_id = _int_field(doc, "queryId")
+        assert query_id is not None
+        try:
+            name = _str_field(doc, "name", MAX_NAME_CHARS)
+        except BadMessage as exc:
+            raise BadMessage(exc.code, exc.message, query_id=query_id) from None
+        return Subscribe(query_id, name, _args_field(doc, query_id=query_id))
+    if kind == "unsubscribe":
+        query_id = _int_field(doc, "queryId")
+        assert query_id is not None
+        return Unsubscribe(query_id)
+    if kind == "mutate":
+        request_id = _int_field(doc, "requestId")
+        assert request_id is not None
+        try:
+            name = _str_field(doc, "name", MAX_NAME_CHARS)
+        except BadMessage as exc:
+            raise BadMessage(exc.code, exc.message, request_id=request_id) from None
+        return Mutate(request_id, name, _args_field(doc, request_id=request_id))
+    if kind == "ping":
+        return Ping()
+    raise BadMessage(ErrorCode.UNKNOWN_TYPE, "unknown message type")
+
+
+def _rate_limited(frame: str | bytes) -> BadMessage:
+    """The ``rate_limited`` error for a dropped frame, naming its queryId/requestId if it has
+    one, so the client knows which request will get no other answer."""
+    error = BadMessage(ErrorCode.RATE_LIMITED, "too many messages; this one was dropped")
+    try:
+        message = parse_client_message(frame)
+    except BadMessage:
+        return error
+    if isinstance(message, Subscribe):
+        error.query_id = message.query_id
+    elif isinstance(message, Mutate):
+        error.request_id = message.request_id
+    return error
+
+
+# --------------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``frame`` (a JSON-ready dict) to the client.
+
+    ``text``, when given, is ``frame`` already encoded (:func:`encode_frame`): a transition that
+    many connections receive identically is encoded once and shared.
+    """
+
+    frame: dict[str, Any]
+    text: str | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyToken:
+    """Check an access token and its session; answer with ``auth_succeeded``/``auth_failed``."""
+
+    auth_version: int
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class RotateRefresh:
+    """Rotate a refresh token; answer with ``auth_succeeded`` (with tokens) or ``auth_failed``."""
+
+    auth_version: int
+    refresh_token: str
+    retry_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunQueries:
+    """Evaluate these subscriptions under ``identity`` (generation ``generation``) and answer
+    with :meth:`ConnectionCore.queries_done`."""
+
+    generation: int
+    identity: Identity | None
+    queries: tuple[tuple[int, str, dict[str, Any]], ...]
+    #: One per query: hand it back in :attr:`QueryResult.serial` so a result is never taken
+    #: for a later subscription that reuses the same ``queryId``.
+    serials: tuple[int, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RunMutation:
+    generation: int
+    identity: Identity | None
+    request_id: int
+    name: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DropQuery:
+    """The client unsubscribed ``query_id``: stop evaluating it for this connection."""
+
+    query_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class BindSession:
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnbindSession:
+    session_id: str
+
+
+Action: TypeAlias = (
+    Send
+    | Close
+    | VerifyToken
+    | RotateRefresh
+    | RunQueries
+    | RunMutation
+    | DropQuery
+    | BindSession
+    | UnbindSession
+)
+
+
+# --------------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user_id: str
+    session_id: str
+    issued_at: float  # seconds (JWT iat)
+    expires_at: float  # seconds (JWT exp)
+
+    def same_principal(self, other: Identity | None) -> bool:
+        return (
+            other is not None
+            and other.user_id == self.user_id
+            and other.session_id == self.session_id
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-connection limits; each breach has a named code (see ``docs/protocol.md``)."""
+
+    max_subscriptions: int = 256
+    max_pending_auth: int = 4
+    max_pending_mutations: int = 64
+    message_rate: tuple[int, float] = (200, 10.0)  # messages per window (seconds)
+    auth_rate: tuple[int, float] = (20, 60.0)  # authenticate + refresh per window
+    max_rate_violations: int = 20  # rate-limited messages before closing with 4429
+    max_bad_messages: int = 20  # malformed messages before closing with 4500
+    heartbeat_timeout: float = 75.0  # no frame from the client for this long → 4009
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Auth timing settings (seconds)."""
+
+    expiry_notice: float = 60.0
+    clock_leeway: float = 5.0
+
+    def notice_for(self, identity: Identity) -> float:
+        lifetime = max(identity.expires_at - identity.issued_at, 0.0)
+        return min(self.expiry_notice, lifetime / 2)
+
+
+class Phase(enum.Enum):
+    AWAITING_CONNECT = "awaiting_connect"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Window:
+    """A fixed-window counter: ``count`` events per ``seconds``."""
+
+    __slots__ = ("count", "limit", "seconds", "started")
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        self.limit, self.seconds = limit, seconds
+        self.started, self.count = 0.0, 0
+
+    def allow(self, now: float) -> bool:
+        if now - self.started >= self.seconds:
+            self.started, self.count = now, 0
+        self.count += 1
+        return self.count <= self.limit
+
+
+@dataclass(slots=True)
+class _Subscription:
+    name: str
+    args: dict[str, Any]
+    serial: int
+    reads_identity: bool = True  # until its first result says otherwise
+    last_value: str | None = None  # the JSON text last sent, to send only real changes
+
+
+@dataclass(frozen=True, slots=True)
+class _RateLimited:
+    """A queued auth request that will be refused with ``rate_limited`` in its turn."""
+
+    auth_version: int
+
+
+AuthRequest: TypeAlias = Authenticate | Refresh
+
+
+@dataclass(slots=True)
+class QueryResult:
+    """One evaluated subscription: ``value_json`` (JSON text) or an ``error`` (code, message)."""
+
+    query_id: int
+    value_json: str | None = None
+    error: tuple[str, str] | None = None
+    reads_identity: bool = True
+    serial: int | None = None  # from RunQueries.serials; None skips the check
+    #: The identity generation it was computed under; None for a result that read no identity
+    #: (valid under any). A result from another generation than the current one is dropped.
+    generation: int | None = None
+
+
+#: ``resolve(kind, name, args)`` raises :class:`BadMessage` (``unknown_function`` when ``name``
+#: is not a function of that kind, ``bad_args`` when ``args`` do not fit it); pure, no I/O.
+Resolver: TypeAlias = Callable[[str, str, dict[str, Any]], None]
+
+
+class ConnectionCore:
+    """The state of one ``/sync`` connection. Every method returns the actions to run."""
+
+    __slots__ = (
+        "_auths",
+        "_messages",
+        "_resolve",
+        "auth_in_flight",
+        "auth_queue",
+        "bad_messages",
+        "client_id",
+        "connection_id",
+        "expiring_sent",
+        "generation",
+        "identity",
+        "last_seen",
+        "limits",
+        "max_auth_version",
+        "mutations_in_flight",
+        "opened_at",
+        "phase",
+        "rate_violations",
+        "serials",
+        "subscriptions",
+        "timing",
+        "version",
+    )
+
+    def __init__(
+        self,
+        *,
+        connection_id: str,
+        now: float,
+        timing: Timing,
+        limits: Limits,
+        resolve: Resolver,
+    ) -> None:
+        """``resolve`` checks a call before it is queued (see :data:`Resolver`)."""
+        self.connection_id = connection_id
+        self.timing = timing
+        self.limits = limits
+        self._resolve = resolve
+        self.mutations_in_flight = 0
+        self.phase = Phase.AWAITING_CONNECT
+        self.opened_at = now
+        self.last_seen = now
+        self.client_id: str | None = None
+        self.identity: Identity | None = None
+        self.generation = 0
+        self.expiring_sent = False
+        self.max_auth_version = -1
+        self.auth_in_flight: AuthRequest | None = None
+        # Auth requests waiting for the one in flight; created when needed, dropped when empty.
+        self.auth_queue: deque[AuthRequest | _RateLimited] | None = None
+        self.subscriptions: dict[int, _Subscription] = {}
+        self.serials = 0
+        self.version = 0  # the highest version sent in a transition
+        self.bad_messages = 0
+        self.rate_violations = 0
+        self._messages = _Window(*limits.message_rate)
+        self._auths = _Window(*limits.auth_rate)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _error(self, exc: BadMessage) -> list[Action]:
+        return [Send(exc.to_frame())]
+
+    def _close(self, code: CloseCode, reason: str) -> list[Action]:
+        self.phase = Phase.CLOSED
+        return [Close(int(code), reason)]
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`on_timer` must run next (seconds), or ``None``."""
+        if self.phase is Phase.CLOSED:
+            return None
+        if self.phase is Phase.AWAITING_CONNECT:
+            return self.opened_at + CONNECT_TIMEOUT
+        deadline = self.last_seen + self.limits.heartbeat_timeout
+        ident = self.identity
+        if ident is not None:
+            if not self.expiring_sent:
+                deadline = min(deadline, ident.expires_at - self.timing.notice_for(ident))
+            deadline = min(deadline, ident.expires_at + self.timing.clock_leeway)
+        return deadline
+
+    def _set_identity(self, identity: Identity | None, now: float) -> list[Action]:
+        """Adopt ``identity``; return binding changes and re-runs it causes (no auth frames)."""
+        old = self.identity
+        actions: list[Action] = []
+        self.identity = identity
+        self.expiring_sent = False
+        if identity is not None and identity.same_principal(old):
+            return actions  # same user and session: deadlines move, nothing else
+        if identity is None and old is None:
+            return actions  # anonymous stays anonymous: nothing to re-run
+        self.generation += 1
+        if old is not None:
+            actions.append(UnbindSession(old.session_id))
+        if identity is not None:
+            actions.append(BindSession(identity.session_id))
+        rerun = [(qid, sub) for qid, sub in self.subscriptions.items() if sub.reads_identity]
+        if rerun:
+            actions.append(
+                RunQueries(
+                    self.generation,
+                    identity,
+                    tuple((qid, sub.name, sub.args) for qid, sub in rerun),
+                    tuple(sub.serial for _, sub in rerun),
+                )
+            )
+        return actions
+
+    def _tick(self, now: float) -> list[Action]:
+        """Fire whatever is due: expiry pushes and deadlines. Called before any work runs."""
+        ident = self.identity
+        if ident is None or self.phase is not Phase.OPEN:
+            return []
+        actions: list[Action] = []
+        server_time = int(now * 1000)
+        expires_ms = int(ident.expires_at * 1000)
+        if now >= ident.expires_at + self.timing.clock_leeway:
+            actions.append(
+                Send({"type": "auth_expired", "expiresAt": expires_ms, "serverTime": server_time})
+            )
+            actions.extend(self._set_identity(None, now))
+        elif not self.expiring_sent and now >= ident.expires_at - self.timing.notice_for(ident):
+            self.expiring_sent = True
+            actions.append(
+                Send({"type": "auth_expiring", "expiresAt": expires_ms, "serverTime": server_time})
+            )
+        return actions
+
+    # ------------------------------------------------------------------ inputs
+
+    def on_timer(self, now: float) -> list[Action]:
+        """The deadline from :meth:`next_deadline` (or a later time) has come."""
+        if self.phase is Phase.AWAITING_CONNECT and now >= self.opened_at + CONNECT_TIMEOUT:
+            return self._close(CloseCode.PROTOCOL_VIOLATION, "no connect message in time")
+        if self.phase is Phase.OPEN and now >= self.last_seen + self.limits.heartbeat_timeout:
+            return self._close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+        return self._tick(now)
+
+    def receive(self, frame: str | bytes, now: float) -> list[Action]:
+        """A frame arrived from the client."""
+        if self.phase is Phase.CLOSED:
+            return []
+        self.last_seen = now
+        if not self._messages.allow(now):
+            self.rate_violations += 1
+            if self.rate_violations > self.limits.max_rate_violations:
+                return self._close(CloseCode.RATE_LIMITED, "too many messages")
+            return [Send(_rate_limited(frame).to_frame())]
+        try:
+            message = parse_client_message(frame)
+        except BadMessage as exc:
+            self.bad_messages += 1
+            if self.bad_messages > self.limits.max_bad_messages:
+                return self._close(CloseCode.PROTOCOL_VIOLATION, "too many malformed messages")
+            return self._error(exc)
+        actions = self._tick(now)
+        if self.phase is Phase.AWAITING_CONNECT:
+            if now >= self.opened_at + CONNECT_TIMEOUT:
+                return self._close(CloseCode.PROTOCOL_VIOLATION, "no connect message in time")
+            return actions + self._on_first(message, now)
+        return actions + self._dispatch(message, now)
+
+    def _on_first(self, message: ClientMessage, now: float) -> list[Action]:
+        if not isinstance(message, Connect):
+            return self._error(
+                BadMessage(ErrorCode.NOT_CONNECTED, "the first message must be connect")
+            )
+        if message.protocol != PROTOCOL_VERSION:
+            return self._close(CloseCode.UNSUPPORTED_PROTOCOL, "unsupported protocol version")
+        self.phase = Phase.OPEN
+        self.client_id = message.client_id
+        return [
+            Send(
+                {
+                    "type": "connected",
+                    "connectionId": self.connection_id,
+                    "serverTime": int(now * 1000),
+                    "protocol": PROTOCOL_VERSION,
+                }
+            )
+        ]
+
+    def _dispatch(self, message: ClientMessage, now: float) -> list[Action]:
+        if isinstance(message, Ping):
+            return [Send({"type": "pong", "serverTime": int(now * 1000)})]
+        if isinstance(message, Authenticate | Refresh):
+            return self._on_auth_request(message, now)
+        if isinstance(message, Subscribe):
+            return self._on_subscribe(message)
+        if isinstance(message, Unsubscribe):
+            if self.subscriptions.pop(message.query_id, None) is None:
+                return []
+            return [DropQuery(message.query_id)]
+        if isinstance(message, Mutate):
+            return self._on_mutate(message)
+        # A second connect: the connection is already open.
+        return self._error(BadMessage(ErrorCode.BAD_MESSAGE, "already connected"))
+
+    # ------------------------------------------------------------------ auth
+
+    def _on_auth_request(self, message: AuthRequest, now: float) -> list[Action]:
+        version = message.auth_version
+        if version <= self.max_auth_version:
+            return self._error(
+                BadMessage(
+                    ErrorCode.BAD_MESSAGE,
+                    "authVersion must be larger than any sent before on this connection",
+                )
+            )
+        self.max_auth_version = version
+        queue = self.auth_queue
+        if queue is None:
+            queue = self.auth_queue = deque()
+        if not self._auths.allow(now) or len(queue) >= self.limits.max_pending_auth:
+            self.rate_violations += 1
+            if self.rate_violations > self.limits.max_rate_violations:
+                return self._close(CloseCode.RATE_LIMITED, "too many authentication attempts")
+            # Answered in its turn, after the requests before it: answers stay in order.
+            queue.append(_RateLimited(version))
+        else:
+            queue.append(message)
+        return self._start_next_auth(now)
+
+    def _start_next_auth(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self.auth_in_flight is None and self.auth_queue:
+            request = self.auth_queue.popleft()
+            if isinstance(request, _RateLimited):
+                actions.extend(
+                    self._auth_failure(
+                        request.auth_version,
+                        AuthErrorCode.RATE_LIMITED,
+                        "too many authentication attempts",
+                        now,
+                    )
+                )
+            elif isinstance(request, Refresh):
+                self.auth_in_flight = request
+                actions.append(
+                    RotateRefresh(request.auth_version, request.refresh_token, request.retry_key)
+                )
+            elif request.token is None:
+                # Becoming anonymous needs no I/O: answer at once.
+                actions.append(
+                    Send(
+                        {
+                            "type": "auth_ok",
+                            "authVersion": request.auth_version,
+                            "identity": None,
+                            "expiresAt": None,
+                            "serverTime": int(now * 1000),
+                        }
+                    )
+                )
+                actions.extend(self._set_identity(None, now))
+            else:
+                self.auth_in_flight = request
+                actions.append(VerifyToken(request.auth_version, request.token))
+        if not self.auth_queue:
+            self.auth_queue = None
+        return actions
+
+    def auth_succeeded(
+        self,
+        auth_version: int,
+        identity: Identity,
+        now: float,
+        tokens: dict[str, Any] | None = None,
+    ) -> list[Action]:
+        """The shell verified the token (or rotated the refresh token) for ``auth_version``."""
+        if self.auth_in_flight is None or self.auth_in_flight.auth_version != auth_version:
+            return []
+        self.auth_in_flight = None
+        if self.phase is Phase.CLOSED:
+            return []
+        if now >= identity.expires_at + self.timing.clock_leeway:
+            return self._auth_failure(
+                auth_version, AuthErrorCode.TOKEN_EXPIRED, "the token has expired", now
+            ) + self._start_next_auth(now)
+        frame: dict[str, Any] = {
+            "type": "auth_ok",
+            "authVersion": auth_version,
+            "identity": {"userId": identity.user_id, "sessionId": identity.session_id},
+            "expiresAt": int(identity.expires_at * 1000),
+            "serverTime": int(now * 1000),
+        }
+        if tokens is not None:
+            frame["tokens"] = tokens
+        actions: list[Action] = [Send(frame), *self._set_identity(identity, now)]
+        actions.extend(self._tick(now))  # an identity adopted inside its notice window
+        return actions + self._start_next_auth(now)
+
+    def auth_failed(
+        self, auth_version: int, code: AuthErrorCode, message: str, now: float
+    ) -> list[Action]:
+        """The shell refused the request ``auth_version``; the connection becomes anonymous."""
+        if self.auth_in_flight is None or self.auth_in_flight.auth_version != auth_version:
+            return []
+        self.auth_in_flight = None
+        if self.phase is Phase.CLOSED:
+            return []
+        return self._auth_failure(auth_version, code, message, now) + self._start_next_auth(now)
+
+    def _auth_failure(
+        self, auth_version: int, code: AuthErrorCode, message: str, now: float
+    ) -> list[Action]:
+        frame = {
+            "type": "auth_error",
+            "authVersion": auth_version,
+            "code": code.value,
+            "message": message,
+        }
+        return [Send(frame), *self._set_identity(None, now)]
+
+    def session_ended(self, session_id: str, reason: SessionEndReason, now: float) -> list[Action]:
+        """The session ``session_id`` ended somewhere in the deployment."""
+        if self.identity is None or self.identity.session_id != session_id:
+            return []
+        if self.phase is not Phase.OPEN:
+            return []
+        return [
+            Send({"type": "session_revoked", "reason": reason.value}),
+            *self._set_identity(None, now),
+        ]
+
+    # ------------------------------------------------------------------ functions
+
+    def _on_subscribe(self, message: Subscribe) -> list[Action]:
+        qid = message.query_id
+        if qid in self.subscriptions:
+            return self._error(
+                BadMessage(ErrorCode.DUPLICATE_QUERY_ID, "queryId in use", query_id=qid)
+            )
+        if len(self.subscriptions) >= self.limits.max_subscriptions:
+            return self._error(
+                BadMessage(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"at most {self.limits.max_subscriptions} subscriptions per connection",
+                    query_id=qid,
+                )
+            )
+        try:
+            self._resolve("query", message.name, message.args)
+        except BadMessage as exc:
+            exc.query_id = qid
+            return self._error(exc)
+        self.serials += 1
+        self.subscriptions[qid] = _Subscription(message.name, message.args, self.serials)
+        return [
+            RunQueries(
+                self.generation,
+                self.identity,
+                ((qid, message.name, message.args),),
+                (self.serials,),
+            )
+        ]
+
+    def _on_mutate(self, message: Mutate) -> list[Action]:
+        try:
+            self._resolve("mutation", message.name, message.args)
+        except BadMessage as exc:
+            exc.request_id = message.request_id
+            return self._error(exc)
+        if self.mutations_in_flight >= self.limits.max_pending_mutations:
+            return self._error(
+                BadMessage(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"at most {self.limits.max_pending_mutations} mutations in flight",
+                    request_id=message.request_id,
+                )
+            )
+        self.mutations_in_flight += 1
+        return [
+            RunMutation(
+                self.generation, self.identity, message.request_id, message.name, message.args
+            )
+        ]
+
+    def queries_done(
+        self,
+        generation: int,
+        version: int,
+        results: list[QueryResult],
+        now: float,
+        shared: dict[tuple[Any, ...], Send] | None = None,
+    ) -> list[Action]:
+        """Results of a :class:`RunQueries`. Sent as one ``transition`` if anything changed.
+
+        ``shared`` is a dict the caller keeps for one delivery to many connections: connections
+        that receive the same transition (same version, query ids and results) get the same
+        :class:`Send`, built and encoded once (its ``text`` set).
+        """
+        actions = self._tick(now)
+        if generation != self.generation or self.phase is not Phase.OPEN:
+            return actions  # computed under an identity that has since ended or changed
+        changed: list[tuple[int, str, tuple[str, str] | None]] = []  # (queryId, text, error)
+        for result in results:
+            sub = self.subscriptions.get(result.query_id)
+            if sub is None or (result.serial is not None and result.serial != sub.serial):
+                continue  # unsubscribed meanwhile (perhaps resubscribed under the same id)
+            if result.generation is not None and result.generation != self.generation:
+                continue  # computed under an identity this connection no longer has
+            sub.reads_identity = result.reads_identity
+            if result.error is not None:
+                # A NUL cannot start JSON text, so an error never compares equal to a value.
+                text = "\x00" + json.dumps(result.error)
+            else:
+                assert result.value_json is not None
+                text = result.value_json
+            if text == sub.last_value:
+                continue
+            sub.last_value = text
+            changed.append((result.query_id, text, result.error))
+        if not changed:
+            return actions
+        self.version = version = max(self.version, version)
+        if shared is None:
+            actions.append(Send(_transition(version, changed)))
+            return actions
+        if len(changed) == 1:
+            key: tuple[Any, ...] = (version, changed[0][0], changed[0][1])
+        else:
+            key = (version, *[(query_id, text) for query_id, text, _ in changed])
+        send = shared.get(key)
+        if send is None:
+            frame = _transition(version, changed)
+            send = shared[key] = Send(frame, encode_frame(frame))
+        actions.append(send)
+        return actions
+
+    def advance_version(self, version: int, now: float) -> list[Action]:
+        """Tell the client that all its subscriptions are current at ``version`` (an empty
+        ``transition``), if it has not seen that version yet: read-your-writes."""
+        actions = self._tick(now)
+        if self.phase is not Phase.OPEN or version <= self.version:
+            return actions
+        self.version = version
+        actions.append(Send({"type": "transition", "version": version, "updates": []}))
+        return actions
+
+    def mutation_done(
+        self,
+        generation: int,
+        request_id: int,
+        now: float,
+        *,
+        value_json: str | None = None,
+        version: int | None = None,
+        error: tuple[str, str] | None = None,
+    ) -> list[Action]:
+        """The outcome of a :class:`RunMutation`."""
+        self.mutations_in_flight = max(0, self.mutations_in_flight - 1)
+        actions = self._tick(now)
+        if self.phase is not Phase.OPEN:
+            return actions
+        frame: dict[str, Any] = {"type": "mutation_result", "requestId": request_id}
+        if error is not None:
+            frame["error"] = {"code": error[0], "message": error[1]}
+        else:
+            frame["value"] = Raw(value_json if value_json is not None else "null")
+            frame["version"] = version if version is not None else self.version
+        actions.append(Send(frame))
+        return actions
+
+    def close(self) -> list[Action]:
+        """The socket is gone: release what the connection holds."""
+        if self.phase is Phase.CLOSED and self.identity is None:
+            return []
+        actions: list[Action] = []
+        if self.identity is not None:
+            actions.append(UnbindSession(self.identity.session_id))
+            self.identity = None
+        self.phase = Phase.CLOSED
+        self.subscriptions.clear()
+        self.auth_queue = None
+        return actions
+
+
+def _transition(
+    version: int, changed: list[tuple[int, str, tuple[str, str] | None]]
+) -> dict[str, Any]:
+    updates: list[dict[str, Any]] = []
+    for query_id, text, error in changed:
+        if error is not None:
+            code, message = error
+            updates.append({"queryId": query_id, "error": {"code": code, "message": message}})
+        else:
+            updates.append({"queryId": query_id, "value": Raw(text)})
+    return {"type": "transition", "version": version, "updates": updates}
+
+
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """Already-encoded JSON text, spliced into a frame as is: a result shared by many
+    subscribers is serialised once, not once per connection."""
+
+    text: str
+
+
+def encode_frame(frame: Any) -> str:
+    """Serialise a server frame to compact JSON, splicing in :class:`Raw` values."""
+    out: list[str] = []
+    _write(frame, out)
+    return "".join(out)
+
+
+#: One encoder for every scalar: ``json.dumps`` with non-default options builds a new encoder
+#: per call, which was the largest single cost of a fan-out (bench/fanout.py, py-spy).
+_SCALAR = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _write(value: Any, out: list[str]) -> None:
+    if isinstance(value, Raw):
+        out.append(value.text)
+    elif isinstance(value, dict):
+        out.append("{")
+        for i, (key, item) in enumerate(value.items()):
+            if i:
+                out.append(",")
+            out.append(_SCALAR.encode(str(key)))
+            out.append(":")
+            _write(item, out)
+        out.append("}")
+    elif isinstance(value, list | tuple):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _write(item, out)
+        out.append("]")
+    else:
+        out.append(_SCALAR.encode(value))

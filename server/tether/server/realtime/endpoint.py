@@ -1,0 +1,638 @@
+"""The ``/sync`` WebSocket endpoint: the I/O shell around :mod:`tether.server.realtime.core`.
+
+A raw ASGI app (no Starlette ``WebSocket`` wrapper: idle connections must stay lean). Each
+socket is owned by one :class:`Connection`, which moves frames between the socket and its
+:class:`~tether.server.realtime.core.ConnectionCore`, runs the actions the core returns, and
+releases everything in one ``finally``. Deadlines of every connection share one
+:class:`~tether.server.realtime.timers.DeadlineQueue`; revocations arrive through the
+:class:`~tether.server.realtime.session_hub.SessionHub`.
+
+Outgoing frames go through a per-connection queue bounded in bytes
+(``TETHER_SEND_QUEUE_BYTES``): a client that does not read is closed with 4008 instead of
+growing the server's memory. Frames are written inline while the socket takes them; a writer task
+exists only while a send has to wait for the socket to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from tether.server.auth.service import AuthService
+from tether.server.auth.tokens import TokenError
+from tether.server.clock import Clock
+from tether.server.data.engine import QueryEngine
+from tether.server.data.functions import App, ArgsError
+from tether.server.data.live import Evaluation, Registration, SubscriptionManager
+from tether.server.data.store import IDENTITY_ENDED
+from tether.server.errors import AuthErrorCode, CloseCode, ErrorCode, HTTPError
+from tether.server.realtime.core import (
+    Action,
+    BadMessage,
+    BindSession,
+    Close,
+    ConnectionCore,
+    DropQuery,
+    Identity,
+    Limits,
+    QueryResult,
+    RotateRefresh,
+    RunMutation,
+    RunQueries,
+    Send,
+    Timing,
+    UnbindSession,
+    VerifyToken,
+    encode_frame,
+)
+from tether.server.realtime.eager import start_eagerly
+from tether.server.realtime.session_hub import SessionHub
+from tether.server.realtime.timers import DeadlineQueue
+from tether.server.settings import Settings
+
+log = logging.getLogger("tether.sync")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+SendFn = Callable[[Message], Awaitable[None]]
+
+#: The ``mutation_result`` error code when Redis could not be reached: the outcome is unknown
+#: and the client should re-send the mutation with the same requestId.
+MUTATION_UNAVAILABLE = "unavailable"
+#: Seconds a committed mutation waits for its transition to be delivered (read your writes)
+#: before it is answered ``unavailable`` (a replay then returns the stored outcome).
+DELIVERY_TIMEOUT = 10.0
+
+#: Seconds a close frame may wait behind a client that stopped reading before we give up.
+CLOSE_TIMEOUT = 2.0
+
+
+def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...], scheme: str) -> bool:
+    """Is a browser ``Origin`` allowed to open ``/sync``? Patterns may use ``*`` for a port."""
+    origin = origin.rstrip("/").lower()
+    for pattern in allowed:
+        if pattern == "*":
+            return True
+        if pattern == "self":
+            if host and origin in (f"http://{host}".lower(), f"https://{host}".lower()):
+                return True
+            continue
+        if fnmatch.fnmatchcase(origin, pattern.lower()):
+            return True
+    return False
+
+
+def release_socket_later(send: SendFn, delay: float) -> None:
+    """Abort the connection's TCP socket ``delay`` seconds from now unless its close handshake
+    has completed by then (contract §5 rule 9).
+
+    An ASGI app can end a WebSocket only by sending a close frame. A client that stopped
+    reading never answers it: with small socket buffers the frame waits behind data the client
+    does not take, with large ones (tens of MB on loopback) it sits unread in the client's
+    kernel while the server's own buffer reads empty. Either way the graceful close never
+    completes, and TCP keeps the connection (zero-window probes answered by the client's
+    kernel) for as long as the client likes, with the buffer, the socket and the protocol
+    object. So the rule is the handshake's outcome, not the buffer: a socket that is not closed
+    ``delay`` seconds after the connection ended is aborted. A client that reads, but too slowly
+    to take what was queued within the grace, is cut off too (without its close code).
+
+    uvicorn, which ``tether serve`` runs, hands the app its protocol's bound ``send``, whose
+    ``transport`` is the socket's; another server without one is left to close as it does.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if not isinstance(transport, asyncio.WriteTransport):
+        return
+    if transport.is_closing() and transport.get_write_buffer_size() == 0:
+        return  # gone already (the client left): nothing to keep alive for the check
+
+    def abort_unless_closed() -> None:
+        if transport.is_closing() and transport.get_write_buffer_size() == 0:
+            return  # the handshake completed (or the client left) within the grace
+        log.info("aborted a connection whose close handshake did not complete in time")
+        transport.abort()
+
+    asyncio.get_running_loop().call_later(delay, abort_unless_closed)
+
+
+def _over_limit(frame: str | bytes, limit: int) -> bool:
+    """Is ``frame`` over ``limit`` bytes (UTF-8 for text)? Encodes only when it could be."""
+    if len(frame) > limit:
+        return True
+    if isinstance(frame, str) and len(frame) * 4 > limit:
+        return len(frame.encode("utf-8", "surrogatepass")) > limit
+    return False
+
+
+class Connection:
+    """One ``/sync`` socket from accept to close. Closing is idempotent."""
+
+    __slots__ = (
+        "closing",
+        "core",
+        "draining",
+        "endpoint",
+        "out",
+        "out_bytes",
+        "regs",
+        "scheduled_deadline",
+        "send",
+        "tasks",
+        "writer",
+    )
+
+    def __init__(self, endpoint: SyncEndpoint, send: SendFn, core: ConnectionCore) -> None:
+        self.endpoint = endpoint
+        self.send = send
+        self.core = core
+        # Frames not yet handed to the socket; created when needed, dropped when empty (an idle
+        # connection keeps no queue: most frames go out inline).
+        self.out: deque[str | tuple[int, str]] | None = None
+        self.out_bytes = 0
+        self.writer: asyncio.Task[None] | None = None
+        self.tasks: set[asyncio.Task[None]] | None = None
+        self.scheduled_deadline: float | None = None
+        self.regs: dict[int, Registration] | None = None
+        self.closing = False
+        self.draining = False  # the writer is running inline (see _start_writer)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, receive: Receive) -> None:
+        endpoint = self.endpoint
+        endpoint.connections.add(self)
+        try:
+            self.reschedule()
+            while not self.closing:
+                message = await receive()
+                kind = message["type"]
+                if kind == "websocket.disconnect":
+                    break
+                if kind != "websocket.receive":
+                    continue
+                text = message.get("text")
+                frame: str | bytes = text if text is not None else (message.get("bytes") or b"")
+                if _over_limit(frame, endpoint.settings.max_message_bytes):
+                    self.close_now(CloseCode.MESSAGE_TOO_BIG, "frame too large")
+                    break
+                self.execute(self.core.receive(frame, endpoint.clock()))
+            if self.closing and self.writer is not None:
+                # Let queued frames and the close frame go out, but not forever.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self.writer), CLOSE_TIMEOUT)
+        finally:
+            self.closing = True
+            endpoint.connections.discard(self)
+            endpoint.timers.schedule(self, None)
+            self.execute(self.core.close())
+            for reg in (self.regs or {}).values():
+                endpoint.subscriptions.detach(reg)
+            self.regs = None
+            for task in list(self.tasks or ()):
+                task.cancel()
+            if self.writer is not None:
+                self.writer.cancel()
+
+    def reschedule(self) -> None:
+        self.endpoint.timers.schedule(self, self.core.next_deadline())
+
+    def on_deadline(self, now: float) -> None:
+        self.execute(self.core.on_timer(now))
+
+    def session_ended(self, session_id: str, reason: Any) -> None:
+        self.execute(self.core.session_ended(session_id, reason, self.endpoint.clock()))
+
+    # ------------------------------------------------------------------ actions
+
+    def execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                text = action.text
+                self.enqueue(text if text is not None else encode_frame(action.frame))
+            elif isinstance(action, Close):
+                self.close_soon(action.code, action.reason)
+            elif isinstance(action, BindSession):
+                self.endpoint.hub.bind(action.session_id, self)
+            elif isinstance(action, UnbindSession):
+                self.endpoint.hub.unbind(action.session_id, self)
+            elif isinstance(action, VerifyToken | RotateRefresh):
+                self.spawn(self.authenticate(action))
+            elif isinstance(action, RunQueries):
+                self.run_queries(action)
+            elif isinstance(action, DropQuery):
+                self.drop_query(action.query_id)
+            elif isinstance(action, RunMutation):
+                self.spawn(self.run_mutation(action))
+        if not self.closing:
+            self.reschedule()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        if self.closing:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            return
+        if self.tasks is None:
+            self.tasks = set()
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self.tasks is not None:
+            self.tasks.discard(task)
+            if not self.tasks:
+                self.tasks = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection task failed", exc_info=task.exception())
+
+    # ------------------------------------------------------------------ sending
+
+    def enqueue(self, text: str) -> None:
+        if self.closing:
+            return
+        if self.out is None and self._writer_idle():
+            self._start_writer(text)  # nothing waits: this frame goes out now, unqueued
+            return
+        # The client is behind when what it has not taken yet is over the limit; a single
+        # large frame onto a short queue is not a slow consumer (memory stays bounded by the
+        # limit plus one frame).
+        if self.out_bytes > self.endpoint.settings.send_queue_bytes:
+            self.close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        self._queue().append(text)
+        self.out_bytes += len(text)
+        self._start_writer()
+
+    def _queue(self) -> deque[str | tuple[int, str]]:
+        out = self.out
+        if out is None:
+            out = self.out = deque()
+        return out
+
+    def _writer_idle(self) -> bool:
+        return not self.draining and (self.writer is None or self.writer.done())
+
+    def _start_writer(self, first: str | None = None) -> None:
+        """Send ``first`` (if given), then what is queued, unless a writer is at it already."""
+        if not self._writer_idle():
+            return  # the running writer takes what was queued
+        # The queue is drained inline, in the caller (a fan-out writes into thousands of sockets
+        # that nearly all take a frame at once); a task takes over only when a send has to wait
+        # for the transport to drain.
+        self.draining = True
+        try:
+            task = start_eagerly(self._drain(first))
+        finally:
+            self.draining = False
+        if task is not None:
+            self.writer = task
+            task.add_done_callback(self._writer_done)
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        # Idle connections keep no finished task (or its frame) alive.
+        if self.writer is task:
+            self.writer = None
+
+    async def _drain(self, first: str | None) -> None:
+        try:
+            if first is not None:
+                await self.send({"type": "websocket.send", "text": first})
+            while self.out:
+                item = self.out.popleft()
+                if isinstance(item, tuple):
+                    code, reason = item
+                    await self.send({"type": "websocket.close", "code": code, "reason": reason})
+                    self.out = None
+                    return
+                self.out_bytes -= len(item)
+                await self.send({"type": "websocket.send", "text": item})
+            self.out = None
+        except Exception:  # the client went away; the receive loop sees the disconnect
+            self.out = None
+            self.closing = True
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close after the frames already queued (protocol errors, heartbeat)."""
+        if self.closing:
+            return
+        self.closing = True
+        self._queue().append((code, reason))
+        self._start_writer()
+
+    def close_now(self, code: int, reason: str) -> None:
+        """Close without sending what is queued (slow consumer, oversize frame)."""
+        if self.writer is not None:
+            self.writer.cancel()
+            self.writer = None
+        self.out = deque([(code, reason)])
+        self.out_bytes = 0
+        self.closing = True
+        self._start_writer()
+
+    # ------------------------------------------------------------------ work
+
+    async def authenticate(self, action: VerifyToken | RotateRefresh) -> None:
+        endpoint, core = self.endpoint, self.core
+        tokens: dict[str, Any] | None = None
+        try:
+            if isinstance(action, VerifyToken):
+                claims = endpoint.auth.tokens.verify(action.token, now=endpoint.clock())
+                info = await endpoint.auth.sessions.lookup(claims.session_id)
+                if info is None or info.user_id != claims.user_id:
+                    raise HTTPError(401, AuthErrorCode.SESSION_REVOKED, "the session has ended")
+            else:
+                pair = await endpoint.auth.refresh(action.refresh_token, action.retry_key)
+                claims = endpoint.auth.tokens.verify(pair.access_token, now=endpoint.clock())
+                tokens = {
+                    "accessToken": pair.access_token,
+                    "refreshToken": pair.refresh_token,
+                    "expiresAt": pair.expires_at,
+                }
+            # The session may have ended between the lookup and now: the hub remembers.
+            ended = endpoint.hub.recently_ended(claims.session_id)
+            if ended is not None:
+                raise HTTPError(401, AuthErrorCode.SESSION_REVOKED, "the session has ended")
+        except TokenError as exc:
+            self.execute(core.auth_failed(action.auth_version, exc.code, exc.message, self.now()))
+            return
+        except HTTPError as exc:
+            code = _auth_code(exc.code)
+            self.execute(core.auth_failed(action.auth_version, code, exc.message, self.now()))
+            return
+        except RedisError:
+            self.execute(
+                core.auth_failed(
+                    action.auth_version,
+                    AuthErrorCode.UNAVAILABLE,
+                    "the session store is unreachable; retry shortly",
+                    self.now(),
+                )
+            )
+            return
+        except Exception:
+            # Never leave the request in flight: later auth requests would queue forever.
+            log.exception("authentication failed unexpectedly")
+            self.execute(
+                core.auth_failed(
+                    action.auth_version,
+                    AuthErrorCode.UNAVAILABLE,
+                    "authentication failed on the server; retry shortly",
+                    self.now(),
+                )
+            )
+            return
+        identity = Identity(
+            claims.user_id, claims.session_id, float(claims.issued_at), float(claims.expires_at)
+        )
+        self.execute(core.auth_succeeded(action.auth_version, identity, self.now(), tokens))
+
+    def now(self) -> float:
+        return self.endpoint.clock()
+
+    def _identity_usable(self, identity: Identity | None) -> bool:
+        """Check at use: an identity past exp + leeway, or whose session ended, runs nothing."""
+        if identity is None:
+            return True
+        endpoint = self.endpoint
+        if self.now() >= identity.expires_at + endpoint.settings.clock_leeway:
+            self.execute(self.core.on_timer(self.now()))
+            return False
+        reason = endpoint.hub.recently_ended(identity.session_id)
+        if reason is not None:
+            self.execute(self.core.session_ended(identity.session_id, reason, self.now()))
+            return False
+        return True
+
+    # ------------------------------------------------------------------ queries
+
+    def run_queries(self, action: RunQueries) -> None:
+        """Attach the subscriptions to the instance's shared live queries."""
+        manager = self.endpoint.subscriptions
+        serials = action.serials or (0,) * len(action.queries)
+        regs = []
+        if self.regs is None:
+            self.regs = {}
+        for (qid, name, args), serial in zip(action.queries, serials, strict=True):
+            old = self.regs.pop(qid, None)
+            if old is not None:
+                manager.detach(old)
+            reg = Registration(self, qid, serial, action.generation, name, args, action.identity)
+            self.regs[qid] = reg
+            regs.append(reg)
+        manager.attach(regs)
+
+    def drop_query(self, query_id: int) -> None:
+        reg = self.regs.pop(query_id, None) if self.regs else None
+        if reg is not None:
+            self.endpoint.subscriptions.detach(reg)
+
+    def deliver(
+        self,
+        version: int,
+        updates: list[tuple[Registration, Evaluation]],
+        shared: dict[tuple[Any, ...], Send] | None = None,
+    ) -> None:
+        regs = self.regs
+        if regs is None:
+            return
+        results = []
+        for reg, ev in updates:
+            if regs.get(reg.query_id) is not reg:
+                continue
+            error = ev.error
+            reads_identity = ev.reads_identity
+            results.append(
+                QueryResult(
+                    reg.query_id,
+                    ev.value_json if error is None else None,
+                    error,
+                    reads_identity,
+                    reg.serial,
+                    # A result that read no identity is valid under any identity.
+                    reg.generation if reads_identity else None,
+                )
+            )
+        if not results:
+            return
+        core = self.core
+        actions = core.queries_done(core.generation, version, results, self.now(), shared)
+        if len(actions) == 1:
+            action = actions[0]
+            if isinstance(action, Send) and action.text is not None:
+                # Only the shared transition, and no timer fired: the connection's deadlines are
+                # unchanged, so there is nothing to reschedule (the common fan-out case).
+                self.enqueue(action.text)
+                return
+        self.execute(actions)
+
+    def current_identity(self) -> Identity | None:
+        return self.core.identity
+
+    def current_generation(self) -> int:
+        return self.core.generation
+
+    def identity_ended(self) -> None:
+        self._identity_usable(self.core.identity)
+
+    # ------------------------------------------------------------------ mutations
+
+    async def run_mutation(self, action: RunMutation) -> None:
+        core = self.core
+        if not self._identity_usable(action.identity):
+            self._mutation_failed(action, "unauthenticated", IDENTITY_ENDED)
+            return
+        try:
+            outcome = await self.endpoint.engine.run_mutation(
+                action.name,
+                action.args,
+                action.identity,
+                client_id=core.client_id or "",
+                request_id=action.request_id,
+                # Asked again before each commit attempt: a conflict's retries take time, and
+                # the session may end meanwhile.
+                authorized=lambda: self._identity_usable(action.identity),
+            )
+            if outcome.version is not None and outcome.error is None:
+                # Read your writes: every subscription of this connection is delivered at a
+                # version >= the commit's before the mutation's result goes out.
+                manager = self.endpoint.subscriptions
+                manager.notify_commit(outcome.version, outcome.written_keys)
+                async with asyncio.timeout(DELIVERY_TIMEOUT):
+                    processed = await manager.wait_processed(outcome.version)
+                self.execute(core.advance_version(processed, self.now()))
+        except (RedisError, TimeoutError):
+            # Whether it committed is unknown; re-sending the same requestId is always safe.
+            self._mutation_failed(
+                action,
+                MUTATION_UNAVAILABLE,
+                "the data store is unreachable; re-send with the same requestId",
+            )
+            return
+        except Exception:
+            # Always answer, or the requestId waits forever and its slot is never freed.
+            log.exception("mutation %s failed unexpectedly", action.name)
+            self._mutation_failed(action, "internal", "the mutation failed on the server")
+            return
+        self.execute(
+            core.mutation_done(
+                action.generation,
+                action.request_id,
+                self.now(),
+                value_json=outcome.value_json,
+                version=outcome.version,
+                error=outcome.error,
+            )
+        )
+
+    def _mutation_failed(self, action: RunMutation, code: str, message: str) -> None:
+        self.execute(
+            self.core.mutation_done(
+                action.generation, action.request_id, self.now(), error=(code, message)
+            )
+        )
+
+
+def _auth_code(code: str) -> AuthErrorCode:
+    try:
+        return AuthErrorCode(code)
+    except ValueError:
+        return AuthErrorCode.INVALID_TOKEN
+
+
+class SyncEndpoint:
+    """The raw ASGI app serving ``/sync`` for one instance."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        auth: AuthService,
+        hub: SessionHub,
+        application: App,
+        engine: QueryEngine,
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.hub = hub
+        self.application = application
+        self.engine = engine
+        self.clock = clock
+        self.subscriptions = SubscriptionManager(
+            engine, clock=clock, identity_usable=self.identity_usable
+        )
+        self.timers = DeadlineQueue(clock)
+        self.connections: set[Connection] = set()
+        self.timing = Timing(float(settings.expiry_notice), float(settings.clock_leeway))
+        self.limits = Limits(
+            max_subscriptions=settings.max_subscriptions,
+            max_pending_mutations=settings.max_pending_mutations,
+            message_rate=(settings.message_rate.count, float(settings.message_rate.seconds)),
+            auth_rate=(settings.auth_rate.count, float(settings.auth_rate.seconds)),
+            heartbeat_timeout=float(settings.heartbeat_timeout),
+        )
+
+    # ------------------------------------------------------------------ functions
+
+    def identity_usable(self, identity: Identity) -> bool:
+        """Check at use, for the live queries: not past exp + leeway, session not ended."""
+        if self.clock() >= identity.expires_at + self.settings.clock_leeway:
+            return False
+        return self.hub.recently_ended(identity.session_id) is None
+
+    def resolve(self, kind: str, name: str, args: dict[str, Any]) -> None:
+        spec = self.application.lookup(name)
+        if spec is None or spec.kind != kind:
+            raise BadMessage(ErrorCode.UNKNOWN_FUNCTION, f"no {kind} named {name!r}")
+        try:
+            spec.validate_args(args)
+        except ArgsError as exc:
+            raise BadMessage(ErrorCode.BAD_ARGS, exc.message) from None
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: SendFn) -> None:
+        if scope["type"] != "websocket":
+            return
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        if not self._origin_ok(scope):
+            await send({"type": "websocket.close", "code": 1008})  # → HTTP 403
+            return
+        await send({"type": "websocket.accept"})
+        core = ConnectionCore(
+            connection_id=secrets.token_urlsafe(9),
+            now=self.clock(),
+            timing=self.timing,
+            limits=self.limits,
+            resolve=self.resolve,
+        )
+        try:
+            await Connection(self, send, core).run(receive)
+        finally:
+            release_socket_later(send, self.settings.close_grace)
+
+    def _origin_ok(self, scope: Scope) -> bool:
+        # A method of its own so the headers are not kept alive for the socket's life.
+        origin = host = None
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                origin = value.decode("latin-1")
+            elif name == b"host":
+                host = value.decode("latin-1")
+        if origin is None:
+            return True  # not a browser: nothing to check
+        return origin_allowed(
+            origin, host, self.settings.allowed_origins, scope.get("scheme", "ws")
+        )
+
+    def close(self) -> None:
+        self.timers.close()
