@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from tether.server.errors import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
+from tether.protocol import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
 from tether.server.realtime.core import (
     Authenticate,
     BadMessage,

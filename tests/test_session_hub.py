@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from tether.protocol import SessionEndReason
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import SessionStore
 from tether.server.clock import ManualClock
-from tether.server.errors import SessionEndReason
 from tether.server.realtime.session_hub import SessionHub
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect

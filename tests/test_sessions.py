@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from tether.protocol import HTTPCode, SessionEndReason
 from tether.server.app import Node
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import (
@@ -35,7 +36,6 @@ from tether.server.auth.sessions import (
 from tether.server.auth.signing_keys import KeySet
 from tether.server.clock import ManualClock, to_ms
 from tether.server.demo import app as demo_app
-from tether.server.errors import HTTPCode, SessionEndReason
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect
 from tether.server.settings import Settings

@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from tether.protocol import SessionEndReason
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import SessionStore
-from tether.server.errors import SessionEndReason
 from tether.server.realtime.endpoint import CLOSE_TIMEOUT
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect as redis_connect

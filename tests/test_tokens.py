@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tether.protocol import AuthErrorCode
 from tether.server.auth import signing_keys as keys_module
 from tether.server.auth.signing_keys import (
     MAX_KEYS,
@@ -43,7 +44,6 @@ from tether.server.auth.signing_keys import (
     rotate_key_file,
 )
 from tether.server.auth.tokens import MAX_TOKEN_BYTES, AccessClaims, AccessTokens, TokenError
-from tether.server.errors import AuthErrorCode
 
 ISSUER = "https://tether.test"
 AUDIENCE = "tether-test"

@@ -35,8 +35,9 @@ from tether.client import (
     TetherError,
     TokenStore,
 )
+from tether.protocol import FunctionErrorCode
 from tether.server.data.functions import App, Auth, Context
-from tether.server.errors import FunctionError, FunctionErrorCode
+from tether.server.errors import FunctionError
 
 __version__ = "0.1.0"
 

@@ -31,8 +31,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from tether.client.errors import MessageTooLarge
+from tether.protocol import (
+    PROTOCOL_VERSION,
+    ClientMessageType,
+    CloseDecision,
+    ServerMessageType,
+    close_decision,
+)
 
-PROTOCOL_VERSION = 1
 #: The server's default ``TETHER_MAX_MESSAGE_BYTES``.
 DEFAULT_MAX_MESSAGE_BYTES = 65536
 #: Renew an access token this long before its ``exp`` at the latest (seconds), or a quarter of
@@ -41,31 +47,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 65536
 DEFAULT_RENEWAL_MARGIN = 30.0
 
 
-# --------------------------------------------------------------------------------- close codes
+_PING_FRAME = json.dumps({"type": ClientMessageType.PING}, separators=(",", ":"))
 
 
-class CloseDecision(enum.StrEnum):
-    """What a close code asks of the client (``docs/protocol.md``, "Close codes")."""
-
-    #: Reconnect after a backoff: 4000–4499, and every code that says nothing more
-    #: (1000, 1001, 1006 network loss, 1009, 1011, a failed handshake).
-    RECONNECT = "reconnect"
-    #: 1012: the instance is draining; reconnect at once, to another instance.
-    RECONNECT_NOW = "reconnect_now"
-    #: 4500–4999: do not reconnect until something changes; report it to the application.
-    STOP = "stop"
-
-
-SERVICE_RESTART = 1012
-
-
-def close_decision(code: int | None) -> CloseDecision:
-    """The decision for a close with ``code`` (``None``: no close frame, or no connection)."""
-    if code == SERVICE_RESTART:
-        return CloseDecision.RECONNECT_NOW
-    if code is not None and 4500 <= code <= 4999:
-        return CloseDecision.STOP
-    return CloseDecision.RECONNECT
+# --------------------------------------------------------------------------------- reconnecting
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,7 +424,13 @@ class ClientCore:
         self.phase = Phase.OPENING
         self.ready = False
         self._outbox = [
-            self._encode({"type": "connect", "clientId": self.client_id, "protocol": self.protocol})
+            self._encode(
+                {
+                    "type": ClientMessageType.CONNECT,
+                    "clientId": self.client_id,
+                    "protocol": self.protocol,
+                }
+            )
         ]
 
     def connection_lost(self) -> list[int]:
@@ -505,11 +496,13 @@ class ClientCore:
 
     def authenticate(self, token: str | None) -> int:
         """Queue ``authenticate`` (``None``: become anonymous); returns its authVersion."""
-        return self._auth_frame({"type": "authenticate", "token": token}, "authenticate")
+        return self._auth_frame(
+            {"type": ClientMessageType.AUTHENTICATE, "token": token}, "authenticate"
+        )
 
     def refresh(self, refresh_token: str, retry_key: str | None = None) -> int:
         """Queue an in-band ``refresh``; returns its authVersion."""
-        frame: dict[str, Any] = {"type": "refresh", "refreshToken": refresh_token}
+        frame: dict[str, Any] = {"type": ClientMessageType.REFRESH, "refreshToken": refresh_token}
         if retry_key is not None:
             frame["retryKey"] = retry_key
         return self._auth_frame(frame, "refresh")
@@ -520,7 +513,9 @@ class ClientCore:
         """Add a subscription; returns its ``queryId``. Sent now if ready, else when ready."""
         query_id = self._next_query_id
         sub = _Subscription(name, dict(args))
-        frame = self._encode({"type": "subscribe", "queryId": query_id, "name": name, "args": args})
+        frame = self._encode(
+            {"type": ClientMessageType.SUBSCRIBE, "queryId": query_id, "name": name, "args": args}
+        )
         self._next_query_id += 1
         self.subscriptions[query_id] = sub
         if self.ready:
@@ -529,7 +524,12 @@ class ClientCore:
         return query_id
 
     def _send_subscribe(self, query_id: int, sub: _Subscription) -> None:
-        frame = {"type": "subscribe", "queryId": query_id, "name": sub.name, "args": sub.args}
+        frame = {
+            "type": ClientMessageType.SUBSCRIBE,
+            "queryId": query_id,
+            "name": sub.name,
+            "args": sub.args,
+        }
         self._outbox.append(self._encode(frame))
         sub.sent = True
 
@@ -537,14 +537,16 @@ class ClientCore:
         """Drop a subscription; ``unsubscribe`` is sent only if the server has it."""
         sub = self.subscriptions.pop(query_id, None)
         if sub is not None and sub.sent and self.phase is Phase.CONNECTED:
-            self._outbox.append(self._encode({"type": "unsubscribe", "queryId": query_id}))
+            self._outbox.append(
+                self._encode({"type": ClientMessageType.UNSUBSCRIBE, "queryId": query_id})
+            )
 
     def mutate(self, name: str, args: dict[str, Any]) -> int:
         """Add a mutation; returns its ``requestId`` (unique for this ``clientId``)."""
         request_id = self._next_request_id
         mutation = _Mutation(name, dict(args))
         frame = self._encode(
-            {"type": "mutate", "requestId": request_id, "name": name, "args": args}
+            {"type": ClientMessageType.MUTATE, "requestId": request_id, "name": name, "args": args}
         )
         self._next_request_id += 1
         self.mutations[request_id] = mutation
@@ -555,7 +557,7 @@ class ClientCore:
 
     def _send_mutate(self, request_id: int, mutation: _Mutation) -> None:
         frame = {
-            "type": "mutate",
+            "type": ClientMessageType.MUTATE,
             "requestId": request_id,
             "name": mutation.name,
             "args": mutation.args,
@@ -571,7 +573,7 @@ class ClientCore:
         """Queue ``ping`` (the heartbeat the server's timeout counts)."""
         if self.phase is Phase.CLOSED:
             raise RuntimeError("not connected")
-        self._outbox.append('{"type":"ping"}')
+        self._outbox.append(_PING_FRAME)
 
     # ------------------------------------------------------------------ receiving
 
@@ -692,16 +694,16 @@ class ClientCore:
 
 
 _HANDLERS: dict[str, Callable[[ClientCore, dict[str, Any]], list[Event]]] = {
-    "connected": ClientCore._on_connected,
-    "auth_ok": ClientCore._on_auth_ok,
-    "auth_error": ClientCore._on_auth_error,
-    "auth_expiring": ClientCore._on_auth_expiring,
-    "auth_expired": ClientCore._on_auth_expired,
-    "session_revoked": ClientCore._on_session_revoked,
-    "transition": ClientCore._on_transition,
-    "mutation_result": ClientCore._on_mutation_result,
-    "error": ClientCore._on_error,
-    "pong": ClientCore._on_pong,
+    ServerMessageType.CONNECTED: ClientCore._on_connected,
+    ServerMessageType.AUTH_OK: ClientCore._on_auth_ok,
+    ServerMessageType.AUTH_ERROR: ClientCore._on_auth_error,
+    ServerMessageType.AUTH_EXPIRING: ClientCore._on_auth_expiring,
+    ServerMessageType.AUTH_EXPIRED: ClientCore._on_auth_expired,
+    ServerMessageType.SESSION_REVOKED: ClientCore._on_session_revoked,
+    ServerMessageType.TRANSITION: ClientCore._on_transition,
+    ServerMessageType.MUTATION_RESULT: ClientCore._on_mutation_result,
+    ServerMessageType.ERROR: ClientCore._on_error,
+    ServerMessageType.PONG: ClientCore._on_pong,
 }
 
 __all__ = [

@@ -59,8 +59,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from tether.protocol import ErrorCode, FunctionErrorCode
 from tether.server.data.functions import App, Context
-from tether.server.errors import ErrorCode, FunctionError, FunctionErrorCode
+from tether.server.errors import FunctionError
 
 app = App("demo")
 app.table("messages", indexes={"by_channel": ["channel"]})

@@ -13,9 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tether.protocol import HTTPCode
 from tether.server.auth.service import AuthService
 from tether.server.clock import to_ms
-from tether.server.errors import HTTPCode, HTTPError
+from tether.server.errors import HTTPError
 
 JWKS_PATH = "/.well-known/jwks.json"
 

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from tether.protocol import HTTPCode, SessionEndReason
 from tether.server.auth.passwords import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, Passwords
 from tether.server.auth.rate_limits import RateLimiter
 from tether.server.auth.sessions import RefreshRejected, SessionGrant, SessionStore
 from tether.server.auth.tokens import AccessClaims, AccessTokens, TokenError
 from tether.server.clock import Clock, system_clock, to_ms
-from tether.server.errors import HTTPCode, HTTPError, SessionEndReason
+from tether.server.errors import HTTPError
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient
 from tether.server.settings import Settings

@@ -10,7 +10,7 @@ Session-ended event, published on ``redis_keys.SESSION_ENDED_CHANNEL`` as JSON::
 
     {"type": "session_ended", "sessionId": SID, "userId": UID, "reason": REASON, "at": MS}
 
-``reason`` is one of :class:`tether.server.errors.SessionEndReason`.
+``reason`` is one of :class:`tether.protocol.SessionEndReason`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from tether.protocol import HTTPCode, SessionEndReason
 from tether.server.auth.refresh_tokens import RefreshTokenCodec, hash_retry_key
 from tether.server.clock import Clock, system_clock, to_ms
-from tether.server.errors import HTTPCode, SessionEndReason
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient, connect, load_script
 from tether.server.settings import Settings

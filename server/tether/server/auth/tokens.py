@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import jwt
 
+from tether.protocol import AuthErrorCode
 from tether.server.auth.signing_keys import ALGORITHM, KeyRing
-from tether.server.errors import AuthErrorCode
 
 TOKEN_TYPE = "at+jwt"
 #: Longest access token accepted; ours are about 400 bytes. Checked before any parsing.

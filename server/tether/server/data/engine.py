@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.protocol import ErrorCode
 from tether.server.data.functions import App, ArgsError, Auth
 from tether.server.data.store import CommitBatch, QueryEvaluation, Store
-from tether.server.errors import ErrorCode, FunctionError
+from tether.server.errors import FunctionError
 from tether.server.realtime.core import Identity
 
 

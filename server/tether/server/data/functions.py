@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, TypeVar, overload
 
-from tether.server.errors import ErrorCode, FunctionError, FunctionErrorCode
+from tether.protocol import ErrorCode, FunctionErrorCode
+from tether.server.errors import FunctionError
 
 __all__ = [
     "App",

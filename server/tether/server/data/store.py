@@ -79,9 +79,10 @@ from typing import Any, Literal, NoReturn
 
 from redis.exceptions import RedisError
 
+from tether.protocol import ErrorCode, FunctionErrorCode
 from tether.server.clock import Clock, to_ms
 from tether.server.data.functions import Auth, Context, FunctionSpec, encode_result, invoke
-from tether.server.errors import ErrorCode, FunctionError, FunctionErrorCode
+from tether.server.errors import FunctionError
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient, load_script, without_turns
 

@@ -26,16 +26,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from tether.server.errors import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
+from tether.protocol import (
+    MAX_SAFE_INT,
+    PROTOCOL_VERSION,
+    AuthErrorCode,
+    ClientMessageType,
+    CloseCode,
+    ErrorCode,
+    ServerMessageType,
+    SessionEndReason,
+)
 
-PROTOCOL_VERSION = 1
 #: ``connect`` must arrive within this many seconds of the upgrade (contract).
 CONNECT_TIMEOUT = 10.0
 MAX_CLIENT_ID_CHARS = 128
 MAX_NAME_CHARS = 128
 MAX_TOKEN_CHARS = 8192
-#: Integers on the wire must survive JavaScript's Number.
-MAX_SAFE_INT = 2**53 - 1
 
 
 # --------------------------------------------------------------------------------- messages
@@ -107,7 +113,11 @@ class BadMessage(Exception):
         self.request_id = request_id
 
     def to_frame(self) -> dict[str, Any]:
-        frame: dict[str, Any] = {"type": "error", "code": self.code.value, "message": self.message}
+        frame: dict[str, Any] = {
+            "type": ServerMessageType.ERROR,
+            "code": self.code.value,
+            "message": self.message,
+        }
         if self.query_id is not None:
             frame["queryId"] = self.query_id
         if self.request_id is not None:
@@ -160,17 +170,17 @@ def parse_client_message(frame: str | bytes) -> ClientMessage:
     kind = doc.get("type")
     if not isinstance(kind, str):
         raise BadMessage(ErrorCode.BAD_MESSAGE, "the frame has no string field 'type'")
-    if kind == "connect":
+    if kind == ClientMessageType.CONNECT:
         protocol = _int_field(doc, "protocol")
         assert protocol is not None
         return Connect(_str_field(doc, "clientId", MAX_CLIENT_ID_CHARS), protocol)
-    if kind == "authenticate":
+    if kind == ClientMessageType.AUTHENTICATE:
         if "token" not in doc:
             raise BadMessage(ErrorCode.BAD_MESSAGE, "token is required (null for anonymous)")
         version = _int_field(doc, "authVersion")
         assert version is not None
         return Authenticate(_str_field(doc, "token", MAX_TOKEN_CHARS, nullable=True), version)
-    if kind == "refresh":
+    if kind == ClientMessageType.REFRESH:
         version = _int_field(doc, "authVersion")
         assert version is not None
         return Refresh(
@@ -178,7 +188,7 @@ def parse_client_message(frame: str | bytes) -> ClientMessage:
             version,
             _str_field(doc, "retryKey", MAX_TOKEN_CHARS, nullable=True),
         )
-    if kind == "subscribe":
+    if kind == ClientMessageType.SUBSCRIBE:
         query_id = _int_field(doc, "queryId")
         assert query_id is not None
         try:
@@ -186,11 +196,11 @@ def parse_client_message(frame: str | bytes) -> ClientMessage:
         except BadMessage as exc:
             raise BadMessage(exc.code, exc.message, query_id=query_id) from None
         return Subscribe(query_id, name, _args_field(doc, query_id=query_id))
-    if kind == "unsubscribe":
+    if kind == ClientMessageType.UNSUBSCRIBE:
         query_id = _int_field(doc, "queryId")
         assert query_id is not None
         return Unsubscribe(query_id)
-    if kind == "mutate":
+    if kind == ClientMessageType.MUTATE:
         request_id = _int_field(doc, "requestId")
         assert request_id is not None
         try:
@@ -198,7 +208,7 @@ def parse_client_message(frame: str | bytes) -> ClientMessage:
         except BadMessage as exc:
             raise BadMessage(exc.code, exc.message, request_id=request_id) from None
         return Mutate(request_id, name, _args_field(doc, request_id=request_id))
-    if kind == "ping":
+    if kind == ClientMessageType.PING:
         return Ping()
     raise BadMessage(ErrorCode.UNKNOWN_TYPE, "unknown message type")
 
@@ -534,13 +544,25 @@ class ConnectionCore:
         expires_ms = int(ident.expires_at * 1000)
         if now >= ident.expires_at + self.timing.clock_leeway:
             actions.append(
-                Send({"type": "auth_expired", "expiresAt": expires_ms, "serverTime": server_time})
+                Send(
+                    {
+                        "type": ServerMessageType.AUTH_EXPIRED,
+                        "expiresAt": expires_ms,
+                        "serverTime": server_time,
+                    }
+                )
             )
             actions.extend(self._set_identity(None, now))
         elif not self.expiring_sent and now >= ident.expires_at - self.timing.notice_for(ident):
             self.expiring_sent = True
             actions.append(
-                Send({"type": "auth_expiring", "expiresAt": expires_ms, "serverTime": server_time})
+                Send(
+                    {
+                        "type": ServerMessageType.AUTH_EXPIRING,
+                        "expiresAt": expires_ms,
+                        "serverTime": server_time,
+                    }
+                )
             )
         return actions
 
@@ -590,7 +612,7 @@ class ConnectionCore:
         return [
             Send(
                 {
-                    "type": "connected",
+                    "type": ServerMessageType.CONNECTED,
                     "connectionId": self.connection_id,
                     "serverTime": int(now * 1000),
                     "protocol": PROTOCOL_VERSION,
@@ -600,7 +622,7 @@ class ConnectionCore:
 
     def _dispatch(self, message: ClientMessage, now: float) -> list[Action]:
         if isinstance(message, Ping):
-            return [Send({"type": "pong", "serverTime": int(now * 1000)})]
+            return [Send({"type": ServerMessageType.PONG, "serverTime": int(now * 1000)})]
         if isinstance(message, Authenticate | Refresh):
             return self._on_auth_request(message, now)
         if isinstance(message, Subscribe):
@@ -662,7 +684,7 @@ class ConnectionCore:
                 actions.append(
                     Send(
                         {
-                            "type": "auth_ok",
+                            "type": ServerMessageType.AUTH_OK,
                             "authVersion": request.auth_version,
                             "identity": None,
                             "expiresAt": None,
@@ -696,7 +718,7 @@ class ConnectionCore:
                 auth_version, AuthErrorCode.TOKEN_EXPIRED, "the token has expired", now
             ) + self._start_next_auth(now)
         frame: dict[str, Any] = {
-            "type": "auth_ok",
+            "type": ServerMessageType.AUTH_OK,
             "authVersion": auth_version,
             "identity": {"userId": identity.user_id, "sessionId": identity.session_id},
             "expiresAt": int(identity.expires_at * 1000),
@@ -723,7 +745,7 @@ class ConnectionCore:
         self, auth_version: int, code: AuthErrorCode, message: str, now: float
     ) -> list[Action]:
         frame = {
-            "type": "auth_error",
+            "type": ServerMessageType.AUTH_ERROR,
             "authVersion": auth_version,
             "code": code.value,
             "message": message,
@@ -737,7 +759,7 @@ class ConnectionCore:
         if self.phase is not Phase.OPEN:
             return []
         return [
-            Send({"type": "session_revoked", "reason": reason.value}),
+            Send({"type": ServerMessageType.SESSION_REVOKED, "reason": reason.value}),
             *self._set_identity(None, now),
         ]
 
@@ -853,7 +875,9 @@ class ConnectionCore:
         if self.phase is not Phase.OPEN or version <= self.version:
             return actions
         self.version = version
-        actions.append(Send({"type": "transition", "version": version, "updates": []}))
+        actions.append(
+            Send({"type": ServerMessageType.TRANSITION, "version": version, "updates": []})
+        )
         return actions
 
     def mutation_done(
@@ -871,7 +895,7 @@ class ConnectionCore:
         actions = self._tick(now)
         if self.phase is not Phase.OPEN:
             return actions
-        frame: dict[str, Any] = {"type": "mutation_result", "requestId": request_id}
+        frame: dict[str, Any] = {"type": ServerMessageType.MUTATION_RESULT, "requestId": request_id}
         if error is not None:
             frame["error"] = {"code": error[0], "message": error[1]}
         else:
@@ -904,7 +928,7 @@ def _transition(
             updates.append({"queryId": query_id, "error": {"code": code, "message": message}})
         else:
             updates.append({"queryId": query_id, "value": Raw(text)})
-    return {"type": "transition", "version": version, "updates": updates}
+    return {"type": ServerMessageType.TRANSITION, "version": version, "updates": updates}
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from tether.protocol import AuthErrorCode, CloseCode, ErrorCode
 from tether.server.auth.service import AuthService
 from tether.server.auth.tokens import TokenError
 from tether.server.clock import Clock
@@ -33,7 +34,7 @@ from tether.server.data.engine import QueryEngine
 from tether.server.data.functions import App, ArgsError
 from tether.server.data.live import Evaluation, Registration, SubscriptionManager
 from tether.server.data.store import IDENTITY_ENDED
-from tether.server.errors import AuthErrorCode, CloseCode, ErrorCode, HTTPError
+from tether.server.errors import HTTPError
 from tether.server.realtime.core import (
     Action,
     BadMessage,
@@ -519,7 +520,7 @@ class Connection:
         except Exception:
             # Always answer, or the requestId waits forever and its slot is never freed.
             log.exception("mutation %s failed unexpectedly", action.name)
-            self._mutation_failed(action, "internal", "the mutation failed on the server")
+            self._mutation_failed(action, ErrorCode.INTERNAL, "the mutation failed on the server")
             return
         self.execute(
             core.mutation_done(
@@ -605,7 +606,8 @@ class SyncEndpoint:
         if message["type"] != "websocket.connect":
             return
         if not self._origin_ok(scope):
-            await send({"type": "websocket.close", "code": 1008})  # → HTTP 403
+            # A close before the accept is refused by the ASGI server: HTTP 403.
+            await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
             return
         await send({"type": "websocket.accept"})
         core = ConnectionCore(

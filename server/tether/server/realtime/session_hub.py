@@ -41,8 +41,8 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
+from tether.protocol import SessionEndReason
 from tether.server.auth.sessions import SessionStore
-from tether.server.errors import SessionEndReason
 from tether.server.redis.connection import RedisClient, connect
 from tether.server.redis.keys import SESSION_ENDED_CHANNEL
 
