@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tether.server.data.functions import App, Context
-from tether.server.errors import FunctionError
+from tether import App, Context, FunctionError
 
 app = App("todos")
 app.table("todos", indexes={"by_list": ["list"], "by_list_done": ["list", "done"]})

@@ -7,7 +7,7 @@ so ``tests.apps`` imports there as it does in the test process.
 
 from __future__ import annotations
 
-from tether.server.data.functions import App, Context
+from tether import App, Context
 
 app = App("big")
 

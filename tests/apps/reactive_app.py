@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from tether.server.data.functions import App, Context
+from tether import App, Context
 
 app = App("reactive-test")
 app.table("tallies", indexes={"by_name": ["name"]})
