@@ -474,14 +474,6 @@ class ClientCore:
             if not mutation.sent:
                 self._send_mutate(request_id, mutation)
 
-    def resubscribe_list(self) -> list[tuple[int, str, dict[str, Any]]]:
-        """``(queryId, name, args)`` of every subscription waiting to be sent, in order."""
-        return [(q, s.name, s.args) for q, s in self.subscriptions.items() if not s.sent]
-
-    def replay_list(self) -> list[tuple[int, str, dict[str, Any]]]:
-        """``(requestId, name, args)`` of every mutation waiting to be sent, in order."""
-        return [(r, m.name, m.args) for r, m in self.mutations.items() if not m.sent]
-
     # ------------------------------------------------------------------ auth
 
     def _auth_frame(self, frame: dict[str, Any], kind: str) -> int:
