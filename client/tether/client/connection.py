@@ -2,8 +2,9 @@
 
 :class:`TetherClient` owns one ``/sync`` connection at a time and everything around it, in one
 place: the socket's reader and writer, the heartbeat, the auth keep-alive, reconnecting. The
-protocol state lives in :class:`~tether.client.core.ClientCore` (pure); this module moves frames
-between it and the socket and runs the timers.
+protocol state lives in :class:`~tether.client.core.ClientCore` and the auth policy in
+:class:`~tether.client.auth.AuthCore` (both pure); this module moves frames between them and the
+socket, carries out the auth core's commands (store, HTTP, ``fetch_token``) and runs the timers.
 
 Tasks, per client::
 
@@ -37,6 +38,21 @@ from types import TracebackType
 from typing import Any, Generic, TypeAlias, TypeVar
 
 import websockets
+from tether.client.auth import (
+    AuthCore,
+    CallFetchToken,
+    Command,
+    ForgetSession,
+    LoadSession,
+    Retry,
+    SaveSession,
+    ScheduleWake,
+    SendAuthenticate,
+    SendRefresh,
+    Settled,
+    SignIn,
+    Source,
+)
 from tether.client.core import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RENEWAL_MARGIN,
@@ -45,7 +61,6 @@ from tether.client.core import (
     AuthExpiring,
     AuthFailed,
     AuthOk,
-    AuthState,
     AuthStatus,
     Backoff,
     ClientCore,
@@ -62,15 +77,12 @@ from tether.client.core import (
     ServerError,
     SessionRevoked,
     Unrecognized,
-    renewal_due,
 )
 from tether.client.errors import (
     AuthError,
-    AuthErrorKind,
     ClientClosed,
     MutationError,
     QueryError,
-    classify_auth_code,
 )
 from tether.client.http_auth import AuthAPI
 from tether.client.token_store import MemoryTokenStore, StoredSession, TokenStore
@@ -331,15 +343,16 @@ class TetherClient:
         )
         self._rand = random.Random()
 
-        # Session: the tokens in use, and what the application should be told.
-        self._session: StoredSession | None = None
-        self._expect_identity = uses_store or fetch_token is not None
-        self._signed_out = False
-        self._had_session = False
-        self._identity_timing: tuple[int, int, float] | None = None  # exp, serverTime, local
-        self._renew_hint: int | None = None  # exp named by the last auth_expiring
-        initial = AuthState.REFRESHING if self._expect_identity else AuthState.ANONYMOUS
-        self._auth_status = AuthStatus(initial)
+        # Session keeping: the policy is the pure AuthCore's; this shell carries out its
+        # commands, with the wall clock read here only.
+        self._clock: Callable[[], float] = time.time
+        source = Source.FETCH if fetch_token is not None else Source.NONE
+        self._auth = AuthCore(
+            Source.STORE if uses_store else source,
+            can_sign_in=email is not None,
+            renewal_margin=opts.renewal_margin,
+        )
+        self._auth_status = self._auth.status
         self._connection_status = ConnectionStatus(ConnectionState.CONNECTING, self.urls[0])
 
         # Per connection.
@@ -528,17 +541,20 @@ class TetherClient:
         async with self._auth_lock, self._store.locked():
             stored = await self._store.load()
             if stored is not None:
-                if not stored.access_fresh(time.time(), self.options.renewal_margin):
-                    # The access token proves the session to /auth/signout: renew it first.
+                renew = self._auth.before_sign_out(stored, self._clock())
+                if renew is not None:
                     with contextlib.suppress(AuthError):
-                        stored = await self.api.refresh(stored.refresh_token, stored.retry_key)
+                        stored = await self.api.refresh(
+                            renew.session.refresh_token, renew.session.retry_key
+                        )
                 try:
                     await self.api.sign_out(stored.access_token, everywhere=everywhere)
                 except AuthError as exc:
                     if exc.transient:
                         raise
                 await self._store.save(None)
-            self._end_session("signed_out")
+            self._auth.signed_out()
+            self._publish_auth()
         await self._become_anonymous()
 
     async def reauthenticate(self) -> AuthStatus:
@@ -549,11 +565,7 @@ class TetherClient:
         if the source has a session. Returns the auth state once settled (or, while
         disconnected, at once: the next connection does it).
         """
-        if self._fetch_token is None and self._store is None:
-            raise RuntimeError("this client has no auth source")
-        self._signed_out = False
-        self._expect_identity = True
-        self._had_session = False
+        self._auth.reauthenticate()
         if self._core.phase is Phase.CONNECTED and self._established:
             with contextlib.suppress(_ConnectionLost):
                 if await self._run_auth(renew=False) is _Outcome.RETRY:
@@ -561,46 +573,22 @@ class TetherClient:
         return self._auth_status
 
     async def _adopt(self, session: StoredSession) -> AuthStatus:
-        if self._store is None:
-            if self._fetch_token is not None:
-                raise RuntimeError("this client takes its tokens from fetch_token")
-            self._store = MemoryTokenStore()
         async with self._auth_lock:
-            async with self._store.locked():
-                await self._store.save(session)
-            self._session = session
-            self._signed_out = False
-            self._expect_identity = True
-            self._had_session = True
-            generation = self._generation
-            if self._core.phase is Phase.CONNECTED and self._established:
-                with contextlib.suppress(_ConnectionLost):
-                    answer = await self._send_auth(
-                        generation, partial(self._core.authenticate, session.access_token)
-                    )
-                    if isinstance(answer, AuthOk):
-                        self._authenticated(answer)
-                    else:
-                        self._set_auth(
-                            AuthStatus(
-                                AuthState.REFRESHING,
-                                session.user_id,
-                                session.session_id,
-                                answer.code,
-                            )
-                        )
-                        self._renew.set()
-            else:
-                self._set_auth(
-                    AuthStatus(AuthState.REFRESHING, session.user_id, session.session_id)
-                )
+            connected = self._core.phase is Phase.CONNECTED and self._established
+            command = self._auth.adopt(session, connected=connected)
+            if self._store is None:
+                self._store = MemoryTokenStore()
+            with contextlib.suppress(_ConnectionLost):
+                if await self._perform(command, self._generation) is _Outcome.RETRY:
+                    self._renew.set()  # the keep-alive retries with backoff
         return self._auth_status
 
     async def _become_anonymous(self) -> None:
         generation = self._generation
-        if self._core.phase is Phase.CONNECTED and self._core.identity is not None:
+        if self._core.phase is Phase.CONNECTED and self._auth.holds_identity:
             with contextlib.suppress(_ConnectionLost):
                 await self._send_auth(generation, partial(self._core.authenticate, None))
+        self._auth.recheck_gate()
         self._update_gate()
 
     # ------------------------------------------------------------------ connection loop
@@ -754,6 +742,7 @@ class TetherClient:
             if generation != self._generation:
                 return
             self._established = True
+            self._auth.recheck_gate()
             self._update_gate()
             status = self._connection_status
             self._set_connection(ConnectionStatus(ConnectionState.CONNECTED, status.url))
@@ -774,7 +763,7 @@ class TetherClient:
             if pong is not None and not pong.done():
                 pong.set_exception(ConnectionError("the connection was lost"))
         self._pongs.clear()
-        self._identity_timing = None
+        self._auth.connection_lost()
 
     def _backoff(self, attempt: int) -> float:
         return self.options.backoff.delay(attempt, self._rand.random())
@@ -792,6 +781,10 @@ class TetherClient:
             if future is not None and not future.done():
                 future.set_result(event)
         elif isinstance(event, AuthOk | AuthFailed):
+            self._auth.observe(event, self._clock())
+            self._publish_auth()
+            if isinstance(event, AuthOk):
+                self._renew.set()  # wake the keep-alive: it schedules the timer for the new exp
             waiter = self._auth_waiters.pop(event.auth_version, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(event)
@@ -803,22 +796,22 @@ class TetherClient:
                     event.auth_version,
                 )
         elif isinstance(event, AuthExpiring):
-            self._renew_hint = event.expires_at
+            self._auth.observe(event, self._clock())
             self._renew.set()
         elif isinstance(event, AuthExpired):
             log.info("the server ended the identity at its expiry; renewing")
-            self._identity_timing = None
-            if self._expect_identity:
-                self._set_auth(self._refreshing("token_expired"))
-            self._update_gate()
+            self._auth.observe(event, self._clock())
+            self._publish_auth()
             self._renew.set()
         elif isinstance(event, SessionRevoked):
-            self._identity_timing = None
-            if self._expect_identity or self._auth_status.state is AuthState.AUTHENTICATED:
+            before = self._auth.status
+            forget = self._auth.observe(event, self._clock())
+            if self._auth.status != before:
                 log.info("the session ended: %s", event.reason)
-                self._spawn_forget_session(self._session)
-                self._end_session(event.reason)
-            self._update_gate()
+            if forget is not None:
+                task = asyncio.create_task(self._forget_session(forget.session))
+                task.add_done_callback(_log_failure)
+            self._publish_auth()
         elif isinstance(event, QueryRejected):
             sub = self._subscriptions.pop(event.query_id, None)
             if sub is not None:
@@ -843,26 +836,98 @@ class TetherClient:
         task = asyncio.create_task(self._authenticate_once(renew=renew, gen=self._generation))
         self._auth_tasks.add(task)
         task.add_done_callback(self._auth_tasks.discard)
-        try:
-            return await asyncio.shield(task)
-        except (_ConnectionLost, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # a store that cannot be written, a bug: retry, never sign out
-            log.exception("authentication failed unexpectedly")
-            self._set_auth(self._refreshing(f"error: {type(exc).__name__}"))
-            return _Outcome.RETRY
+        return await asyncio.shield(task)
 
     async def _authenticate_once(self, *, renew: bool, gen: int) -> _Outcome:
         async with self._auth_lock:
             if gen != self._generation:
                 raise _ConnectionLost()
-            if self._signed_out or not self._expect_identity:
-                return _Outcome.DONE
-            if renew and not self._needs_renewal():
-                return _Outcome.DONE  # another operation renewed while this one waited
-            if self._fetch_token is not None:
-                return await self._auth_with_fetch(renew, gen)
-            return await self._auth_with_store(renew, gen)
+            return await self._perform(self._auth.begin(renew=renew, now=self._clock()), gen)
+
+    async def _perform(self, command: Command, gen: int) -> _Outcome:
+        """Carry out the commands of one :class:`AuthCore` operation on connection ``gen``,
+        handing each result back, until it settles or asks for a retry. Called under the auth
+        lock. Raises ``_ConnectionLost`` if the connection ends while an answer is awaited."""
+        auth = self._auth
+        try:
+            async with contextlib.AsyncExitStack() as store_lock:
+                holds_store_lock = False
+                while True:
+                    self._publish_auth()
+                    if isinstance(command, Settled):
+                        return _Outcome.DONE
+                    if isinstance(command, Retry):
+                        return _Outcome.RETRY
+                    if isinstance(command, SendAuthenticate):
+                        answer = await self._send_auth(
+                            gen, partial(self._core.authenticate, command.token)
+                        )
+                        command = auth.answered(answer, self._clock())
+                    elif isinstance(command, SendRefresh):
+                        answer = await self._send_auth(
+                            gen,
+                            partial(self._core.refresh, command.refresh_token, command.retry_key),
+                        )
+                        command = auth.answered(answer, self._clock())
+                    elif isinstance(command, CallFetchToken):
+                        command = await self._fetch(command.force)
+                    elif isinstance(command, LoadSession):
+                        command = auth.loaded(await self._token_store().load(), self._clock())
+                    elif isinstance(command, SignIn):
+                        command = await self._sign_in()
+                    elif isinstance(command, SaveSession):
+                        store = self._token_store()
+                        if holds_store_lock:
+                            await store.save(command.session)
+                        else:
+                            async with store.locked():
+                                await store.save(command.session)
+                        command = auth.saved(self._clock())
+                    elif isinstance(command, ForgetSession):
+                        await self._forget_session(command.session)
+                        command = auth.saved(self._clock())
+                    else:  # RefreshInBand: the read-renew-write cycle of token_store's docstring
+                        store = self._token_store()
+                        try:
+                            await store_lock.enter_async_context(store.locked())
+                        except TimeoutError:
+                            log.warning("the token store stayed locked; retrying")
+                            command = auth.lock_timed_out()
+                            continue
+                        holds_store_lock = True
+                        command = auth.refresh_loaded(await store.load(), self._clock())
+        except (_ConnectionLost, asyncio.CancelledError):
+            auth.abandon()
+            raise
+        except Exception as exc:  # a store that cannot be written, a bug: retry, never sign out
+            log.exception("authentication failed unexpectedly")
+            auth.failed(f"error: {type(exc).__name__}")
+            self._publish_auth()
+            return _Outcome.RETRY
+
+    async def _fetch(self, force: bool) -> Command:
+        assert self._fetch_token is not None
+        try:
+            fetched = self._fetch_token(force)
+            token = await fetched if inspect.isawaitable(fetched) else fetched
+        except Exception as exc:
+            log.warning("fetch_token failed: %r", exc)
+            return self._auth.fetch_failed()
+        return self._auth.fetched(None if token is None else str(token))
+
+    async def _sign_in(self) -> Command:
+        assert self._email is not None and self._password is not None
+        try:
+            session = await self.api.sign_in(self._email, self._password)
+        except AuthError as exc:
+            if not exc.transient:
+                log.warning("sign-in failed: %s", exc.code)
+            return self._auth.sign_in_failed(exc.code)
+        return self._auth.signed_in(session)
+
+    def _token_store(self) -> TokenStore:
+        assert self._store is not None
+        return self._store
 
     async def _send_auth(self, gen: int, make: Callable[[], int]) -> AuthOk | AuthFailed:
         """Send one auth frame on connection ``gen`` and wait for its answer."""
@@ -874,242 +939,46 @@ class TetherClient:
         self._wake_writer.set()
         return await waiter
 
-    async def _auth_with_fetch(self, renew: bool, gen: int) -> _Outcome:
-        assert self._fetch_token is not None
-        force = renew
-        while True:
-            try:
-                fetched = self._fetch_token(force)
-                token = await fetched if inspect.isawaitable(fetched) else fetched
-            except Exception as exc:
-                log.warning("fetch_token failed: %r", exc)
-                self._set_auth(self._refreshing("fetch_token_failed"))
-                return _Outcome.RETRY
-            if token is None:
-                self._expect_identity = False
-                if self._core.identity is not None:
-                    await self._send_auth(gen, partial(self._core.authenticate, None))
-                self._set_auth(AuthStatus(AuthState.ANONYMOUS))
-                return _Outcome.DONE
-            access_token = str(token)
-            answer = await self._send_auth(gen, partial(self._core.authenticate, access_token))
-            if isinstance(answer, AuthOk):
-                self._authenticated(answer)
-                return _Outcome.DONE
-            kind = classify_auth_code(answer.code)
-            if kind is AuthErrorKind.RETRY:
-                self._set_auth(self._refreshing(answer.code))
-                return _Outcome.RETRY
-            if kind is AuthErrorKind.RENEW and not force:
-                force = True
-                continue
-            self._end_session(answer.code)
-            return _Outcome.DONE
-
-    async def _auth_with_store(self, renew: bool, gen: int) -> _Outcome:
-        store = self._store
-        assert store is not None
-        if not renew:
-            stored = await store.load()
-            if stored is None and self._email is not None and not self._had_session:
-                assert self._password is not None
-                try:
-                    stored = await self.api.sign_in(self._email, self._password)
-                except AuthError as exc:
-                    if exc.transient:
-                        self._set_auth(self._refreshing(exc.code))
-                        return _Outcome.RETRY
-                    log.warning("sign-in failed: %s", exc.code)
-                    self._end_session(exc.code)
-                    return _Outcome.DONE
-                async with store.locked():
-                    await store.save(stored)
-            if stored is None:
-                self._expect_identity = False
-                if self._had_session:
-                    self._end_session("signed_out")
-                else:
-                    self._set_auth(AuthStatus(AuthState.ANONYMOUS))
-                return _Outcome.DONE
-            self._session = stored
-            self._had_session = True
-            if stored.access_fresh(time.time(), self.options.renewal_margin):
-                outcome = await self._present_access(
-                    gen, stored.access_token, partial(self._forget_session, stored)
-                )
-                if outcome is not None:
-                    return outcome
-                # token_expired / invalid_token: the refresh token may still be good.
-        return await self._refresh_in_band(gen)
-
-    async def _present_access(
-        self, gen: int, access_token: str, forget: Callable[[], Awaitable[None]]
-    ) -> _Outcome | None:
-        """Authenticate with a stored access token. ``None``: refused in a way a refresh may
-        still mend (expired or invalid token); ``forget`` clears the store on a sign-out."""
-        answer = await self._send_auth(gen, partial(self._core.authenticate, access_token))
-        if isinstance(answer, AuthOk):
-            self._authenticated(answer)
-            return _Outcome.DONE
-        kind = classify_auth_code(answer.code)
-        if kind is AuthErrorKind.RETRY:
-            self._set_auth(self._refreshing(answer.code))
-            return _Outcome.RETRY
-        if kind is AuthErrorKind.SIGNED_OUT:
-            await forget()
-            self._end_session(answer.code)
-            return _Outcome.DONE
-        return None
-
-    async def _refresh_in_band(self, gen: int) -> _Outcome:
-        """The read-renew-write cycle of :mod:`tether.client.token_store`, under the store's
-        lock."""
-        store = self._store
-        assert store is not None
-        try:
-            async with store.locked():
-                stored = await store.load()
-                if stored is None:  # signed out by another user of the store
-                    self._end_session("signed_out")
-                    return _Outcome.DONE
-                known = self._session.refresh_token if self._session is not None else None
-                if stored.refresh_token != known and stored.access_fresh(
-                    time.time(), self.options.renewal_margin
-                ):
-                    # Another process rotated already: use its tokens, spend nothing.
-                    self._session = stored
-                    # Under the store's lock already: clear it directly on a sign-out.
-                    outcome = await self._present_access(
-                        gen, stored.access_token, partial(store.save, None)
-                    )
-                    if outcome is not None:
-                        return outcome
-                if stored.retry_key is None:
-                    # Saved before the token is spent: a retry, in this process or another,
-                    # sends the same key and gets the same answer if the first one was lost.
-                    stored = stored.with_retry_key(secrets.token_urlsafe(24))
-                    await store.save(stored)
-                self._session = stored
-                answer = await self._send_auth(
-                    gen, partial(self._core.refresh, stored.refresh_token, stored.retry_key)
-                )
-                if isinstance(answer, AuthOk):
-                    if answer.tokens is not None and answer.identity is not None:
-                        fresh = StoredSession.from_tokens(
-                            answer.tokens,
-                            received_at=time.time(),
-                            user_id=answer.identity.user_id,
-                            session_id=answer.identity.session_id,
-                            server_time=answer.server_time,
-                        )
-                        await store.save(fresh)  # saved before it is ever used
-                        self._session = fresh
-                    self._authenticated(answer)
-                    return _Outcome.DONE
-                kind = classify_auth_code(answer.code)
-                if kind is AuthErrorKind.RETRY:
-                    self._set_auth(self._refreshing(answer.code))
-                    return _Outcome.RETRY
-                await store.save(None)
-                self._end_session(answer.code)
-                return _Outcome.DONE
-        except TimeoutError:
-            log.warning("the token store stayed locked; retrying")
-            self._set_auth(self._refreshing("store_locked"))
-            return _Outcome.RETRY
-
     async def _keep_alive(self) -> None:
         """Renew the identity on ``auth_expiring``, on the timer, and after it lapsed."""
         attempt = 0
         while True:
-            if not self._needs_renewal():
-                due = self._renewal_deadline()
-                timeout = None if due is None else max(0.0, due - time.time())
+            step = self._auth.keep_alive(self._clock())
+            if isinstance(step, ScheduleWake):
+                timeout = None if step.at is None else max(0.0, step.at - self._clock())
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await self._renew.wait()
                 self._renew.clear()
                 continue
             outcome = await self._run_auth(renew=True)
-            if outcome is _Outcome.RETRY or self._needs_renewal():
+            if outcome is _Outcome.RETRY or self._auth.renewal_due(self._clock()):
                 await asyncio.sleep(self._backoff(attempt))
                 attempt += 1
             else:
                 attempt = 0
 
-    def _needs_renewal(self) -> bool:
-        if self._signed_out or not self._expect_identity:
-            return False
-        core = self._core
-        if core.identity is None:
-            return True
-        if self._renew_hint is not None and self._renew_hint == core.identity_expires_at:
-            return True
-        due = self._renewal_deadline()
-        return due is not None and time.time() >= due
-
-    def _renewal_deadline(self) -> float | None:
-        if self._identity_timing is None:
-            return None
-        expires_at, server_time, received_at = self._identity_timing
-        return renewal_due(expires_at, server_time, received_at, self.options.renewal_margin)
-
-    def _authenticated(self, answer: AuthOk) -> None:
-        if answer.identity is None:
-            self._identity_timing = None
-            self._set_auth(AuthStatus(AuthState.ANONYMOUS))
-        else:
-            if answer.expires_at is not None:
-                self._identity_timing = (answer.expires_at, answer.server_time, time.time())
-            self._signed_out = False
-            self._set_auth(
-                AuthStatus(
-                    AuthState.AUTHENTICATED, answer.identity.user_id, answer.identity.session_id
-                )
-            )
-        self._update_gate()
-        self._renew.set()  # wake the keep-alive: it schedules the timer for the new exp
-
-    def _refreshing(self, reason: str | None) -> AuthStatus:
-        session = self._session
-        return AuthStatus(
-            AuthState.REFRESHING,
-            session.user_id if session else self._auth_status.user_id,
-            session.session_id if session else self._auth_status.session_id,
-            reason,
-        )
-
-    def _end_session(self, reason: str) -> None:
-        """The session is over: tell the application; continue as anonymous."""
-        self._signed_out = True
-        self._expect_identity = False
-        self._session = None
-        self._identity_timing = None
-        self._set_auth(AuthStatus(AuthState.SIGNED_OUT, reason=reason))
+    def _publish_auth(self) -> None:
+        """Tell the application the core's auth state; apply its gate."""
+        self._set_auth(self._auth.status)
         self._update_gate()
 
-    async def _forget_session(self, session: StoredSession | None) -> None:
+    async def _forget_session(self, session: StoredSession) -> None:
         """Clear the store if it still holds ``session`` (a newer sign-in stays)."""
         store = self._store
-        if store is None or session is None:
+        if store is None:
             return
         async with store.locked():
             stored = await store.load()
             if stored is not None and stored.session_id == session.session_id:
                 await store.save(None)
 
-    def _spawn_forget_session(self, session: StoredSession | None) -> None:
-        if self._store is None or session is None:
-            return
-        task = asyncio.create_task(self._forget_session(session))
-        task.add_done_callback(_log_failure)
-
     def _update_gate(self) -> None:
-        """Hold new subscriptions and mutations while an expected identity is missing."""
+        """Hold new subscriptions and mutations while the auth core's gate is closed."""
         core = self._core
         if core.phase is not Phase.CONNECTED or not self._established:
             return
-        want = not (self._expect_identity and core.identity is None)
+        want = self._auth.gate_open
         if want != core.ready:
             core.set_ready(want)
             self._wake_writer.set()
