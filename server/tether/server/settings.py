@@ -203,10 +203,6 @@ class Settings:
     def effective_issuer(self) -> str:
         return self.issuer or self.public_url or "tether"
 
-    def expiry_notice_for(self, lifetime_s: float) -> float:
-        """Seconds before ``exp`` to push ``auth_expiring``: never more than half the lifetime."""
-        return min(float(self.expiry_notice), max(lifetime_s, 0.0) / 2)
-
     # ------------------------------------------------------------------ construction
 
     @classmethod
