@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tether.protocol import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
+from tether.protocol import (
+    AuthErrorCode,
+    CloseCode,
+    ErrorCode,
+    FunctionErrorCode,
+    HTTPCode,
+    SessionEndReason,
+)
 from tether.server.settings import Settings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -18,7 +25,8 @@ def test_every_setting_is_in_docs_settings() -> None:
 
 def test_every_code_is_in_docs_protocol() -> None:
     text = (DOCS / "protocol.md").read_text()
-    codes = [c.value for c in (*AuthErrorCode, *ErrorCode, *SessionEndReason)]
+    vocabularies = (HTTPCode, AuthErrorCode, ErrorCode, FunctionErrorCode, SessionEndReason)
+    codes = [c.value for vocabulary in vocabularies for c in vocabulary]
     missing = [code for code in codes if f"`{code}`" not in text]
     assert missing == []
     closes = [str(int(c)) for c in CloseCode]

@@ -63,8 +63,7 @@ class HTTPCode(StrEnum):
     REFRESH_REUSED = "refresh_reused"
     INVALID_TOKEN = "invalid_token"
     UNAVAILABLE = "unavailable"
-    NOT_FOUND = "not_found"
-    PAYLOAD_TOO_LARGE = "payload_too_large"
+    NOT_FOUND = "not_found"  # a path the API does not have
 
 
 class AuthErrorCode(StrEnum):
