@@ -19,12 +19,12 @@ import redis.asyncio
 from tether.protocol import SessionEndReason
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import SessionStore
-from tether.server.clock import ManualClock
 from tether.server.realtime.session_hub import SessionHub
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect
 from tether.server.settings import Settings
 
+from tests.clock import ManualClock
 from tests.harness import FAST_ARGON2_ENV, RedisProcess
 
 pytestmark = pytest.mark.timeout(30)

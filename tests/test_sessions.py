@@ -34,12 +34,13 @@ from tether.server.auth.sessions import (
     revoke_from_cli,
 )
 from tether.server.auth.signing_keys import KeySet
-from tether.server.clock import ManualClock, to_ms
+from tether.server.clock import to_ms
 from tether.server.demo import app as demo_app
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect
 from tether.server.settings import Settings
 
+from tests.clock import ManualClock
 from tests.harness import RedisProcess
 
 #: argon2id at the OWASP minimum (the settings refuse anything weaker).

@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from tether.server import demo
-from tether.server.clock import ManualClock, to_ms
+from tether.server.clock import to_ms
 from tether.server.data import store as store_module
 from tether.server.data.functions import App, Auth, Context, FunctionKind, FunctionSpec
 from tether.server.data.store import (
@@ -38,6 +38,7 @@ from tether.server.data.store import (
 from tether.server.errors import FunctionError
 from tether.server.redis import keys as redis_keys
 
+from tests.clock import ManualClock
 from tests.harness import RedisProcess, free_port
 
 USER = Auth(user_id="u1", session_id="s1")

@@ -15,16 +15,3 @@ system_clock: Clock = time.time
 def to_ms(seconds: float) -> int:
     """Seconds since the epoch → integer milliseconds, the unit of every time on the wire."""
     return int(seconds * 1000)
-
-
-class ManualClock:
-    """A clock that only moves when told to; for tests and simulations."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
