@@ -872,23 +872,6 @@ async def test_notes_need_a_user(name: str, args: dict[str, Any]) -> None:
     assert db.calls == 0
 
 
-@pytest.mark.parametrize(
-    ("name", "args"),
-    [
-        ("messages.list", {"channel": "c"}),
-        ("messages.send", {"channel": "c", "body": "x" * 4000}),
-        ("notes.mine", {}),
-        ("notes.add", {"text": "t"}),
-        ("counter.get", {"name": "c"}),
-        ("counter.increment", {"name": "c"}),
-    ],
-)
-async def test_demo_without_a_data_layer_fails_internal(name: str, args: dict[str, Any]) -> None:
-    with pytest.raises(FunctionError) as info:
-        await call(name, Context(USER), args)
-    assert (info.value.code, info.value.message) == ("internal", "no data layer configured")
-
-
 class FakeDatabase:
     """An in-memory stand-in for the provisional ``ctx.db`` interface documented in
     tether.server.demo.

@@ -19,14 +19,13 @@ A message is ``{"id", "channel", "body", "author", "createdAt"}``; a note is ``{
 
 Errors: ``unauthenticated`` (anonymous caller) for ``messages.send``, ``notes.mine`` and
 ``notes.add``; ``invalid`` for an empty ``messages.send`` body or one over 4000 characters. Both are
-checked before any data is touched, so they hold also without a data layer.
+checked before any data is touched.
 
 Data-layer interface
 --------------------
 Everything but ``whoami`` reads and writes through ``ctx.db``: a
 :class:`tether.server.data.store.QueryDB` in a query, a :class:`tether.server.data.store.MutationDB`
-in a mutation. When no data layer is configured, ``ctx.db`` is ``None`` and these functions fail
-with ``FunctionError("internal", "no data layer configured")``. The interface they use::
+in a mutation (the server always runs one). The interface they use::
 
     await db.insert(table: str, doc: dict) -> str                  # the new document's id
     await db.get(table: str, id: str) -> dict | None
@@ -59,7 +58,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tether.protocol import ErrorCode, FunctionErrorCode
+from tether.protocol import FunctionErrorCode
 from tether.server.data.functions import App, Context
 from tether.server.errors import FunctionError
 
@@ -74,13 +73,6 @@ MAX_MESSAGE_CHARS = 4000
 MESSAGES_LISTED = 100
 
 
-def _db(ctx: Context) -> Any:
-    """The data layer, or ``internal`` when none is configured."""
-    if ctx.db is None:
-        raise FunctionError(ErrorCode.INTERNAL, "no data layer configured")
-    return ctx.db
-
-
 @app.query("whoami")
 async def whoami(ctx: Context) -> dict[str, str] | None:
     """The caller's ``{"userId"}``, or ``None`` when anonymous."""
@@ -91,7 +83,7 @@ async def whoami(ctx: Context) -> dict[str, str] | None:
 @app.query("messages.list")
 async def list_messages(ctx: Context, channel: str) -> list[dict[str, Any]]:
     """The channel's last 100 messages, oldest first."""
-    newest = await _db(ctx).query(
+    newest = await ctx.db.query(
         "messages",
         index="by_channel",
         equals={"channel": channel},
@@ -121,7 +113,7 @@ async def send_message(ctx: Context, channel: str, body: str) -> str:
             FunctionErrorCode.INVALID,
             f"the message body is over {MAX_MESSAGE_CHARS} characters",
         )
-    message_id: str = await _db(ctx).insert(
+    message_id: str = await ctx.db.insert(
         "messages", {"channel": channel, "body": body, "author": auth.user_id}
     )
     return message_id
@@ -131,7 +123,7 @@ async def send_message(ctx: Context, channel: str, body: str) -> str:
 async def my_notes(ctx: Context) -> list[dict[str, Any]]:
     """The caller's notes, oldest first."""
     auth = ctx.require_auth()
-    docs = await _db(ctx).query(
+    docs = await ctx.db.query(
         "notes", index="by_owner", equals={"owner": auth.user_id}, order="asc"
     )
     return [{"id": doc["_id"], "text": doc["text"]} for doc in docs]
@@ -141,7 +133,7 @@ async def my_notes(ctx: Context) -> list[dict[str, Any]]:
 async def add_note(ctx: Context, text: str) -> str:
     """Add a note owned by the caller; the new note's id."""
     auth = ctx.require_auth()
-    note_id: str = await _db(ctx).insert("notes", {"owner": auth.user_id, "text": text})
+    note_id: str = await ctx.db.insert("notes", {"owner": auth.user_id, "text": text})
     return note_id
 
 
@@ -153,14 +145,14 @@ async def _counter(db: Any, name: str) -> dict[str, Any] | None:
 @app.query("counter.get")
 async def get_counter(ctx: Context, name: str) -> int:
     """The counter's value, 0 if it was never incremented."""
-    doc = await _counter(_db(ctx), name)
+    doc = await _counter(ctx.db, name)
     return 0 if doc is None else int(doc["value"])
 
 
 @app.mutation("counter.increment")
 async def increment_counter(ctx: Context, name: str, by: int = 1) -> int:
     """Add ``by`` to the counter (created at 0); the new value."""
-    db = _db(ctx)
+    db = ctx.db
     doc = await _counter(db, name)
     if doc is None:
         await db.insert("counters", {"name": name, "value": by})

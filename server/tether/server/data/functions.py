@@ -131,7 +131,8 @@ class Context:
 
     __slots__ = ("_auth", "_read_identity", "db")
 
-    #: The data layer for this run, set by the caller; ``None`` when none is configured: a
+    #: The data layer for this run, set by the caller (the server always sets it; ``None`` only
+    #: in a ``Context`` built without one, as unit tests do): a
     #: :class:`tether.server.data.store.QueryDB` in a query, a
     #: :class:`tether.server.data.store.MutationDB` in a mutation. Typed ``Any`` because
     #: :mod:`tether.server.data.store` builds on this module.
