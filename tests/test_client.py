@@ -4,22 +4,17 @@ What the client must make invisible (``docs/client.md``): token expiry, a lost i
 draining instance, a Redis outage, another process sharing the session. Each test provokes one
 of them for real and checks what the application sees (values, auth states, connection
 states) and, through the client's ``trace`` hook, what went over the wire.
-
-Tests that need the data layer (``counter.*``) are skipped while the server answers
-``counter.increment`` with ``internal``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -45,7 +40,7 @@ from tether.client import (
     sign_up,
 )
 
-from tests.harness import REPO_ROOT, RedisProcess, ServerProcess, shared_env
+from tests.harness import REPO_ROOT, RedisProcess, ServerProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,46 +140,6 @@ async def assert_no_value(sub: Subscription, wait: float = 0.1) -> None:
 def quick_backoff() -> ClientOptions:
     """Reconnect within 50 ms: the tests measure the client's decisions, not the waiting."""
     return ClientOptions(backoff=Backoff(initial=0.05, maximum=0.05))
-
-
-@functools.cache
-def data_layer_available() -> bool:
-    """Does a server built from this tree answer ``counter.increment`` without ``internal``?
-
-    Probed once per run, with a raw WebSocket (not the client under test).
-    """
-    from websockets.sync.client import connect
-
-    tmp = Path(tempfile.mkdtemp(prefix="tether-probe-"))
-    redis = RedisProcess(tmp / "redis")
-    redis.start()
-    server = ServerProcess(redis.url, env=shared_env(tmp), tmp_dir=tmp / "server")
-    try:
-        server.start()
-        with connect(server.ws_url, open_timeout=5, ping_interval=None) as ws:
-            ws.send(json.dumps({"type": "connect", "clientId": "probe", "protocol": 1}))
-            ws.recv(timeout=5)
-            mutate = {"type": "mutate", "requestId": 1, "name": "counter.increment"}
-            ws.send(json.dumps({**mutate, "args": {"name": "probe"}}))
-            while True:
-                frame = json.loads(ws.recv(timeout=5))
-                if frame["type"] in ("mutation_result", "error"):
-                    break
-        error = frame.get("error") if frame["type"] == "mutation_result" else frame
-        return not (isinstance(error, dict) and error.get("code") == "internal")
-    except Exception:
-        return False
-    finally:
-        server.kill()
-        redis.kill()
-
-
-#: Evaluated when the test is about to run (a string condition), so only runs that include
-#: such a test pay for the probe.
-needs_data_layer = pytest.mark.skipif(
-    "not data_layer_available()",
-    reason="the server answers counter.increment with internal: no data layer yet",
-)
 
 
 class Proxy:
@@ -511,7 +466,6 @@ async def test_killing_one_of_two_servers_moves_the_client_to_the_other(
             assert await next_value(sub) is None
 
 
-@needs_data_layer
 async def test_mutation_in_flight_when_its_server_dies_is_applied_exactly_once(
     server_factory: ServerFactory,
 ) -> None:
@@ -551,7 +505,6 @@ async def test_mutation_in_flight_when_its_server_dies_is_applied_exactly_once(
         await proxy.close()
 
 
-@needs_data_layer
 async def test_subscription_resumes_with_correct_values_after_failover(
     server_factory: ServerFactory,
 ) -> None:
@@ -941,8 +894,6 @@ def runnable_examples() -> list[str]:
 @pytest.mark.parametrize("index", range(len(runnable_examples())))
 async def test_docs_examples_run(server_factory: ServerFactory, index: int) -> None:
     source = runnable_examples()[index]
-    if "counter." in source and not data_layer_available():
-        pytest.skip("the example uses counter.*: no data layer yet")
     if "ws://127.0.0.1:8000/sync" in source:
         source = source.replace("ws://127.0.0.1:8000/sync", server_factory().ws_url)
     proc = await asyncio.create_subprocess_exec(
