@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -157,20 +156,7 @@ def test_sessions_revoke_needs_exactly_one_target() -> None:
 
 # ------------------------------------------------------------------------- commands on the server
 
-needs_keys = pytest.mark.skipif(
-    not importlib.util.find_spec("tether.server.auth.signing_keys"),
-    reason="tether.server.auth.signing_keys not written yet",
-)
-needs_app = pytest.mark.skipif(
-    not importlib.util.find_spec("tether.server.app"), reason="tether.server.app not written yet"
-)
-needs_sessions = pytest.mark.skipif(
-    not importlib.util.find_spec("tether.server.auth.sessions"),
-    reason="tether.server.auth.sessions not written yet",
-)
 
-
-@needs_keys
 def test_keys_rotate_prints_the_new_kid(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.json"
     first = run_tether("keys", "rotate", "--keys-file", str(keys_file))
@@ -185,7 +171,6 @@ def test_keys_rotate_prints_the_new_kid(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "keys.json").exists()
 
 
-@needs_sessions
 def test_sessions_revoke_finds_the_redis_by_flag(redis_url: str) -> None:
     result = run_tether(
         "sessions", "revoke", "--session", "no-such-session", "--redis-url", redis_url
@@ -194,7 +179,6 @@ def test_sessions_revoke_finds_the_redis_by_flag(redis_url: str) -> None:
     assert result.stdout.strip() == "ended 0 session(s)"
 
 
-@needs_sessions
 def test_sessions_revoke_takes_ids_that_begin_with_a_dash(redis_url: str) -> None:
     """About one id in 64 (secrets.token_urlsafe) begins with ``-``; argparse alone would take
     it for an option. A forgotten id is still a usage error."""
@@ -206,7 +190,6 @@ def test_sessions_revoke_takes_ids_that_begin_with_a_dash(redis_url: str) -> Non
     assert forgot.returncode == 2, forgot.stdout
 
 
-@needs_sessions
 def test_sessions_revoke_with_a_stale_url_file_exits_1(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -218,7 +201,6 @@ def test_sessions_revoke_with_a_stale_url_file_exits_1(tmp_path: Path) -> None:
     assert result.stderr.startswith("tether: cannot reach Redis at redis://127.0.0.1:")
 
 
-@needs_app
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_with_embedded_redis_stops_it_on_signal(
     tmp_path: Path, server_env: dict[str, str], sig: signal.Signals
@@ -234,13 +216,12 @@ def test_serve_with_embedded_redis_stops_it_on_signal(
         assert "redis-server" in Path(f"/proc/{redis_pids[0]}/cmdline").read_text()
 
         # An admin command finds the embedded Redis through DATA_DIR/redis.url.
-        if importlib.util.find_spec("tether.server.auth.sessions"):
-            revoke = run_tether(
-                "sessions", "revoke", "--user", "nobody",
-                env={"TETHER_DATA_DIR": str(server.data_dir)},
-            )  # fmt: skip
-            assert revoke.returncode == 0, revoke.stderr
-            assert revoke.stdout.strip() == "ended 0 session(s)"
+        revoke = run_tether(
+            "sessions", "revoke", "--user", "nobody",
+            env={"TETHER_DATA_DIR": str(server.data_dir)},
+        )  # fmt: skip
+        assert revoke.returncode == 0, revoke.stderr
+        assert revoke.stdout.strip() == "ended 0 session(s)"
 
         assert server.stop(sig) == 0, server.log_text()
         assert wait_pid_gone(redis_pids[0], timeout=1), "embedded redis-server left running"
@@ -252,7 +233,6 @@ def test_serve_with_embedded_redis_stops_it_on_signal(
                 os.kill(pid, signal.SIGKILL)
 
 
-@needs_app
 def test_two_servers_share_one_redis_and_one_key_file(
     server_factory: Callable[..., ServerProcess], server_env: dict[str, str]
 ) -> None:
