@@ -7,7 +7,6 @@ ends, whether it passed or failed.
 from __future__ import annotations
 
 import itertools
-import shutil
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -57,10 +56,7 @@ def redis_url(redis_proc: RedisProcess) -> str:
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisClusterProcess]:
     """A fresh Redis Cluster (3 masters; indirect parametrization passes more
-    :class:`RedisClusterProcess` options), stopped after the test. Skips without ``redis-cli``,
-    which creates the cluster."""
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not on PATH: it creates the Redis Cluster")
+    :class:`RedisClusterProcess` options), stopped after the test."""
     options: dict[str, Any] = getattr(request, "param", {})
     proc = RedisClusterProcess(tmp_path / "cluster", **options)
     proc.start()

