@@ -44,15 +44,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
-from common import cpu_seconds, load_average, percentile
+from common import TetherServer, cpu_seconds, load_average, percentile, redis_server
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import SessionStore
 
 # Importing common (above) put the repository root on sys.path.
 from tether.server.redis.connection import RedisClient, connect
 from tether.server.settings import Settings
-
-from tests.harness import RedisProcess, ServerProcess
 
 TRIVIAL_SCRIPT = "return redis.call('INCR', KEYS[1])"
 PASSWORD = "bench password 0123456789"
@@ -267,16 +265,16 @@ def main() -> int:
 
     started = time.perf_counter()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load_average()}")
-    redis_proc = RedisProcess(Path(tempfile.mkdtemp(prefix="tether-bench-redis-")))
+    redis_proc = redis_server(Path(tempfile.mkdtemp(prefix="tether-bench-redis-")))
     redis_proc.start()
     assert redis_proc.pid is not None
-    server: ServerProcess | None = None
+    server: TetherServer | None = None
     http: dict[int, Measurement] = {}
     try:
         direct = asyncio.run(
             bench_direct(redis_proc.url, redis_proc.pid, args.round_seconds, args.rounds)
         )
-        server = ServerProcess(redis_proc.url, env=SERVER_ENV).start()
+        server = TetherServer(redis_proc.url, env=SERVER_ENV).start()
         assert server.pid is not None
         pids = {"server": server.pid, "redis": redis_proc.pid}
         for n in sorted({1, args.http_concurrency}):

@@ -2,8 +2,8 @@
 processes of our own, and the small pieces of the runs and the tables.
 
 Not a benchmark. The scripts import it as ``common`` (``bench/`` is the directory of the script
-run, so it is on ``sys.path``); importing it puts the repository root on ``sys.path`` too, so
-that ``server`` and ``tests.harness`` import from the checkout being measured.
+run, so it is on ``sys.path``); importing it puts the repository root on ``sys.path`` too.
+Benchmarks import nothing from ``tests/``: the processes they measure are started here.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import httpx  # noqa: E402
-from tether.server.redis.embedded import die_with_parent_preexec  # noqa: E402
-
-from tests.harness import RedisProcess, ServerProcess, free_port, shared_env  # noqa: E402
+from tether.server.redis.embedded import (  # noqa: E402
+    EmbeddedRedis,
+    die_with_parent_preexec,
+    free_loopback_port,
+)
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
@@ -212,7 +214,7 @@ class ChildServer:
 
     def __init__(self, kind: str, *, script: str, extra: tuple[str, ...] = ()) -> None:
         self.kind = kind
-        self.port = free_port()
+        self.port = free_loopback_port()
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
             [sys.executable, script, "--serve", kind, "--port", str(self.port), *extra],
             stdin=subprocess.DEVNULL,
@@ -253,6 +255,128 @@ async def serve_websockets(
 
 # ------------------------------------------------------------------------------ Tether and Redis
 
+#: argon2id at the OWASP minimum (the test suite's setting): the sign-ups that set up a run stay
+#: fast. A benchmark that measures password hashing sets its own (bench/auth.py).
+FAST_ARGON2_ENV = {
+    "TETHER_ARGON2_TIME_COST": "2",
+    "TETHER_ARGON2_MEMORY_KIB": "19456",
+    "TETHER_ARGON2_PARALLELISM": "1",
+}
+BENCH_ISSUER = "https://tether.bench"
+
+
+def redis_server(data_dir: Path) -> EmbeddedRedis:
+    """A ``redis-server`` with its data in ``data_dir``, AOF on as in production: the product's
+    own :class:`EmbeddedRedis` (``start()`` returns its URL, ``stop()`` ends it in order)."""
+    return EmbeddedRedis(data_dir, appendonly=True)
+
+
+class ServerStartError(RuntimeError):
+    """The server process exited or did not become ready; the message ends with its log."""
+
+
+class TetherServer:
+    """``python -m tether serve`` on a free port of 127.0.0.1, as a benchmark's child process.
+
+    ``env`` is laid over a clean environment: the caller's ``TETHER_*`` variables are dropped,
+    then :data:`FAST_ARGON2_ENV`, a private data directory and key file in ``tmp_dir`` (default:
+    a new temporary directory, which also holds ``server.log``) apply, then ``env``.
+    """
+
+    def __init__(
+        self, redis_url: str, *, env: dict[str, str] | None = None, tmp_dir: Path | None = None
+    ) -> None:
+        self.redis_url = redis_url
+        self.port = free_loopback_port()
+        self.tmp_dir = tmp_dir if tmp_dir is not None else Path(tempfile.mkdtemp(prefix="tether-"))
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.tmp_dir / "server.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+        self.env.update(FAST_ARGON2_ENV)
+        self.env["TETHER_DATA_DIR"] = str(self.tmp_dir / "data")
+        self.env["TETHER_KEYS_FILE"] = str(self.tmp_dir / "keys.json")
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.env.update(env or {})
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/sync"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start(self, timeout: float = 20.0) -> TetherServer:
+        """Start the process and wait until ``GET /readyz`` answers 200. A port taken in the
+        meantime is retried with another; :class:`ServerStartError` (with the log) otherwise."""
+        deadline = time.monotonic() + timeout
+        for _ in range(3):
+            self._spawn()
+            if self._wait_ready(deadline):
+                return self
+            if "address already in use" not in self.log_text():
+                break
+            stop_process(self.process)
+            self.port = free_loopback_port()
+        self.kill()
+        raise ServerStartError(
+            f"server on port {self.port} did not become ready; log:\n{self.log_text()}"
+        )
+
+    def _spawn(self) -> None:
+        command = [sys.executable, "-m", "tether", "serve", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--redis-url", self.redis_url]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                **child_options(),
+            )
+
+    def _wait_ready(self, deadline: float) -> bool:
+        assert self.process is not None
+        with httpx.Client(timeout=1.0, trust_env=False) as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    return False
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(self.base_url + "/readyz").status_code == 200:
+                        return True
+                time.sleep(0.05)
+        return False
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (the server drains), then SIGKILL its process group after ``timeout``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
 
 class Deployment:
     """Tether server processes (``python -m tether serve``) on a ``redis-server`` the caller
@@ -264,14 +388,16 @@ class Deployment:
     def __init__(self, redis_url: str | None, env: dict[str, str]) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
         self.redis_url = redis_url
-        self.env = {**shared_env(self.tmp), **env}
-        self.servers: list[ServerProcess] = []
+        # One key file and one issuer: a token minted by one instance verifies on the others.
+        shared = {"TETHER_KEYS_FILE": str(self.tmp / "keys.json"), "TETHER_ISSUER": BENCH_ISSUER}
+        self.env = {**shared, **env}
+        self.servers: list[TetherServer] = []
 
-    def start_server(self) -> ServerProcess:
-        if self.redis_url is None:  # ServerProcess would start an embedded Redis of its own
+    def start_server(self) -> TetherServer:
+        if self.redis_url is None:
             raise RuntimeError("no redis-server for the deployment yet")
         tmp_dir = self.tmp / f"server{len(self.servers)}"
-        server = ServerProcess(self.redis_url, env=self.env, tmp_dir=tmp_dir)
+        server = TetherServer(self.redis_url, env=self.env, tmp_dir=tmp_dir)
         self.servers.append(server)
         return server.start()
 
@@ -286,8 +412,7 @@ class Deployment:
     def stop_servers(self) -> None:
         for server in self.servers:
             with contextlib.suppress(Exception):
-                if server.process is not None:
-                    server.stop(timeout=15)
+                server.stop(timeout=15)
 
     def close(self) -> None:
         self.stop_servers()
@@ -300,7 +425,7 @@ class DeploymentWithRedis(Deployment):
 
     def __init__(self, env: dict[str, str]) -> None:
         super().__init__(None, env)
-        self.redis = RedisProcess(self.tmp / "redis")
+        self.redis = redis_server(self.tmp / "redis")
 
     def start_redis(self) -> str:
         self.redis_url = self.redis.start()
@@ -321,7 +446,7 @@ def redis_unless_given(args: argparse.Namespace, prefix: str) -> Iterator[None]:
     if args.redis_url is not None:
         yield
         return
-    redis = RedisProcess(Path(tempfile.mkdtemp(prefix=prefix)))
+    redis = redis_server(Path(tempfile.mkdtemp(prefix=prefix)))
     try:
         args.redis_url = redis.start()
         args.redis_pid = redis.pid
