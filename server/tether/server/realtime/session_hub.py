@@ -43,6 +43,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from tether.protocol import SessionEndReason
 from tether.server.auth.sessions import SessionStore
+from tether.server.compat.redis import reload_layout
 from tether.server.redis.connection import RedisClient, connect
 from tether.server.redis.keys import SESSION_ENDED_CHANNEL
 
@@ -263,7 +264,7 @@ class SessionHub:
             await cluster.initialize()
             self._layout_loaded = True
         else:
-            await cluster.nodes_manager.initialize(last_failed_node_name=failed_node)
+            await reload_layout(cluster, failed_node)
 
     async def _listen(self, pubsub: PubSub) -> None:
         """Read the subscription until it fails (raises); never returns normally."""

@@ -16,12 +16,14 @@ from importlib import resources
 from typing import Any, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tether.server.compat.redis import NodeHookedCluster, node_of_command
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
 
@@ -82,7 +84,7 @@ def without_turns() -> Iterator[None]:
         _NO_TURNS.reset(token)
 
 
-class _RedisCluster(RedisCluster):
+class _RedisCluster(NodeHookedCluster):
     """A cluster client that waits for its turn on a node under a burst, and whose failure to
     learn the cluster's layout is a connection error.
 
@@ -135,19 +137,9 @@ class _RedisCluster(RedisCluster):
             for turns in taken:
                 turns.release()
 
-    async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
+    def around_node(self, node_name: str) -> contextlib.AbstractAsyncContextManager[None]:
         # Every command (and each of its retries and redirects) reaches one node through here.
-        async with self.turns((target_node.name,)):
-            return await super()._execute_command(target_node, *args, **kwargs)
-
-    async def node_of(self, args: tuple[Any, ...]) -> str | None:
-        """The name of the node that serves the first key of command ``args``, if it has one."""
-        if self._initialize:
-            await self.initialize()
-        keys = await self.commands_parser.get_keys(*args)
-        if not keys:
-            return None
-        return str(self.nodes_manager.get_node_from_slot(self.keyslot(keys[0])).name)
+        return self.turns((node_name,))
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         super().pipeline(transaction, shard_hint)  # its checks of the arguments
@@ -168,8 +160,9 @@ class _ClusterPipeline(ClusterPipeline):
     first node only, and their other nodes' parts go unbounded.
     """
 
-    def __init__(self, client: RedisCluster, transaction: Any | None = None) -> None:
+    def __init__(self, client: _RedisCluster, transaction: Any | None = None) -> None:
         super().__init__(client, transaction)
+        self._owner = client
         self._first: tuple[Any, ...] | None = None
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
@@ -178,13 +171,10 @@ class _ClusterPipeline(ClusterPipeline):
         return super().execute_command(*args, **kwargs)
 
     async def execute(self, *args: Any, **kwargs: Any) -> Any:
-        client, first, self._first = self.cluster_client, self._first, None
-        node = None
-        if isinstance(client, _RedisCluster) and first is not None:
-            node = await client.node_of(first)
+        client, first, self._first = self._owner, self._first, None
+        node = None if first is None else await node_of_command(client, first)
         if node is None:
             return await super().execute(*args, **kwargs)
-        assert isinstance(client, _RedisCluster)
         async with client.turns((node,)):
             return await super().execute(*args, **kwargs)
 

@@ -1,0 +1,50 @@
+"""redis-py: the asyncio cluster client's undocumented parts that Tether builds on.
+
+- :class:`NodeHookedCluster`: every command a cluster client sends to one node (each retry and
+  redirect too) passes through ``RedisCluster._execute_command(target_node, ...)``; overriding
+  it is the one way to wrap each node's commands (Tether bounds them per node).
+- :func:`node_of_command`: which node serves a command's first key, with the client's own
+  command parser (``commands_parser``), as the client itself routes it.
+- :func:`reload_layout`: re-read the slot map with a named node asked last, through
+  ``nodes_manager.initialize(last_failed_node_name=...)`` (the public ``initialize()`` does
+  nothing once the map is loaded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import ClusterNode
+
+
+class NodeHookedCluster(RedisCluster):
+    """A :class:`~redis.asyncio.RedisCluster` whose every command to a node runs inside
+    :meth:`around_node`, a hook for subclasses."""
+
+    def around_node(self, node_name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Entered around each command (and each of its retries and redirects) sent to the node
+        named ``node_name``; what it raises, the command raises. Does nothing here."""
+        return contextlib.nullcontext()
+
+    async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
+        async with self.around_node(target_node.name):
+            return await super()._execute_command(target_node, *args, **kwargs)
+
+
+async def node_of_command(client: RedisCluster, args: tuple[Any, ...]) -> str | None:
+    """The name of the node that serves the first key of command ``args`` (for example
+    ``("GET", "k")``), or None for a command without keys. Loads the slot map on first use."""
+    await client.initialize()  # a no-op once the map is loaded
+    keys = await client.commands_parser.get_keys(*args)
+    if not keys:
+        return None
+    node = client.get_node_from_key(keys[0])
+    return None if node is None else str(node.name)
+
+
+async def reload_layout(client: RedisCluster, last_failed_node: str | None) -> None:
+    """Re-read the cluster's slot map from the nodes ``client`` knows, ``last_failed_node`` (a
+    node name) asked last. Raises ``RedisClusterException`` when no node answers."""
+    await client.nodes_manager.initialize(last_failed_node_name=last_failed_node)
