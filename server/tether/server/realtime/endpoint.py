@@ -30,6 +30,7 @@ from tether.protocol import AuthErrorCode, CloseCode, ErrorCode
 from tether.server.auth.service import AuthService
 from tether.server.auth.tokens import TokenError
 from tether.server.clock import Clock
+from tether.server.compat.uvicorn import transport_of
 from tether.server.data.engine import QueryEngine
 from tether.server.data.functions import App, ArgsError
 from tether.server.data.live import Evaluation, Registration, SubscriptionManager
@@ -106,11 +107,12 @@ def release_socket_later(send: SendFn, delay: float) -> None:
     ``delay`` seconds after the connection ended is aborted. A client that reads, but too slowly
     to take what was queued within the grace, is cut off too (without its close code).
 
-    uvicorn, which ``tether serve`` runs, hands the app its protocol's bound ``send``, whose
-    ``transport`` is the socket's; another server without one is left to close as it does.
+    uvicorn, which ``tether serve`` runs, lets us reach the socket's transport from ``send``
+    (:func:`~tether.server.compat.uvicorn.transport_of`); another server without one is left to
+    close as it does.
     """
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if not isinstance(transport, asyncio.WriteTransport):
+    transport = transport_of(send)
+    if transport is None:
         return
     if transport.is_closing() and transport.get_write_buffer_size() == 0:
         return  # gone already (the client left): nothing to keep alive for the check
