@@ -1,8 +1,9 @@
 """redis-py: the asyncio cluster client's undocumented parts that Tether builds on.
 
-- :class:`NodeHookedCluster`: every command a cluster client sends to one node (each retry and
-  redirect too) passes through ``RedisCluster._execute_command(target_node, ...)``; overriding
-  it is the one way to wrap each node's commands (Tether bounds them per node).
+- :class:`NodeHookedCluster`: every command a cluster client sends to one node (again for each
+  retry after a connection error) passes through ``RedisCluster._execute_command(target_node,
+  ...)``; overriding it is the one way to wrap each node's commands (Tether bounds them per
+  node).
 - :func:`node_of_command`: which node serves a command's first key, with the client's own
   command parser (``commands_parser``), as the client itself routes it.
 - :func:`reload_layout`: re-read the slot map with a named node asked last, through
@@ -24,8 +25,9 @@ class NodeHookedCluster(RedisCluster):
     :meth:`around_node`, a hook for subclasses."""
 
     def around_node(self, node_name: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """Entered around each command (and each of its retries and redirects) sent to the node
-        named ``node_name``; what it raises, the command raises. Does nothing here."""
+        """Entered around each attempt of a command sent to the node named ``node_name`` (a
+        retry after a connection error enters it again; a ``MOVED`` or ``ASK`` redirect is
+        followed inside it). What it raises, the command raises. Does nothing here."""
         return contextlib.nullcontext()
 
     async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:

@@ -138,7 +138,7 @@ class _RedisCluster(NodeHookedCluster):
                 turns.release()
 
     def around_node(self, node_name: str) -> contextlib.AbstractAsyncContextManager[None]:
-        # Every command (and each of its retries and redirects) reaches one node through here.
+        # Each attempt of every command reaches its node through here (redirects inside it).
         return self.turns((node_name,))
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
