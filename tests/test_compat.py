@@ -1,0 +1,217 @@
+"""The dependency internals Tether relies on (``server/tether/server/compat/``), checked against
+the installed dependencies themselves: a real uvicorn server, a real Redis Cluster, the running
+Python's asyncio.
+
+Each test fails with a message that names the dependency, its version and what changed, so an
+upgrade that breaks one of them says which compat function to fix instead of surfacing as a
+socket never aborted, a burst answered ``unavailable`` or a stuck writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from importlib.metadata import version
+from typing import Any
+
+import pytest
+import redis.asyncio
+import uvicorn
+import websockets
+from redis.exceptions import MovedError
+from tether.server.compat.asyncio import start_eagerly
+from tether.server.compat.redis import NodeHookedCluster, node_of_command, reload_layout
+from tether.server.compat.uvicorn import transport_of
+
+from tests.harness import RedisClusterProcess, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+#: The WebSocket implementation ``tether serve`` asks uvicorn for (server/tether/server/cli.py).
+TETHER_WS_IMPLEMENTATION = "websockets-sansio"
+
+
+# ---------------------------------------------------------------------------------- uvicorn
+
+
+async def test_uvicorn_send_leads_to_the_sockets_transport() -> None:
+    seen: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        transport = transport_of(send)
+        seen["transport"] = transport
+        seen["peer"] = None if transport is None else transport.get_extra_info("peername")
+        await send({"type": "websocket.close", "code": 1000})
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, ws=TETHER_WS_IMPLEMENTATION, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/") as ws:
+            local = ws.transport.get_extra_info("sockname")
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+    assert seen.get("transport") is not None, (
+        f"uvicorn {version('uvicorn')} ({TETHER_WS_IMPLEMENTATION}): the ASGI send is no longer "
+        "a bound method of a protocol with an asyncio WriteTransport at send.__self__.transport; "
+        "tether.server.compat.uvicorn.transport_of must find the socket another way, or "
+        "release_socket_later can no longer abort a client that never completes the close"
+    )
+    assert tuple(seen["peer"])[:2] == tuple(local)[:2], (
+        f"uvicorn {version('uvicorn')}: send.__self__.transport is not this connection's socket"
+    )
+
+
+# ---------------------------------------------------------------------------------- redis-py
+
+
+class _Recording(NodeHookedCluster):
+    """Records the node of every command that passes the hook."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nodes: list[str] = []
+
+    def around_node(self, node_name: str) -> Any:
+        self.nodes.append(node_name)
+        return super().around_node(node_name)
+
+
+async def _owner_of(cluster: RedisClusterProcess, key: str) -> str:
+    """The node serving ``key``, as the cluster itself says: the one master that answers a
+    ``GET`` of it instead of redirecting (``MOVED``)."""
+    owners = []
+    for port in cluster.live_ports:
+        async with redis.asyncio.Redis(host="127.0.0.1", port=port) as probe:
+            try:
+                await probe.execute_command("GET", key)
+            except MovedError:
+                continue
+            owners.append(f"127.0.0.1:{port}")
+    assert len(owners) == 1, owners
+    return owners[0]
+
+
+async def test_redis_cluster_commands_pass_the_per_node_hook(cluster: RedisClusterProcess) -> None:
+    assert "_execute_command" in vars(redis.asyncio.RedisCluster), (
+        f"redis-py {version('redis')}: RedisCluster has no _execute_command any more; "
+        "tether.server.compat.redis.NodeHookedCluster must hook per-node commands elsewhere"
+    )
+    client = _Recording.from_url(cluster.url.replace("+cluster", "", 1), decode_responses=True)
+    seen: list[list[str]] = []
+    try:
+        for key in ("compat:{a}", "compat:{b}", "compat:{c}"):
+            await client.set(key, "1")  # a stale slot map is corrected by the MOVED reply
+            before = len(client.nodes)
+            await client.get(key)
+            seen.append(client.nodes[before:])
+    finally:
+        await client.aclose()
+    owners = [[await _owner_of(cluster, key)] for key in ("compat:{a}", "compat:{b}", "compat:{c}")]
+    assert seen == owners, (
+        f"redis-py {version('redis')}: a cluster command no longer passes "
+        f"RedisCluster._execute_command once with its target node (the hook saw {seen}, the keys "
+        f"live on {owners}); Tether's per-node turns (tether.server.redis.connection) are bypassed"
+    )
+
+
+async def test_redis_cluster_node_of_a_command_is_its_first_keys_node(
+    cluster: RedisClusterProcess,
+) -> None:
+    client = cluster.client()
+    try:
+        for key in ("compat:{a}", "compat:{b}", "compat:{c}"):
+            try:
+                found = await node_of_command(client, ("INCR", key))
+            except AttributeError as exc:
+                pytest.fail(
+                    f"redis-py {version('redis')}: the cluster client's commands_parser.get_keys "
+                    f"is gone ({exc}); tether.server.compat.redis.node_of_command needs another "
+                    "way to find a command's keys"
+                )
+            assert found == await _owner_of(cluster, key), (
+                f"redis-py {version('redis')}: node_of_command names the wrong node for {key}"
+            )
+        assert await node_of_command(client, ("PING",)) is None
+    finally:
+        await client.aclose()
+
+
+async def test_redis_cluster_layout_reloads_with_a_failed_node_asked_last(
+    cluster: RedisClusterProcess,
+) -> None:
+    client = cluster.client()
+    try:
+        await client.initialize()
+        first = f"127.0.0.1:{cluster.ports[0]}"
+        try:
+            await reload_layout(client, first)
+        except (AttributeError, TypeError) as exc:
+            pytest.fail(
+                f"redis-py {version('redis')}: RedisCluster.nodes_manager.initialize("
+                f"last_failed_node_name=...) changed ({exc}); "
+                "tether.server.compat.redis.reload_layout must re-read the slot map another way"
+            )
+        # The map is whole again: every key still routes, and to its owner.
+        assert await node_of_command(client, ("GET", "compat:{a}")) == await _owner_of(
+            cluster, "compat:{a}"
+        )
+    finally:
+        await client.aclose()
+
+
+# ---------------------------------------------------------------------------------- asyncio
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are Python 3.12+")
+async def test_python_has_eager_tasks() -> None:
+    assert hasattr(asyncio, "eager_task_factory"), (
+        f"Python {sys.version}: asyncio.eager_task_factory is gone; "
+        "tether.server.compat.asyncio.start_eagerly needs another way to start eagerly"
+    )
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="the hand driver is for Python 3.11")
+async def test_python_311_futures_carry_the_blocking_flag_the_driver_clears() -> None:
+    future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def waits() -> int:
+        return await future
+
+    coro = waits()
+    yielded = coro.send(None)
+    assert yielded is future and getattr(future, "_asyncio_future_blocking", None) is True, (
+        f"Python {sys.version}: an awaited future no longer sets _asyncio_future_blocking; "
+        "tether.server.compat.asyncio's 3.11 driver of start_eagerly relies on it"
+    )
+    coro.close()
+
+
+async def test_start_eagerly_runs_inline_then_hands_a_waiting_coroutine_to_a_task() -> None:
+    # The contract both implementations keep (tests/test_eager.py covers it in depth).
+    gate = asyncio.Event()
+    steps: list[str] = []
+
+    async def work() -> None:
+        steps.append("inline")
+        await gate.wait()
+        steps.append("task")
+
+    task = start_eagerly(work())
+    assert steps == ["inline"] and task is not None
+    gate.set()
+    await asyncio.wait_for(task, 1)
+    assert steps == ["inline", "task"]
