@@ -805,26 +805,6 @@ async def test_no_connect_within_10_seconds_closes_with_4500(
     await connected.ping()
 
 
-async def test_connect_must_come_first_and_name_protocol_1(
-    server_factory: Callable[..., ServerProcess], open_sync: Opener
-) -> None:
-    server = server_factory()
-    client = await open_sync(server.ws_url, hello=False)
-    for early in ({"type": "ping"}, {"type": "subscribe", "queryId": 1, "name": "whoami"}):
-        await client.send(early)
-        error = await client.expect("error")
-        assert error["code"] == "not_connected", early
-    await client.send({"type": "connect", "clientId": "c-1", "protocol": 1})
-    connected = await client.expect("connected")
-    assert connected["protocol"] == 1
-    assert isinstance(connected["connectionId"], str)
-    await client.ping()
-
-    future = await open_sync(server.ws_url, hello=False)
-    await future.send({"type": "connect", "clientId": "c-2", "protocol": 2})
-    assert await future.wait_closed() == 4503
-
-
 async def test_message_rate_limit_answers_rate_limited_then_closes_with_4429(
     server_factory: Callable[..., ServerProcess], open_sync: Opener
 ) -> None:
@@ -847,25 +827,6 @@ async def test_message_rate_limit_answers_rate_limited_then_closes_with_4429(
     finally:
         await flooding
     assert {f["code"] for f in client.frames if f["type"] == "error"} == {"rate_limited"}
-
-
-async def test_subscription_limit_answers_limit_exceeded(
-    server_factory: Callable[..., ServerProcess], open_sync: Opener
-) -> None:
-    server = server_factory(env={"TETHER_MAX_SUBSCRIPTIONS": "3"})
-    client = await open_sync(server.ws_url)
-    for query_id in (1, 2, 3):
-        await client.send({"type": "subscribe", "queryId": query_id, "name": "whoami"})
-        await client.expect("transition")
-    await client.send({"type": "subscribe", "queryId": 4, "name": "whoami"})
-    error = await client.expect("error")
-    assert (error["code"], error["queryId"]) == ("limit_exceeded", 4)
-
-    # The limit counts live subscriptions: after an unsubscribe there is room again.
-    await client.send({"type": "unsubscribe", "queryId": 2})
-    await client.send({"type": "subscribe", "queryId": 4, "name": "whoami"})
-    added = await client.expect("transition")
-    assert added["updates"] == [{"queryId": 4, "value": None}]
 
 
 # ---------------------------------------------------------------------------------- drain

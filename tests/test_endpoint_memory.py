@@ -1,0 +1,329 @@
+"""``/sync`` driven in memory: the real :class:`~tether.server.realtime.endpoint.SyncEndpoint`,
+built as ``tether serve`` builds it (:meth:`tether.server.app.Node.build`), on a real
+``redis-server``, with a fake ASGI ``receive``/``send`` pair in place of uvicorn and a socket (as
+Starlette's ``TestClient`` drives an app). No server process: the socket shell, the deadline
+queue, the session hub and the live queries run in the test's own event loop.
+
+What needs real processes (several instances, a Redis restart, SIGTERM, TCP buffers, the HTTP
+upgrade) stays in ``tests/test_sync.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tether.server.app import Node
+from tether.server.auth.service import TokenPair
+from tether.server.clock import to_ms
+from tether.server.demo import app as demo
+from tether.server.settings import Settings
+
+from tests.harness import FAST_ARGON2_ENV, TEST_ISSUER
+from tests.sync_client import PASSWORD, check_frame
+
+pytestmark = pytest.mark.timeout(60)
+
+#: Seconds a test waits for a frame it expects.
+FRAME_TIMEOUT = 5.0
+#: How late (ms, server clock) a pushed auth frame may be after the instant it announces.
+TIMER_TOLERANCE_MS = 300
+
+
+class MemorySocket:
+    """One WebSocket as the ASGI app sees it: ``receive`` is fed from a queue by the test, and
+    ``send`` records every message the app sends, in order.
+
+    It has no transport (as a server that hides its socket would not):
+    ``release_socket_later`` leaves it alone.
+    """
+
+    def __init__(self) -> None:
+        self._incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._incoming.put_nowait({"type": "websocket.connect"})
+        #: Every frame received so far (decoded), for assertions on what did *not* arrive.
+        self.frames: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+
+    # The two ASGI callables the app is given.
+
+    async def receive(self) -> dict[str, Any]:
+        return await self._incoming.get()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self._outgoing.put_nowait(dict(message))
+
+    # The client's side.
+
+    def send_frame(self, frame: dict[str, Any] | str) -> None:
+        text = frame if isinstance(frame, str) else json.dumps(frame)
+        self._incoming.put_nowait({"type": "websocket.receive", "text": text})
+
+    def disconnect(self, code: int = 1000) -> None:
+        self._incoming.put_nowait({"type": "websocket.disconnect", "code": code})
+
+    async def next_message(self, timeout: float = FRAME_TIMEOUT) -> dict[str, Any]:
+        """The next ASGI message the app sent (``websocket.accept``/``send``/``close``)."""
+        return await asyncio.wait_for(self._outgoing.get(), timeout)
+
+    async def expect(self, kind: str, timeout: float = FRAME_TIMEOUT) -> dict[str, Any]:
+        """The next frame, which must be of type ``kind`` and valid under the contract."""
+        message = await self.next_message(timeout)
+        assert message["type"] == "websocket.send", f"expected {kind}, got {message}"
+        frame = check_frame(message["text"])
+        self.frames.append(frame)
+        assert frame["type"] == kind, f"expected {kind}, got {frame}"
+        return frame
+
+    async def expect_close(self, timeout: float = FRAME_TIMEOUT) -> int:
+        """The close code of the app's ``websocket.close``, after any frames (kept in
+        :attr:`frames`)."""
+        while True:
+            message = await self.next_message(timeout)
+            if message["type"] == "websocket.close":
+                self.close_code = int(message["code"])
+                return self.close_code
+            assert message["type"] == "websocket.send", message
+            self.frames.append(check_frame(message["text"]))
+
+    def nothing_sent(self) -> bool:
+        return self._outgoing.empty()
+
+
+Opener = Callable[..., Awaitable[MemorySocket]]
+
+
+def _settings(redis_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    environ = {
+        **FAST_ARGON2_ENV,
+        "TETHER_KEYS_FILE": str(tmp_path / "keys.json"),
+        "TETHER_ISSUER": TEST_ISSUER,
+    }
+    return Settings.load({"redis_url": redis_url, **overrides}, environ=environ)
+
+
+@contextlib.asynccontextmanager
+async def running_node(settings: Settings) -> AsyncIterator[Node]:
+    """A node with the background work the app's lifespan starts (revocations, live queries),
+    stopped and closed on exit."""
+    node = Node.build(settings, demo)
+    tasks = [
+        asyncio.create_task(node.hub.run()),
+        asyncio.create_task(node.sync.subscriptions.run()),
+    ]
+    try:
+        await asyncio.wait_for(node.hub.ready.wait(), FRAME_TIMEOUT)
+        yield node
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await node.close()
+
+
+@contextlib.asynccontextmanager
+async def sockets(node: Node) -> AsyncIterator[Opener]:
+    """``await open_socket(hello=True)``: a :class:`MemorySocket` served by ``node``'s endpoint
+    (accepted, and with ``connect`` answered unless ``hello`` is false). Every socket still
+    open on exit is disconnected, and its endpoint call must return."""
+    served: list[tuple[MemorySocket, asyncio.Task[None]]] = []
+
+    async def open_socket(hello: bool = True) -> MemorySocket:
+        socket = MemorySocket()
+        scope = {"type": "websocket", "path": "/sync", "headers": [], "scheme": "ws"}
+        task = asyncio.create_task(node.sync(scope, socket.receive, socket.send))
+        served.append((socket, task))
+        assert (await socket.next_message())["type"] == "websocket.accept"
+        if hello:
+            client_id = f"c-{uuid.uuid4().hex[:8]}"
+            socket.send_frame({"type": "connect", "clientId": client_id, "protocol": 1})
+            await socket.expect("connected")
+        return socket
+
+    try:
+        yield open_socket
+    finally:
+        for socket, task in served:
+            socket.disconnect()
+            await asyncio.wait_for(task, FRAME_TIMEOUT)
+
+
+@pytest.fixture
+async def node(redis_url: str, tmp_path: Path) -> AsyncIterator[Node]:
+    async with running_node(_settings(redis_url, tmp_path)) as node:
+        yield node
+
+
+@pytest.fixture
+async def open_socket(node: Node) -> AsyncIterator[Opener]:
+    async with sockets(node) as opener:
+        yield opener
+
+
+async def sign_up(node: Node) -> TokenPair:
+    """A real account and session, through the same service the HTTP API calls."""
+    return await node.auth.sign_up(f"{uuid.uuid4().hex[:12]}@example.com", PASSWORD, "127.0.0.1")
+
+
+async def authenticate(socket: MemorySocket, tokens: TokenPair) -> None:
+    """Subscribe ``whoami`` as queryId 1 and authenticate: the value moves from null to the
+    user in a transition after ``auth_ok``."""
+    socket.send_frame({"type": "subscribe", "queryId": 1, "name": "whoami", "args": {}})
+    assert (await socket.expect("transition"))["updates"] == [{"queryId": 1, "value": None}]
+    socket.send_frame({"type": "authenticate", "token": tokens.access_token, "authVersion": 1})
+    ok = await socket.expect("auth_ok")
+    assert ok["identity"] == {"userId": tokens.user_id, "sessionId": tokens.session_id}
+    assert ok["expiresAt"] == tokens.expires_at
+    signed_in = await socket.expect("transition")
+    assert signed_in["updates"] == [{"queryId": 1, "value": {"userId": tokens.user_id}}]
+
+
+def assert_on_time(frame: dict[str, Any], due_ms: int) -> None:
+    late = frame["serverTime"] - due_ms
+    assert 0 <= late <= TIMER_TOLERANCE_MS, f"{frame['type']} {late} ms after its instant: {frame}"
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+async def test_connect_then_ping(open_socket: Opener) -> None:
+    socket = await open_socket(hello=False)
+    socket.send_frame({"type": "connect", "clientId": "c-1", "protocol": 1})
+    connected = await socket.expect("connected")
+    assert connected["protocol"] == 1 and isinstance(connected["connectionId"], str)
+    socket.send_frame({"type": "ping"})
+    await socket.expect("pong")
+
+
+async def test_connect_must_come_first_and_name_protocol_1(open_socket: Opener) -> None:
+    # Moved here from tests/test_sync.py: the rule lives in the connection's core and shell.
+    socket = await open_socket(hello=False)
+    for early in ({"type": "ping"}, {"type": "subscribe", "queryId": 1, "name": "whoami"}):
+        socket.send_frame(early)
+        error = await socket.expect("error")
+        assert error["code"] == "not_connected", early
+    socket.send_frame({"type": "connect", "clientId": "c-1", "protocol": 1})
+    assert (await socket.expect("connected"))["protocol"] == 1
+
+    future = await open_socket(hello=False)
+    future.send_frame({"type": "connect", "clientId": "c-2", "protocol": 2})
+    assert await future.expect_close() == 4503
+
+
+async def test_authenticate_with_a_real_token_reruns_identity_queries(
+    node: Node, open_socket: Opener
+) -> None:
+    tokens = await sign_up(node)
+    socket = await open_socket()
+    await authenticate(socket, tokens)
+    socket.send_frame({"type": "authenticate", "token": "not.a.jwt", "authVersion": 2})
+    error = await socket.expect("auth_error")
+    assert (error["authVersion"], error["code"]) == (2, "invalid_token")
+    assert (await socket.expect("transition"))["updates"] == [{"queryId": 1, "value": None}]
+
+
+async def test_a_mutation_reaches_subscribers_before_its_result(
+    node: Node, open_socket: Opener
+) -> None:
+    writer, watcher = await open_socket(), await open_socket()
+    for socket in (writer, watcher):
+        socket.send_frame(
+            {"type": "subscribe", "queryId": 7, "name": "counter.get", "args": {"name": "m"}}
+        )
+        assert (await socket.expect("transition"))["updates"] == [{"queryId": 7, "value": 0}]
+    writer.send_frame(
+        {"type": "mutate", "requestId": 1, "name": "counter.increment", "args": {"name": "m"}}
+    )
+    # Read your writes: the writer's transition comes first, then the result, at its version.
+    seen = await writer.expect("transition")
+    assert seen["updates"] == [{"queryId": 7, "value": 1}]
+    result = await writer.expect("mutation_result")
+    assert (result["requestId"], result["value"]) == (1, 1)
+    assert seen["version"] >= result["version"]
+    elsewhere = await watcher.expect("transition")
+    assert elsewhere["updates"] == [{"queryId": 7, "value": 1}]
+
+
+async def test_sign_out_revokes_the_live_socket(node: Node, open_socket: Opener) -> None:
+    tokens = await sign_up(node)
+    socket = await open_socket()
+    await authenticate(socket, tokens)
+    await node.auth.sign_out(tokens.access_token)
+    revoked = await socket.expect("session_revoked")
+    assert revoked["reason"] == "signed_out"
+    assert (await socket.expect("transition"))["updates"] == [{"queryId": 1, "value": None}]
+
+
+async def test_identity_gets_auth_expiring_then_auth_expired_on_time(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # A 3 s token, its notice 1 s before exp, the identity over 1 s after exp.
+    settings = _settings(redis_url, tmp_path, access_ttl=3, expiry_notice=1, clock_leeway=1)
+    async with running_node(settings) as node, sockets(node) as open_socket:
+        tokens = await sign_up(node)
+        socket = await open_socket()
+        await authenticate(socket, tokens)
+        expiring = await socket.expect("auth_expiring")
+        assert expiring["expiresAt"] == tokens.expires_at
+        assert_on_time(expiring, tokens.expires_at - 1000)
+        expired = await socket.expect("auth_expired")
+        assert expired["expiresAt"] == tokens.expires_at
+        assert_on_time(expired, tokens.expires_at + 1000)
+        assert (await socket.expect("transition"))["updates"] == [{"queryId": 1, "value": None}]
+        # The deadline queue holds nothing more for this connection.
+        assert socket.nothing_sent()
+        assert to_ms(node.clock()) >= tokens.expires_at + 1000
+
+
+async def test_subscription_limit_answers_limit_exceeded(redis_url: str, tmp_path: Path) -> None:
+    # Moved here from tests/test_sync.py: the limit lives in the connection's core.
+    settings = _settings(redis_url, tmp_path, max_subscriptions=3)
+    async with running_node(settings) as node, sockets(node) as open_socket:
+        socket = await open_socket()
+        for query_id in (1, 2, 3):
+            socket.send_frame({"type": "subscribe", "queryId": query_id, "name": "whoami"})
+            await socket.expect("transition")
+        socket.send_frame({"type": "subscribe", "queryId": 4, "name": "whoami"})
+        error = await socket.expect("error")
+        assert (error["code"], error["queryId"]) == ("limit_exceeded", 4)
+        # The limit counts live subscriptions: after an unsubscribe there is room again.
+        socket.send_frame({"type": "unsubscribe", "queryId": 2})
+        socket.send_frame({"type": "subscribe", "queryId": 4, "name": "whoami"})
+        added = await socket.expect("transition")
+        assert added["updates"] == [{"queryId": 4, "value": None}]
+
+
+async def test_a_frame_over_max_message_bytes_closes_with_1009(
+    redis_url: str, tmp_path: Path
+) -> None:
+    settings = _settings(redis_url, tmp_path, max_message_bytes=1024)
+    async with running_node(settings) as node, sockets(node) as open_socket:
+        socket = await open_socket()
+        socket.send_frame({"type": "ping", "pad": "x" * 2048})
+        assert await socket.expect_close() == 1009
+
+
+async def test_a_client_that_leaves_releases_its_connection(
+    node: Node, open_socket: Opener
+) -> None:
+    tokens = await sign_up(node)
+    socket = await open_socket()
+    await authenticate(socket, tokens)  # a subscription, a session binding, deadlines
+    assert len(node.sync.connections) == 1
+    socket.disconnect()
+    async with asyncio.timeout(FRAME_TIMEOUT):
+        while node.sync.connections:
+            await asyncio.sleep(0.01)
+    # Its session ending afterwards reaches no one, and sends nothing.
+    await node.auth.sign_out(tokens.access_token)
+    await asyncio.sleep(0.2)
+    assert socket.nothing_sent()
