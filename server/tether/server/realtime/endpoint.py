@@ -326,7 +326,7 @@ class Connection:
         """Close after the frames already queued (protocol errors, heartbeat)."""
         if self.closing:
             return
-        self.closing = True
+        self._begin_closing()
         self._queue().append((code, reason))
         self._start_writer()
 
@@ -337,8 +337,19 @@ class Connection:
             self.writer = None
         self.out = deque([(code, reason)])
         self.out_bytes = 0
-        self.closing = True
+        if not self.closing:
+            self._begin_closing()
         self._start_writer()
+
+    def _begin_closing(self) -> None:
+        # A close decided outside the receive loop (a delivery to a slow consumer, a timer)
+        # leaves that loop waiting in receive(), which returns only when the client answers
+        # the close frame or the socket goes: a client that never reads would hold the
+        # connection for ever. So the abort after the grace is armed here, from the decision,
+        # and not only when the loop ends (the ASGI call's ``finally`` arms it again; the
+        # second check finds the socket closed and does nothing).
+        self.closing = True
+        release_socket_later(self.send, CLOSE_TIMEOUT + self.endpoint.settings.close_grace)
 
     # ------------------------------------------------------------------ work
 
