@@ -16,7 +16,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-from tether.server.auth.http import AuthRoutes, error_response
+from tether.protocol import HTTPCode
+from tether.server.auth.errors import AuthFailure
+from tether.server.auth.http import AuthRoutes, error_response, http_error
 from tether.server.auth.passwords import Passwords
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.service import AuthService
@@ -171,9 +173,13 @@ def create_app(
         assert isinstance(exc, HTTPError)
         return error_response(exc)
 
+    async def on_auth_failure(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AuthFailure)
+        return error_response(http_error(exc))
+
     async def on_http_exception(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        code = "not_found" if exc.status_code == 404 else "invalid_request"
+        code = HTTPCode.NOT_FOUND if exc.status_code == 404 else HTTPCode.INVALID_REQUEST
         return JSONResponse(
             {"error": code, "message": exc.detail},
             status_code=exc.status_code,
@@ -189,7 +195,11 @@ def create_app(
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPError: on_http_error, HTTPException: on_http_exception},
+        exception_handlers={
+            HTTPError: on_http_error,
+            AuthFailure: on_auth_failure,
+            HTTPException: on_http_exception,
+        },
     )
     app.state.node = node
     return TetherApp(app, node)

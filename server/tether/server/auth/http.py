@@ -1,7 +1,10 @@
 """The HTTP authentication API (protocol §2) as Starlette routes.
 
-Routes only parse, call :class:`tether.server.auth.service.AuthService` and shape the answer; every
-failure is an :class:`tether.server.errors.HTTPError` rendered as ``{"error", "message"}``.
+Routes only parse, call :class:`tether.server.auth.service.AuthService` and shape the answer. A
+malformed request is an :class:`tether.server.errors.HTTPError`; the service's
+:class:`~tether.server.auth.errors.AuthFailure` becomes one through :func:`http_error`, which
+picks the status (and the HTTP code, where the socket's is finer). Both are rendered as
+``{"error", "message"}``.
 """
 
 from __future__ import annotations
@@ -13,12 +16,35 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tether.protocol import HTTPCode
+from tether.protocol import AuthErrorCode, HTTPCode
+from tether.server.auth.errors import AuthFailure, FailureCode
 from tether.server.auth.service import AuthService
 from tether.server.clock import to_ms
 from tether.server.errors import HTTPError
 
 JWKS_PATH = "/.well-known/jwks.json"
+
+
+#: The status, and the HTTP API's code, of each failure of the auth service (protocol §2).
+HTTP_FAILURES: dict[FailureCode, tuple[int, HTTPCode]] = {
+    HTTPCode.INVALID_REQUEST: (400, HTTPCode.INVALID_REQUEST),
+    HTTPCode.EMAIL_TAKEN: (409, HTTPCode.EMAIL_TAKEN),
+    HTTPCode.INVALID_CREDENTIALS: (401, HTTPCode.INVALID_CREDENTIALS),
+    AuthErrorCode.RATE_LIMITED: (429, HTTPCode.RATE_LIMITED),
+    AuthErrorCode.REFRESH_INVALID: (401, HTTPCode.REFRESH_INVALID),
+    AuthErrorCode.REFRESH_REUSED: (401, HTTPCode.REFRESH_REUSED),
+    AuthErrorCode.UNAVAILABLE: (503, HTTPCode.UNAVAILABLE),
+    # The HTTP API does not tell why a bearer token was refused: every reason is invalid_token.
+    AuthErrorCode.INVALID_TOKEN: (401, HTTPCode.INVALID_TOKEN),
+    AuthErrorCode.TOKEN_EXPIRED: (401, HTTPCode.INVALID_TOKEN),
+    AuthErrorCode.SESSION_REVOKED: (401, HTTPCode.INVALID_TOKEN),
+}
+
+
+def http_error(failure: AuthFailure) -> HTTPError:
+    """The HTTP answer to a failure of the auth service (same message, ``Retry-After`` kept)."""
+    status, code = HTTP_FAILURES[failure.code]
+    return HTTPError(status, code, failure.message, retry_after=failure.retry_after)
 
 
 def error_response(exc: HTTPError) -> JSONResponse:

@@ -1,9 +1,9 @@
 """The authentication service: users, sign-in, refresh, sign-out.
 
-Transport-neutral: the HTTP API (``tether.server.auth.http``) and the ``refresh`` message on
-``/sync`` both call it. Failures raise :class:`tether.server.errors.HTTPError` carrying the
-contract's status and code; the realtime layer reuses the code (``refresh_invalid``,
-``rate_limited`` …) in ``auth_error``.
+Transport-neutral: the HTTP API (``tether.server.auth.http``) and the ``/sync`` socket
+(``authenticate`` and ``refresh``) both call it. Every refusal raises
+:class:`~tether.server.auth.errors.AuthFailure` with the contract's code; each transport maps the
+code to its own answer (an HTTP status, an ``auth_error``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from tether.protocol import HTTPCode, SessionEndReason
+from tether.protocol import AuthErrorCode, HTTPCode, SessionEndReason
+from tether.server.auth.errors import AuthFailure
 from tether.server.auth.passwords import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, Passwords
 from tether.server.auth.rate_limits import RateLimiter
 from tether.server.auth.sessions import RefreshRejected, SessionGrant, SessionStore
 from tether.server.auth.tokens import AccessClaims, AccessTokens, TokenError
 from tether.server.clock import Clock, system_clock, to_ms
-from tether.server.errors import HTTPError
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient
 from tether.server.settings import Settings
@@ -59,19 +59,18 @@ class TokenPair:
 
 def normalize_email(raw: object) -> str:
     if not isinstance(raw, str):
-        raise HTTPError(400, HTTPCode.INVALID_REQUEST, "email must be a string")
+        raise AuthFailure(HTTPCode.INVALID_REQUEST, "email must be a string")
     email = raw.strip().lower()
     if len(email) > MAX_EMAIL_CHARS or not _EMAIL.match(email):
-        raise HTTPError(400, HTTPCode.INVALID_REQUEST, "email is not a valid e-mail address")
+        raise AuthFailure(HTTPCode.INVALID_REQUEST, "email is not a valid e-mail address")
     return email
 
 
 def check_password(raw: object) -> str:
     if not isinstance(raw, str):
-        raise HTTPError(400, HTTPCode.INVALID_REQUEST, "password must be a string")
+        raise AuthFailure(HTTPCode.INVALID_REQUEST, "password must be a string")
     if not MIN_PASSWORD_CHARS <= len(raw) <= MAX_PASSWORD_CHARS:
-        raise HTTPError(
-            400,
+        raise AuthFailure(
             HTTPCode.INVALID_REQUEST,
             f"password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters",
         )
@@ -82,8 +81,7 @@ def check_retry_key(raw: object) -> str | None:
     if raw is None:
         return None
     if not isinstance(raw, str) or not RETRY_KEY_MIN <= len(raw) <= RETRY_KEY_MAX:
-        raise HTTPError(
-            400,
+        raise AuthFailure(
             HTTPCode.INVALID_REQUEST,
             f"retryKey must be a string of {RETRY_KEY_MIN} to {RETRY_KEY_MAX} characters",
         )
@@ -96,14 +94,14 @@ def _opt_str(value: bytes | str | None) -> str | None:
 
 
 @asynccontextmanager
-async def redis_unavailable_as_503() -> AsyncIterator[None]:
-    """Turn a Redis outage into ``503 unavailable``: retry later, never a sign-out."""
+async def redis_unavailable() -> AsyncIterator[None]:
+    """Turn a Redis outage into an ``unavailable`` failure: retry later, never a sign-out."""
     try:
         yield
     except RedisError as exc:
         log.warning("redis unavailable: %s", exc.__class__.__name__)
-        raise HTTPError(
-            503, HTTPCode.UNAVAILABLE, "the session store is unreachable; retry shortly"
+        raise AuthFailure(
+            AuthErrorCode.UNAVAILABLE, "the session store is unreachable; retry shortly"
         ) from None
 
 
@@ -143,8 +141,8 @@ class AuthService:
         rate = getattr(self.settings, rate_name)
         wait = await self.limits.hit(scope, rate)
         if wait is not None:
-            raise HTTPError(
-                429, HTTPCode.RATE_LIMITED, "too many attempts; retry later", retry_after=wait
+            raise AuthFailure(
+                AuthErrorCode.RATE_LIMITED, "too many attempts; retry later", retry_after=wait
             )
 
     # ------------------------------------------------------------------ operations
@@ -152,10 +150,10 @@ class AuthService:
     async def sign_up(self, email_raw: object, password_raw: object, client: str) -> TokenPair:
         email = normalize_email(email_raw)
         password = check_password(password_raw)
-        async with redis_unavailable_as_503():
+        async with redis_unavailable():
             await self._limit(f"signup:addr:{client}", "signup_limit_address")
             if await self.redis.exists(redis_keys.email(email)):
-                raise HTTPError(409, HTTPCode.EMAIL_TAKEN, "an account uses this e-mail")
+                raise AuthFailure(HTTPCode.EMAIL_TAKEN, "an account uses this e-mail")
             password_hash = await self.passwords.hash(password)
             uid = secrets.token_urlsafe(16)
             user_key = redis_keys.user(uid)
@@ -167,20 +165,20 @@ class AuthService:
             )
             if not await self.redis.set(redis_keys.email(email), uid, nx=True):
                 await self.redis.delete(user_key)
-                raise HTTPError(409, HTTPCode.EMAIL_TAKEN, "an account uses this e-mail")
+                raise AuthFailure(HTTPCode.EMAIL_TAKEN, "an account uses this e-mail")
             grant = await self.sessions.create(uid)
         log.info("user signed up user=%s session=%s", uid, grant.session_id)
         return self._pair(grant)
 
     async def sign_in(self, email_raw: object, password_raw: object, client: str) -> TokenPair:
         # Malformed input gets the same answer as a wrong password: nothing to enumerate.
-        invalid = HTTPError(401, HTTPCode.INVALID_CREDENTIALS, "wrong e-mail or password")
+        invalid = AuthFailure(HTTPCode.INVALID_CREDENTIALS, "wrong e-mail or password")
         try:
             email = normalize_email(email_raw)
             password = check_password(password_raw)
-        except HTTPError:
+        except AuthFailure:
             raise invalid from None
-        async with redis_unavailable_as_503():
+        async with redis_unavailable():
             await self._limit(f"signin:addr:{client}", "signin_limit_address")
             # Per account, every attempt from every address counts before the password is
             # checked (so parallel guesses cannot slip past the limit), and a success is
@@ -206,38 +204,44 @@ class AuthService:
         retry_key = check_retry_key(retry_key_raw)
         parsed = self.sessions.codec.parse(refresh_token)
         if parsed is None:
-            raise HTTPError(401, HTTPCode.REFRESH_INVALID, "the refresh token is not valid")
-        async with redis_unavailable_as_503():
+            raise AuthFailure(AuthErrorCode.REFRESH_INVALID, "the refresh token is not valid")
+        async with redis_unavailable():
             await self._limit(f"refresh:sess:{parsed.session_id}", "refresh_limit_session")
             try:
                 grant = await self.sessions.rotate(refresh_token, retry_key)
             except RefreshRejected as exc:
                 if exc.code == HTTPCode.REFRESH_REUSED:
                     log.warning("refresh token reuse: session %s ended", parsed.session_id)
-                raise HTTPError(401, exc.code, exc.message) from None
+                    raise AuthFailure(AuthErrorCode.REFRESH_REUSED, exc.message) from None
+                raise AuthFailure(AuthErrorCode.REFRESH_INVALID, exc.message) from None
         return self._pair(grant)
 
     async def verify_access(self, token: object) -> AccessClaims:
-        """Verify an access token *and* that its session is still active."""
+        """Verify an access token *and* that its session is still active.
+
+        The one verification path of the HTTP API and the ``/sync`` socket. Raises
+        :class:`AuthFailure` with ``invalid_token`` or ``token_expired`` (the token itself),
+        ``session_revoked`` (its session has ended) or ``unavailable`` (Redis unreachable).
+        """
         try:
             claims = self.tokens.verify(token, now=self.clock())
         except TokenError as exc:
-            raise HTTPError(401, HTTPCode.INVALID_TOKEN, exc.message) from None
-        async with redis_unavailable_as_503():
+            raise AuthFailure(exc.code, exc.message) from None
+        async with redis_unavailable():
             info = await self.sessions.lookup(claims.session_id)
         if info is None or info.user_id != claims.user_id:
-            raise HTTPError(401, HTTPCode.INVALID_TOKEN, "the session has ended")
+            raise AuthFailure(AuthErrorCode.SESSION_REVOKED, "the session has ended")
         return claims
 
     async def sign_out(self, token: object) -> None:
         claims = await self.verify_access(token)
-        async with redis_unavailable_as_503():
+        async with redis_unavailable():
             await self.sessions.end(claims.session_id, SessionEndReason.SIGNED_OUT)
         log.info("signed out user=%s session=%s", claims.user_id, claims.session_id)
 
     async def sign_out_all(self, token: object) -> None:
         claims = await self.verify_access(token)
-        async with redis_unavailable_as_503():
+        async with redis_unavailable():
             count = await self.sessions.end_all(
                 claims.user_id, SessionEndReason.SIGNED_OUT_EVERYWHERE
             )
