@@ -328,6 +328,15 @@ class Identity:
     issued_at: float  # seconds (JWT iat)
     expires_at: float  # seconds (JWT exp)
 
+    def usable_until(self, leeway: float) -> float:
+        """The instant (seconds) this identity ends: its ``exp`` plus the clock ``leeway``."""
+        return self.expires_at + leeway
+
+    def usable(self, now: float, leeway: float) -> bool:
+        """May this identity still run or see anything at ``now``? (Not past ``exp + leeway``;
+        whether its session ended is the caller's to check.)"""
+        return now < self.usable_until(leeway)
+
     def same_principal(self, other: Identity | None) -> bool:
         return (
             other is not None
@@ -504,7 +513,7 @@ class ConnectionCore:
         if ident is not None:
             if not self.expiring_sent:
                 deadline = min(deadline, ident.expires_at - self.timing.notice_for(ident))
-            deadline = min(deadline, ident.expires_at + self.timing.clock_leeway)
+            deadline = min(deadline, ident.usable_until(self.timing.clock_leeway))
         return deadline
 
     def _set_identity(self, identity: Identity | None, now: float) -> list[Action]:
@@ -542,7 +551,7 @@ class ConnectionCore:
         actions: list[Action] = []
         server_time = int(now * 1000)
         expires_ms = int(ident.expires_at * 1000)
-        if now >= ident.expires_at + self.timing.clock_leeway:
+        if not ident.usable(now, self.timing.clock_leeway):
             actions.append(
                 Send(
                     {
@@ -713,7 +722,7 @@ class ConnectionCore:
         self.auth_in_flight = None
         if self.phase is Phase.CLOSED:
             return []
-        if now >= identity.expires_at + self.timing.clock_leeway:
+        if not identity.usable(now, self.timing.clock_leeway):
             return self._auth_failure(
                 auth_version, AuthErrorCode.TOKEN_EXPIRED, "the token has expired", now
             ) + self._start_next_auth(now)

@@ -26,7 +26,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from tether.protocol import AuthErrorCode, CloseCode, ErrorCode
+from tether.protocol import AuthErrorCode, CloseCode, ErrorCode, FunctionErrorCode
+from tether.server.auth.errors import AuthFailure, auth_error_code
 from tether.server.auth.service import AuthService
 from tether.server.auth.tokens import TokenError
 from tether.server.clock import Clock
@@ -35,7 +36,6 @@ from tether.server.data.engine import QueryEngine
 from tether.server.data.functions import App, ArgsError
 from tether.server.data.live import Evaluation, Registration, SubscriptionManager
 from tether.server.data.store import IDENTITY_ENDED
-from tether.server.errors import HTTPError
 from tether.server.realtime.core import (
     Action,
     BadMessage,
@@ -358,12 +358,10 @@ class Connection:
         tokens: dict[str, Any] | None = None
         try:
             if isinstance(action, VerifyToken):
-                claims = endpoint.auth.tokens.verify(action.token, now=endpoint.clock())
-                info = await endpoint.auth.sessions.lookup(claims.session_id)
-                if info is None or info.user_id != claims.user_id:
-                    raise HTTPError(401, AuthErrorCode.SESSION_REVOKED, "the session has ended")
+                claims = await endpoint.auth.verify_access(action.token)
             else:
                 pair = await endpoint.auth.refresh(action.refresh_token, action.retry_key)
+                # Read back the identity of the token just minted (its iat, exp).
                 claims = endpoint.auth.tokens.verify(pair.access_token, now=endpoint.clock())
                 tokens = {
                     "accessToken": pair.access_token,
@@ -371,25 +369,15 @@ class Connection:
                     "expiresAt": pair.expires_at,
                 }
             # The session may have ended between the lookup and now: the hub remembers.
-            ended = endpoint.hub.recently_ended(claims.session_id)
-            if ended is not None:
-                raise HTTPError(401, AuthErrorCode.SESSION_REVOKED, "the session has ended")
-        except TokenError as exc:
-            self.execute(core.auth_failed(action.auth_version, exc.code, exc.message, self.now()))
-            return
-        except HTTPError as exc:
-            code = _auth_code(exc.code)
-            self.execute(core.auth_failed(action.auth_version, code, exc.message, self.now()))
-            return
-        except RedisError:
+            if endpoint.hub.recently_ended(claims.session_id) is not None:
+                raise AuthFailure(AuthErrorCode.SESSION_REVOKED, "the session has ended")
+        except AuthFailure as exc:
             self.execute(
-                core.auth_failed(
-                    action.auth_version,
-                    AuthErrorCode.UNAVAILABLE,
-                    "the session store is unreachable; retry shortly",
-                    self.now(),
-                )
+                core.auth_failed(action.auth_version, auth_error_code(exc), exc.message, self.now())
             )
+            return
+        except TokenError as exc:  # only from reading back a token the service just minted
+            self.execute(core.auth_failed(action.auth_version, exc.code, exc.message, self.now()))
             return
         except Exception:
             # Never leave the request in flight: later auth requests would queue forever.
@@ -416,7 +404,7 @@ class Connection:
         if identity is None:
             return True
         endpoint = self.endpoint
-        if self.now() >= identity.expires_at + endpoint.settings.clock_leeway:
+        if not identity.usable(self.now(), endpoint.settings.clock_leeway):
             self.execute(self.core.on_timer(self.now()))
             return False
         reason = endpoint.hub.recently_ended(identity.session_id)
@@ -501,7 +489,7 @@ class Connection:
     async def run_mutation(self, action: RunMutation) -> None:
         core = self.core
         if not self._identity_usable(action.identity):
-            self._mutation_failed(action, "unauthenticated", IDENTITY_ENDED)
+            self._mutation_failed(action, FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED)
             return
         try:
             outcome = await self.endpoint.engine.run_mutation(
@@ -554,13 +542,6 @@ class Connection:
         )
 
 
-def _auth_code(code: str) -> AuthErrorCode:
-    try:
-        return AuthErrorCode(code)
-    except ValueError:
-        return AuthErrorCode.INVALID_TOKEN
-
-
 class SyncEndpoint:
     """The raw ASGI app serving ``/sync`` for one instance."""
 
@@ -597,7 +578,7 @@ class SyncEndpoint:
 
     def identity_usable(self, identity: Identity) -> bool:
         """Check at use, for the live queries: not past exp + leeway, session not ended."""
-        if self.clock() >= identity.expires_at + self.settings.clock_leeway:
+        if not identity.usable(self.clock(), self.settings.clock_leeway):
             return False
         return self.hub.recently_ended(identity.session_id) is None
 
