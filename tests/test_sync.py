@@ -29,7 +29,7 @@ import websockets
 from tether.protocol import SessionEndReason
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import SessionStore
-from tether.server.realtime.endpoint import CLOSE_TIMEOUT
+from tether.server.realtime.endpoint import CLOSE_TIMEOUT, DRAIN_REASON
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect as redis_connect
 from tether.server.settings import Settings
@@ -852,3 +852,18 @@ async def test_sigterm_drains_sockets_with_1012_and_exits_0(
     # 1012 means "reconnect at once, to any instance": B takes the same token.
     again = await authed(open_sync, b, tokens)
     await again.ping()
+
+
+async def test_sigterm_1012_comes_from_tethers_drain_not_uvicorn(
+    server_factory: Callable[..., ServerProcess], open_sync: Opener
+) -> None:
+    """Tether closes its sockets itself on SIGTERM: uvicorn's own 1012 carries no reason."""
+    server = server_factory(env={"TETHER_DRAIN_TIMEOUT": "3"})
+    reader = await open_sync(server.ws_url)
+    await reader.ping()
+    code, exit_code = await asyncio.gather(
+        reader.wait_closed(10), server.astop(signal.SIGTERM, timeout=15)
+    )
+    assert code == 1012
+    assert reader.ws.close_reason == DRAIN_REASON
+    assert exit_code == 0, server.log_text()[-3000:]

@@ -215,6 +215,15 @@ class TetherApp:
         self.node = node
         self.state = app.state
 
+    async def drain(self, drain_timeout: float) -> int:
+        """Close every ``/sync`` socket with 1012 and wait at most ``drain_timeout`` seconds for
+        them (``TETHER_DRAIN_TIMEOUT`` under ``tether serve``); return how many are still open.
+
+        The ASGI server calls this when shutdown begins, before it closes connections itself:
+        the lifespan's shutdown comes only after every connection has ended, too late to drain.
+        """
+        return await self.node.sync.drain(drain_timeout)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == SYNC_PATH:
             await self.node.sync(scope, receive, send)

@@ -20,19 +20,24 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import math
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether.client.cli import add_client_commands
 from tether.server.redis.embedded import URL_FILE_NAME, EmbeddedRedis
 from tether.server.settings import ENV_PREFIX, Settings, SettingsError
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from tether.server.app import TetherApp
 
 PROG = "tether"
 
@@ -60,6 +65,10 @@ class _ShutdownRequested(BaseException):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
+
+#: Seconds uvicorn's shutdown waits, after Tether's own drain, for HTTP requests in flight and for
+#: the transports of closed sockets to finish before it cancels them.
+SHUTDOWN_GRACE = 5
 
 #: Allocations between young-generation collections (CPython's default is 700).
 GC_THRESHOLD_YOUNG = 50_000
@@ -236,7 +245,7 @@ def _serve(args: argparse.Namespace) -> int:
                 embedded.stop()
 
 
-def _run_uvicorn(settings: Settings, app: Any) -> int:
+def _run_uvicorn(settings: Settings, app: TetherApp) -> int:
     import gc
 
     import uvicorn
@@ -260,15 +269,15 @@ def _run_uvicorn(settings: Settings, app: Any) -> int:
         ws_max_size=settings.max_message_bytes,
         lifespan="on",
         log_level=settings.log_level.lower(),
-        # uvicorn's own deadline for open connections comes after the app's drain deadline: the
-        # app closes its sockets with a proper close code first.
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout + 5),
+        # Counted from the end of Tether's drain (see _DrainingServer), which closed the sockets
+        # with 1012 and bounded its own wait by TETHER_DRAIN_TIMEOUT.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
         # X-Forwarded-For/-Proto are believed only from the configured proxies: anyone else
         # could name any address and escape the per-address rate limits.
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=list(settings.trusted_proxies) or None,
     )
-    server = uvicorn.Server(config)
+    server = _draining_server(config, app, settings.drain_timeout)
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown while serve() runs. Afterwards it
     # re-raises the signal it caught; our handler (see _shutdown_on_signals) then raises
     # _ShutdownRequested, which the caller reads as a clean exit.
@@ -280,6 +289,27 @@ def _run_uvicorn(settings: Settings, app: Any) -> int:
         print(f"{PROG}: the server did not start (see the log above)", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _draining_server(config: uvicorn.Config, app: TetherApp, timeout: float) -> uvicorn.Server:
+    """A uvicorn server whose shutdown lets Tether drain its sockets first.
+
+    uvicorn's shutdown closes every WebSocket itself (1012, without waiting for the client's
+    answer) and runs the lifespan's shutdown only after that, so the drain cannot live in the
+    lifespan: it runs here, between the listener closing and uvicorn closing connections.
+    """
+    import uvicorn
+
+    class _DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # Stop accepting first, as uvicorn's own shutdown does next: nothing new arrives
+            # while the sockets drain. Closing a server twice is harmless.
+            for listener in self.servers:
+                listener.close()
+            await app.drain(timeout)
+            await super().shutdown(sockets)
+
+    return _DrainingServer(config)
 
 
 @contextmanager

@@ -76,6 +76,9 @@ DELIVERY_TIMEOUT = 10.0
 
 #: Seconds a close frame may wait behind a client that stopped reading before we give up.
 CLOSE_TIMEOUT = 2.0
+#: The reason of the 1012 close a draining instance sends: not part of the contract (clients act
+#: on the code), but it tells a reader of the frame that Tether closed it, not the ASGI server.
+DRAIN_REASON = "tether is draining"
 
 
 def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...], scheme: str) -> bool:
@@ -194,6 +197,8 @@ class Connection:
         finally:
             self.closing = True
             endpoint.connections.discard(self)
+            if endpoint.drained is not None and not endpoint.connections:
+                endpoint.drained.set()
             endpoint.timers.schedule(self, None)
             self.execute(self.core.close())
             for reg in (self.regs or {}).values():
@@ -565,6 +570,8 @@ class SyncEndpoint:
         )
         self.timers = DeadlineQueue(clock)
         self.connections: set[Connection] = set()
+        #: Set once :meth:`drain` has begun, and then once the last connection has ended.
+        self.drained: asyncio.Event | None = None
         self.timing = Timing(float(settings.expiry_notice), float(settings.clock_leeway))
         self.limits = Limits(
             max_subscriptions=settings.max_subscriptions,
@@ -604,6 +611,17 @@ class SyncEndpoint:
             await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
             return
         await send({"type": "websocket.accept"})
+        if self.drained is not None:
+            # Got through while the instance drains (the ASGI server may still accept): send it
+            # where the others went.
+            await send(
+                {
+                    "type": "websocket.close",
+                    "code": CloseCode.SERVICE_RESTART,
+                    "reason": DRAIN_REASON,
+                }
+            )
+            return
         core = ConnectionCore(
             connection_id=secrets.token_urlsafe(9),
             now=self.clock(),
@@ -629,6 +647,27 @@ class SyncEndpoint:
         return origin_allowed(
             origin, host, self.settings.allowed_origins, scope.get("scheme", "ws")
         )
+
+    async def drain(self, drain_timeout: float) -> int:
+        """Close every socket with 1012 (reconnect at once, elsewhere) and wait up to
+        ``drain_timeout`` seconds for them to end; return how many are still open then.
+
+        Each close goes out behind the frames already queued for its socket and ends when the
+        client answers it. A socket accepted from now on is closed with 1012 at once. What is
+        still open after ``drain_timeout`` is left to the ASGI server's shutdown.
+        """
+        if self.drained is None:
+            self.drained = asyncio.Event()
+        if not self.connections:
+            self.drained.set()
+        for connection in list(self.connections):
+            connection.close_soon(CloseCode.SERVICE_RESTART, DRAIN_REASON)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drained.wait(), drain_timeout)
+        left = len(self.connections)
+        if left:
+            log.warning("drain timeout: %d socket(s) still open after %.1f s", left, drain_timeout)
+        return left
 
     def close(self) -> None:
         self.timers.close()
