@@ -327,3 +327,82 @@ async def test_a_client_that_leaves_releases_its_connection(
     await node.auth.sign_out(tokens.access_token)
     await asyncio.sleep(0.2)
     assert socket.nothing_sent()
+
+
+class ReadingSocket(MemorySocket):
+    """A client that reads and answers the close: after the app's ``websocket.close`` the ASGI
+    server reports the disconnect, as uvicorn does once the close frame is out."""
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.close":
+            self.disconnect(int(message.get("code", 1000)))
+
+
+class StuckSocket(ReadingSocket):
+    """A client that stopped reading: once :attr:`stuck`, every frame the app writes waits
+    for ever (the transport's buffer never drains), so a close queued behind it never goes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.stuck:
+            await asyncio.Event().wait()
+        await super().send(message)
+
+
+async def _serve(node: Node, socket: MemorySocket) -> asyncio.Task[None]:
+    scope = {"type": "websocket", "path": "/sync", "headers": [], "scheme": "ws"}
+    task = asyncio.create_task(node.sync(scope, socket.receive, socket.send))
+    assert (await socket.next_message())["type"] == "websocket.accept"
+    socket.send_frame({"type": "connect", "clientId": f"c-{uuid.uuid4().hex[:8]}", "protocol": 1})
+    await socket.expect("connected")
+    return task
+
+
+async def test_drain_closes_every_socket_with_1012_and_ends_when_they_answer(
+    node: Node,
+) -> None:
+    readers = [ReadingSocket() for _ in range(3)]
+    tasks = [await _serve(node, socket) for socket in readers]
+    started = asyncio.get_running_loop().time()
+    left = await node.sync.drain(30.0)
+    assert left == 0
+    # Not the bound: every socket answered, so the drain ended as soon as they had.
+    assert asyncio.get_running_loop().time() - started < 5.0
+    for socket, task in zip(readers, tasks, strict=True):
+        assert await socket.expect_close() == 1012
+        await asyncio.wait_for(task, FRAME_TIMEOUT)
+    # A socket accepted while the instance drains is closed with 1012 at once.
+    late = ReadingSocket()
+    scope = {"type": "websocket", "path": "/sync", "headers": [], "scheme": "ws"}
+    late_task = asyncio.create_task(node.sync(scope, late.receive, late.send))
+    closed = [await late.next_message(), await late.next_message()]
+    assert [m["type"] for m in closed] == ["websocket.accept", "websocket.close"]
+    assert closed[1]["code"] == 1012
+    await asyncio.wait_for(late_task, FRAME_TIMEOUT)
+
+
+@pytest.mark.parametrize("drain_timeout", [0.5, 2.0])
+async def test_drain_waits_for_a_socket_that_cannot_take_its_close_at_most_the_timeout(
+    node: Node, drain_timeout: float
+) -> None:
+    stuck, reader = StuckSocket(), ReadingSocket()
+    stuck_task = await _serve(node, stuck)
+    reader_task = await _serve(node, reader)
+    stuck.stuck = True
+    stuck.send_frame({"type": "ping"})  # its pong now waits for ever, and the close behind it
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    left = await node.sync.drain(drain_timeout)
+    waited = loop.time() - started
+    assert left == 1  # the stuck socket is left to the ASGI server's shutdown
+    assert drain_timeout <= waited < drain_timeout + 1.0, waited
+    assert await reader.expect_close() == 1012
+    await asyncio.wait_for(reader_task, FRAME_TIMEOUT)
+    stuck.stuck = False
+    stuck.disconnect()
+    await asyncio.wait_for(stuck_task, FRAME_TIMEOUT)

@@ -854,6 +854,40 @@ async def test_sigterm_drains_sockets_with_1012_and_exits_0(
     await again.ping()
 
 
+async def test_sigterm_drain_waits_tether_drain_timeout_for_a_socket_that_cannot_take_its_close(
+    server_factory: Callable[..., ServerProcess], open_sync: Opener
+) -> None:
+    """``TETHER_DRAIN_TIMEOUT`` bounds Tether's own drain: a client that stopped reading has
+    ~90 MB queued (far past any kernel's socket buffers), so its 1012 cannot go out and the
+    drain waits the setting, not the default (10 s) and not zero, before uvicorn's shutdown."""
+    drain_timeout = 3
+    server = server_factory(
+        env={
+            "TETHER_DRAIN_TIMEOUT": str(drain_timeout),
+            "TETHER_SEND_QUEUE_BYTES": str(256 * 2**20),
+            "TETHER_MAX_RESULT_BYTES": str(4 * 2**20),
+        },
+        app="tests.apps.bigresult:app",
+    )
+    silent = await RawWebSocket.open(server.port)
+    try:
+        await silent.send({"type": "connect", "clientId": "silent", "protocol": 1})
+        watcher = await open_sync(server.ws_url)
+        for query_id in range(1, 31):
+            frame = {"type": "subscribe", "queryId": query_id, "name": "big"}
+            await silent.send({**frame, "args": {"size": 3_000_000}})
+        await watcher.ping(timeout=10)  # the instance has taken every subscribe by now
+        started = time.monotonic()
+        exit_code = await server.astop(signal.SIGTERM, timeout=drain_timeout + 20)
+        took = time.monotonic() - started
+        assert exit_code == 0, server.log_text()[-3000:]
+        log = server.log_text()
+        assert f"still open after {drain_timeout:.1f} s" in log, log[-3000:]
+        assert drain_timeout - 0.5 <= took < 10, took
+    finally:
+        silent.close()
+
+
 async def test_sigterm_1012_comes_from_tethers_drain_not_uvicorn(
     server_factory: Callable[..., ServerProcess], open_sync: Opener
 ) -> None:
