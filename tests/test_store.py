@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from tether.server import demo
 from tether.server.clock import to_ms
 from tether.server.data import store as store_module
+from tether.server.data.engine import run_mutation, run_query
 from tether.server.data.functions import App, Auth, Context, FunctionKind, FunctionSpec
 from tether.server.data.store import (
     Conflict,
@@ -558,7 +559,8 @@ async def test_retries_on_one_hot_key_take_turns_on_an_instance(
 
     outcomes = await asyncio.gather(
         *(
-            store.run_mutation(
+            run_mutation(
+                store,
                 spec(increment, "mutation"),
                 {"doc_id": doc_id, "client": i},
                 None,
@@ -601,7 +603,8 @@ async def test_a_retry_after_the_identity_ended_commits_nothing(store: Store) ->
         return identity_alive
 
     task = asyncio.create_task(
-        store.run_mutation(
+        run_mutation(
+            store,
             spec(bump, "mutation"),
             {"doc_id": doc_id},
             None,
@@ -624,7 +627,8 @@ async def test_a_retry_after_the_identity_ended_commits_nothing(store: Store) ->
     # Not remembered: signing in again and re-sending the same request runs it.
     assert await store.get_outcome("c", 1) is None
     identity_alive, runs = True, 10  # signed in again; no more session ending in `bump`
-    again = await store.run_mutation(
+    again = await run_mutation(
+        store,
         spec(bump, "mutation"),
         {"doc_id": doc_id},
         None,
@@ -651,8 +655,8 @@ async def test_run_mutation_retries_after_a_conflict(store: Store) -> None:
         return int(doc["n"]) + 1
 
     task = asyncio.create_task(
-        store.run_mutation(
-            spec(bump, "mutation"), {"doc_id": doc_id}, None, client_id="c", request_id=1
+        run_mutation(
+            store, spec(bump, "mutation"), {"doc_id": doc_id}, None, client_id="c", request_id=1
         )
     )
     await reached.wait()
@@ -680,13 +684,13 @@ async def test_run_mutation_gives_up_with_conflict_and_remembers_it(
         await mutate(store, lambda db: db.patch("items", doc_id, {"n": runs}))
 
     fn = spec(contended, "mutation")
-    outcome = await store.run_mutation(fn, {}, None, client_id="c", request_id=1)
+    outcome = await run_mutation(store, fn, {}, None, client_id="c", request_id=1)
     assert runs == 3
     assert outcome.error is not None and outcome.error[0] == "conflict"
     assert await by_tag(store, "mine") == []
-    assert await store.run_mutation(fn, {}, None, client_id="c", request_id=1) == outcome
+    assert await run_mutation(store, fn, {}, None, client_id="c", request_id=1) == outcome
     assert runs == 3
-    anonymous = await store.run_mutation(fn, {}, None, client_id=None, request_id=None)
+    anonymous = await run_mutation(store, fn, {}, None, client_id=None, request_id=None)
     assert anonymous.error is not None and anonymous.error[0] == "conflict"
 
 
@@ -697,8 +701,8 @@ async def test_fifty_concurrent_increments_are_neither_lost_nor_doubled(
     assert increment is not None
     outcomes = await asyncio.gather(
         *(
-            demo_store.run_mutation(
-                increment, {"name": "c"}, None, client_id="client", request_id=i
+            run_mutation(
+                demo_store, increment, {"name": "c"}, None, client_id="client", request_id=i
             )
             for i in range(50)
         )
@@ -713,7 +717,7 @@ async def test_fifty_concurrent_increments_are_neither_lost_nor_doubled(
     assert len(values) >= 25
     get = demo.app.lookup("counter.get")
     assert get is not None
-    result = await demo_store.run_query(get, {"name": "c"}, None)
+    result = await run_query(demo_store, get, {"name": "c"}, None)
     assert result.value_json == str(len(values))
     versions = [o.version for o in outcomes if o.version is not None]
     assert len(set(versions)) == len(versions)  # each success is its own commit
@@ -727,12 +731,12 @@ async def test_the_same_request_twice_returns_the_first_outcome_and_applies_once
 ) -> None:
     increment = demo.app.lookup("counter.increment")
     assert increment is not None
-    first = await demo_store.run_mutation(
-        increment, {"name": "c"}, None, client_id="client", request_id=1
+    first = await run_mutation(
+        demo_store, increment, {"name": "c"}, None, client_id="client", request_id=1
     )
     assert first == MutationOutcome("1", None, 1)
-    again = await demo_store.run_mutation(
-        increment, {"name": "c", "by": 100}, None, client_id="client", request_id=1
+    again = await run_mutation(
+        demo_store, increment, {"name": "c", "by": 100}, None, client_id="client", request_id=1
     )
     assert again == first
     # Another instance (its own client and store) answers the same.
@@ -740,8 +744,8 @@ async def test_the_same_request_twice_returns_the_first_outcome_and_applies_once
     try:
         other = Store(other_client, schema=demo.app.schema, clock=clock)
         assert (
-            await other.run_mutation(
-                increment, {"name": "c"}, None, client_id="client", request_id=1
+            await run_mutation(
+                other, increment, {"name": "c"}, None, client_id="client", request_id=1
             )
             == first
         )
@@ -749,11 +753,11 @@ async def test_the_same_request_twice_returns_the_first_outcome_and_applies_once
         await other_client.aclose()
     assert await demo_store.get_outcome("client", 1) == {"version": 1, "value": 1}
     # Another request id, or another client, is another mutation.
-    second = await demo_store.run_mutation(
-        increment, {"name": "c"}, None, client_id="client", request_id=2
+    second = await run_mutation(
+        demo_store, increment, {"name": "c"}, None, client_id="client", request_id=2
     )
-    third = await demo_store.run_mutation(
-        increment, {"name": "c"}, None, client_id="other", request_id=1
+    third = await run_mutation(
+        demo_store, increment, {"name": "c"}, None, client_id="other", request_id=1
     )
     assert (second.value_json, third.value_json) == ("2", "3")
     ttl = await redis_client.pttl(redis_keys.data_outcome("client", 1))
@@ -765,8 +769,8 @@ async def test_the_same_request_concurrently_applies_once(demo_store: Store) -> 
     assert increment is not None
     outcomes = await asyncio.gather(
         *(
-            demo_store.run_mutation(
-                increment, {"name": "c"}, None, client_id="client", request_id=1
+            run_mutation(
+                demo_store, increment, {"name": "c"}, None, client_id="client", request_id=1
             )
             for _ in range(10)
         )
@@ -788,9 +792,9 @@ async def test_an_application_error_is_the_outcome_and_is_not_run_again(
         raise FunctionError("forbidden", f"no (run {runs})")
 
     fn = spec(failing, "mutation")
-    first = await store.run_mutation(fn, {}, USER, client_id="c", request_id=1)
+    first = await run_mutation(store, fn, {}, USER, client_id="c", request_id=1)
     assert first == MutationOutcome(None, ("forbidden", "no (run 1)"), None)
-    assert await store.run_mutation(fn, {}, USER, client_id="c", request_id=1) == first
+    assert await run_mutation(store, fn, {}, USER, client_id="c", request_id=1) == first
     assert runs == 1
     assert await store.version() == 0  # its writes were dropped
     assert await by_tag(store, "x") == []
@@ -800,7 +804,7 @@ async def test_an_application_error_is_the_outcome_and_is_not_run_again(
     }
 
     together = await asyncio.gather(
-        *(store.run_mutation(fn, {}, USER, client_id="c", request_id=2) for _ in range(5))
+        *(run_mutation(store, fn, {}, USER, client_id="c", request_id=2) for _ in range(5))
     )
     assert all(o == together[0] for o in together)
     assert together[0].error is not None and together[0].error[0] == "forbidden"
@@ -821,12 +825,12 @@ async def test_an_internal_error_and_a_too_large_result_are_outcomes(
         await ctx.db.insert("items", {"tag": "x"})
         return "x" * 100
 
-    internal = await store.run_mutation(
-        spec(broken, "mutation"), {}, None, client_id="c", request_id=1
+    internal = await run_mutation(
+        store, spec(broken, "mutation"), {}, None, client_id="c", request_id=1
     )
     assert internal.error == ("internal", "the function failed")
-    too_large = await store.run_mutation(
-        spec(large, "mutation"), {}, None, client_id="c", request_id=2
+    too_large = await run_mutation(
+        store, spec(large, "mutation"), {}, None, client_id="c", request_id=2
     )
     assert too_large.error is not None and too_large.error[0] == "limit_exceeded"
     assert await store.version() == 0
@@ -919,7 +923,7 @@ async def test_a_query_never_mixes_two_commits(store: Store) -> None:
         await proceed.wait()
 
     fn, runs = pair_query(a, b, between)
-    task = asyncio.create_task(store.run_query(fn, {}, None))
+    task = asyncio.create_task(run_query(store, fn, {}, None))
     await reached.wait()
 
     async def both(db: MutationDB) -> None:
@@ -945,7 +949,7 @@ async def test_a_commit_to_what_was_already_read_keeps_the_snapshot(store: Store
         await proceed.wait()
 
     fn, runs = pair_query(a, b, between)
-    task = asyncio.create_task(store.run_query(fn, {}, None))
+    task = asyncio.create_task(run_query(store, fn, {}, None))
     await reached.wait()
     await mutate(store, lambda db: db.patch("items", a, {"n": 1}))
     proceed.set()
@@ -963,7 +967,7 @@ async def test_a_deletion_after_the_snapshot_is_seen(store: Store) -> None:
         await proceed.wait()
 
     fn, runs = pair_query(a, b, between)
-    task = asyncio.create_task(store.run_query(fn, {}, None))
+    task = asyncio.create_task(run_query(store, fn, {}, None))
     await reached.wait()
 
     async def change(db: MutationDB) -> None:
@@ -991,7 +995,7 @@ async def test_an_index_read_is_one_snapshot_with_its_documents(store: Store) ->
         docs = await ctx.db.query("items", index="by_tag", equals={"tag": "y"})
         return [first["n"], [d["n"] for d in docs]]
 
-    task = asyncio.create_task(store.run_query(spec(listing), {}, None))
+    task = asyncio.create_task(run_query(store, spec(listing), {}, None))
     await reached.wait()
 
     async def change(db: MutationDB) -> None:
@@ -1015,7 +1019,7 @@ async def test_a_query_that_never_settles_fails_with_conflict(
         await mutate(store, lambda db: db.patch("items", b, {"n": 1}))
 
     fn, runs = pair_query(a, b, between)
-    result = await store.run_query(fn, {}, None)
+    result = await run_query(store, fn, {}, None)
     assert runs == [3]
     assert result.error is not None and result.error[0] == "conflict"
     assert redis_keys.data_doc("items", b) in result.read_set
@@ -1026,17 +1030,17 @@ async def test_a_query_result_carries_its_error_and_identity(store: Store) -> No
         auth = ctx.require_auth()
         return await ctx.db.query("items", index="by_tag", equals={"tag": auth.user_id})
 
-    anonymous = await store.run_query(spec(mine), {}, None)
+    anonymous = await run_query(store, spec(mine), {}, None)
     assert anonymous.error == ("unauthenticated", "sign in first")
     assert anonymous.reads_identity is True
     assert anonymous.read_set == frozenset()
-    signed_in = await store.run_query(spec(mine), {}, USER)
+    signed_in = await run_query(store, spec(mine), {}, USER)
     assert (signed_in.value_json, signed_in.reads_identity) == ("[]", True)
 
     async def writes(ctx: Context) -> Any:
         return await ctx.db.insert("items", {})
 
-    assert (await store.run_query(spec(writes), {}, None)).error == (
+    assert (await run_query(store, spec(writes), {}, None)).error == (
         "invalid",
         "queries cannot write",
     )
@@ -1051,10 +1055,10 @@ async def test_redis_errors_propagate(clock: ManualClock) -> None:
         listing, send = demo.app.lookup("messages.list"), demo.app.lookup("messages.send")
         assert listing is not None and send is not None
         with pytest.raises(RedisConnectionError):
-            await store.run_query(listing, {"channel": "c"}, None)
+            await run_query(store, listing, {"channel": "c"}, None)
         with pytest.raises(RedisConnectionError):
-            await store.run_mutation(
-                send, {"channel": "c", "body": "hi"}, USER, client_id=None, request_id=None
+            await run_mutation(
+                store, send, {"channel": "c", "body": "hi"}, USER, client_id=None, request_id=None
             )
 
         async def swallows(ctx: Context) -> str:
@@ -1065,7 +1069,7 @@ async def test_redis_errors_propagate(clock: ManualClock) -> None:
             return "read"
 
         with pytest.raises(RedisConnectionError):
-            await Store(dead, schema=app.schema, clock=clock).run_query(spec(swallows), {}, None)
+            await run_query(Store(dead, schema=app.schema, clock=clock), spec(swallows), {}, None)
     finally:
         await dead.aclose()
 
@@ -1164,11 +1168,11 @@ async def test_every_key_carries_the_data_hash_tag(
     await mutate(store, lambda db: db.delete("items", gone))
     send = demo.app.lookup("messages.send")
     assert send is not None
-    await demo_store.run_mutation(
-        send, {"channel": "c", "body": "hi"}, USER, client_id="c", request_id=1
+    await run_mutation(
+        demo_store, send, {"channel": "c", "body": "hi"}, USER, client_id="c", request_id=1
     )
-    await demo_store.run_mutation(
-        send, {"channel": "c", "body": ""}, USER, client_id="c", request_id=2
+    await run_mutation(
+        demo_store, send, {"channel": "c", "body": ""}, USER, client_id="c", request_id=2
     )
     await store.put_outcome("c", 3, "conflict", "x")
     keys = await redis_client.keys("*")
@@ -1194,9 +1198,9 @@ async def call(
     assert fn is not None
     kwargs = fn.validate_args(args)
     if fn.kind == "query":
-        q = await store.run_query(fn, kwargs, auth)
+        q = await run_query(store, fn, kwargs, auth)
         return (None if q.value_json is None else json.loads(q.value_json)), q.error
-    m = await store.run_mutation(fn, kwargs, auth, client_id="demo", request_id=request)
+    m = await run_mutation(store, fn, kwargs, auth, client_id="demo", request_id=request)
     return (None if m.value_json is None else json.loads(m.value_json)), m.error
 
 
@@ -1282,7 +1286,7 @@ async def test_demo_counter_and_whoami(demo_store: Store) -> None:
     assert await call(demo_store, "whoami", {}, USER) == ({"userId": "u1"}, None)
     who = demo.app.lookup("whoami")
     assert who is not None
-    result = await demo_store.run_query(who, {}, None)
+    result = await run_query(demo_store, who, {}, None)
     assert (result.value_json, result.read_set, result.version) == ("null", frozenset(), 3)
     assert result.reads_identity is True
 
@@ -1291,10 +1295,10 @@ async def test_demo_mutation_result_version_is_the_commit(demo_store: Store) -> 
     increment = demo.app.lookup("counter.increment")
     get = demo.app.lookup("counter.get")
     assert increment is not None and get is not None
-    outcome = await demo_store.run_mutation(
-        increment, {"name": "c"}, None, client_id="x", request_id=1
+    outcome = await run_mutation(
+        demo_store, increment, {"name": "c"}, None, client_id="x", request_id=1
     )
-    seen = await demo_store.run_query(get, {"name": "c"}, None)
+    seen = await run_query(demo_store, get, {"name": "c"}, None)
     assert outcome.version == seen.version == 1
     assert seen.value_json == "1"
     assert await demo_store.get_outcome("x", 1) == {"version": 1, "value": 1}

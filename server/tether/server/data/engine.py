@@ -1,22 +1,55 @@
 """The query engine: the application's functions run against the store.
 
 :class:`QueryEngine` is what the realtime layer calls — it looks functions up in the
-application, validates arguments, builds the identity a function sees, and hands the run to
-the :class:`~tether.server.data.store.Store` (snapshot-validated queries, optimistic mutations with
-idempotent outcomes). It also exposes the commit stream to the subscription manager.
+application, validates arguments, builds the :class:`~tether.server.data.functions.Context` a
+function sees and runs the function (:func:`run_query`, :func:`run_mutation`), inside the
+views, retries and commits the :class:`~tether.server.data.store.Store` offers
+(snapshot-validated queries, optimistic mutations with idempotent outcomes): the engine runs
+application code, the store never does. It also exposes the commit stream to the subscription
+manager.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tether.protocol import ErrorCode
-from tether.server.data.functions import App, ArgsError, Auth
-from tether.server.data.store import CommitBatch, QueryEvaluation, Store
+from tether.server.data.caller import Caller
+from tether.server.data.functions import (
+    App,
+    ArgsError,
+    Auth,
+    Context,
+    FunctionSpec,
+    encode_result,
+    invoke,
+)
+from tether.server.data.store import (
+    CommitBatch,
+    MutationDB,
+    MutationOutcome,
+    QueryDB,
+    Store,
+)
 from tether.server.errors import FunctionError
-from tether.server.realtime.core import Identity
+
+
+@dataclass(frozen=True, slots=True)
+class QueryEvaluation:
+    """A query's result at one snapshot: ``value_json`` or ``error`` (code, message).
+
+    ``read_set`` holds every document and index key the run read (the result changes only when
+    one of them is written); ``version`` is the snapshot; ``reads_identity`` tells whether the
+    result depends on the caller's identity.
+    """
+
+    value_json: str | None
+    error: tuple[str, str] | None
+    read_set: frozenset[str]
+    version: int
+    reads_identity: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +61,58 @@ class MutationResult:
     written_keys: frozenset[str] = field(default=frozenset(), compare=False)
 
 
-def _auth(identity: Identity | None) -> Auth | None:
+def _auth(identity: Caller | None) -> Auth | None:
     return Auth(identity.user_id, identity.session_id) if identity is not None else None
+
+
+async def run_query(
+    store: Store, spec: FunctionSpec, kwargs: Mapping[str, Any], auth: Auth | None
+) -> QueryEvaluation:
+    """Run the query ``spec`` at one snapshot of ``store`` (``kwargs`` from
+    ``spec.validate_args``), with a fresh :class:`Context` per run.
+
+    A :class:`~tether.server.errors.FunctionError` becomes the result's ``error``; see
+    :meth:`Store.run_query` for retries. Redis errors propagate.
+    """
+    contexts: list[Context] = []
+
+    async def run(db: QueryDB) -> str:
+        ctx = Context(auth, db=db)
+        contexts.append(ctx)
+        return encode_result(await invoke(spec, ctx, kwargs), store.max_result_bytes)
+
+    result = await store.run_query(run)
+    if result.exhausted:
+        # The conflict answers every run: it depends on the identity if any of them read it.
+        reads_identity = any(ctx.read_identity for ctx in contexts)
+    else:
+        reads_identity = contexts[-1].read_identity
+    return QueryEvaluation(
+        result.value_json, result.error, result.read_set, result.version, reads_identity
+    )
+
+
+async def run_mutation(
+    store: Store,
+    spec: FunctionSpec,
+    kwargs: Mapping[str, Any],
+    auth: Auth | None,
+    *,
+    client_id: str | None,
+    request_id: int | None,
+    authorized: Callable[[], bool] | None = None,
+) -> MutationOutcome:
+    """Run the mutation ``spec`` (``kwargs`` from ``spec.validate_args``) once per
+    ``(client_id, request_id)`` and commit it, with a fresh :class:`Context` per attempt; see
+    :meth:`Store.run_mutation` for retries, replays and ``authorized``."""
+
+    async def run(db: MutationDB) -> str:
+        value = await invoke(spec, Context(auth, db=db), kwargs)
+        return encode_result(value, store.max_result_bytes)
+
+    return await store.run_mutation(
+        run, client_id=client_id, request_id=request_id, authorized=authorized
+    )
 
 
 class QueryEngine:
@@ -38,7 +121,7 @@ class QueryEngine:
         self.store = store
 
     async def evaluate(
-        self, name: str, args: dict[str, Any], identity: Identity | None
+        self, name: str, args: dict[str, Any], identity: Caller | None
     ) -> QueryEvaluation:
         spec = self.application.lookup(name)
         try:
@@ -53,13 +136,13 @@ class QueryEngine:
                 version=0,  # read nothing: valid at every version
                 reads_identity=False,
             )
-        return await self.store.run_query(spec, kwargs, _auth(identity))
+        return await run_query(self.store, spec, kwargs, _auth(identity))
 
     async def run_mutation(
         self,
         name: str,
         args: dict[str, Any],
-        identity: Identity | None,
+        identity: Caller | None,
         *,
         client_id: str,
         request_id: int,
@@ -72,7 +155,8 @@ class QueryEngine:
             kwargs = spec.validate_args(args)
         except ArgsError as exc:
             return MutationResult(None, (exc.code, exc.message), None)
-        outcome = await self.store.run_mutation(
+        outcome = await run_mutation(
+            self.store,
             spec,
             kwargs,
             _auth(identity),

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from tether.server.clock import Clock
-from tether.server.realtime.core import Identity, Send
+from tether.server.data.caller import Caller
 
 log = logging.getLogger("tether.subscriptions")
 
@@ -45,6 +45,13 @@ MAX_ROUNDS = 10
 COMMIT_BATCH = 10_000
 #: How long the stream watcher blocks in one read (ms).
 WATCH_BLOCK_MS = 2000
+
+
+#: One delivery's cache, made by the manager for all the subscribers it delivers one round to,
+#: and opaque to it: a subscriber keeps there what it builds from the results (for the realtime
+#: layer, an encoded frame), so that identical deliveries are built once. Typed ``Any`` because
+#: what is kept there is the subscriber's business, not the data layer's.
+SharedDeliveries = dict[tuple[Any, ...], Any]
 
 
 class Evaluation(Protocol):
@@ -82,7 +89,7 @@ class Engine(Protocol):
     """The data layer as the manager needs it."""
 
     async def evaluate(
-        self, name: str, args: dict[str, Any], identity: Identity | None
+        self, name: str, args: dict[str, Any], identity: Caller | None
     ) -> Evaluation: ...
 
     async def read_commits(
@@ -99,14 +106,14 @@ class Subscriber(Protocol):
         self,
         version: int,
         updates: list[tuple[Registration, Evaluation]],
-        shared: dict[tuple[Any, ...], Send] | None = None,
+        shared: SharedDeliveries | None = None,
     ) -> None:
         """Send these results (all valid at ``version``) in one transition."""
 
     def identity_ended(self) -> None:
         """An identity this connection subscribed under can no longer be used: re-check it."""
 
-    def current_identity(self) -> Identity | None:
+    def current_identity(self) -> Caller | None:
         """The identity the connection holds now."""
 
     def current_generation(self) -> int:
@@ -128,7 +135,7 @@ class Registration:
     generation: int
     name: str
     args: dict[str, Any]
-    identity: Identity | None
+    identity: Caller | None
     entry: _Entry | None = None
     detached: bool = False
 
@@ -147,7 +154,7 @@ class _Entry:
     def free(self) -> bool:
         return self.key[2] is None
 
-    def identity(self) -> tuple[bool, Identity | None]:
+    def identity(self) -> tuple[bool, Caller | None]:
         """``(usable, identity)`` to evaluate under.
 
         Free and anonymous entries run without an identity. A bound entry runs under the
@@ -158,7 +165,7 @@ class _Entry:
         principal = self.key[2]
         if principal is None or principal == ANONYMOUS:
             return True, None
-        best: Identity | None = None
+        best: Caller | None = None
         for reg in self.regs:
             current = reg.subscriber.current_identity()
             if (
@@ -178,7 +185,7 @@ def _args_key(args: dict[str, Any]) -> str:
 ANONYMOUS: Principal = ("", "")
 
 
-def _principal(identity: Identity | None) -> Principal:
+def _principal(identity: Caller | None) -> Principal:
     return (identity.user_id, identity.session_id) if identity is not None else ANONYMOUS
 
 
@@ -194,7 +201,7 @@ class SubscriptionManager:
         engine: Engine,
         *,
         clock: Clock,
-        identity_usable: Callable[[Identity], bool],
+        identity_usable: Callable[[Caller], bool],
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -530,7 +537,7 @@ class SubscriptionManager:
             per_subscriber.setdefault(reg.subscriber, []).append((reg, holder.value))
         self.processed = version
         # Subscribers of one query mostly receive the same transition: it is encoded once.
-        shared: dict[tuple[Any, ...], Send] = {}
+        shared: SharedDeliveries = {}
         for subscriber, updates in per_subscriber.items():
             try:
                 subscriber.deliver(version, updates, shared)

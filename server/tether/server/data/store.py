@@ -2,9 +2,10 @@
 
 An application declares its tables and their indexes
 (:meth:`tether.server.data.functions.App.table`). Its functions reach the data through ``ctx.db``: a
-:class:`QueryDB` in a query, a :class:`MutationDB` in a mutation. :class:`Store` runs both kinds of
-function against Redis (:meth:`Store.run_query`, :meth:`Store.run_mutation`) and reads the stream of
-commits that the reactive layer follows (:meth:`Store.read_commits`).
+:class:`QueryDB` in a query, a :class:`MutationDB` in a mutation. :class:`Store` gives a run
+(a callable the engine binds to the function: the store never calls application code) its view,
+retries it and commits it (:meth:`Store.run_query`, :meth:`Store.run_mutation`), and reads the
+stream of commits that the reactive layer follows (:meth:`Store.read_commits`).
 
 Storage (key layout in :mod:`tether.server.redis.keys`)
 ------------------------------------------------
@@ -73,15 +74,14 @@ import json
 import random
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeVar
 
 from redis.exceptions import RedisError
 
 from tether.protocol import ErrorCode, FunctionErrorCode
 from tether.server.clock import Clock, to_ms
-from tether.server.data.functions import Auth, Context, FunctionSpec, encode_result, invoke
 from tether.server.errors import FunctionError
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient, load_script, without_turns
@@ -97,8 +97,10 @@ __all__ = [
     "Conflict",
     "MutationDB",
     "MutationOutcome",
+    "MutationRunner",
     "QueryDB",
-    "QueryEvaluation",
+    "QueryRun",
+    "QueryRunner",
     "Schema",
     "SnapshotMoved",
     "Store",
@@ -108,6 +110,7 @@ __all__ = [
 #: Table → index name → indexed fields, as :attr:`tether.server.data.functions.App.schema` gives it.
 Schema = Mapping[str, Mapping[str, tuple[str, ...]]]
 Order = Literal["asc", "desc"]
+_D = TypeVar("_D", "QueryDB", "MutationDB")
 
 #: Inserts one mutation may make: a document's creation score is ``version * 1000 + slot``.
 MAX_INSERTS = 1000
@@ -148,7 +151,8 @@ class Conflict(Exception):
 class _Abort(BaseException):
     """Internal: ends a function run from inside ``ctx.db``, through the application's code.
 
-    A ``BaseException``, like ``CancelledError``, so that neither :func:`invoke`'s catch-all nor an
+    A ``BaseException``, like ``CancelledError``, so that neither
+    :func:`~tether.server.data.functions.invoke`'s catch-all nor an
     application's ``except Exception`` turns it into an ``internal`` error. The database also
     keeps it, so a run that swallowed it anyway is still retried (or its Redis error raised).
     """
@@ -202,19 +206,29 @@ class CommitResult:
 
 
 @dataclass(frozen=True, slots=True)
-class QueryEvaluation:
-    """A query's result at one snapshot: ``value_json`` or ``error`` (code, message).
+class QueryRun:
+    """What :meth:`Store.run_query` found: ``value_json`` or ``error`` (code, message).
 
     ``read_set`` holds every document and index key the run read (the result changes only when
-    one of them is written); ``version`` is the snapshot; ``reads_identity`` tells whether the
-    result depends on the caller's identity.
+    one of them is written); ``version`` is the snapshot. ``exhausted`` is true when no run kept
+    one snapshot within ``query_attempts``: then ``error`` is ``conflict`` and ``read_set`` joins
+    the reads of every run.
     """
 
     value_json: str | None
     error: tuple[str, str] | None
     read_set: frozenset[str]
     version: int
-    reads_identity: bool
+    exhausted: bool = False
+
+
+#: A query's function as the store runs it: given the snapshot view, the JSON text of the
+#: result, or a :class:`~tether.server.errors.FunctionError`. The caller (the engine) binds the
+#: application's function, its arguments and identity; the store never sees them.
+QueryRunner = Callable[["QueryDB"], Awaitable[str]]
+#: A mutation's function as the store runs it, against the buffering view (see
+#: :data:`QueryRunner`).
+MutationRunner = Callable[["MutationDB"], Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +258,7 @@ class MutationOutcome:
 
 
 def _compact(value: Any) -> str:
-    # The same text as encode_result gives: a stored outcome reads back byte for byte.
+    # The same text as functions.encode_result gives: a stored outcome reads back byte for byte.
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -983,48 +997,42 @@ class Store:
 
     # -------------------------------------------------------------- running functions
 
-    async def run_query(
-        self, spec: FunctionSpec, kwargs: Mapping[str, Any], auth: Auth | None
-    ) -> QueryEvaluation:
-        """Run the query ``spec`` at one snapshot (``kwargs`` from ``spec.validate_args``).
+    async def run_query(self, run: QueryRunner) -> QueryRun:
+        """Run a query at one snapshot: ``run`` is called with a fresh :class:`QueryDB` each time.
 
-        A :class:`~tether.server.errors.FunctionError` becomes the result's ``error``; a run that
-        met a newer version is repeated, up to ``query_attempts`` runs, then the error is
-        ``conflict``. Redis errors propagate.
+        A :class:`~tether.server.errors.FunctionError` from ``run`` becomes the result's
+        ``error``; a run that met a newer version is repeated, up to ``query_attempts`` runs,
+        then the error is ``conflict``. Redis errors propagate.
         """
         read_set: set[str] = set()
-        reads_identity = False
         for _ in range(self.query_attempts):
             db = QueryDB(self)
-            ctx = Context(auth, db=db)
-            value_json, error = await self._run_function(spec, ctx, kwargs)
+            value_json, error = await self._run_function(run, db)
             read_set |= db._read_set
-            reads_identity = reads_identity or ctx.read_identity
             if db.aborted:
                 db._raise_redis_failure()
                 continue
             snapshot = db.snapshot
             version = snapshot if snapshot is not None else await self.version()
-            return QueryEvaluation(value_json, error, db.read_set, version, ctx.read_identity)
-        return QueryEvaluation(
+            return QueryRun(value_json, error, db.read_set, version)
+        return QueryRun(
             None,
             (FunctionErrorCode.CONFLICT, _CONFLICT_MESSAGE.format("query")),
             frozenset(read_set),
             await self.version(),
-            reads_identity,
+            exhausted=True,
         )
 
     async def run_mutation(
         self,
-        spec: FunctionSpec,
-        kwargs: Mapping[str, Any],
-        auth: Auth | None,
+        run: MutationRunner,
         *,
         client_id: str | None,
         request_id: int | None,
         authorized: Callable[[], bool] | None = None,
     ) -> MutationOutcome:
-        """Run the mutation ``spec`` once per ``(client_id, request_id)`` and commit it.
+        """Run a mutation once per ``(client_id, request_id)`` and commit it: ``run`` is called
+        with a fresh :class:`MutationDB` on each attempt.
 
         ``authorized`` is asked before every commit attempt (retries sleep and re-run): when it
         says the caller's identity has ended, the mutation ends with ``unauthenticated`` and
@@ -1051,9 +1059,7 @@ class Store:
             # invalidate each other (one commit per key per round trip can win).
             async with self._retry_turn(hot_key):
                 try:
-                    outcome = await self._attempt(
-                        spec, kwargs, auth, outcome_key, authorized=authorized
-                    )
+                    outcome = await self._attempt(run, outcome_key, authorized=authorized)
                 except Conflict as exc:
                     hot_key = exc.key
                     continue
@@ -1067,9 +1073,7 @@ class Store:
 
     async def _attempt(
         self,
-        spec: FunctionSpec,
-        kwargs: Mapping[str, Any],
-        auth: Auth | None,
+        run: MutationRunner,
         outcome_key: str | None,
         *,
         authorized: Callable[[], bool] | None,
@@ -1077,7 +1081,7 @@ class Store:
         """Run the mutation once and commit it: its outcome, or None when a Redis failure
         inside the function's reads asks for another attempt. Raises :class:`Conflict`."""
         db = MutationDB(self)
-        value_json, error = await self._run_function(spec, Context(auth, db=db), kwargs)
+        value_json, error = await self._run_function(run, db)
         if db.aborted:
             db._raise_redis_failure()
             return None
@@ -1100,14 +1104,13 @@ class Store:
         return MutationOutcome(value_json, None, result.version, result.written_keys)
 
     async def _run_function(
-        self, spec: FunctionSpec, ctx: Context, kwargs: Mapping[str, Any]
+        self, run: Callable[[_D], Awaitable[str]], db: _D
     ) -> tuple[str | None, tuple[str, str] | None]:
-        """Run ``spec``: ``(value JSON, None)``, or ``(None, (code, message))`` for a
-        :class:`~tether.server.errors.FunctionError`; ``(None, None)`` when ``ctx.db`` ended the run
+        """Call ``run(db)``: ``(value JSON, None)``, or ``(None, (code, message))`` for a
+        :class:`~tether.server.errors.FunctionError`; ``(None, None)`` when ``db`` ended the run
         (its ``aborted`` says why)."""
         try:
-            value = await invoke(spec, ctx, kwargs)
-            return encode_result(value, self.max_result_bytes), None
+            return await run(db), None
         except _Abort:
             return None, None
         except FunctionError as exc:

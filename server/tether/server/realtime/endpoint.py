@@ -32,6 +32,7 @@ from tether.server.auth.service import AuthService
 from tether.server.auth.tokens import TokenError
 from tether.server.clock import Clock
 from tether.server.compat.uvicorn import transport_of
+from tether.server.data.caller import Caller
 from tether.server.data.engine import QueryEngine
 from tether.server.data.functions import App, ArgsError
 from tether.server.data.live import Evaluation, Registration, SubscriptionManager
@@ -583,7 +584,7 @@ class SyncEndpoint:
 
     # ------------------------------------------------------------------ functions
 
-    def identity_usable(self, identity: Identity) -> bool:
+    def identity_usable(self, identity: Caller) -> bool:
         """Check at use, for the live queries: not past exp + leeway, session not ended."""
         if not identity.usable(self.clock(), self.settings.clock_leeway):
             return False
