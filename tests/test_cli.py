@@ -90,6 +90,24 @@ def test_missing_command_is_a_usage_error() -> None:
     assert cli.main([]) == 2
 
 
+def test_the_tether_command_joins_the_server_and_client_commands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``tether`` (tether.cli, also ``python -m tether``) has both sides' commands; the server's
+    CLI alone has only its own: the server never imports the client."""
+    from tether import cli as tether_cli
+
+    assert tether_cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("serve", "keys", "sessions", "watch", "call", "login"):
+        assert command in out
+    assert tether_cli.main(["call", "--help"]) == 0
+    assert "mutation" in capsys.readouterr().out
+    assert tether_cli.main(["serve", "--port", "eighty"]) == 2  # the server's error handling
+    assert "--port" in capsys.readouterr().err
+    assert cli.main(["call", "--help"]) == 2
+
+
 # ------------------------------------------------------------------------- application loading
 
 

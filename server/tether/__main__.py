@@ -1,5 +1,5 @@
 """``python -m tether …``: the same program as the ``tether`` command."""
 
-from tether.server.cli import main
+from tether.cli import main
 
 raise SystemExit(main())

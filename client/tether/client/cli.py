@@ -16,9 +16,9 @@ with ``--email`` they sign in first. Processes sharing a token file share the se
 Exit codes, as for the rest of ``tether``: 0 success (and Ctrl-C or SIGTERM for ``watch``),
 1 a failure (the server refused, could not be reached, or stopped the client), 2 a usage error.
 
-``server/tether/server/cli.py`` registers these with :func:`add_client_commands`; ``python -m
-tether.client`` runs them on their own. This module imports the client library only when a command
-runs, so ``tether --help`` stays fast.
+``server/tether/cli.py`` (the ``tether`` command) registers these with
+:func:`add_client_commands`; ``python -m tether.client`` runs them on their own. This module
+imports the client library only when a command runs, so ``tether --help`` stays fast.
 """
 
 from __future__ import annotations

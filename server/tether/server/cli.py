@@ -1,4 +1,6 @@
-"""The ``tether`` command (also ``python -m tether``).
+"""The server's commands of ``tether``: the package root composes the whole command
+(:mod:`tether.cli`, also ``python -m tether``) from these and the client's
+(:mod:`tether.client.cli`), so the server never imports the client.
 
 Subcommands::
 
@@ -24,13 +26,12 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from tether.client.cli import add_client_commands
 from tether.server.redis.embedded import URL_FILE_NAME, EmbeddedRedis
 from tether.server.settings import ENV_PREFIX, Settings, SettingsError
 
@@ -74,9 +75,18 @@ SHUTDOWN_GRACE = 5
 GC_THRESHOLD_YOUNG = 50_000
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``tether`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
-    parser = _build_parser()
+#: Registers more subcommands on the ``tether`` parser (as ``tether.client.cli`` does); each
+#: parser it adds sets ``run``, a function of the parsed arguments returning the exit code.
+AddCommands = Callable[["argparse._SubParsersAction[Any]"], None]
+
+
+def main(argv: list[str] | None = None, *, more_commands: Sequence[AddCommands] = ()) -> int:
+    """Run ``tether`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    ``more_commands`` register the subcommands that are not the server's (the package root
+    passes the client's): they share this parser, its exit codes and its error handling.
+    """
+    parser = _build_parser(more_commands)
     try:
         args = parser.parse_args(_attach_ids(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help, or a usage error argparse already printed
@@ -118,7 +128,7 @@ def _attach_ids(argv: list[str]) -> list[str]:
     return out
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(more_commands: Sequence[AddCommands] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Tether: a realtime sync backend.",
@@ -180,7 +190,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_data_dir(revoke)
     revoke.set_defaults(run=_sessions_revoke)
-    add_client_commands(commands)
+    for add_commands in more_commands:
+        add_commands(commands)
     return parser
 
 
