@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+IMPORT_TREE := $(VENV)/import-tree
 
 .PHONY: run test lint typecheck check bench install clean
 
@@ -22,9 +23,21 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
-lint: $(STAMP)
+## Lint, format check, and the import contracts of pyproject.toml ([tool.importlinter]).
+lint: $(STAMP) $(IMPORT_TREE)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	PYTHONPATH=$(IMPORT_TREE) $(BIN)/lint-imports --no-cache
+
+# import-linter reads a package from the one directory it is found in, and `tether` comes from
+# two source roots (server/tether, client/tether/client): it reads this tree of links, which
+# joins them as the wheel does. Links, so it is always the current source; rebuilt each time.
+.PHONY: $(IMPORT_TREE)
+$(IMPORT_TREE):
+	rm -rf $(IMPORT_TREE)
+	mkdir -p $(IMPORT_TREE)/tether
+	ln -s $(CURDIR)/server/tether/* $(IMPORT_TREE)/tether/
+	ln -s $(CURDIR)/client/tether/client $(IMPORT_TREE)/tether/client
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
