@@ -45,10 +45,15 @@ import typing
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from tether.protocol import ErrorCode, FunctionErrorCode
 from tether.server.errors import FunctionError
+
+if TYPE_CHECKING:
+    # Types only: the store runs no application code and does not import this module, so
+    # there is no cycle; importing it here at run time would load Redis for every App.
+    from tether.server.data.store import MutationDB, QueryDB
 
 __all__ = [
     "App",
@@ -134,11 +139,11 @@ class Context:
     #: The data layer for this run, set by the caller (the server always sets it; ``None`` only
     #: in a ``Context`` built without one, as unit tests do): a
     #: :class:`tether.server.data.store.QueryDB` in a query, a
-    #: :class:`tether.server.data.store.MutationDB` in a mutation. Typed ``Any`` because
-    #: :mod:`tether.server.data.store` builds on this module.
-    db: Any
+    #: :class:`tether.server.data.store.MutationDB` in a mutation (both offer the same methods;
+    #: a query's writes raise).
+    db: QueryDB | MutationDB | None
 
-    def __init__(self, auth: Auth | None = None, *, db: Any = None) -> None:
+    def __init__(self, auth: Auth | None = None, *, db: QueryDB | MutationDB | None = None) -> None:
         self._auth = auth
         self._read_identity = False
         self.db = db
