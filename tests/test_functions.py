@@ -524,7 +524,8 @@ def test_auth_is_a_frozen_slotted_value() -> None:
 
 def test_context_defaults_and_slots() -> None:
     ctx = Context()
-    assert ctx.db is None
+    with pytest.raises(RuntimeError, match="without a database"):
+        _ = ctx.db
     assert ctx.read_identity is False
     db = object()
     assert Context(USER, db=db).db is db

@@ -134,19 +134,22 @@ class Context:
     never looks at the identity keeps its result across sign-in and sign-out.
     """
 
-    __slots__ = ("_auth", "_read_identity", "db")
-
-    #: The data layer for this run, set by the caller (the server always sets it; ``None`` only
-    #: in a ``Context`` built without one, as unit tests do): a
-    #: :class:`tether.server.data.store.QueryDB` in a query, a
-    #: :class:`tether.server.data.store.MutationDB` in a mutation (both offer the same methods;
-    #: a query's writes raise).
-    db: QueryDB | MutationDB | None
+    __slots__ = ("_auth", "_db", "_read_identity")
 
     def __init__(self, auth: Auth | None = None, *, db: QueryDB | MutationDB | None = None) -> None:
         self._auth = auth
         self._read_identity = False
-        self.db = db
+        self._db = db
+
+    @property
+    def db(self) -> QueryDB | MutationDB:
+        """The data layer for this run: a :class:`tether.server.data.store.QueryDB` in a query,
+        a :class:`tether.server.data.store.MutationDB` in a mutation (both offer the same
+        methods; a query's writes raise). The server always gives one; a ``Context`` built
+        without one (as unit tests do) raises :class:`RuntimeError` here."""
+        if self._db is None:
+            raise RuntimeError("this Context was built without a database (db=...)")
+        return self._db
 
     @property
     def auth(self) -> Auth | None:

@@ -585,7 +585,12 @@ class SyncEndpoint:
     # ------------------------------------------------------------------ functions
 
     def identity_usable(self, identity: Caller) -> bool:
-        """Check at use, for the live queries: not past exp + leeway, session not ended."""
+        """Check at use, for the live queries: not past exp + leeway, session not ended.
+
+        The live queries hand back the identities this layer gave them; anything else is
+        never usable."""
+        if not isinstance(identity, Identity):
+            return False
         if not identity.usable(self.clock(), self.settings.clock_leeway):
             return False
         return self.hub.recently_ended(identity.session_id) is None
