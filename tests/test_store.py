@@ -1238,7 +1238,7 @@ async def test_demo_messages(demo_store: Store, clock: ManualClock) -> None:
     listing = demo.app.lookup("messages.list")
     assert listing is not None
     # The list is the same for everyone: a change of user does not re-run it.
-    assert (await demo_store.run_query(listing, {"channel": "c"}, USER)).reads_identity is False
+    assert (await run_query(demo_store, listing, {"channel": "c"}, USER)).reads_identity is False
 
 
 async def test_demo_messages_list_the_last_hundred_oldest_first(demo_store: Store) -> None:
@@ -1259,7 +1259,7 @@ async def test_demo_notes(demo_store: Store) -> None:
     assert await call(demo_store, "notes.mine", {}, OTHER) == ([{"id": t, "text": "theirs"}], None)
     mine = demo.app.lookup("notes.mine")
     assert mine is not None
-    assert (await demo_store.run_query(mine, {}, USER)).reads_identity is True
+    assert (await run_query(demo_store, mine, {}, USER)).reads_identity is True
     assert await call(demo_store, "notes.mine", {}, None) == (
         None,
         ("unauthenticated", "sign in first"),
@@ -1282,7 +1282,7 @@ async def test_demo_counter_and_whoami(demo_store: Store) -> None:
     assert await call(demo_store, "counter.get", {"name": "d"}) == (-2, None)
     get = demo.app.lookup("counter.get")
     assert get is not None
-    assert (await demo_store.run_query(get, {"name": "c"}, USER)).reads_identity is False
+    assert (await run_query(demo_store, get, {"name": "c"}, USER)).reads_identity is False
     assert await call(demo_store, "whoami", {}, USER) == ({"userId": "u1"}, None)
     who = demo.app.lookup("whoami")
     assert who is not None
