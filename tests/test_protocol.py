@@ -59,12 +59,14 @@ ACTION_TYPES = (
 FUNCTIONS = {"whoami": "query", "echo": "query", "notes.add": "mutation"}
 
 
-def resolve(kind: str, name: str, args: dict[str, Any]) -> None:
-    """The function registry's stand-in: ``{"invalid": true}`` marks args as not fitting."""
+def resolve(kind: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The function registry's stand-in: ``{"invalid": true}`` marks args as not fitting;
+    other args are returned as they came."""
     if FUNCTIONS.get(name) != kind:
         raise BadMessage(ErrorCode.UNKNOWN_FUNCTION, f"no {kind} named {name!r}")
     if args.get("invalid") is True:
         raise BadMessage(ErrorCode.BAD_ARGS, "these args do not fit the function")
+    return args
 
 
 # Identities. ALICE: iat 0, exp 100 → notice min(60, 100/2) = 50 s → auth_expiring at t=50,
@@ -1144,6 +1146,29 @@ def test_session_ended_for_another_session_does_nothing() -> None:
 
 
 # ============================================================================== subscriptions
+
+
+def test_every_run_gets_the_arguments_resolve_returned() -> None:
+    """Arguments are validated once, by ``resolve``, and nothing validates them again: what it
+    returns (the function's keyword arguments: an integer made a float, say) is what the first
+    run, the re-runs and a mutation get, never the client's ``args`` as they came."""
+
+    def resolving(kind: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        return {**resolve(kind, name, args), "resolved": True}
+
+    core = ConnectionCore(
+        connection_id="conn-1", now=0.0, timing=TIMING, limits=QUIET, resolve=resolving
+    )
+    only_frame(core.receive(msg("connect", clientId="client-1", protocol=1), 0.0), "connected")
+    run = subscribe(core, 1, "echo", {"x": 2})
+    assert run.queries == ((1, "echo", {"x": 2, "resolved": True}),)
+    # Signing in re-runs the subscription (its result may read the identity) with the same.
+    (rerun,) = instances(sign_in(core, ALICE, 1, 1.0), RunQueries)
+    assert rerun.queries == run.queries
+    actions = core.receive(msg("mutate", requestId=1, name="notes.add", args={"t": "hi"}), 1.0)
+    assert actions == [
+        RunMutation(core.generation, ALICE, 1, "notes.add", {"t": "hi", "resolved": True})
+    ]
 
 
 def test_duplicate_query_id() -> None:

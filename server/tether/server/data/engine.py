@@ -1,12 +1,12 @@
 """The query engine: the application's functions run against the store.
 
-:class:`QueryEngine` is what the realtime layer calls — it looks functions up in the
-application, validates arguments, builds the :class:`~tether.server.data.functions.Context` a
-function sees and runs the function (:func:`run_query`, :func:`run_mutation`), inside the
-views, retries and commits the :class:`~tether.server.data.store.Store` offers
-(snapshot-validated queries, optimistic mutations with idempotent outcomes): the engine runs
-application code, the store never does. It also exposes the commit stream to the subscription
-manager.
+:class:`QueryEngine` is what the realtime layer calls — it looks functions up in the application
+(and validates a call's arguments once, when it arrives: :meth:`QueryEngine.resolve`), builds the
+:class:`~tether.server.data.functions.Context` a function sees and runs the function
+(:func:`run_query`, :func:`run_mutation`), inside the views, retries and commits the
+:class:`~tether.server.data.store.Store` offers (snapshot-validated queries, optimistic mutations
+with idempotent outcomes): the engine runs application code, the store never does. It also exposes
+the commit stream to the subscription manager.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from tether.protocol import ErrorCode
 from tether.server.data.caller import Caller
 from tether.server.data.functions import (
     App,
-    ArgsError,
     Auth,
     Context,
     FunctionSpec,
@@ -120,18 +119,30 @@ class QueryEngine:
         self.application = application
         self.store = store
 
-    async def evaluate(
-        self, name: str, args: dict[str, Any], identity: Caller | None
-    ) -> QueryEvaluation:
+    def resolve(self, kind: str, name: str, args: object) -> dict[str, Any]:
+        """The keyword arguments to run ``name`` with, from a client's ``args``.
+
+        The one validation of a call (``kind``: ``query`` or ``mutation``), made when it
+        arrives; what the engine runs afterwards (however often a live query is re-evaluated)
+        are the arguments returned here. Raises :class:`~tether.server.errors.FunctionError`:
+        ``unknown_function`` when ``name`` is not a function of that ``kind``,
+        :class:`~tether.server.data.functions.ArgsError` (``bad_args``) when ``args`` do not fit
+        it. Pure: no I/O.
+        """
         spec = self.application.lookup(name)
-        try:
-            if spec is None or spec.kind != "query":
-                raise FunctionError(ErrorCode.UNKNOWN_FUNCTION, f"no query named {name!r}")
-            kwargs = spec.validate_args(args)
-        except FunctionError as exc:
+        if spec is None or spec.kind != kind:
+            raise FunctionError(ErrorCode.UNKNOWN_FUNCTION, f"no {kind} named {name!r}")
+        return spec.validate_args(args)
+
+    async def evaluate(
+        self, name: str, kwargs: Mapping[str, Any], identity: Caller | None
+    ) -> QueryEvaluation:
+        """Run the query ``name`` under ``identity`` with ``kwargs`` from :meth:`resolve`."""
+        spec = self.application.lookup(name)
+        if spec is None or spec.kind != "query":
             return QueryEvaluation(
                 value_json=None,
-                error=(exc.code, exc.message),
+                error=(ErrorCode.UNKNOWN_FUNCTION, f"no query named {name!r}"),
                 read_set=frozenset(),
                 version=0,  # read nothing: valid at every version
                 reads_identity=False,
@@ -141,20 +152,17 @@ class QueryEngine:
     async def run_mutation(
         self,
         name: str,
-        args: dict[str, Any],
+        kwargs: Mapping[str, Any],
         identity: Caller | None,
         *,
         client_id: str,
         request_id: int,
         authorized: Callable[[], bool] | None = None,
     ) -> MutationResult:
+        """Run the mutation ``name`` under ``identity`` with ``kwargs`` from :meth:`resolve`."""
         spec = self.application.lookup(name)
         if spec is None or spec.kind != "mutation":
             return MutationResult(None, (ErrorCode.UNKNOWN_FUNCTION, "no such mutation"), None)
-        try:
-            kwargs = spec.validate_args(args)
-        except ArgsError as exc:
-            return MutationResult(None, (exc.code, exc.message), None)
         outcome = await run_mutation(
             self.store,
             spec,

@@ -426,9 +426,11 @@ class QueryResult:
     generation: int | None = None
 
 
-#: ``resolve(kind, name, args)`` raises :class:`BadMessage` (``unknown_function`` when ``name``
-#: is not a function of that kind, ``bad_args`` when ``args`` do not fit it); pure, no I/O.
-Resolver: TypeAlias = Callable[[str, str, dict[str, Any]], None]
+#: ``resolve(kind, name, args)`` returns the arguments to run ``name`` with (the one validation
+#: of a call: what the core keeps and hands on in :class:`RunQueries` and :class:`RunMutation`),
+#: or raises :class:`BadMessage` (``unknown_function`` when ``name`` is not a function of that
+#: kind, ``bad_args`` when ``args`` do not fit it); pure, no I/O.
+Resolver: TypeAlias = Callable[[str, str, dict[str, Any]], dict[str, Any]]
 
 
 class ConnectionCore:
@@ -789,24 +791,24 @@ class ConnectionCore:
                 )
             )
         try:
-            self._resolve("query", message.name, message.args)
+            args = self._resolve("query", message.name, message.args)
         except BadMessage as exc:
             exc.query_id = qid
             return self._error(exc)
         self.serials += 1
-        self.subscriptions[qid] = _Subscription(message.name, message.args, self.serials)
+        self.subscriptions[qid] = _Subscription(message.name, args, self.serials)
         return [
             RunQueries(
                 self.generation,
                 self.identity,
-                ((qid, message.name, message.args),),
+                ((qid, message.name, args),),
                 (self.serials,),
             )
         ]
 
     def _on_mutate(self, message: Mutate) -> list[Action]:
         try:
-            self._resolve("mutation", message.name, message.args)
+            args = self._resolve("mutation", message.name, message.args)
         except BadMessage as exc:
             exc.request_id = message.request_id
             return self._error(exc)
@@ -819,11 +821,7 @@ class ConnectionCore:
                 )
             )
         self.mutations_in_flight += 1
-        return [
-            RunMutation(
-                self.generation, self.identity, message.request_id, message.name, message.args
-            )
-        ]
+        return [RunMutation(self.generation, self.identity, message.request_id, message.name, args)]
 
     def queries_done(
         self,

@@ -34,9 +34,10 @@ from tether.server.clock import Clock
 from tether.server.compat.uvicorn import transport_of
 from tether.server.data.caller import Caller
 from tether.server.data.engine import QueryEngine
-from tether.server.data.functions import App, ArgsError
+from tether.server.data.functions import App
 from tether.server.data.live import Evaluation, Registration, SubscriptionManager
 from tether.server.data.store import IDENTITY_ENDED
+from tether.server.errors import FunctionError
 from tether.server.realtime.core import (
     Action,
     BadMessage,
@@ -595,14 +596,12 @@ class SyncEndpoint:
             return False
         return self.hub.recently_ended(identity.session_id) is None
 
-    def resolve(self, kind: str, name: str, args: dict[str, Any]) -> None:
-        spec = self.application.lookup(name)
-        if spec is None or spec.kind != kind:
-            raise BadMessage(ErrorCode.UNKNOWN_FUNCTION, f"no {kind} named {name!r}")
+    def resolve(self, kind: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The core's resolver: the engine's one validation, its failure as a wire error."""
         try:
-            spec.validate_args(args)
-        except ArgsError as exc:
-            raise BadMessage(ErrorCode.BAD_ARGS, exc.message) from None
+            return self.engine.resolve(kind, name, args)
+        except FunctionError as exc:
+            raise BadMessage(ErrorCode(exc.code), exc.message) from None
 
     # ------------------------------------------------------------------ ASGI
 
