@@ -311,6 +311,11 @@ class TetherServer:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has ended, ``None`` while it runs."""
+        return self.process.poll() if self.process is not None else None
+
     def start(self, timeout: float = 20.0) -> TetherServer:
         """Start the process and wait until ``GET /readyz`` answers 200. A port taken in the
         meantime is retried with another; :class:`ServerStartError` (with the log) otherwise."""

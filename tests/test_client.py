@@ -235,6 +235,29 @@ async def test_query_subscribe_mutate_and_errors_with_their_codes(
         await until(lambda: unsubscribe in trace.sent("unsubscribe"), 2, "unsubscribed on exit")
 
 
+class UnwritableStore(MemoryTokenStore):
+    """A token store whose disk is full: every save fails."""
+
+    async def save(self, session: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+
+async def test_sign_in_whose_session_cannot_be_saved_raises_to_its_caller(
+    server_factory: ServerFactory,
+) -> None:
+    # The session exists only in memory until it is saved: the caller must hear that the save
+    # failed, not get a normal return while the client quietly stays anonymous.
+    server = server_factory()
+    email = unique_email()
+    await sign_up(server.ws_url, email, PASSWORD)
+    async with TetherClient(server.ws_url, token_store=UnwritableStore()) as client:
+        await asyncio.wait_for(client.wait_ready(), 10)
+        with pytest.raises(OSError, match="No space left"):
+            await client.sign_in(email, PASSWORD)
+        assert client.auth_status.state is not AuthState.AUTHENTICATED
+        assert await client.query("whoami") is None
+
+
 async def test_wrong_password_is_reported_as_signed_out_not_retried(
     server_factory: ServerFactory,
 ) -> None:

@@ -112,12 +112,13 @@ def settle_with_stored(core: AuthCore, clock: Clock, stored: StoredSession) -> N
 def test_every_trigger_is_decided_in_every_state_it_can_meet() -> None:
     assert set(TRANSITIONS) == set(Wants)
     for row in TRANSITIONS.values():
-        assert set(row) <= set(Trigger)
-        assert Trigger.EXPECT in row and Trigger.ENDED in row and Trigger.CONFIRMED in row
+        # Every trigger can meet every state: an operation that began in one state may be
+        # answered after an event moved the client to another (session_revoked mid-renewal).
+        assert set(row) == set(Trigger)
         assert row[Trigger.ENDED] is Wants.SIGNED_OUT
         assert row[Trigger.EXPECT] is Wants.IDENTITY
-    # A signed-out client is not asked about a source without a session: nothing runs.
-    assert Trigger.NO_SESSION not in TRANSITIONS[Wants.SIGNED_OUT]
+    # A signed-out client that learns its source has no session stays signed out.
+    assert TRANSITIONS[Wants.SIGNED_OUT][Trigger.NO_SESSION] is Wants.SIGNED_OUT
 
 
 @pytest.mark.parametrize(
@@ -186,6 +187,24 @@ def test_a_stale_access_token_is_not_presented_the_refresh_token_is_spent_once_s
     core.validate()
     assert core.status == AuthStatus(AuthState.AUTHENTICATED, "u1", "s1")
     assert core.session == command.session
+
+
+def test_rotated_tokens_that_cannot_be_saved_are_renewed_again_after_the_backoff() -> None:
+    # The store still holds the previous refresh token and its retryKey, which yield the same
+    # pair again: the keep-alive must not sleep until the new identity's distant deadline.
+    clock, core = Clock(), store_core()
+    settle_with_stored(core, clock, session(clock))
+    clock.now += LIFETIME_MS / 1000 - 20  # past the renewal margin
+    assert core.keep_alive(clock.now) == Renew()
+    assert core.begin(renew=True, now=clock.now) == RefreshInBand()
+    stored = session(clock, age=LIFETIME_MS / 1000 - 20)
+    assert core.refresh_loaded(stored, clock.now) == SaveSession(stored.with_retry_key("key1"))
+    assert core.saved(clock.now) == SendRefresh("rt1", "key1")
+    tokens = {"accessToken": "at2", "refreshToken": "rt2", "expiresAt": clock.ms() + LIFETIME_MS}
+    assert isinstance(answer(core, ok(clock, 2, tokens=tokens), clock), SaveSession)
+    assert core.failed("error: OSError") == Retry("error: OSError")  # the save raised
+    core.validate()
+    assert core.keep_alive(clock.now + 1) == Renew()
 
 
 def test_a_retry_key_already_stored_is_sent_again_not_replaced() -> None:
@@ -370,6 +389,22 @@ def test_fetch_token_without_a_user_drops_the_identity_held() -> None:
     core.validate()
     assert core.status == AuthStatus(AuthState.ANONYMOUS)
     assert core.state is SessionState.ANONYMOUS and not core.holds_identity
+
+
+def test_fetch_token_without_a_user_after_session_revoked_stays_signed_out() -> None:
+    # A renewal awaits fetch_token when session_revoked arrives; the application, told it was
+    # signed out, answers None. The client is signed out, not stuck mid-renewal.
+    clock, core = Clock(), AuthCore(Source.FETCH)
+    core.begin(renew=False, now=clock.now)
+    core.fetched("t1")
+    answer(core, ok(clock), clock)
+    core.observe(AuthExpiring(clock.ms() + LIFETIME_MS, clock.ms()), clock.now)
+    assert core.begin(renew=True, now=clock.now) == CallFetchToken(True)
+    core.observe(SessionRevoked("signed_out"), clock.now)
+    assert core.fetched(None) == Settled()
+    core.validate()
+    assert core.status == AuthStatus(AuthState.SIGNED_OUT, reason="signed_out")
+    assert core.state is SessionState.SIGNED_OUT
 
 
 # ---------------------------------------------------------------------------------- renewal

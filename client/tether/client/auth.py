@@ -219,6 +219,9 @@ TRANSITIONS: dict[Wants, dict[Trigger, Wants]] = {
         Trigger.EXPECT: Wants.IDENTITY,
         Trigger.ENDED: Wants.SIGNED_OUT,
         Trigger.CONFIRMED: Wants.IDENTITY,
+        # An operation that began before the session ended (a renewal awaiting fetch_token
+        # when session_revoked came) learns there is no session: still signed out.
+        Trigger.NO_SESSION: Wants.SIGNED_OUT,
     },
     Wants.IDENTITY: {
         Trigger.EXPECT: Wants.IDENTITY,
@@ -468,6 +471,12 @@ class AuthCore:
     def failed(self, reason: str) -> Retry:
         """The operation failed unexpectedly (a store that cannot be written, a bug): report
         it as passing; never a sign-out."""
+        if self._step is _Step.SAVE_THEN_SETTLE:
+            # The rotated tokens could not be saved: the store still holds the previous
+            # refresh token and its retryKey, which yield this same pair again (§2 rule 2).
+            # Renew again after the backoff, not at the new identity's distant deadline.
+            self._timing = None
+            self._expiring = self.held_expires_at
         self._reset()
         return self._retry(reason)
 
@@ -702,7 +711,8 @@ class AuthCore:
         return Settled()
 
     def _settle_anonymous(self) -> Settled:
-        self.status = AuthStatus(AuthState.ANONYMOUS)
+        if self.wants is not Wants.SIGNED_OUT:  # a signed-out client keeps saying why
+            self.status = AuthStatus(AuthState.ANONYMOUS)
         return self._settled()
 
     def _retry(self, reason: str) -> Retry:

@@ -575,9 +575,20 @@ class TetherClient:
     async def _adopt(self, session: StoredSession) -> AuthStatus:
         async with self._auth_lock:
             connected = self._core.phase is Phase.CONNECTED and self._established
-            command = self._auth.adopt(session, connected=connected)
+            command: Command = self._auth.adopt(session, connected=connected)
             if self._store is None:
                 self._store = MemoryTokenStore()
+            # The save is the caller's to see fail (the session exists only in memory until
+            # it is saved): it is not one of the operation's passing failures.
+            store = self._token_store()
+            try:
+                async with store.locked():
+                    await store.save(session)
+            except BaseException:
+                self._auth.abandon()
+                self._publish_auth()
+                raise
+            command = self._auth.saved(self._clock())
             with contextlib.suppress(_ConnectionLost):
                 if await self._perform(command, self._generation) is _Outcome.RETRY:
                     self._renew.set()  # the keep-alive retries with backoff
