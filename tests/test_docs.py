@@ -10,6 +10,7 @@ from tether.protocol import (
     ErrorCode,
     FunctionErrorCode,
     HTTPCode,
+    MutationErrorCode,
     SessionEndReason,
 )
 from tether.server.settings import Settings
@@ -25,7 +26,14 @@ def test_every_setting_is_in_docs_settings() -> None:
 
 def test_every_code_is_in_docs_protocol() -> None:
     text = (DOCS / "protocol.md").read_text()
-    vocabularies = (HTTPCode, AuthErrorCode, ErrorCode, FunctionErrorCode, SessionEndReason)
+    vocabularies = (
+        HTTPCode,
+        AuthErrorCode,
+        ErrorCode,
+        FunctionErrorCode,
+        MutationErrorCode,
+        SessionEndReason,
+    )
     codes = [c.value for vocabulary in vocabularies for c in vocabulary]
     missing = [code for code in codes if f"`{code}`" not in text]
     assert missing == []

@@ -8,8 +8,8 @@ change both together. Nothing here does I/O or imports any other part of Tether.
 * :class:`ClientMessageType` and :class:`ServerMessageType`: the ``type`` of every ``/sync``
   frame.
 * :class:`HTTPCode`, :class:`AuthErrorCode`, :class:`ErrorCode`, :class:`FunctionErrorCode`,
-  :class:`SessionEndReason`: the codes of the HTTP API, ``auth_error``, ``error`` and
-  ``session_revoked``.
+  :class:`MutationErrorCode`, :class:`SessionEndReason`: the codes of the HTTP API,
+  ``auth_error``, ``error``, ``mutation_result`` and ``session_revoked``.
 * :class:`CloseCode` and :func:`close_decision`: the WebSocket close codes and what each asks
   of a client (reconnect after a backoff, reconnect at once, or stop).
 """
@@ -100,6 +100,15 @@ class FunctionErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     INVALID = "invalid"
+
+
+class MutationErrorCode(StrEnum):
+    """Codes the server itself puts in a ``mutation_result``'s ``error`` (besides the
+    application's codes of :class:`FunctionErrorCode` and those of :class:`ErrorCode`)."""
+
+    #: The server could not learn whether the mutation committed (Redis unreachable): the
+    #: client re-sends the same ``requestId`` until it gets a definite answer (1.1 §5 rule 3).
+    UNAVAILABLE = "unavailable"
 
 
 class SessionEndReason(StrEnum):

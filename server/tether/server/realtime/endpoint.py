@@ -26,7 +26,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from tether.protocol import AuthErrorCode, CloseCode, ErrorCode, FunctionErrorCode
+from tether.protocol import (
+    AuthErrorCode,
+    CloseCode,
+    ErrorCode,
+    FunctionErrorCode,
+    MutationErrorCode,
+)
 from tether.server.auth.errors import AuthFailure, auth_error_code
 from tether.server.auth.service import AuthService
 from tether.server.auth.tokens import TokenError
@@ -69,9 +75,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 SendFn = Callable[[Message], Awaitable[None]]
 
-#: The ``mutation_result`` error code when Redis could not be reached: the outcome is unknown
-#: and the client should re-send the mutation with the same requestId.
-MUTATION_UNAVAILABLE = "unavailable"
 #: Seconds a committed mutation waits for its transition to be delivered (read your writes)
 #: before it is answered ``unavailable`` (a replay then returns the stored outcome).
 DELIVERY_TIMEOUT = 10.0
@@ -521,7 +524,7 @@ class Connection:
             # Whether it committed is unknown; re-sending the same requestId is always safe.
             self._mutation_failed(
                 action,
-                MUTATION_UNAVAILABLE,
+                MutationErrorCode.UNAVAILABLE,
                 "the data store is unreachable; re-send with the same requestId",
             )
             return
