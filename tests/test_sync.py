@@ -854,29 +854,38 @@ async def test_sigterm_drains_sockets_with_1012_and_exits_0(
     await again.ping()
 
 
+async def _stuck_client(server: ServerProcess, open_sync: Opener) -> RawWebSocket:
+    """A client that stopped reading with ~90 MB queued (far past any kernel's socket
+    buffers): a close can never reach it."""
+    silent = await RawWebSocket.open(server.port)
+    await silent.send({"type": "connect", "clientId": "silent", "protocol": 1})
+    watcher = await open_sync(server.ws_url)
+    for query_id in range(1, 31):
+        frame = {"type": "subscribe", "queryId": query_id, "name": "big"}
+        await silent.send({**frame, "args": {"size": 3_000_000}})
+    await watcher.ping(timeout=10)  # the instance has taken every subscribe by now
+    return silent
+
+
+STUCK_ENV = {
+    "TETHER_SEND_QUEUE_BYTES": str(256 * 2**20),
+    "TETHER_MAX_RESULT_BYTES": str(4 * 2**20),
+}
+
+
 async def test_sigterm_drain_waits_tether_drain_timeout_for_a_socket_that_cannot_take_its_close(
     server_factory: Callable[..., ServerProcess], open_sync: Opener
 ) -> None:
-    """``TETHER_DRAIN_TIMEOUT`` bounds Tether's own drain: a client that stopped reading has
-    ~90 MB queued (far past any kernel's socket buffers), so its 1012 cannot go out and the
-    drain waits the setting, not the default (10 s) and not zero, before uvicorn's shutdown."""
+    """``TETHER_DRAIN_TIMEOUT`` bounds Tether's own drain: the 1012 of a client that stopped
+    reading cannot go out, so the drain waits the setting, not the default (10 s) and not
+    zero, before uvicorn's shutdown."""
     drain_timeout = 3
     server = server_factory(
-        env={
-            "TETHER_DRAIN_TIMEOUT": str(drain_timeout),
-            "TETHER_SEND_QUEUE_BYTES": str(256 * 2**20),
-            "TETHER_MAX_RESULT_BYTES": str(4 * 2**20),
-        },
+        env={"TETHER_DRAIN_TIMEOUT": str(drain_timeout), **STUCK_ENV},
         app="tests.apps.bigresult:app",
     )
-    silent = await RawWebSocket.open(server.port)
+    silent = await _stuck_client(server, open_sync)
     try:
-        await silent.send({"type": "connect", "clientId": "silent", "protocol": 1})
-        watcher = await open_sync(server.ws_url)
-        for query_id in range(1, 31):
-            frame = {"type": "subscribe", "queryId": query_id, "name": "big"}
-            await silent.send({**frame, "args": {"size": 3_000_000}})
-        await watcher.ping(timeout=10)  # the instance has taken every subscribe by now
         started = time.monotonic()
         exit_code = await server.astop(signal.SIGTERM, timeout=drain_timeout + 20)
         took = time.monotonic() - started
@@ -884,6 +893,30 @@ async def test_sigterm_drain_waits_tether_drain_timeout_for_a_socket_that_cannot
         log = server.log_text()
         assert f"still open after {drain_timeout:.1f} s" in log, log[-3000:]
         assert drain_timeout - 0.5 <= took < 10, took
+    finally:
+        silent.close()
+
+
+async def test_a_second_ctrl_c_cuts_the_drain_short(
+    server_factory: Callable[..., ServerProcess], open_sync: Opener
+) -> None:
+    # The operator's way out, as in uvicorn: the first SIGINT drains, the second stops waiting.
+    server = server_factory(
+        # The close grace would abort the stuck socket (and so end the drain) after 2 + 60 s.
+        env={"TETHER_DRAIN_TIMEOUT": "60", "TETHER_CLOSE_GRACE": "60", **STUCK_ENV},
+        app="tests.apps.bigresult:app",
+    )
+    silent = await _stuck_client(server, open_sync)
+    try:
+        assert server.process is not None
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        await asyncio.sleep(1.0)
+        assert server.process.poll() is None  # draining: the stuck client holds it
+        server.process.send_signal(signal.SIGINT)
+        exit_code = await asyncio.to_thread(server.process.wait, 30)
+        assert time.monotonic() - started < 20, "the drain ran on after the second Ctrl-C"
+        assert exit_code == 0, server.log_text()[-3000:]
     finally:
         silent.close()
 

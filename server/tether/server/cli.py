@@ -23,7 +23,6 @@ import asyncio
 import dataclasses
 import logging
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -32,12 +31,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from tether.server.compat.uvicorn import draining_server
 from tether.server.redis.embedded import URL_FILE_NAME, EmbeddedRedis
 from tether.server.settings import ENV_PREFIX, Settings, SettingsError
 
 if TYPE_CHECKING:
-    import uvicorn
-
     from tether.server.app import TetherApp
 
 PROG = "tether"
@@ -280,15 +278,15 @@ def _run_uvicorn(settings: Settings, app: TetherApp) -> int:
         ws_max_size=settings.max_message_bytes,
         lifespan="on",
         log_level=settings.log_level.lower(),
-        # Counted from the end of Tether's drain (see _DrainingServer), which closed the sockets
-        # with 1012 and bounded its own wait by TETHER_DRAIN_TIMEOUT.
+        # Counted from the end of Tether's drain (compat.uvicorn.draining_server), which closed
+        # the sockets with 1012 and bounded its own wait by TETHER_DRAIN_TIMEOUT.
         timeout_graceful_shutdown=SHUTDOWN_GRACE,
         # X-Forwarded-For/-Proto are believed only from the configured proxies: anyone else
         # could name any address and escape the per-address rate limits.
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=list(settings.trusted_proxies) or None,
     )
-    server = _draining_server(config, app, settings.drain_timeout)
+    server = draining_server(config, lambda: app.drain(settings.drain_timeout))
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown while serve() runs. Afterwards it
     # re-raises the signal it caught; our handler (see _shutdown_on_signals) then raises
     # _ShutdownRequested, which the caller reads as a clean exit.
@@ -300,27 +298,6 @@ def _run_uvicorn(settings: Settings, app: TetherApp) -> int:
         print(f"{PROG}: the server did not start (see the log above)", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
-
-
-def _draining_server(config: uvicorn.Config, app: TetherApp, timeout: float) -> uvicorn.Server:
-    """A uvicorn server whose shutdown lets Tether drain its sockets first.
-
-    uvicorn's shutdown closes every WebSocket itself (1012, without waiting for the client's
-    answer) and runs the lifespan's shutdown only after that, so the drain cannot live in the
-    lifespan: it runs here, between the listener closing and uvicorn closing connections.
-    """
-    import uvicorn
-
-    class _DrainingServer(uvicorn.Server):
-        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            # Stop accepting first, as uvicorn's own shutdown does next: nothing new arrives
-            # while the sockets drain. Closing a server twice is harmless.
-            for listener in self.servers:
-                listener.close()
-            await app.drain(timeout)
-            await super().shutdown(sockets)
-
-    return _DrainingServer(config)
 
 
 @contextmanager

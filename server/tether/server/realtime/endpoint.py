@@ -619,25 +619,20 @@ class SyncEndpoint:
             await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
             return
         await send({"type": "websocket.accept"})
-        if self.drained is not None:
-            # Got through while the instance drains (the ASGI server may still accept): send it
-            # where the others went.
-            await send(
-                {
-                    "type": "websocket.close",
-                    "code": CloseCode.SERVICE_RESTART,
-                    "reason": DRAIN_REASON,
-                }
-            )
-            return
-        core = ConnectionCore(
-            connection_id=secrets.token_urlsafe(9),
-            now=self.clock(),
-            timing=self.timing,
-            limits=self.limits,
-            resolve=self.resolve,
-        )
         try:
+            if self.drained is not None:
+                # Got through while the instance drains (the ASGI server may still accept):
+                # send it where the others went.
+                close = {"type": "websocket.close", "code": CloseCode.SERVICE_RESTART}
+                await send({**close, "reason": DRAIN_REASON})
+                return
+            core = ConnectionCore(
+                connection_id=secrets.token_urlsafe(9),
+                now=self.clock(),
+                timing=self.timing,
+                limits=self.limits,
+                resolve=self.resolve,
+            )
             await Connection(self, send, core).run(receive)
         finally:
             release_socket_later(send, self.settings.close_grace)
