@@ -1009,6 +1009,7 @@ def test_connections_receiving_the_same_transition_share_one_encoded_send() -> N
     cores = [connected() for _ in range(3)]
     for core in cores:
         subscribe(core, 1, now=1.0)
+        core.queries_done(0, 1, [QueryResult(1, '{"n":0}')], 1.2)
     cores[2].advance_version(7, 1.5)  # this one has already seen version 7
     sends = []
     for core in cores:
@@ -1283,6 +1284,7 @@ def test_mutation_limit_and_mutation_done_frees_a_slot() -> None:
     }
     assert len(actions) == 1
 
+    core.advance_version(5, 3.0)  # the endpoint's read-your-writes step
     actions = core.mutation_done(generation, 1, 3.0, value_json='"note-1"', version=5)
     assert actions == [
         Send({"type": "mutation_result", "requestId": 1, "value": Raw('"note-1"'), "version": 5})
@@ -1404,8 +1406,9 @@ def test_auth_rate_limit() -> None:
         }
     )
     assert instances(actions, RotateRefresh) == []
-    assert UnbindSession("sess-a") in actions  # auth_error: the connection is now anonymous
-    assert core.identity is None
+    # rate_limited is transient (contract §5 rule 2): the identity held stays
+    assert UnbindSession("sess-a") not in actions
+    assert core.identity == ALICE_LATER
     # the window passes
     assert core.receive(msg("authenticate", token="t", authVersion=4), 61.0) == [
         VerifyToken(4, "t")
@@ -1522,21 +1525,19 @@ def test_queued_anonymous_authenticates_are_answered_in_order() -> None:
 
 
 def test_older_answer_cannot_undo_a_newer_auth_error() -> None:
-    core = connected(limits=Limits(auth_rate=(1, 60.0), heartbeat_timeout=1000.0))
+    core = connected(limits=Limits(heartbeat_timeout=1000.0))
     assert core.receive(msg("authenticate", token="t", authVersion=1), 1.0) == [VerifyToken(1, "t")]
-    # Rate-limited, but answered only after the older request in flight, never before it.
-    assert (
-        of_type(core.receive(msg("authenticate", token="t2", authVersion=2), 1.0), "auth_error")
-        == []
-    )
+    # Queued behind the request in flight, never answered before it.
+    assert core.receive(msg("authenticate", token="t2", authVersion=2), 1.0) == []
     actions = core.auth_succeeded(1, ALICE, 2.0)
-    answers = [(f["type"], f["authVersion"]) for f in sent(actions) if "authVersion" in f]
-    assert answers == [("auth_ok", 1), ("auth_error", 2)]
-    # the newer answer (anonymous) is the one in force
+    assert of_type(actions, "auth_ok") and VerifyToken(2, "t2") in actions
+    actions = core.auth_failed(2, AuthErrorCode.INVALID_TOKEN, "bad", 3.0)
+    assert [f["authVersion"] for f in sent(actions)] == [2]
+    assert UnbindSession(ALICE.session_id) in actions
+    # the newer answer (anonymous) is the one in force; a late answer for 1 changes nothing
     assert core.identity is None
-    assert actions.index(BindSession(ALICE.session_id)) < actions.index(
-        UnbindSession(ALICE.session_id)
-    )
+    assert core.auth_succeeded(1, ALICE, 4.0) == []
+    assert core.identity is None
 
 
 def test_result_of_a_replaced_subscription_is_not_sent_for_its_successor() -> None:
@@ -1830,3 +1831,209 @@ def test_rate_limited_error_names_the_dropped_request() -> None:
     assert instances(actions, RunMutation) == []
     # a ping names nothing
     assert "queryId" not in only_frame(core.receive(msg("ping"), 1.2), "error")
+
+
+# ============================================================================== contract 1.1
+
+
+def test_rule1_messages_after_authenticate_wait_for_its_answer_and_run_under_it() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    subscribe(core, 1, "whoami", now=1.0)
+    core.queries_done(core.generation, 3, [QueryResult(1, '{"userId":"alice"}')], 1.1)
+    # Pipelined: authenticate as bob, then subscribe, mutate, unsubscribe, all at once.
+    assert core.receive(msg("authenticate", token="bob", authVersion=2), 2.0) == [
+        VerifyToken(2, "bob")
+    ]
+    assert core.receive(msg("subscribe", queryId=2, name="echo", args={}), 2.0) == []
+    assert core.receive(msg("mutate", requestId=7, name="notes.add", args={"t": 1}), 2.0) == []
+    assert core.receive(msg("unsubscribe", queryId=1), 2.0) == []
+    assert core.receive(msg("ping"), 2.0)[0].frame["type"] == "pong"  # not held: no identity
+    actions = core.auth_succeeded(2, BOB, 2.5)
+    generation = core.generation
+    assert [f["type"] for f in sent(actions)] == ["auth_ok"]
+    # Everything held ran after the answer, in the order sent, as bob.
+    runs = [a for a in actions if isinstance(a, RunQueries | RunMutation | DropQuery)]
+    assert norm(runs) == [
+        RunQueries(generation, BOB, ((1, "whoami", {}),)),  # the identity change's re-run
+        RunQueries(generation, BOB, ((2, "echo", {}),)),
+        RunMutation(generation, BOB, 7, "notes.add", {"t": 1}),
+        DropQuery(1),
+    ]
+    assert core.held is None
+
+
+def test_rule1_held_messages_run_anonymous_when_the_authenticate_fails() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    core.receive(msg("authenticate", token="forged", authVersion=2), 2.0)
+    assert core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 2.0) == []
+    actions = core.auth_failed(2, AuthErrorCode.INVALID_TOKEN, "bad token", 2.5)
+    assert only_frame(actions, "auth_error")["code"] == "invalid_token"
+    assert instances(actions, RunMutation) == [
+        RunMutation(core.generation, None, 1, "notes.add", {})
+    ]
+
+
+def test_rule1_held_messages_wait_for_every_auth_request_before_them() -> None:
+    core = connected()
+    core.receive(msg("authenticate", token="a", authVersion=1), 1.0)
+    core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 1.0)
+    core.receive(msg("refresh", refreshToken="rt", authVersion=2), 1.0)
+    core.receive(msg("mutate", requestId=2, name="notes.add", args={}), 1.0)
+    actions = core.auth_succeeded(1, ALICE, 1.5)
+    # mutate 1 runs as alice; the refresh starts; mutate 2 waits for it.
+    assert [a.request_id for a in instances(actions, RunMutation)] == [1]
+    assert instances(actions, RotateRefresh) == [RotateRefresh(2, "rt", None)]
+    actions = core.auth_succeeded(2, BOB, 2.0, TOKENS)
+    assert instances(actions, RunMutation) == [
+        RunMutation(core.generation, BOB, 2, "notes.add", {})
+    ]
+
+
+def test_rule1_held_messages_are_bounded_and_refused_with_their_ids() -> None:
+    core = connected(limits=Limits(heartbeat_timeout=1000.0, max_held_messages=2))
+    core.receive(msg("authenticate", token="a", authVersion=1), 1.0)
+    assert core.receive(msg("subscribe", queryId=1, name="echo", args={}), 1.0) == []
+    assert core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 1.0) == []
+    refused = error_frame(core.receive(msg("mutate", requestId=2, name="notes.add", args={}), 1.0))
+    assert refused["code"] == "limit_exceeded" and refused["requestId"] == 2
+    refused = error_frame(core.receive(msg("subscribe", queryId=5, name="echo", args={}), 1.0))
+    assert refused["code"] == "limit_exceeded" and refused["queryId"] == 5
+    big = Limits(heartbeat_timeout=1000.0, max_held_bytes=200)
+    core = connected(limits=big)
+    core.receive(msg("authenticate", token="a", authVersion=1), 1.0)
+    assert core.receive(msg("mutate", requestId=1, name="notes.add", args={"x": "y" * 50}), 1) == []
+    refused = error_frame(
+        core.receive(msg("mutate", requestId=2, name="notes.add", args={"x": "y" * 150}), 1.0)
+    )
+    assert refused["code"] == "limit_exceeded" and refused["requestId"] == 2
+    # What was held is released, and its bytes with it.
+    actions = core.auth_succeeded(1, ALICE, 2.0)
+    assert [a.request_id for a in instances(actions, RunMutation)] == [1]
+    assert core.held_bytes == 0 and core.held is None
+
+
+def test_rule1_a_mutation_result_of_an_ended_identity_is_never_sent() -> None:
+    core = connected(limits=Limits(heartbeat_timeout=1000.0, max_pending_mutations=1))
+    sign_in(core, ALICE, 1, 1.0)
+    [run] = instances(
+        core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 2.0), RunMutation
+    )
+    actions = core.receive(msg("authenticate", token=None, authVersion=2), 2.0)
+    assert only_frame(actions, "auth_ok")["identity"] is None
+    # Its answer comes back computed as alice: dropped, and its slot is free again.
+    assert sent(core.mutation_done(run.generation, 1, 3.0, value_json='"n1"', version=4)) == []
+    assert sent(core.mutation_done(run.generation, 1, 3.0, error=("invalid", "no"))) == []
+    assert instances(
+        core.receive(msg("mutate", requestId=2, name="notes.add", args={}), 4.0), RunMutation
+    )
+
+
+def test_rule1_a_result_held_for_read_your_writes_is_dropped_with_its_identity() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    subscribe(core, 1, now=1.0)  # no result yet
+    [run] = instances(
+        core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 2.0), RunMutation
+    )
+    core.advance_version(4, 2.5)
+    assert sent(core.mutation_done(run.generation, 1, 3.0, value_json='"n1"', version=4)) == []
+    sign_in(core, BOB, 2, 3.5)
+    actions = core.queries_done(core.generation, 5, [QueryResult(1, "1")], 4.0)
+    assert of_type(actions, "mutation_result") == []
+
+
+@pytest.mark.parametrize("code", [AuthErrorCode.UNAVAILABLE, AuthErrorCode.RATE_LIMITED])
+def test_rule2_a_transient_auth_error_keeps_the_identity(code: AuthErrorCode) -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    subscribe(core, 1, "whoami", now=1.0)
+    core.queries_done(core.generation, 3, [QueryResult(1, '{"userId":"alice"}')], 1.1)
+    generation = core.generation
+    core.receive(msg("refresh", refreshToken="rt", authVersion=2), 2.0)
+    actions = core.auth_failed(2, code, "try again", 2.5)
+    assert sent(actions) == [
+        {"type": "auth_error", "authVersion": 2, "code": code.value, "message": "try again"}
+    ]
+    assert core.identity == ALICE and core.generation == generation
+    assert instances(actions, RunQueries) == [] and instances(actions, UnbindSession) == []
+    # It still ends at exp + leeway.
+    expired = core.on_timer(105.0)
+    assert only_frame(expired, "auth_expired") and core.identity is None
+
+
+def test_rule2_any_other_auth_error_makes_the_connection_anonymous() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    core.receive(msg("refresh", refreshToken="rt", authVersion=2), 2.0)
+    actions = core.auth_failed(2, AuthErrorCode.REFRESH_INVALID, "unknown", 2.5)
+    assert UnbindSession("sess-a") in actions and core.identity is None
+
+
+def test_rule5_a_mutation_result_waits_for_every_subscriptions_first_result() -> None:
+    """The replay of issue 11: on a new connection, subscribe and a re-sent mutate back to
+    back; the stored outcome (version 9) is ready before the subscription's first result."""
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    subscribe(core, 1, now=1.0)
+    subscribe(core, 2, now=1.0)
+    [run] = instances(
+        core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 1.0), RunMutation
+    )
+    # The instance had processed version 9 long ago: no empty transition may claim the
+    # subscriptions are current there, and the result waits.
+    assert sent(core.advance_version(9, 1.1)) == []
+    assert sent(core.mutation_done(run.generation, 1, 1.2, value_json="5", version=9)) == []
+    actions = core.queries_done(core.generation, 9, [QueryResult(1, "5")], 1.3)
+    assert [f["type"] for f in sent(actions)] == ["transition"]  # query 2 still has nothing
+    actions = core.queries_done(core.generation, 9, [QueryResult(2, "[]")], 1.4)
+    assert [f["type"] for f in sent(actions)] == ["transition", "mutation_result"]
+    assert sent(actions)[1]["version"] == 9 and core.mutations_in_flight == 0
+
+
+def test_rule5_a_result_waits_for_the_version_and_for_re_runs_after_an_identity_change() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    subscribe(core, 1, "whoami", now=1.0)
+    core.queries_done(core.generation, 3, [QueryResult(1, '{"userId":"alice"}')], 1.1)
+    sign_in(core, BOB, 2, 2.0)  # re-runs whoami: its alice result is not bob's
+    [run] = instances(
+        core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 2.0), RunMutation
+    )
+    assert sent(core.advance_version(4, 2.1)) == []
+    assert sent(core.mutation_done(run.generation, 1, 2.2, value_json="1", version=4)) == []
+    # An unchanged re-run result sends no transition but makes the subscription current; the
+    # connection is still at version 3 < 4.
+    same = core.queries_done(core.generation, 3, [QueryResult(1, '{"userId":"alice"}')], 2.3)
+    assert sent(same) == []
+    actions = core.advance_version(4, 2.4)
+    assert [f["type"] for f in sent(actions)] == ["transition", "mutation_result"]
+
+
+def test_rule5_unsubscribing_the_subscription_a_result_waits_for_releases_it() -> None:
+    core = connected()
+    subscribe(core, 1, now=1.0)
+    [run] = instances(
+        core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 1.0), RunMutation
+    )
+    assert sent(core.mutation_done(run.generation, 1, 1.2, value_json="1", version=0)) == []
+    actions = core.receive(msg("unsubscribe", queryId=1), 1.3)
+    assert of_type(actions, "mutation_result") == [
+        {"type": "mutation_result", "requestId": 1, "value": Raw("1"), "version": 0}
+    ]
+
+
+def test_rule8_auth_ok_for_a_null_token_has_null_identity_and_expiry() -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    actions = core.receive(msg("authenticate", token=None, authVersion=2), 2.0)
+    assert sent(actions) == [
+        {
+            "type": "auth_ok",
+            "authVersion": 2,
+            "identity": None,
+            "expiresAt": None,
+            "serverTime": 2000,
+        }
+    ]

@@ -969,3 +969,130 @@ async def test_a_mutation_sent_while_redis_is_down_is_answered_and_releases_its_
         # Applied once each: the first only if it says it succeeded.
         assert second["value"] == (1 if "error" not in first else 0) + 1, (first, second)
     assert not problems, problems
+
+
+# ---------------------------------------------------------------------------------- contract 1.1
+
+
+async def test_a_pipelined_reconnect_gets_its_replayed_result_after_its_subscriptions(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    """Issue 11, item 2 (contract §5 rules 1 and 5): connect, authenticate, subscribe and the
+    re-sent mutate, back to back on a new connection; the stored outcome is answered only
+    after every subscription's first result, and under the new connection's identity."""
+    a, b = two_instances(server_factory)
+    user = await signup(a.base_url)
+    client_id, counter = unique("pipeliner"), unique("ryw")
+    first = await open_live(a, label="first socket", client_id=client_id)
+    await first.authenticate(user["accessToken"], 1)
+    applied = await first.mutate(1, "counter.increment", {"name": counter})
+    assert applied["value"] == 1
+    await first.close()
+
+    for server, label in ((a, "same instance"), (b, "other instance")):
+        live = await open_live(server, label=label, hello=False)
+        for frame in (
+            {"type": "connect", "clientId": client_id, "protocol": 1},
+            {"type": "authenticate", "token": user["accessToken"], "authVersion": 1},
+            {"type": "subscribe", "queryId": 1, "name": "counter.get", "args": {"name": counter}},
+            {"type": "subscribe", "queryId": 2, "name": "notes.mine", "args": {}},
+            {
+                "type": "mutate",
+                "requestId": 1,
+                "name": "counter.increment",
+                "args": {"name": counter},
+            },
+        ):
+            await live.send(frame)
+        replayed = await live.result(1)
+        assert replayed == applied, (label, replayed)
+        version, held = live.at_result[1]
+        assert held == {1: ("value", 1), 2: ("value", [])}, (label, held)
+        assert version >= replayed["version"], (label, live.frames)
+        # notes.mine answered as the user: the subscribe ran after the authenticate.
+        await live.close()
+
+
+async def test_messages_sent_after_authenticate_run_under_the_identity_it_establishes(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    """Issue 11, item 4 (rule 1): authenticate as B then mutate at once → the note is B's."""
+    server = server_factory()
+    alice, bob = await signup(server.base_url), await signup(server.base_url)
+    live = await open_live(server)
+    await live.authenticate(alice["accessToken"], 1)
+    await live.subscribe(1, "notes.mine")
+    await live.send({"type": "authenticate", "token": bob["accessToken"], "authVersion": 2})
+    await live.send({"type": "subscribe", "queryId": 2, "name": "whoami", "args": {}})
+    await live.send(
+        {"type": "mutate", "requestId": 1, "name": "notes.add", "args": {"text": "bob's"}}
+    )
+    result = await live.result(1)
+    assert "error" not in result, result
+    assert live.at_result[1][1][2] == ("value", {"userId": bob["userId"]})
+    assert live.at_result[1][1][1] == ("value", [{"id": result["value"], "text": "bob's"}])
+    alices = await open_live(server, label="alice's other socket")
+    await alices.authenticate(alice["accessToken"], 1)
+    await alices.subscribe(1, "notes.mine")
+    assert alices.value(1) == []
+
+
+async def test_a_mutation_result_computed_under_an_ended_identity_is_never_sent(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    """Issue 11, item 6 (rule 1): mutate then authenticate(null) → no mutation_result; the
+    client re-sends once signed in again and gets the stored outcome (applied once)."""
+    server = server_factory()
+    user = await signup(server.base_url)
+    counter = unique("ended")
+    live = await open_live(server)
+    await live.authenticate(user["accessToken"], 1)
+    await live.subscribe(1, "counter.get", {"name": counter})
+    await live.send(
+        {"type": "mutate", "requestId": 1, "name": "counter.increment", "args": {"name": counter}}
+    )
+    await live.send({"type": "authenticate", "token": None, "authVersion": 2})
+    await live.wait_value(1, lambda value: value == 1, "the increment's commit")
+    await asyncio.sleep(0.5)
+    assert 1 not in live.results, live.frames
+    await live.authenticate(user["accessToken"], 3)
+    again = await live.mutate(1, "counter.increment", {"name": counter})
+    assert again["value"] == 1, again
+    await asyncio.sleep(0.3)
+    assert live.value(1) == 1
+
+
+async def test_a_refresh_answered_unavailable_keeps_the_identity(
+    server_factory: Callable[..., ServerProcess], open_live: Opener, redis_proc: RedisProcess
+) -> None:
+    """Issue 11, item 3 (rule 2): Redis down during an in-band refresh → auth_error
+    unavailable, and whoami stays the user, during the outage and after it."""
+    server = server_factory()
+    user = await signup(server.base_url)
+    live = await open_live(server)
+    await live.authenticate(user["accessToken"], 1)
+    await live.subscribe(1, "whoami")
+    assert live.value(1) == {"userId": user["userId"]}
+    start = len(live.frames)
+    redis_proc.stop()
+    try:
+        await live.send({"type": "refresh", "refreshToken": user["refreshToken"], "authVersion": 2})
+        _, answer = await live.wait_frame("auth_error", after=start, timeout=15)
+        assert answer["code"] == "unavailable", answer
+    finally:
+        redis_proc.restart()
+    await asyncio.sleep(2.5)  # Redis is back and the subscriptions resynchronise
+    assert live.value(1) == {"userId": user["userId"]}, live.frames[start:]
+    # The refresh token was not used: it still rotates, to the same user and session.
+    await live.send({"type": "refresh", "refreshToken": user["refreshToken"], "authVersion": 3})
+    _, ok = await live.wait_frame("auth_ok", after=start, timeout=15)
+    assert ok["identity"] == {"userId": user["userId"], "sessionId": user["sessionId"]}
+    await asyncio.sleep(0.5)
+    assert values_of(live, 1)[-1] == {"userId": user["userId"]}
+    whoami_since = [
+        update
+        for frame in transitions(live, start)
+        for update in frame["updates"]
+        if update["queryId"] == 1
+    ]
+    assert whoami_since == [], whoami_since  # never blanked, never re-sent

@@ -10,8 +10,18 @@ Identity rules (protocol §3, "Guarantees"):
 
 * ``authenticate``/``refresh`` requests are processed one at a time in the order received, and
   their ``authVersion`` must grow, so an answer can never overwrite a newer identity.
+* Messages take effect in the order sent (contract §5 rule 1): a ``subscribe``, ``unsubscribe``
+  or ``mutate`` that arrives while an auth request is being answered is *held* and dispatched
+  after that answer, under the identity it established (or none). A client may pipeline
+  ``connect``, ``authenticate``, its subscriptions and its re-sent mutations.
 * Every identity has a *generation*. Work started under one generation whose result arrives
-  under another is dropped: no result computed under an ended identity is sent.
+  under another is dropped: no result computed under an ended identity is sent, a
+  ``mutation_result`` included.
+* An ``auth_error`` ``unavailable`` or ``rate_limited`` keeps the current identity (rule 2): a
+  Redis blip during a routine refresh blanks nothing.
+* A successful ``mutation_result`` at version v waits until every subscription of the connection
+  has had a result under the current identity and the connection is at version >= v (rule 5:
+  read your writes, for replayed outcomes too).
 * ``exp + leeway`` is checked whenever something is about to run or be sent (:meth:`_tick`),
   not only when the timer fires.
 * A refresh that keeps user and session only moves the deadlines: same generation, no re-run.
@@ -36,6 +46,9 @@ from tether.protocol import (
     ServerMessageType,
     SessionEndReason,
 )
+
+#: ``auth_error`` codes that leave the connection's identity in place (contract §5 rule 2).
+TRANSIENT_AUTH_ERRORS = frozenset({AuthErrorCode.UNAVAILABLE, AuthErrorCode.RATE_LIMITED})
 
 #: ``connect`` must arrive within this many seconds of the upgrade (contract).
 CONNECT_TIMEOUT = 10.0
@@ -352,6 +365,10 @@ class Limits:
     max_subscriptions: int = 256
     max_pending_auth: int = 4
     max_pending_mutations: int = 64
+    #: Messages held while an auth request is answered (rule 1): count and frame bytes. A
+    #: reconnecting client sends at most its subscriptions and its pending mutations.
+    max_held_messages: int = 256 + 64
+    max_held_bytes: int = 1 << 20
     message_rate: tuple[int, float] = (200, 10.0)  # messages per window (seconds)
     auth_rate: tuple[int, float] = (20, 60.0)  # authenticate + refresh per window
     max_rate_violations: int = 20  # rate-limited messages before closing with 4429
@@ -400,6 +417,10 @@ class _Subscription:
     serial: int
     reads_identity: bool = True  # until its first result says otherwise
     last_value: str | None = None  # the JSON text last sent, to send only real changes
+    #: Has it had a result under the current identity generation? (False from subscribe, and
+    #: again when an identity change re-runs it.) A mutation's result waits for every
+    #: subscription to be fresh (rule 5).
+    fresh: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +431,26 @@ class _RateLimited:
 
 
 AuthRequest: TypeAlias = Authenticate | Refresh
+
+
+@dataclass(frozen=True, slots=True)
+class _HeldCall:
+    """A ``subscribe``/``unsubscribe``/``mutate`` held behind an auth request (rule 1)."""
+
+    message: Subscribe | Unsubscribe | Mutate
+    size: int  # the frame's length, counted against ``Limits.max_held_bytes``
+
+
+_Held: TypeAlias = AuthRequest | _RateLimited | _HeldCall
+
+
+@dataclass(frozen=True, slots=True)
+class _HeldResult:
+    """A successful ``mutation_result`` waiting until the connection has seen ``version``
+    (results of an identity that ended are dropped with it, so all are the current one's)."""
+
+    version: int
+    send: Send
 
 
 @dataclass(slots=True)
@@ -441,12 +482,15 @@ class ConnectionCore:
         "_messages",
         "_resolve",
         "auth_in_flight",
-        "auth_queue",
         "bad_messages",
         "client_id",
         "connection_id",
         "expiring_sent",
         "generation",
+        "held",
+        "held_auths",
+        "held_bytes",
+        "held_results",
         "identity",
         "last_seen",
         "limits",
@@ -485,8 +529,14 @@ class ConnectionCore:
         self.expiring_sent = False
         self.max_auth_version = -1
         self.auth_in_flight: AuthRequest | None = None
-        # Auth requests waiting for the one in flight; created when needed, dropped when empty.
-        self.auth_queue: deque[AuthRequest | _RateLimited] | None = None
+        # Messages waiting for the auth request in flight, in the order received (rule 1);
+        # created when needed, dropped when empty. ``held_auths`` counts the auth requests in
+        # it, ``held_bytes`` the frame bytes of the others.
+        self.held: deque[_Held] | None = None
+        self.held_auths = 0
+        self.held_bytes = 0
+        # Successful mutation results waiting for the subscriptions to catch up (rule 5).
+        self.held_results: list[_HeldResult] | None = None
         self.subscriptions: dict[int, _Subscription] = {}
         self.serials = 0
         self.version = 0  # the highest version sent in a transition
@@ -529,11 +579,15 @@ class ConnectionCore:
         if identity is None and old is None:
             return actions  # anonymous stays anonymous: nothing to re-run
         self.generation += 1
+        # Results computed under the identity that ended are never sent (rule 1).
+        self._drop_held_results()
         if old is not None:
             actions.append(UnbindSession(old.session_id))
         if identity is not None:
             actions.append(BindSession(identity.session_id))
         rerun = [(qid, sub) for qid, sub in self.subscriptions.items() if sub.reads_identity]
+        for _, sub in rerun:
+            sub.fresh = False  # its result is the old identity's until the re-run answers
         if rerun:
             actions.append(
                 RunQueries(
@@ -609,7 +663,7 @@ class ConnectionCore:
             if now >= self.opened_at + CONNECT_TIMEOUT:
                 return self._close(CloseCode.PROTOCOL_VIOLATION, "no connect message in time")
             return actions + self._on_first(message, now)
-        return actions + self._dispatch(message, now)
+        return actions + self._dispatch(message, now, len(frame))
 
     def _on_first(self, message: ClientMessage, now: float) -> list[Action]:
         if not isinstance(message, Connect):
@@ -631,21 +685,52 @@ class ConnectionCore:
             )
         ]
 
-    def _dispatch(self, message: ClientMessage, now: float) -> list[Action]:
+    def _dispatch(self, message: ClientMessage, now: float, size: int = 0) -> list[Action]:
         if isinstance(message, Ping):
             return [Send({"type": ServerMessageType.PONG, "serverTime": int(now * 1000)})]
         if isinstance(message, Authenticate | Refresh):
             return self._on_auth_request(message, now)
-        if isinstance(message, Subscribe):
-            return self._on_subscribe(message)
-        if isinstance(message, Unsubscribe):
-            if self.subscriptions.pop(message.query_id, None) is None:
-                return []
-            return [DropQuery(message.query_id)]
-        if isinstance(message, Mutate):
-            return self._on_mutate(message)
+        if isinstance(message, Subscribe | Unsubscribe | Mutate):
+            if self.auth_in_flight is not None or self.held:
+                return self._hold(message, size)
+            return self._run_call(message)
         # A second connect: the connection is already open.
         return self._error(BadMessage(ErrorCode.BAD_MESSAGE, "already connected"))
+
+    def _run_call(self, message: Subscribe | Unsubscribe | Mutate) -> list[Action]:
+        if isinstance(message, Subscribe):
+            return self._on_subscribe(message)
+        if isinstance(message, Mutate):
+            return self._on_mutate(message)
+        sub = self.subscriptions.pop(message.query_id, None)
+        if sub is None:
+            return []
+        actions: list[Action] = [DropQuery(message.query_id)]
+        if not sub.fresh:
+            actions.extend(self._release_results())  # it was what a result waited for
+        return actions
+
+    def _hold(self, message: Subscribe | Unsubscribe | Mutate, size: int) -> list[Action]:
+        """Keep ``message`` until the auth requests before it are answered (rule 1)."""
+        held = self.held
+        if held is None:
+            held = self.held = deque()
+        limits = self.limits
+        if (
+            len(held) - self.held_auths >= limits.max_held_messages
+            or self.held_bytes + size > limits.max_held_bytes
+        ):
+            return self._error(
+                BadMessage(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    "too many messages waiting for an authentication to be answered",
+                    query_id=message.query_id if isinstance(message, Subscribe) else None,
+                    request_id=message.request_id if isinstance(message, Mutate) else None,
+                )
+            )
+        held.append(_HeldCall(message, size))
+        self.held_bytes += size
+        return []
 
     # ------------------------------------------------------------------ auth
 
@@ -659,44 +744,51 @@ class ConnectionCore:
                 )
             )
         self.max_auth_version = version
-        queue = self.auth_queue
-        if queue is None:
-            queue = self.auth_queue = deque()
-        if not self._auths.allow(now) or len(queue) >= self.limits.max_pending_auth:
+        held = self.held
+        if held is None:
+            held = self.held = deque()
+        if not self._auths.allow(now) or self.held_auths >= self.limits.max_pending_auth:
             self.rate_violations += 1
             if self.rate_violations > self.limits.max_rate_violations:
                 return self._close(CloseCode.RATE_LIMITED, "too many authentication attempts")
             # Answered in its turn, after the requests before it: answers stay in order.
-            queue.append(_RateLimited(version))
+            held.append(_RateLimited(version))
         else:
-            queue.append(message)
-        return self._start_next_auth(now)
+            held.append(message)
+        self.held_auths += 1
+        return self._release_held(now)
 
-    def _start_next_auth(self, now: float) -> list[Action]:
+    def _release_held(self, now: float) -> list[Action]:
+        """Dispatch held messages in order until one is an auth request that needs I/O."""
         actions: list[Action] = []
-        while self.auth_in_flight is None and self.auth_queue:
-            request = self.auth_queue.popleft()
-            if isinstance(request, _RateLimited):
+        held = self.held
+        while self.auth_in_flight is None and held and self.phase is Phase.OPEN:
+            item = held.popleft()
+            if isinstance(item, _HeldCall):
+                self.held_bytes -= item.size
+                actions.extend(self._run_call(item.message))
+                continue
+            self.held_auths -= 1
+            if isinstance(item, _RateLimited):
                 actions.extend(
                     self._auth_failure(
-                        request.auth_version,
+                        item.auth_version,
                         AuthErrorCode.RATE_LIMITED,
                         "too many authentication attempts",
                         now,
                     )
                 )
-            elif isinstance(request, Refresh):
-                self.auth_in_flight = request
-                actions.append(
-                    RotateRefresh(request.auth_version, request.refresh_token, request.retry_key)
-                )
-            elif request.token is None:
-                # Becoming anonymous needs no I/O: answer at once.
+            elif isinstance(item, Refresh):
+                self.auth_in_flight = item
+                actions.append(RotateRefresh(item.auth_version, item.refresh_token, item.retry_key))
+            elif item.token is None:
+                # Becoming anonymous needs no I/O: answer at once (rule 8: identity and
+                # expiresAt are null).
                 actions.append(
                     Send(
                         {
                             "type": ServerMessageType.AUTH_OK,
-                            "authVersion": request.auth_version,
+                            "authVersion": item.auth_version,
                             "identity": None,
                             "expiresAt": None,
                             "serverTime": int(now * 1000),
@@ -705,10 +797,10 @@ class ConnectionCore:
                 )
                 actions.extend(self._set_identity(None, now))
             else:
-                self.auth_in_flight = request
-                actions.append(VerifyToken(request.auth_version, request.token))
-        if not self.auth_queue:
-            self.auth_queue = None
+                self.auth_in_flight = item
+                actions.append(VerifyToken(item.auth_version, item.token))
+        if not held:
+            self.held = None
         return actions
 
     def auth_succeeded(
@@ -727,7 +819,7 @@ class ConnectionCore:
         if not identity.usable(now, self.timing.clock_leeway):
             return self._auth_failure(
                 auth_version, AuthErrorCode.TOKEN_EXPIRED, "the token has expired", now
-            ) + self._start_next_auth(now)
+            ) + self._release_held(now)
         frame: dict[str, Any] = {
             "type": ServerMessageType.AUTH_OK,
             "authVersion": auth_version,
@@ -739,7 +831,7 @@ class ConnectionCore:
             frame["tokens"] = tokens
         actions: list[Action] = [Send(frame), *self._set_identity(identity, now)]
         actions.extend(self._tick(now))  # an identity adopted inside its notice window
-        return actions + self._start_next_auth(now)
+        return actions + self._release_held(now)
 
     def auth_failed(
         self, auth_version: int, code: AuthErrorCode, message: str, now: float
@@ -750,7 +842,7 @@ class ConnectionCore:
         self.auth_in_flight = None
         if self.phase is Phase.CLOSED:
             return []
-        return self._auth_failure(auth_version, code, message, now) + self._start_next_auth(now)
+        return self._auth_failure(auth_version, code, message, now) + self._release_held(now)
 
     def _auth_failure(
         self, auth_version: int, code: AuthErrorCode, message: str, now: float
@@ -761,6 +853,11 @@ class ConnectionCore:
             "code": code.value,
             "message": message,
         }
+        if code in TRANSIENT_AUTH_ERRORS:
+            # Rule 2: the server could not decide now. The identity held stays (it still ends
+            # at exp + leeway or on revocation): a Redis blip during a routine refresh must not
+            # blank identity-dependent results.
+            return [Send(frame)]
         return [Send(frame), *self._set_identity(None, now)]
 
     def session_ended(self, session_id: str, reason: SessionEndReason, now: float) -> list[Action]:
@@ -848,6 +945,7 @@ class ConnectionCore:
             if result.generation is not None and result.generation != self.generation:
                 continue  # computed under an identity this connection no longer has
             sub.reads_identity = result.reads_identity
+            sub.fresh = True
             if result.error is not None:
                 # A NUL cannot start JSON text, so an error never compares equal to a value.
                 text = "\x00" + json.dumps(result.error)
@@ -859,10 +957,14 @@ class ConnectionCore:
             sub.last_value = text
             changed.append((result.query_id, text, result.error))
         if not changed:
+            if self.held_results:
+                actions.extend(self._release_results())
             return actions
         self.version = version = max(self.version, version)
         if shared is None:
             actions.append(Send(_transition(version, changed)))
+            if self.held_results:
+                actions.extend(self._release_results())
             return actions
         if len(changed) == 1:
             key: tuple[Any, ...] = (version, changed[0][0], changed[0][1])
@@ -873,18 +975,31 @@ class ConnectionCore:
             frame = _transition(version, changed)
             send = shared[key] = Send(frame, encode_frame(frame))
         actions.append(send)
+        if self.held_results:
+            actions.extend(self._release_results())
         return actions
 
+    def _all_fresh(self) -> bool:
+        return all(sub.fresh for sub in self.subscriptions.values())
+
     def advance_version(self, version: int, now: float) -> list[Action]:
-        """Tell the client that all its subscriptions are current at ``version`` (an empty
-        ``transition``), if it has not seen that version yet: read-your-writes."""
+        """Every subscription of this instance is delivered at ``version``: tell the client
+        that all its subscriptions are current there (an empty ``transition``), if it has not
+        seen that version yet (read your writes).
+
+        Only when each of its subscriptions has had a result under the current identity: one
+        still waiting for its first result (or for an identity change's re-run) is not current
+        at any version yet, and its result, when it comes, carries a version >= ``version``.
+        """
         actions = self._tick(now)
-        if self.phase is not Phase.OPEN or version <= self.version:
+        if self.phase is not Phase.OPEN or version <= self.version or not self._all_fresh():
             return actions
         self.version = version
         actions.append(
             Send({"type": ServerMessageType.TRANSITION, "version": version, "updates": []})
         )
+        if self.held_results:
+            actions.extend(self._release_results())
         return actions
 
     def mutation_done(
@@ -897,19 +1012,61 @@ class ConnectionCore:
         version: int | None = None,
         error: tuple[str, str] | None = None,
     ) -> list[Action]:
-        """The outcome of a :class:`RunMutation`."""
-        self.mutations_in_flight = max(0, self.mutations_in_flight - 1)
+        """The outcome of a :class:`RunMutation` started under identity ``generation``.
+
+        Dropped when that identity has ended since (rule 1): the client re-sends the
+        ``requestId`` once it holds the same user again, and gets the stored outcome. A success
+        at version v is sent only once every subscription has had a result under this identity
+        and the connection is at version >= v (rule 5); until then it is held.
+        """
         actions = self._tick(now)
-        if self.phase is not Phase.OPEN:
+        if self.phase is not Phase.OPEN or generation != self.generation:
+            self.mutations_in_flight = max(0, self.mutations_in_flight - 1)
             return actions
         frame: dict[str, Any] = {"type": ServerMessageType.MUTATION_RESULT, "requestId": request_id}
         if error is not None:
             frame["error"] = {"code": error[0], "message": error[1]}
-        else:
-            frame["value"] = Raw(value_json if value_json is not None else "null")
-            frame["version"] = version if version is not None else self.version
-        actions.append(Send(frame))
+            self.mutations_in_flight = max(0, self.mutations_in_flight - 1)
+            actions.append(Send(frame))
+            return actions
+        frame["value"] = Raw(value_json if value_json is not None else "null")
+        at = version if version is not None else self.version
+        frame["version"] = at
+        if at <= self.version and self._all_fresh():
+            self.mutations_in_flight = max(0, self.mutations_in_flight - 1)
+            actions.append(Send(frame))
+            return actions
+        # Still counted in flight: held results are bounded by max_pending_mutations.
+        if self.held_results is None:
+            self.held_results = []
+        self.held_results.append(_HeldResult(at, Send(frame)))
         return actions
+
+    def mutation_refused(self, generation: int, error: BadMessage) -> list[Action]:
+        """A :class:`RunMutation` ran nothing and is answered with an ``error`` frame (its
+        ``requestId`` is taken by another function: rule 4)."""
+        self.mutations_in_flight = max(0, self.mutations_in_flight - 1)
+        if self.phase is not Phase.OPEN or generation != self.generation:
+            return []
+        return self._error(error)
+
+    def _release_results(self) -> list[Action]:
+        """Send the held mutation results the connection has caught up with (rule 5)."""
+        held = self.held_results
+        if not held or not self._all_fresh():
+            return []
+        ready = [r for r in held if r.version <= self.version]
+        if not ready:
+            return []
+        still = [r for r in held if r.version > self.version]
+        self.held_results = still or None
+        self.mutations_in_flight = max(0, self.mutations_in_flight - len(ready))
+        return [r.send for r in ready]
+
+    def _drop_held_results(self) -> None:
+        if self.held_results:
+            self.mutations_in_flight = max(0, self.mutations_in_flight - len(self.held_results))
+            self.held_results = None
 
     def close(self) -> list[Action]:
         """The socket is gone: release what the connection holds."""
@@ -921,7 +1078,9 @@ class ConnectionCore:
             self.identity = None
         self.phase = Phase.CLOSED
         self.subscriptions.clear()
-        self.auth_queue = None
+        self.held = None
+        self.held_auths = self.held_bytes = 0
+        self._drop_held_results()
         return actions
 
 

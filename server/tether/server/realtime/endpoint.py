@@ -581,6 +581,10 @@ class SyncEndpoint:
         self.limits = Limits(
             max_subscriptions=settings.max_subscriptions,
             max_pending_mutations=settings.max_pending_mutations,
+            # What a reconnecting client pipelines behind its authenticate (rule 1): all its
+            # subscriptions and pending mutations, within one send queue's bytes.
+            max_held_messages=settings.max_subscriptions + settings.max_pending_mutations,
+            max_held_bytes=max(settings.send_queue_bytes, settings.max_message_bytes),
             message_rate=(settings.message_rate.count, float(settings.message_rate.seconds)),
             auth_rate=(settings.auth_rate.count, float(settings.auth_rate.seconds)),
             heartbeat_timeout=float(settings.heartbeat_timeout),
