@@ -32,6 +32,7 @@ from tether.server.data.store import (
     Conflict,
     MutationDB,
     MutationOutcome,
+    MutationRequest,
     QueryDB,
     Store,
     encode_index_values,
@@ -76,7 +77,7 @@ async def mutate(store: Store, body: Callable[[MutationDB], Awaitable[Any]]) -> 
     """Run ``body`` on a fresh MutationDB and commit it (no client id); return body's value."""
     db = MutationDB(store)
     value = await body(db)
-    await store.commit(db, client_id=None, request_id=None, outcome_value_json=None)
+    await store.commit(db, request=None, outcome_value_json=None)
     return value
 
 
@@ -92,6 +93,13 @@ async def insert(store: Store, table: str, *docs: dict[str, Any]) -> list[str]:
 
 async def by_tag(store: Store, tag: Any, **options: Any) -> list[dict[str, Any]]:
     return await QueryDB(store).query("items", index="by_tag", equals={"tag": tag}, **options)
+
+
+def req(
+    client_id: str, request_id: int, name: str = "f", *, user: Auth | None = None
+) -> MutationRequest:
+    """The request :func:`run_mutation` makes for ``spec(...)`` (named ``f``) under ``user``."""
+    return MutationRequest(name, client_id, request_id, None if user is None else user.user_id)
 
 
 def fields(docs: list[dict[str, Any]], name: str = "n") -> list[Any]:
@@ -252,7 +260,7 @@ async def test_bad_documents_are_refused(store: Store, doc: Any, code: str) -> N
         with pytest.raises(FunctionError) as info:
             await call()
         assert info.value.code == code
-    result = await store.commit(db, client_id=None, request_id=None, outcome_value_json=None)
+    result = await store.commit(db, request=None, outcome_value_json=None)
     assert result.written_keys == frozenset()
 
 
@@ -467,10 +475,10 @@ async def test_first_commit_wins_and_the_second_conflicts(store: Store) -> None:
         assert doc is not None
         await db.patch("items", doc_id, {"n": doc["n"] + n})
     version = await store.version()
-    result = await store.commit(first, client_id=None, request_id=None, outcome_value_json=None)
+    result = await store.commit(first, request=None, outcome_value_json=None)
     assert result.version == version + 1
     with pytest.raises(Conflict) as info:
-        await store.commit(second, client_id=None, request_id=None, outcome_value_json=None)
+        await store.commit(second, request=None, outcome_value_json=None)
     assert info.value.key == redis_keys.data_doc("items", doc_id)
     assert await store.version() == version + 1
     assert fields(await by_tag(store, "x")) == [1]
@@ -482,13 +490,13 @@ async def test_an_index_read_conflicts_with_an_insert_under_it(store: Store) -> 
     await reader.insert("items", {"tag": "x", "n": "reader"})
     await insert(store, "items", {"tag": "x", "n": "other"})
     with pytest.raises(Conflict) as info:
-        await store.commit(reader, client_id=None, request_id=None, outcome_value_json=None)
+        await store.commit(reader, request=None, outcome_value_json=None)
     assert ":idx:items:by_tag:" in info.value.key
     # Blind inserts (no reads) commute: neither conflicts.
     blind = MutationDB(store)
     await blind.insert("items", {"tag": "x", "n": "blind"})
     await insert(store, "items", {"tag": "x", "n": "other 2"})
-    await store.commit(blind, client_id=None, request_id=None, outcome_value_json=None)
+    await store.commit(blind, request=None, outcome_value_json=None)
     assert fields(await by_tag(store, "x")) == ["other", "other 2", "blind"]
 
 
@@ -502,10 +510,10 @@ async def test_a_conflict_leaves_nothing_behind(store: Store, redis_client: Any)
     before = sorted(await redis_client.keys("*"))
     stream = await redis_client.xlen(redis_keys.DATA_COMMITS)
     with pytest.raises(Conflict):
-        await store.commit(loser, client_id="c", request_id=1, outcome_value_json="1")
+        await store.commit(loser, request=req("c", 1), outcome_value_json="1")
     assert sorted(await redis_client.keys("*")) == before
     assert await redis_client.xlen(redis_keys.DATA_COMMITS) == stream
-    assert await store.get_outcome("c", 1) is None
+    assert await store.get_outcome(req("c", 1)) is None
 
 
 async def test_each_commit_entry_records_when_it_committed_on_redis_clock(
@@ -528,11 +536,11 @@ async def test_a_mutation_that_writes_nothing_does_not_advance_the_version(
     await db.get("items", doc_id)
     gone = await db.insert("items", {"tag": "y"})
     await db.delete("items", gone)
-    result = await store.commit(db, client_id="c", request_id=7, outcome_value_json='"v"')
+    result = await store.commit(db, request=req("c", 7), outcome_value_json='"v"')
     assert (result.version, result.written_keys) == (1, frozenset())
     assert await store.version() == 1
     assert await redis_client.xlen(redis_keys.DATA_COMMITS) == 1
-    assert await store.get_outcome("c", 7) == {"version": 1, "value": "v"}
+    assert await store.get_outcome(req("c", 7)) == {"version": 1, "value": "v", "name": "f"}
 
 
 async def test_retries_on_one_hot_key_take_turns_on_an_instance(
@@ -625,7 +633,7 @@ async def test_a_retry_after_the_identity_ended_commits_nothing(store: Store) ->
     assert await store.version() == version  # nothing committed
     assert fields(await by_tag(store, "x")) == [10]
     # Not remembered: signing in again and re-sending the same request runs it.
-    assert await store.get_outcome("c", 1) is None
+    assert await store.get_outcome(req("c", 1)) is None
     identity_alive, runs = True, 10  # signed in again; no more session ending in `bump`
     again = await run_mutation(
         store,
@@ -751,7 +759,11 @@ async def test_the_same_request_twice_returns_the_first_outcome_and_applies_once
         )
     finally:
         await other_client.aclose()
-    assert await demo_store.get_outcome("client", 1) == {"version": 1, "value": 1}
+    assert await demo_store.get_outcome(req("client", 1, "counter.increment")) == {
+        "version": 1,
+        "value": 1,
+        "name": "counter.increment",
+    }
     # Another request id, or another client, is another mutation.
     second = await run_mutation(
         demo_store, increment, {"name": "c"}, None, client_id="client", request_id=2
@@ -760,7 +772,7 @@ async def test_the_same_request_twice_returns_the_first_outcome_and_applies_once
         demo_store, increment, {"name": "c"}, None, client_id="other", request_id=1
     )
     assert (second.value_json, third.value_json) == ("2", "3")
-    ttl = await redis_client.pttl(redis_keys.data_outcome("client", 1))
+    ttl = await redis_client.pttl(redis_keys.data_outcome(None, "client", 1))
     assert 600_000 <= ttl <= 900_000
 
 
@@ -798,9 +810,10 @@ async def test_an_application_error_is_the_outcome_and_is_not_run_again(
     assert runs == 1
     assert await store.version() == 0  # its writes were dropped
     assert await by_tag(store, "x") == []
-    assert await store.get_outcome("c", 1) == {
+    assert await store.get_outcome(req("c", 1, user=USER)) == {
         "version": None,
         "error": {"code": "forbidden", "message": "no (run 1)"},
+        "name": "f",
     }
 
     together = await asyncio.gather(
@@ -837,14 +850,18 @@ async def test_an_internal_error_and_a_too_large_result_are_outcomes(
 
 
 async def test_put_outcome_keeps_the_first(store: Store) -> None:
-    first = await store.put_outcome("c", 1, "conflict", "one")
-    assert first == {"version": None, "error": {"code": "conflict", "message": "one"}}
-    assert await store.put_outcome("c", 1, "conflict", "two") == first
-    assert await store.get_outcome("c", 1) == first
+    first = await store.put_outcome(req("c", 1), "conflict", "one")
+    assert first == {
+        "version": None,
+        "error": {"code": "conflict", "message": "one"},
+        "name": "f",
+    }
+    assert await store.put_outcome(req("c", 1), "conflict", "two") == first
+    assert await store.get_outcome(req("c", 1)) == first
     # A commit for a request that already has an outcome writes nothing.
     db = MutationDB(store)
     await db.insert("items", {"tag": "x"})
-    result = await store.commit(db, client_id="c", request_id=1, outcome_value_json="1")
+    result = await store.commit(db, request=req("c", 1), outcome_value_json="1")
     assert (result.version, result.duplicate) == (None, first)
     assert await store.version() == 0
 
@@ -869,8 +886,8 @@ async def test_the_commit_script_retried_after_a_lost_reply_applies_once(
         key, ttl = redis_keys.data_attempt(attempt), store_module.ATTEMPT_TTL
         text = store_module._outcome_text(attempt)
     else:
-        key, ttl = redis_keys.data_outcome(client_id, 1), store.outcome_ttl
-        text = store_module._outcome_text(attempt, value_json="1")
+        key, ttl = redis_keys.data_outcome(None, client_id, 1), store.outcome_ttl
+        text = store_module._outcome_text(attempt, name="f", value_json="1")
     request = store._commit_request(db, key, attempt, text, ttl)
 
     first = await store._commit_script(keys=request.keys, args=request.args)
@@ -882,7 +899,11 @@ async def test_the_commit_script_retried_after_a_lost_reply_applies_once(
     assert await redis_client.xlen(redis_keys.DATA_COMMITS) == 2
     assert fields(await by_tag(store, "x")) == [1, "new"]
     if client_id is not None:
-        assert await store.get_outcome(client_id, 1) == {"version": 2, "value": 1}
+        assert await store.get_outcome(req(client_id, 1)) == {
+            "version": 2,
+            "value": 1,
+            "name": "f",
+        }
     else:
         assert 0 < await redis_client.pttl(key) <= store_module.ATTEMPT_TTL * 1000
 
@@ -1083,7 +1104,7 @@ async def test_read_commits_lists_written_keys_in_order(store: Store) -> None:
         db = MutationDB(store)
         await db.insert("items", {"tag": tag})
         results.append(
-            await store.commit(db, client_id=None, request_id=None, outcome_value_json=None)
+            await store.commit(db, request=None, outcome_value_json=None)
         )
     batch = await store.read_commits(0)
     assert not batch.gap and batch.version == 3
@@ -1174,7 +1195,7 @@ async def test_every_key_carries_the_data_hash_tag(
     await run_mutation(
         demo_store, send, {"channel": "c", "body": ""}, USER, client_id="c", request_id=2
     )
-    await store.put_outcome("c", 3, "conflict", "x")
+    await store.put_outcome(req("c", 3), "conflict", "x")
     keys = await redis_client.keys("*")
     kinds = {key.split(":")[2] for key in keys}
     assert kinds == {"version", "commits", "kv", "doc", "idx", "outcome", "attempt"}
@@ -1301,4 +1322,8 @@ async def test_demo_mutation_result_version_is_the_commit(demo_store: Store) -> 
     seen = await run_query(demo_store, get, {"name": "c"}, None)
     assert outcome.version == seen.version == 1
     assert seen.value_json == "1"
-    assert await demo_store.get_outcome("x", 1) == {"version": 1, "value": 1}
+    assert await demo_store.get_outcome(req("x", 1, "counter.increment")) == {
+        "version": 1,
+        "value": 1,
+        "name": "counter.increment",
+    }

@@ -29,6 +29,7 @@ from tether.server.data.store import (
     CommitBatch,
     MutationDB,
     MutationOutcome,
+    MutationRequest,
     QueryDB,
     Store,
 )
@@ -102,16 +103,24 @@ async def run_mutation(
     authorized: Callable[[], bool] | None = None,
 ) -> MutationOutcome:
     """Run the mutation ``spec`` (``kwargs`` from ``spec.validate_args``) once per
-    ``(client_id, request_id)`` and commit it, with a fresh :class:`Context` per attempt; see
-    :meth:`Store.run_mutation` for retries, replays and ``authorized``."""
+    ``(user, client_id, request_id)`` and commit it, with a fresh :class:`Context` per attempt.
+
+    The outcome belongs to the caller: ``auth``'s user, or the anonymous owner without ``auth``
+    (protocol 1.1 §5 rule 4), and records ``spec.name``; and the commit is refused once
+    ``auth``'s session has ended (rule 6). Without ``client_id`` and ``request_id`` nothing is
+    remembered. See :meth:`Store.run_mutation` for retries, replays, ``authorized`` and the
+    :class:`~tether.server.data.store.RequestIdReused` it raises."""
 
     async def run(db: MutationDB) -> str:
         value = await invoke(spec, Context(auth, db=db), kwargs)
         return encode_result(value, store.max_result_bytes)
 
-    return await store.run_mutation(
-        run, client_id=client_id, request_id=request_id, authorized=authorized
-    )
+    request = None
+    if client_id is not None and request_id is not None:
+        user_id = None if auth is None else auth.user_id
+        request = MutationRequest(spec.name, client_id, request_id, user_id)
+    session_id = None if auth is None else auth.session_id
+    return await store.run_mutation(run, request, session_id=session_id, authorized=authorized)
 
 
 class QueryEngine:
@@ -159,7 +168,13 @@ class QueryEngine:
         request_id: int,
         authorized: Callable[[], bool] | None = None,
     ) -> MutationResult:
-        """Run the mutation ``name`` under ``identity`` with ``kwargs`` from :meth:`resolve`."""
+        """Run the mutation ``name`` under ``identity`` with ``kwargs`` from :meth:`resolve`.
+
+        Its outcome is ``identity``'s (or the anonymous caller's) for ``(client_id,
+        request_id)``, and its commit is refused once ``identity``'s session has ended (see
+        :func:`run_mutation`). Raises :class:`~tether.server.data.store.RequestIdReused` when
+        the request id holds another function's outcome (nothing ran; the endpoint answers
+        ``bad_message``); Redis errors propagate."""
         spec = self.application.lookup(name)
         if spec is None or spec.kind != "mutation":
             return MutationResult(None, (ErrorCode.UNKNOWN_FUNCTION, "no such mutation"), None)

@@ -29,11 +29,22 @@ Guarantees
   fixes the query's snapshot; a later read that meets a key written after it raises the internal
   :class:`SnapshotMoved` and the whole query runs again, so a result never mixes two versions.
   Past ``query_attempts`` runs the result is the error ``conflict``.
-* **A mutation runs once per** ``(clientId, requestId)``. Its outcome (value and version, or
-  error) is written by the same script as its writes, so a replay on any instance, or a
-  concurrent duplicate, gets the first outcome and applies nothing, for ``outcome_ttl`` seconds
-  (at least 10 minutes). A commit without a client id is still safe to retry after a lost reply:
-  each attempt carries a random id, kept ``ATTEMPT_TTL`` seconds.
+* **A mutation runs once per** ``(user, clientId, requestId)`` (:class:`MutationRequest`; the
+  user is ``None`` for an anonymous caller). Its outcome (value and version, or error, and the
+  function's name) is written by the same script as its writes, so a replay on any instance, or
+  a concurrent duplicate, gets the first outcome and applies nothing, for ``outcome_ttl`` seconds
+  (at least 10 minutes). Each user has its own outcomes: another user (or an anonymous caller)
+  sending the same ``clientId`` and ``requestId`` neither sees nor disturbs them, and runs its
+  own mutation. A replay that names another function raises :class:`RequestIdReused` and
+  commits nothing (protocol 1.1 §5 rule 4). A commit without a client id is still safe to retry
+  after a lost reply: each attempt carries a random id, kept ``ATTEMPT_TTL`` seconds.
+* **An ended session commits nothing** (protocol 1.1 §5 rule 6). Ending a session first writes
+  its *fence* (``redis_keys.data_session_fence``, in the data slot;
+  :class:`tether.server.auth.sessions.SessionStore`), and ``commit.lua`` refuses a commit whose
+  session has a fence, atomically with the rest of the commit: a mutation racing a sign-out on
+  another instance either committed before the fence or not at all. Only a replay of an outcome
+  stored before the end still answers. The refused mutation ends with ``unauthenticated`` and
+  leaves no outcome, so the same user may re-send it after signing in again.
 * **Versions only grow** and the commit stream holds every version in order; a reader that falls
   behind the stream's trimmed head, or finds the global version below what it saw (data loss),
   is told (:attr:`CommitBatch.gap`) and must re-run everything.
@@ -58,6 +69,7 @@ Exception tree::
 
     FunctionError (server.errors)    what a function's caller sees: invalid, not_found, conflict …
     Conflict                         a commit's reads changed; nothing was written
+    RequestIdReused                  a request id whose outcome belongs to another function
     SnapshotMoved (BaseException)    internal: a run saw a newer version; it is retried
 
 Redis errors (``redis.exceptions.RedisError``) propagate from every method, also when they happen
@@ -93,14 +105,17 @@ __all__ = [
     "MAX_INSERTS",
     "Commit",
     "CommitBatch",
+    "IDENTITY_ENDED",
     "CommitResult",
     "Conflict",
     "MutationDB",
     "MutationOutcome",
+    "MutationRequest",
     "MutationRunner",
     "QueryDB",
     "QueryRun",
     "QueryRunner",
+    "RequestIdReused",
     "Schema",
     "SnapshotMoved",
     "Store",
@@ -146,6 +161,25 @@ class Conflict(Exception):
     def __init__(self, key: str) -> None:
         super().__init__(f"conflict on {key}")
         self.key = key
+
+
+class RequestIdReused(Exception):
+    """A mutation's request id already holds the outcome of another function: nothing ran and
+    nothing was written.
+
+    Protocol 1.1 §5 rule 4: re-sending a ``requestId`` with another function name is refused
+    (the endpoint answers ``error`` ``bad_message`` with the ``requestId``). ``name`` is the
+    function the request names, ``stored_name`` the one whose outcome the id holds.
+    """
+
+    def __init__(self, request_id: int, name: str, stored_name: str | None) -> None:
+        super().__init__(
+            f"requestId {request_id} already has the outcome of {_shown(stored_name)},"
+            f" not of {_shown(name)}"
+        )
+        self.request_id = request_id
+        self.name = name
+        self.stored_name = stored_name
 
 
 class _Abort(BaseException):
@@ -198,11 +232,41 @@ class CommitResult:
     """What :meth:`Store.commit` did: committed at ``version`` writing ``written_keys`` (none, and
     the current version, for a mutation that wrote nothing), or found the mutation already
     finished: then ``duplicate`` is its stored outcome (see :meth:`Store.get_outcome`) and
-    ``version`` is ``None``."""
+    ``version`` is ``None``; or found its session ended (``ended``; ``version`` ``None``,
+    nothing written, no outcome stored)."""
 
     version: int | None
     written_keys: frozenset[str]
     duplicate: dict[str, Any] | None = None
+    ended: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MutationRequest:
+    """A mutation as a client asked for it: the key its outcome is kept under, and its name.
+
+    The outcome belongs to ``(user_id, client_id, request_id)``, ``user_id`` being ``None`` for
+    an anonymous caller (protocol 1.1 §5 rule 4), and records ``name``: a replay that names
+    another function raises :class:`RequestIdReused`. The store takes the user id as a string
+    and knows nothing else of identities.
+    """
+
+    name: str
+    client_id: str
+    request_id: int
+    user_id: str | None = None
+
+    @property
+    def outcome_key(self) -> str:
+        return redis_keys.data_outcome(self.user_id, self.client_id, self.request_id)
+
+    def replay(self, stored: Mapping[str, Any]) -> MutationOutcome:
+        """The outcome ``stored`` (from :meth:`Store.get_outcome`) as the answer to this
+        request; raises :class:`RequestIdReused` when it is another function's."""
+        stored_name = stored.get("name")
+        if stored_name != self.name:
+            raise RequestIdReused(self.request_id, self.name, stored_name)
+        return MutationOutcome.from_stored(stored)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,10 +409,18 @@ def _nonce() -> str:
 
 
 def _outcome_text(
-    attempt: str, *, value_json: str | None = None, error: tuple[str, str] | None = None
+    attempt: str,
+    *,
+    name: str | None = None,
+    value_json: str | None = None,
+    error: tuple[str, str] | None = None,
 ) -> str:
-    """An outcome as ``commit.lua`` takes it: ``{"attempt":...}`` then the value or the error."""
+    """An outcome as ``commit.lua`` takes it: ``{"attempt":...}``, the function's name, then the
+    value or the error. ``commit.lua`` puts ``"version"`` first and reads the attempt right after
+    it: nothing may come between them."""
     text = '{"attempt":' + json.dumps(attempt)
+    if name is not None:
+        text += ',"name":' + json.dumps(name)
     if error is not None:
         text += ',"error":' + _compact({"code": error[0], "message": error[1]})
     elif value_json is not None:
@@ -358,9 +430,10 @@ def _outcome_text(
 
 def _parse_outcome(text: str) -> dict[str, Any]:
     stored = json.loads(text)
+    name = stored.get("name")
     if "error" in stored:
-        return {"version": None, "error": stored["error"]}
-    return {"version": stored.get("version"), "value": stored.get("value")}
+        return {"version": None, "error": stored["error"], "name": name}
+    return {"version": stored.get("version"), "value": stored.get("value"), "name": name}
 
 
 def _text(value: Any) -> str:
@@ -823,30 +896,29 @@ class Store:
 
     # -------------------------------------------------------------- outcomes
 
-    def _outcome_key(self, client_id: str | None, request_id: int | None) -> str | None:
-        if client_id is None or request_id is None:
-            return None
-        return redis_keys.data_outcome(client_id, request_id)
+    async def get_outcome(self, request: MutationRequest) -> dict[str, Any] | None:
+        """The stored outcome of ``request``'s ``(user, client, request id)``, or ``None``.
 
-    async def get_outcome(self, client_id: str, request_id: int) -> dict[str, Any] | None:
-        """The stored outcome of ``(client_id, request_id)``, or ``None``.
-
-        ``{"version": V, "value": VALUE}`` for a mutation that succeeded (committed at version
-        ``V``), ``{"version": None, "error": {"code", "message"}}`` for one that failed.
+        ``{"version": V, "value": VALUE, "name": NAME}`` for a mutation that succeeded (committed
+        at version ``V``), ``{"version": None, "error": {"code", "message"}, "name": NAME}`` for
+        one that failed; ``NAME`` is the function whose outcome it is, which may not be
+        ``request.name`` (see :meth:`MutationRequest.replay`).
         """
-        raw = await self.redis.get(redis_keys.data_outcome(client_id, request_id))
+        raw = await self.redis.get(request.outcome_key)
         return None if raw is None else _parse_outcome(_text(raw))
 
     async def put_outcome(
-        self, client_id: str, request_id: int, code: str, message: str
+        self, request: MutationRequest, code: str, message: str
     ) -> dict[str, Any]:
-        """Store a failure as the outcome of ``(client_id, request_id)`` unless it has one.
+        """Store a failure as the outcome of ``request`` unless it has one.
 
         No commit: for failures decided outside the function (``conflict`` after the last
-        retry). Returns the outcome that holds: this one, or the one stored first.
+        retry). Returns the outcome that holds: this one, or the one stored first (which may be
+        another function's: see :meth:`MutationRequest.replay`).
         """
-        key = redis_keys.data_outcome(client_id, request_id)
-        text = '{"version":null,' + _outcome_text(_nonce(), error=(code, message))[1:]
+        key = request.outcome_key
+        outcome = _outcome_text(_nonce(), name=request.name, error=(code, message))
+        text = '{"version":null,' + outcome[1:]
         while True:
             if await self.redis.set(key, text, nx=True, px=self.outcome_ttl * 1000):
                 return _parse_outcome(text)
@@ -860,27 +932,31 @@ class Store:
         self,
         db: MutationDB,
         *,
-        client_id: str | None,
-        request_id: int | None,
+        request: MutationRequest | None,
         outcome_value_json: str | None,
+        session_id: str | None = None,
     ) -> CommitResult:
         """Commit ``db``'s writes if its reads are unchanged; raises :class:`Conflict` otherwise.
 
-        With ``client_id`` and ``request_id``, ``outcome_value_json`` (the mutation's result as
-        compact JSON; ``None`` stores ``null``) is stored as their outcome in the same step, and
-        a mutation that already has an outcome commits nothing: the result's ``duplicate``
-        holds that outcome. A commit that writes nothing leaves the version as it is.
+        With a ``request``, ``outcome_value_json`` (the mutation's result as compact JSON;
+        ``None`` stores ``null``) is stored as its outcome in the same step, and a mutation that
+        already has an outcome commits nothing: the result's ``duplicate`` holds that outcome
+        (whichever function it names: the caller checks, see :meth:`MutationRequest.replay`).
+        With a ``session_id`` whose session has ended (its fence exists), nothing is committed
+        or stored: the result is ``ended``. A commit that writes nothing leaves the version as
+        it is.
         """
         attempt = _nonce()
-        key = self._outcome_key(client_id, request_id)
-        if key is None:
-            request = self._commit_request(
-                db, redis_keys.data_attempt(attempt), attempt, _outcome_text(attempt), ATTEMPT_TTL
-            )
+        if request is None:
+            key, ttl, text = redis_keys.data_attempt(attempt), ATTEMPT_TTL, _outcome_text(attempt)
         else:
-            text = _outcome_text(attempt, value_json=outcome_value_json or "null")
-            request = self._commit_request(db, key, attempt, text, self.outcome_ttl)
-        return await self._send_commit(request)
+            key, ttl = request.outcome_key, self.outcome_ttl
+            text = _outcome_text(
+                attempt, name=request.name, value_json=outcome_value_json or "null"
+            )
+        return await self._send_commit(
+            self._commit_request(db, key, attempt, text, ttl, session_id=session_id)
+        )
 
     def _commit_request(
         self,
@@ -890,9 +966,11 @@ class Store:
         outcome_text: str,
         outcome_ttl: int,
         *,
+        session_id: str | None = None,
         apply_writes: bool = True,
     ) -> _CommitRequest:
-        """The keys and payload of ``commit.lua`` for ``db`` (its reads only, without writes)."""
+        """The keys and payload of ``commit.lua`` for ``db`` (its reads only, without writes),
+        refused by the script if ``session_id``'s fence exists."""
         keys = [
             redis_keys.DATA_VERSION,
             redis_keys.DATA_COMMITS,
@@ -907,6 +985,8 @@ class Store:
                 position[key] = len(keys)  # Lua counts from 1
             return position[key]
 
+        # KEYS[5] when there is a session (no document key can equal it), else 0: no fence.
+        fence = 0 if session_id is None else at(redis_keys.data_session_fence(session_id))
         reads = [[at(key), kind, version] for key, (kind, version) in db._reads.items()]
         docs: list[list[Any]] = []
         index_ops: list[list[Any]] = []
@@ -939,6 +1019,7 @@ class Store:
         written.extend(touched)
         payload = {
             "attempt": attempt,
+            "fence": fence,
             "reads": reads,
             "docs": docs,
             "index_ops": index_ops,
@@ -958,6 +1039,8 @@ class Store:
             return CommitResult(int(reply[1]), request.written)
         if status == "conflict":
             raise Conflict(_text(reply[1]))
+        if status == "ended":
+            return CommitResult(None, frozenset(), ended=True)
         return CommitResult(None, frozenset(), _parse_outcome(_text(reply[1])))
 
     # -------------------------------------------------------------- reading
@@ -1026,31 +1109,37 @@ class Store:
     async def run_mutation(
         self,
         run: MutationRunner,
+        request: MutationRequest | None,
         *,
-        client_id: str | None,
-        request_id: int | None,
+        session_id: str | None = None,
         authorized: Callable[[], bool] | None = None,
     ) -> MutationOutcome:
-        """Run a mutation once per ``(client_id, request_id)`` and commit it: ``run`` is called
-        with a fresh :class:`MutationDB` on each attempt.
+        """Run a mutation once per ``request`` (its user, client id and request id) and commit
+        it: ``run`` is called with a fresh :class:`MutationDB` on each attempt.
 
-        ``authorized`` is asked before every commit attempt (retries sleep and re-run): when it
-        says the caller's identity has ended, the mutation ends with ``unauthenticated`` and
-        nothing is written or remembered, so a replay after signing in again runs it.
+        A request that already has an outcome gets it back without running, or raises
+        :class:`RequestIdReused` when that outcome is another function's (also when the
+        outcome appears while this one runs: then nothing is committed). Otherwise the function
+        runs against a fresh :class:`MutationDB` and commits; on :class:`Conflict` it runs again
+        after a jittered backoff, up to ``max_retries`` times, then fails with ``conflict``. A
+        :class:`~tether.server.errors.FunctionError` is the outcome too (its writes are
+        dropped), so a replay returns the same error. Without a ``request`` nothing is
+        remembered.
 
-        A request that already has an outcome gets it back without running. Otherwise the
-        function runs against a fresh :class:`MutationDB` and commits; on :class:`Conflict` it
-        runs again after a jittered backoff, up to ``max_retries`` times, then fails with
-        ``conflict``. A :class:`~tether.server.errors.FunctionError` is the outcome too (its writes
-        are dropped), so a replay returns the same error. Without ``client_id`` and ``request_id``
-        nothing is remembered. Redis errors propagate; the mutation may or may not have committed,
-        and a replay with the same ids finds out.
+        Two checks keep an ended identity from writing; either ends the mutation with
+        ``unauthenticated`` (:data:`IDENTITY_ENDED`), nothing written or remembered, so a replay
+        after signing in again runs it. ``authorized`` is asked before every commit attempt
+        (retries sleep and re-run): the caller's own view of its identity. ``session_id`` names
+        the caller's session, whose fence ``commit.lua`` checks atomically with the commit: a
+        session ended anywhere (another instance's sign-out) commits nothing from then on.
+
+        Redis errors propagate; the mutation may or may not have committed, and a replay with
+        the same request finds out.
         """
-        outcome_key = self._outcome_key(client_id, request_id)
-        if outcome_key is not None:
-            raw = await self.redis.get(outcome_key)
+        if request is not None:
+            raw = await self.redis.get(request.outcome_key)
             if raw is not None:
-                return MutationOutcome.from_stored(_parse_outcome(_text(raw)))
+                return request.replay(_parse_outcome(_text(raw)))
         hot_key: str | None = None  # the key the last attempt conflicted on
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -1059,46 +1148,55 @@ class Store:
             # invalidate each other (one commit per key per round trip can win).
             async with self._retry_turn(hot_key):
                 try:
-                    outcome = await self._attempt(run, outcome_key, authorized=authorized)
+                    outcome = await self._attempt(
+                        run, request, session_id=session_id, authorized=authorized
+                    )
                 except Conflict as exc:
                     hot_key = exc.key
                     continue
             if outcome is not None:
                 return outcome
         code, message = FunctionErrorCode.CONFLICT, _CONFLICT_MESSAGE.format("mutation")
-        if client_id is not None and request_id is not None:
-            stored = await self.put_outcome(client_id, request_id, code, message)
-            return MutationOutcome.from_stored(stored)
+        if request is not None:
+            return request.replay(await self.put_outcome(request, code, message))
         return MutationOutcome(None, (code, message), None)
 
     async def _attempt(
         self,
         run: MutationRunner,
-        outcome_key: str | None,
+        request: MutationRequest | None,
         *,
+        session_id: str | None,
         authorized: Callable[[], bool] | None,
     ) -> MutationOutcome | None:
         """Run the mutation once and commit it: its outcome, or None when a Redis failure
-        inside the function's reads asks for another attempt. Raises :class:`Conflict`."""
+        inside the function's reads asks for another attempt. Raises :class:`Conflict` and
+        :class:`RequestIdReused`."""
         db = MutationDB(self)
         value_json, error = await self._run_function(run, db)
         if db.aborted:
             db._raise_redis_failure()
             return None
         nonce = _nonce()
-        if outcome_key is None:
+        if request is None:
             key, ttl, text = redis_keys.data_attempt(nonce), ATTEMPT_TTL, _outcome_text(nonce)
         else:
-            key, ttl = outcome_key, self.outcome_ttl
-            text = _outcome_text(nonce, value_json=value_json, error=error)
+            key, ttl = request.outcome_key, self.outcome_ttl
+            text = _outcome_text(nonce, name=request.name, value_json=value_json, error=error)
         # An error is committed without its writes: its reads are still checked, so the
         # error, too, is the answer of one consistent state.
-        request = self._commit_request(db, key, nonce, text, ttl, apply_writes=error is None)
+        commit = self._commit_request(
+            db, key, nonce, text, ttl, session_id=session_id, apply_writes=error is None
+        )
+        ended = MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED), None)
         if authorized is not None and not authorized():
-            return MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED), None)
-        result = await self._send_commit(request)
+            return ended
+        result = await self._send_commit(commit)
+        if result.ended:
+            return ended
         if result.duplicate is not None:
-            return MutationOutcome.from_stored(result.duplicate)
+            assert request is not None  # an attempt key is never found holding another's
+            return request.replay(result.duplicate)
         if error is not None:
             return MutationOutcome(None, error, None)
         return MutationOutcome(value_json, None, result.version, result.written_keys)

@@ -37,8 +37,15 @@ key (``D`` = ``tether:{tether-data}``)            type    holds
                                                           creation score (version*1000+slot)
 ``D:kv``                                          hash    index key → version that last
                                                           changed its membership
-``D:outcome:<CLIENT>:<REQUEST>``                  string  a mutation's JSON outcome (TTL);
-                                                          CLIENT = sha256(clientId)[:32]
+``D:outcome:<OWNER>:<CLIENT>:<REQUEST>``          string  a mutation's JSON outcome and
+                                                          function name (TTL); OWNER =
+                                                          ``anonymous`` or sha256("user:" +
+                                                          userId)[:32], CLIENT =
+                                                          sha256(clientId)[:32]
+``D:ended:<SID>``                                 string  the fence of an ended session: a
+                                                          commit under it is refused (TTL:
+                                                          access-token lifetime + leeway +
+                                                          60 s); holds the end's reason
 ``D:attempt:<NONCE>``                             string  the outcome of a commit made without
                                                           a clientId, kept briefly so a
                                                           retried script call answers the same
@@ -102,9 +109,27 @@ def data_index(table: str, index: str, encoded_values: str) -> str:
     return f"{_DATA}idx:{table}:{index}:{encoded_values}"
 
 
-def data_outcome(client_id: str, request_id: int) -> str:
-    client = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    return f"{_DATA}outcome:{client}:{request_id}"
+#: The owner segment of an anonymous caller's outcome keys. Never a user's: those are 32 hex
+#: digits.
+ANONYMOUS_OWNER = "anonymous"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def data_outcome(user_id: str | None, client_id: str, request_id: int) -> str:
+    """Where the outcome of ``request_id`` of ``client_id``, sent by ``user_id`` (``None``:
+    anonymous), is kept. Each user, and the anonymous caller, has its own key space: no user id
+    can name the anonymous owner or another user's keys (protocol 1.1 §5 rule 4)."""
+    owner = ANONYMOUS_OWNER if user_id is None else _digest("user:" + user_id)
+    return f"{_DATA}outcome:{owner}:{_digest(client_id)}:{request_id}"
+
+
+def data_session_fence(session_id: str) -> str:
+    """The fence of an ended session, in the data slot so ``commit.lua`` can check it
+    (:class:`tether.server.auth.sessions.SessionStore` writes it before ending the session)."""
+    return f"{_DATA}ended:{session_id}"
 
 
 def data_attempt(nonce: str) -> str:

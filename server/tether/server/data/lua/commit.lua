@@ -5,26 +5,32 @@
 -- KEYS[1]  tether:{tether-data}:version   the global version
 -- KEYS[2]  tether:{tether-data}:commits   the commit stream (entry id V-0; fields v, k, t)
 -- KEYS[3]  tether:{tether-data}:kv        index key -> version that last changed it
--- KEYS[4]  the outcome key: the client's (clientId, requestId), or a one-off attempt key
--- KEYS[5..] every document and index key named below; the payload names them by position
+-- KEYS[4]  the outcome key: the caller's (user, clientId, requestId), or a one-off attempt key
+-- KEYS[5..] the caller's session fence (tether:{tether-data}:ended:SID) when it has a session,
+--          then every document and index key named below; the payload names them by position
 -- ARGV[1]  JSON payload:
 --   attempt         random id of this commit attempt (the same when redis-py retries the call)
+--   fence           i of the session fence, or 0 (an anonymous caller: no session to end)
 --   reads           [[i, 'doc' | 'index', version_seen], ...]
 --   docs            [[i, json | false, slot], ...]  false deletes, leaving a tombstone;
 --                   slot >= 0 marks a new document, whose creation score is V*1000 + slot
 --   index_ops       [['new', i, id, slot] | ['add', i, id, score] | ['rem', i, id], ...]
 --   touched         [i, ...]  index keys whose membership changes: their kv version becomes V
 --   written         JSON text, the list of keys written: the stream entry's field k
---   outcome         JSON object text '{"attempt":...,...}', stored at KEYS[4] as
+--   outcome         JSON object text '{"attempt":...,"name":...,...}', stored at KEYS[4] as
 --                   '{"version":V,"attempt":...,...}' (the value JSON is never re-encoded here)
 --   outcome_ttl_ms, tombstone_ttl_ms, maxlen
 --
--- Returns {'ok', V} | {'conflict', key} | {'duplicate', stored_outcome}.
+-- Returns {'ok', V} | {'conflict', key} | {'duplicate', stored_outcome} | {'ended'}.
 --
 -- A commit that writes nothing validates its reads and stores its outcome at the current version
 -- without advancing it. A retried call (a lost reply) finds its own attempt in the outcome key
 -- and answers {'ok', V} again without writing anything; any other call that finds an outcome
--- there is a replay of a mutation that already finished, and gets that outcome.
+-- there is a replay of a mutation that already finished, and gets that outcome (the caller
+-- compares the function name it holds). Then, and only then, the session fence: a session that
+-- has ended (sign-out, revocation, reuse, expiry; the fence is written before the session ends)
+-- commits nothing and stores no outcome, also when it would write nothing: {'ended'}. A replay
+-- of what committed before the end still answers above.
 local p = cjson.decode(ARGV[1])
 
 local function int(n)
@@ -38,6 +44,8 @@ if stored then
   if attempt ~= nil and attempt == p.attempt then return {'ok', tonumber(version)} end
   return {'duplicate', stored}
 end
+
+if p.fence ~= 0 and redis.call('EXISTS', KEYS[p.fence]) == 1 then return {'ended'} end
 
 for _, read in ipairs(p.reads) do
   local key = KEYS[read[1]]
