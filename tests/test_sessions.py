@@ -23,11 +23,14 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+import redis.exceptions
 from tether.protocol import HTTPCode, SessionEndReason
 from tether.server.app import Node
+from tether.server.auth.errors import AuthFailure
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import (
     DEADLINE_GRACE_MS,
+    FENCE_MARGIN,
     RefreshRejected,
     SessionGrant,
     SessionStore,
@@ -762,12 +765,248 @@ async def test_admin_revoke_announces_revoked(
         assert before_ms <= event["at"] <= after_ms
         assert_event(event, grant, SessionEndReason.REVOKED, event["at"])
         assert await store.lookup(grant.session_id) is None
+        value, pttl = await fence_of(store, grant.session_id)
+        assert value == "revoked" and pttl > 0
     assert await store.lookup(spared.session_id) is not None
+
+
+# ----------------------------------------------------------------------------- fences
+
+
+async def fence_of(store: SessionStore, session_id: str) -> tuple[str | None, int]:
+    """The fence's value and remaining lifetime (ms; -2 when there is none)."""
+    key = redis_keys.data_session_fence(session_id)
+    return await store.redis.get(key), await store.redis.pttl(key)
+
+
+def assert_fence_lifetime(store: SessionStore, pttl: int) -> None:
+    # Access-token lifetime + clock leeway + FENCE_MARGIN, counted on Redis's clock from the
+    # write a moment ago.
+    assert store.fence_ttl_ms == (3600 + 5 + FENCE_MARGIN) * 1000
+    assert store.fence_ttl_ms - 10_000 < pttl <= store.fence_ttl_ms
+
+
+async def test_sign_out_and_sign_out_all_leave_a_fence(store: SessionStore) -> None:
+    one = await store.create("user-1")
+    assert await store.end(one.session_id, SessionEndReason.SIGNED_OUT)
+    value, pttl = await fence_of(store, one.session_id)
+    assert value == "signed_out"
+    assert_fence_lifetime(store, pttl)
+
+    mine = [await store.create("user-2") for _ in range(2)]
+    mine[1] = await store.rotate(mine[1].refresh_token)
+    theirs = await store.create("user-3")
+    assert await store.end_all("user-2", SessionEndReason.SIGNED_OUT_EVERYWHERE) == 2
+    for grant in mine:
+        value, pttl = await fence_of(store, grant.session_id)
+        assert value == "signed_out_everywhere"
+        assert_fence_lifetime(store, pttl)
+    assert await fence_of(store, theirs.session_id) == (None, -2)
+
+
+async def test_reuse_and_a_refresh_past_the_deadline_leave_a_fence(
+    redis_client: redis.asyncio.Redis, codec: RefreshTokenCodec, clock: ManualClock
+) -> None:
+    store = SessionStore(
+        redis_client, codec, make_settings(session_inactive_ttl=60, session_ttl=3600), clock
+    )
+    grant = await store.create("user-1")
+    second = await store.rotate(grant.refresh_token)
+    await store.rotate(second.refresh_token)
+    assert await fence_of(store, grant.session_id) == (None, -2)  # rotation fences nothing
+    assert await rejected(store, grant.refresh_token) == REUSED
+    value, pttl = await fence_of(store, grant.session_id)
+    assert value == "refresh_reused"
+    assert_fence_lifetime(store, pttl)
+
+    idle = await store.create("user-2")
+    clock.advance(61)
+    assert await rejected(store, idle.refresh_token) == INVALID  # this call ended it
+    value, pttl = await fence_of(store, idle.session_id)
+    assert value == "session_expired"
+    assert_fence_lifetime(store, pttl)
+
+
+async def test_the_sweep_fences_only_the_sessions_it_ends(
+    redis_client: redis.asyncio.Redis, codec: RefreshTokenCodec, clock: ManualClock
+) -> None:
+    settings = make_settings(session_inactive_ttl=60, session_ttl=3600, access_ttl=30)
+    store = SessionStore(redis_client, codec, settings, clock)
+    idle = await store.create("user-1")
+    busy = await store.create("user-2")
+    clock.advance(50)
+    busy = await store.rotate(busy.refresh_token)
+    clock.advance(11)  # idle is due; busy is indexed as due but was refreshed
+    lifted: list[Any] = []
+    release = store._release_fence
+
+    async def spy(**kwargs: Any) -> Any:
+        lifted.append(kwargs)
+        return await release(**kwargs)
+
+    store._release_fence = spy  # type: ignore[method-assign]
+    assert await store.sweep_expired() == 1
+    assert lifted == []  # busy was never fenced, not even for a moment
+    value, pttl = await fence_of(store, idle.session_id)
+    assert value is not None and value.startswith("session_expired ")
+    assert store.fence_ttl_ms == (30 + 5 + FENCE_MARGIN) * 1000
+    assert store.fence_ttl_ms - 10_000 < pttl <= store.fence_ttl_ms
+    assert await fence_of(store, busy.session_id) == (None, -2)
+    assert await store.lookup(busy.session_id) is not None
+
+
+async def test_the_sweep_lifts_its_fence_when_a_refresh_wins_the_race_and_no_other(
+    redis_client: redis.asyncio.Redis, codec: RefreshTokenCodec, clock: ManualClock
+) -> None:
+    """An instance whose clock lags refreshes a session between the sweep's read (due) and its
+    end script (alive): the sweep lifts the fence it wrote, but never one another end wrote."""
+    settings = make_settings(session_inactive_ttl=60, session_ttl=3600)
+    lagging = ManualClock(clock())
+    racer = SessionStore(redis_client, codec, settings, lagging)
+    tokens: dict[str, str] = {}
+    signing_out: set[str] = set()
+
+    class RacedSweep(SessionStore):
+        async def _fence_expired(self, session_ids: list[str], now: int) -> dict[str, str]:
+            fenced = await super()._fence_expired(session_ids, now)
+            for sid in session_ids:
+                if sid in signing_out:  # a sign-out elsewhere has written its fence
+                    key = redis_keys.data_session_fence(sid)
+                    await redis_client.set(key, "signed_out", px=self.fence_ttl_ms)
+                await racer.rotate(tokens[sid])
+            return fenced
+
+    sweeper = RacedSweep(redis_client, codec, settings, clock)
+    first, second = await sweeper.create("user-1"), await sweeper.create("user-2")
+    tokens = {first.session_id: first.refresh_token, second.session_id: second.refresh_token}
+    signing_out.add(second.session_id)
+    clock.advance(61)
+    lagging.advance(59)
+    assert await sweeper.sweep_expired() == 0
+    assert await sweeper.lookup(first.session_id) is not None
+    assert await fence_of(sweeper, first.session_id) == (None, -2)
+    assert (await fence_of(sweeper, second.session_id))[0] == "signed_out"
+
+
+@pytest.fixture
+async def fenceless_client(redis_proc: RedisProcess) -> AsyncIterator[redis.asyncio.Redis]:
+    """A client whose Redis user may use every key of the auth layer but no data-layer key: a
+    fence write fails (NOPERM) as it would on an unreachable data node."""
+    await redis_proc_acl(redis_proc)
+    client = redis.asyncio.Redis(
+        host="127.0.0.1", port=redis_proc.port, username="no-fences", decode_responses=True
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def redis_proc_acl(redis_proc: RedisProcess) -> None:
+    admin = redis_proc.client()
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", "no-fences", "on", "nopass", "&*", "+@all",
+            "~tether:session:*", "~tether:session-deadlines", "~tether:user:*",
+            "~tether:email:*", "~tether:rl:*",
+        )  # fmt: skip
+    finally:
+        await admin.aclose()
+
+
+async def test_a_fence_that_cannot_be_written_fails_the_end_before_it_happens(
+    store: SessionStore,
+    fenceless_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    settings: Settings,
+    clock: ManualClock,
+    events: SessionEvents,
+) -> None:
+    limited = SessionStore(fenceless_client, codec, settings, clock)
+    one = await limited.create("user-1")
+    two = await limited.create("user-2")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        await limited.end(one.session_id, SessionEndReason.SIGNED_OUT)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        await limited.end_all("user-2", SessionEndReason.SIGNED_OUT_EVERYWHERE)
+    clock.advance(86_400)  # both past their deadline
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        await limited.sweep_expired()
+    # Nothing ended: no tombstone, no event; the sessions end, fenced, once the fence can be
+    # written.
+    for grant in (one, two):
+        assert await store.redis.hget(redis_keys.session(grant.session_id), "state") == "active"
+    assert await events.drain() == []
+    assert await store.sweep_expired() == 2
+    assert len(await events.drain()) == 2
+    for grant in (one, two):
+        assert (await fence_of(store, grant.session_id))[0] is not None
+
+
+async def test_a_sign_out_whose_fence_cannot_be_written_answers_unavailable(
+    redis_proc: RedisProcess, fenceless_client: redis.asyncio.Redis, clock: ManualClock
+) -> None:
+    url = redis_proc.url.replace("://", "://no-fences@", 1)
+    node = Node.build(
+        make_settings(redis_url=url, keys=KeySet.generate().to_json()), demo_app, clock
+    )
+    try:
+        pair = await node.auth.sign_up("carol@example.com", "correct horse battery", "10.0.0.1")
+        with pytest.raises(AuthFailure) as info:
+            await node.auth.sign_out(pair.access_token)
+        assert info.value.code == "unavailable"  # HTTP 503: retry, the session is still on
+        assert await node.sessions.lookup(pair.session_id) is not None
+    finally:
+        await node.close()
+
+
+# ----------------------------------------------------------------------------- rule 7
+
+
+async def test_the_same_current_pair_is_the_same_refresh_token_and_a_fresh_access_token(
+    redis_proc: RedisProcess, clock: ManualClock
+) -> None:
+    """Contract 1.1 §5 rule 7: the previous token within the window, or with the same retryKey
+    after it, yields the identical refresh token string and a newly signed access token for the
+    same session (valid, with its own iat and jti)."""
+    node = Node.build(
+        make_settings(
+            redis_url=redis_proc.url, keys=KeySet.generate().to_json(), refresh_reuse_window=10
+        ),
+        demo_app,
+        clock,
+    )
+    retry_key = secrets.token_urlsafe(24)
+    try:
+        auth = node.auth
+        first = await auth.sign_up("dave@example.com", "correct horse battery", "10.0.0.1")
+        clock.advance(2)
+        rotated = await auth.refresh(first.refresh_token, retry_key)
+        clock.advance(3)  # within the window
+        within = await auth.refresh(first.refresh_token)
+        clock.advance(30)  # past the window, the same retryKey, the new token still unused
+        retried = await auth.refresh(first.refresh_token, retry_key)
+        seen = {rotated.access_token}
+        base = node.tokens.verify(rotated.access_token, now=clock())
+        for again in (within, retried):
+            assert again.refresh_token == rotated.refresh_token
+            assert (again.session_id, again.user_id) == (rotated.session_id, rotated.user_id)
+            assert again.access_token not in seen
+            seen.add(again.access_token)
+            claims = node.tokens.verify(again.access_token, now=clock())
+            assert (claims.session_id, claims.user_id) == (base.session_id, base.user_id)
+            assert claims.issued_at > base.issued_at
+            assert claims.token_id != base.token_id
+            base = claims
+    finally:
+        await node.close()
 
 
 # ----------------------------------------------------------------------------- key hygiene
 
 HASH_TAGGED = re.compile(r"^tether:[a-z-]+:\{[^{}]+\}(:[a-z-]+)?$")
+#: Session fences live in the data layer's one slot (``commit.lua`` reads them).
+FENCE = re.compile(r"^tether:\{tether-data\}:ended:[A-Za-z0-9_-]+$")
 #: Global indexes: one key each, touched by single-key commands only, never with another key
 #: in one script, so a hash tag would change nothing.
 UNTAGGED_GLOBALS = {redis_keys.SESSION_DEADLINES}
@@ -837,8 +1076,12 @@ async def test_keys_are_tagged_expiring_and_hold_no_secret(
         assert any(n.startswith("tether:rl:") for n in names)  # the flows did hit the limiter
         assert any(n.startswith("tether:session:") for n in names)
         for name in names:
-            assert name in UNTAGGED_GLOBALS or HASH_TAGGED.match(name), name
-            if name.startswith(("tether:session:", "tether:rl:")) or name.endswith(":sessions"):
+            assert name in UNTAGGED_GLOBALS or HASH_TAGGED.match(name) or FENCE.match(name), name
+            if (
+                name.startswith(("tether:session:", "tether:rl:"))
+                or name.endswith(":sessions")
+                or FENCE.match(name)
+            ):
                 assert await raw.pttl(name) > 0, f"{name} has no TTL"
 
         mac = key_set.refresh_secret
@@ -862,6 +1105,8 @@ async def test_keys_are_tagged_expiring_and_hold_no_secret(
                 assert needle not in blob, f"{label} found in Redis"
         # Not vacuous: the sessions are there, a fresh one (never rotated) with its TTL too.
         assert redis_keys.session(alice.session_id).encode() in dump
+        assert redis_keys.data_session_fence(alice2.session_id).encode() in dump
+        assert redis_keys.data_session_fence(bob.session_id).encode() in dump  # reuse
         assert await raw.pttl(redis_keys.session(untouched.session_id)) > 0
     finally:
         await raw.aclose()

@@ -1103,9 +1103,7 @@ async def test_read_commits_lists_written_keys_in_order(store: Store) -> None:
     for tag in ("x", "y", "x"):
         db = MutationDB(store)
         await db.insert("items", {"tag": tag})
-        results.append(
-            await store.commit(db, request=None, outcome_value_json=None)
-        )
+        results.append(await store.commit(db, request=None, outcome_value_json=None))
     batch = await store.read_commits(0)
     assert not batch.gap and batch.version == 3
     assert [c.version for c in batch.commits] == [1, 2, 3]

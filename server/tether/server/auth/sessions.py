@@ -11,6 +11,35 @@ Session-ended event, published on ``redis_keys.SESSION_ENDED_CHANNEL`` as JSON::
     {"type": "session_ended", "sessionId": SID, "userId": UID, "reason": REASON, "at": MS}
 
 ``reason`` is one of :class:`tether.protocol.SessionEndReason`.
+
+Session fences
+--------------
+Once a session has ended it writes nothing (protocol 1.1 §5 rule 6), on every instance. The
+session hash lives in its own Cluster slot, the data in another, so no script can end a session
+and refuse its commits in one step. Instead, a session gets a *fence*
+(``redis_keys.data_session_fence``, a string in the data slot holding the end's reason) that the
+data layer's ``commit.lua`` checks atomically with each commit, and the fence is written
+**before** the session-end script runs: by :meth:`SessionStore.end`, :meth:`SessionStore.end_all`
+(for every session id of the user), the expiry sweep (only for the sessions whose own deadline
+has passed) and ``tether sessions revoke``. A mutation racing the end therefore either commits
+before the fence or not at all, and a sign-out's answer, or a ``session_revoked`` push, comes
+after the fence. A fence that cannot be written (a Redis error) fails the call before the
+session ends: the sign-out answers 503 and can be retried; a session is never ended unfenced.
+
+Two ends are decided inside the rotation script, which cannot write the fence itself: reuse (a
+refresh answered ``refresh_reused``) and a refresh that finds the session past its deadline.
+There :meth:`SessionStore.rotate` writes the fence right after the script and before it answers,
+so the fence exists before the ``refresh_reused`` (or ``refresh_invalid``) answer. For about one
+round trip to Redis in between, the script has already published the session-ended event, and a
+socket on another instance may receive ``session_revoked`` while a mutation under that session
+could still commit. If that fence write fails, the refresh answers ``unavailable``; the client's
+retry with the same token gets ``refresh_reused`` again and writes the fence then (an expired
+session's retry answers ``refresh_invalid`` without one: its access tokens expire with it).
+
+A fence lives :attr:`SessionStore.fence_ttl_ms`: the access-token lifetime plus the clock leeway
+plus :data:`FENCE_MARGIN`. After that every access token of the session has expired (an identity
+ends at its ``exp`` + leeway, and no token outlives a refresh made before the end by more than
+the access-token lifetime), so no caller can present the session any more.
 """
 
 from __future__ import annotations
@@ -34,6 +63,11 @@ log = logging.getLogger("tether.sessions")
 DEADLINE_GRACE_MS = 60_000
 #: Sessions the expiry sweep looks at per pass.
 SWEEP_BATCH = 200
+#: Seconds a session's fence outlives the session's last access token (access-token lifetime +
+#: clock leeway): for a mutation that passed its connection's identity check just before the
+#: token's end and reaches Redis later, a token minted by a refresh racing the end, and clock
+#: skew between the instances (a token's ``exp``) and Redis (the fence's expiry).
+FENCE_MARGIN = 60
 
 
 class RefreshRejected(Exception):
@@ -79,6 +113,7 @@ class SessionStore:
         self.clock = clock
         self._rotate = load_script(redis, "tether.server.auth", "session_rotate")
         self._end = load_script(redis, "tether.server.auth", "session_end")
+        self._release_fence = load_script(redis, "tether.server.auth", "fence_release")
         # The rotation script's constant settings, as its one ARGV[3] (settings are immutable).
         self._rotate_settings = (
             f"{settings.refresh_reuse_window * 1000} {self._tombstone_ms}"
@@ -89,6 +124,21 @@ class SessionStore:
     def _tombstone_ms(self) -> int:
         # A tombstone outlives every access token of the session it replaces.
         return (self.settings.access_ttl + self.settings.clock_leeway) * 1000
+
+    @property
+    def fence_ttl_ms(self) -> int:
+        """How long an ended session's fence lives (ms): see the module's docstring."""
+        return (self.settings.access_ttl + self.settings.clock_leeway + FENCE_MARGIN) * 1000
+
+    async def _fence(self, session_ids: list[str], reason: SessionEndReason) -> None:
+        """Write the fences of ``session_ids`` (one round trip: they share the data slot).
+        Redis errors propagate: the caller must not end a session whose fence is missing."""
+        if not session_ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.set(redis_keys.data_session_fence(sid), reason.value, px=self.fence_ttl_ms)
+            await pipe.execute()
 
     async def create(self, user_id: str) -> SessionGrant:
         """Start a session for ``user_id`` and mint its first refresh token."""
@@ -129,7 +179,9 @@ class SessionStore:
         """Apply the rotation rules to ``raw_token``; return the (new or current) grant.
 
         Raises :class:`RefreshRejected`; Redis errors propagate (the caller answers
-        ``unavailable``: an outage never ends a session).
+        ``unavailable``: an outage never ends a session). When the script ended the session
+        (reuse, or a token presented past the deadline), the session's fence is written before
+        the refusal is raised (see the module's docstring).
         """
         token = self.codec.parse(raw_token)
         if token is None:
@@ -144,21 +196,35 @@ class SessionStore:
             keys=[redis_keys.session(sid)],
             args=[to_ms(self.clock()), hashes, self._rotate_settings],
         )
-        # 'rotated DEADLINE USERID' | 'current DEADLINE USERID' | 'reused' | 'invalid'
+        # 'rotated DEADLINE USERID' | 'current DEADLINE USERID' | 'reused' | 'expired' | 'invalid'
         outcome, _, rest = reply.partition(" ")
         if outcome == "rotated" or outcome == "current":
             deadline, _, user_id = rest.partition(" ")
             return SessionGrant(user_id, sid, successor.token, int(deadline))
-        if outcome == "reused":
+        if outcome == "expired":
+            await self._fence([sid], SessionEndReason.SESSION_EXPIRED)
+        elif outcome == "reused":
+            await self._fence([sid], SessionEndReason.REFRESH_REUSED)
             raise RefreshRejected(
                 HTTPCode.REFRESH_REUSED,
                 "this refresh token was already used; the session has been ended",
             )
         raise RefreshRejected(HTTPCode.REFRESH_INVALID, "the refresh token is not valid")
 
-    async def end(self, session_id: str, reason: SessionEndReason, *, unindex: bool = True) -> bool:
-        """End one session; True if this call ended it (it was active). ``unindex=False``
-        leaves its deadline entry to the caller (:meth:`end_all` drops them together)."""
+    async def end(self, session_id: str, reason: SessionEndReason) -> bool:
+        """End one session; True if this call ended it (it was active).
+
+        Its fence is written first (also when it had already ended: ending is idempotent), so
+        no mutation under it commits once this returns; Redis errors propagate, the session
+        maybe not ended yet (retry)."""
+        await self._fence([session_id], reason)
+        ended = await self._end_fenced(session_id, reason)
+        if ended:
+            await self._unindex([session_id])
+        return ended
+
+    async def _end_fenced(self, session_id: str, reason: SessionEndReason) -> bool:
+        """Run the session-end script for a session whose fence has been written."""
         reply = await self._end(
             keys=[redis_keys.session(session_id)],
             args=[
@@ -170,10 +236,7 @@ class SessionStore:
                 "0",
             ],
         )
-        ended = int(reply[0]) == 1
-        if ended and unindex:
-            await self._unindex([session_id])
-        return ended
+        return int(reply[0]) == 1
 
     async def _unindex(self, session_ids: list[str]) -> None:
         """Drop ended sessions' deadline entries, best effort: the sessions have ended and been
@@ -185,10 +248,14 @@ class SessionStore:
             log.warning("sessions ended; their deadline entries stay: %s", type(exc).__name__)
 
     async def end_all(self, user_id: str, reason: SessionEndReason) -> int:
-        """End every session of ``user_id``; return how many were active."""
+        """End every session of ``user_id``; return how many were active.
+
+        Every session id of the user is fenced first, in one round trip, then each is ended;
+        Redis errors propagate (retry: ending is idempotent)."""
         index = redis_keys.user_sessions(user_id)
         sids = [str(sid) for sid in await self.redis.smembers(index)]
-        ended = [sid for sid in sids if await self.end(sid, reason, unindex=False)]
+        await self._fence(sids, reason)
+        ended = [sid for sid in sids if await self._end_fenced(sid, reason)]
         if ended:
             await self._unindex(ended)
         if sids:
@@ -237,7 +304,10 @@ class SessionStore:
     async def sweep_expired(self) -> int:
         """End sessions whose deadline passed (announcing ``session_expired``); return how many.
 
-        Safe to run on every instance at once: ending is atomic and announces once.
+        Safe to run on every instance at once: ending is atomic and announces once. The
+        deadline index lags refreshes, so each indexed session's own deadline is read first,
+        and only those past it are fenced before the script ends them. Redis errors propagate
+        (the sessions not yet ended are taken up by the next pass).
         """
         now = to_ms(self.clock())
         due = [
@@ -246,6 +316,9 @@ class SessionStore:
                 redis_keys.SESSION_DEADLINES, "-inf", now, start=0, num=SWEEP_BATCH
             )
         ]
+        if not due:
+            return 0
+        fenced = await self._fence_expired(due, now)
         ended = 0
         for sid in due:
             reply = await self._end(
@@ -260,6 +333,12 @@ class SessionStore:
                 ],
             )
             if int(reply[0]) == 0:
+                if sid in fenced:
+                    # Refreshed between the read and the script (an instance whose clock lags
+                    # saw it alive): lift the fence, unless someone else's replaced it.
+                    await self._release_fence(
+                        keys=[redis_keys.data_session_fence(sid)], args=[fenced[sid]]
+                    )
                 # Refreshed since it was indexed: move it to its new deadline.
                 await self.redis.zadd(redis_keys.SESSION_DEADLINES, {sid: int(reply[1])})
             else:
@@ -267,9 +346,38 @@ class SessionStore:
                 await self.redis.zrem(redis_keys.SESSION_DEADLINES, sid)
         return ended
 
+    async def _fence_expired(self, session_ids: list[str], now: int) -> dict[str, str]:
+        """Fence those of ``session_ids`` that are active and past their own deadline at
+        ``now``; return the fence value written for each (a fence that already exists is left
+        as it is, and not returned: only a fence the sweep wrote is ever lifted by it)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.hmget(redis_keys.session(sid), ["state", "abs", "last", "inactive"])
+            rows = await pipe.execute()
+        expired = [
+            sid
+            for sid, (state, absolute, last, inactive) in zip(session_ids, rows, strict=True)
+            if state == "active" and now >= min(int(absolute), int(last) + int(inactive))
+        ]
+        if not expired:
+            return {}
+        values = {
+            sid: f"{SessionEndReason.SESSION_EXPIRED.value} {secrets.token_urlsafe(9)}"
+            for sid in expired
+        }
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid, value in values.items():
+                pipe.set(redis_keys.data_session_fence(sid), value, px=self.fence_ttl_ms, nx=True)
+            written = await pipe.execute()
+        return {sid: values[sid] for sid, ok in zip(expired, written, strict=True) if ok}
+
 
 async def revoke_from_cli(redis_url: str, *, user_id: str | None, session_id: str | None) -> int:
-    """``tether sessions revoke``: end sessions as an administrator; return how many ended."""
+    """``tether sessions revoke``: end sessions as an administrator; return how many ended.
+
+    Each session is fenced before it ends (:meth:`SessionStore.end`), with the fence lifetime of
+    the settings this process loads (``TETHER_ACCESS_TTL``, ``TETHER_CLOCK_LEEWAY``): run it with
+    the deployment's settings."""
     redis = connect(redis_url)
     try:
         # The codec is not needed to end sessions: no token is minted or parsed.

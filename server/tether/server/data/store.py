@@ -100,12 +100,12 @@ from tether.server.redis.connection import RedisClient, load_script, without_tur
 
 __all__ = [
     "ATTEMPT_TTL",
+    "IDENTITY_ENDED",
     "MAX_DOCUMENT_BYTES",
     "MAX_INDEX_VALUES_BYTES",
     "MAX_INSERTS",
     "Commit",
     "CommitBatch",
-    "IDENTITY_ENDED",
     "CommitResult",
     "Conflict",
     "MutationDB",

@@ -10,7 +10,9 @@
 -- (Three arguments rather than nine: redis-py spends 1-2 us of CPU packing each one.)
 --
 -- Returns one string, not an array (cheaper for the caller to read): 'rotated DEADLINE USERID' |
--- 'current DEADLINE USERID' | 'reused' | 'invalid'. The user id comes last, so it may hold any
+-- 'current DEADLINE USERID' | 'reused' | 'expired' (this call ended the session: its deadline had
+-- passed) | 'invalid'. The caller fences the session after 'reused' and 'expired' (the fence is
+-- in another Cluster slot: sessions.py's docstring). The user id comes last, so it may hold any
 -- character. A retry of the same call (redis-py after a lost reply) finds the presented token as
 -- the previous one, rotated at the same `now`, and answers 'current' with the same pair.
 --
@@ -61,7 +63,7 @@ local absolute, inactive = tonumber(f[3]), tonumber(f[5])
 local deadline = math.min(absolute, tonumber(f[4]) + inactive)
 if now >= deadline then
   end_session('session_expired')
-  return 'invalid'
+  return 'expired'
 end
 
 if presented == current then
