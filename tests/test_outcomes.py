@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from redis.crc import key_slot
 from tether.protocol import FunctionErrorCode, SessionEndReason
 from tether.server import demo
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
@@ -35,9 +36,11 @@ from tether.server.data.store import (
     Store,
 )
 from tether.server.redis import keys as redis_keys
+from tether.server.redis.connection import connect as redis_connect
 from tether.server.settings import Settings
 
 from tests.clock import ManualClock
+from tests.harness import RedisClusterProcess
 
 ENDED = (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED)
 
@@ -116,11 +119,17 @@ def demo_engine(redis_client: redis.asyncio.Redis, clock: ManualClock) -> QueryE
 
 
 @pytest.fixture
-def sessions(redis_client: redis.asyncio.Redis, clock: ManualClock) -> SessionStore:
-    settings = Settings.load(
+def sessions_settings() -> Settings:
+    return Settings.load(
         {"argon2_time_cost": 2, "argon2_memory_kib": 19456, "argon2_parallelism": 1}, environ={}
     )
-    return SessionStore(redis_client, RefreshTokenCodec(b"k" * 32), settings, clock)
+
+
+@pytest.fixture
+def sessions(
+    redis_client: redis.asyncio.Redis, clock: ManualClock, sessions_settings: Settings
+) -> SessionStore:
+    return SessionStore(redis_client, RefreshTokenCodec(b"k" * 32), sessions_settings, clock)
 
 
 async def mutate(
@@ -371,3 +380,35 @@ async def test_a_replay_of_what_committed_before_the_end_still_answers(
     assert await tags(engine, "a") == ["a"]
     # A new request under the ended session is refused.
     assert (await mutate(engine, "items.add", {"tag": "a"}, caller, request_id=2)).error == ENDED
+
+
+@pytest.mark.timeout(60)
+async def test_on_a_redis_cluster_the_fence_is_checked_in_the_commits_slot(
+    cluster: RedisClusterProcess, clock: ManualClock, sessions_settings: Settings
+) -> None:
+    """The fence, the outcome and the documents share the data slot (one script, no
+    CROSSSLOT); the session hash lives elsewhere and is ended by its own script."""
+    client = redis_connect(cluster.url)
+    try:
+        store = Store(client, schema=app.schema, clock=clock)
+        engine = QueryEngine(app, store)
+        sessions = SessionStore(client, RefreshTokenCodec(b"k" * 32), sessions_settings, clock)
+        grant = await sessions.create("alice")
+        caller = Caller("alice", grant.session_id)
+        assert key_slot(redis_keys.session(grant.session_id).encode()) != key_slot(
+            redis_keys.data_session_fence(grant.session_id).encode()
+        )
+        first = await mutate(engine, "items.add", {"tag": "c"}, caller)
+        assert first.error is None
+        gates["cluster"] = gate = Gate()
+        task = asyncio.create_task(
+            mutate(engine, "items.add", {"tag": "c", "gate": "cluster"}, caller, request_id=2)
+        )
+        await gate.reached.wait()
+        assert await sessions.end(grant.session_id, SessionEndReason.SIGNED_OUT)
+        gate.proceed.set()
+        assert (await task).error == ENDED
+        assert await mutate(engine, "items.add", {"tag": "c"}, caller) == first  # a replay
+        assert await tags(engine, "c") == ["c"]
+    finally:
+        await client.aclose()

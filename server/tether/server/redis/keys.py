@@ -45,7 +45,8 @@ key (``D`` = ``tether:{tether-data}``)            type    holds
 ``D:ended:<SID>``                                 string  the fence of an ended session: a
                                                           commit under it is refused (TTL:
                                                           access-token lifetime + leeway +
-                                                          60 s); holds the end's reason
+                                                          60 s); holds the end's reason (the
+                                                          sweep's: and a random id)
 ``D:attempt:<NONCE>``                             string  the outcome of a commit made without
                                                           a clientId, kept briefly so a
                                                           retried script call answers the same
