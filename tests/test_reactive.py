@@ -1096,3 +1096,33 @@ async def test_a_refresh_answered_unavailable_keeps_the_identity(
         if update["queryId"] == 1
     ]
     assert whoami_since == [], whoami_since  # never blanked, never re-sent
+
+
+async def test_outcomes_belong_to_one_user_and_one_function(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    """Issue 11, item 5 (rule 4), end to end: the same (clientId, requestId) from an anonymous
+    socket, then from two users, runs three mutations; a requestId re-sent with another
+    function's name is refused with bad_message and writes nothing."""
+    server = server_factory()
+    alice, bob = await signup(server.base_url), await signup(server.base_url)
+    client_id, counter = unique("shared-ids"), unique("owned")
+    squatter = await open_live(server, label="anonymous", client_id=client_id)
+    assert (await squatter.mutate(1, "counter.increment", {"name": counter}))["value"] == 1
+    seen = []
+    for user in (alice, bob):
+        live = await open_live(server, label=user["userId"], client_id=client_id)
+        await live.authenticate(user["accessToken"], 1)
+        await live.subscribe(1, "notes.mine")
+        result = await live.mutate(1, "counter.increment", {"name": counter})
+        seen.append(result["value"])
+        await live.send(
+            {"type": "mutate", "requestId": 1, "name": "notes.add", "args": {"text": "x"}}
+        )
+        await live.wait(lambda live=live: 1 in live.rejections, "the refusal")
+        assert live.rejections[1]["code"] == "bad_message", live.rejections[1]
+        # The original outcome is still the answer for the original name.
+        assert await live.mutate(1, "counter.increment", {"name": counter}) == result
+        await asyncio.sleep(0.2)
+        assert live.value(1) == []  # the refused notes.add wrote nothing
+    assert seen == [2, 3]

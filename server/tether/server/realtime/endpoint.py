@@ -42,7 +42,7 @@ from tether.server.data.caller import Caller
 from tether.server.data.engine import QueryEngine
 from tether.server.data.functions import App
 from tether.server.data.live import Evaluation, Registration, SubscriptionManager
-from tether.server.data.store import IDENTITY_ENDED
+from tether.server.data.store import IDENTITY_ENDED, RequestIdReused
 from tether.server.errors import FunctionError
 from tether.server.realtime.core import (
     Action,
@@ -520,6 +520,11 @@ class Connection:
                 async with asyncio.timeout(DELIVERY_TIMEOUT):
                     processed = await manager.wait_processed(outcome.version)
                 self.execute(core.advance_version(processed, self.now()))
+        except RequestIdReused as exc:
+            # Rule 4: the requestId holds another function's outcome; nothing was written.
+            refusal = BadMessage(ErrorCode.BAD_MESSAGE, str(exc), request_id=action.request_id)
+            self.execute(core.mutation_refused(action.generation, refusal))
+            return
         except (RedisError, TimeoutError):
             # Whether it committed is unknown; re-sending the same requestId is always safe.
             self._mutation_failed(
