@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from tether.client.auth import (
+    MIN_RENEWAL_RETRY,
     TRANSITIONS,
     AuthCore,
     CallFetchToken,
@@ -314,7 +315,8 @@ def test_the_store_lock_timing_out_is_a_passing_failure() -> None:
     clock.now += LIFETIME_MS / 1000
     assert core.begin(renew=True, now=clock.now) == RefreshInBand()
     assert core.lock_timed_out() == Retry("store_locked")
-    assert core.status == AuthStatus(AuthState.REFRESHING, "u1", "s1", "store_locked")
+    # The connection still holds the identity: still authenticated, with the reason.
+    assert core.status == AuthStatus(AuthState.AUTHENTICATED, "u1", "s1", "store_locked")
 
 
 def test_an_empty_store_signs_in_with_the_password_then_saves_before_use() -> None:
@@ -373,7 +375,7 @@ def test_a_renewal_asks_fetch_token_for_a_new_token() -> None:
     core.observe(AuthExpiring(clock.ms() + LIFETIME_MS, clock.ms()), clock.now)
     assert core.begin(renew=True, now=clock.now) == CallFetchToken(True)
     assert core.fetch_failed() == Retry("fetch_token_failed")
-    assert core.status == AuthStatus(AuthState.REFRESHING, "u1", "s1", "fetch_token_failed")
+    assert core.status == AuthStatus(AuthState.AUTHENTICATED, "u1", "s1", "fetch_token_failed")
 
 
 def test_fetch_token_without_a_user_drops_the_identity_held() -> None:
@@ -459,6 +461,48 @@ def test_auth_expired_reports_refreshing_closes_the_gate_and_renews() -> None:
     assert core.renewal_deadline() is None
 
 
+@pytest.mark.parametrize("code", ["unavailable", "rate_limited"])
+def test_a_transient_renewal_failure_keeps_the_identity_and_retries_before_exp(code: str) -> None:
+    # Contract 1.1 §5 rule 2: the server keeps the identity; so does the client.
+    clock, core = Clock(), store_core()
+    settle_with_stored(core, clock, session(clock))
+    held = core.held_expires_at
+    assert held is not None
+    core.observe(AuthExpiring(held, clock.ms()), clock.now)
+    assert core.begin(renew=True, now=clock.now) == RefreshInBand()
+    stale = session(clock).with_retry_key("k")
+    core.refresh_loaded(stale, clock.now)  # the file changed under us: spend ours
+    assert answer(core, failed(code, 2), clock) == Retry(code)
+    assert core.holds_identity and core.held_expires_at == held
+    assert core.state is SessionState.AUTHENTICATED and core.gate_open
+    assert core.status == AuthStatus(AuthState.AUTHENTICATED, "u1", "s1", code)
+    assert core.keep_alive(clock.now) == Renew()  # still due: retried after the backoff
+    # ... and the backoff never outlasts the identity: at most half the time left.
+    clock.now = held / 1000 - 10
+    assert core.retry_delay(16.0, clock.now) == pytest.approx(5.0)
+    assert core.retry_delay(0.05, clock.now) == 0.05
+    clock.now = held / 1000 + 1  # past exp (the server's leeway): not a busy loop either
+    assert core.retry_delay(16.0, clock.now) == MIN_RENEWAL_RETRY
+    # A renewal that then succeeds clears the reason.
+    assert core.begin(renew=True, now=clock.now) == RefreshInBand()
+    core.refresh_loaded(stale, clock.now)
+    tokens = {"accessToken": "at2", "refreshToken": "rt2", "expiresAt": clock.ms() + LIFETIME_MS}
+    assert isinstance(answer(core, ok(clock, 3, tokens=tokens), clock), SaveSession)
+    assert core.saved(clock.now) == Settled()
+    assert core.status == AuthStatus(AuthState.AUTHENTICATED, "u1", "s1")
+
+
+@pytest.mark.parametrize("code", ["token_expired", "invalid_token", "some_future_code"])
+def test_other_auth_errors_drop_the_identity_held(code: str) -> None:
+    clock, core = Clock(), AuthCore(Source.FETCH)
+    core.begin(renew=False, now=clock.now)
+    core.fetched("t1")
+    answer(core, ok(clock), clock)
+    core.observe(failed(code, 2), clock.now)
+    assert not core.holds_identity and core.held_expires_at is None
+    core.validate()
+
+
 def test_session_revoked_forgets_the_session_and_signs_out() -> None:
     clock, core = Clock(), store_core()
     stored = session(clock)
@@ -493,9 +537,9 @@ def test_a_passing_renewal_failure_leaves_the_gate_as_it_was() -> None:
     stale = session(clock, age=LIFETIME_MS / 1000).with_retry_key("k")
     core.refresh_loaded(stale, clock.now)
     assert answer(core, failed("unavailable", 2), clock) == Retry("unavailable")
-    # Operations keep flowing while the renewal is retried (the server may run them as
-    # anonymous meanwhile); the gate follows the identity again once it is back.
-    assert core.gate_open and not core.holds_identity
+    # Operations keep flowing while the renewal is retried; the gate follows the identity
+    # again if it ends meanwhile.
+    assert core.gate_open
 
 
 # ---------------------------------------------------------------------------------- the application

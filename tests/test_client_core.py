@@ -5,6 +5,7 @@ classification, and the token stores (files and locks, but no network)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import random
@@ -17,6 +18,8 @@ from typing import Any
 
 import pytest
 from tether.client.core import (
+    REQUEST_IDS_PER_MS,
+    USER_CHANGED_MESSAGE,
     AuthExpiring,
     AuthFailed,
     AuthOk,
@@ -24,7 +27,9 @@ from tether.client.core import (
     ClientCore,
     CloseDecision,
     Identity,
+    MutationDeferred,
     MutationDone,
+    Principal,
     QueryRejected,
     QueryUpdate,
     Reconnector,
@@ -32,11 +37,15 @@ from tether.client.core import (
     SessionRevoked,
     Unrecognized,
     close_decision,
+    initial_request_id,
     renewal_due,
+    token_subject,
 )
 from tether.client.errors import AuthErrorKind, MessageTooLarge, classify_auth_code
 from tether.client.http_auth import http_base_url
 from tether.client.token_store import FileTokenStore, MemoryTokenStore, StoredSession
+
+from tests.clock import ManualClock
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -186,7 +195,7 @@ def test_nothing_but_connect_and_auth_goes_out_before_ready() -> None:
     core.mutate("notes.add", {"text": "hi"})
     assert core.data_to_send() == []
     connected(core)
-    core.authenticate("token")
+    core.authenticate("token", user="u")
     assert [f["type"] for f in frames(core)] == ["authenticate"]
     core.set_ready(True)
     assert [f["type"] for f in frames(core)] == ["subscribe", "mutate"]
@@ -255,10 +264,10 @@ def test_server_frames_become_events() -> None:
     connected(core)
     core.set_ready(True)
     q = core.subscribe("whoami", {})
-    r = core.mutate("counter.increment", {"name": "a"})
+    r = core.mutate("counter.increment", {"name": "a"}, user="u")
     frames(core)
 
-    auth_version = core.authenticate("t")
+    auth_version = core.authenticate("t", user="u")
     ok = core.receive(
         json.dumps(
             {
@@ -488,3 +497,282 @@ async def test_file_store_lock_excludes_a_second_instance_in_the_same_process(
     async with second.locked():
         pass
     assert os.path.exists(str(path) + ".lock")
+
+
+# ---------------------------------------------------------------------------------- contract 1.1
+
+
+def ready_core(clock: ManualClock | None = None, **kwargs: Any) -> ClientCore:
+    """A core on a connected connection, ready, anonymous; re-sends after 1 s exactly."""
+    core = ClientCore(
+        "client-1",
+        clock=clock or ManualClock(),
+        rand=lambda: 0.5,
+        retry_backoff=Backoff(initial=2.0, maximum=8.0),
+        first_request_id=100,
+        **kwargs,
+    )
+    connected(core)
+    core.set_ready(True)
+    core.validate()
+    return core
+
+
+def auth_ok(core: ClientCore, version: int, user: str | None, session: str = "s1") -> list[Any]:
+    identity = None if user is None else {"userId": user, "sessionId": session}
+    frame = {"type": "auth_ok", "authVersion": version, "identity": identity, "serverTime": 1}
+    if user is not None:
+        frame["expiresAt"] = 10**13
+    events = core.receive(json.dumps(frame))
+    core.validate()
+    return events
+
+
+def signed_in(core: ClientCore, user: str = "u1", session: str = "s1") -> None:
+    version = core.authenticate("token", user=user)
+    auth_ok(core, version, user, session)
+    frames(core)
+
+
+def sent_mutations(core: ClientCore) -> list[int]:
+    core.flush()
+    core.validate()
+    return [f["requestId"] for f in frames(core) if f["type"] == "mutate"]
+
+
+def result(request_id: int, **fields: Any) -> str:
+    return json.dumps({"type": "mutation_result", "requestId": request_id, **fields})
+
+
+def test_request_ids_start_at_a_time_based_value_below_2_53() -> None:
+    now = time.time()
+    first = initial_request_id(now)
+    assert first == int(now * 1000) * REQUEST_IDS_PER_MS
+    assert first < 2**53 - 1
+    # A process restarted with the same clientId a millisecond later starts above every id
+    # the one before took, unless it took more than REQUEST_IDS_PER_MS a millisecond.
+    assert initial_request_id(now + 0.001) >= first + REQUEST_IDS_PER_MS - REQUEST_IDS_PER_MS // 8
+    assert initial_request_id(now + 3600) > first + 3600 * 1000 * (REQUEST_IDS_PER_MS - 1)
+    assert initial_request_id(2**53) <= 2**53 - 1  # never past JSON's exact integers
+    core = ClientCore("c")
+    assert abs(core.new_request_id() - initial_request_id(time.time())) < 10**7
+    assert ClientCore("c", first_request_id=7).mutate("m", {}) == 7
+
+
+def test_unavailable_is_not_an_outcome_the_same_request_id_is_sent_again_after_a_backoff() -> None:
+    clock = ManualClock()
+    core = ready_core(clock)
+    r = core.mutate("counter.increment", {"name": "a"})
+    (first,) = frames(core)
+    unknown = {"code": "unavailable", "message": "the data store is unreachable"}
+    assert core.receive(result(r, error=unknown)) == [MutationDeferred(r, "unavailable", 1.0)]
+    assert r in core.mutations and core.next_retry_at() == clock.now + 1.0
+    assert sent_mutations(core) == []  # not before the backoff
+    clock.advance(0.999)
+    assert sent_mutations(core) == []
+    clock.advance(0.001)
+    core.flush()
+    assert frames(core) == [first]  # the same frame: same requestId, name and args
+    assert core.next_retry_at() is None
+    # The next one waits twice as long (2 s × 2 × 0.5).
+    assert core.receive(result(r, error=unknown)) == [MutationDeferred(r, "unavailable", 2.0)]
+    clock.advance(2.0)
+    assert sent_mutations(core) == [r]
+    # A definite answer ends it.
+    assert core.receive(result(r, value=1, version=3)) == [MutationDone(r, value=1, version=3)]
+    assert core.mutations == {} and core.next_retry_at() is None
+
+
+def test_a_dropped_mutate_rate_limited_is_sent_again_other_errors_are_outcomes() -> None:
+    clock = ManualClock()
+    core = ready_core(clock)
+    r1 = core.mutate("counter.increment", {})
+    r2 = core.mutate("counter.increment", {})
+    frames(core)
+    dropped = {"type": "error", "code": "rate_limited", "message": "dropped", "requestId": r1}
+    assert core.receive(json.dumps(dropped)) == [MutationDeferred(r1, "rate_limited", 1.0)]
+    refused = {"type": "error", "code": "bad_message", "message": "name", "requestId": r2}
+    assert core.receive(json.dumps(refused)) == [MutationDone(r2, error=("bad_message", "name"))]
+    failed = {"code": "internal", "message": "m"}
+    clock.advance(1.0)
+    assert sent_mutations(core) == [r1]
+    assert core.receive(result(r1, error=failed)) == [MutationDone(r1, error=("internal", "m"))]
+
+
+def test_a_retry_waits_across_a_reconnect_and_goes_out_on_the_next_connection() -> None:
+    clock = ManualClock()
+    core = ready_core(clock)
+    r = core.mutate("counter.increment", {})
+    frames(core)
+    core.receive(result(r, error={"code": "unavailable", "message": ""}))
+    core.connection_lost()
+    connected(core)
+    core.set_ready(True)
+    assert sent_mutations(core) == []  # its backoff still runs
+    clock.advance(1.0)
+    assert sent_mutations(core) == [r]
+    # An `unavailable` for a mutation already due to go out again changes nothing.
+    core.connection_lost()
+    assert core.receive(result(r, error={"code": "unavailable", "message": ""})) == []
+
+
+def test_mutate_with_a_request_id_sends_that_id_and_joins_a_pending_one() -> None:
+    core = ready_core()
+    r = core.mutate("counter.increment", {"name": "a"})
+    assert r == 100
+    frames(core)
+    core.forget_mutation(r)  # its caller timed out: it is not sent again ...
+    assert sent_mutations(core) == []
+    # ... until the application re-sends it with its requestId: same id, nothing new taken.
+    assert core.mutate("counter.increment", {"name": "a"}, request_id=r) == r
+    assert frames(core) == [
+        {"type": "mutate", "requestId": r, "name": "counter.increment", "args": {"name": "a"}}
+    ]
+    assert core.mutate("counter.increment", {"name": "a"}, request_id=r) == r  # still pending
+    assert core.data_to_send() == []
+    with pytest.raises(ValueError, match="pending"):
+        core.mutate("notes.add", {"text": "x"}, request_id=r)
+    with pytest.raises(ValueError):
+        core.mutate("m", {}, request_id=2**53)
+    assert core.mutate("m", {}) == 101  # the counter did not move
+
+
+def test_transient_auth_errors_keep_the_identity_others_blank_it() -> None:
+    core = ready_core()
+    signed_in(core)
+    r = core.mutate("notes.add", {}, user="u1")
+    assert sent_mutations(core) == [r]
+    for code in ("unavailable", "rate_limited"):
+        version = core.refresh("rt", user="u1")
+        error = {"type": "auth_error", "authVersion": version, "code": code}
+        assert core.receive(json.dumps(error)) == [AuthFailed(version, code, "")]
+        core.validate()
+        assert core.identity == Identity("u1", "s1")  # rule 2
+        assert core.presumed_user == "u1" and core.mutations[r].sent  # nothing to re-send
+    version = core.refresh("rt", user="u1")
+    core.receive(
+        json.dumps({"type": "auth_error", "authVersion": version, "code": "refresh_invalid"})
+    )
+    core.validate()
+    assert core.identity is None and core.presumed_user is None
+    assert not core.mutations[r].sent  # its result may never come: due again as u1
+    assert sent_mutations(core) == []  # ... but never as anonymous
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        {"type": "auth_expired", "expiresAt": 5, "serverTime": 6},
+        {"type": "session_revoked", "reason": "revoked"},
+        {"type": "auth_error", "code": "token_expired"},
+        "reconnect",
+    ],
+)
+def test_mutations_sent_before_an_identity_ended_go_out_again_as_the_same_user(end: Any) -> None:
+    core = ready_core()
+    signed_in(core)
+    r = core.mutate("notes.add", {"text": "x"}, user="u1")
+    assert frames(core)[0]["requestId"] == r
+    if end == "reconnect":
+        core.connection_lost()
+        connected(core)
+        core.set_ready(True)
+    elif end["type"] == "auth_error":
+        end["authVersion"] = core.authenticate("stale", user="u1")
+        core.receive(json.dumps(end))
+    else:
+        core.receive(json.dumps(end))
+    core.validate()
+    assert sent_mutations(core) == []  # anonymous now: waits
+    # Back as the same user, in a new session (outcomes are keyed by user): the same id again.
+    version = core.refresh("rt", user="u1")
+    assert sent_mutations(core) == [r]  # pipelined behind the refresh that makes it u1
+    assert auth_ok(core, version, "u1", session="s2")[1:] == []
+    assert sent_mutations(core) == []  # sent after the refresh: its answer will come
+
+
+def test_a_new_session_of_the_same_user_resends_only_what_was_sent_before_it() -> None:
+    core = ready_core()
+    signed_in(core)
+    before = core.mutate("notes.add", {}, user="u1")
+    frames(core)
+    version = core.authenticate("another-session", user="u1")
+    after = core.mutate("notes.add", {}, user="u1")
+    assert [f["type"] for f in frames(core)] == ["authenticate", "mutate"]
+    assert auth_ok(core, version, "u1", session="s2")[1:] == []
+    assert sent_mutations(core) == [before]  # `after` ran under s2 already
+    # The same session refreshed: nothing ended, nothing is sent again.
+    version = core.refresh("rt", user="u1")
+    auth_ok(core, version, "u1", session="s2")
+    assert sent_mutations(core) == [] and set(core.mutations) == {before, after}
+
+
+def test_a_pending_mutation_is_never_sent_under_another_user_it_fails_unauthenticated() -> None:
+    core = ready_core()
+    signed_in(core)
+    sent = core.mutate("notes.add", {"text": "sent as u1"}, user="u1")
+    frames(core)
+    core.connection_lost()
+    connected(core)
+    core.set_ready(True)
+    waiting = core.mutate("notes.add", {"text": "not sent yet"}, user="u1")
+    version = core.authenticate("token-of-u2", user="u2")
+    assert [f["type"] for f in frames(core)] == ["authenticate"]  # no u1 mutation behind it
+    events = auth_ok(core, version, "u2")
+    assert events[1:] == [
+        MutationDone(sent, error=("unauthenticated", USER_CHANGED_MESSAGE)),
+        MutationDone(waiting, error=("unauthenticated", USER_CHANGED_MESSAGE)),
+    ]
+    assert core.mutations == {} and sent_mutations(core) == []
+    # Issued under u2 now: goes out.
+    assert sent_mutations(core) == []
+    mine = core.mutate("notes.add", {}, user="u2")
+    assert [f["requestId"] for f in frames(core)] == [mine]
+
+
+def test_an_anonymous_mutation_is_not_sent_as_the_user_who_signs_in() -> None:
+    core = ready_core()
+    r = core.mutate("counter.increment", {}, user=None)
+    frames(core)
+    version = core.authenticate("token", user="u1")
+    events = auth_ok(core, version, "u1")
+    assert events[1:] == [MutationDone(r, error=("unauthenticated", USER_CHANGED_MESSAGE))]
+
+
+def test_signing_out_fails_the_mutations_of_the_user_keeps_anonymous_ones() -> None:
+    core = ready_core()
+    signed_in(core)
+    mine = core.mutate("notes.add", {}, user="u1")
+    unbound = core.mutate("notes.add", {})  # issued before the client knew its user
+    core.set_ready(False)
+    anonymous = core.mutate("counter.increment", {}, user=None)
+    assert core.abandon_user_mutations() == [
+        MutationDone(mine, error=("unauthenticated", USER_CHANGED_MESSAGE)),
+        MutationDone(unbound, error=("unauthenticated", USER_CHANGED_MESSAGE)),
+    ]
+    assert set(core.mutations) == {anonymous}
+
+
+def test_an_unbound_mutation_belongs_to_the_user_it_is_first_sent_as() -> None:
+    core = ClientCore("client-1", first_request_id=1)
+    r = core.mutate("notes.add", {})  # before any connection: the user is not known yet
+    connected(core)
+    version = core.authenticate("token")  # a token whose user the client cannot read
+    core.set_ready(True)
+    assert sent_mutations(core) == []  # who will run it? wait for the answer
+    auth_ok(core, version, "u1")
+    assert sent_mutations(core) == [r]
+    assert core.mutations[r].user == "u1"
+
+
+def test_a_jwt_names_its_user() -> None:
+    def jwt(claims: dict[str, Any]) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        return f"eyJhbGciOiJFUzI1NiJ9.{body}.c2ln"
+
+    assert token_subject(jwt({"sub": "u-1", "sid": "s"})) == "u-1"
+    assert token_subject(jwt({"sid": "s"})) is Principal.UNKNOWN
+    assert token_subject(jwt({"sub": 5})) is Principal.UNKNOWN
+    assert token_subject("opaque") is Principal.UNKNOWN
+    assert token_subject("a.%%%.c") is Principal.UNKNOWN
+    assert token_subject("a.bm90IGpzb24.c") is Principal.UNKNOWN

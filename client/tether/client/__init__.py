@@ -20,6 +20,7 @@ from tether.client.errors import (
     ClientClosed,
     MessageTooLarge,
     MutationError,
+    OutcomeUnknown,
     QueryError,
     TetherError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "MemoryTokenStore",
     "MessageTooLarge",
     "MutationError",
+    "OutcomeUnknown",
     "QueryError",
     "StoredSession",
     "Subscription",

@@ -23,6 +23,9 @@ The policy (``docs/client.md``, "Sessions"):
 * An ``auth_error`` code is classified by :func:`~tether.client.errors.classify_auth_code`:
   ``unavailable``/``rate_limited`` (and unknown codes) are passing (:class:`Retry`, never a
   sign-out); ``token_expired``/``invalid_token`` ask for a new token; the rest end the session.
+  After ``unavailable``/``rate_limited`` the server keeps the identity the connection held
+  (contract 1.1 §5 rule 2): the status stays ``AUTHENTICATED`` (with the code as ``reason``)
+  and the renewal is retried before that identity's ``exp`` (:meth:`AuthCore.retry_delay`).
 * Renewal is due on ``auth_expiring`` for the identity held, or at :func:`renewal_due` when
   that push went missing, or at once when the identity expected is not held.
 
@@ -54,6 +57,7 @@ from typing import TypeAlias
 
 from tether.client.core import (
     DEFAULT_RENEWAL_MARGIN,
+    IDENTITY_KEEPING_AUTH_CODES,
     AuthExpired,
     AuthExpiring,
     AuthFailed,
@@ -67,6 +71,11 @@ from tether.client.core import (
 from tether.client.errors import AuthErrorKind, classify_auth_code
 from tether.client.token_store import StoredSession
 from tether.protocol import AuthErrorCode, SessionEndReason
+
+#: The shortest wait (seconds) before retrying a renewal that failed for a passing reason
+#: while the identity is still held, however close its ``exp`` (see
+#: :meth:`AuthCore.retry_delay`).
+MIN_RENEWAL_RETRY = 0.25
 
 # --------------------------------------------------------------------------------- commands
 
@@ -387,7 +396,9 @@ class AuthCore:
                     else None
                 )
         elif isinstance(event, AuthFailed):
-            self._release()  # "the connection is now anonymous"
+            if event.code not in IDENTITY_KEEPING_AUTH_CODES:
+                self._release()  # "the connection is now anonymous"
+            # unavailable/rate_limited: the server kept the identity (contract 1.1 §5 rule 2)
         elif isinstance(event, AuthExpiring):
             self._expiring = event.expires_at
         elif isinstance(event, AuthExpired):
@@ -434,6 +445,16 @@ class AuthCore:
             return True
         due = self.renewal_deadline()
         return due is not None and now >= due
+
+    def retry_delay(self, backoff: float, now: float) -> float:
+        """How long to wait before retrying a renewal that failed for a passing reason, given
+        the backoff's ``backoff``: never so long that the identity held ends first (at most
+        half the time left before its ``exp``, but not under :data:`MIN_RENEWAL_RETRY`)."""
+        if not self.holds_identity or self._timing is None:
+            return backoff
+        expires_at, server_time, received_at = self._timing
+        left = expires_at / 1000 - (server_time / 1000 - received_at) - now
+        return min(backoff, max(left / 2, MIN_RENEWAL_RETRY))
 
     def keep_alive(self, now: float) -> Renew | ScheduleWake:
         """What the keep-alive does at ``now``: renew, or sleep until the deadline (or until
@@ -716,7 +737,15 @@ class AuthCore:
         return self._settled()
 
     def _retry(self, reason: str) -> Retry:
-        self.status = self._refreshing(reason)
+        status = self.status
+        if self.holds_identity and status.state is AuthState.AUTHENTICATED:
+            # The connection still holds the identity (rule 2): report the failed renewal
+            # without pretending the user is gone.
+            self.status = AuthStatus(
+                AuthState.AUTHENTICATED, status.user_id, status.session_id, reason
+            )
+        else:
+            self.status = self._refreshing(reason)
         return Retry(reason)
 
     def _end_settled(self, reason: str) -> Settled:
@@ -742,6 +771,7 @@ class AuthCore:
 
 
 __all__ = [
+    "MIN_RENEWAL_RETRY",
     "TRANSITIONS",
     "AuthCore",
     "CallFetchToken",

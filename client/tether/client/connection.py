@@ -52,15 +52,18 @@ from tether.client.auth import (
     Settled,
     SignIn,
     Source,
+    Wants,
 )
 from tether.client.core import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MUTATION_RETRY_BACKOFF,
     DEFAULT_RENEWAL_MARGIN,
     PROTOCOL_VERSION,
     AuthExpired,
     AuthExpiring,
     AuthFailed,
     AuthOk,
+    AuthState,
     AuthStatus,
     Backoff,
     ClientCore,
@@ -68,20 +71,25 @@ from tether.client.core import (
     ConnectionState,
     ConnectionStatus,
     Event,
+    MutationDeferred,
     MutationDone,
     Phase,
     Pong,
+    Principal,
     QueryRejected,
     QueryUpdate,
     Reconnector,
     ServerError,
     SessionRevoked,
     Unrecognized,
+    User,
+    token_subject,
 )
 from tether.client.errors import (
     AuthError,
     ClientClosed,
     MutationError,
+    OutcomeUnknown,
     QueryError,
 )
 from tether.client.http_auth import AuthAPI
@@ -132,6 +140,13 @@ class ClientOptions:
     renewal_margin: float = DEFAULT_RENEWAL_MARGIN
     #: Seconds one HTTP auth request may take.
     http_timeout: float = 10.0
+    #: Seconds a ``mutate`` waits for a definite answer before it raises
+    #: :class:`~tether.client.errors.OutcomeUnknown` (``None``: no limit; a call's own
+    #: ``timeout=`` wins).
+    mutation_timeout: float | None = None
+    #: Backoff between re-sends of a mutation answered ``unavailable`` (outcome unknown) or
+    #: dropped as ``rate_limited`` (full jitter, 100 ms doubling to 5 s by default).
+    mutation_retry_backoff: Backoff = DEFAULT_MUTATION_RETRY_BACKOFF
 
 
 class _Outcome(enum.Enum):
@@ -141,6 +156,15 @@ class _Outcome(enum.Enum):
 
 class _ConnectionLost(Exception):
     """The connection an auth operation used is gone; the next connection starts over."""
+
+
+@dataclass(slots=True)
+class _PendingMutation:
+    """A mutation without an outcome, and how many ``mutate`` calls await it."""
+
+    name: str
+    future: asyncio.Future[MutationDone]
+    waiters: int = 0
 
 
 _END = object()
@@ -335,13 +359,18 @@ class TetherClient:
         self._trace = trace
 
         opts = self.options
+        self._rand = random.Random()
         self._core = ClientCore(
-            self.client_id, protocol=protocol, max_message_bytes=opts.max_message_bytes
+            self.client_id,
+            protocol=protocol,
+            max_message_bytes=opts.max_message_bytes,
+            clock=time.monotonic,
+            rand=self._rand.random,
+            retry_backoff=opts.mutation_retry_backoff,
         )
         self._reconnector = Reconnector(
             len(self.urls), opts.backoff, stable_after=opts.stable_after
         )
-        self._rand = random.Random()
 
         # Session keeping: the policy is the pure AuthCore's; this shell carries out its
         # commands, with the wall clock read here only.
@@ -367,7 +396,7 @@ class TetherClient:
 
         # Operations.
         self._subscriptions: dict[int, Subscription] = {}
-        self._mutations: dict[int, asyncio.Future[MutationDone]] = {}
+        self._mutations: dict[int, _PendingMutation] = {}
         self._auth_waiters: dict[int, asyncio.Future[AuthOk | AuthFailed]] = {}
         self._mutation_slots = asyncio.Semaphore(opts.max_pending_mutations)
         self._auth_lock = asyncio.Lock()
@@ -477,31 +506,99 @@ class TetherClient:
         self._check_open()
         return Subscription(self, name, args)
 
-    async def mutate(self, name: str, /, **args: Any) -> Any:
-        """Run mutation ``name``; its result.
+    async def mutate(
+        self,
+        name: str,
+        /,
+        *,
+        request_id: int | None = None,
+        # A parameter, not only asyncio.timeout around the call: on expiry the client must stop
+        # re-sending and report the requestId (OutcomeUnknown), which a cancellation cannot.
+        timeout: float | None = None,  # noqa: ASYNC109
+        **args: Any,
+    ) -> Any:
+        """Run mutation ``name`` with ``args`` exactly once; its result.
 
-        Sent once connected; if the connection is lost before the outcome arrives, it is sent
-        again with the same ``requestId`` and the server answers with the original outcome:
-        it runs once, however many connections it takes. (Cancelling the call stops the
-        replays: the mutation then ran once or not at all.) Raises
-        :class:`~tether.client.errors.MutationError`.
+        Sent once connected, under the user the client is signed in as now. Until a definite
+        answer comes it is sent again with the same ``requestId``, which the server answers
+        with the original outcome instead of running it twice: after a lost connection, after
+        ``unavailable`` (the server could not tell whether it committed: never raised) or
+        ``rate_limited``, with a jittered backoff (``mutation_retry_backoff``). If the user
+        changes or signs out first, it is not sent under the new identity: it fails with
+        ``unauthenticated``.
+
+        ``timeout`` (seconds; default ``ClientOptions.mutation_timeout``, ``None``: no limit):
+        when it passes without a definite answer, the client stops sending it and raises
+        :class:`~tether.client.errors.OutcomeUnknown` with its ``request_id``.
+        ``request_id``: send it with that id instead of a new one, to re-send a mutation whose
+        outcome is unknown (same name and arguments); if it is still pending in this client,
+        this awaits the same mutation. (Cancelling the call also stops the re-sends: the
+        mutation then ran once or not at all.)
+
+        Raises :class:`~tether.client.errors.MutationError` for a definite failure.
         """
         self._check_open()
         self.start()
-        async with self._mutation_slots:
-            self._check_open()
-            request_id = self._core.mutate(name, args)
-            future: asyncio.Future[MutationDone] = asyncio.get_running_loop().create_future()
-            self._mutations[request_id] = future
-            self._wake_writer.set()
-            try:
-                done = await future
-            finally:
-                if self._mutations.pop(request_id, None) is not None:
-                    self._core.forget_mutation(request_id)  # cancelled: no replay
+        if timeout is None:
+            timeout = self.options.mutation_timeout
+        if request_id is None:
+            request_id = self._core.new_request_id()
+        try:
+            async with asyncio.timeout(timeout):
+                done = await self._await_mutation(request_id, name, args)
+        except TimeoutError:
+            raise OutcomeUnknown(request_id, name, timeout) from None
         if done.error is not None:
             raise MutationError(*done.error)
         return done.value
+
+    async def _await_mutation(
+        self, request_id: int, name: str, args: dict[str, Any]
+    ) -> MutationDone:
+        pending = self._mutations.get(request_id)
+        if pending is None:
+            await self._mutation_slots.acquire()
+            pending = self._mutations.get(request_id)  # another caller's, while we waited
+            if pending is not None:
+                self._mutation_slots.release()
+            else:
+                try:
+                    self._check_open()
+                    self._core.mutate(name, args, user=self._mutation_user(), request_id=request_id)
+                except BaseException:
+                    self._mutation_slots.release()
+                    raise
+                future: asyncio.Future[MutationDone] = asyncio.get_running_loop().create_future()
+                future.add_done_callback(lambda _: self._mutation_slots.release())
+                pending = self._mutations[request_id] = _PendingMutation(name, future)
+                self._wake_writer.set()
+        if pending.name != name:
+            raise ValueError(
+                f"requestId {request_id} is pending for {pending.name!r}, not {name!r}"
+            )
+        pending.waiters += 1
+        try:
+            return await asyncio.shield(pending.future)
+        finally:
+            pending.waiters -= 1
+            if pending.waiters == 0 and not pending.future.done():
+                # Every caller gave up (a timeout, a cancellation): stop sending it.
+                if self._mutations.get(request_id) is pending:
+                    del self._mutations[request_id]
+                self._core.forget_mutation(request_id)
+                pending.future.cancel()
+
+    def _mutation_user(self) -> User:
+        """The user a mutation issued now belongs to (contract 1.1 §5 rule 4)."""
+        auth = self._auth
+        if auth.wants is not Wants.IDENTITY:
+            return None  # anonymous, or signed out
+        status = self.auth_status
+        if status.state is AuthState.AUTHENTICATED and status.user_id is not None:
+            return status.user_id
+        if auth.session is not None:
+            return auth.session.user_id
+        return Principal.UNBOUND  # signing in: the user it is first sent under
 
     async def ping(self) -> float:
         """Round trip of a ``ping`` on the current connection, in seconds (waits for a
@@ -696,6 +793,7 @@ class TetherClient:
                     self._trace("recv", text)
                 for event in self._core.receive(text):
                     self._handle(event)
+                self._core.flush()  # what the frame made due (an identity back, a retry)
                 self._wake_writer.set()
         except websockets.ConnectionClosed:
             pass
@@ -706,11 +804,18 @@ class TetherClient:
         return None
 
     async def _write(self, ws: ClientConnection) -> None:
+        core = self._core
         with contextlib.suppress(websockets.ConnectionClosed):
             while True:
-                await self._wake_writer.wait()
+                retry_at = core.next_retry_at()
+                timeout = None if retry_at is None else max(0.0, retry_at - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wake_writer.wait()
                 self._wake_writer.clear()
-                for text in self._core.data_to_send():
+                if retry_at is not None:
+                    core.flush()  # mutations whose retry time came
+                for text in core.data_to_send():
                     if self._trace is not None:
                         self._trace("send", text)
                     await ws.send(text)
@@ -788,9 +893,16 @@ class TetherClient:
                 error = QueryError(*event.error) if event.error is not None else None
                 sub._push(event.value, error)
         elif isinstance(event, MutationDone):
-            future = self._mutations.pop(event.request_id, None)
-            if future is not None and not future.done():
-                future.set_result(event)
+            pending = self._mutations.pop(event.request_id, None)
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(event)
+        elif isinstance(event, MutationDeferred):
+            log.info(
+                "mutation %d: %s, no outcome yet; sending it again in %.2f s",
+                event.request_id,
+                event.code,
+                event.retry_in,
+            )
         elif isinstance(event, AuthOk | AuthFailed):
             self._auth.observe(event, self._clock())
             self._publish_auth()
@@ -846,8 +958,19 @@ class TetherClient:
         """One auth operation in its own task, shielded from the connection's end."""
         task = asyncio.create_task(self._authenticate_once(renew=renew, gen=self._generation))
         self._auth_tasks.add(task)
-        task.add_done_callback(self._auth_tasks.discard)
+        task.add_done_callback(self._auth_task_done)
         return await asyncio.shield(task)
+
+    def _auth_task_done(self, task: asyncio.Task[_Outcome]) -> None:
+        """Retrieve the outcome of an auth task. Its caller may be gone (the connection ended
+        and cancelled it, past the shield) when the task then fails with ``_ConnectionLost``:
+        without this, asyncio logs "Task exception was never retrieved" at ERROR."""
+        self._auth_tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, _ConnectionLost):
+            log.warning("an auth operation failed: %r", exc)
 
     async def _authenticate_once(self, *, renew: bool, gen: int) -> _Outcome:
         async with self._auth_lock:
@@ -870,15 +993,19 @@ class TetherClient:
                     if isinstance(command, Retry):
                         return _Outcome.RETRY
                     if isinstance(command, SendAuthenticate):
+                        user = self._presented_user(command.token)
                         answer = await self._send_auth(
-                            gen, partial(self._core.authenticate, command.token)
+                            gen, partial(self._core.authenticate, command.token, user=user)
                         )
                         command = auth.answered(answer, self._clock())
                     elif isinstance(command, SendRefresh):
-                        answer = await self._send_auth(
-                            gen,
-                            partial(self._core.refresh, command.refresh_token, command.retry_key),
+                        refresh = partial(
+                            self._core.refresh,
+                            command.refresh_token,
+                            command.retry_key,
+                            user=self._presented_user(None, refresh=True),
                         )
+                        answer = await self._send_auth(gen, refresh)
                         command = auth.answered(answer, self._clock())
                     elif isinstance(command, CallFetchToken):
                         command = await self._fetch(command.force)
@@ -915,6 +1042,17 @@ class TetherClient:
             auth.failed(f"error: {type(exc).__name__}")
             self._publish_auth()
             return _Outcome.RETRY
+
+    def _presented_user(self, token: str | None, *, refresh: bool = False) -> User:
+        """The user an ``authenticate`` with ``token`` (or a ``refresh``) will establish if it
+        succeeds: later frames run as that user (rule 1), so mutations of that user may follow
+        it at once."""
+        session = self._auth.session
+        if self._auth.source is Source.STORE and session is not None:
+            return session.user_id
+        if refresh or token is None:
+            return Principal.UNKNOWN if refresh else None
+        return token_subject(token)
 
     async def _fetch(self, force: bool) -> Command:
         assert self._fetch_token is not None
@@ -970,8 +1108,12 @@ class TetherClient:
                 attempt = 0
 
     def _publish_auth(self) -> None:
-        """Tell the application the core's auth state; apply its gate."""
+        """Tell the application the core's auth state; apply its gate. Once the client wants
+        no user (signed out, or its source has none), mutations issued under a user fail."""
         self._set_auth(self._auth.status)
+        if self._auth.wants is not Wants.IDENTITY and self._mutations:
+            for event in self._core.abandon_user_mutations():
+                self._handle(event)
         self._update_gate()
 
     async def _forget_session(self, session: StoredSession) -> None:
@@ -1023,9 +1165,9 @@ class TetherClient:
         if self._closed is not None:
             return
         self._closed = reason
-        for future in self._mutations.values():
-            if not future.done():
-                future.set_exception(reason)
+        for pending in self._mutations.values():
+            if not pending.future.done():
+                pending.future.set_exception(reason)
         self._mutations.clear()
         for sub in list(self._subscriptions.values()):
             sub._finish(reason)

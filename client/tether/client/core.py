@@ -19,22 +19,41 @@ The rules it implements (``docs/protocol.md``, ``docs/client.md``):
   every live subscription is sent again with its ``queryId``, and every mutation without an
   outcome is sent again with its original ``requestId``, so the server answers it with the
   original outcome instead of running it twice.
+* A mutation belongs to the user it was issued under (contract 1.1 §5 rule 4). It is sent only
+  when the connection runs (or, after a pipelined ``authenticate``/``refresh``, will run) as that
+  user. When the connection's identity changes or ends, mutations sent under the identity before
+  may never be answered (rule 1): they are sent again, same ``requestId``, once the connection
+  is that user again, and failed with ``unauthenticated`` when it becomes another user
+  (:meth:`ClientCore.abandon_user_mutations` when the client signs out).
+* ``unavailable`` is not an outcome (rule 3): a ``mutation_result`` with that code, or an
+  ``error`` ``rate_limited`` naming the ``requestId`` (the frame was dropped), sends the same
+  ``requestId`` again after a jittered backoff (:class:`MutationDeferred`), until a definite
+  answer comes.
+* ``requestId``\\ s start at a time-based value (:func:`initial_request_id`), so a process that
+  restarts with the same ``clientId`` does not reuse the ids of the one before.
 """
 
 from __future__ import annotations
 
+import base64
 import enum
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from tether.client.errors import MessageTooLarge
 from tether.protocol import (
+    MAX_SAFE_INT,
     PROTOCOL_VERSION,
+    AuthErrorCode,
     ClientMessageType,
     CloseDecision,
+    ErrorCode,
+    FunctionErrorCode,
+    MutationErrorCode,
     ServerMessageType,
     close_decision,
 )
@@ -46,6 +65,17 @@ DEFAULT_MAX_MESSAGE_BYTES = 65536
 #: default (60 s, or half the lifetime), so the timer only fires when a push went missing.
 DEFAULT_RENEWAL_MARGIN = 30.0
 
+
+#: ``auth_error`` codes after which the server keeps the connection's identity (1.1 §5 rule 2).
+IDENTITY_KEEPING_AUTH_CODES = frozenset({AuthErrorCode.UNAVAILABLE, AuthErrorCode.RATE_LIMITED})
+#: Answers to a ``mutate`` that are not an outcome: send the same ``requestId`` again later.
+#: ``unavailable`` (a ``mutation_result``): the server could not learn whether it committed;
+#: ``rate_limited`` (an ``error`` naming the ``requestId``): the frame was dropped unread.
+RETRY_MUTATION_CODES = frozenset({MutationErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED})
+#: How many requestIds a client may take per millisecond, on average since it started,
+#: before the next process with the same ``clientId`` could reuse one (see
+#: :func:`initial_request_id`).
+REQUEST_IDS_PER_MS = 1024
 
 _PING_FRAME = json.dumps({"type": ClientMessageType.PING}, separators=(",", ":"))
 
@@ -74,6 +104,25 @@ class Backoff:
     def delay(self, attempt: int, rand: float) -> float:
         """The wait of attempt ``attempt`` for a uniform ``rand`` in ``[0, 1)``."""
         return rand * self.ceiling(attempt)
+
+
+#: The backoff between re-sends of a mutation whose outcome is unknown (100 ms doubling to 5 s,
+#: full jitter): long enough not to hammer a server whose Redis is down, short enough that the
+#: application hears soon after it is back.
+DEFAULT_MUTATION_RETRY_BACKOFF = Backoff(initial=0.1, maximum=5.0)
+
+
+def initial_request_id(now: float) -> int:
+    """The first ``requestId`` of a client started at ``now`` (seconds since the epoch).
+
+    Outcomes live on the server for a while (15 minutes) keyed by ``clientId`` and
+    ``requestId``: a process that restarts with the same ``clientId`` must not reuse an id of
+    the process before, or it would be answered with that one's outcome. Starting from
+    milliseconds since the epoch × :data:`REQUEST_IDS_PER_MS` keeps every new process above the
+    ids of the earlier ones as long as none took more than that many ids per millisecond on
+    average; the value stays below 2**53 (JSON's exact integers) until the year 2248.
+    """
+    return min(int(now * 1000) * REQUEST_IDS_PER_MS, MAX_SAFE_INT - 2**32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +350,16 @@ class MutationDone:
 
 
 @dataclass(frozen=True, slots=True)
+class MutationDeferred:
+    """No outcome yet (``code``: ``unavailable`` or ``rate_limited``): the mutation is sent
+    again, same ``requestId``, in ``retry_in`` seconds or on the next connection."""
+
+    request_id: int
+    code: str
+    retry_in: float
+
+
+@dataclass(frozen=True, slots=True)
 class ServerError:
     """An ``error`` frame that names no live query or mutation of this client."""
 
@@ -330,6 +389,7 @@ Event: TypeAlias = (
     | QueryUpdate
     | QueryRejected
     | MutationDone
+    | MutationDeferred
     | ServerError
     | Pong
     | Unrecognized
@@ -345,6 +405,44 @@ class Phase(enum.Enum):
     CONNECTED = "connected"  # `connected` received
 
 
+class Principal(enum.Enum):
+    """Users that are not a user id (``None`` is the anonymous caller)."""
+
+    #: A mutation issued while the client did not know its user yet (signing in at start): it
+    #: belongs to the user the connection runs as when it is first sent.
+    UNBOUND = "unbound"
+    #: The user an ``authenticate`` will establish is not known before its answer (a token
+    #: from ``fetch_token``): mutations wait for the answer.
+    UNKNOWN = "unknown"
+
+
+#: Who a mutation belongs to, or what an auth request is expected to establish: a user id,
+#: ``None`` (anonymous), or a :class:`Principal`.
+User: TypeAlias = str | Principal | None
+
+
+def token_subject(token: str) -> str | Principal:
+    """The ``sub`` (user id) an access JWT names, read without checking anything (the server
+    checks): the user an ``authenticate`` with it establishes if it is accepted.
+    :attr:`Principal.UNKNOWN` when ``token`` is not a JWT with a string ``sub``."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return Principal.UNKNOWN
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, RecursionError):
+        return Principal.UNKNOWN
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    return sub if isinstance(sub, str) else Principal.UNKNOWN
+
+
+#: The message of the ``unauthenticated`` failure of a mutation whose user is gone.
+USER_CHANGED_MESSAGE = (
+    "the client's user changed (or signed out) before this mutation had an outcome; it was not "
+    "sent under the new identity (if it had been sent before, it may have been applied)"
+)
+
+
 @dataclass(slots=True)
 class _Subscription:
     name: str
@@ -355,12 +453,24 @@ class _Subscription:
 @dataclass(slots=True)
 class _Mutation:
     name: str
-    args: dict[str, Any]
-    sent: bool = False
+    frame: str
+    user: User
+    sent: bool = False  # sent on the current connection, under its current identity
+    #: ``auth_version`` when it was last sent: it runs under what that auth request
+    #: established (contract 1.1 §5 rule 1).
+    epoch: int = 0
+    #: Answers without an outcome so far (``unavailable``): the backoff's attempt number.
+    attempt: int = 0
+    #: Not sent again before this time (``clock``), after an answer without an outcome.
+    retry_at: float | None = None
 
 
 def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _principal(identity: Identity | None) -> tuple[str, str] | None:
+    return None if identity is None else (identity.user_id, identity.session_id)
 
 
 class ClientCore:
@@ -371,6 +481,11 @@ class ClientCore:
     ``max_message_bytes`` fails the call that made it
     (:class:`~tether.client.errors.MessageTooLarge`) instead of closing the connection with 1009
     later (and again after every replay).
+
+    ``clock`` (monotonic seconds) and ``rand`` time the re-sends of mutations answered without
+    an outcome (``retry_backoff``); the shell calls :meth:`flush` at :meth:`next_retry_at`, and
+    after handling each received frame. ``first_request_id`` defaults to
+    :func:`initial_request_id` of the wall clock.
     """
 
     def __init__(
@@ -379,12 +494,19 @@ class ClientCore:
         *,
         protocol: int = PROTOCOL_VERSION,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+        retry_backoff: Backoff = DEFAULT_MUTATION_RETRY_BACKOFF,
+        first_request_id: int | None = None,
     ) -> None:
         if not 1 <= len(client_id) <= 128:
             raise ValueError("client_id must be 1 to 128 characters")
         self.client_id = client_id
         self.protocol = protocol
         self.max_message_bytes = max_message_bytes
+        self.retry_backoff = retry_backoff
+        self._clock = clock
+        self._rand = rand
         self.phase = Phase.CLOSED
         self.ready = False
         self.connection_id: str | None = None
@@ -395,12 +517,17 @@ class ClientCore:
         #: The identity the server confirmed on this connection, and its ``exp`` (ms).
         self.identity: Identity | None = None
         self.identity_expires_at: int | None = None
+        #: The user the server runs the next frame under: the confirmed identity's, or what
+        #: the last auth request sent is expected to establish (rule 1).
+        self.presumed_user: User = None
         #: The highest ``version`` seen in a ``transition`` or ``mutation_result``.
         self.version = 0
         self.subscriptions: dict[int, _Subscription] = {}
         self.mutations: dict[int, _Mutation] = {}
         self._next_query_id = 1
-        self._next_request_id = 1
+        self._next_request_id = (
+            first_request_id if first_request_id is not None else initial_request_id(time.time())
+        )
         self._outbox: list[str] = []
 
     # ------------------------------------------------------------------ frames
@@ -423,6 +550,7 @@ class ClientCore:
         """A socket is open: queue ``connect``."""
         self.phase = Phase.OPENING
         self.ready = False
+        self.presumed_user = None  # a new connection is anonymous
         self._outbox = [
             self._encode(
                 {
@@ -444,6 +572,7 @@ class ClientCore:
         self.connection_id = None
         self.identity = None
         self.identity_expires_at = None
+        self.presumed_user = None
         self._outbox.clear()
         for sub in self.subscriptions.values():
             sub.sent = False
@@ -464,40 +593,76 @@ class ClientCore:
             raise RuntimeError("not connected")
         self.ready = ready
         if ready:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """While ready, send what is due: subscriptions not sent on this connection, and
+        mutations not sent under its identity whose user is the connection's and whose retry
+        time (if any) has come. A mutation of another user waits (its user may come back)
+        until it is failed: by an ``auth_ok`` for another user, or
+        :meth:`abandon_user_mutations`."""
+        if not self.ready:
+            return
         for query_id, sub in self.subscriptions.items():
             if not sub.sent:
                 self._send_subscribe(query_id, sub)
-        for request_id, mutation in self.mutations.items():
-            if not mutation.sent:
-                self._send_mutate(request_id, mutation)
+        self._send_mutations()
+
+    def _send_mutations(self) -> None:
+        presumed = self.presumed_user
+        if presumed is Principal.UNKNOWN:
+            return  # an auth request's answer will say who runs them
+        now = self._clock()
+        for mutation in self.mutations.values():
+            if mutation.sent or (mutation.retry_at is not None and now < mutation.retry_at):
+                continue
+            if mutation.user is Principal.UNBOUND:
+                mutation.user = presumed
+            if mutation.user != presumed:
+                continue
+            self._outbox.append(mutation.frame)
+            mutation.sent = True
+            mutation.epoch = self.auth_version
+            mutation.retry_at = None
+
+    def next_retry_at(self) -> float | None:
+        """The earliest time (``clock``) at which a mutation waiting after an answer without
+        an outcome may be sent again; ``None`` if none waits."""
+        times = [
+            m.retry_at for m in self.mutations.values() if not m.sent and m.retry_at is not None
+        ]
+        return min(times, default=None)
 
     # ------------------------------------------------------------------ auth
 
-    def _auth_frame(self, frame: dict[str, Any], kind: str) -> int:
+    def _auth_frame(self, frame: dict[str, Any], kind: str, user: User) -> int:
         if self.phase is not Phase.CONNECTED:
             raise RuntimeError("not connected")
         version = self.auth_version + 1
         text = self._encode({**frame, "authVersion": version})
         self.auth_version = version
         self.pending_auth[version] = kind
+        self.presumed_user = user
         self._outbox.append(text)
         return version
 
-    def authenticate(self, token: str | None) -> int:
-        """Queue ``authenticate`` (``None``: become anonymous); returns its authVersion."""
+    def authenticate(self, token: str | None, *, user: User = Principal.UNKNOWN) -> int:
+        """Queue ``authenticate`` (``None``: become anonymous); returns its authVersion.
+        ``user``: the user the token names, if the caller knows it."""
         return self._auth_frame(
-            {"type": ClientMessageType.AUTHENTICATE, "token": token}, "authenticate"
+            {"type": ClientMessageType.AUTHENTICATE, "token": token},
+            "authenticate",
+            None if token is None else user,
         )
 
-    def refresh(self, refresh_token: str, retry_key: str | None = None) -> int:
-        """Queue an in-band ``refresh``; returns its authVersion."""
+    def refresh(
+        self, refresh_token: str, retry_key: str | None = None, *, user: User = Principal.UNKNOWN
+    ) -> int:
+        """Queue an in-band ``refresh``; returns its authVersion. ``user``: the session's."""
         frame: dict[str, Any] = {"type": ClientMessageType.REFRESH, "refreshToken": refresh_token}
         if retry_key is not None:
             frame["retryKey"] = retry_key
-        return self._auth_frame(frame, "refresh")
+        return self._auth_frame(frame, "refresh", user)
 
     # ------------------------------------------------------------------ functions
 
@@ -533,33 +698,67 @@ class ClientCore:
                 self._encode({"type": ClientMessageType.UNSUBSCRIBE, "queryId": query_id})
             )
 
-    def mutate(self, name: str, args: dict[str, Any]) -> int:
-        """Add a mutation; returns its ``requestId`` (unique for this ``clientId``)."""
+    def new_request_id(self) -> int:
+        """Take the next ``requestId`` (unique for this ``clientId``, see
+        :func:`initial_request_id`)."""
         request_id = self._next_request_id
-        mutation = _Mutation(name, dict(args))
-        frame = self._encode(
-            {"type": ClientMessageType.MUTATE, "requestId": request_id, "name": name, "args": args}
-        )
         self._next_request_id += 1
-        self.mutations[request_id] = mutation
-        if self.ready:
-            self._outbox.append(frame)
-            mutation.sent = True
         return request_id
 
-    def _send_mutate(self, request_id: int, mutation: _Mutation) -> None:
-        frame = {
-            "type": ClientMessageType.MUTATE,
-            "requestId": request_id,
-            "name": mutation.name,
-            "args": mutation.args,
-        }
-        self._outbox.append(self._encode(frame))
-        mutation.sent = True
+    def mutate(
+        self,
+        name: str,
+        args: dict[str, Any],
+        *,
+        user: User = Principal.UNBOUND,
+        request_id: int | None = None,
+    ) -> int:
+        """Add a mutation issued under ``user``; returns its ``requestId``. Sent now if ready
+        and the connection runs as ``user``, else when it does.
+
+        ``request_id``: send it with this id (an earlier one whose outcome the caller did not
+        learn); if that id is still pending here, nothing is added (a ``ValueError`` if it is
+        pending under another function name).
+        """
+        if request_id is not None:
+            if _int(request_id) is None or not 0 <= request_id <= MAX_SAFE_INT:
+                raise ValueError(f"request_id must be an integer in [0, 2**53 - 1]: {request_id!r}")
+            pending = self.mutations.get(request_id)
+            if pending is not None:
+                if pending.name != name:
+                    raise ValueError(
+                        f"requestId {request_id} is pending for {pending.name!r}, not {name!r}"
+                    )
+                return request_id
+        rid = request_id if request_id is not None else self._next_request_id
+        frame = self._encode(
+            {"type": ClientMessageType.MUTATE, "requestId": rid, "name": name, "args": args}
+        )
+        if request_id is None:
+            self._next_request_id += 1
+        self.mutations[rid] = _Mutation(name, frame, user)
+        if self.ready:
+            self._send_mutations()
+        return rid
 
     def forget_mutation(self, request_id: int) -> None:
-        """Stop tracking a mutation (its caller gave up); it is not replayed any more."""
+        """Stop tracking a mutation (its caller gave up); it is not sent again."""
         self.mutations.pop(request_id, None)
+
+    def abandon_user_mutations(self) -> list[Event]:
+        """The client signed out (or its source has no user any more): fail every pending
+        mutation issued under a user (or before the user was known) with ``unauthenticated``;
+        none is ever sent under another identity."""
+        events: list[Event] = []
+        for request_id, mutation in list(self.mutations.items()):
+            if mutation.user is not None:
+                del self.mutations[request_id]
+                events.append(
+                    MutationDone(
+                        request_id, error=(FunctionErrorCode.UNAUTHENTICATED, USER_CHANGED_MESSAGE)
+                    )
+                )
+        return events
 
     def ping(self) -> None:
         """Queue ``ping`` (the heartbeat the server's timeout counts)."""
@@ -567,10 +766,67 @@ class ClientCore:
             raise RuntimeError("not connected")
         self._outbox.append(_PING_FRAME)
 
+    def validate(self) -> None:
+        """Raise ``AssertionError`` if the state breaks an invariant (for tests)."""
+        for request_id, mutation in self.mutations.items():
+            assert 0 <= request_id <= MAX_SAFE_INT
+            if mutation.sent:
+                assert self.phase is not Phase.CLOSED, "sent on no connection"
+                assert mutation.retry_at is None, "sent while waiting to retry"
+                assert mutation.user is not Principal.UNBOUND, "sent before its user was bound"
+                assert mutation.epoch <= self.auth_version
+        if self.phase is Phase.CLOSED:
+            assert self.identity is None and not self.pending_auth and not self.ready
+        if self.identity is None:
+            assert self.identity_expires_at is None
+        if not self.pending_auth and self.presumed_user is not Principal.UNKNOWN:
+            held = self.identity.user_id if self.identity is not None else None
+            assert self.presumed_user == held, (self.presumed_user, held)
+
+    # ------------------------------------------------------------------ identity changes
+
+    def _resend_sent_before(self, boundary: int) -> None:
+        """The identity mutations sent before auth request ``boundary`` ran under has ended:
+        their results may never come (rule 1). They go out again, same ``requestId``, when the
+        connection is their user again."""
+        for mutation in self.mutations.values():
+            if mutation.sent and mutation.epoch < boundary:
+                mutation.sent = False
+
+    def _fail_other_users(self, user: str | None, boundary: int) -> list[Event]:
+        """The connection now runs as ``user`` (auth request ``boundary``): fail the pending
+        mutations of other users, except those sent after the request (they run as ``user``
+        and are answered)."""
+        events: list[Event] = []
+        for request_id, mutation in list(self.mutations.items()):
+            if mutation.user is Principal.UNBOUND or mutation.user == user:
+                continue
+            if mutation.sent and mutation.epoch >= boundary:
+                continue
+            del self.mutations[request_id]
+            events.append(
+                MutationDone(
+                    request_id, error=(FunctionErrorCode.UNAUTHENTICATED, USER_CHANGED_MESSAGE)
+                )
+            )
+        return events
+
+    def _defer(self, request_id: int, mutation: _Mutation, code: str) -> list[Event]:
+        if not mutation.sent:
+            return []  # already due to be sent again (a newer identity, a reconnect)
+        delay = self.retry_backoff.delay(mutation.attempt, self._rand())
+        mutation.attempt += 1
+        mutation.sent = False
+        mutation.retry_at = self._clock() + delay
+        return [MutationDeferred(request_id, code, delay)]
+
     # ------------------------------------------------------------------ receiving
 
     def receive(self, text: str | bytes) -> list[Event]:
-        """One frame from the server; returns what it means for the application."""
+        """One frame from the server; returns what it means for the application.
+
+        Nothing is sent from here: the shell calls :meth:`flush` once it has handled the
+        events (and updated the readiness they may change)."""
         try:
             frame = json.loads(text)
         except (ValueError, RecursionError):
@@ -603,10 +859,13 @@ class ClientCore:
             else None
         )
         expires_at = _int(frame.get("expiresAt"))
+        old = self.identity
         self.identity = identity
         self.identity_expires_at = expires_at if identity is not None else None
+        if _principal(old) != _principal(identity):
+            self._resend_sent_before(version)
         tokens = frame.get("tokens")
-        return [
+        events: list[Event] = [
             AuthOk(
                 version,
                 identity,
@@ -615,13 +874,36 @@ class ClientCore:
                 tokens if isinstance(tokens, dict) else None,
             )
         ]
+        if version == self.auth_version:  # the newest request: what later frames run under
+            user = identity.user_id if identity is not None else None
+            self.presumed_user = user
+            events += self._fail_other_users(user, version)
+        return events
 
     def _on_auth_error(self, frame: dict[str, Any]) -> list[Event]:
         version = _int(frame.get("authVersion")) or 0
         self.pending_auth.pop(version, None)
-        self.identity = None  # "the connection is now anonymous"
+        code = str(frame.get("code"))
+        if code not in IDENTITY_KEEPING_AUTH_CODES:
+            # "the connection is now anonymous"; unavailable/rate_limited keep it (rule 2)
+            if self.identity is not None:
+                self._resend_sent_before(version)
+            self.identity = None
+            self.identity_expires_at = None
+        if version == self.auth_version:
+            self.presumed_user = self.identity.user_id if self.identity is not None else None
+        return [AuthFailed(version, code, str(frame.get("message", "")))]
+
+    def _identity_ended(self) -> None:
+        """A push ended the identity: what was sent before any pending auth request ran under
+        it; what was sent after runs under that request's answer."""
+        if self.identity is not None:
+            boundary = min(self.pending_auth, default=self.auth_version + 1)
+            self._resend_sent_before(boundary)
+        self.identity = None
         self.identity_expires_at = None
-        return [AuthFailed(version, str(frame.get("code")), str(frame.get("message", "")))]
+        if not self.pending_auth:
+            self.presumed_user = None
 
     def _on_auth_expiring(self, frame: dict[str, Any]) -> list[Event]:
         expires_at = _int(frame.get("expiresAt"))
@@ -631,13 +913,11 @@ class ClientCore:
 
     def _on_auth_expired(self, frame: dict[str, Any]) -> list[Event]:
         expires_at = _int(frame.get("expiresAt")) or 0
-        self.identity = None
-        self.identity_expires_at = None
+        self._identity_ended()
         return [AuthExpired(expires_at, _int(frame.get("serverTime")) or 0)]
 
     def _on_session_revoked(self, frame: dict[str, Any]) -> list[Event]:
-        self.identity = None
-        self.identity_expires_at = None
+        self._identity_ended()
         return [SessionRevoked(str(frame.get("reason", "revoked")))]
 
     def _on_transition(self, frame: dict[str, Any]) -> list[Event]:
@@ -661,12 +941,17 @@ class ClientCore:
 
     def _on_mutation_result(self, frame: dict[str, Any]) -> list[Event]:
         request_id = _int(frame.get("requestId"))
-        if request_id is None or self.mutations.pop(request_id, None) is None:
+        mutation = self.mutations.get(request_id) if request_id is not None else None
+        if request_id is None or mutation is None:
             return []  # a duplicate answer, or one the caller gave up on
         error = frame.get("error")
         if isinstance(error, dict):
             pair = (str(error.get("code")), str(error.get("message", "")))
+            if pair[0] in RETRY_MUTATION_CODES:
+                return self._defer(request_id, mutation, pair[0])
+            del self.mutations[request_id]
             return [MutationDone(request_id, error=pair)]
+        del self.mutations[request_id]
         version = _int(frame.get("version"))
         if version is not None:
             self.version = max(self.version, version)
@@ -677,7 +962,11 @@ class ClientCore:
         query_id, request_id = _int(frame.get("queryId")), _int(frame.get("requestId"))
         if query_id is not None and self.subscriptions.pop(query_id, None) is not None:
             return [QueryRejected(query_id, code, message)]
-        if request_id is not None and self.mutations.pop(request_id, None) is not None:
+        mutation = self.mutations.get(request_id) if request_id is not None else None
+        if request_id is not None and mutation is not None:
+            if code in RETRY_MUTATION_CODES:
+                return self._defer(request_id, mutation, code)
+            del self.mutations[request_id]
             return [MutationDone(request_id, error=(code, message))]
         return [ServerError(code, message)]
 
@@ -700,7 +989,12 @@ _HANDLERS: dict[str, Callable[[ClientCore, dict[str, Any]], list[Event]]] = {
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MUTATION_RETRY_BACKOFF",
+    "IDENTITY_KEEPING_AUTH_CODES",
     "PROTOCOL_VERSION",
+    "REQUEST_IDS_PER_MS",
+    "RETRY_MUTATION_CODES",
+    "USER_CHANGED_MESSAGE",
     "AuthExpired",
     "AuthExpiring",
     "AuthFailed",
@@ -715,8 +1009,10 @@ __all__ = [
     "ConnectionStatus",
     "Event",
     "Identity",
+    "MutationDeferred",
     "MutationDone",
     "Pong",
+    "Principal",
     "QueryRejected",
     "QueryUpdate",
     "ReconnectPlan",
@@ -724,6 +1020,9 @@ __all__ = [
     "ServerError",
     "SessionRevoked",
     "Unrecognized",
+    "User",
     "close_decision",
+    "initial_request_id",
     "renewal_due",
+    "token_subject",
 ]

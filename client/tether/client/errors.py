@@ -6,6 +6,8 @@ Exception tree::
     ├── QueryError             a query failed: its function raised, or the server refused the
     │                          ``subscribe`` (``unknown_function``, ``bad_args`` …)
     ├── MutationError          a mutation failed, or the server refused the ``mutate``
+    ├── OutcomeUnknown         a mutation's ``timeout`` passed without a definite answer: it
+    │                          may or may not have been applied; ``request_id`` re-sends it
     ├── AuthError              the HTTP auth API refused a request (``invalid_credentials``,
     │                          ``email_taken``, ``refresh_reused`` …); adds ``status``
     ├── ClientClosed           the client stopped: closed by the application, or the server
@@ -13,7 +15,9 @@ Exception tree::
     └── MessageTooLarge        a frame the client would send is over the server's limit
 
 Codes are strings, exactly as on the wire (see ``docs/protocol.md``): the client does not
-invent its own, so an application can compare ``exc.code`` against the server's tables.
+invent its own, so an application can compare ``exc.code`` against the server's tables. The
+exceptions that are the client's own say so with a code no server sends: ``closed`` /
+``close_NNNN``, ``message_too_large``, ``outcome_unknown``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,30 @@ class QueryError(TetherError):
 
 class MutationError(TetherError):
     """A mutation failed with ``code``, or the server refused it before running it."""
+
+
+class OutcomeUnknown(TetherError):
+    """A mutation got no definite answer within its ``timeout``: it may or may not have been
+    applied, and the client stopped sending it.
+
+    Not a :class:`MutationError` (which is a definite failure: nothing was applied). Re-send it
+    with the same ``request_id`` and the same arguments,
+    ``await client.mutate(exc.name, request_id=exc.request_id, **args)``: the server answers with
+    its outcome if it was applied, and runs it otherwise, so it is applied at most once (within
+    the server's outcome retention, 15 minutes by default, and with the same user).
+    """
+
+    def __init__(self, request_id: int, name: str, timeout: float | None = None) -> None:
+        within = f" within {timeout:g} s" if timeout is not None else ""
+        super().__init__(
+            "outcome_unknown",
+            f"mutation {name!r} (requestId {request_id}) got no definite answer{within}: it may "
+            f"or may not have been applied. To apply it at most once, re-send it with "
+            f"mutate({name!r}, request_id={request_id}, <the same arguments>)",
+        )
+        self.request_id = request_id
+        self.name = name
+        self.timeout = timeout
 
 
 class AuthError(TetherError):
