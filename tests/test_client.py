@@ -146,12 +146,14 @@ class Proxy:
     """A TCP forwarder to a server, for cutting one direction of a live connection.
 
     While :attr:`hold` is set, bytes from the server are dropped: a request still reaches the
-    server and runs, but its answer never reaches the client.
+    server and runs, but its answer never reaches the client. :meth:`drop` aborts every
+    connection; while :attr:`refuse` is set, new ones are closed at once.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.hold = False
+        self.refuse = False
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
 
@@ -166,6 +168,9 @@ class Proxy:
         return f"ws://127.0.0.1:{port}/sync"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -185,6 +190,13 @@ class Proxy:
             dst.close()
 
         await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+    def drop(self) -> None:
+        """Abort every connection (an RST both ways); stop holding."""
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+        self.hold = False
 
     async def close(self) -> None:
         for writer in self._writers:

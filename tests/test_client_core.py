@@ -170,12 +170,15 @@ def test_auth_version_strictly_increases_across_requests_and_connections() -> No
     assert versions[0] >= 1
 
 
-def test_auth_frames_need_a_connected_connection() -> None:
+def test_auth_frames_need_an_open_connection() -> None:
     core = ClientCore("client-1")
     with pytest.raises(RuntimeError):
         core.authenticate("token")
     core.connection_opened()
-    with pytest.raises(RuntimeError):  # `connect` not answered yet
+    core.refresh("rt")  # `connect` not answered yet: pipelined behind it (rule 1)
+    assert [f["type"] for f in frames(core)] == ["connect", "refresh"]
+    core.connection_lost()
+    with pytest.raises(RuntimeError):
         core.refresh("rt")
 
 
@@ -776,3 +779,40 @@ def test_a_jwt_names_its_user() -> None:
     assert token_subject("opaque") is Principal.UNKNOWN
     assert token_subject("a.%%%.c") is Principal.UNKNOWN
     assert token_subject("a.bm90IGpzb24.c") is Principal.UNKNOWN
+
+
+def test_a_new_connection_pipelines_auth_subscriptions_and_mutations_behind_connect() -> None:
+    core = ready_core()
+    signed_in(core)
+    q = core.subscribe("notes.mine", {})
+    mine = core.mutate("notes.add", {"text": "x"}, user="u1")
+    frames(core)
+    core.connection_lost()
+    theirs = core.mutate("notes.add", {}, user="u2")  # another user's, queued meanwhile
+    core.connection_opened()
+    version = core.authenticate("token", user="u1")  # before `connected`: rule 1 allows it
+    core.pipeline()
+    core.validate()
+    sent = frames(core)
+    assert [f["type"] for f in sent] == ["connect", "authenticate", "subscribe", "mutate"]
+    assert sent[2]["queryId"] == q and sent[3]["requestId"] == mine
+    assert core.mutations[theirs].sent is False  # not behind a request for u1
+    core.receive(json.dumps({"type": "connected", "connectionId": "c2", "serverTime": 1}))
+    auth_ok(core, version, "u1", session="s1")
+    assert sent_mutations(core) == []  # already on its way, under u1
+
+
+def test_an_anonymous_connection_pipelines_without_an_auth_request() -> None:
+    core = ClientCore("client-1")
+    q = core.subscribe("whoami", {})
+    r = core.mutate("counter.increment", {}, user=None)
+    core.connection_opened()
+    core.pipeline()
+    assert [(f["type"], f.get("queryId", f.get("requestId"))) for f in frames(core)] == [
+        ("connect", None),
+        ("subscribe", q),
+        ("mutate", r),
+    ]
+    core.connection_lost()
+    with pytest.raises(RuntimeError):
+        core.pipeline()

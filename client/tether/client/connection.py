@@ -841,20 +841,20 @@ class TetherClient:
                 return
 
     async def _lifecycle(self, ws: ClientConnection) -> None:
-        """Await ``connected``, settle the identity, open the gate, keep the identity alive."""
-        try:
-            async with asyncio.timeout(self.options.open_timeout):
-                await self._connected.wait()
-        except TimeoutError:
-            log.warning("no answer to connect within %.0f s", self.options.open_timeout)
-            ws.transport.abort()
-            return
+        """Settle the identity (pipelined behind ``connect``: no wait for ``connected``), then
+        open the gate and keep the identity alive. No ``connected`` within ``open_timeout``
+        drops the connection."""
         generation = self._generation
+        settle = asyncio.create_task(self._settle(generation), name="tether-settle")
         try:
-            attempt = 0
-            while await self._run_auth(renew=False) is _Outcome.RETRY:
-                await asyncio.sleep(self._backoff(attempt))
-                attempt += 1
+            try:
+                async with asyncio.timeout(self.options.open_timeout):
+                    await self._connected.wait()
+            except TimeoutError:
+                log.warning("no answer to connect within %.0f s", self.options.open_timeout)
+                ws.transport.abort()
+                return
+            await settle
             if generation != self._generation:
                 return
             self._established = True
@@ -865,6 +865,28 @@ class TetherClient:
             await self._keep_alive()
         except _ConnectionLost:
             return
+        finally:
+            if not settle.done():
+                settle.cancel()
+                with contextlib.suppress(asyncio.CancelledError, _ConnectionLost):
+                    await settle
+
+    async def _settle(self, generation: int) -> None:
+        """Settle the identity on connection ``generation``, retrying passing failures with
+        backoff (holding new work meanwhile); then let work flow if the gate is open."""
+        attempt = 0
+        while await self._run_auth(renew=False) is _Outcome.RETRY:
+            self._core.set_ready(False)  # the identity expected is missing: hold new work
+            await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
+        core = self._core
+        if (
+            generation == self._generation
+            and core.phase is not Phase.CLOSED
+            and self._auth.recheck_gate()
+        ):
+            core.pipeline()  # also when no auth frame was needed (anonymous)
+            self._wake_writer.set()
 
     def _lost(self) -> None:
         """The socket is gone: fail what waited on it; the core keeps the rest for later."""
@@ -1079,10 +1101,14 @@ class TetherClient:
         return self._store
 
     async def _send_auth(self, gen: int, make: Callable[[], int]) -> AuthOk | AuthFailed:
-        """Send one auth frame on connection ``gen`` and wait for its answer."""
-        if gen != self._generation or self._core.phase is not Phase.CONNECTED:
+        """Send one auth frame on connection ``gen`` and wait for its answer. While the
+        connection is being set up, its subscriptions and mutations follow the frame at once
+        (pipelined: they run under the identity it establishes)."""
+        if gen != self._generation or self._core.phase is Phase.CLOSED:
             raise _ConnectionLost()
         version = make()
+        if not self._established:
+            self._core.pipeline()
         waiter: asyncio.Future[AuthOk | AuthFailed] = asyncio.get_running_loop().create_future()
         self._auth_waiters[version] = waiter
         self._wake_writer.set()

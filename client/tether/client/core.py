@@ -11,7 +11,9 @@ this module need no socket and no sleep.
 
 The rules it implements (``docs/protocol.md``, ``docs/client.md``):
 
-* ``connect`` is the first frame of every connection, with the same ``clientId`` each time.
+* ``connect`` is the first frame of every connection, with the same ``clientId`` each time;
+  ``authenticate``/``refresh``, subscriptions and mutations may follow it at once, without
+  waiting for ``connected`` (:meth:`ClientCore.pipeline`).
 * ``authVersion`` grows with every ``authenticate``/``refresh`` the client ever sends, so it is
   strictly increasing on every connection.
 * Subscriptions and mutations are sent only while the core is *ready* (the shell settled the
@@ -595,6 +597,17 @@ class ClientCore:
         if ready:
             self.flush()
 
+    def pipeline(self) -> None:
+        """Send subscriptions and mutations now, before ``connected`` and before the answer to
+        the auth request just queued: the server runs what follows an ``authenticate`` or
+        ``refresh`` under the identity it establishes (contract 1.1 §5 rule 1), so a new
+        connection needs no round trip before its work. Mutations go only behind a request
+        for their own user (:attr:`presumed_user`)."""
+        if self.phase is Phase.CLOSED:
+            raise RuntimeError("not connected")
+        self.ready = True
+        self.flush()
+
     def flush(self) -> None:
         """While ready, send what is due: subscriptions not sent on this connection, and
         mutations not sent under its identity whose user is the connection's and whose retry
@@ -636,7 +649,7 @@ class ClientCore:
     # ------------------------------------------------------------------ auth
 
     def _auth_frame(self, frame: dict[str, Any], kind: str, user: User) -> int:
-        if self.phase is not Phase.CONNECTED:
+        if self.phase is Phase.CLOSED:
             raise RuntimeError("not connected")
         version = self.auth_version + 1
         text = self._encode({**frame, "authVersion": version})
@@ -693,7 +706,7 @@ class ClientCore:
     def unsubscribe(self, query_id: int) -> None:
         """Drop a subscription; ``unsubscribe`` is sent only if the server has it."""
         sub = self.subscriptions.pop(query_id, None)
-        if sub is not None and sub.sent and self.phase is Phase.CONNECTED:
+        if sub is not None and sub.sent and self.phase is not Phase.CLOSED:
             self._outbox.append(
                 self._encode({"type": ClientMessageType.UNSUBSCRIBE, "queryId": query_id})
             )

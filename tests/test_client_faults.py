@@ -1,0 +1,322 @@
+"""The Python client under the faults of issue 11, end to end: real server processes, a real
+``redis-server``, real sockets (a TCP forwarder in this process cuts or holds them).
+
+Each test provokes one fault for real and checks what the application sees:
+
+* Redis down during a ``mutate``: no error, the right value once Redis is back, applied once
+  (contract 1.1 §5 rule 3);
+* a ``mutate`` timeout: ``OutcomeUnknown`` with its ``request_id``; re-sending that id applies
+  it at most once (rule 3);
+* a refresh while Redis is down keeps the identity and ``whoami`` (rule 2, client and server);
+* a pending mutation is never sent under another user (rule 4);
+* a reconnect pipelines ``connect``, ``authenticate``, subscriptions and mutations (rule 1);
+* a connection lost during an in-band refresh leaves no unretrieved task exception (item 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import uuid
+from typing import Any
+
+import pytest
+from tether import OutcomeUnknown
+from tether.client import (
+    AuthAPI,
+    AuthState,
+    MemoryTokenStore,
+    MutationError,
+    TetherClient,
+    sign_up,
+)
+
+from tests.harness import RedisProcess
+from tests.test_client import (
+    PASSWORD,
+    Proxy,
+    Recorder,
+    ServerFactory,
+    Trace,
+    assert_no_value,
+    next_value,
+    quick_backoff,
+    unique_email,
+    until,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def counter_name() -> str:
+    return f"c-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------------------------- rule 3
+
+
+async def test_redis_down_during_a_mutate_is_retried_not_raised_and_applied_once(
+    server_factory: ServerFactory, redis_proc: RedisProcess
+) -> None:
+    server = server_factory()
+    name = counter_name()
+    trace = Trace()
+    async with TetherClient(server.ws_url, trace=trace) as client:
+        assert await client.query("counter.get", name=name) == 0
+        redis_proc.stop()
+        mutation = asyncio.create_task(client.mutate("counter.increment", name=name))
+        await until(
+            lambda: any(
+                r.get("error", {}).get("code") == "unavailable"
+                for r in trace.received("mutation_result")
+            ),
+            15,
+            "an 'unavailable' answer",
+        )
+        await asyncio.sleep(0.5)
+        assert not mutation.done()  # not raised: re-sent, waiting for a definite answer
+        redis_proc.restart()
+        assert await asyncio.wait_for(mutation, 20) == 1
+        assert await client.query("counter.get", name=name) == 1
+    sent = trace.sent("mutate")
+    assert len(sent) >= 2 and all(f == sent[0] for f in sent)  # one requestId throughout
+
+
+async def test_a_timed_out_mutation_is_outcome_unknown_and_its_request_id_applies_it_once(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory()
+    proxy = await Proxy(server.port).start()
+    name = counter_name()
+    trace = Trace()
+    try:
+        async with (
+            TetherClient(proxy.ws_url, trace=trace) as client,
+            TetherClient(server.ws_url) as observer,
+        ):
+            assert await client.query("counter.get", name=name) == 0
+            async with observer.subscribe("counter.get", name=name) as watched:
+                assert await next_value(watched) == 0
+                proxy.hold = True  # it runs and commits; its answer is lost
+                with pytest.raises(OutcomeUnknown) as unknown:
+                    await client.mutate("counter.increment", name=name, timeout=1.0)
+                error = unknown.value
+                assert not isinstance(error, MutationError)
+                assert error.name == "counter.increment"
+                assert error.request_id == trace.sent("mutate")[0]["requestId"]
+                assert "may or may not" in str(error) and "request_id=" in str(error)
+                assert await next_value(watched) == 1  # it had been applied
+                proxy.hold = False
+                # Re-sent with its requestId: the original outcome, not a second increment.
+                again = await client.mutate(
+                    "counter.increment", request_id=error.request_id, name=name
+                )
+                assert again == 1
+                assert (
+                    await client.mutate("counter.increment", request_id=error.request_id, name=name)
+                    == 1
+                )
+                await assert_no_value(watched, 0.3)  # never 2
+                # A new mutation takes a new id.
+                assert await client.mutate("counter.increment", name=name) == 2
+            ids = [f["requestId"] for f in trace.sent("mutate")]
+            assert ids[:3] == [error.request_id] * 3 and ids[3] != error.request_id
+    finally:
+        await proxy.close()
+
+
+async def test_mutate_with_the_request_id_of_a_pending_mutation_awaits_that_one(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory()
+    proxy = await Proxy(server.port).start()
+    name = counter_name()
+    trace = Trace()
+    try:
+        async with TetherClient(proxy.ws_url, trace=trace) as client:
+            await client.wait_ready()
+            proxy.hold = True
+            first = asyncio.create_task(client.mutate("counter.increment", name=name))
+            await until(lambda: len(trace.sent("mutate")) == 1, 5, "sent")
+            request_id = trace.sent("mutate")[0]["requestId"]
+            second = asyncio.create_task(
+                client.mutate("counter.increment", request_id=request_id, name=name)
+            )
+            await asyncio.sleep(0.2)
+            proxy.drop()  # the answer is lost with the connection: re-sent once, for both
+            assert await asyncio.wait_for(asyncio.gather(first, second), 10) == [1, 1]
+            assert await client.query("counter.get", name=name) == 1
+    finally:
+        await proxy.close()
+
+
+# ---------------------------------------------------------------------------------- rule 2
+
+
+async def test_a_refresh_while_redis_is_down_keeps_the_identity_and_whoami(
+    server_factory: ServerFactory, redis_proc: RedisProcess
+) -> None:
+    # Six-second tokens, `auth_expiring` three seconds before exp: Redis is down from before
+    # that push until well after it, and back before exp.
+    server = server_factory(
+        env={"TETHER_ACCESS_TTL": "6", "TETHER_EXPIRY_NOTICE": "3", "TETHER_CLOCK_LEEWAY": "1"}
+    )
+    session = await sign_up(server.ws_url, unique_email(), PASSWORD)
+    trace, recorder = Trace(), Recorder()
+    async with TetherClient(
+        server.ws_url,
+        token_store=MemoryTokenStore(session),
+        trace=trace,
+        on_auth_state=recorder.on_auth,
+    ) as client:
+        async with client.subscribe("whoami") as sub:
+            user = await next_value(sub, 10)
+            assert user == {"userId": session.user_id}
+            redis_proc.stop()
+            await until(lambda: bool(trace.received("auth_error")), 10, "a refused refresh")
+            assert {f["code"] for f in trace.received("auth_error")} == {"unavailable"}
+            status = client.auth_status
+            assert status.state is AuthState.AUTHENTICATED and status.reason == "unavailable"
+            await asyncio.sleep(0.5)
+            redis_proc.restart()
+            await recorder.wait_auth(
+                lambda s: s.state is AuthState.AUTHENTICATED and s.reason is None, 10
+            )
+            await assert_no_value(sub, 0.3)  # whoami never went blank
+            assert sub.latest == user
+            assert await client.query("whoami") == user
+    assert all(s.state is AuthState.AUTHENTICATED for s in recorder.auth), recorder.auth
+    assert not trace.received("auth_expired")
+
+
+# ---------------------------------------------------------------------------------- rule 4
+
+
+async def test_a_pending_mutation_is_not_sent_under_the_next_user(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory()
+    api = AuthAPI(server.ws_url)
+    alice, bob = unique_email(), unique_email()
+    await api.sign_up(alice, PASSWORD)
+    await api.sign_up(bob, PASSWORD)
+    proxy = await Proxy(server.port).start()
+    who = {"email": alice}
+
+    async def fetch_token(force_refresh: bool) -> str | None:
+        return (await api.sign_in(who["email"], PASSWORD)).access_token
+
+    try:
+        async with TetherClient(
+            proxy.ws_url, fetch_token=fetch_token, options=quick_backoff()
+        ) as client:
+            await client.wait_ready()
+            assert client.auth_status.state is AuthState.AUTHENTICATED
+            # Offline: the mutation waits, issued under Alice.
+            proxy.refuse = True
+            proxy.drop()
+            await until(lambda: not client._ready.is_set(), 5, "offline")
+            note = asyncio.create_task(client.mutate("notes.add", text="alice's note"))
+            await asyncio.sleep(0.2)
+            # The identity provider now has Bob; the client reconnects as Bob.
+            who["email"] = bob
+            proxy.refuse = False
+            with pytest.raises(MutationError) as failed:
+                await asyncio.wait_for(note, 10)
+            assert failed.value.code == "unauthenticated"
+            assert await client.query("notes.mine") == []  # not added as Bob
+        async with TetherClient(server.ws_url, email=alice, password=PASSWORD) as as_alice:
+            assert await as_alice.query("notes.mine") == []  # nor as Alice: never sent
+    finally:
+        await proxy.close()
+
+
+# ---------------------------------------------------------------------------------- rule 1
+
+
+async def test_a_reconnect_pipelines_auth_subscriptions_and_mutations(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory()
+    session = await sign_up(server.ws_url, unique_email(), PASSWORD)
+    proxy = await Proxy(server.port).start()
+    name = counter_name()
+    trace = Trace()
+    try:
+        async with TetherClient(
+            proxy.ws_url,
+            token_store=MemoryTokenStore(session),
+            trace=trace,
+            options=quick_backoff(),
+        ) as client:
+            async with client.subscribe("counter.get", name=name) as counter:
+                assert await next_value(counter, 10) == 0
+                async with client.subscribe("whoami") as whoami:
+                    assert await next_value(whoami) == {"userId": session.user_id}
+                    proxy.hold = True
+                    mutation = asyncio.create_task(client.mutate("counter.increment", name=name))
+                    await asyncio.sleep(0.3)
+                    mark = len(trace.frames)
+                    proxy.drop()
+                    assert await asyncio.wait_for(mutation, 10) == 1
+                    assert await next_value(counter) == 1  # read your writes (rule 5)
+        after = trace.frames[mark:]
+        first_received = next(i for i, (d, _) in enumerate(after) if d == "recv")
+        kinds = [f["type"] for d, f in after[:first_received] if d == "send"]
+        # Everything went out before the server said anything on the new connection.
+        assert kinds == ["connect", "authenticate", "subscribe", "subscribe", "mutate"], kinds
+        assert after[first_received][1]["type"] == "connected"
+    finally:
+        await proxy.close()
+
+
+# ---------------------------------------------------------------------------------- item 7
+
+
+async def test_a_connection_lost_during_an_in_band_refresh_leaves_no_unretrieved_exception(
+    server_factory: ServerFactory,
+) -> None:
+    fast = {
+        "TETHER_ACCESS_TTL": "2",
+        "TETHER_EXPIRY_NOTICE": "1",
+        "TETHER_CLOCK_LEEWAY": "1",
+        "TETHER_AUTH_RATE": "200/60",
+    }
+    server = server_factory(env=fast)
+    session = await sign_up(server.ws_url, unique_email(), PASSWORD)
+    proxy = await Proxy(server.port).start()
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    cut = asyncio.Event()
+
+    def on_frame(direction: str, text: str) -> None:
+        trace(direction, text)
+        if direction == "send" and '"type":"refresh"' in text and not cut.is_set():
+            cut.set()
+            proxy.hold = True  # the refresh's answer never arrives ...
+            loop.call_later(0.2, proxy.drop)  # ... and the connection drops while it waits
+
+    trace = Trace()
+    try:
+        async with TetherClient(
+            proxy.ws_url,
+            token_store=MemoryTokenStore(session),
+            trace=on_frame,
+            options=quick_backoff(),
+        ) as client:
+            await client.wait_ready()
+            await asyncio.wait_for(cut.wait(), 10)
+            await until(lambda: len(trace.sent("connect")) >= 2, 10, "reconnected")
+            await asyncio.wait_for(client.wait_ready(), 10)
+            assert await client.query("whoami") == {"userId": session.user_id}
+            for _ in range(3):
+                gc.collect()
+                await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(previous)
+        await proxy.close()
+    gc.collect()
+    messages = [str(c.get("message")) + " " + repr(c.get("exception")) for c in unhandled]
+    assert messages == [], messages
