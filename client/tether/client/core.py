@@ -411,10 +411,11 @@ class Principal(enum.Enum):
     """Users that are not a user id (``None`` is the anonymous caller)."""
 
     #: A mutation issued while the client did not know its user yet (signing in at start): it
-    #: belongs to the user the connection runs as when it is first sent.
+    #: belongs to the user the connection runs as when it is first sent, and fails in
+    #: :meth:`ClientCore.abandon_user_mutations` if the client ends up with no user first.
     UNBOUND = "unbound"
     #: The user an ``authenticate`` will establish is not known before its answer (a token
-    #: from ``fetch_token``): mutations wait for the answer.
+    #: that is not a JWT naming its ``sub``): mutations wait for the answer.
     UNKNOWN = "unknown"
 
 
