@@ -195,13 +195,17 @@ def test_refresh_frame_carries_the_retry_key_only_when_given() -> None:
 def test_nothing_but_connect_and_auth_goes_out_before_ready() -> None:
     core = ClientCore("client-1")
     core.subscribe("whoami", {})
-    core.mutate("notes.add", {"text": "hi"})
+    request_id = core.mutate("notes.add", {"text": "hi"})
     assert core.data_to_send() == []
     connected(core)
-    core.authenticate("token", user="u")
+    version = core.authenticate("token", user="u")
     assert [f["type"] for f in frames(core)] == ["authenticate"]
     core.set_ready(True)
-    assert [f["type"] for f in frames(core)] == ["subscribe", "mutate"]
+    # Subscriptions are pipelined behind the auth request; the mutation waits for its answer
+    # (a failed authenticate leaves the connection anonymous, and the write must not run so).
+    assert [f["type"] for f in frames(core)] == ["subscribe"]
+    auth_ok(core, version, "u")
+    assert sent_mutations(core) == [request_id]
 
 
 def test_reconnect_resubscribes_and_replays_unacknowledged_mutations_in_order() -> None:
@@ -689,9 +693,10 @@ def test_mutations_sent_before_an_identity_ended_go_out_again_as_the_same_user(e
     assert sent_mutations(core) == []  # anonymous now: waits
     # Back as the same user, in a new session (outcomes are keyed by user): the same id again.
     version = core.refresh("rt", user="u1")
-    assert sent_mutations(core) == [r]  # pipelined behind the refresh that makes it u1
+    assert sent_mutations(core) == []  # not behind an unanswered refresh: it may fail
     assert auth_ok(core, version, "u1", session="s2")[1:] == []
-    assert sent_mutations(core) == []  # sent after the refresh: its answer will come
+    assert sent_mutations(core) == [r]  # the connection is u1 again
+    assert sent_mutations(core) == []  # once
 
 
 def test_a_new_session_of_the_same_user_resends_only_what_was_sent_before_it() -> None:
@@ -701,9 +706,10 @@ def test_a_new_session_of_the_same_user_resends_only_what_was_sent_before_it() -
     frames(core)
     version = core.authenticate("another-session", user="u1")
     after = core.mutate("notes.add", {}, user="u1")
-    assert [f["type"] for f in frames(core)] == ["authenticate", "mutate"]
+    assert [f["type"] for f in frames(core)] == ["authenticate"]  # `after` waits for it
     assert auth_ok(core, version, "u1", session="s2")[1:] == []
-    assert sent_mutations(core) == [before]  # `after` ran under s2 already
+    # `before` ran under s1 (its result may be dropped): again; `after` for the first time.
+    assert sent_mutations(core) == [before, after]
     # The same session refreshed: nothing ended, nothing is sent again.
     version = core.refresh("rt", user="u1")
     auth_ok(core, version, "u1", session="s2")
@@ -781,7 +787,7 @@ def test_a_jwt_names_its_user() -> None:
     assert token_subject("a.bm90IGpzb24.c") is Principal.UNKNOWN
 
 
-def test_a_new_connection_pipelines_auth_subscriptions_and_mutations_behind_connect() -> None:
+def test_a_new_connection_pipelines_auth_and_subscriptions_behind_connect() -> None:
     core = ready_core()
     signed_in(core)
     q = core.subscribe("notes.mine", {})
@@ -794,12 +800,13 @@ def test_a_new_connection_pipelines_auth_subscriptions_and_mutations_behind_conn
     core.pipeline()
     core.validate()
     sent = frames(core)
-    assert [f["type"] for f in sent] == ["connect", "authenticate", "subscribe", "mutate"]
-    assert sent[2]["queryId"] == q and sent[3]["requestId"] == mine
-    assert core.mutations[theirs].sent is False  # not behind a request for u1
+    assert [f["type"] for f in sent] == ["connect", "authenticate", "subscribe"]
+    assert sent[2]["queryId"] == q
     core.receive(json.dumps({"type": "connected", "connectionId": "c2", "serverTime": 1}))
-    auth_ok(core, version, "u1", session="s1")
-    assert sent_mutations(core) == []  # already on its way, under u1
+    events = auth_ok(core, version, "u1", session="s1")
+    # u2's mutation was never sent as u1: it fails, the user having changed (rule 4).
+    assert MutationDone(theirs, error=("unauthenticated", USER_CHANGED_MESSAGE)) in events
+    assert sent_mutations(core) == [mine]  # once the connection is u1
 
 
 def test_an_anonymous_connection_pipelines_without_an_auth_request() -> None:

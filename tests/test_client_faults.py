@@ -234,7 +234,7 @@ async def test_a_pending_mutation_is_not_sent_under_the_next_user(
 # ---------------------------------------------------------------------------------- rule 1
 
 
-async def test_a_reconnect_pipelines_auth_subscriptions_and_mutations(
+async def test_a_reconnect_pipelines_auth_and_subscriptions_then_resends_mutations(
     server_factory: ServerFactory,
 ) -> None:
     server = server_factory()
@@ -263,9 +263,15 @@ async def test_a_reconnect_pipelines_auth_subscriptions_and_mutations(
         after = trace.frames[mark:]
         first_received = next(i for i, (d, _) in enumerate(after) if d == "recv")
         kinds = [f["type"] for d, f in after[:first_received] if d == "send"]
-        # Everything went out before the server said anything on the new connection.
-        assert kinds == ["connect", "authenticate", "subscribe", "subscribe", "mutate"], kinds
+        # The auth request and the subscriptions went out before the server said anything on
+        # the new connection; the re-sent mutation only once auth_ok confirmed its user.
+        assert kinds == ["connect", "authenticate", "subscribe", "subscribe"], kinds
         assert after[first_received][1]["type"] == "connected"
+        auth_ok = next(
+            i for i, (d, f) in enumerate(after) if d == "recv" and f["type"] == "auth_ok"
+        )
+        resent = next(i for i, (d, f) in enumerate(after) if d == "send" and f["type"] == "mutate")
+        assert auth_ok < resent, after
     finally:
         await proxy.close()
 

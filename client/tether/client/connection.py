@@ -1102,8 +1102,8 @@ class TetherClient:
 
     async def _send_auth(self, gen: int, make: Callable[[], int]) -> AuthOk | AuthFailed:
         """Send one auth frame on connection ``gen`` and wait for its answer. While the
-        connection is being set up, its subscriptions and mutations follow the frame at once
-        (pipelined: they run under the identity it establishes)."""
+        connection is being set up, its subscriptions follow the frame at once (pipelined: they
+        run under the identity it establishes); mutations wait for the answer."""
         if gen != self._generation or self._core.phase is Phase.CLOSED:
             raise _ConnectionLost()
         version = make()

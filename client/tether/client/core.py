@@ -22,11 +22,14 @@ The rules it implements (``docs/protocol.md``, ``docs/client.md``):
   outcome is sent again with its original ``requestId``, so the server answers it with the
   original outcome instead of running it twice.
 * A mutation belongs to the user it was issued under (contract 1.1 §5 rule 4). It is sent only
-  when the connection runs (or, after a pipelined ``authenticate``/``refresh``, will run) as that
-  user. When the connection's identity changes or ends, mutations sent under the identity before
-  may never be answered (rule 1): they are sent again, same ``requestId``, once the connection
-  is that user again, and failed with ``unauthenticated`` when it becomes another user
-  (:meth:`ClientCore.abandon_user_mutations` when the client signs out).
+  when the connection runs as that user and no ``authenticate``/``refresh`` is awaiting its
+  answer: the server runs what follows an auth request under *none* when that request fails
+  (rule 1), and a write meant for a user must not run anonymous. Subscriptions, which only
+  read, are pipelined behind the auth request. When the connection's identity changes or
+  ends, mutations sent under the identity before may never be answered (rule 1): they are
+  sent again, same ``requestId``, once the connection is that user again, and failed with
+  ``unauthenticated`` when it becomes another user (:meth:`ClientCore.abandon_user_mutations`
+  when the client signs out).
 * ``unavailable`` is not an outcome (rule 3): a ``mutation_result`` with that code, or an
   ``error`` ``rate_limited`` naming the ``requestId`` (the frame was dropped), sends the same
   ``requestId`` again after a jittered backoff (:class:`MutationDeferred`), until a definite
@@ -602,8 +605,8 @@ class ClientCore:
         """Send subscriptions and mutations now, before ``connected`` and before the answer to
         the auth request just queued: the server runs what follows an ``authenticate`` or
         ``refresh`` under the identity it establishes (contract 1.1 §5 rule 1), so a new
-        connection needs no round trip before its work. Mutations go only behind a request
-        for their own user (:attr:`presumed_user`)."""
+        connection needs no round trip before its subscriptions. Mutations wait for the auth
+        request's answer (see :meth:`_send_mutations`)."""
         if self.phase is Phase.CLOSED:
             raise RuntimeError("not connected")
         self.ready = True
@@ -624,8 +627,10 @@ class ClientCore:
 
     def _send_mutations(self) -> None:
         presumed = self.presumed_user
-        if presumed is Principal.UNKNOWN:
-            return  # an auth request's answer will say who runs them
+        if presumed is Principal.UNKNOWN or self.pending_auth:
+            # An auth request's answer will say who runs them: one that fails leaves the
+            # connection anonymous, and what was pipelined behind it would run anonymous.
+            return
         now = self._clock()
         for mutation in self.mutations.values():
             if mutation.sent or (mutation.retry_at is not None and now < mutation.retry_at):
