@@ -333,6 +333,36 @@ class TetherServer:
             f"server on port {self.port} did not become ready; log:\n{self.log_text()}"
         )
 
+    async def astart(self, timeout: float = 20.0) -> TetherServer:
+        """:meth:`start` without blocking the event loop, and on the same port every time
+        (a restart keeps the address a load balancer in front of it knows): a port still held
+        by the process before is tried again until ``timeout``. Call it from the main thread,
+        as :meth:`start` (see ``die_with_parent_preexec``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._spawn()
+            if await self._await_ready(deadline):
+                return self
+            stop_process(self.process, 1.0)
+            in_use = "address already in use" in self.log_text()[-2000:]
+            if not in_use or time.monotonic() > deadline:
+                raise ServerStartError(
+                    f"server on port {self.port} did not become ready; log:\n{self.log_text()}"
+                )
+            await asyncio.sleep(0.2)
+
+    async def _await_ready(self, deadline: float) -> bool:
+        assert self.process is not None
+        async with httpx.AsyncClient(timeout=1.0, trust_env=False) as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    return False
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(self.base_url + "/readyz")).status_code == 200:
+                        return True
+                await asyncio.sleep(0.05)
+        return False
+
     def _spawn(self) -> None:
         command = [sys.executable, "-m", "tether", "serve", "--host", "127.0.0.1"]
         command += ["--port", str(self.port), "--redis-url", self.redis_url]
