@@ -165,6 +165,7 @@ TARGETS = {
     "client_tracebacks": "client tracebacks (client logs)",
     "never_retrieved": "'exception was never retrieved' lines (client logs)",
     "client_crashes": "client processes that died or did not report",
+    "harness_errors": "faults the harness failed to inject or undo",
 }
 
 
@@ -478,7 +479,7 @@ class ClusterRedis:
     def _node_ok(port: int) -> bool:
         with (
             contextlib.suppress(redis.RedisError, OSError),
-            redis.Redis("127.0.0.1", port, socket_timeout=2) as r,
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=2) as r,
         ):
             info = r.execute_command("CLUSTER INFO")
             replication = r.info("replication")
@@ -499,7 +500,8 @@ class ClusterRedis:
             if not node.running:
                 continue
             try:
-                async with redis.asyncio.Redis("127.0.0.1", node.port, socket_timeout=2) as r:
+                node_client = redis.asyncio.Redis(port=node.port, socket_timeout=2)
+                async with node_client as r:
                     slot = int(await r.execute_command("CLUSTER KEYSLOT", "{tether-data}"))
                     ranges = await r.execute_command("CLUSTER SLOTS")
             except (redis.RedisError, OSError):
@@ -521,7 +523,7 @@ class ClusterRedis:
             node = next(n for n in self.nodes if n.port == master)
             node.kill()
         else:
-            async with redis.asyncio.Redis("127.0.0.1", replica, socket_timeout=5) as r:
+            async with redis.asyncio.Redis(host="127.0.0.1", port=replica, socket_timeout=5) as r:
                 await r.execute_command("CLUSTER FAILOVER")
         deadline = time.monotonic() + 30
         while True:
@@ -892,7 +894,8 @@ class Harness:
         self.fault_errors: list[str] = []
         self.freezes: list[tuple[int, float, float]] = []  # client, SIGSTOP at, SIGCONT at
         self.background: set[asyncio.Task[None]] = set()
-        self.started = 0.0
+        self.started = 0.0  # time.monotonic() when the faults began
+        self.started_epoch = 0.0  # time.time() then: the clients report wall-clock times
         self.kinds = tuple(args.faults)
 
     # ------------------------------------------------------------------ set-up
@@ -1165,6 +1168,7 @@ def account(
 ) -> dict[str, Any]:
     """Every figure of the report, from the clients' reports and the logs."""
     args = harness.args
+    t0 = harness.started_epoch
     figures: dict[str, Any] = dict.fromkeys(TARGETS, 0)
     per_client: list[dict[str, Any]] = []
     failure_kinds: Counter[str] = Counter()
@@ -1192,7 +1196,9 @@ def account(
         figures["failures_surfaced"] += surfaced
         failure_kinds.update(report["failures"])
         figures["ryw_violations"] += report["ryw_count"]
-        ryw_examples += [{"client": i, **e} for e in report["ryw_examples"][:3]]
+        ryw_examples += [
+            {"client": i, **e, "at": round(e["at"] - t0, 3)} for e in report["ryw_examples"][:3]
+        ]
         figures["forced_signins"] += len(report["signed_out"])
         windows = [
             (start, cont + FREEZE_GRACE)
@@ -1231,7 +1237,11 @@ def account(
                 "failures": report["failures"],
                 "definite_errors": report["definite_errors"],
                 "ryw": report["ryw_count"],
-                "blanks": report["blanks"],
+                # Seconds since the faults began, as in the fault log.
+                "blanks": [
+                    {"at": round(a - t0, 3), "seconds": round(b - a, 3), "shown": what, "state": st}
+                    for a, b, what, st in report["blanks"]
+                ],
                 "signed_out": report["signed_out"],
                 "query_errors": report["query_errors"],
                 "lag": lag,
@@ -1243,6 +1253,7 @@ def account(
         n, samples = count_lines(server.log_path, "Traceback")
         figures["server_tracebacks"] += n
         server_samples += samples
+    figures["harness_errors"] = len(harness.fault_errors)
     assert harness.proxy is not None
     injected = Counter(f.kind for f in harness.faults if f.detail != "started")
     return {
@@ -1277,6 +1288,10 @@ def account(
             "fault_errors": harness.fault_errors,
         },
         "faults": [f.__dict__ for f in harness.faults],
+        "freezes": [
+            {"client": c, "at": round(a - t0, 3), "seconds": round(b - a, 3)}
+            for c, a, b in harness.freezes
+        ],
         "clients": per_client,
     }
 
@@ -1328,7 +1343,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ok = False
     try:
         await harness.set_up()
-        harness.started = time.monotonic()
+        harness.started, harness.started_epoch = time.monotonic(), time.time()
         duration = args.lifetimes * ACCESS_TTL
         print(f"faults for {duration} s, seed {args.seed}, kinds: {', '.join(harness.kinds)}")
         await harness.run_faults(duration)
