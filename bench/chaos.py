@@ -46,8 +46,9 @@ What is counted (the target figures: the exit status is 1 unless every one is ze
 * identity blanks: the ``whoami`` subscription showed ``null`` or another user while the client
   held a session (count and longest; blanks of a frozen client, and of the process sharing its
   token file, from the freeze until 2 s after it are reported apart, as expected);
-* stale subscriptions: a subscription not showing the final state within ``--fresh-within``
-  seconds of the faults' end;
+* stale subscriptions: once the clients stopped, the harness reads every counter and increments
+  it once more from a client of its own (a probe); a client whose subscriptions do not show
+  that value, and its own user, within ``--fresh-within`` seconds of the faults' end is stale;
 * server tracebacks (``Traceback`` in an instance's log), client tracebacks and
   ``never retrieved`` lines (in a client's log), client processes that died.
 
@@ -160,7 +161,7 @@ TARGETS = {
     "failures_surfaced": "failures surfaced to the application by mutate",
     "ryw_violations": "read-your-writes violations",
     "identity_blanks": "identity blanks while signed in",
-    "stale_subscriptions": "subscriptions not fresh in time after the faults",
+    "stale_subscriptions": "clients not fresh in time after the faults (probe write unseen)",
     "server_tracebacks": "server tracebacks (instance logs)",
     "client_tracebacks": "client tracebacks (client logs)",
     "never_retrieved": "'exception was never retrieved' lines (client logs)",
@@ -1077,39 +1078,43 @@ class Harness:
 
     # ------------------------------------------------------------------ the end
 
-    async def collect(
-        self,
-    ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]], dict[str, int]]:
+    async def collect(self) -> tuple[Reports, Reports, dict[str, int]]:
+        """Stop the clients, read every counter, then write to each once more from outside
+        (a probe): the clients' reports, their freshness, and the counters before the probe.
+
+        The probe is how "fresh" is checked: a client's subscription shows the probe's value
+        only if it still receives other writers' commits, not merely its own last result."""
         args = self.args
         for client in self.clients:
             await client.send("stop")
-        reports: dict[int, dict[str, Any]] = {}
+        reports: Reports = {}
         for client in self.clients:
             got = await client.expect("stopped", args.mutate_timeout * 2 + 30)
             if got is not None:
                 reports[client.index] = got["report"]
-        finals = await self.read_finals()
-        settled: dict[int, dict[str, Any]] = {}
+        from tether.client import TetherClient
+
+        finals: dict[str, int] = {}
+        probes: dict[str, int] = {}
+        async with asyncio.timeout(60), TetherClient(self.servers[0].ws_url) as outsider:
+            for client in self.clients:
+                name = client.spec["counter"]
+                finals[name] = int(await outsider.query("counter.get", name=name))
+            for client in self.clients:
+                name = client.spec["counter"]
+                probes[name] = int(await outsider.mutate("counter.increment", name=name, by=1))
+                if probes[name] != finals[name] + 1:
+                    self.fault_errors.append(f"probe of {name}: {finals[name]} -> {probes[name]}")
+        settled: Reports = {}
         for client in self.clients:
             if client.index in reports:
-                await client.send("settle", final=finals[client.spec["counter"]], wait=60)
+                await client.send("settle", final=probes[client.spec["counter"]], wait=60)
         for client in self.clients:
             if client.index in reports:
                 got = await client.expect("settled", 75)
                 if got is not None:
                     settled[client.index] = got
         return reports, settled, finals
-
-    async def read_finals(self) -> dict[str, int]:
-        """Every counter's value, read afresh by a new client straight from an instance."""
-        from tether import TetherClient
-
-        finals: dict[str, int] = {}
-        async with asyncio.timeout(60), TetherClient(self.servers[0].ws_url) as reader:
-            for client in self.clients:
-                name = client.spec["counter"]
-                finals[name] = int(await reader.query("counter.get", name=name))
-        return finals
 
     async def tear_down(self) -> dict[int, int | None]:
         codes: dict[int, int | None] = {}
