@@ -566,6 +566,9 @@ class ClientRun:
     definite_errors: Counter[str] = field(default_factory=Counter)
     ryw: list[dict[str, Any]] = field(default_factory=list)
     ryw_count: int = 0
+    #: Acknowledged values that skipped some (``got`` > ``after`` + 1): where another
+    #: increment landed, an unknown outcome that applied or a double; with times, to find it.
+    jumps: list[dict[str, Any]] = field(default_factory=list)
     blanks: list[list[Any]] = field(default_factory=list)
     signed_out: list[str] = field(default_factory=list)
     query_errors: Counter[str] = field(default_factory=Counter)
@@ -577,11 +580,36 @@ class ClientRun:
             "failures": dict(self.failures),
             "definite_errors": dict(self.definite_errors),
             "ryw_count": self.ryw_count,
+            "jumps": self.jumps[:50],
             "ryw_examples": self.ryw[:10],
             "blanks": self.blanks,
             "signed_out": self.signed_out,
             "query_errors": dict(self.query_errors),
         }
+
+
+#: Keys whose values a frame trace never shows (tokens, refresh secrets, retry keys).
+_SECRET_KEY = re.compile(r"token|refresh|retrykey|password|secret", re.IGNORECASE)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: "<redacted>" if _SECRET_KEY.search(k) and isinstance(v, str) else _redacted(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
+def trace_frame(direction: str, text: str) -> None:
+    """``--trace-client``: every frame of the client to its log, secrets redacted."""
+    try:
+        shown = json.dumps(_redacted(json.loads(text)), separators=(",", ":"))
+    except ValueError:
+        shown = "<not JSON>"
+    print(f"{time.time():.3f} {direction} {shown[:500]}", file=sys.stderr, flush=True)
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -643,7 +671,10 @@ async def client_main(spec: dict[str, Any]) -> None:
             signing_in = None
 
     client = TetherClient(
-        spec["url"], token_store=FileTokenStore(spec["token_file"]), on_auth_state=on_auth
+        spec["url"],
+        token_store=FileTokenStore(spec["token_file"]),
+        on_auth_state=on_auth,
+        trace=trace_frame if spec.get("trace") else None,
     )
     own = spec["user_id"]
     whoami_seen_own = False
@@ -708,6 +739,7 @@ async def client_main(spec: dict[str, Any]) -> None:
         pause = float(spec["pause"])
         while not stop.is_set():
             request_id: int | None = None
+            sent_at = time.time()
             while True:
                 try:
                     value = await increment(request_id)
@@ -738,6 +770,11 @@ async def client_main(spec: dict[str, Any]) -> None:
                     run.ryw_count += 1
                     if len(run.ryw) < 10:
                         run.ryw.append({"returned": value, "shown": shown, "at": time.time()})
+                previous = run.acked[-1] if run.acked else 0
+                if value != previous + 1:
+                    run.jumps.append(
+                        {"after": previous, "got": value, "sent": sent_at, "at": time.time()}
+                    )
                 run.acked.append(value)
                 break
             if pause:
@@ -944,6 +981,7 @@ class Harness:
                 "counter": f"chaos-{run_id}-c{i}",
                 "pause": args.pause,
                 "mutate_timeout": args.mutate_timeout,
+                "trace": i in args.trace_client,
             }
             client = ClientProc(i, spec, self.tmp / f"client{i}.log")
             self.clients.append(client)
@@ -1242,6 +1280,10 @@ def account(
                 "failures": report["failures"],
                 "definite_errors": report["definite_errors"],
                 "ryw": report["ryw_count"],
+                "jumps": [
+                    {**j, "sent": round(j["sent"] - t0, 3), "at": round(j["at"] - t0, 3)}
+                    for j in report["jumps"]
+                ],
                 # Seconds since the faults began, as in the fault log.
                 "blanks": [
                     {"at": round(a - t0, 3), "seconds": round(b - a, 3), "shown": what, "state": st}
@@ -1401,6 +1443,13 @@ def main() -> None:
         type=float,
         default=15.0,
         help="seconds after the faults by which every subscription must be fresh (default 15)",
+    )
+    parser.add_argument(
+        "--trace-client",
+        type=lambda s: [int(x) for x in comma_list(s)],
+        default=[],
+        help="log every frame of these clients (indexes, e.g. 0,1) to their logs, secrets "
+        "redacted; the log is then not scanned for tracebacks",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--keep", action="store_true", help="keep logs and data even on a pass")
