@@ -1099,7 +1099,7 @@ class Harness:
         acked = sum(c.acked for c in self.clients)
         print(
             f"[{self.elapsed():7.1f} s] {acked} mutations acknowledged, "
-            f"{len(self.faults)} faults, load {load_average()}",
+            f"{sum(f.detail != 'started' for f in self.faults)} faults, load {load_average()}",
             flush=True,
         )
 
