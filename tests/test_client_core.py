@@ -823,3 +823,41 @@ def test_an_anonymous_connection_pipelines_without_an_auth_request() -> None:
     core.connection_lost()
     with pytest.raises(RuntimeError):
         core.pipeline()
+
+
+def test_a_mutation_answered_unauthenticated_after_the_server_ended_its_identity_is_resent() -> (
+    None
+):
+    """The freeze of issue 11's chaos run: the mutate reaches the server after its identity
+    expired; the server answers unauthenticated (nothing ran). Not a final answer: the same
+    requestId goes out again once the connection is the user again, once."""
+    core = ready_core()
+    signed_in(core)
+    r = core.mutate("counter.increment", {}, user="u1")
+    assert sent_mutations(core) == [r]
+    core.receive(json.dumps({"type": "auth_expired", "expiresAt": 5, "serverTime": 6}))
+    refused = {"code": "unauthenticated", "message": "the identity has ended"}
+    assert core.receive(result(r, error=refused)) == []
+    assert sent_mutations(core) == []  # anonymous now: waits
+    version = core.refresh("rt", user="u1")
+    auth_ok(core, version, "u1")
+    assert sent_mutations(core) == [r]
+    assert core.receive(result(r, value=1, version=3)) == [MutationDone(r, value=1, version=3)]
+
+
+def test_unauthenticated_while_the_connection_is_the_user_is_final() -> None:
+    core = ready_core()
+    signed_in(core)
+    r = core.mutate("admin.only", {}, user="u1")
+    sent_mutations(core)
+    refused = {"code": "unauthenticated", "message": "admins only"}
+    assert core.receive(result(r, error=refused)) == [
+        MutationDone(r, error=("unauthenticated", "admins only"))
+    ]
+    anonymous = ClientCore("client-2")
+    anonymous.connection_opened()
+    anonymous.pipeline()
+    r = anonymous.mutate("notes.add", {}, user=None)
+    assert anonymous.receive(result(r, error=refused)) == [
+        MutationDone(r, error=("unauthenticated", "admins only"))
+    ]

@@ -805,13 +805,14 @@ def test_subscribe_after_expiry_runs_anonymously_without_the_timer() -> None:
     assert core.identity is None
 
 
-def test_mutate_after_expiry_runs_anonymously_without_the_timer() -> None:
+def test_mutate_after_expiry_never_runs_as_the_expired_identity_without_the_timer() -> None:
     core = connected()
     sign_in(core, ALICE, 1, 1.0)
-    generation = core.generation
     actions = core.receive(msg("mutate", requestId=1, name="notes.add", args={"text": "hi"}), 150.0)
-    assert sent(actions) == [{"type": "auth_expired", "expiresAt": 100_000, "serverTime": 150_000}]
-    assert actions[-1] == RunMutation(generation + 1, None, 1, "notes.add", {"text": "hi"})
+    # The expiry is noticed at use; the mutate, meant for alice, runs as nobody (lapsed).
+    assert [f["type"] for f in sent(actions)] == ["auth_expired", "mutation_result"]
+    assert sent(actions)[1]["error"]["code"] == "unauthenticated"
+    assert instances(actions, RunMutation) == []
 
 
 def test_results_computed_under_an_expired_identity_are_dropped() -> None:
@@ -2037,3 +2038,58 @@ def test_rule8_auth_ok_for_a_null_token_has_null_identity_and_expiry() -> None:
             "serverTime": 2000,
         }
     ]
+
+
+@pytest.mark.parametrize("end", ["expired", "revoked"])
+def test_a_mutate_after_the_server_ended_the_identity_runs_nothing_until_the_client_re_auths(
+    end: str,
+) -> None:
+    """A client woken from a freeze sends a mutate meant for its user before it reads the
+    auth_expired (or session_revoked) push: it is answered unauthenticated, not run anonymous
+    (which would apply the user's write as nobody, and again when re-sent as the user)."""
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    if end == "expired":
+        assert only_frame(core.on_timer(105.0), "auth_expired")
+    else:
+        assert only_frame(
+            core.session_ended("sess-a", SessionEndReason.SIGNED_OUT, 2.0), "session_revoked"
+        )
+    actions = core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 106.0)
+    assert instances(actions, RunMutation) == []
+    assert sent(actions) == [
+        {
+            "type": "mutation_result",
+            "requestId": 1,
+            "error": {"code": "unauthenticated", "message": sent(actions)[0]["error"]["message"]},
+        }
+    ]
+    assert core.mutations_in_flight == 0
+    # Queries still run, as anonymous.
+    assert subscribe(core, 1, now=106.0).identity is None
+    # A transient failure keeps the lapsed state; any answer of the client's own request ends it.
+    core.receive(msg("refresh", refreshToken="rt", authVersion=2), 106.0)
+    core.auth_failed(2, AuthErrorCode.UNAVAILABLE, "later", 106.5)
+    assert not instances(
+        core.receive(msg("mutate", requestId=2, name="notes.add", args={}), 107.0), RunMutation
+    )
+    core.receive(msg("authenticate", token="t", authVersion=3), 107.0)
+    core.auth_succeeded(3, ALICE_LATER, 107.5)
+    assert instances(
+        core.receive(msg("mutate", requestId=3, name="notes.add", args={}), 108.0), RunMutation
+    ) == [RunMutation(core.generation, ALICE_LATER, 3, "notes.add", {})]
+
+
+@pytest.mark.parametrize("how", ["null", "refused"])
+def test_a_connection_anonymous_by_the_clients_request_runs_mutations_anonymous(how: str) -> None:
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    core.on_timer(105.0)  # lapsed
+    if how == "null":
+        core.receive(msg("authenticate", token=None, authVersion=2), 106.0)
+    else:
+        core.receive(msg("authenticate", token="forged", authVersion=2), 106.0)
+        core.auth_failed(2, AuthErrorCode.INVALID_TOKEN, "bad", 106.5)
+    assert instances(
+        core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 107.0), RunMutation
+    ) == [RunMutation(core.generation, None, 1, "notes.add", {})]

@@ -968,6 +968,19 @@ class ClientCore:
             pair = (str(error.get("code")), str(error.get("message", "")))
             if pair[0] in RETRY_MUTATION_CODES:
                 return self._defer(request_id, mutation, pair[0])
+            if (
+                pair[0] == FunctionErrorCode.UNAUTHENTICATED
+                and isinstance(mutation.user, str)
+                and self.identity is None
+            ):
+                # Sent for its user, answered while the connection has no identity: the
+                # server ended the identity before it ran (a freeze, a race with the token's
+                # expiry) and ran nothing (a lapsed connection), or ran it as nobody and the
+                # function refused. Either way nothing was written for its user: it goes out
+                # again, same requestId, once the connection is that user again (or fails
+                # when another user signs in or the client signs out).
+                mutation.sent = False
+                return []
             del self.mutations[request_id]
             return [MutationDone(request_id, error=pair)]
         del self.mutations[request_id]

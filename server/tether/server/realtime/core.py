@@ -22,6 +22,12 @@ Identity rules (protocol §3, "Guarantees"):
 * A successful ``mutation_result`` at version v waits until every subscription of the connection
   has had a result under the current identity and the connection is at version >= v (rule 5:
   read your writes, for replayed outcomes too).
+* An identity the *server* ended (``auth_expired``, ``session_revoked``) leaves the connection
+  *lapsed* until the client next authenticates: a ``mutate`` then is answered
+  ``unauthenticated`` and runs nothing. It was sent for the identity that ended (a client
+  woken from a freeze, or racing its token's expiry, has not read the push yet); run as
+  anonymous it would apply a user's write as nobody, and again as the user when re-sent (its
+  outcome is keyed by user). Queries still run, as anonymous.
 * ``exp + leeway`` is checked whenever something is about to run or be sent (:meth:`_tick`),
   not only when the timer fires.
 * A refresh that keeps user and session only moves the deadlines: same generation, no re-run.
@@ -43,12 +49,16 @@ from tether.protocol import (
     ClientMessageType,
     CloseCode,
     ErrorCode,
+    FunctionErrorCode,
     ServerMessageType,
     SessionEndReason,
 )
 
 #: ``auth_error`` codes that leave the connection's identity in place (contract §5 rule 2).
 TRANSIENT_AUTH_ERRORS = frozenset({AuthErrorCode.UNAVAILABLE, AuthErrorCode.RATE_LIMITED})
+
+#: The answer to a ``mutate`` on a lapsed connection (see the module docstring).
+LAPSED_MESSAGE = "the identity has ended; authenticate again (nothing ran)"
 
 #: ``connect`` must arrive within this many seconds of the upgrade (contract).
 CONNECT_TIMEOUT = 10.0
@@ -492,6 +502,7 @@ class ConnectionCore:
         "held_bytes",
         "held_results",
         "identity",
+        "lapsed",
         "last_seen",
         "limits",
         "max_auth_version",
@@ -525,6 +536,7 @@ class ConnectionCore:
         self.last_seen = now
         self.client_id: str | None = None
         self.identity: Identity | None = None
+        self.lapsed = False  # the server ended the identity; the client has not re-authenticated
         self.generation = 0
         self.expiring_sent = False
         self.max_auth_version = -1
@@ -618,6 +630,7 @@ class ConnectionCore:
                 )
             )
             actions.extend(self._set_identity(None, now))
+            self.lapsed = True
         elif not self.expiring_sent and now >= ident.expires_at - self.timing.notice_for(ident):
             self.expiring_sent = True
             actions.append(
@@ -796,6 +809,7 @@ class ConnectionCore:
                     )
                 )
                 actions.extend(self._set_identity(None, now))
+                self.lapsed = False  # anonymous by the client's choice
             else:
                 self.auth_in_flight = item
                 actions.append(VerifyToken(item.auth_version, item.token))
@@ -829,6 +843,7 @@ class ConnectionCore:
         }
         if tokens is not None:
             frame["tokens"] = tokens
+        self.lapsed = False
         actions: list[Action] = [Send(frame), *self._set_identity(identity, now)]
         actions.extend(self._tick(now))  # an identity adopted inside its notice window
         return actions + self._release_held(now)
@@ -858,6 +873,7 @@ class ConnectionCore:
             # at exp + leeway or on revocation): a Redis blip during a routine refresh must not
             # blank identity-dependent results.
             return [Send(frame)]
+        self.lapsed = False  # the client's own request failed: what follows runs under none
         return [Send(frame), *self._set_identity(None, now)]
 
     def session_ended(self, session_id: str, reason: SessionEndReason, now: float) -> list[Action]:
@@ -866,10 +882,12 @@ class ConnectionCore:
             return []
         if self.phase is not Phase.OPEN:
             return []
-        return [
+        actions: list[Action] = [
             Send({"type": ServerMessageType.SESSION_REVOKED, "reason": reason.value}),
             *self._set_identity(None, now),
         ]
+        self.lapsed = True
+        return actions
 
     # ------------------------------------------------------------------ functions
 
@@ -904,6 +922,19 @@ class ConnectionCore:
         ]
 
     def _on_mutate(self, message: Mutate) -> list[Action]:
+        if self.lapsed:
+            return [
+                Send(
+                    {
+                        "type": ServerMessageType.MUTATION_RESULT,
+                        "requestId": message.request_id,
+                        "error": {
+                            "code": FunctionErrorCode.UNAUTHENTICATED.value,
+                            "message": LAPSED_MESSAGE,
+                        },
+                    }
+                )
+            ]
         try:
             args = self._resolve("mutation", message.name, message.args)
         except BadMessage as exc:
