@@ -1126,3 +1126,30 @@ async def test_outcomes_belong_to_one_user_and_one_function(
         await asyncio.sleep(0.2)
         assert live.value(1) == []  # the refused notes.add wrote nothing
     assert seen == [2, 3]
+
+
+async def test_a_mutate_meant_for_an_expired_identity_runs_nothing_and_replays_once_as_the_user(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    """The chaos harness's frozen client: the mutate reaches the server after the identity
+    expired. It is answered unauthenticated and nothing runs (run as anonymous, the re-send as
+    the user would apply it again); once the client is the user again, the same requestId
+    applies once."""
+    server = server_factory(env=EXPIRY_ENV)
+    user = await signup(server.base_url)
+    counter = unique("lapsed")
+    live = await open_live(server)
+    await live.authenticate(user["accessToken"], 1)
+    await live.subscribe(1, "counter.get", {"name": counter})
+    await live.wait_frame("auth_expired", timeout=10)
+    refused = await live.mutate(1, "counter.increment", {"name": counter})
+    assert refused["error"]["code"] == "unauthenticated", refused
+    await asyncio.sleep(0.3)
+    assert live.value(1) == 0
+    fresh = await auth_post(
+        server.base_url, "/auth/refresh", json={"refreshToken": user["refreshToken"]}
+    )
+    await live.authenticate(fresh.json()["accessToken"], 2)
+    applied = await live.mutate(1, "counter.increment", {"name": counter})
+    assert applied["value"] == 1, applied
+    assert await live.mutate(1, "counter.increment", {"name": counter}) == applied
