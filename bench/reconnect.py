@@ -19,6 +19,10 @@ repository root::
 
     .venv/bin/python bench/reconnect.py
     .venv/bin/python bench/reconnect.py --k 1,10,50 --repeat 30 --mutations 1
+    .venv/bin/python bench/reconnect.py --latency-ms 20   # a 40 ms round trip
+
+``--latency-ms`` delays every chunk the forwarder passes, each way, keeping their order: on
+loopback a round trip costs ~0.1 ms and saving round trips shows only with a network's.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ class Forwarder:
     """A TCP forwarder to the server that can hold the server's bytes back and drop every
     connection at once (an RST, as a dead network path or a killed proxy would)."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, latency: float = 0.0) -> None:
         self.target_port = target_port
+        self.latency = latency  # seconds added to every chunk, each way (order kept)
         self.hold = False
         self._server: asyncio.Server | None = None
         self._transports: list[asyncio.BaseTransport] = []
@@ -81,13 +86,26 @@ class Forwarder:
         async def pipe(
             src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_server: bool
         ) -> None:
+            queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+            async def deliver() -> None:
+                with contextlib.suppress(OSError):
+                    while (item := await queue.get()) is not None:
+                        due, data = item
+                        if (wait := due - time.monotonic()) > 0:
+                            await asyncio.sleep(wait)
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            delivering = asyncio.create_task(deliver())
             with contextlib.suppress(OSError):
                 while data := await src.read(65536):
                     if from_server and self.hold:
                         continue
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
+                    queue.put_nowait((time.monotonic() + self.latency, data))
+            queue.put_nowait(None)
+            await delivering
 
         await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
 
@@ -212,14 +230,14 @@ async def run(args: argparse.Namespace) -> None:
     try:
         deployment.start_redis()
         server = deployment.start_server()
-        forwarder = await Forwarder(server.port).start()
+        forwarder = await Forwarder(server.port, args.latency_ms / 1000).start()
         session = await sign_up(
             server.ws_url, f"bench-{uuid.uuid4().hex[:10]}@example.com", "bench-pw-1"
         )
         print(f"{describe_run()}; load {load_average()}")
         print(
-            f"{args.repeat} rounds per row, {args.mutations} mutation(s) in flight at each drop; "
-            "times in ms, median / p90\n"
+            f"{args.repeat} rounds per row, {args.mutations} mutation(s) in flight at each drop, "
+            f"{args.latency_ms:g} ms added each way; times in ms, median / p90\n"
         )
         print_header(
             "| K subscriptions | baseline: connect + 1 round trip "
@@ -246,6 +264,12 @@ def main() -> None:
     parser.add_argument("--mutations", type=int, default=1, help="in flight at each drop")
     parser.add_argument("--settle", type=float, default=0.2, help="seconds they get to commit")
     parser.add_argument("--pause", type=float, default=0.05, help="seconds between rounds")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="one-way delay the forwarder adds to every chunk, both ways (a network's)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
     run_bounded(lambda: run(args), args.timeout)
