@@ -2093,3 +2093,71 @@ def test_a_connection_anonymous_by_the_clients_request_runs_mutations_anonymous(
     assert instances(
         core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 107.0), RunMutation
     ) == [RunMutation(core.generation, None, 1, "notes.add", {})]
+
+
+def test_an_auth_request_over_the_message_rate_is_answered_in_its_turn() -> None:
+    """Review of issue 11: a refresh dropped by the message rate limit was answered with a
+    generic error naming no authVersion; the client waited for its answer for ever."""
+    core = connected(limits=Limits(heartbeat_timeout=1000.0, message_rate=(3, 10.0)))
+    sign_in(core, ALICE, 1, 1.0)  # the 2nd message (connect was the 1st)
+    core.receive(msg("ping"), 1.0)
+    actions = core.receive(msg("refresh", refreshToken="rt", authVersion=2), 1.0)
+    assert sent(actions) == [
+        {
+            "type": "auth_error",
+            "authVersion": 2,
+            "code": "rate_limited",
+            "message": sent(actions)[0]["message"],
+        }
+    ]
+    assert core.identity == ALICE  # rate_limited is transient (rule 2)
+    # Behind a request in flight, the refusal waits for its turn.
+    core = connected(limits=Limits(heartbeat_timeout=1000.0, message_rate=(2, 10.0)))
+    assert core.receive(msg("authenticate", token="t", authVersion=1), 1.0) == [VerifyToken(1, "t")]
+    assert core.receive(msg("refresh", refreshToken="rt", authVersion=2), 1.0) == []
+    answers = [(f["type"], f["authVersion"]) for f in sent(core.auth_succeeded(1, ALICE, 2.0))]
+    assert answers == [("auth_ok", 1), ("auth_error", 2)]
+
+
+def test_a_mutate_held_behind_a_transiently_failed_auth_request_runs_nothing() -> None:
+    """Rule 2 keeps alice's identity when bob's authenticate gets unavailable; the mutate sent
+    behind it was meant for bob: it must not run as alice (issue 11, item 4), nor as anonymous.
+    It is answered unavailable (re-send); subscriptions behind it run under the kept identity."""
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    core.receive(msg("authenticate", token="bob", authVersion=2), 2.0)
+    core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 2.0)
+    core.receive(msg("subscribe", queryId=1, name="whoami", args={}), 2.0)
+    core.receive(msg("refresh", refreshToken="rt", authVersion=3), 2.0)
+    core.receive(msg("mutate", requestId=2, name="notes.add", args={}), 2.0)
+    actions = core.auth_failed(2, AuthErrorCode.UNAVAILABLE, "later", 2.5)
+    assert instances(actions, RunMutation) == []
+    result = only_frame(actions, "mutation_result")
+    assert result["requestId"] == 1 and result["error"]["code"] == "unavailable"
+    assert instances(actions, RunQueries)[0].identity == ALICE
+    assert instances(actions, RotateRefresh) == [RotateRefresh(3, "rt", None)]
+    assert core.mutations_in_flight == 0
+    # Behind the next request, which succeeds, the mutate runs as it establishes.
+    actions = core.auth_succeeded(3, ALICE_LATER, 3.0, TOKENS)
+    assert [a.request_id for a in instances(actions, RunMutation)] == [2]
+
+
+def test_a_held_result_is_released_when_the_re_run_it_waited_for_comes_back_unchanged() -> None:
+    """Review of issue 11: the last subscription a held result waited for got an unchanged
+    result at a newer version; no transition went out and the result waited for ever."""
+    core = connected()
+    sign_in(core, ALICE, 1, 1.0)
+    subscribe(core, 1, "whoami", now=1.0)
+    core.queries_done(core.generation, 10, [QueryResult(1, '{"userId":"alice"}')], 1.1)
+    sign_in(core, ALICE_OTHER_SESSION, 2, 2.0)  # same user, new session: whoami re-runs
+    [run] = instances(
+        core.receive(msg("mutate", requestId=1, name="notes.add", args={}), 2.0), RunMutation
+    )
+    assert sent(core.advance_version(100, 2.1)) == []  # whoami is not fresh yet
+    assert sent(core.mutation_done(run.generation, 1, 2.2, value_json="1", version=50)) == []
+    actions = core.queries_done(core.generation, 100, [QueryResult(1, '{"userId":"alice"}')], 2.3)
+    assert sent(actions) == [
+        {"type": "transition", "version": 100, "updates": []},
+        {"type": "mutation_result", "requestId": 1, "value": Raw("1"), "version": 50},
+    ]
+    assert core.mutations_in_flight == 0

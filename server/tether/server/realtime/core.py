@@ -50,6 +50,7 @@ from tether.protocol import (
     CloseCode,
     ErrorCode,
     FunctionErrorCode,
+    MutationErrorCode,
     ServerMessageType,
     SessionEndReason,
 )
@@ -59,6 +60,23 @@ TRANSIENT_AUTH_ERRORS = frozenset({AuthErrorCode.UNAVAILABLE, AuthErrorCode.RATE
 
 #: The answer to a ``mutate`` on a lapsed connection (see the module docstring).
 LAPSED_MESSAGE = "the identity has ended; authenticate again (nothing ran)"
+
+#: The answer to a ``mutate`` held behind an auth request that failed transiently.
+UNDECIDED_MESSAGE = (
+    "the authentication sent before this mutation could not be completed; nothing ran:"
+    " re-send with the same requestId"
+)
+
+
+def _undecided_result(request_id: int) -> Send:
+    return Send(
+        {
+            "type": ServerMessageType.MUTATION_RESULT,
+            "requestId": request_id,
+            "error": {"code": MutationErrorCode.UNAVAILABLE.value, "message": UNDECIDED_MESSAGE},
+        }
+    )
+
 
 #: ``connect`` must arrive within this many seconds of the upgrade (contract).
 CONNECT_TIMEOUT = 10.0
@@ -236,14 +254,11 @@ def parse_client_message(frame: str | bytes) -> ClientMessage:
     raise BadMessage(ErrorCode.UNKNOWN_TYPE, "unknown message type")
 
 
-def _rate_limited(frame: str | bytes) -> BadMessage:
-    """The ``rate_limited`` error for a dropped frame, naming its queryId/requestId if it has
-    one, so the client knows which request will get no other answer."""
+def _rate_limited(message: ClientMessage | None) -> BadMessage:
+    """The ``rate_limited`` error for a dropped frame (``message``, or ``None`` when it does not
+    parse), naming its queryId/requestId if it has one, so the client knows which request will
+    get no other answer."""
     error = BadMessage(ErrorCode.RATE_LIMITED, "too many messages; this one was dropped")
-    try:
-        message = parse_client_message(frame)
-    except BadMessage:
-        return error
     if isinstance(message, Subscribe):
         error.query_id = message.query_id
     elif isinstance(message, Mutate):
@@ -501,6 +516,7 @@ class ConnectionCore:
         "held_auths",
         "held_bytes",
         "held_results",
+        "held_undecided",
         "identity",
         "lapsed",
         "last_seen",
@@ -549,6 +565,9 @@ class ConnectionCore:
         self.held_bytes = 0
         # Successful mutation results waiting for the subscriptions to catch up (rule 5).
         self.held_results: list[_HeldResult] | None = None
+        # The auth request before the held messages now being released failed transiently:
+        # who they were meant to run as is undecided (see _release_held).
+        self.held_undecided = False
         self.subscriptions: dict[int, _Subscription] = {}
         self.serials = 0
         self.version = 0  # the highest version sent in a transition
@@ -663,7 +682,15 @@ class ConnectionCore:
             self.rate_violations += 1
             if self.rate_violations > self.limits.max_rate_violations:
                 return self._close(CloseCode.RATE_LIMITED, "too many messages")
-            return [Send(_rate_limited(frame).to_frame())]
+            try:
+                dropped: ClientMessage | None = parse_client_message(frame)
+            except BadMessage:
+                dropped = None
+            if isinstance(dropped, Authenticate | Refresh) and self.phase is Phase.OPEN:
+                # Every auth request gets exactly one answer, in its turn: a client waits for
+                # it (and what it sent behind it waits in ``held``).
+                return self._tick(now) + self._on_auth_request(dropped, now, limited=True)
+            return [Send(_rate_limited(dropped).to_frame())]
         try:
             message = parse_client_message(frame)
         except BadMessage as exc:
@@ -747,7 +774,11 @@ class ConnectionCore:
 
     # ------------------------------------------------------------------ auth
 
-    def _on_auth_request(self, message: AuthRequest, now: float) -> list[Action]:
+    def _on_auth_request(
+        self, message: AuthRequest, now: float, *, limited: bool = False
+    ) -> list[Action]:
+        """Queue an auth request; ``limited``: it broke the message rate (counted already) and
+        is answered ``rate_limited`` in its turn."""
         version = message.auth_version
         if version <= self.max_auth_version:
             return self._error(
@@ -760,10 +791,11 @@ class ConnectionCore:
         held = self.held
         if held is None:
             held = self.held = deque()
-        if not self._auths.allow(now) or self.held_auths >= self.limits.max_pending_auth:
-            self.rate_violations += 1
-            if self.rate_violations > self.limits.max_rate_violations:
-                return self._close(CloseCode.RATE_LIMITED, "too many authentication attempts")
+        if limited or not self._auths.allow(now) or self.held_auths >= self.limits.max_pending_auth:
+            if not limited:
+                self.rate_violations += 1
+                if self.rate_violations > self.limits.max_rate_violations:
+                    return self._close(CloseCode.RATE_LIMITED, "too many authentication attempts")
             # Answered in its turn, after the requests before it: answers stay in order.
             held.append(_RateLimited(version))
         else:
@@ -779,9 +811,17 @@ class ConnectionCore:
             item = held.popleft()
             if isinstance(item, _HeldCall):
                 self.held_bytes -= item.size
-                actions.extend(self._run_call(item.message))
+                message = item.message
+                if self.held_undecided and isinstance(message, Mutate):
+                    # The identity it was sent for could not be established (rule 2 keeps the
+                    # old one): running it as the old identity would write as the previous
+                    # user (issue 11, item 4). Nothing runs; the client re-sends (rule 3).
+                    actions.append(_undecided_result(message.request_id))
+                else:
+                    actions.extend(self._run_call(message))
                 continue
             self.held_auths -= 1
+            self.held_undecided = False
             if isinstance(item, _RateLimited):
                 actions.extend(
                     self._auth_failure(
@@ -815,6 +855,7 @@ class ConnectionCore:
                 actions.append(VerifyToken(item.auth_version, item.token))
         if not held:
             self.held = None
+            self.held_undecided = False
         return actions
 
     def auth_succeeded(
@@ -872,6 +913,7 @@ class ConnectionCore:
             # Rule 2: the server could not decide now. The identity held stays (it still ends
             # at exp + leeway or on revocation): a Redis blip during a routine refresh must not
             # blank identity-dependent results.
+            self.held_undecided = True
             return [Send(frame)]
         self.lapsed = False  # the client's own request failed: what follows runs under none
         return [Send(frame), *self._set_identity(None, now)]
@@ -988,6 +1030,14 @@ class ConnectionCore:
             sub.last_value = text
             changed.append((result.query_id, text, result.error))
         if not changed:
+            if self.held_results and version > self.version and self._all_fresh():
+                # Nothing changed, but the last subscription a held result waited for is now
+                # current at ``version`` (every one of this delivery's entries is valid there):
+                # say so, as advance_version would have had the subscription been fresh then.
+                self.version = version
+                actions.append(
+                    Send({"type": ServerMessageType.TRANSITION, "version": version, "updates": []})
+                )
             if self.held_results:
                 actions.extend(self._release_results())
             return actions
