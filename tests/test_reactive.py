@@ -1153,3 +1153,25 @@ async def test_a_mutate_meant_for_an_expired_identity_runs_nothing_and_replays_o
     applied = await live.mutate(1, "counter.increment", {"name": counter})
     assert applied["value"] == 1, applied
     assert await live.mutate(1, "counter.increment", {"name": counter}) == applied
+
+
+async def test_a_fence_this_instance_cannot_confirm_answers_unavailable_not_unauthenticated(
+    server_factory: Callable[..., ServerProcess],
+    open_live: Opener,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A session fence (rule 6) on a session this instance knows of no end for — the expiry
+    sweep fences a session a refresh then keeps alive, and lifts the fence — is not a definite
+    answer: unavailable (re-send), never unauthenticated on a live session."""
+    server = server_factory()
+    user = await signup(server.base_url)
+    counter = unique("fenced")
+    live = await open_live(server)
+    await live.authenticate(user["accessToken"], 1)
+    fence = redis_keys.data_session_fence(user["sessionId"])
+    await redis_client.set(fence, "session_expired", px=60_000)
+    answer = await live.mutate(1, "counter.increment", {"name": counter})
+    assert answer["error"]["code"] == "unavailable", answer
+    await redis_client.delete(fence)
+    applied = await live.mutate(1, "counter.increment", {"name": counter})
+    assert applied["value"] == 1, applied

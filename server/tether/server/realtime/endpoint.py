@@ -512,6 +512,20 @@ class Connection:
                 # the session may end meanwhile.
                 authorized=lambda: self._identity_usable(action.identity),
             )
+            if outcome.error == (
+                FunctionErrorCode.UNAUTHENTICATED,
+                IDENTITY_ENDED,
+            ) and self._identity_usable(action.identity):
+                # The store found the session's fence while this instance knows of no end: the
+                # end's event has not reached us yet, or the expiry sweep fenced a session that
+                # a refresh kept alive and is lifting the fence. Not a definite answer: the
+                # client re-sends (and meets session_revoked, or a commit).
+                self._mutation_failed(
+                    action,
+                    MutationErrorCode.UNAVAILABLE,
+                    "the session's end could not be confirmed; re-send with the same requestId",
+                )
+                return
             if outcome.version is not None and outcome.error is None:
                 # Read your writes: every subscription of this connection is delivered at a
                 # version >= the commit's before the mutation's result goes out.
