@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 from tether.client.core import (
+    GIVEN_UP_RETENTION,
+    MAX_GIVEN_UP_MUTATIONS,
     REQUEST_IDS_PER_MS,
     USER_CHANGED_MESSAGE,
     AuthExpiring,
@@ -41,7 +43,12 @@ from tether.client.core import (
     renewal_due,
     token_subject,
 )
-from tether.client.errors import AuthErrorKind, MessageTooLarge, classify_auth_code
+from tether.client.errors import (
+    AuthErrorKind,
+    MessageTooLarge,
+    MutationError,
+    classify_auth_code,
+)
 from tether.client.http_auth import http_base_url
 from tether.client.token_store import FileTokenStore, MemoryTokenStore, StoredSession
 
@@ -861,3 +868,200 @@ def test_unauthenticated_while_the_connection_is_the_user_is_final() -> None:
     assert anonymous.receive(result(r, error=refused)) == [
         MutationDone(r, error=("unauthenticated", "admins only"))
     ]
+
+
+# ---------------------------------------------------------------------------------- review fixes
+
+
+def auth_error(core: ClientCore, version: int, code: str) -> list[Any]:
+    events = core.receive(json.dumps({"type": "auth_error", "authVersion": version, "code": code}))
+    core.validate()
+    return events
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        {"type": "auth_expired", "expiresAt": 5, "serverTime": 6},
+        {"type": "session_revoked", "reason": "signed_out"},
+    ],
+)
+def test_after_the_server_ended_the_identity_no_mutation_goes_out_until_an_auth_answer(
+    end: dict[str, Any],
+) -> None:
+    """The server answers every mutate `unauthenticated` while lapsed (1.1 rule 1): an
+    anonymous mutation waits for the `authenticate` with no token, and goes out after its
+    `auth_ok` (sent earlier, it would fail for good)."""
+    core = ready_core()
+    signed_in(core)
+    core.receive(json.dumps(end))
+    core.validate()
+    assert core.lapsed and core.presumed_user is None
+    r = core.mutate("counter.increment", {}, user=None)
+    assert sent_mutations(core) == []
+    version = core.authenticate(None)
+    assert sent_mutations(core) == []  # behind an unanswered auth request
+    auth_ok(core, version, None)
+    assert not core.lapsed
+    assert sent_mutations(core) == [r]
+
+
+def test_the_lapsed_state_ends_as_the_servers_does() -> None:
+    core = ready_core()
+    signed_in(core)
+    core.receive(json.dumps({"type": "session_revoked", "reason": "revoked"}))
+    # unavailable / rate_limited keep it (the server keeps its state, rule 2) ...
+    for code in ("unavailable", "rate_limited"):
+        auth_error(core, core.refresh("rt", user="u1"), code)
+        assert core.lapsed
+    # ... any other answer to a request of ours ends it, as does a new connection.
+    auth_error(core, core.refresh("rt", user="u1"), "refresh_invalid")
+    assert not core.lapsed
+    core.receive(json.dumps({"type": "auth_expired", "expiresAt": 5, "serverTime": 6}))
+    assert core.lapsed
+    core.connection_lost()
+    core.validate()
+    assert not core.lapsed
+
+
+def test_subscriptions_behind_a_refused_auth_request_never_deliver_and_are_resent() -> None:
+    """A new connection pipelines `authenticate` and its subscriptions; the token is refused.
+    The server answers auth_error, then runs the held subscribe as anonymous: that result must
+    not reach the application. The subscription moves to a new queryId once the identity
+    settles (here: behind the next token)."""
+    core = ClientCore("client-1", first_request_id=1)
+    q = core.subscribe("whoami", {})
+    core.connection_opened()
+    v1 = core.authenticate("stale", user="u1")
+    core.pipeline()
+    assert [f["type"] for f in frames(core)] == ["connect", "authenticate", "subscribe"]
+    core.receive(json.dumps({"type": "connected", "connectionId": "c", "serverTime": 1}))
+    auth_error(core, v1, "invalid_token")
+    # The old queryId is unsubscribed at once; nothing else goes out in the gap.
+    assert frames(core) == [{"type": "unsubscribe", "queryId": q}]
+    assert core.held
+    anonymous = {"type": "transition", "version": 3, "updates": [{"queryId": q, "value": None}]}
+    assert core.receive(json.dumps(anonymous)) == []
+    core.flush()
+    assert core.data_to_send() == []  # held until the identity settles
+    v2 = core.authenticate("fresh", user="u1")
+    sent = frames(core)
+    assert [f["type"] for f in sent] == ["authenticate", "subscribe"]  # pipelined behind it
+    moved = sent[1]["queryId"]
+    assert moved != q and sent[1]["name"] == "whoami"
+    auth_ok(core, v2, "u1")
+    assert core.receive(json.dumps(anonymous)) == []  # a late result of the old queryId
+    value = {"userId": "u1"}
+    first = {"type": "transition", "version": 4, "updates": [{"queryId": moved, "value": value}]}
+    assert core.receive(json.dumps(first)) == [QueryUpdate(q, 4, value=value)]  # its handle
+    # Unsubscribing by the handle names the queryId the server has.
+    core.unsubscribe(q)
+    assert frames(core) == [{"type": "unsubscribe", "queryId": moved}]
+    core.validate()
+
+
+@pytest.mark.parametrize("answer", ["unavailable", "another_user"])
+def test_subscriptions_behind_an_auth_request_that_gave_another_identity_are_resent(
+    answer: str,
+) -> None:
+    """`unavailable` keeps the identity, but a new connection has none to keep: what was
+    pipelined ran anonymous. An auth_ok for a user other than the one expected is no better.
+    Either way the subscription goes out again, on a new queryId, once the identity settles
+    (here: the shell settles without another request)."""
+    core = ClientCore("client-1", first_request_id=1)
+    q = core.subscribe("whoami", {})
+    core.connection_opened()
+    version = core.refresh("rt", user="u1")
+    core.pipeline()
+    frames(core)
+    if answer == "unavailable":
+        auth_error(core, version, "unavailable")
+    else:
+        auth_ok(core, version, "u2")
+    assert frames(core) == [{"type": "unsubscribe", "queryId": q}]
+    wrong = {"type": "transition", "version": 2, "updates": [{"queryId": q, "value": "x"}]}
+    assert core.receive(json.dumps(wrong)) == []
+    core.identity_settled()
+    (again,) = frames(core)
+    assert again["type"] == "subscribe" and again["queryId"] != q
+
+
+def test_subscriptions_behind_an_answered_as_expected_auth_request_stay() -> None:
+    core = ready_core()
+    signed_in(core)
+    version = core.refresh("rt", user="u1")  # an in-band renewal
+    q = core.subscribe("notes.mine", {})  # sent behind it
+    frames(core)
+    auth_error(core, version, "unavailable")  # the identity held stays (rule 2)
+    assert frames(core) == [] and not core.held
+    update = {"type": "transition", "version": 2, "updates": [{"queryId": q, "value": []}]}
+    assert core.receive(json.dumps(update)) == [QueryUpdate(q, 2, value=[])]
+    version = core.authenticate(None)  # becoming anonymous, as expected
+    q2 = core.subscribe("whoami", {})
+    frames(core)
+    auth_ok(core, version, None)
+    assert frames(core) == [] and not core.held
+    update = {"type": "transition", "version": 3, "updates": [{"queryId": q2, "value": None}]}
+    assert core.receive(json.dumps(update)) == [QueryUpdate(q2, 3, value=None)]
+
+
+def test_a_mutation_issued_while_signing_in_never_runs_in_the_gap_after_a_refused_token() -> None:
+    """The gap: the first token was refused (the connection is anonymous, no auth request is
+    pending, the core is ready from the pipelining) and the shell fetches another. A mutation
+    issued while signing in (unbound) must wait for the user, not run as anonymous."""
+    core = ClientCore("client-1", first_request_id=1)
+    core.connection_opened()
+    v1 = core.authenticate("stale", user="u1")
+    core.pipeline()
+    r = core.mutate("notes.add", {"text": "x"})  # unbound: the client does not know its user
+    frames(core)
+    auth_error(core, v1, "token_expired")
+    assert core.presumed_user is None and not core.pending_auth and core.ready
+    assert sent_mutations(core) == []
+    assert core.mutations[r].user is Principal.UNBOUND
+    v2 = core.authenticate("fresh", user="u1")
+    assert sent_mutations(core) == []
+    auth_ok(core, v2, "u1")
+    assert sent_mutations(core) == [r]
+    assert core.mutations[r].user == "u1"
+
+
+def test_a_retry_of_a_given_up_request_id_belongs_to_the_user_it_was_sent_as() -> None:
+    clock = ManualClock()
+    core = ready_core(clock)
+    signed_in(core)
+    r = core.mutate("notes.add", {"text": "x"}, user="u1")
+    frames(core)
+    assert core.forget_mutation(r) == "u1"  # the caller timed out: OutcomeUnknown
+    assert core.given_up_user(r) == "u1"
+    # Another user now (or anonymous): refused, nothing sent, nothing kept.
+    for other in ("u2", None):
+        with pytest.raises(MutationError) as refused:
+            core.mutate("notes.add", {"text": "x"}, user=other, request_id=r)
+        assert refused.value.code == "unauthenticated"
+        assert core.mutations == {} and core.data_to_send() == []
+    # Signing in, user not known yet: it waits for its own user, not the first one to come.
+    core.connection_lost()
+    connected(core)
+    core.set_ready(True)
+    assert core.mutate("notes.add", {"text": "x"}, request_id=r) == r
+    assert core.mutations[r].user == "u1"
+    core.forget_mutation(r)
+    # The same user: sent, same requestId.
+    signed_in(core, "u1", session="s2")
+    assert core.mutate("notes.add", {"text": "x"}, user="u1", request_id=r) == r
+    assert sent_mutations(core) == [r]
+    core.forget_mutation(r)
+    # Once the server has forgotten the outcome (15 minutes), so has the client.
+    clock.advance(GIVEN_UP_RETENTION)
+    assert core.given_up_user(r) is Principal.UNBOUND
+    assert core.mutate("notes.add", {"text": "x"}, user="u2", request_id=r) == r
+
+
+def test_given_up_mutations_are_remembered_within_a_bound() -> None:
+    core = ready_core()
+    for _ in range(MAX_GIVEN_UP_MUTATIONS + 5):
+        core.forget_mutation(core.mutate("counter.increment", {}, user=None))
+    assert len(core._given_up) == MAX_GIVEN_UP_MUTATIONS
+    assert core.given_up_user(100) is Principal.UNBOUND  # the oldest went first
+    assert core.given_up_user(100 + MAX_GIVEN_UP_MUTATIONS + 4) is None

@@ -30,6 +30,24 @@ The rules it implements (``docs/protocol.md``, ``docs/client.md``):
   sent again, same ``requestId``, once the connection is that user again, and failed with
   ``unauthenticated`` when it becomes another user (:meth:`ClientCore.abandon_user_mutations`
   when the client signs out).
+* After the *server* ended the identity (``auth_expired``, ``session_revoked``) the
+  connection is *lapsed* (:attr:`ClientCore.lapsed`) until an auth request of ours is answered
+  (other than ``unavailable``/``rate_limited``): the server answers every ``mutate`` with
+  ``unauthenticated`` and runs nothing, so no mutation is sent. A client that settles as
+  anonymous or signed out then sends ``authenticate`` with no token (the shell's
+  ``_must_anonymize``); its anonymous mutations go out after the ``auth_ok``.
+* An auth request answered with another identity than the one expected (a refused token; on a
+  new connection even ``unavailable``, which has no identity to keep; another user) opens a
+  *gap*: the core is :attr:`ClientCore.held` — nothing goes out — until the next auth request
+  is queued or the shell settles the identity (:meth:`ClientCore.identity_settled`). What was
+  pipelined behind that request ran under the wrong identity: its subscriptions move to new
+  ``queryId``\\ s (``unsubscribe`` for the old ones, whose results are ignored; ``subscribe``
+  with the new ones once the gap ends), so the application never sees their results, and the
+  client's handle of a subscription stays the same (:meth:`ClientCore._check_pipelined`). A
+  mutation issued while signing in (:attr:`Principal.UNBOUND`) is never bound in the gap.
+* A mutation the caller gave up on (``OutcomeUnknown``) keeps its user for
+  :data:`GIVEN_UP_RETENTION`: a retry with its ``requestId`` under another user is refused
+  with ``unauthenticated`` (:meth:`ClientCore.mutate`).
 * ``unavailable`` is not an outcome (rule 3): a ``mutation_result`` with that code, or an
   ``error`` ``rate_limited`` naming the ``requestId`` (the frame was dropped), sends the same
   ``requestId`` again after a jittered backoff (:class:`MutationDeferred`), until a definite
@@ -49,7 +67,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from tether.client.errors import MessageTooLarge
+from tether.client.errors import MessageTooLarge, MutationError
 from tether.protocol import (
     MAX_SAFE_INT,
     PROTOCOL_VERSION,
@@ -81,6 +99,12 @@ RETRY_MUTATION_CODES = frozenset({MutationErrorCode.UNAVAILABLE, ErrorCode.RATE_
 #: before the next process with the same ``clientId`` could reuse one (see
 #: :func:`initial_request_id`).
 REQUEST_IDS_PER_MS = 1024
+#: Seconds the client remembers the user of a mutation it stopped sending without an outcome
+#: (an ``OutcomeUnknown``): the server's default ``TETHER_MUTATION_OUTCOME_TTL``, after which a
+#: retry with its requestId runs afresh anyway.
+GIVEN_UP_RETENTION = 15 * 60.0
+#: At most this many such mutations are remembered (the oldest are forgotten first).
+MAX_GIVEN_UP_MUTATIONS = 4096
 
 _PING_FRAME = json.dumps({"type": ClientMessageType.PING}, separators=(",", ":"))
 
@@ -453,7 +477,13 @@ USER_CHANGED_MESSAGE = (
 class _Subscription:
     name: str
     args: dict[str, Any]
+    #: Its ``queryId`` on the wire: the handle the application knows it by, until a failed
+    #: auth request moves it to a new one (:meth:`ClientCore._check_pipelined`).
+    wire: int
     sent: bool = False  # sent on the current connection
+    #: The auth request it was sent behind, while that request awaits its answer: it runs
+    #: under the identity that request establishes (rule 1).
+    behind: int | None = None
 
 
 @dataclass(slots=True)
@@ -526,10 +556,27 @@ class ClientCore:
         #: The user the server runs the next frame under: the confirmed identity's, or what
         #: the last auth request sent is expected to establish (rule 1).
         self.presumed_user: User = None
+        #: authVersion → the user that request is expected to establish, while unanswered.
+        self._expects: dict[int, User] = {}
+        #: The server ended the identity (``auth_expired``, ``session_revoked``) and no auth
+        #: request of ours has been answered since: the server answers every ``mutate`` with
+        #: ``unauthenticated`` and runs nothing (docs/protocol.md, 1.1 rule 1). Mutations wait;
+        #: a client that settles as anonymous sends ``authenticate`` with no token to end it.
+        self.lapsed = False
+        #: A request that subscriptions were pipelined behind failed: nothing more goes out
+        #: until the next auth request is queued (what follows it runs under its answer) or
+        #: the shell says the identity settled (:meth:`identity_settled`).
+        self.held = False
         #: The highest ``version`` seen in a ``transition`` or ``mutation_result``.
         self.version = 0
         self.subscriptions: dict[int, _Subscription] = {}
+        #: ``queryId`` on the wire → the subscription's handle (its key in ``subscriptions``).
+        self._wire: dict[int, int] = {}
         self.mutations: dict[int, _Mutation] = {}
+        #: requestId → (the user it was issued under, when its caller gave up) for mutations
+        #: the client stopped sending without an outcome (:meth:`forget_mutation`), so that a
+        #: retry with that id is never sent as another user (:meth:`mutate`).
+        self._given_up: dict[int, tuple[User, float]] = {}
         self._next_query_id = 1
         self._next_request_id = (
             first_request_id if first_request_id is not None else initial_request_id(time.time())
@@ -556,6 +603,8 @@ class ClientCore:
         """A socket is open: queue ``connect``."""
         self.phase = Phase.OPENING
         self.ready = False
+        self.held = False
+        self.lapsed = False
         self.presumed_user = None  # a new connection is anonymous
         self._outbox = [
             self._encode(
@@ -579,9 +628,13 @@ class ClientCore:
         self.identity = None
         self.identity_expires_at = None
         self.presumed_user = None
+        self.lapsed = False
+        self.held = False
+        self._expects.clear()
         self._outbox.clear()
         for sub in self.subscriptions.values():
             sub.sent = False
+            sub.behind = None
         for mutation in self.mutations.values():
             mutation.sent = False
         lost = list(self.pending_auth)
@@ -610,32 +663,43 @@ class ClientCore:
         if self.phase is Phase.CLOSED:
             raise RuntimeError("not connected")
         self.ready = True
+        self.held = False
+        self.flush()
+
+    def identity_settled(self) -> None:
+        """The shell settled the identity (an auth operation ended without a new request):
+        what a failed auth request held (:attr:`held`) may go out now."""
+        self.held = False
         self.flush()
 
     def flush(self) -> None:
-        """While ready, send what is due: subscriptions not sent on this connection, and
-        mutations not sent under its identity whose user is the connection's and whose retry
-        time (if any) has come. A mutation of another user waits (its user may come back)
-        until it is failed: by an ``auth_ok`` for another user, or
+        """While ready (and not :attr:`held`), send what is due: subscriptions not sent on
+        this connection, and mutations not sent under its identity whose user is the
+        connection's and whose retry time (if any) has come. A mutation of another user waits
+        (its user may come back) until it is failed: by an ``auth_ok`` for another user, or
         :meth:`abandon_user_mutations`."""
-        if not self.ready:
+        if not self.ready or self.held:
             return
-        for query_id, sub in self.subscriptions.items():
+        for sub in self.subscriptions.values():
             if not sub.sent:
-                self._send_subscribe(query_id, sub)
+                self._send_subscribe(sub)
         self._send_mutations()
 
     def _send_mutations(self) -> None:
         presumed = self.presumed_user
-        if presumed is Principal.UNKNOWN or self.pending_auth:
+        if presumed is Principal.UNKNOWN or self.pending_auth or self.lapsed:
             # An auth request's answer will say who runs them: one that fails leaves the
             # connection anonymous, and what was pipelined behind it would run anonymous.
+            # A lapsed connection runs no mutation at all.
             return
         now = self._clock()
         for mutation in self.mutations.values():
             if mutation.sent or (mutation.retry_at is not None and now < mutation.retry_at):
                 continue
             if mutation.user is Principal.UNBOUND:
+                # Never in the gap after a refused auth request (the core is held then): a
+                # mutation issued while signing in is not run as the anonymous caller of the
+                # gap. If the client ends up with no user, abandon_user_mutations fails it.
                 mutation.user = presumed
             if mutation.user != presumed:
                 continue
@@ -661,8 +725,12 @@ class ClientCore:
         text = self._encode({**frame, "authVersion": version})
         self.auth_version = version
         self.pending_auth[version] = kind
+        self._expects[version] = user
         self.presumed_user = user
         self._outbox.append(text)
+        # What a failed request held goes out behind this one, under its answer.
+        self.held = False
+        self.flush()
         return version
 
     def authenticate(self, token: str | None, *, user: User = Principal.UNKNOWN) -> int:
@@ -686,36 +754,43 @@ class ClientCore:
     # ------------------------------------------------------------------ functions
 
     def subscribe(self, name: str, args: dict[str, Any]) -> int:
-        """Add a subscription; returns its ``queryId``. Sent now if ready, else when ready."""
+        """Add a subscription; returns its handle, which is also its first ``queryId`` (see
+        :meth:`_check_pipelined`). Sent now if ready, else when ready."""
         query_id = self._next_query_id
-        sub = _Subscription(name, dict(args))
-        frame = self._encode(
+        sub = _Subscription(name, dict(args), query_id)
+        self._encode(
             {"type": ClientMessageType.SUBSCRIBE, "queryId": query_id, "name": name, "args": args}
-        )
+        )  # too large: fail here, before anything is kept
         self._next_query_id += 1
         self.subscriptions[query_id] = sub
-        if self.ready:
-            self._outbox.append(frame)
-            sub.sent = True
+        self._wire[query_id] = query_id
+        if self.ready and not self.held:
+            self._send_subscribe(sub)
         return query_id
 
-    def _send_subscribe(self, query_id: int, sub: _Subscription) -> None:
+    def _send_subscribe(self, sub: _Subscription) -> None:
         frame = {
             "type": ClientMessageType.SUBSCRIBE,
-            "queryId": query_id,
+            "queryId": sub.wire,
             "name": sub.name,
             "args": sub.args,
         }
         self._outbox.append(self._encode(frame))
         sub.sent = True
+        sub.behind = self.auth_version if self.auth_version in self.pending_auth else None
+
+    def _send_unsubscribe(self, wire: int) -> None:
+        self._outbox.append(self._encode({"type": ClientMessageType.UNSUBSCRIBE, "queryId": wire}))
 
     def unsubscribe(self, query_id: int) -> None:
-        """Drop a subscription; ``unsubscribe`` is sent only if the server has it."""
+        """Drop a subscription (by its handle); ``unsubscribe`` is sent only if the server
+        has it."""
         sub = self.subscriptions.pop(query_id, None)
-        if sub is not None and sub.sent and self.phase is not Phase.CLOSED:
-            self._outbox.append(
-                self._encode({"type": ClientMessageType.UNSUBSCRIBE, "queryId": query_id})
-            )
+        if sub is None:
+            return
+        self._wire.pop(sub.wire, None)
+        if sub.sent and self.phase is not Phase.CLOSED:
+            self._send_unsubscribe(sub.wire)
 
     def new_request_id(self) -> int:
         """Take the next ``requestId`` (unique for this ``clientId``, see
@@ -737,7 +812,10 @@ class ClientCore:
 
         ``request_id``: send it with this id (an earlier one whose outcome the caller did not
         learn); if that id is still pending here, nothing is added (a ``ValueError`` if it is
-        pending under another function name).
+        pending under another function name). If the client gave that id up (see
+        :meth:`forget_mutation`) under a user, it belongs to that user still: a
+        :class:`~tether.client.errors.MutationError` ``unauthenticated`` if ``user`` is another
+        (a user id or ``None``), else it waits for that user like any mutation.
         """
         if request_id is not None:
             if _int(request_id) is None or not 0 <= request_id <= MAX_SAFE_INT:
@@ -749,6 +827,16 @@ class ClientCore:
                         f"requestId {request_id} is pending for {pending.name!r}, not {name!r}"
                     )
                 return request_id
+            issued_under = self.given_up_user(request_id)
+            if issued_under is not Principal.UNBOUND:
+                if user is not Principal.UNBOUND and user != issued_under:
+                    raise MutationError(
+                        FunctionErrorCode.UNAUTHENTICATED,
+                        f"requestId {request_id} was issued under another user (or anonymous) "
+                        "than the client's now; it may have been applied under that one and is "
+                        "not sent under this one",
+                    )
+                user = issued_under
         rid = request_id if request_id is not None else self._next_request_id
         frame = self._encode(
             {"type": ClientMessageType.MUTATE, "requestId": rid, "name": name, "args": args}
@@ -760,9 +848,32 @@ class ClientCore:
             self._send_mutations()
         return rid
 
-    def forget_mutation(self, request_id: int) -> None:
-        """Stop tracking a mutation (its caller gave up); it is not sent again."""
-        self.mutations.pop(request_id, None)
+    def forget_mutation(self, request_id: int) -> User:
+        """Stop tracking a mutation (its caller gave up); it is not sent again. Returns the
+        user it belonged to (:attr:`Principal.UNBOUND`: never sent), which a retry with its
+        ``requestId`` keeps (:meth:`mutate`) for :data:`GIVEN_UP_RETENTION` seconds."""
+        mutation = self.mutations.pop(request_id, None)
+        if mutation is None:
+            return self.given_up_user(request_id)
+        given_up = self._given_up
+        given_up.pop(request_id, None)
+        given_up[request_id] = (mutation.user, self._clock())
+        while len(given_up) > MAX_GIVEN_UP_MUTATIONS:
+            del given_up[next(iter(given_up))]
+        return mutation.user
+
+    def given_up_user(self, request_id: int) -> User:
+        """The user a mutation given up within :data:`GIVEN_UP_RETENTION` belonged to;
+        :attr:`Principal.UNBOUND` if none is remembered (or it was never sent)."""
+        now = self._clock()
+        given_up = self._given_up
+        while given_up:  # oldest first: drop what the server has forgotten too
+            oldest = next(iter(given_up))
+            if now - given_up[oldest][1] < GIVEN_UP_RETENTION:
+                break
+            del given_up[oldest]
+        entry = given_up.get(request_id)
+        return Principal.UNBOUND if entry is None else entry[0]
 
     def abandon_user_mutations(self) -> list[Event]:
         """The client signed out (or its source has no user any more): fail every pending
@@ -796,8 +907,16 @@ class ClientCore:
                 assert mutation.epoch <= self.auth_version
         if self.phase is Phase.CLOSED:
             assert self.identity is None and not self.pending_auth and not self.ready
+            assert not self.lapsed and not self.held
         if self.identity is None:
             assert self.identity_expires_at is None
+        if self.lapsed:
+            assert self.identity is None, "lapsed while holding an identity"
+        assert set(self._expects) == set(self.pending_auth)
+        assert {sub.wire: h for h, sub in self.subscriptions.items()} == self._wire
+        for sub in self.subscriptions.values():
+            if sub.behind is not None:
+                assert sub.sent and sub.behind in self.pending_auth, "behind an answered request"
         if not self.pending_auth and self.presumed_user is not Principal.UNKNOWN:
             held = self.identity.user_id if self.identity is not None else None
             assert self.presumed_user == held, (self.presumed_user, held)
@@ -829,6 +948,42 @@ class ClientCore:
                 )
             )
         return events
+
+    def _check_pipelined(self, version: int) -> None:
+        """Auth request ``version`` was answered (the connection's identity is now what it
+        established). If that is not the identity expected (the request failed — on a new
+        connection even ``unavailable`` leaves no identity — or named another user), the
+        client is in a gap: the shell will try another credential, or settle as anonymous or
+        signed out. Nothing goes out in the gap (:attr:`held`, until the next auth request is
+        queued or the shell calls :meth:`identity_settled`): a subscription or a mutation
+        issued while signing in must not run as the gap's anonymous caller.
+
+        Subscriptions pipelined behind the request ran under that identity: their results must
+        not reach the application. Each moves to a new ``queryId``: ``unsubscribe`` goes out for
+        the old one, whose results (computed after the answer, so arriving after it) are
+        ignored, and a ``subscribe`` with the new one goes out once the gap ends. (Resuming the
+        old ``queryId`` would not do: the server sends a result only when it changes, and the
+        client could not tell a late result of the old run from the first of the new one.)"""
+        expected = self._expects.pop(version, Principal.UNKNOWN)
+        behind = [sub for sub in self.subscriptions.values() if sub.behind == version]
+        for sub in behind:
+            sub.behind = None
+        actual = self.identity.user_id if self.identity is not None else None
+        if expected is Principal.UNKNOWN or expected is Principal.UNBOUND:
+            as_expected = actual is not None
+        else:
+            as_expected = actual == expected
+        if as_expected:
+            return
+        if version == self.auth_version:
+            self.held = True  # else a newer request went out already: what follows runs under it
+        for sub in behind:
+            handle = self._wire.pop(sub.wire)
+            self._send_unsubscribe(sub.wire)
+            sub.wire = self._next_query_id
+            self._next_query_id += 1
+            self._wire[sub.wire] = handle
+            sub.sent = False
 
     def _defer(self, request_id: int, mutation: _Mutation, code: str) -> list[Event]:
         if not mutation.sent:
@@ -881,8 +1036,10 @@ class ClientCore:
         old = self.identity
         self.identity = identity
         self.identity_expires_at = expires_at if identity is not None else None
+        self.lapsed = False
         if _principal(old) != _principal(identity):
             self._resend_sent_before(version)
+        self._check_pipelined(version)
         tokens = frame.get("tokens")
         events: list[Event] = [
             AuthOk(
@@ -909,8 +1066,10 @@ class ClientCore:
                 self._resend_sent_before(version)
             self.identity = None
             self.identity_expires_at = None
+            self.lapsed = False  # our own request failed: the server runs what follows as none
         if version == self.auth_version:
             self.presumed_user = self.identity.user_id if self.identity is not None else None
+        self._check_pipelined(version)
         return [AuthFailed(version, code, str(frame.get("message", "")))]
 
     def _identity_ended(self) -> None:
@@ -921,6 +1080,7 @@ class ClientCore:
             self._resend_sent_before(boundary)
         self.identity = None
         self.identity_expires_at = None
+        self.lapsed = True
         if not self.pending_auth:
             self.presumed_user = None
 
@@ -947,9 +1107,10 @@ class ClientCore:
         for update in updates if isinstance(updates, list) else ():
             if not isinstance(update, dict):
                 continue
-            query_id = _int(update.get("queryId"))
-            if query_id is None or query_id not in self.subscriptions:
-                continue  # unsubscribed meanwhile
+            wire = _int(update.get("queryId"))
+            query_id = self._wire.get(wire) if wire is not None else None
+            if query_id is None:
+                continue  # unsubscribed meanwhile, or moved (see _check_pipelined)
             error = update.get("error")
             if isinstance(error, dict):
                 pair = (str(error.get("code")), str(error.get("message", "")))
@@ -991,8 +1152,10 @@ class ClientCore:
 
     def _on_error(self, frame: dict[str, Any]) -> list[Event]:
         code, message = str(frame.get("code")), str(frame.get("message", ""))
-        query_id, request_id = _int(frame.get("queryId")), _int(frame.get("requestId"))
-        if query_id is not None and self.subscriptions.pop(query_id, None) is not None:
+        wire, request_id = _int(frame.get("queryId")), _int(frame.get("requestId"))
+        query_id = self._wire.pop(wire, None) if wire is not None else None
+        if query_id is not None:
+            del self.subscriptions[query_id]
             return [QueryRejected(query_id, code, message)]
         mutation = self.mutations.get(request_id) if request_id is not None else None
         if request_id is not None and mutation is not None:

@@ -53,9 +53,20 @@ class OutcomeUnknown(TetherError):
     ``await client.mutate(exc.name, request_id=exc.request_id, **args)``: the server answers with
     its outcome if it was applied, and runs it otherwise, so it is applied at most once (within
     the server's outcome retention, 15 minutes by default, and with the same user).
+
+    ``user_id`` is the user it was sent as (``None``: anonymous, or never sent). A retry with
+    its ``request_id`` belongs to that user: the client that raised this refuses it with
+    ``MutationError("unauthenticated")`` once it runs as another user (or anonymous).
     """
 
-    def __init__(self, request_id: int, name: str, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        request_id: int,
+        name: str,
+        timeout: float | None = None,
+        *,
+        user_id: str | None = None,
+    ) -> None:
         within = f" within {timeout:g} s" if timeout is not None else ""
         super().__init__(
             "outcome_unknown",
@@ -66,6 +77,7 @@ class OutcomeUnknown(TetherError):
         self.request_id = request_id
         self.name = name
         self.timeout = timeout
+        self.user_id = user_id
 
 
 class AuthError(TetherError):
