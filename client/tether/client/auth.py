@@ -44,7 +44,9 @@ AUTHENTICATED   identity / yes   the connection holds the confirmed identity
 ==============  ===============  ===========================================================
 
 (An identity may still be held, briefly, while ANONYMOUS or SIGNED_OUT: until the shell's
-``authenticate`` with no token is answered.)
+``authenticate`` with no token is answered. The shell sends one too when the server ended the
+identity itself — ``auth_expired``, ``session_revoked``: the connection is *lapsed* and runs no
+mutation until then, see :attr:`~tether.client.core.ClientCore.lapsed`.)
 """
 
 from __future__ import annotations

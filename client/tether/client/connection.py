@@ -140,6 +140,10 @@ class ClientOptions:
     renewal_margin: float = DEFAULT_RENEWAL_MARGIN
     #: Seconds one HTTP auth request may take.
     http_timeout: float = 10.0
+    #: Seconds an ``authenticate``/``refresh`` may wait for its answer before the connection is
+    #: taken for broken and replaced (the server holds everything sent after it until it is
+    #: answered, and answers within its Redis timeouts, a few seconds, even during an outage).
+    auth_timeout: float = 30.0
     #: Seconds a ``mutate`` waits for a definite answer before it raises
     #: :class:`~tether.client.errors.OutcomeUnknown` (``None``: no limit; a call's own
     #: ``timeout=`` wins).
@@ -210,7 +214,8 @@ class Subscription:
         self._client = client
         self.name = name
         self.args = args
-        #: The ``queryId`` on the wire, once started.
+        #: The client's id of the subscription, once started: its ``queryId`` on the wire,
+        #: unless a refused auth request moved it to a new one (see ``tether.client.core``).
         self.query_id: int | None = None
         self._items: deque[tuple[Any, QueryError | None]] = deque(
             maxlen=client.options.max_buffered_values
@@ -547,7 +552,10 @@ class TetherClient:
             async with asyncio.timeout(timeout):
                 done = await self._await_mutation(request_id, name, args)
         except TimeoutError:
-            raise OutcomeUnknown(request_id, name, timeout) from None
+            user = self._core.given_up_user(request_id)
+            raise OutcomeUnknown(
+                request_id, name, timeout, user_id=user if isinstance(user, str) else None
+            ) from None
         if done.error is not None:
             raise MutationError(*done.error)
         return done.value
@@ -692,12 +700,38 @@ class TetherClient:
         return self._auth_status
 
     async def _become_anonymous(self) -> None:
-        generation = self._generation
-        if self._core.phase is Phase.CONNECTED and self._auth.holds_identity:
+        if self._core.phase is Phase.CONNECTED:
             with contextlib.suppress(_ConnectionLost):
-                await self._send_auth(generation, partial(self._core.authenticate, None))
+                if not await self._anonymize(self._generation):
+                    self._renew.set()  # refused (rate_limited): the keep-alive retries
         self._auth.recheck_gate()
         self._update_gate()
+
+    def _must_anonymize(self) -> bool:
+        """The client wants no identity (anonymous, signed out) but the connection holds one,
+        or is *lapsed*: the server ended the identity (``auth_expired``, ``session_revoked``)
+        and answers every ``mutate`` with ``unauthenticated`` until an auth request of ours is
+        answered. Either way, ``authenticate`` with no token is due."""
+        return (
+            self._core.phase is not Phase.CLOSED
+            and self._auth.wants is not Wants.IDENTITY
+            and (self._auth.holds_identity or self._core.lapsed)
+        )
+
+    async def _anonymize(self, gen: int) -> bool:
+        """Send ``authenticate`` with no token on connection ``gen`` if it is due (under the
+        auth lock); whether the connection is now anonymous and not lapsed. Mutations wait for
+        the answer (the core sends none behind an unanswered auth request)."""
+        async with self._auth_lock:
+            if gen != self._generation:
+                raise _ConnectionLost()
+            if not self._must_anonymize():
+                return True
+            answer = await self._send_auth(gen, partial(self._core.authenticate, None))
+            self._auth.recheck_gate()
+            self._core.identity_settled()
+            self._publish_auth()
+            return isinstance(answer, AuthOk)
 
     # ------------------------------------------------------------------ connection loop
 
@@ -957,6 +991,7 @@ class TetherClient:
                 task = asyncio.create_task(self._forget_session(forget.session))
                 task.add_done_callback(_log_failure)
             self._publish_auth()
+            self._renew.set()  # the keep-alive ends the lapsed state (_must_anonymize)
         elif isinstance(event, QueryRejected):
             sub = self._subscriptions.pop(event.query_id, None)
             if sub is not None:
@@ -1011,6 +1046,11 @@ class TetherClient:
                 while True:
                     self._publish_auth()
                     if isinstance(command, Settled):
+                        # What a refused auth request held (the core's gap) may go out now,
+                        # under the identity settled (mutations of a user no longer wanted
+                        # were failed by _publish_auth first).
+                        self._core.identity_settled()
+                        self._wake_writer.set()
                         return _Outcome.DONE
                     if isinstance(command, Retry):
                         return _Outcome.RETRY
@@ -1112,12 +1152,34 @@ class TetherClient:
         waiter: asyncio.Future[AuthOk | AuthFailed] = asyncio.get_running_loop().create_future()
         self._auth_waiters[version] = waiter
         self._wake_writer.set()
-        return await waiter
+        try:
+            async with asyncio.timeout(self.options.auth_timeout):
+                return await waiter
+        except TimeoutError:
+            # No answer: everything sent after the request waits behind it on the server
+            # (rule 1). Replace the connection rather than wait forever.
+            self._auth_waiters.pop(version, None)
+            log.warning(
+                "no answer to authVersion %d within %.0f s; reconnecting",
+                version,
+                self.options.auth_timeout,
+            )
+            ws = self._ws
+            if gen == self._generation and ws is not None:
+                ws.transport.abort()
+            raise _ConnectionLost() from None
 
     async def _keep_alive(self) -> None:
         """Renew the identity on ``auth_expiring``, on the timer, and after it lapsed."""
         attempt = 0
         while True:
+            if self._must_anonymize():
+                if await self._anonymize(self._generation):
+                    attempt = 0
+                else:
+                    await asyncio.sleep(self._backoff(attempt))
+                    attempt += 1
+                continue
             step = self._auth.keep_alive(self._clock())
             if isinstance(step, ScheduleWake):
                 timeout = None if step.at is None else max(0.0, step.at - self._clock())
