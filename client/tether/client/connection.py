@@ -1203,6 +1203,8 @@ class TetherClient:
             for event in self._core.abandon_user_mutations():
                 self._handle(event)
         self._update_gate()
+        if self._must_anonymize():
+            self._renew.set()  # the keep-alive sends authenticate(null), whoever settled
 
     async def _forget_session(self, session: StoredSession) -> None:
         """Clear the store if it still holds ``session`` (a newer sign-in stays)."""
