@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
@@ -1175,3 +1176,32 @@ async def test_a_fence_this_instance_cannot_confirm_answers_unavailable_not_unau
     await redis_client.delete(fence)
     applied = await live.mutate(1, "counter.increment", {"name": counter})
     assert applied["value"] == 1, applied
+
+
+async def test_a_mutation_outliving_its_token_commits_when_a_same_session_refresh_extended_it(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    """Found by the long chaos run: a mutation started under a token that a same-session
+    refresh then replaced was checked against the old token's exp when it came to commit, and
+    answered unauthenticated (a definite failure) while the connection was signed in."""
+    server = server_factory(env=EXPIRY_ENV, app=TEST_APP)  # 3 s tokens, 1 s leeway
+    user = await signup(server.base_url)
+    name = unique("outliving")
+    live = await open_live(server)
+    ok = await live.authenticate(user["accessToken"], 1)
+    await live.subscribe(1, "tally.get", {"name": name})
+    remaining = ok["expiresAt"] / 1000 - time.time()
+    # Runs past the first token's exp + leeway; meanwhile a refresh extends the identity.
+    await live.send(
+        {
+            "type": "mutate",
+            "requestId": 1,
+            "name": "tally.bump_slowly",
+            "args": {"name": name, "seconds": remaining + 2.0},
+        }
+    )
+    await asyncio.sleep(max(remaining - 1.0, 0.0))  # a token minted now outlives the mutation
+    await live.send({"type": "refresh", "refreshToken": user["refreshToken"], "authVersion": 2})
+    result = await live.result(1, timeout=10)
+    assert result.get("value") == 1, result
+    assert not [f for f in live.frames if f["type"] == "auth_expired"], live.frames

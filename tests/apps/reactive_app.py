@@ -20,6 +20,7 @@ Functions (args → result):
 * ``tally.bump_big`` mutation ``{"name", "size"}`` → bumps, then returns ``size`` characters
 * ``boom`` query ``{}`` → always raises ``RuntimeError``
 * ``big`` query ``{"size"}`` → a string of ``size`` characters
+* ``tally.bump_slowly`` mutation ``{"name", "seconds"}`` → waits ``seconds``, then bumps
 * ``tally.gated`` query ``{"name"}`` → ``{"value"}``, plus ``"user"`` once the value is positive:
   it reads the identity only then
 
@@ -29,6 +30,7 @@ share one evaluation receive the same number, two that are evaluated separately 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
@@ -96,6 +98,12 @@ async def tally_mine(ctx: Context, name: str) -> dict[str, Any]:
     value = await _value(ctx, name)
     user = None if auth is None else auth.user_id
     return {"user": user, "value": value, "evaluation": next(_RUNS)}
+
+
+@app.mutation("tally.bump_slowly")
+async def tally_bump_slowly(ctx: Context, name: str, seconds: float) -> int:
+    await asyncio.sleep(seconds)
+    return await _bump(ctx, name, 1)
 
 
 @app.mutation("tally.bump_then_raise")

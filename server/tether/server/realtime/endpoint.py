@@ -496,9 +496,18 @@ class Connection:
 
     # ------------------------------------------------------------------ mutations
 
+    def _still_usable(self, action: RunMutation) -> bool:
+        """May the mutation ``action`` still act (commit, be answered)? Its identity has not
+        been replaced by another principal (same generation), and the connection's identity
+        now — which a same-session refresh may have extended past ``action.identity``'s
+        ``exp`` — is not past exp + leeway and its session has not ended."""
+        if self.core.generation != action.generation:
+            return False  # the identity it ran under has ended: its answer is dropped anyway
+        return self._identity_usable(self.core.identity)
+
     async def run_mutation(self, action: RunMutation) -> None:
         core = self.core
-        if not self._identity_usable(action.identity):
+        if not self._still_usable(action):
             self._mutation_failed(action, FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED)
             return
         try:
@@ -510,12 +519,12 @@ class Connection:
                 request_id=action.request_id,
                 # Asked again before each commit attempt: a conflict's retries take time, and
                 # the session may end meanwhile.
-                authorized=lambda: self._identity_usable(action.identity),
+                authorized=lambda: self._still_usable(action),
             )
             if outcome.error == (
                 FunctionErrorCode.UNAUTHENTICATED,
                 IDENTITY_ENDED,
-            ) and self._identity_usable(action.identity):
+            ) and self._still_usable(action):
                 # The store found the session's fence while this instance knows of no end: the
                 # end's event has not reached us yet, or the expiry sweep fenced a session that
                 # a refresh kept alive and is lifting the fence. Not a definite answer: the
