@@ -45,7 +45,11 @@ What is counted (the target figures: the exit status is 1 unless every one is ze
   subscription showed less than v (checked in the client the moment ``mutate`` returns);
 * identity blanks: the ``whoami`` subscription showed ``null`` or another user while the client
   held a session (count and longest; blanks of a frozen client, and of the process sharing its
-  token file, from the freeze until 2 s after it are reported apart, as expected);
+  token file, from the freeze until 2 s after it are reported apart, as expected; so are
+  blanks that follow the server's ``auth_expired`` within ``OUTAGE_GRACE`` of a Redis outage's
+  start: an identity that could not be renewed for longer than what was left of it ends at
+  ``exp`` + leeway, as it must — any other blank, such as a refresh answered ``unavailable``
+  blanking a valid identity, is a target);
 * stale subscriptions: once the clients stopped, the harness reads every counter and increments
   it once more from a client of its own (a probe); a client whose subscriptions do not show
   that value, and its own user, within ``--fresh-within`` seconds of the faults' end is stale;
@@ -131,6 +135,11 @@ FREEZE_SECONDS = (ACCESS_TTL + 1 + 1.0, ACCESS_TTL + 1 + 2.5)
 #: Blanks starting from a freeze until this many seconds after it are expected (the server
 #: ended the frozen client's identity at its ``exp`` + leeway, as the contract says).
 FREEZE_GRACE = 2.0
+#: Seconds after a Redis outage began within which an identity the server expired (it pushed
+#: ``auth_expired``) counts as expired by the outage: the outage (a restart: up to 2 s, plus
+#: loading the AOF) and then what was left of a 2 s token when it began (up to the notice + the
+#: leeway, 2 s), with margin.
+OUTAGE_GRACE = 8.0
 #: Every user's password (throwaway accounts on a throwaway Redis).
 PASSWORD = "chaos-pw-1"
 
@@ -564,6 +573,8 @@ class ClientRun:
     maybe_applied: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     definite_errors: Counter[str] = field(default_factory=Counter)
+    #: The first few failures surfaced, with their message and time, to find their cause.
+    failure_samples: list[dict[str, Any]] = field(default_factory=list)
     ryw: list[dict[str, Any]] = field(default_factory=list)
     ryw_count: int = 0
     #: Acknowledged values that skipped some (``got`` > ``after`` + 1): where another
@@ -579,6 +590,7 @@ class ClientRun:
             "maybe_applied": self.maybe_applied,
             "failures": dict(self.failures),
             "definite_errors": dict(self.definite_errors),
+            "failure_samples": self.failure_samples[:10],
             "ryw_count": self.ryw_count,
             "jumps": self.jumps[:50],
             "ryw_examples": self.ryw[:10],
@@ -670,11 +682,26 @@ async def client_main(spec: dict[str, Any]) -> None:
         finally:
             signing_in = None
 
+    #: When the server pushed ``auth_expired`` (no ``auth_ok`` since): the identity really
+    #: ended at its ``exp`` + leeway, a renewal having been impossible until then.
+    expired_at: float | None = None
+    tracing = bool(spec.get("trace"))
+
+    def on_frame(direction: str, text: str) -> None:
+        nonlocal expired_at
+        if direction == "recv":
+            if text.startswith('{"type":"auth_expired"'):
+                expired_at = time.time()
+            elif text.startswith('{"type":"auth_ok"'):
+                expired_at = None
+        if tracing:
+            trace_frame(direction, text)
+
     client = TetherClient(
         spec["url"],
         token_store=FileTokenStore(spec["token_file"]),
         on_auth_state=on_auth,
-        trace=trace_frame if spec.get("trace") else None,
+        trace=on_frame,
     )
     own = spec["user_id"]
     whoami_seen_own = False
@@ -707,7 +734,7 @@ async def client_main(spec: dict[str, Any]) -> None:
                     blank = None
             elif whoami_seen_own and holds_session() and blank is None:
                 shown = "null" if value is None else "another user"
-                blank = [now, None, shown, str(client.auth_status.state)]
+                blank = [now, None, shown, str(client.auth_status.state), expired_at is not None]
             if whoami_seen_own and counter_value is not None:
                 ready.set()
 
@@ -752,6 +779,10 @@ async def client_main(spec: dict[str, Any]) -> None:
                     continue  # the same requestId again: it applies once at most
                 except MutationError as exc:
                     run.failures[f"MutationError:{exc.code}"] += 1
+                    if len(run.failure_samples) < 10:
+                        run.failure_samples.append(
+                            {"error": exc.code, "message": str(exc), "at": time.time()}
+                        )
                     if exc.code == "unavailable":
                         run.maybe_applied += 1  # "outcome unknown" in today's words
                     else:
@@ -804,7 +835,9 @@ async def client_main(spec: dict[str, Any]) -> None:
                     stop.set()
                     await mutating
                     if blank is not None:  # still blank at the end: counted, open-ended
-                        run.blanks.append([blank[0], time.time(), blank[2], "open at the end"])
+                        run.blanks.append(
+                            [blank[0], time.time(), blank[2], "open at the end", blank[4]]
+                        )
                         blank = None
                     emit("stopped", report=run.report())
                 elif command["cmd"] == "settle":
@@ -1215,8 +1248,18 @@ def account(
     figures: dict[str, Any] = dict.fromkeys(TARGETS, 0)
     per_client: list[dict[str, Any]] = []
     failure_kinds: Counter[str] = Counter()
-    blanks_expected = 0
-    longest_blank = longest_expected = 0.0
+    blanks_expected = blanks_expired = 0
+    longest_blank = longest_expected = longest_expired = 0.0
+    # Redis unreachable: a restart, or a master's failover. An identity that could not be
+    # renewed for longer than what was left of it (with 2 s tokens: the 1 s notice + the 1 s
+    # leeway at most) ends at exp + leeway: the server must not keep an expired identity, so a
+    # blank that follows the server's auth_expired within OUTAGE_GRACE of an outage's start is
+    # expected, not a target. Any other blank (a refresh answered unavailable, for one) is.
+    outages = [
+        (t0 + f.at, t0 + f.at + OUTAGE_GRACE)
+        for f in harness.faults
+        if f.kind in ("restart_redis", "cluster_failover", "kill_master") and f.detail != "started"
+    ]
     ryw_examples: list[dict[str, Any]] = []
     lags: list[float] = []
     for client in harness.clients:
@@ -1248,11 +1291,15 @@ def account(
             for frozen, start, cont in harness.freezes
             if i in harness.siblings(frozen)
         ]
-        for start, end, _shown, _state in report["blanks"]:
+        for start, end, _shown, _state, *more in report["blanks"]:
             length = end - start
+            expired = bool(more and more[0])
             if any(a <= start <= b for a, b in windows):
                 blanks_expected += 1
                 longest_expected = max(longest_expected, length)
+            elif expired and any(a <= start <= b for a, b in outages):
+                blanks_expired += 1
+                longest_expired = max(longest_expired, length)
             else:
                 figures["identity_blanks"] += 1
                 longest_blank = max(longest_blank, length)
@@ -1279,6 +1326,9 @@ def account(
                 "repeated": repeated,
                 "failures": report["failures"],
                 "definite_errors": report["definite_errors"],
+                "failure_samples": [
+                    {**f, "at": round(f["at"] - t0, 3)} for f in report["failure_samples"]
+                ],
                 "ryw": report["ryw_count"],
                 "jumps": [
                     {**j, "sent": round(j["sent"] - t0, 3), "at": round(j["at"] - t0, 3)}
@@ -1324,6 +1374,8 @@ def account(
             "failure_kinds": dict(failure_kinds),
             "longest_blank_s": round(longest_blank, 3),
             "blanks_after_freeze_expected": blanks_expected,
+            "blanks_expired_in_outage": blanks_expired,
+            "longest_blank_expired_in_outage_s": round(longest_expired, 3),
             "longest_blank_after_freeze_s": round(longest_expected, 3),
             "max_subscription_lag_s": round(max(lags), 3) if lags else None,
             "ryw_examples": ryw_examples[:10],
@@ -1371,6 +1423,11 @@ def print_report(result: dict[str, Any]) -> None:
     print(
         f"| identity blanks after a freeze (expected) | {details['blanks_after_freeze_expected']}"
         f" (longest {details['longest_blank_after_freeze_s']} s) | - |"
+    )
+    print(
+        "| identity blanks: expired during a Redis outage (expected)"
+        f" | {details['blanks_expired_in_outage']}"
+        f" (longest {details['longest_blank_expired_in_outage_s']} s) | - |"
     )
     print(f"| longest subscription lag after the faults (s) | {details['max_subscription_lag_s']}"
           f" | <= {params['fresh_within']} |")  # fmt: skip
