@@ -1336,8 +1336,14 @@ def account(
                 ],
                 # Seconds since the faults began, as in the fault log.
                 "blanks": [
-                    {"at": round(a - t0, 3), "seconds": round(b - a, 3), "shown": what, "state": st}
-                    for a, b, what, st in report["blanks"]
+                    {
+                        "at": round(a - t0, 3),
+                        "seconds": round(b - a, 3),
+                        "shown": what,
+                        "state": st,
+                        "expired": bool(more and more[0]),
+                    }
+                    for a, b, what, st, *more in report["blanks"]
                 ],
                 "signed_out": report["signed_out"],
                 "query_errors": report["query_errors"],
