@@ -7,6 +7,7 @@ if Redis were down, and not open a connection per command — on one server and 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -139,4 +140,41 @@ async def test_calls_without_turns_pass_a_node_whose_turns_are_all_taken(
         assert await client.incr("{data}:k") == 2
     finally:
         release.set()
+        await client.aclose()
+
+
+async def test_a_connection_closed_while_a_command_is_sent_is_retried_not_an_attribute_error(
+    cluster: RedisClusterProcess,
+) -> None:
+    """Found by the cluster chaos run: during a failover redis-py's cluster client closes a
+    node's connections while a command is being sent on one, and the send raised
+    AttributeError ('NoneType' object has no attribute 'writelines'): an `internal` error for
+    the mutation and a traceback. It is a ConnectionError now, which the client retries."""
+    client = connect(cluster.url)
+    try:
+        assert isinstance(client, redis.asyncio.RedisCluster)
+        await client.set("{closed}:k", "v")
+        node = client.get_node_from_key("{closed}:k")
+        assert node is not None
+        await node.disconnect()  # its connections reconnect on their next use
+        lost = False
+        for connection in node._free:
+            reconnect = connection._connect
+
+            async def connect_then_lose(
+                connection: Any = connection, reconnect: Any = reconnect
+            ) -> None:
+                nonlocal lost
+                await reconnect()
+                if not lost:
+                    lost = True
+                    # What a concurrent disconnect() leaves, at the next turn of the loop: after
+                    # the send checked the connection, before it writes (redis-py sends under
+                    # asyncio.wait_for, which starts the write in a task of its own).
+                    asyncio.get_running_loop().call_soon(setattr, connection, "_writer", None)
+
+            connection._connect = connect_then_lose
+        assert await client.get("{closed}:k") == "v"
+        assert lost, "the fault was not injected"
+    finally:
         await client.aclose()

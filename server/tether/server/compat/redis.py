@@ -4,6 +4,11 @@
   retry after a connection error) passes through ``RedisCluster._execute_command(target_node,
   ...)``; overriding it is the one way to wrap each node's commands (Tether bounds them per
   node).
+- :func:`closed_under_use`: redis-py 8.1's asyncio connection raises ``AttributeError``
+  (``'NoneType' object has no attribute 'writelines'``) when it is closed while a command is
+  being sent on it — the cluster client closes a node's connections when it reloads its slot
+  map during a failover — instead of a ``ConnectionError``, which the cluster client would retry.
+  :class:`NodeHookedCluster` turns it into one.
 - :func:`node_of_command`: which node serves a command's first key, with the client's own
   command parser (``commands_parser``), as the client itself routes it.
 - :func:`reload_layout`: re-read the slot map with a named node asked last, through
@@ -14,10 +19,27 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+_CONNECTION_MODULE = os.path.join("redis", "asyncio", "connection.py")
+
+
+def closed_under_use(exc: BaseException) -> bool:
+    """Is ``exc`` redis-py's ``AttributeError`` from a connection closed while in use (its
+    reader or writer gone), rather than a bug of ours? Told by where it was raised."""
+    if not isinstance(exc, AttributeError) or "'NoneType' object" not in str(exc):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.endswith(_CONNECTION_MODULE)
 
 
 class NodeHookedCluster(RedisCluster):
@@ -32,7 +54,16 @@ class NodeHookedCluster(RedisCluster):
 
     async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
         async with self.around_node(target_node.name):
-            return await super()._execute_command(target_node, *args, **kwargs)
+            try:
+                return await super()._execute_command(target_node, *args, **kwargs)
+            except AttributeError as exc:
+                if not closed_under_use(exc):
+                    raise
+                # A connection error, so that the cluster client retries the command (it
+                # retries exactly redis.exceptions.ConnectionError, not subclasses).
+                raise RedisConnectionError(
+                    f"the connection to {target_node.name} was closed while in use"
+                ) from exc
 
 
 async def node_of_command(client: RedisCluster, args: tuple[Any, ...]) -> str | None:
