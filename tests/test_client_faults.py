@@ -188,8 +188,11 @@ async def test_a_refresh_while_redis_is_down_keeps_the_identity_and_whoami(
             redis_proc.stop()
             await until(lambda: bool(trace.received("auth_error")), 10, "a refused refresh")
             assert {f["code"] for f in trace.received("auth_error")} == {"unavailable"}
-            status = client.auth_status
-            assert status.state is AuthState.AUTHENTICATED and status.reason == "unavailable"
+            # The trace sees the frame before the client has acted on it.
+            await until(
+                lambda: client.auth_status.reason == "unavailable", 5, "the status to say so"
+            )
+            assert client.auth_status.state is AuthState.AUTHENTICATED
             await asyncio.sleep(0.5)
             redis_proc.restart()
             await recorder.wait_auth(
