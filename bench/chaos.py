@@ -1185,6 +1185,13 @@ class Harness:
                 got = await client.expect("settled", 75)
                 if got is not None:
                     settled[client.index] = got
+        if any(got.get("fresh_at") is None for got in settled.values()):
+            # Stale clients: have each instance log where its tasks wait (see app.dump_tasks).
+            for server in self.servers:
+                with contextlib.suppress(Exception):
+                    if server.process is not None:
+                        server.process.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(1)
         return reports, settled, finals
 
     async def tear_down(self) -> dict[int, int | None]:

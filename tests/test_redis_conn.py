@@ -178,3 +178,39 @@ async def test_a_connection_closed_while_a_command_is_sent_is_retried_not_an_att
         assert lost, "the fault was not injected"
     finally:
         await client.aclose()
+
+
+async def test_a_connection_closed_while_a_pipeline_is_sent_is_a_connection_error(
+    cluster: RedisClusterProcess,
+) -> None:
+    """The same close, under a pipeline (which redis-py sends without the per-command path).
+    Found by the cluster chaos run: the AttributeError is no RedisError, so it ended the commit
+    watcher's task, and the instance stopped following other instances' commits. It is a
+    ConnectionError now (what callers handle as an outage), and the next pipeline works."""
+    client = connect(cluster.url)
+    try:
+        assert isinstance(client, redis.asyncio.RedisCluster)
+        await client.set("{closed}:k", "1")
+        node = client.get_node_from_key("{closed}:k")
+        assert node is not None
+        await node.disconnect()
+        lost = False
+        for connection in node._free:
+            reconnect = connection._connect
+
+            async def connect_then_lose(
+                connection: Any = connection, reconnect: Any = reconnect
+            ) -> None:
+                nonlocal lost
+                await reconnect()
+                if not lost:
+                    lost = True
+                    asyncio.get_running_loop().call_soon(setattr, connection, "_writer", None)
+
+            connection._connect = connect_then_lose
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await pipelined(client, "{closed}:k")
+        assert lost, "the fault was not injected"
+        assert await pipelined(client, "{closed}:k") == 2
+    finally:
+        await client.aclose()

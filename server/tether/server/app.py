@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -127,6 +128,36 @@ def _report_crash(task: asyncio.Task[None]) -> None:
         log.error("background task %s died", task.get_name(), exc_info=task.exception())
 
 
+def dump_tasks() -> None:
+    """Log every asyncio task of the process with where it waits (``kill -USR1 <pid>``): for an
+    instance that is alive but stuck, it shows which await is holding it."""
+    tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
+    lines = [f"{len(tasks)} tasks (SIGUSR1):"]
+    for task in tasks:
+        frames = task.get_stack()
+        where = " <- ".join(
+            f"{f.f_code.co_name} ({f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno})"
+            for f in reversed(frames)
+        )
+        lines.append(f"  {task.get_name()}: {where or 'not started'}")
+    log.warning("%s", "\n".join(lines))
+
+
+@contextlib.contextmanager
+def _dump_tasks_on_signal() -> Iterator[None]:
+    """SIGUSR1 logs every task's stack, where the platform and thread allow a handler."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+        yield  # no SIGUSR1 (Windows), or not the main thread (an app embedded in a test)
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+
+
 def create_app(
     settings: Settings, application: object | None = None, *, clock: Clock = system_clock
 ) -> TetherApp:
@@ -152,7 +183,8 @@ def create_app(
         for task in tasks:
             task.add_done_callback(_report_crash)
         try:
-            yield
+            with _dump_tasks_on_signal():
+                yield
         finally:
             for task in tasks:
                 task.cancel()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -54,16 +55,23 @@ class NodeHookedCluster(RedisCluster):
 
     async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
         async with self.around_node(target_node.name):
-            try:
+            # A connection error, so that the cluster client retries the command (it retries
+            # exactly redis.exceptions.ConnectionError, not subclasses).
+            with closed_as_connection_error(target_node.name):
                 return await super()._execute_command(target_node, *args, **kwargs)
-            except AttributeError as exc:
-                if not closed_under_use(exc):
-                    raise
-                # A connection error, so that the cluster client retries the command (it
-                # retries exactly redis.exceptions.ConnectionError, not subclasses).
-                raise RedisConnectionError(
-                    f"the connection to {target_node.name} was closed while in use"
-                ) from exc
+
+
+@contextlib.contextmanager
+def closed_as_connection_error(node_name: str) -> Iterator[None]:
+    """Turns :func:`closed_under_use` into the ``ConnectionError`` it stands for, inside the
+    block (a cluster pipeline, which reaches its nodes without :meth:`NodeHookedCluster.
+    _execute_command`)."""
+    try:
+        yield
+    except AttributeError as exc:
+        if not closed_under_use(exc):
+            raise
+        raise RedisConnectionError(f"a connection to {node_name} was closed while in use") from exc
 
 
 async def node_of_command(client: RedisCluster, args: tuple[Any, ...]) -> str | None:

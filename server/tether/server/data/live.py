@@ -345,6 +345,7 @@ class SubscriptionManager:
         """Block on the commit stream and wake the pump when something arrives."""
         position = max(self.fetched, 0)
         backoff = 0.1
+        failing = False
         while True:
             try:
                 # Below the Redis client's socket timeout, so an idle wait is not an error.
@@ -352,11 +353,22 @@ class SubscriptionManager:
                     position, block_ms=WATCH_BLOCK_MS, count=COMMIT_BATCH
                 )
                 backoff = 0.1
-            except RedisError:
+            except Exception as exc:
+                # Whatever failed, the watch goes on: the instance's sockets would otherwise
+                # stop hearing of other instances' commits, with nothing to show for it.
+                if not failing:
+                    if isinstance(exc, RedisError):
+                        log.warning("commit watch failed (%s); retrying", exc.__class__.__name__)
+                    else:
+                        log.exception("commit watch failed; retrying")
+                    failing = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 self.resync()  # commits may have been missed while Redis was away
                 continue
+            if failing:
+                log.info("commit watch resumed at version %d", position)
+                failing = False
             if batch.gap:
                 position = max(position, batch.version)
                 self.resync()

@@ -23,7 +23,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tether.server.compat.redis import NodeHookedCluster, node_of_command
+from tether.server.compat.redis import (
+    NodeHookedCluster,
+    closed_as_connection_error,
+    node_of_command,
+)
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
 
@@ -172,11 +176,17 @@ class _ClusterPipeline(ClusterPipeline):
 
     async def execute(self, *args: Any, **kwargs: Any) -> Any:
         client, first, self._first = self._owner, self._first, None
-        node = None if first is None else await node_of_command(client, first)
-        if node is None:
-            return await super().execute(*args, **kwargs)
-        async with client.turns((node,)):
-            return await super().execute(*args, **kwargs)
+        try:
+            node = None if first is None else await node_of_command(client, first)
+            async with client.turns(() if node is None else (node,)):
+                # A pipeline reaches its nodes outside the per-command hook: a connection
+                # closed under it (a failover reloading the slot map) must be a ConnectionError
+                # here too, not an AttributeError that no caller expects.
+                with closed_as_connection_error(node or "a cluster node"):
+                    return await super().execute(*args, **kwargs)
+        except RedisClusterException as exc:
+            # No node serves a slot (mid-failover): an outage, as for single commands.
+            raise RedisConnectionError(f"Redis Cluster unavailable: {exc}") from exc
 
 
 class Script:
