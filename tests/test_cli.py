@@ -116,7 +116,9 @@ def test_the_tether_command_joins_the_server_and_client_commands(
     [
         ("no_such_module_xyz:app", "No module named 'no_such_module_xyz'"),
         ("tether.server.settings:no_such_attr", "has no attribute 'no_such_attr'"),
-        ("justamodule", "expected MODULE:ATTR"),
+        ("justamodule", "No module named 'justamodule'"),
+        ("tether", "has no attribute 'app' (name the App with tether:ATTR)"),
+        ("tether:", "expected MODULE or MODULE:ATTR"),
     ],
 )
 def test_bad_application_exits_2(spec: str, why: str) -> None:

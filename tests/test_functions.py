@@ -728,9 +728,21 @@ def test_load_application_follows_a_dotted_attribute(
         sys.modules.pop(name, None)
 
 
-@pytest.mark.parametrize("spec", ["tether.server.demo", "tether.server.demo:", ":app", ""])
+def test_load_application_takes_app_when_only_a_module_is_named() -> None:
+    """``tether serve polls`` is ``tether serve polls:app``."""
+    assert load_application("tether.server.demo") is demo.app
+
+
+def test_load_application_module_without_app_says_how_to_name_one() -> None:
+    with pytest.raises(
+        ValueError, match=r"has no attribute 'app' \(name the App with tether:ATTR\)"
+    ):
+        load_application("tether")
+
+
+@pytest.mark.parametrize("spec", ["tether.server.demo:", ":app", ""])
 def test_load_application_needs_module_and_attr(spec: str) -> None:
-    with pytest.raises(ValueError, match="expected MODULE:ATTR"):
+    with pytest.raises(ValueError, match="expected MODULE or MODULE:ATTR"):
         load_application(spec)
 
 
@@ -876,3 +888,4 @@ async def test_notes_need_a_user(name: str, args: dict[str, Any]) -> None:
     with pytest.raises(FunctionError) as info:
         await call(name, Context(None, db=UntouchedDatabase()), args)
     assert info.value.code == "unauthenticated"
+

@@ -4,7 +4,7 @@
 
 Subcommands::
 
-    tether serve [MODULE:ATTR]      run the server (the built-in demo application without one)
+    tether serve [MODULE[:ATTR]]    run the server (the built-in demo application without one)
     tether keys rotate              add a new signing key to the key file
     tether sessions revoke          end sessions of a user, or one session, on a running deployment
 
@@ -145,8 +145,9 @@ def _build_parser(more_commands: Sequence[AddCommands] = ()) -> argparse.Argumen
     serve.add_argument(
         "application",
         nargs="?",
-        metavar="MODULE:ATTR",
-        help="the application (its queries and mutations); default: the built-in demo",
+        metavar="MODULE[:ATTR]",
+        help="the application (its queries and mutations): the App named ATTR in MODULE, "
+        "'app' when ATTR is left out (polls is polls:app); default: the built-in demo",
     )
     serve.add_argument("--host", help="address to listen on [127.0.0.1]")
     serve.add_argument("--port", type=int, help="port to listen on [8000]")
@@ -332,7 +333,8 @@ def _ignore_shutdown_signals() -> None:
 
 
 def load_application(spec: str) -> object:
-    """Import ``MODULE:ATTR`` and return the :class:`~tether.server.data.functions.App` it names.
+    """Import ``MODULE[:ATTR]`` (``ATTR`` defaults to ``app``) and return the
+    :class:`~tether.server.data.functions.App` it names.
 
     Raises :class:`CommandError` naming the spec and the reason (see
     :func:`tether.server.data.functions.load_application`, which does the work).

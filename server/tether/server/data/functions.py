@@ -664,16 +664,24 @@ def encode_result(value: Any, max_bytes: int) -> str:
 # ---------------------------------------------------------------------------------- loading
 
 
-def load_application(spec: str) -> App:
-    """Import ``MODULE:ATTR`` (``ATTR`` may be dotted) and return that :class:`App`.
+#: The attribute ``load_application`` takes when the spec names only a module.
+DEFAULT_APP_ATTR = "app"
 
-    The current directory is importable, as with ``python -m``, so ``myapp:app`` finds
-    ``./myapp.py``. Raises ``ValueError`` naming the spec and the reason: not ``MODULE:ATTR``,
-    the module fails to import, the attribute is missing, or it is not an ``App``.
+
+def load_application(spec: str) -> App:
+    """Import ``MODULE[:ATTR]`` (``ATTR`` may be dotted; default :data:`DEFAULT_APP_ATTR`,
+    ``app``) and return that :class:`App`.
+
+    The current directory is importable, as with ``python -m``, so ``myapp`` and ``myapp:app``
+    find ``./myapp.py``. Raises ``ValueError`` naming the spec and the reason: not
+    ``MODULE[:ATTR]``, the module fails to import, the attribute is missing, or it is not an
+    ``App``.
     """
     module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise ValueError(f"cannot load application {spec!r}: expected MODULE:ATTR")
+    if not sep:
+        attr_path = DEFAULT_APP_ATTR
+    if not module_name or not attr_path:
+        raise ValueError(f"cannot load application {spec!r}: expected MODULE or MODULE:ATTR")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -686,8 +694,10 @@ def load_application(spec: str) -> App:
         try:
             obj = getattr(obj, attr)
         except AttributeError:
+            hint = "" if sep else f" (name the App with {module_name}:ATTR)"
             raise ValueError(
-                f"cannot load application {spec!r}: {module_name} has no attribute {attr_path!r}"
+                f"cannot load application {spec!r}: {module_name} has no attribute "
+                f"{attr_path!r}{hint}"
             ) from None
     if not isinstance(obj, App):
         raise ValueError(
