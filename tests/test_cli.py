@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,7 +100,7 @@ def test_the_tether_command_joins_the_server_and_client_commands(
 
     assert tether_cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("serve", "keys", "sessions", "watch", "call", "login"):
+    for command in ("serve", "keys", "sessions", "query", "watch", "call", "login"):
         assert command in out
     assert tether_cli.main(["call", "--help"]) == 0
     assert "mutation" in capsys.readouterr().out
@@ -265,6 +266,104 @@ def test_two_servers_share_one_redis_and_one_key_file(
     assert first.stop() == 0
     # The other instance is unaffected, and so is the Redis it shares.
     assert httpx.get(second.base_url + "/readyz").status_code == 200
+
+
+# ------------------------------------------------------------------------- client commands
+
+PASSWORD = "correct horse battery"
+
+
+def client_cli(
+    server: ServerProcess, token_file: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``tether ARGS --url … --token-file …`` against ``server``, as a real process."""
+    return run_tether(
+        *args,
+        "--url",
+        server.ws_url,
+        "--token-file",
+        str(token_file),
+        env={"TETHER_PASSWORD": PASSWORD},
+    )
+
+
+def test_query_prints_the_current_result_once_and_exits(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = server_factory()
+    token_file = tmp_path / "session.json"
+    args = ("--args", '{"name": "once"}')
+    first = client_cli(server, token_file, "query", "counter.get", *args)
+    assert (first.returncode, first.stdout) == (0, "0\n"), first.stderr
+    # Anonymous (no session in the token file), a mutation runs as anonymous: issued before
+    # the client knew, it was taken for a signed-in user's and failed unauthenticated.
+    bumped = client_cli(server, token_file, "call", "counter.increment", *args)
+    assert (bumped.returncode, bumped.stdout) == (0, "1\n"), bumped.stderr
+    second = client_cli(server, token_file, "query", "counter.get", *args)
+    assert (second.returncode, second.stdout) == (0, "1\n"), second.stderr
+    # An error result is printed to stderr, exit code 1, nothing on stdout.
+    refused = client_cli(server, token_file, "query", "notes.mine")
+    assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr
+    assert "notes.mine: unauthenticated" in refused.stderr
+
+
+def test_a_query_called_as_a_mutation_hints_at_query_and_the_reverse_at_call(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = server_factory()
+    token_file = tmp_path / "session.json"
+    called = client_cli(server, token_file, "call", "counter.get", "--args", '{"name": "c"}')
+    assert called.returncode == 1
+    assert "unknown_function: 'counter.get' is a query, not a mutation" in called.stderr
+    assert "hint: counter.get is a query: run `tether query counter.get`" in called.stderr
+    for command in ("query", "watch"):
+        asked = client_cli(server, token_file, command, "counter.increment")
+        assert asked.returncode == 1, asked.stderr
+        assert "'counter.increment' is a mutation, not a query" in asked.stderr
+        assert "run it with `tether call counter.increment`" in asked.stderr
+    # A name that is neither gets no hint.
+    unknown = client_cli(server, token_file, "call", "no.such")
+    assert unknown.returncode == 1
+    assert "no mutation named 'no.such'" in unknown.stderr and "hint: no.such" not in unknown.stderr
+
+
+def test_an_ended_session_and_no_session_hint_at_login(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = server_factory()
+    token_file = tmp_path / "session.json"
+    login_hint = f"tether login --url {server.ws_url} --token-file {token_file}"
+    email = f"hint-{os.getpid()}-{free_port()}@example.com"
+    login = client_cli(server, token_file, "login", "--signup", "--email", email)
+    assert login.returncode == 0, login.stderr
+    signed_in = client_cli(server, token_file, "query", "whoami")
+    assert signed_in.returncode == 0 and "hint:" not in signed_in.stderr, signed_in.stderr
+
+    access_token = json.loads(token_file.read_text())["session"]["access_token"]
+    signout = httpx.post(
+        server.base_url + "/auth/signout", headers={"Authorization": f"Bearer {access_token}"}
+    )
+    assert signout.status_code == 204
+    ended = client_cli(server, token_file, "query", "whoami")
+    assert (ended.returncode, ended.stdout) == (0, "null\n"), ended.stderr
+    assert "auth: signed_out (session_revoked)" in ended.stderr
+    assert f"hint: the session has ended; to sign in again, run: {login_hint}" in ended.stderr
+    # The ended session was forgotten: the next command is anonymous, and says how to sign in.
+    anonymous = client_cli(server, token_file, "query", "whoami")
+    assert anonymous.returncode == 0, anonymous.stderr
+    assert "auth: anonymous" in anonymous.stderr
+    assert f"hint: no session in {token_file}; to sign in, run: {login_hint}" in anonymous.stderr
+
+
+def test_serve_takes_the_app_of_a_module_named_without_attr(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """``tether serve tests.apps.reactive_app`` serves ``tests.apps.reactive_app:app``."""
+    server = server_factory(app="tests.apps.reactive_app")
+    result = client_cli(
+        server, tmp_path / "session.json", "query", "tally.get", "--args", '{"name": "t"}'
+    )
+    assert (result.returncode, result.stdout) == (0, "0\n"), result.stderr
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tether.protocol import kind_named_by, wrong_kind_message
 from tether.server import demo
 from tether.server.data.functions import (
     App,
@@ -889,3 +890,13 @@ async def test_notes_need_a_user(name: str, args: dict[str, Any]) -> None:
         await call(name, Context(None, db=UntouchedDatabase()), args)
     assert info.value.code == "unauthenticated"
 
+
+# ---------------------------------------------------------------------------------- wrong kind
+
+
+@pytest.mark.parametrize(("kind", "other"), [("query", "mutation"), ("mutation", "query")])
+def test_the_wrong_kind_message_names_the_kind_and_reads_back(kind: str, other: str) -> None:
+    message = wrong_kind_message("counter.get", kind)
+    assert message == f"'counter.get' is a {kind}, not a {other}"
+    assert kind_named_by(message) == kind
+    assert kind_named_by(f"no {other} named 'counter.get'") is None

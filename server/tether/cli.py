@@ -3,7 +3,7 @@
 ::
 
     tether serve | keys rotate | sessions revoke      tether.server.cli
-    tether watch | call | login                       tether.client.cli
+    tether query | watch | call | login               tether.client.cli
 
 Each side owns its commands and neither imports the other: the command is composed here, in
 the package root, which may import both. Exit codes: 0 success, 1 a runtime failure, 2 a usage

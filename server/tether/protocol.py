@@ -161,3 +161,24 @@ def close_decision(code: int | None) -> CloseDecision:
     if code is not None and code in STOP_CODES:
         return CloseDecision.STOP
     return CloseDecision.RECONNECT
+
+
+#: The two kinds of application function, each with the other: a client subscribes to a query
+#: and sends a mutation with ``mutate``.
+_OTHER_KIND = {"query": "mutation", "mutation": "query"}
+
+
+def wrong_kind_message(name: str, kind: str) -> str:
+    """The ``message`` of ``unknown_function`` when ``name`` exists but is of the other kind
+    (``kind`` is what it is: ``query`` or ``mutation``), e.g. ``'counter.get' is a query, not
+    a mutation``. The code stays ``unknown_function``; only the text tells the two apart."""
+    return f"{name!r} is a {kind}, not a {_OTHER_KIND[kind]}"
+
+
+def kind_named_by(message: str) -> str | None:
+    """What a :func:`wrong_kind_message` says its function is (``query`` or ``mutation``), or
+    ``None`` for any other message: for a client's hint at the right call, never its logic."""
+    for kind, other in _OTHER_KIND.items():
+        if message.endswith(f" is a {kind}, not a {other}"):
+            return kind
+    return None

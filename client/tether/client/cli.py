@@ -1,17 +1,21 @@
-"""The client commands of ``tether``: ``watch``, ``call`` and ``login``.
+"""The client commands of ``tether``: ``query``, ``watch``, ``call`` and ``login``.
 
 ::
 
     tether login [--email E] [--signup]          sign in; store the session in the token file
+    tether query NAME [--args JSON]              print a query's current result as JSON, once
     tether watch NAME [--args JSON]              print each new result of a query, one JSON line
     tether call NAME [--args JSON]               run a mutation, print its result as JSON
 
 Every command takes ``--url`` (the server's ``/sync`` URL, repeatable for several instances;
 default ``ws://127.0.0.1:8000/sync``), ``--token-file`` (default
 ``~/.config/tether/session.json``) and ``--email``; the password comes from ``TETHER_PASSWORD``
-or a prompt. ``watch`` and ``call`` use the session in the token file (anonymous without one);
-with ``--email`` they sign in first. Processes sharing a token file share the session safely
-(:class:`~tether.client.token_store.FileTokenStore`).
+or a prompt. ``query``, ``watch`` and ``call`` use the session in the token file (anonymous
+without one, with a hint at ``tether login``); with ``--email`` they sign in first. Processes
+sharing a token file share the session safely (:class:`~tether.client.token_store.FileTokenStore`).
+A query called with ``call``, or a mutation with ``query``/``watch``, is refused by the server
+(``unknown_function``, whose message names the function's kind); the command adds a hint at the
+right one.
 
 Exit codes, as for the rest of ``tether``: 0 success (and Ctrl-C or SIGTERM for ``watch``),
 1 a failure (the server refused, could not be reached, or stopped the client), 2 a usage error.
@@ -29,6 +33,7 @@ import contextlib
 import getpass
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -54,10 +59,21 @@ class _UsageError(Exception):
 
 
 def add_client_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register ``watch``, ``call`` and ``login`` on ``subparsers`` (of ``tether``).
+    """Register ``query``, ``watch``, ``call`` and ``login`` on ``subparsers`` (of ``tether``).
 
     Each parser sets ``run``: a function of the parsed arguments returning the exit code.
     """
+    query = subparsers.add_parser(
+        "query",
+        help="print a query's current result",
+        description="Subscribe to query NAME, print its first result as JSON and exit (use "
+        "watch to follow it). An error result goes to stderr, exit code 1.",
+    )
+    _add_function(query)
+    _add_connection_options(query)
+    _add_timeout(query)
+    query.set_defaults(run=_run_query)
+
     watch = subparsers.add_parser(
         "watch",
         help="print each new result of a query",
@@ -76,20 +92,14 @@ def add_client_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     _add_function(call)
     _add_connection_options(call)
-    call.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="give up after this long without an answer [30]",
-    )
+    _add_timeout(call)
     call.set_defaults(run=_run_call)
 
     login = subparsers.add_parser(
         "login",
         help="sign in and store the session",
-        description=f"Sign in over HTTP and store the session in the token file, for watch "
-        f"and call. The password comes from {PASSWORD_ENV}, else a prompt.",
+        description=f"Sign in over HTTP and store the session in the token file, for query, "
+        f"watch and call. The password comes from {PASSWORD_ENV}, else a prompt.",
     )
     _add_connection_options(login)
     login.add_argument("--signup", action="store_true", help="create the account first")
@@ -104,6 +114,16 @@ def _add_function(parser: argparse.ArgumentParser) -> None:
         default="{}",
         metavar="JSON",
         help='its arguments as a JSON object, e.g. \'{"name": "clicks"}\' [{}]',
+    )
+
+
+def _add_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up after this long without an answer [30]",
     )
 
 
@@ -127,6 +147,10 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------- commands
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    return _run(_query(args))
 
 
 def _run_watch(args: argparse.Namespace) -> int:
@@ -191,7 +215,7 @@ async def _watch(args: argparse.Namespace) -> int:
                         print(json.dumps(value, ensure_ascii=False), flush=True)
                     return EXIT_OK
                 except QueryError as exc:
-                    _say(f"{args.name}: {exc.code}: {exc.message}")
+                    _say_function_error(args.name, exc.code, exc.message, called_as="query")
                     if exc.code in ("unknown_function", "bad_args"):
                         return EXIT_FAILURE
                 except ClientClosed as exc:
@@ -210,6 +234,32 @@ async def _watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _query(args: argparse.Namespace) -> int:
+    from tether.client.errors import AuthError, ClientClosed, QueryError
+
+    function_args = _json_object(args.function_args)
+    try:
+        client = await _client(args)
+    except AuthError as exc:
+        _say(f"sign-in failed: {exc.code}: {exc.message}")
+        return EXIT_FAILURE
+    async with client:
+        try:
+            async with asyncio.timeout(args.timeout):
+                value = await client.query(args.name, **function_args)
+        except QueryError as exc:
+            _say_function_error(args.name, exc.code, exc.message, called_as="query")
+            return EXIT_FAILURE
+        except ClientClosed as exc:
+            _say(f"stopped: {exc.message}")
+            return EXIT_FAILURE
+        except TimeoutError:
+            _say(f"{args.name}: no result within {args.timeout:g} s")
+            return EXIT_FAILURE
+    print(json.dumps(value, ensure_ascii=False))
+    return EXIT_OK
+
+
 async def _call(args: argparse.Namespace) -> int:
     from tether.client.errors import AuthError, ClientClosed, MutationError
 
@@ -222,9 +272,13 @@ async def _call(args: argparse.Namespace) -> int:
     async with client:
         try:
             async with asyncio.timeout(args.timeout):
+                # Issued before the token file is read, a mutation belongs to the user it will
+                # hold, and fails if it holds none (docs/client.md, Mutations): an anonymous
+                # call must start once the client knows it is anonymous.
+                await client.wait_ready()
                 value = await client.mutate(args.name, **function_args)
         except MutationError as exc:
-            _say(f"{args.name}: {exc.code}: {exc.message}")
+            _say_function_error(args.name, exc.code, exc.message, called_as="mutation")
             return EXIT_FAILURE
         except ClientClosed as exc:
             _say(f"stopped: {exc.message}")
@@ -268,18 +322,53 @@ async def _client(args: argparse.Namespace) -> TetherClient:
         session = await _sign_in(args, args.email)
         async with store.locked():
             await store.save(session)
+    login = _login_command(args)
     return TetherClient(
         _urls(args),
         token_store=store,
-        on_auth_state=_report_auth,
+        on_auth_state=lambda status: _report_auth(status, login, store.path),
         on_connection_state=_report_connection,
     )
 
 
-def _report_auth(status: AuthStatus) -> None:
+def _login_command(args: argparse.Namespace) -> str:
+    """``tether login`` with the options that make it sign in for this command."""
+    words = [PROG, "login"]
+    for url in args.url or ():
+        words += ["--url", url]
+    if args.token_file != Path(DEFAULT_TOKEN_FILE):
+        words += ["--token-file", str(args.token_file)]
+    return shlex.join(words)
+
+
+def _report_auth(status: AuthStatus, login: str, token_file: Path) -> None:
     detail = f" ({status.reason})" if status.reason else ""
     who = f" as {status.user_id}" if status.user_id and status.state == "authenticated" else ""
     _say(f"auth: {status.state}{who}{detail}")
+    # Anonymous is what a command runs as when the token file holds no session: the file was
+    # never written, or a session that ended (revoked, signed out elsewhere) was forgotten.
+    if status.state == "anonymous":
+        _say(f"hint: no session in {token_file}; to sign in, run: {login}")
+    elif status.state == "signed_out":
+        _say(f"hint: the session has ended; to sign in again, run: {login}")
+
+
+def _say_function_error(name: str, code: str, message: str, *, called_as: str) -> None:
+    """``NAME: CODE: MESSAGE``, and a hint at the other command when ``name`` is a function of
+    the other kind (the server says so in the message of ``unknown_function``)."""
+    from tether.protocol import ErrorCode, kind_named_by
+
+    _say(f"{name}: {code}: {message}")
+    if code != ErrorCode.UNKNOWN_FUNCTION:
+        return
+    kind = kind_named_by(message)
+    if kind == "query" and called_as == "mutation":
+        _say(
+            f"hint: {name} is a query: run `tether query {name}` for its result, or "
+            f"`tether watch {name}` to follow it"
+        )
+    elif kind == "mutation" and called_as == "query":
+        _say(f"hint: {name} is a mutation: run it with `tether call {name}`")
 
 
 def _report_connection(status: ConnectionStatus) -> None:

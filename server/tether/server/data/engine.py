@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.protocol import ErrorCode
+from tether.protocol import ErrorCode, wrong_kind_message
 from tether.server.data.caller import Caller
 from tether.server.data.functions import (
     App,
@@ -139,8 +139,10 @@ class QueryEngine:
         it. Pure: no I/O.
         """
         spec = self.application.lookup(name)
-        if spec is None or spec.kind != kind:
+        if spec is None:
             raise FunctionError(ErrorCode.UNKNOWN_FUNCTION, f"no {kind} named {name!r}")
+        if spec.kind != kind:
+            raise FunctionError(ErrorCode.UNKNOWN_FUNCTION, wrong_kind_message(name, spec.kind))
         return spec.validate_args(args)
 
     async def evaluate(
