@@ -4,10 +4,16 @@ published keys), the Makefile does and one e-mail's password agree with the code
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import pytest
 from tether.protocol import (
     AuthErrorCode,
     CloseCode,
@@ -47,6 +53,82 @@ def test_every_code_is_in_docs_protocol() -> None:
     assert missing == []
     closes = [str(int(c)) for c in CloseCode]
     assert [c for c in closes if f"| {c} |" not in text] == []
+
+
+# ---------------------------------------------------------------------------------- examples
+
+
+def fenced_blocks(text: str, language: str) -> list[str]:
+    """The bodies of the ```LANGUAGE blocks of ``text``, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def runnable_blocks(path: Path) -> list[str]:
+    """The Python blocks of ``path`` marked ``<!-- runnable -->``."""
+    parts = path.read_text().split("<!-- runnable -->")[1:]
+    return [fenced_blocks(part, "python")[0] for part in parts]
+
+
+#: Where the docs pair an e-mail with a password: JSON bodies, keyword arguments, the
+#: ``EMAIL, PASSWORD = …`` of the examples, and ``TETHER_PASSWORD='…' tether login … --email``.
+_CREDENTIALS = (
+    re.compile(r'"email":\s*"(?P<email>[^"]+)",\s*"password":\s*"(?P<password>[^"]+)"'),
+    re.compile(r'email="(?P<email>[^"]+)",\s*password="(?P<password>[^"]+)"'),
+    re.compile(r'EMAIL, PASSWORD = "(?P<email>[^"]+)", "(?P<password>[^"]+)"'),
+    re.compile(r"TETHER_PASSWORD='(?P<password>[^']+)' tether login[^\n]*--email (?P<email>\S+)"),
+)
+
+
+def test_one_email_has_one_password_across_the_readme_and_the_docs() -> None:
+    """A reader who signs up with the README's curl and then runs docs/client.md's example
+    (or the other way round) must not meet ``invalid_credentials``."""
+    passwords: dict[str, set[str]] = {}
+    for path in (README, *sorted(DOCS.glob("*.md"))):
+        for pattern in _CREDENTIALS:
+            for match in pattern.finditer(path.read_text()):
+                passwords.setdefault(match["email"], set()).add(match["password"])
+    assert passwords["ada@example.com"], "the patterns above no longer find the examples"
+    assert {email: p for email, p in passwords.items() if len(p) > 1} == {}
+
+
+def test_the_readme_curl_session_and_python_example_run(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """The README's curl session, then its Python example, against one real server, as a
+    reader runs them: the example signs in as the user the curl session signed up."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    server = server_factory()
+    readme = README.read_text()
+    [curl] = [block for block in fenced_blocks(readme, "sh") if "curl" in block]
+    curl = curl.replace("http://127.0.0.1:8000", server.base_url).replace("/tmp/", f"{tmp_path}/")
+    shell = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", curl],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert "}204\n" in shell.stdout, shell.stdout  # the sign-out's status, after a JSON body
+    assert json.loads(shell.stdout.strip().splitlines()[-1])["keys"], shell.stdout
+
+    [example] = runnable_blocks(README)
+    assert "ws://127.0.0.1:8000/sync" in example
+    example = example.replace("ws://127.0.0.1:8000/sync", server.ws_url)
+    python = subprocess.run(
+        [sys.executable, "-c", example],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert python.returncode == 0, python.stderr
+    signed_up, _ = json.JSONDecoder().raw_decode(shell.stdout)
+    me, *values = python.stdout.splitlines()
+    assert me == f"me: {{'userId': '{signed_up['userId']}'}}", python.stdout  # not anonymous
+    assert values == ["0", "1", "2", "3"], python.stdout
 
 
 # ---------------------------------------------------------------------------------- keys.md
