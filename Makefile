@@ -8,10 +8,13 @@ IMPORT_TREE := $(VENV)/import-tree
 .PHONY: run test lint typecheck check bench chaos install clean
 
 $(STAMP): pyproject.toml
+	@if [ -d $(VENV) ]; then echo "installing tether into the existing $(VENV)…"; \
+	else echo "creating $(VENV) and installing tether (first run takes about a minute)…"; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+	@echo "installed tether in $(VENV)"
 
 install: $(STAMP)
 
@@ -44,10 +47,19 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-## Benchmarks: each prints Tether's figures beside a baseline measured in the same run.
+## Benchmarks: each prints Tether's figures beside a baseline measured in the same run. This is
+## the quick pass over every script of bench/ but chaos.py (`make chaos`), with small arguments
+## (about 4 minutes); the figures in docs/benchmarks.md come from each script's defaults.
 bench: $(STAMP)
-	$(BIN)/python bench/jwt_algorithms.py
-	$(BIN)/python bench/auth.py
+	$(BIN)/python bench/jwt_algorithms.py --batches 5 --batch-ms 100
+	$(BIN)/python bench/auth.py --duration 1 --rounds 2 --round-seconds 0.5 --signins 10
+	$(BIN)/python bench/sync_memory.py --n 1000 --servers bare,tether --idle 2
+	$(BIN)/python bench/sync_connect.py --n 500 --repeat 1 --servers bare,tether
+	$(BIN)/python bench/sync_expiry.py --n 500 --spread 5
+	$(BIN)/python bench/sync_revocation.py --repeat 20 --background 100
+	$(BIN)/python bench/fanout.py --n 500 --rounds 5 --warmup 1
+	$(BIN)/python bench/mutations.py --clients 1,16 --seconds 2
+	$(BIN)/python bench/reconnect.py --k 1,10 --repeat 10
 
 ## The long chaos run (docs/reliability.md): 20 client processes, 500 access-token lifetimes
 ## (~17 min) on a standalone Redis, then 150 (~5 min) on a Redis Cluster whose master fails over.

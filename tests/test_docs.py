@@ -175,3 +175,52 @@ async def test_keys_md_lists_exactly_the_fields_the_server_publishes(
     assert config["token_endpoint"] == server.base_url + "/auth/refresh"
     assert "served without a `Cache-Control` header" in published
     assert "cache-control" not in discovery.headers
+
+
+# ---------------------------------------------------------------------------------- Makefile
+
+
+def make_recipe(target: str) -> list[str]:
+    """The command lines of ``target`` in the Makefile."""
+    lines = MAKEFILE.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{target}:"))
+    recipe = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
+def test_make_bench_runs_every_benchmark_but_chaos_with_flags_it_has() -> None:
+    scripts = {p.name for p in (REPO_ROOT / "bench").glob("*.py")} - {"common.py", "chaos.py"}
+    ran: dict[str, list[str]] = {}
+    for line in make_recipe("bench"):
+        match = re.fullmatch(r"\$\(BIN\)/python bench/(\w+\.py)(.*)", line)
+        assert match, line
+        ran[match[1]] = re.findall(r"--[\w-]+", match[2])
+    assert set(ran) == scripts
+    for script, flags in ran.items():
+        usage = subprocess.run(
+            [sys.executable, f"bench/{script}", "--help"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert [f for f in flags if not re.search(rf"{f}\b", usage)] == [], script
+
+
+def test_make_says_what_it_does_while_it_installs(tmp_path: Path) -> None:
+    """``make run`` on a fresh clone spends a minute installing: it says so first."""
+    dry = subprocess.run(
+        ["make", "-n", "run", f"VENV={tmp_path / 'venv'}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "creating" in dry and "first run takes about a minute" in dry
+    assert dry.index("first run takes about a minute") < dry.index("-m venv")
