@@ -1,4 +1,4 @@
-"""``python -m tether.client watch|call|login …``: the client commands of ``tether`` on their
+"""``python -m tether.client query|watch|call|login …``: the client commands of ``tether`` on their
 own."""
 
 import sys
