@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import secrets
 from collections import deque
@@ -44,6 +43,7 @@ from tether.server.data.functions import App
 from tether.server.data.live import Evaluation, Registration, SubscriptionManager
 from tether.server.data.store import IDENTITY_ENDED, RequestIdReused
 from tether.server.errors import FunctionError
+from tether.server.origins import origin_allowed
 from tether.server.realtime.core import (
     Action,
     BadMessage,
@@ -84,21 +84,6 @@ CLOSE_TIMEOUT = 2.0
 #: The reason of the 1012 close a draining instance sends: not part of the contract (clients act
 #: on the code), but it tells a reader of the frame that Tether closed it, not the ASGI server.
 DRAIN_REASON = "tether is draining"
-
-
-def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...], scheme: str) -> bool:
-    """Is a browser ``Origin`` allowed to open ``/sync``? Patterns may use ``*`` for a port."""
-    origin = origin.rstrip("/").lower()
-    for pattern in allowed:
-        if pattern == "*":
-            return True
-        if pattern == "self":
-            if host and origin in (f"http://{host}".lower(), f"https://{host}".lower()):
-                return True
-            continue
-        if fnmatch.fnmatchcase(origin, pattern.lower()):
-            return True
-    return False
 
 
 def release_socket_later(send: SendFn, delay: float) -> None:
@@ -679,9 +664,7 @@ class SyncEndpoint:
                 host = value.decode("latin-1")
         if origin is None:
             return True  # not a browser: nothing to check
-        return origin_allowed(
-            origin, host, self.settings.allowed_origins, scope.get("scheme", "ws")
-        )
+        return origin_allowed(origin, host, self.settings.allowed_origins)
 
     async def drain(self, drain_timeout: float) -> int:
         """Close every socket with 1012 (reconnect at once, elsewhere) and wait up to
