@@ -64,6 +64,11 @@ class HTTPCode(StrEnum):
     INVALID_TOKEN = "invalid_token"
     UNAVAILABLE = "unavailable"
     NOT_FOUND = "not_found"  # a path the API does not have
+    # Browsers (§5 rule 10): a request from an Origin not in TETHER_ALLOWED_ORIGINS (a CORS
+    # preflight, or a request that reads the refresh cookie), and a cookie-authenticated request
+    # without the header Tether-CSRF: 1.
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    CSRF_REQUIRED = "csrf_required"
 
 
 class AuthErrorCode(StrEnum):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -27,6 +28,7 @@ from tether.server.auth.sessions import SessionStore
 from tether.server.auth.signing_keys import KeyRing
 from tether.server.auth.tokens import AccessTokens
 from tether.server.clock import Clock, system_clock
+from tether.server.cors import CORSMiddleware
 from tether.server.data.engine import QueryEngine
 from tether.server.data.functions import App
 from tether.server.data.store import Store
@@ -221,12 +223,15 @@ def create_app(
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        *AuthRoutes(node.auth, settings.max_request_bytes).routes(),
+        *AuthRoutes(node.auth, settings.max_request_bytes, settings.allowed_origins).routes(),
         WebSocketRoute(SYNC_PATH, node.sync),  # reached only if TetherApp is bypassed
     ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        # Inside Starlette's error middleware, outside its exception handlers: error answers
+        # of the API carry CORS headers too, so a page can read their codes.
+        middleware=[Middleware(CORSMiddleware, allowed_origins=settings.allowed_origins)],
         exception_handlers={
             HTTPError: on_http_error,
             AuthFailure: on_auth_failure,

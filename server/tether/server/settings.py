@@ -127,7 +127,10 @@ class Settings:
     expiry_notice: int = _setting(60, _parse_int, "seconds before exp to push auth_expiring")
     clock_leeway: int = _setting(5, _parse_int, "tolerated clock skew on exp/nbf/iat, seconds")
     allowed_origins: tuple[str, ...] = _setting(
-        DEFAULT_ORIGINS, _parse_origins, "Origins allowed to open /sync; * allows any"
+        DEFAULT_ORIGINS,
+        _parse_origins,
+        "Origins allowed to open /sync and to call the HTTP API (CORS, the refresh cookie); "
+        "* allows any",
     )
     max_message_bytes: int = _setting(65536, _parse_int, "largest accepted client frame")
     max_request_bytes: int = _setting(16384, _parse_int, "largest accepted HTTP auth body")

@@ -5,11 +5,21 @@ malformed request is an :class:`tether.server.errors.HTTPError`; the service's
 :class:`~tether.server.auth.errors.AuthFailure` becomes one through :func:`http_error`, which
 picks the status (and the HTTP code, where the socket's is finer). Both are rendered as
 ``{"error", "message"}``.
+
+Cookie mode (protocol §5 rule 10): a browser asks for it with ``"cookie": true`` in the body
+(or the header ``Tether-Refresh: cookie``); the refresh token then goes into an ``HttpOnly``
+cookie scoped to ``/auth`` and the body's ``refreshToken`` is ``null``. ``/auth/refresh``
+without a body token, and the sign-outs without a bearer token, read that cookie; such a
+request must carry ``Tether-CSRF: 1`` (a cross-site form cannot set a header) and an allowed
+``Origin`` (a cross-site ``fetch`` cannot forge one), else 403 ``csrf_required`` /
+``origin_not_allowed``. A refresh or sign-out read from the cookie that ends in
+``refresh_invalid`` / ``refresh_reused``, and every sign-out, clears the cookie.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from starlette.requests import Request
@@ -18,11 +28,20 @@ from starlette.routing import Route
 
 from tether.protocol import AuthErrorCode, HTTPCode
 from tether.server.auth.errors import AuthFailure, FailureCode
-from tether.server.auth.service import AuthService
+from tether.server.auth.service import AuthService, TokenPair
 from tether.server.clock import to_ms
 from tether.server.errors import HTTPError
+from tether.server.origins import is_loopback_http, origin_allowed
 
 JWKS_PATH = "/.well-known/jwks.json"
+
+#: The refresh cookie: its name, and the only path it is sent to.
+REFRESH_COOKIE = "tether_refresh"
+REFRESH_COOKIE_PATH = "/auth"
+#: A cookie-authenticated request must carry this header with the value "1".
+CSRF_HEADER = "Tether-CSRF"
+#: ``Tether-Refresh: cookie`` asks for cookie mode like ``"cookie": true`` in the body.
+REFRESH_MODE_HEADER = "Tether-Refresh"
 
 
 #: The status, and the HTTP API's code, of each failure of the auth service (protocol §2).
@@ -54,8 +73,11 @@ def error_response(exc: HTTPError) -> JSONResponse:
     )
 
 
-async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, reading no more than ``limit`` bytes of it."""
+async def read_json_object(
+    request: Request, limit: int, *, empty_ok: bool = False
+) -> dict[str, Any]:
+    """The body as a JSON object, reading no more than ``limit`` bytes of it; with
+    ``empty_ok``, an empty body is ``{}`` (a cookie refresh has nothing to say)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise HTTPError(400, HTTPCode.INVALID_REQUEST, f"the body is over {limit} bytes")
@@ -64,6 +86,8 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
         body += chunk
         if len(body) > limit:
             raise HTTPError(400, HTTPCode.INVALID_REQUEST, f"the body is over {limit} bytes")
+    if empty_ok and not body.strip():
+        return {}
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -84,41 +108,162 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def cookie_secure(request: Request) -> bool:
+    """``Secure`` on the refresh cookie, except for a page on a plain-HTTP loopback origin."""
+    origin = request.headers.get("origin")
+    return not (origin is not None and is_loopback_http(origin))
+
+
+def refresh_cookie(request: Request, value: str, max_age: int) -> str:
+    """A ``Set-Cookie`` value for the refresh cookie (``max_age`` 0 clears it)."""
+    attributes = [
+        f"{REFRESH_COOKIE}={value}",
+        f"Max-Age={max_age}",
+        f"Path={REFRESH_COOKIE_PATH}",
+        "HttpOnly",
+        *(["Secure"] if cookie_secure(request) else []),
+        "SameSite=Strict",
+    ]
+    return "; ".join(attributes)
+
+
+def clear_refresh_cookie(request: Request, response: Response) -> Response:
+    response.headers.append("Set-Cookie", refresh_cookie(request, "", 0))
+    return response
+
+
 class AuthRoutes:
-    def __init__(self, service: AuthService, max_request_bytes: int) -> None:
+    def __init__(
+        self, service: AuthService, max_request_bytes: int, allowed_origins: tuple[str, ...]
+    ) -> None:
         self.service = service
         self.limit = max_request_bytes
+        self.allowed_origins = allowed_origins
 
-    def _tokens(self, pair: Any, status: int = 200) -> JSONResponse:
-        body = pair.to_json(to_ms(self.service.clock()))
-        return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+    def _tokens(
+        self, request: Request, pair: TokenPair, *, cookie: bool, status: int = 200
+    ) -> JSONResponse:
+        now_ms = to_ms(self.service.clock())
+        body = pair.to_json(now_ms, cookie=cookie)
+        response = JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+        if cookie:
+            # The cookie lives as long as the session would without another refresh.
+            max_age = max(1, math.ceil((pair.session_deadline - now_ms) / 1000))
+            response.headers.append(
+                "Set-Cookie", refresh_cookie(request, pair.refresh_token, max_age)
+            )
+        return response
+
+    def _origin_ok(self, request: Request) -> bool:
+        origin = request.headers.get("origin")
+        return origin is not None and origin_allowed(
+            origin, request.headers.get("host"), self.allowed_origins
+        )
+
+    def _wants_cookie(self, request: Request, body: dict[str, Any]) -> bool:
+        """Does the request ask for cookie mode (``"cookie": true`` or ``Tether-Refresh:
+        cookie``)? A page on an Origin not allowed gets no cookie (403 ``origin_not_allowed``,
+        before anything happens): no sign-in forced on a browser from a form elsewhere."""
+        flag = body.get("cookie", False)
+        if not isinstance(flag, bool):
+            raise HTTPError(400, HTTPCode.INVALID_REQUEST, '"cookie" must be true or false')
+        mode = request.headers.get(REFRESH_MODE_HEADER)
+        if mode is not None and mode.strip().lower() != "cookie":
+            raise HTTPError(
+                400, HTTPCode.INVALID_REQUEST, f"{REFRESH_MODE_HEADER} takes only the value cookie"
+            )
+        wanted = flag or mode is not None
+        if wanted and "origin" in request.headers and not self._origin_ok(request):
+            raise HTTPError(
+                403,
+                HTTPCode.ORIGIN_NOT_ALLOWED,
+                "the refresh cookie is set only for an Origin in TETHER_ALLOWED_ORIGINS",
+            )
+        return wanted
+
+    def _cookie_token(self, request: Request) -> str | None:
+        """The refresh cookie's token, after the checks a cookie-authenticated request must
+        pass (403 ``csrf_required`` / ``origin_not_allowed``); ``None`` if there is none."""
+        token = request.cookies.get(REFRESH_COOKIE)
+        if token is None:
+            return None
+        if request.headers.get(CSRF_HEADER) != "1":
+            raise HTTPError(
+                403,
+                HTTPCode.CSRF_REQUIRED,
+                f"a request authenticated by the refresh cookie needs the header {CSRF_HEADER}: 1",
+            )
+        if not self._origin_ok(request):
+            raise HTTPError(
+                403,
+                HTTPCode.ORIGIN_NOT_ALLOWED,
+                "a request authenticated by the refresh cookie needs an Origin "
+                "in TETHER_ALLOWED_ORIGINS",
+            )
+        return token
 
     async def signup(self, request: Request) -> Response:
         body = await read_json_object(request, self.limit)
+        cookie = self._wants_cookie(request, body)
         pair = await self.service.sign_up(
             body.get("email"), body.get("password"), client_address(request)
         )
-        return self._tokens(pair, 201)
+        return self._tokens(request, pair, cookie=cookie, status=201)
 
     async def signin(self, request: Request) -> Response:
         body = await read_json_object(request, self.limit)
+        cookie = self._wants_cookie(request, body)
         pair = await self.service.sign_in(
             body.get("email"), body.get("password"), client_address(request)
         )
-        return self._tokens(pair)
+        return self._tokens(request, pair, cookie=cookie)
 
     async def refresh(self, request: Request) -> Response:
-        body = await read_json_object(request, self.limit)
-        pair = await self.service.refresh(body.get("refreshToken"), body.get("retryKey"))
-        return self._tokens(pair)
+        body = await read_json_object(request, self.limit, empty_ok=True)
+        cookie = self._wants_cookie(request, body)
+        token = body.get("refreshToken")
+        from_cookie = False
+        if token is None:
+            token = self._cookie_token(request)
+            from_cookie = token is not None
+        try:
+            pair = await self.service.refresh(token, body.get("retryKey"))
+        except AuthFailure as exc:
+            if from_cookie and exc.code in (
+                AuthErrorCode.REFRESH_INVALID,
+                AuthErrorCode.REFRESH_REUSED,
+            ):
+                # The cookie's session is over: do not let the browser present it again.
+                return clear_refresh_cookie(request, error_response(http_error(exc)))
+            raise
+        # A token read from the cookie can only go back into it: the page cannot read it.
+        return self._tokens(request, pair, cookie=cookie or from_cookie)
+
+    async def _sign_out(self, request: Request, *, everywhere: bool) -> Response:
+        if "authorization" in request.headers or REFRESH_COOKIE not in request.cookies:
+            token = bearer_token(request)
+            if everywhere:
+                await self.service.sign_out_all(token)
+            else:
+                await self.service.sign_out(token)
+            response = Response(status_code=204)
+            if REFRESH_COOKIE in request.cookies:
+                clear_refresh_cookie(request, response)
+            return response
+        cookie_token = self._cookie_token(request)
+        try:
+            await self.service.sign_out_with_refresh(cookie_token, everywhere=everywhere)
+        except AuthFailure as exc:
+            if exc.code != AuthErrorCode.REFRESH_INVALID:
+                raise  # unavailable: the session may still be on; keep the cookie to retry
+            return clear_refresh_cookie(request, error_response(http_error(exc)))
+        return clear_refresh_cookie(request, Response(status_code=204))
 
     async def signout(self, request: Request) -> Response:
-        await self.service.sign_out(bearer_token(request))
-        return Response(status_code=204)
+        return await self._sign_out(request, everywhere=False)
 
     async def signout_all(self, request: Request) -> Response:
-        await self.service.sign_out_all(bearer_token(request))
-        return Response(status_code=204)
+        return await self._sign_out(request, everywhere=True)
 
     async def jwks(self, request: Request) -> Response:
         keys = self.service.tokens.keyring.current.jwks()

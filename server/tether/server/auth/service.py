@@ -45,13 +45,17 @@ class TokenPair:
     access_token: str
     refresh_token: str
     expires_at: int
+    #: When the session ends unless refreshed (ms): the refresh cookie's lifetime.
+    session_deadline: int
 
-    def to_json(self, server_time: int) -> dict[str, object]:
+    def to_json(self, server_time: int, *, cookie: bool = False) -> dict[str, object]:
+        """The contract's token body; ``cookie``: the refresh token went into the refresh
+        cookie instead, and ``refreshToken`` is ``null`` (§5 rule 10)."""
         return {
             "userId": self.user_id,
             "sessionId": self.session_id,
             "accessToken": self.access_token,
-            "refreshToken": self.refresh_token,
+            "refreshToken": None if cookie else self.refresh_token,
             "expiresAt": self.expires_at,
             "serverTime": server_time,
         }
@@ -134,7 +138,12 @@ class AuthService:
             user_id=grant.user_id, session_id=grant.session_id, now=now, expires_at=expires
         )
         return TokenPair(
-            grant.user_id, grant.session_id, access, grant.refresh_token, expires * 1000
+            grant.user_id,
+            grant.session_id,
+            access,
+            grant.refresh_token,
+            expires * 1000,
+            grant.deadline_ms,
         )
 
     async def _limit(self, scope: str, rate_name: str) -> None:
@@ -246,3 +255,29 @@ class AuthService:
                 claims.user_id, SessionEndReason.SIGNED_OUT_EVERYWHERE
             )
         log.info("signed out everywhere user=%s sessions=%d", claims.user_id, count)
+
+    async def sign_out_with_refresh(self, refresh_token: object, *, everywhere: bool) -> None:
+        """Sign out with a refresh token instead of an access token (the refresh cookie).
+
+        One session: any token the session ever had ends it, as presenting an old one to
+        ``refresh`` would (rule 3). Every session of the user (``everywhere``): only the
+        session's current or previous token, since the request reaches past its own session.
+        Raises ``refresh_invalid`` when the token does not qualify or its session has ended.
+        """
+        invalid = AuthFailure(AuthErrorCode.REFRESH_INVALID, "the refresh token is not valid")
+        parsed = self.sessions.codec.parse(refresh_token)
+        if parsed is None:
+            raise invalid
+        async with redis_unavailable():
+            holder = await self.sessions.token_holder(parsed)
+            if holder is None or (everywhere and not holder.recent):
+                raise invalid
+            if everywhere:
+                count = await self.sessions.end_all(
+                    holder.user_id, SessionEndReason.SIGNED_OUT_EVERYWHERE
+                )
+                log.info("signed out everywhere user=%s sessions=%d", holder.user_id, count)
+                return
+            if not await self.sessions.end(parsed.session_id, SessionEndReason.SIGNED_OUT):
+                raise invalid  # ended meanwhile
+        log.info("signed out user=%s session=%s", holder.user_id, parsed.session_id)

@@ -47,11 +47,12 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from tether.protocol import HTTPCode, SessionEndReason
-from tether.server.auth.refresh_tokens import RefreshTokenCodec, hash_retry_key
+from tether.server.auth.refresh_tokens import RefreshToken, RefreshTokenCodec, hash_retry_key
 from tether.server.clock import Clock, system_clock, to_ms
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient, connect, load_script
@@ -93,6 +94,15 @@ class SessionGrant:
 class SessionInfo:
     user_id: str
     deadline_ms: int
+
+
+@dataclass(frozen=True)
+class TokenHolder:
+    """Whose token a refresh token is (:meth:`SessionStore.token_holder`)."""
+
+    user_id: str
+    #: The token is the session's current or previous one (not an older one: reuse).
+    recent: bool
 
 
 def new_session_id() -> str:
@@ -261,6 +271,21 @@ class SessionStore:
         if sids:
             await self.redis.srem(index, *sids)
         return len(ended)
+
+    async def token_holder(self, token: RefreshToken) -> TokenHolder | None:
+        """The user of ``token``'s session if that session is active now, else ``None``.
+
+        Reads only: a sign-out from the refresh cookie uses it to learn the user, without
+        rotating the token (the rotation rules are the refresh's alone)."""
+        now = to_ms(self.clock())
+        fields: list[Any] = await self.redis.hmget(
+            redis_keys.session(token.session_id),
+            ["state", "uid", "abs", "last", "inactive", "cur", "prev"],
+        )
+        state, uid, absolute, last, inactive, cur, prev = fields
+        if state != "active" or now >= min(int(absolute), int(last) + int(inactive)):
+            return None
+        return TokenHolder(str(uid), token.secret_hash in (cur, prev))
 
     async def lookup(self, session_id: str) -> SessionInfo | None:
         """The session if it is active now, else ``None``."""
