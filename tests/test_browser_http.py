@@ -1,5 +1,5 @@
 """The HTTP API as a browser meets it (protocol §5 rule 10): CORS, the refresh cookie with its
-CSRF and Origin checks.
+CSRF and Origin checks, and the files served to browsers (``/tether.js``, the demo page).
 
 Real server processes and a real Redis, driven with httpx. Cookies are read from the raw
 ``Set-Cookie`` headers and sent back by hand in a ``Cookie`` header, so every attribute the
@@ -514,3 +514,33 @@ async def test_a_refresh_with_neither_a_body_token_nor_a_cookie_is_refresh_inval
             assert no_set_cookie(resp)
         resp = await http.post("/auth/signout", headers={"Origin": LOCAL_PAGE, **CSRF})
         assert_error(resp, 401, "invalid_token")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+async def test_the_client_module_and_the_demo_page_are_served(server: ServerProcess) -> None:
+    async with client_for(server) as http:
+        resp = await http.get("/tether.js")
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/javascript")
+        assert "export class TetherClient" in resp.text
+        # Any page may import it (a module script is fetched in CORS mode).
+        assert resp.headers["access-control-allow-origin"] == "*"
+        etag = resp.headers["etag"]
+        again = await http.get("/tether.js", headers={"If-None-Match": etag})
+        assert again.status_code == 304 and again.content == b""
+
+        page = await http.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "/tether.js" in page.text
+
+
+async def test_a_user_application_gets_the_client_but_not_the_demo_page(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(app="tests.apps.reactive_app:app")
+    async with client_for(server) as http:
+        assert (await http.get("/tether.js")).status_code == 200
+        assert_error(await http.get("/"), 404, "not_found")

@@ -64,6 +64,9 @@ def test_the_wheel_carries_every_subsystem_its_scripts_and_the_type_marker(wheel
         "tether/server/redis/connection.py",
         "tether/client/connection.py",
         "tether/client/__main__.py",
+        # What `tether serve` gives browsers: the client module and the demo page.
+        "tether/server/static/tether.js",
+        "tether/server/static/index.html",
     ]:
         assert expected in names, expected
     # Every Python file of the source tree is in the wheel (a subpackage missing from
@@ -82,6 +85,9 @@ def test_the_public_api_imports_from_the_built_wheel(wheel: Path, tmp_path: Path
         "from tether import App, Context, FunctionError, TetherClient\n"
         "from tether.protocol import CloseCode\n"
         "import tether.server.app, tether.server.cli\n"
+        # The browser files load from the installed package (as `tether serve` reads them).
+        "from tether.server.browser import browser_routes\n"
+        "assert len(browser_routes(demo=True)) == 2\n"
         "print(tether.__file__)\n"
     )
     # The extracted wheel comes first on sys.path, ahead of the editable install's finder.

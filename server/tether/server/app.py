@@ -27,6 +27,7 @@ from tether.server.auth.service import AuthService
 from tether.server.auth.sessions import SessionStore
 from tether.server.auth.signing_keys import KeyRing
 from tether.server.auth.tokens import AccessTokens
+from tether.server.browser import browser_routes
 from tether.server.clock import Clock, system_clock
 from tether.server.cors import CORSMiddleware
 from tether.server.data.engine import QueryEngine
@@ -165,9 +166,9 @@ def create_app(
 ) -> TetherApp:
     """The Tether ASGI app for ``settings``; ``application`` is the user's function registry
     (``None``: the built-in demo)."""
-    if application is None:
-        from tether.server.demo import app as demo
+    from tether.server.demo import app as demo
 
+    if application is None:
         application = demo
     if not isinstance(application, App):
         raise TypeError(
@@ -224,6 +225,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *AuthRoutes(node.auth, settings.max_request_bytes, settings.allowed_origins).routes(),
+        *browser_routes(demo=application is demo),
         WebSocketRoute(SYNC_PATH, node.sync),  # reached only if TetherApp is bypassed
     ]
     app = Starlette(
