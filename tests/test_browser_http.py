@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from tether.server.origins import is_loopback_http, origin_allowed
 
 from tests.harness import ServerProcess
 from tests.test_auth_http import (
@@ -99,6 +100,35 @@ def server(server_factory: ServerFactory) -> ServerProcess:
 # ----------------------------------------------------------------------------- CORS
 
 
+def test_only_plain_http_loopback_origins_may_have_a_cookie_without_secure() -> None:
+    loopback = [
+        "http://localhost",
+        "http://localhost:5173",
+        "http://127.0.0.1:8000",
+        "http://[::1]:3000",
+    ]
+    for origin in loopback:
+        assert is_loopback_http(origin), origin
+    for origin in (
+        "https://localhost:5173",  # gets Secure: it can
+        "http://localhost.evil.example",
+        "http://127.0.0.1.evil.example:80",
+        "http://evil.example@localhost:80",
+        "http://localhost:port",
+        "http://10.0.0.1:8000",
+        "http://[::2]:80",
+        "null",
+        "",
+    ):
+        assert not is_loopback_http(origin), origin
+    # The default list: the port wildcard, and "self" from the Host header.
+    default = ("self", "http://localhost:*", "http://127.0.0.1:*")
+    assert origin_allowed("http://localhost:1", None, default)
+    assert origin_allowed("https://api.example", "api.example", default)
+    assert not origin_allowed("https://api.example", "other.example", default)
+    assert origin_allowed("https://anything.example", None, ("*",))
+
+
 PREFLIGHT = {
     "Access-Control-Request-Method": "POST",
     "Access-Control-Request-Headers": "content-type,tether-csrf",
@@ -136,6 +166,9 @@ async def test_a_preflight_from_an_allowed_origin_is_answered_and_others_get_no_
         assert "origin" in jwks.headers["vary"].lower()
         jwks = await http.get("/.well-known/jwks.json", headers={"Origin": EVIL_PAGE})
         assert jwks.status_code == 200 and cors_headers(jwks) == {}
+        # Paths outside the API take no part.
+        resp = await http.options("/healthz", headers={**PREFLIGHT, "Origin": LOCAL_PAGE})
+        assert resp.status_code == 405 and cors_headers(resp) == {}
 
 
 async def test_answers_and_errors_carry_cors_headers_for_allowed_origins_only(
