@@ -124,8 +124,13 @@ def test_only_plain_http_loopback_origins_may_have_a_cookie_without_secure() -> 
     # The default list: the port wildcard, and "self" from the Host header.
     default = ("self", "http://localhost:*", "http://127.0.0.1:*")
     assert origin_allowed("http://localhost:1", None, default)
-    assert origin_allowed("https://api.example", "api.example", default)
+    assert origin_allowed("http://127.0.0.1:8000", "127.0.0.1:8000", ("self",))
+    assert origin_allowed("http://10.1.2.3:8000", "10.1.2.3:8000", ("self",))
+    assert origin_allowed("http://[::1]:8000", "[::1]:8000", ("self",))
     assert not origin_allowed("https://api.example", "other.example", default)
+    # A name in Host proves nothing (DNS rebinding): "self" by name is TETHER_PUBLIC_URL's.
+    assert not origin_allowed("https://api.example", "api.example", default)
+    assert not origin_allowed("http://evil.example:8000", "evil.example:8000", default)
     assert origin_allowed("https://anything.example", None, ("*",))
 
 

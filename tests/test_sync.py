@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -465,10 +466,16 @@ async def test_auth_version_must_grow(
 # ---------------------------------------------------------------------------------- upgrade
 
 
-async def _upgrade_status(ws_url: str, origin: str | None) -> int:
-    """101 when the upgrade is accepted (and ``connect`` works), else the HTTP status."""
+async def _upgrade_status(ws_url: str, origin: str | None, host: str | None = None) -> int:
+    """101 when the upgrade is accepted (and ``connect`` works), else the HTTP status. With
+    ``host``, the request names that ``Host`` (still sent to the server of ``ws_url``)."""
+    options: dict[str, Any] = {}
+    if host is not None:
+        target = urllib.parse.urlsplit(ws_url)
+        options = {"host": target.hostname, "port": target.port}
+        ws_url = target._replace(netloc=host).geturl()
     try:
-        client = await connect_sync(ws_url, origin=origin)
+        client = await connect_sync(ws_url, origin=origin, **options)
     except websockets.InvalidStatus as exc:
         return exc.response.status_code
     try:
@@ -489,6 +496,15 @@ async def test_origins_are_checked_at_the_upgrade(
     assert await _upgrade_status(default.ws_url, "http://localhost:3000") == 101
     assert await _upgrade_status(default.ws_url, f"http://127.0.0.1:{default.port}") == 101
     assert await _upgrade_status(default.ws_url, None) == 101
+
+    # DNS rebinding: a page on a name the attacker points at this server sends that name as
+    # both Host and Origin. "self" is the server's own origin only for an IP or loopback Host,
+    # or TETHER_PUBLIC_URL's origin.
+    rebound = f"evil.example:{default.port}"
+    assert await _upgrade_status(default.ws_url, f"http://{rebound}", host=rebound) == 403
+    named = server_factory(env={"TETHER_PUBLIC_URL": "https://app.example"})
+    assert await _upgrade_status(named.ws_url, "https://app.example", host="app.example") == 101
+    assert await _upgrade_status(named.ws_url, f"http://{rebound}", host=rebound) == 403
 
     assert await _upgrade_status(strict.ws_url, "https://app.example") == 101
     assert await _upgrade_status(strict.ws_url, "http://localhost:3000") == 403

@@ -224,7 +224,7 @@ def create_app(
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        *AuthRoutes(node.auth, settings.max_request_bytes, settings.allowed_origins).routes(),
+        *AuthRoutes(node.auth, settings.max_request_bytes, settings.origin_rules).routes(),
         *browser_routes(demo=application is demo),
         WebSocketRoute(SYNC_PATH, node.sync),  # reached only if TetherApp is bypassed
     ]
@@ -233,7 +233,7 @@ def create_app(
         lifespan=lifespan,
         # Inside Starlette's error middleware, outside its exception handlers: error answers
         # of the API carry CORS headers too, so a page can read their codes.
-        middleware=[Middleware(CORSMiddleware, allowed_origins=settings.allowed_origins)],
+        middleware=[Middleware(CORSMiddleware, allowed_origins=settings.origin_rules)],
         exception_handlers={
             HTTPError: on_http_error,
             AuthFailure: on_auth_failure,

@@ -9,6 +9,7 @@ no other.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 from urllib.parse import urlsplit
 
 #: Hosts whose ``http://`` origins may receive the refresh cookie without ``Secure`` (§5 rule 10).
@@ -17,13 +18,24 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # urlsplit drops 
 
 def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:
     """Is a browser ``Origin`` allowed? ``host`` is the request's ``Host`` header (for the
-    pattern ``self``); patterns may use ``*`` for a port (``http://localhost:*``)."""
+    pattern ``self``); patterns may use ``*`` for a port (``http://localhost:*``).
+
+    ``self`` is the origin the request was sent to, but only where the ``Host`` names a
+    loopback host or an IP address. A name in ``Host`` proves nothing: a page on
+    ``http://evil.example`` whose name the attacker re-points at this server (DNS rebinding)
+    sends ``Host: evil.example`` with ``Origin: http://evil.example``. A server known by a name
+    lists that name's origin (:func:`public_origin` of ``TETHER_PUBLIC_URL`` is added to
+    ``self`` by the settings)."""
     origin = origin.rstrip("/").lower()
     for pattern in allowed:
         if pattern == "*":
             return True
         if pattern == "self":
-            if host and origin in (f"http://{host}".lower(), f"https://{host}".lower()):
+            if (
+                host
+                and _not_rebindable(host)
+                and origin in (f"http://{host}".lower(), f"https://{host}".lower())
+            ):
                 return True
             continue
         if fnmatch.fnmatchcase(origin, pattern.lower()):
@@ -45,3 +57,28 @@ def is_loopback_http(origin: str) -> bool:
         and "@" not in parts.netloc
         and not parts.path.strip("/")
     )
+
+
+def _not_rebindable(host: str) -> bool:
+    """Is ``host`` (a ``Host`` header) a loopback name or an IP address, which no DNS answer
+    can give to another site?"""
+    try:
+        hostname = urlsplit(f"//{host}").hostname
+    except ValueError:
+        return False
+    if hostname is None:
+        return False
+    if hostname in LOOPBACK_HOSTS:
+        return True
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
+
+
+def public_origin(public_url: str) -> str:
+    """The origin (``scheme://host[:port]``, lower case) of a URL such as
+    ``TETHER_PUBLIC_URL``."""
+    parts = urlsplit(public_url.strip())
+    return f"{parts.scheme}://{parts.netloc}".lower()

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tether.server.origins import public_origin
+
 ENV_PREFIX = "TETHER_"
 
 
@@ -297,6 +299,14 @@ class Settings:
         for origin in self.allowed_origins:
             if origin not in ("*", "self") and "://" not in origin:
                 fail("allowed_origins", f"{origin!r} is not an origin like https://app.example")
+
+    @property
+    def origin_rules(self) -> tuple[str, ...]:
+        """``allowed_origins`` as every browser check applies it: ``self`` also stands for the
+        origin of ``public_url`` (see :func:`tether.server.origins.origin_allowed`)."""
+        if "self" in self.allowed_origins and self.public_url:
+            return (*self.allowed_origins, public_origin(self.public_url))
+        return self.allowed_origins
 
     @classmethod
     def documented(cls) -> list[tuple[str, str, str]]:

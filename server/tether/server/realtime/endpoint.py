@@ -664,7 +664,7 @@ class SyncEndpoint:
                 host = value.decode("latin-1")
         if origin is None:
             return True  # not a browser: nothing to check
-        return origin_allowed(origin, host, self.settings.allowed_origins)
+        return origin_allowed(origin, host, self.settings.origin_rules)
 
     async def drain(self, drain_timeout: float) -> int:
         """Close every socket with 1012 (reconnect at once, elsewhere) and wait up to
