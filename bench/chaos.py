@@ -403,7 +403,7 @@ class StandaloneRedis:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.node = EmbeddedRedis(data_dir, appendonly=True, extra_args=AOF_ALWAYS)
+        self.node = EmbeddedRedis(data_dir, appendonly=True, private=False, extra_args=AOF_ALWAYS)
         self.url = ""
 
     def start(self) -> str:
@@ -414,7 +414,9 @@ class StandaloneRedis:
         port = self.node.port
         self.node.kill()
         await asyncio.sleep(down)
-        self.node = EmbeddedRedis(self.data_dir, port=port, appendonly=True, extra_args=AOF_ALWAYS)
+        self.node = EmbeddedRedis(
+            self.data_dir, port=port, appendonly=True, private=False, extra_args=AOF_ALWAYS
+        )
         # In a worker thread: loading the AOF must not stall the proxy. The default executor's
         # threads live until the loop closes, after this run stopped Redis, so the
         # die-with-parent signal (sent when the forking *thread* exits) comes only with them.
@@ -451,6 +453,7 @@ class ClusterRedis:
             self.data_dir / str(port),
             port=port,
             appendonly=True,
+            private=False,
             extra_args=[
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(conf),

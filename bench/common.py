@@ -268,7 +268,7 @@ BENCH_ISSUER = "https://tether.bench"
 def redis_server(data_dir: Path) -> EmbeddedRedis:
     """A ``redis-server`` with its data in ``data_dir``, AOF on as in production: the product's
     own :class:`EmbeddedRedis` (``start()`` returns its URL, ``stop()`` ends it in order)."""
-    return EmbeddedRedis(data_dir, appendonly=True)
+    return EmbeddedRedis(data_dir, appendonly=True, private=False)
 
 
 class ServerStartError(RuntimeError):

@@ -136,7 +136,7 @@ class RedisProcess:
 
     def __init__(self, data_dir: Path | None = None, *, port: int | None = None) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp())
-        self._redis = EmbeddedRedis(self.data_dir, port=port, appendonly=True)
+        self._redis = EmbeddedRedis(self.data_dir, port=port, appendonly=True, private=False)
 
     @property
     def url(self) -> str:
@@ -179,7 +179,7 @@ class RedisProcess:
             self.kill()
         else:
             self.stop()
-        self._redis = EmbeddedRedis(self.data_dir, port=port, appendonly=True)
+        self._redis = EmbeddedRedis(self.data_dir, port=port, appendonly=True, private=False)
         return self.start(timeout)
 
     def client(self, *, decode_responses: bool = True) -> redis.asyncio.Redis:
@@ -330,6 +330,7 @@ class RedisClusterProcess:
                 self.data_dir / str(port),
                 port=port,
                 appendonly=True,
+                private=False,
                 extra_args=[
                     "--cluster-enabled", "yes",
                     "--cluster-config-file", str((self.data_dir / f"nodes-{port}.conf").resolve()),

@@ -214,12 +214,14 @@ def test_sessions_revoke_takes_ids_that_begin_with_a_dash(redis_url: str) -> Non
 def test_sessions_revoke_with_a_stale_url_file_exits_1(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    (data_dir / "redis.url").write_text(f"redis://127.0.0.1:{free_port()}/0\n")
+    password = "stale-password-0123456789abcdef"
+    (data_dir / "redis.url").write_text(f"redis://:{password}@127.0.0.1:{free_port()}/0\n")
     result = run_tether(
         "sessions", "revoke", "--user", "u1", env={"TETHER_DATA_DIR": str(data_dir)}
     )
     assert result.returncode == 1
-    assert result.stderr.startswith("tether: cannot reach Redis at redis://127.0.0.1:")
+    assert result.stderr.startswith("tether: cannot reach Redis at redis://:***@127.0.0.1:")
+    assert password not in result.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -243,6 +245,11 @@ def test_serve_with_embedded_redis_stops_it_on_signal(
         )  # fmt: skip
         assert revoke.returncode == 0, revoke.stderr
         assert revoke.stdout.strip() == "ended 0 session(s)"
+
+        # The log says where the embedded Redis is, never its password.
+        password = (server.data_dir / "redis.password").read_text().strip()
+        assert f"on unix socket {server.data_dir.resolve()}/redis.sock" in server.log_text()
+        assert password not in server.log_text()
 
         assert server.stop(sig) == 0, server.log_text()
         assert wait_pid_gone(redis_pids[0], timeout=1), "embedded redis-server left running"

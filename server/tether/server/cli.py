@@ -240,8 +240,12 @@ def _serve(args: argparse.Namespace) -> int:
                     url = embedded.start()
                 except RuntimeError as exc:
                     raise CommandError(f"embedded Redis: {exc}", EXIT_FAILURE) from exc
+                # Its address, not its URL: the URL holds the password.
                 logging.getLogger("tether").info(
-                    "embedded Redis at %s, data in %s", url, settings.data_dir
+                    "embedded Redis: %s on %s, data in %s",
+                    embedded.binary,
+                    embedded.address,
+                    settings.data_dir,
                 )
                 settings = dataclasses.replace(settings, redis_url=url)
             return _run_uvicorn(settings, create_app(settings, application))
@@ -370,12 +374,15 @@ def _sessions_revoke(args: argparse.Namespace) -> int:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     from tether.server.auth.sessions import revoke_from_cli
+    from tether.server.redis.connection import redact_url
 
     try:
         ended = asyncio.run(revoke_from_cli(redis_url, user_id=args.user, session_id=args.session))
     except (RedisConnectionError, OSError) as exc:
         # Typically a redis.url left behind by a server that was killed.
-        raise CommandError(f"cannot reach Redis at {redis_url}: {exc}", EXIT_FAILURE) from exc
+        raise CommandError(
+            f"cannot reach Redis at {redact_url(redis_url)}: {exc}", EXIT_FAILURE
+        ) from exc
     print(f"ended {ended} session(s)")
     return EXIT_OK
 
@@ -393,6 +400,11 @@ def admin_redis_url(settings: Settings) -> str:
         url = url_file.read_text(encoding="ascii").strip()
     except FileNotFoundError:
         url = ""
+    except PermissionError:
+        # Mode 0600: it holds the embedded Redis's password.
+        raise CommandError(
+            f"cannot read {url_file}: run this as the user that runs the server", EXIT_FAILURE
+        ) from None
     if not url:
         raise CommandError(
             f"no Redis to talk to: pass --redis-url or set {ENV_PREFIX}REDIS_URL, or run this "

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from importlib import resources
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterPipeline
@@ -37,6 +38,16 @@ CONNECT_TIMEOUT = 2.0
 #: Connections one client keeps to a standalone Redis, and commands (or pipelines) one Cluster
 #: client has in flight on one node; callers beyond it wait their turn, up to SOCKET_TIMEOUT.
 MAX_CONNECTIONS = 64
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: fit for a message or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def connect(url: str) -> RedisClient:
