@@ -160,6 +160,23 @@ def test_kill_then_start_again_keeps_acknowledged_writes(embedded: EmbeddedRedis
         client.close()
 
 
+def test_start_returns_once_the_data_is_loaded(embedded: EmbeddedRedis) -> None:
+    """Redis answers INFO while it loads its append-only file, and every data command with
+    -LOADING: start() must not return before it serves."""
+    embedded.start()
+    client = redis.Redis.from_url(embedded.url)
+    # Enough commands in the AOF that loading them takes a while on any machine.
+    client.eval("for i = 1, 300000 do redis.call('SET', 'k' .. i, i) end", 0)
+    client.close()
+    embedded.kill()
+    embedded.start()
+    client = redis.Redis.from_url(embedded.url, retry_on_error=[])
+    try:
+        assert client.get("k300000") == b"300000"  # no BusyLoadingError
+    finally:
+        client.close()
+
+
 def test_start_twice_is_refused(embedded: EmbeddedRedis) -> None:
     embedded.start()
     with pytest.raises(RuntimeError, match="already running"):

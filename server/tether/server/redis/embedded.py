@@ -743,9 +743,10 @@ def _server_pid(address: str | tuple[str, int], password: str | None) -> int | N
     loading its data.
 
     Asking for the pid, not just PING, tells our Redis apart from another one that took the port
-    we picked before our child could bind it.
+    we picked before our child could bind it. The PING after it tells a Redis that serves from
+    one still loading its append-only file: INFO is answered while loading, PING is not.
     """
-    request = b"INFO server\r\n"
+    request = b"INFO server\r\nPING\r\n"
     if password is not None:
         secret = password.encode("ascii")
         request = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret) + request
@@ -760,28 +761,19 @@ def _server_pid(address: str | tuple[str, int], password: str | None) -> int | N
                 raise
         else:
             sock = socket.create_connection(address, timeout=0.5)
-        with sock:
+        with sock, sock.makefile("rb") as replies:
             sock.sendall(request)
-            reply = b""
-            authenticated = password is None
-            while True:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    return None
-                reply += chunk
-                if not authenticated:
-                    if b"\r\n" not in reply:
-                        continue
-                    first, _, reply = reply.partition(b"\r\n")
-                    if first != b"+OK":
-                        return None  # another Redis, with another password or none
-                    authenticated = True
-                if reply.startswith(b"-") and b"\r\n" in reply:
-                    return None  # -LOADING: not ready yet
-                match = _PROCESS_ID.search(reply)
-                if match:
-                    return int(match.group(1))
-    except OSError:
+            if password is not None and replies.readline() != b"+OK\r\n":
+                return None  # another Redis, with another password or none
+            header = replies.readline()
+            if not header.startswith(b"$"):
+                return None  # an error (-NOAUTH: another Redis, which wants a password)
+            info = replies.read(int(header[1:]) + 2)
+            if replies.readline() != b"+PONG\r\n":
+                return None  # -LOADING: not ready yet
+            match = _PROCESS_ID.search(b"\r\n" + info)
+            return int(match.group(1)) if match else None
+    except (OSError, ValueError):
         return None
 
 
