@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -368,6 +370,56 @@ def test_an_open_data_dir_of_an_older_tether_is_made_private(
             client.close()
     finally:
         server.stop()
+
+
+@pytest.fixture
+def open_parent() -> Iterator[Path]:
+    """A directory every local user may enter (pytest's own temporary directories are 0700)."""
+    parent = Path(tempfile.mkdtemp(prefix="tether-open-"))
+    parent.chmod(0o755)
+    try:
+        yield parent
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_another_local_user_reaches_nothing(open_parent: Path) -> None:
+    """The reported attack, as user ``nobody``: read redis.url, the password or the AOF, or talk
+    to Redis. Every attempt must fail."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    redis_cli = shutil.which("redis-cli") or str(Path(find_redis_server()).with_name("redis-cli"))
+
+    def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    readable = open_parent / "readable"
+    readable.write_text("anyone\n")
+    readable.chmod(0o644)
+    assert as_nobody("cat", str(readable)).stdout == "anyone\n"  # the probe itself works
+
+    with EmbeddedRedis(open_parent / "data") as server:
+        client = redis.Redis.from_url(server.url)
+        client.set("k", "v")
+        client.close()
+        data_dir = server.data_dir
+        for name in ("redis.url", "redis.password", "redis.log"):
+            attempt = as_nobody("cat", str(data_dir / name))
+            assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, name
+        assert as_nobody("ls", str(data_dir)).returncode != 0
+        ping = as_nobody(redis_cli, "-s", str(server.socket_path), "ping")
+        assert "PONG" not in ping.stdout, ping
+        # And there is no TCP port to try.
+        assert server.socket_path is not None
 
 
 def test_a_password_file_that_is_a_link_is_refused(tmp_path: Path) -> None:
