@@ -355,7 +355,10 @@ def _make_redis_files_private(data_dir: Path) -> None:
                 continue
             private = 0o700 if stat.S_ISDIR(info.st_mode) else 0o600
             if stat.S_IMODE(info.st_mode) & 0o077:
-                os.chmod(each, stat.S_IMODE(info.st_mode) & 0o700 | private)
+                try:
+                    os.chmod(each, stat.S_IMODE(info.st_mode) & 0o700 | private)
+                except OSError as exc:  # a file system without modes: the directory must guard it
+                    log.warning("cannot make %s private: %s", each, exc)
 
 
 def _load_password(data_dir: Path) -> str:
