@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio
-from tether.server.redis.connection import MAX_CONNECTIONS, RedisClient, connect, without_turns
+from tether.server.redis.connection import (
+    MAX_CONNECTIONS,
+    RedisClient,
+    connect,
+    redact_url,
+    without_turns,
+)
 
 from tests.harness import RedisClusterProcess, RedisProcess
 
@@ -214,3 +220,16 @@ async def test_a_connection_closed_while_a_pipeline_is_sent_is_a_connection_erro
         assert await pipelined(client, "{closed}:k") == 2
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("rediss+cluster://app:s3cret@h:7000/0", "rediss+cluster://app:***@h:7000/0"),
+        ("unix://:s3cret@/var/lib/x/redis.sock?db=0", "unix://:***@/var/lib/x/redis.sock?db=0"),
+    ],
+)
+def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
