@@ -58,6 +58,13 @@ def test_bad_environment_value_exits_2_naming_the_variable() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_bad_redis_url_is_refused_without_showing_its_password() -> None:
+    result = run_tether("serve", env={"TETHER_REDIS_URL": "http://:s3cret-pw@10.0.0.1:6379/0"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("tether: TETHER_REDIS_URL: unsupported scheme 'http'")
+    assert "s3cret-pw" not in result.stderr + result.stdout
+
+
 def test_out_of_range_flag_exits_2_naming_the_setting() -> None:
     result = run_tether("serve", "--port", "70000")
     assert result.returncode == 2

@@ -295,7 +295,13 @@ class Settings:
         if self.redis_url is not None and not self.redis_url.startswith(
             ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
         ):
-            fail("redis_url", f"unsupported scheme in {self.redis_url!r}")
+            # Not the URL itself: it may carry a password.
+            scheme = self.redis_url.partition(":")[0]
+            fail(
+                "redis_url",
+                f"unsupported scheme {scheme!r} (use redis://, rediss://, unix://, "
+                "redis+cluster:// or rediss+cluster://)",
+            )
         for origin in self.allowed_origins:
             if origin not in ("*", "self") and "://" not in origin:
                 fail("allowed_origins", f"{origin!r} is not an origin like https://app.example")
