@@ -35,6 +35,7 @@ from tether.server.data.functions import App
 from tether.server.data.store import Store
 from tether.server.errors import HTTPError
 from tether.server.realtime.endpoint import SyncEndpoint
+from tether.server.realtime.live_sockets import LiveSockets
 from tether.server.realtime.session_hub import SessionHub
 from tether.server.redis.connection import RedisClient, connect
 from tether.server.settings import Settings
@@ -59,6 +60,7 @@ class Node:
     auth: AuthService
     passwords: Passwords
     hub: SessionHub
+    live: LiveSockets
     store: Store
     sync: SyncEndpoint
     clock: Clock
@@ -83,6 +85,7 @@ class Node:
         passwords = Passwords(settings)
         auth = AuthService(settings, redis, sessions, tokens, passwords, clock)
         hub = SessionHub(settings.redis_url, sessions)
+        live = LiveSockets(redis, hub, settings.live_sockets_interval)
         store = Store(
             redis,
             schema=application.schema,
@@ -95,7 +98,18 @@ class Node:
         engine = QueryEngine(application, store)
         sync = SyncEndpoint(settings, auth, hub, application, engine, clock)
         return cls(
-            settings, redis, keyring, tokens, sessions, auth, passwords, hub, store, sync, clock
+            settings,
+            redis,
+            keyring,
+            tokens,
+            sessions,
+            auth,
+            passwords,
+            hub,
+            live,
+            store,
+            sync,
+            clock,
         )
 
     async def ready(self) -> bool:
@@ -121,6 +135,7 @@ class Node:
     async def close(self) -> None:
         self.sync.close()
         await self.hub.close()
+        await self.live.close()
         self.passwords.close()
         await self.redis.aclose()
 
@@ -182,6 +197,7 @@ def create_app(
             asyncio.create_task(node.sweep_sessions_forever(), name="session-sweep"),
             asyncio.create_task(node.hub.run(), name="session-hub"),
             asyncio.create_task(node.sync.subscriptions.run(), name="subscriptions"),
+            asyncio.create_task(node.live.run(), name="live-sockets"),
         ]
         for task in tasks:
             task.add_done_callback(_report_crash)

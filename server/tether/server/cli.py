@@ -7,6 +7,8 @@ Subcommands::
     tether serve [MODULE[:ATTR]]    run the server (the built-in demo application without one)
     tether keys rotate              add a new signing key to the key file
     tether sessions revoke          end sessions of a user, or one session, on a running deployment
+    tether sessions list            a user's active sessions, with their live sockets per instance
+    tether users find EMAIL         a user's id, creation time and session count
 
 Exit codes: 0 success (including a shutdown asked for with SIGTERM or Ctrl-C), 1 a runtime
 failure, 2 a usage or configuration error (the message, on stderr, names the flag or variable).
@@ -21,15 +23,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from tether.server.compat.uvicorn import draining_server
 from tether.server.redis.embedded import URL_FILE_NAME, EmbeddedRedis
@@ -37,6 +42,7 @@ from tether.server.settings import ENV_PREFIX, Settings, SettingsError
 
 if TYPE_CHECKING:
     from tether.server.app import TetherApp
+    from tether.server.redis.connection import RedisClient
 
 PROG = "tether"
 
@@ -102,7 +108,9 @@ def main(argv: list[str] | None = None, *, more_commands: Sequence[AddCommands] 
 #: Options whose value is an id: ids made by ``secrets.token_urlsafe`` may begin with ``-``.
 _ID_OPTIONS = ("--user", "--session")
 #: What may follow them that is an option, not an id (a forgotten id stays a usage error).
-_REVOKE_OPTIONS = ("--user", "--session", "--redis-url", "--data-dir", "-h", "--help")
+_ADMIN_OPTIONS = (
+    "--user", "--session", "--email", "--json", "--redis-url", "--data-dir", "-h", "--help"
+)  # fmt: skip
 
 
 def _attach_ids(argv: list[str]) -> list[str]:
@@ -116,7 +124,7 @@ def _attach_ids(argv: list[str]) -> list[str]:
         if (
             arg in _ID_OPTIONS
             and value.startswith("-")
-            and value.partition("=")[0] not in _REVOKE_OPTIONS
+            and value.partition("=")[0] not in _ADMIN_OPTIONS
         ):
             out.append(f"{arg}={value}")
             i += 2
@@ -182,13 +190,38 @@ def _build_parser(more_commands: Sequence[AddCommands] = ()) -> argparse.Argumen
     )
     who = revoke.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", metavar="ID", help="end every session of this user")
+    who.add_argument("--email", metavar="EMAIL", help="end every session of this user")
     who.add_argument("--session", metavar="ID", help="end this session")
-    _add_redis_url(
-        revoke,
-        extra=" [TETHER_REDIS_URL, else the embedded Redis of a server running on DATA_DIR]",
-    )
-    _add_data_dir(revoke)
+    _add_admin_redis(revoke)
     revoke.set_defaults(run=_sessions_revoke)
+
+    listing = sessions_commands.add_parser(
+        "list",
+        help="a user's active sessions and their live sockets",
+        description="List a user's active sessions: id, creation, last refresh, when it "
+        "expires, and its live (authenticated) sockets summed over every instance. Instances "
+        "report their sockets within a second of a change; a stopped instance's count "
+        "disappears within 3 x TETHER_LIVE_SOCKETS_INTERVAL. Times are UTC.",
+    )
+    whose = listing.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--user", metavar="ID", help="the user's id")
+    whose.add_argument("--email", metavar="EMAIL", help="the user's e-mail address")
+    _add_json(listing)
+    _add_admin_redis(listing)
+    listing.set_defaults(run=_sessions_list)
+
+    users = commands.add_parser("users", help="look up users")
+    users_commands = users.add_subparsers(dest="users_command", required=True, metavar="COMMAND")
+    find = users_commands.add_parser(
+        "find",
+        help="a user by e-mail address",
+        description="Print the user's id, creation time (UTC), active sessions and live "
+        "sockets. Exits 1 when no user has the address.",
+    )
+    find.add_argument("email", metavar="EMAIL")
+    _add_json(find)
+    _add_admin_redis(find)
+    find.set_defaults(run=_users_find)
     for add_commands in more_commands:
         add_commands(commands)
     return parser
@@ -196,6 +229,20 @@ def _build_parser(more_commands: Sequence[AddCommands] = ()) -> argparse.Argumen
 
 def _add_redis_url(parser: argparse.ArgumentParser, extra: str = "") -> None:
     parser.add_argument("--redis-url", metavar="URL", help="redis://HOST:PORT/DB" + extra)
+
+
+def _add_admin_redis(parser: argparse.ArgumentParser) -> None:
+    _add_redis_url(
+        parser,
+        extra=" [TETHER_REDIS_URL, else the embedded Redis of a server running on DATA_DIR]",
+    )
+    _add_data_dir(parser)
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (times in ms since the epoch)"
+    )
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -370,21 +417,148 @@ def _keys_rotate(args: argparse.Namespace) -> int:
 
 
 def _sessions_revoke(args: argparse.Namespace) -> int:
-    redis_url = admin_redis_url(_load_settings(args, "redis_url", "data_dir"))
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
+    from tether.server import admin
     from tether.server.auth.sessions import revoke_from_cli
-    from tether.server.redis.connection import redact_url
 
-    try:
-        ended = asyncio.run(revoke_from_cli(redis_url, user_id=args.user, session_id=args.session))
-    except (RedisConnectionError, OSError) as exc:
-        # Typically a redis.url left behind by a server that was killed.
-        raise CommandError(
-            f"cannot reach Redis at {redact_url(redis_url)}: {exc}", EXIT_FAILURE
-        ) from exc
+    redis_url = _admin_redis_url(args)
+
+    async def revoke() -> int:
+        user_id = args.user
+        if args.email is not None:
+            user = await _admin_read(redis_url, lambda redis: admin.find_user(redis, args.email))
+            user_id = user.user_id
+        return await revoke_from_cli(redis_url, user_id=user_id, session_id=args.session)
+
+    ended = _admin_run(redis_url, revoke())
     print(f"ended {ended} session(s)")
     return EXIT_OK
+
+
+def _sessions_list(args: argparse.Namespace) -> int:
+    from tether.server import admin
+    from tether.server.clock import system_clock, to_ms
+
+    redis_url = _admin_redis_url(args)
+
+    async def work(redis: RedisClient) -> tuple[admin.UserRecord, list[admin.SessionRecord]]:
+        if args.email is not None:
+            user = await admin.find_user(redis, args.email)
+        else:
+            user = await admin.get_user(redis, args.user)
+        return user, await admin.list_sessions(redis, user.user_id, to_ms(system_clock()))
+
+    user, sessions = _admin_run(redis_url, _admin_read(redis_url, work))
+    if args.json:
+        print(json.dumps({"userId": user.user_id, "email": user.email, "sessions": [
+            {
+                "sessionId": s.session_id,
+                "created": s.created,
+                "lastRefresh": s.last_refresh,
+                "expires": s.expires,
+                "liveSockets": s.live_sockets,
+                "instances": s.instances,
+            }
+            for s in sessions
+        ]}, indent=2))  # fmt: skip
+        return EXIT_OK
+    print(f"user {user.user_id} ({user.email}): {len(sessions)} active session(s)")
+    if sessions:
+        _print_table(
+            ("SESSION", "CREATED", "LAST REFRESH", "EXPIRES", "LIVE SOCKETS"),
+            [
+                (
+                    s.session_id,
+                    _utc(s.created),
+                    _utc(s.last_refresh) if s.last_refresh is not None else "never",
+                    _utc(s.expires),
+                    str(s.live_sockets),
+                )
+                for s in sessions
+            ],
+        )
+    return EXIT_OK
+
+
+def _users_find(args: argparse.Namespace) -> int:
+    from tether.server import admin
+    from tether.server.clock import system_clock, to_ms
+
+    redis_url = _admin_redis_url(args)
+
+    async def work(redis: RedisClient) -> tuple[admin.UserRecord, list[admin.SessionRecord]]:
+        user = await admin.find_user(redis, args.email)
+        return user, await admin.list_sessions(redis, user.user_id, to_ms(system_clock()))
+
+    user, sessions = _admin_run(redis_url, _admin_read(redis_url, work))
+    sockets = sum(s.live_sockets for s in sessions)
+    if args.json:
+        print(json.dumps({
+            "userId": user.user_id,
+            "email": user.email,
+            "created": user.created,
+            "sessions": len(sessions),
+            "liveSockets": sockets,
+        }, indent=2))  # fmt: skip
+        return EXIT_OK
+    _print_table(
+        ("USER", "EMAIL", "CREATED", "SESSIONS", "LIVE SOCKETS"),
+        [(user.user_id, user.email, _utc(user.created), str(len(sessions)), str(sockets))],
+    )
+    return EXIT_OK
+
+
+def _admin_redis_url(args: argparse.Namespace) -> str:
+    return admin_redis_url(_load_settings(args, "redis_url", "data_dir"))
+
+
+T = TypeVar("T")
+
+
+async def _admin_read(redis_url: str, work: Callable[[RedisClient], Awaitable[T]]) -> T:
+    """``work(redis)`` on a connection of its own, closed afterwards."""
+    from tether.server.redis.connection import connect
+
+    redis = connect(redis_url)
+    try:
+        return await work(redis)
+    finally:
+        await redis.aclose()
+
+
+def _admin_run(redis_url: str, work: Coroutine[Any, Any, T]) -> T:
+    """Run an admin command's coroutine: no such user is exit 1, and so is an unreachable
+    Redis (typically a redis.url left behind by a server that was killed)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from tether.server.admin import AdminError
+
+    try:
+        return asyncio.run(work)
+    except AdminError as exc:
+        raise CommandError(str(exc), EXIT_FAILURE) from exc
+    except (RedisConnectionError, OSError) as exc:
+        where = _redact(redis_url)
+        raise CommandError(f"cannot reach Redis at {where}: {exc}", EXIT_FAILURE) from exc
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def admin_redis_url(settings: Settings) -> str:

@@ -196,6 +196,11 @@ class Settings:
     drain_timeout: float = _setting(
         10.0, _parse_float, "seconds a draining instance waits for sockets to close"
     )
+    live_sockets_interval: float = _setting(
+        10.0,
+        _parse_float,
+        "seconds between an instance's live-socket heartbeats; its report expires after 3",
+    )
     log_level: str = _setting("info", _parse_str, "debug, info, warning or error")
 
     # ------------------------------------------------------------------ derived values
@@ -273,7 +278,7 @@ class Settings:
         for name in ("refresh_reuse_window", "expiry_notice", "clock_leeway", "mutation_retries"):
             if getattr(self, name) < 0:
                 fail(name, f"must not be negative, got {getattr(self, name)}")
-        for name in ("session_sweep_interval", "drain_timeout"):
+        for name in ("session_sweep_interval", "drain_timeout", "live_sockets_interval"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
         if self.access_ttl > self.session_ttl:

@@ -117,6 +117,10 @@ class SessionHub:
         self._closed = False
         #: Set once the first subscribe succeeded and the re-check that follows it finished.
         self.ready = asyncio.Event()
+        #: Called with a session id whenever the number of connections bound to it may have
+        #: changed (bind, unbind, the session ended); must not block. The live-socket report
+        #: (:mod:`tether.server.realtime.live_sockets`) listens here.
+        self.on_change: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ registry
 
@@ -134,6 +138,8 @@ class SessionHub:
             entry.add(listener)
         elif entry != listener:
             self._listeners[session_id] = {entry, listener}
+        if self.on_change is not None:
+            self.on_change(session_id)
 
     def unbind(self, session_id: str, listener: SessionListener) -> None:
         """Stop telling ``listener`` about ``session_id``. Unknown pairs are ignored (the hub
@@ -149,6 +155,19 @@ class SessionHub:
                 del self._listeners[session_id]
         elif entry == listener:
             del self._listeners[session_id]
+        if self.on_change is not None:
+            self.on_change(session_id)
+
+    def count(self, session_id: str) -> int:
+        """How many connections are bound to ``session_id`` on this instance."""
+        entry = self._listeners.get(session_id)
+        if entry is None:
+            return 0
+        return len(entry) if isinstance(entry, set) else 1
+
+    def counts(self) -> dict[str, int]:
+        """Every bound session with its number of connections."""
+        return {sid: len(e) if isinstance(e, set) else 1 for sid, e in self._listeners.items()}
 
     def recently_ended(self, session_id: str) -> SessionEndReason | None:
         """Why ``session_id`` ended, if the hub learned so within the last ``recent_ttl`` seconds
@@ -323,6 +342,8 @@ class SessionHub:
         entry = self._listeners.pop(session_id, None)
         if entry is None:
             return
+        if self.on_change is not None:
+            self.on_change(session_id)
         listeners = entry if isinstance(entry, set) else (entry,)
         for listener in listeners:
             try:

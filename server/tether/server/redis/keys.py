@@ -13,6 +13,10 @@ key                                 type        holds
 ``tether:email:{EMAIL}``            string      the user id owning a normalised e-mail
 ``tether:session-deadlines``        zset        session id → deadline (ms), for the sweep
 ``tether:rl:{HASH}``                string      a rate-limit window counter
+``tether:instances``                zset        instance id → its live-socket report's
+                                                expiry (ms), for ``tether sessions list``
+``tether:live:{INSTANCE}``          hash        session id → the instance's live sockets
+                                                of that session (TTL: 3 heartbeats)
 channel ``tether:session-ended``    pub/sub     one JSON event per ended session
 ==================================  ==========  ============================================
 
@@ -84,6 +88,16 @@ def email(normalized: str) -> str:
 
 def rate_limit(scope: str) -> str:
     return f"{PREFIX}rl:{{{scope}}}"
+
+
+#: Every instance that reports its live sockets (:mod:`tether.server.realtime.live_sockets`).
+INSTANCES = PREFIX + "instances"
+
+
+def live_sockets(instance_id: str) -> str:
+    """One instance's live sockets per session: its own hash tag, so it is one key on one node
+    whatever the sessions' slots."""
+    return f"{PREFIX}live:{{{instance_id}}}"
 
 
 # ---------------------------------------------------------------------------------- data layer
