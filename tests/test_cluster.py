@@ -31,6 +31,7 @@ from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect as redis_connect
 from tether.server.settings import Settings
 
+from tests import test_admin as admin
 from tests.harness import FAST_ARGON2_ENV, RedisClusterProcess, ServerProcess
 from tests.sync_client import auth_post, signin, signup
 from tests.test_auth_http import (
@@ -413,3 +414,45 @@ async def test_hub_retries_quietly_while_no_node_answers_then_catches_up(
         await asyncio.wait_for(hub.close(), 5)
         await asyncio.wait_for(task, 1)
         await client.aclose()
+
+
+# ---------------------------------------------------------------------------------- admin
+
+
+async def test_sessions_list_and_revoke_by_email_on_a_cluster(
+    server_factory: Callable[..., ServerProcess],
+    cluster: RedisClusterProcess,
+    cluster_client: redis.asyncio.RedisCluster,
+) -> None:
+    """The live-socket reports (one hash per instance, each its own slot) and the sessions (one
+    slot each) are read across nodes by one ``tether sessions list``; ``revoke --email`` ends
+    every session of the user."""
+    env = {**CLUSTER_ENV, "TETHER_LIVE_SOCKETS_INTERVAL": admin.INTERVAL}
+    a, b = two_instances(server_factory, env)
+    first = await signup(a.base_url)
+    email = first["email"]
+    second = await signin(b.base_url, email)
+    s1, s2 = first["sessionId"], second["sessionId"]
+    sockets = [
+        await admin.authenticated(a, first),
+        await admin.authenticated(b, first),
+        await admin.authenticated(b, second),
+    ]
+    reports = [redis_keys.live_sockets(f"x-{n}") for n in range(2)]
+    assert cluster_client.keyslot(reports[0]) != cluster_client.keyslot(reports[1])
+
+    await admin.wait_for_live(
+        cluster.url,
+        email,
+        lambda got: (
+            admin.per_server(got.get(s1, {}), a, b) == [1, 1]
+            and admin.per_server(got.get(s2, {}), a, b) == [0, 1]
+        ),
+    )
+    revoke = await admin.tether("sessions", "revoke", "--email", email, "--redis-url", cluster.url)
+    assert revoke.returncode == 0, revoke.stderr
+    assert revoke.stdout.strip() == "ended 2 session(s)"
+    for client in sockets:
+        assert (await client.expect("session_revoked"))["reason"] == "revoked"
+        await client.close()
+    assert (await admin.sessions_json(cluster.url, email))["sessions"] == []
