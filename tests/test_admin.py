@@ -9,6 +9,7 @@ report expires 1.5 s after its last heartbeat (3 intervals, docs/redis.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -19,8 +20,15 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from tether.server.auth.refresh_tokens import RefreshTokenCodec
+from tether.server.auth.sessions import SessionStore
+from tether.server.realtime.live_sockets import LiveSockets, read_live_sockets
+from tether.server.realtime.session_hub import SessionHub
+from tether.server.redis import keys as redis_keys
+from tether.server.redis.connection import connect as redis_connect
+from tether.server.settings import Settings
 
-from tests.harness import REPO_ROOT, ServerProcess
+from tests.harness import REPO_ROOT, ServerProcess, free_port
 from tests.sync_client import SyncClient, connect_sync, signin, signup
 
 INTERVAL = "0.5"
@@ -218,3 +226,79 @@ async def test_users_find_and_sessions_list_name_an_unknown_user(redis_url: str)
     bad = await tether("users", "find", "not-an-address", "--redis-url", redis_url)
     assert bad.returncode == 1
     assert "not a valid e-mail address" in bad.stderr
+
+
+def test_an_unreachable_redis_is_named_without_its_password() -> None:
+    url = f"redis://admin:s3cret-pw@127.0.0.1:{free_port()}/0"
+    for args in (("users", "find", "a@example.com"), ("sessions", "revoke", "--user", "u1")):
+        result = run_tether(*args, "--redis-url", url)
+        assert result.returncode == 1, result.stdout
+        assert result.stderr.startswith(
+            "tether: cannot reach Redis at redis://admin:***@127.0.0.1:"
+        )
+        assert "s3cret-pw" not in result.stderr + result.stdout
+
+
+async def test_a_burst_of_binds_is_one_write_and_the_report_follows_the_hub(
+    redis_url: str, redis_client: redis.asyncio.Redis
+) -> None:
+    """The hot path (bind, unbind) writes nothing itself: the reporter writes the changed
+    sessions' counts in one batch. Here 1,000 binds over 100 sessions, made with no await in
+    between, become one HSET."""
+    command_client = redis_connect(redis_url)
+    sessions = SessionStore(command_client, RefreshTokenCodec(b"\0" * 32), Settings.load({}, {}))
+    hub = SessionHub(redis_url, sessions)
+    reporter = LiveSockets(command_client, hub, interval=60, instance_id="test-1-abc")
+    key = redis_keys.live_sockets("test-1-abc")
+    task = asyncio.create_task(reporter.run())
+    try:
+        deadline = time.monotonic() + WAIT
+        while await redis_client.zscore(redis_keys.INSTANCES, "test-1-abc") is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await redis_client.config_resetstat()
+
+        listeners = [Listener() for _ in range(1000)]
+        for i, listener in enumerate(listeners):
+            hub.bind(f"s{i % 100}", listener)
+
+        async def report() -> dict[str, str]:
+            fields: dict[str, str] = await redis_client.hgetall(key)
+            return fields
+
+        deadline = time.monotonic() + WAIT
+        while await report() != {f"s{n}": "10" for n in range(100)}:
+            assert time.monotonic() < deadline, await report()
+            await asyncio.sleep(0.05)
+        stats = await redis_client.info("commandstats")
+        assert stats["cmdstat_hset"]["calls"] == 1, stats["cmdstat_hset"]
+        assert 0 < await redis_client.pttl(key) <= 180_000
+
+        # Half the sockets of every session go; then every socket of the first 50 sessions.
+        for i, listener in enumerate(listeners[:500]):
+            hub.unbind(f"s{i % 100}", listener)
+        for i, listener in enumerate(listeners[500:]):
+            if i % 100 < 50:
+                hub.unbind(f"s{i % 100}", listener)
+        want = {f"s{n}": "5" for n in range(50, 100)}
+        deadline = time.monotonic() + WAIT
+        while await report() != want:
+            assert time.monotonic() < deadline, await report()
+            await asyncio.sleep(0.05)
+        found = await read_live_sockets(command_client, ["s0", "s99", "nobody"])
+        assert found == {"s0": {}, "s99": {"test-1-abc": 5}, "nobody": {}}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await reporter.close()
+        await hub.close()
+        await command_client.aclose()
+    # A clean stop withdraws the report.
+    assert not await redis_client.exists(key)
+    assert await redis_client.zscore(redis_keys.INSTANCES, "test-1-abc") is None
+
+
+class Listener:
+    def session_ended(self, session_id: str, reason: object) -> None:
+        pass
