@@ -1009,7 +1009,7 @@ HASH_TAGGED = re.compile(r"^tether:[a-z-]+:\{[^{}]+\}(:[a-z-]+)?$")
 FENCE = re.compile(r"^tether:\{tether-data\}:ended:[A-Za-z0-9_-]+$")
 #: Global indexes: one key each, touched by single-key commands only, never with another key
 #: in one script, so a hash tag would change nothing.
-UNTAGGED_GLOBALS = {redis_keys.SESSION_DEADLINES}
+UNTAGGED_GLOBALS = {redis_keys.SESSION_DEADLINES, redis_keys.INSTANCES}
 
 
 async def dump_everything(client: redis.asyncio.Redis) -> dict[bytes, list[bytes]]:
