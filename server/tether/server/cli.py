@@ -34,7 +34,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from tether.server.compat.uvicorn import draining_server
 from tether.server.redis.embedded import URL_FILE_NAME, EmbeddedRedis
@@ -537,18 +536,10 @@ def _admin_run(redis_url: str, work: Coroutine[Any, Any, T]) -> T:
     except AdminError as exc:
         raise CommandError(str(exc), EXIT_FAILURE) from exc
     except (RedisConnectionError, OSError) as exc:
-        where = _redact(redis_url)
+        from tether.server.redis.connection import redact_url
+
+        where = redact_url(redis_url)
         raise CommandError(f"cannot reach Redis at {where}: {exc}", EXIT_FAILURE) from exc
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
 def _utc(ms: int) -> str:
