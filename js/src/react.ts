@@ -12,7 +12,7 @@ import {
   useSyncExternalStore,
   type ReactNode,
 } from "react";
-import { TetherClient, TetherError, type AuthInfo } from "./index.js";
+import type { AuthInfo, TetherClient, TetherError } from "./index.js";
 
 const TetherContext = createContext<TetherClient | null>(null);
 
