@@ -77,6 +77,8 @@ export interface TetherClientOptions {
   pingIntervalMs?: number;
   /** A socket on which nothing arrived this long after a ping is taken for dead. */
   pongTimeoutMs?: number;
+  /** A socket not open this long after it was created is abandoned (and retried). */
+  openTimeoutMs?: number;
   /** Reconnect backoff (default 100 ms doubling to 16 s, full jitter). */
   backoff?: Backoff;
   /** Injected for non-browser hosts and tests. */
@@ -109,6 +111,7 @@ export class TetherClient {
   private readonly WebSocketImpl: typeof WebSocket;
   private readonly pingIntervalMs: number;
   private readonly pongTimeoutMs: number;
+  private readonly openTimeoutMs: number;
 
   private fetchToken: FetchToken | null = null;
   private ws: WebSocket | null = null;
@@ -144,18 +147,19 @@ export class TetherClient {
     this.WebSocketImpl = WS;
     this.pingIntervalMs = options.pingIntervalMs ?? 25_000;
     this.pongTimeoutMs = options.pongTimeoutMs ?? 10_000;
+    this.openTimeoutMs = options.openTimeoutMs ?? 10_000;
     this.core = new ClientCore(randomClientId());
     this.reconnector = new Reconnector(options.backoff ?? new Backoff());
     const base = options.authUrl ?? httpBaseUrl(this.url);
     const key = `tether:${base}`;
+    const given = options.sessionEnv ?? {};
     const env: SessionEnv = {
-      http: new FetchAuthHttp(base, this.refreshMode === "cookie", options.fetch),
-      store: new LocalStorageStore(`${key}:${this.refreshMode}`),
-      channel: new BroadcastTabChannel(`${key}:${this.refreshMode}`),
-      lock: webLockRunner(),
-      now: () => Date.now(),
-      newRetryKey: randomRetryKey,
-      ...options.sessionEnv,
+      http: given.http ?? new FetchAuthHttp(base, this.refreshMode === "cookie", options.fetch),
+      store: given.store ?? new LocalStorageStore(`${key}:${this.refreshMode}`),
+      channel: given.channel ?? new BroadcastTabChannel(`${key}:${this.refreshMode}`),
+      lock: given.lock ?? webLockRunner(),
+      now: given.now ?? (() => Date.now()),
+      newRetryKey: given.newRetryKey ?? randomRetryKey,
     };
     this.keeper = new SessionKeeper(this.refreshMode, env, key);
     this.keeper.onChange((session, reason) => this.onSessionChange(session, reason));
@@ -355,7 +359,8 @@ export class TetherClient {
     this.ws = ws;
     this.opening = false;
     ws.onopen = () => {
-      if (gen !== this.generation) return;
+      clearTimeout(openTimer);
+      if (gen !== this.generation || ended) return;
       this.core.connectionOpened();
       this.presented = null;
       // connect, authenticate, the subscriptions, back to back (§5 rule 1). The keeper's
@@ -370,14 +375,32 @@ export class TetherClient {
       this.alive();
       if (typeof event.data !== "string") return;
       for (const e of this.core.receive(event.data)) this.handle(e);
+      this.core.flush(); // what the frame made due (mutations after an auth_ok, a settled gap)
       this.pump();
     };
-    ws.onclose = (event: CloseEvent) => {
-      if (gen !== this.generation) return;
-      this.lost(event.code === 1005 || event.code === 1006 ? null : event.code);
+    // The socket ends once: by its close event, by an error (some implementations, Node's
+    // among them, fire no close event after a failed handshake), or by the open timeout.
+    let ended = false;
+    const end = (code: number | null): void => {
+      if (ended) return;
+      ended = true;
+      clearTimeout(openTimer);
+      if (gen !== this.generation || this.ws !== ws) return;
+      this.lost(code);
     };
+    const openTimer = setTimeout(() => {
+      if (ws.readyState !== 0) return;
+      end(null);
+      try {
+        ws.close();
+      } catch {
+        // never opened
+      }
+    }, this.openTimeoutMs);
+    ws.onclose = (event: CloseEvent) => end(event.code === 1005 || event.code === 1006 ? null : event.code);
     ws.onerror = () => {
-      // A close event follows; nothing to do here.
+      if (ws.readyState === 1) return; // an open socket's error is followed by its close
+      end(null);
     };
   }
 
