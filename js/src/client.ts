@@ -114,6 +114,8 @@ export class TetherClient {
   private readonly openTimeoutMs: number;
 
   private fetchToken: FetchToken | null = null;
+  /** The token `fetchToken` last returned (presented on each new connection). */
+  private externalToken: string | null = null;
   private ws: WebSocket | null = null;
   /** Increments with every connection attempt; callbacks of older ones are ignored. */
   private generation = 0;
@@ -214,6 +216,7 @@ export class TetherClient {
   ): Promise<AuthInfo> {
     this.checkOpen();
     this.fetchToken = null;
+    this.externalToken = null;
     await this.keeper.signIn(kind, email, password);
     this.wake(true);
     return this.authInfo;
@@ -239,6 +242,7 @@ export class TetherClient {
   setAuth(fetchToken: FetchToken): void {
     this.checkOpen();
     this.fetchToken = fetchToken;
+    this.externalToken = null;
     void this.presentExternal(false);
   }
 
@@ -365,7 +369,7 @@ export class TetherClient {
       this.presented = null;
       // connect, authenticate, the subscriptions, back to back (§5 rule 1). The keeper's
       // session may be newer than the token fetched (another tab renewed meanwhile).
-      this.present(this.fetchToken !== null ? token : (this.keeper.current?.accessToken ?? token));
+      this.present(this.fetchToken !== null ? this.externalToken : (this.keeper.current?.accessToken ?? token));
       this.core.pipeline();
       this.pump();
       this.startHeartbeat();
@@ -405,7 +409,12 @@ export class TetherClient {
   }
 
   private async tokenForConnect(): Promise<string | null> {
-    if (this.fetchToken !== null) return (await this.fetchToken({ forceRefreshToken: false })) ?? null;
+    const fetchToken = this.fetchToken;
+    if (fetchToken !== null) {
+      const token = (await fetchToken({ forceRefreshToken: false })) ?? null;
+      if (fetchToken === this.fetchToken) this.externalToken = token;
+      return token;
+    }
     return this.keeper.freshToken();
   }
 
@@ -646,6 +655,7 @@ export class TetherClient {
       return;
     }
     if (fetchToken !== this.fetchToken) return; // replaced meanwhile
+    this.externalToken = token;
     if (token === null) {
       this.setAuthInfo(SIGNED_OUT);
       for (const e of this.core.abandonUserMutations()) this.handle(e);

@@ -222,3 +222,41 @@ test(
     }
   },
 );
+
+test(
+  "setAuth: an identity from fetchToken stays signed in across token lifetimes",
+  { skip: !HAVE_SERVER && "no tether server", timeout: 90_000 },
+  async () => {
+    // An identity provider of the application's own: here the HTTP auth API, used directly.
+    const base = `http://127.0.0.1:${port}`;
+    const post = async (path: string, body: unknown) =>
+      (await (
+        await fetch(base + path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) })
+      ).json()) as { accessToken: string; refreshToken: string; userId: string };
+    let tokens = await post("/auth/signup", { email: email(), password: "password123" });
+    let forced = 0;
+    const client = new TetherClient({
+      url: `ws://127.0.0.1:${port}/sync`,
+      sessionEnv: { store: new SharedMemoryStore(), channel: new BroadcastTabChannel("test-origin-external") },
+    });
+    try {
+      client.setAuth(async ({ forceRefreshToken }) => {
+        if (forceRefreshToken) {
+          forced += 1;
+          tokens = await post("/auth/refresh", { refreshToken: tokens.refreshToken });
+        }
+        return tokens.accessToken;
+      });
+      const who: unknown[] = [];
+      client.subscribe("whoami", {}, (v) => who.push(v));
+      await waitFor("signed in", () => client.auth.state === "signedIn" && client.auth.userId === tokens.userId);
+      await new Promise((r) => setTimeout(r, 3 * ACCESS_TTL_S * 1000));
+      assert.ok(forced >= 2, `fetchToken forced ${forced} times`);
+      assert.equal(client.auth.state, "signedIn");
+      assert.ok(who.length > 0 && who.every((v) => v !== null), JSON.stringify(who));
+      assert.equal(await client.mutate("notes.add", { text: "from setAuth" }).then((id) => typeof id), "string");
+    } finally {
+      client.close();
+    }
+  },
+);
