@@ -124,6 +124,8 @@ export class TetherClient {
   private connState: ConnectionState = "connecting";
   /** The access token last presented on the current connection (`null`: none). */
   private presented: string | null = null;
+  /** authVersion → the token that request presented, until it is answered. */
+  private readonly authTokens = new Map<number, string | null>();
   private authInfo: AuthInfo = SIGNED_OUT;
   private readonly authListeners = new Set<(auth: AuthInfo) => void>();
   private readonly queries = new Map<number, QueryCallback>();
@@ -420,6 +422,7 @@ export class TetherClient {
 
   private lost(closeCode: number | null): void {
     this.ws = null;
+    this.authTokens.clear();
     this.stopHeartbeat();
     this.core.connectionLost();
     this.presented = null;
@@ -511,15 +514,28 @@ export class TetherClient {
         this.setConnState("connected");
         return;
       case "auth_ok":
+        this.authTokens.delete(e.authVersion);
         if (e.authVersion !== this.core.authVersion) return;
         if (e.identity !== null && e.expiresAt !== null) {
           this.setAuthInfo({ state: "signedIn", userId: e.identity.userId, expiresAt: e.expiresAt });
           this.scheduleRenewal(e.expiresAt, e.serverTime);
         }
         return;
-      case "auth_failed":
-        if (e.authVersion === this.core.authVersion) this.onAuthFailed(e.code);
+      case "auth_failed": {
+        const token = this.authTokens.get(e.authVersion);
+        this.authTokens.delete(e.authVersion);
+        if (e.authVersion !== this.core.authVersion) return; // a newer request is on its way
+        const current = this.fetchToken === null ? this.keeper.current : null;
+        if (current !== null && token !== undefined && token !== current.accessToken) {
+          // The refused token is not the session's current one (adopted meanwhile): present
+          // that instead of ending a session on the strength of an old token.
+          this.presented = null;
+          this.present(current.accessToken);
+          return;
+        }
+        this.onAuthFailed(e.code);
         return;
+      }
       case "auth_expiring":
         void this.renew();
         return;
@@ -531,10 +547,22 @@ export class TetherClient {
           this.core.authenticate(null); // end the lapsed state: run as anonymous
         }
         return;
-      case "session_revoked":
-        if (this.fetchToken !== null) void this.presentExternal(true);
-        else this.keeper.end(e.reason, true);
+      case "session_revoked": {
+        if (this.fetchToken !== null) {
+          void this.presentExternal(true);
+          return;
+        }
+        const current = this.keeper.current;
+        if (current !== null && current.sessionId !== e.sessionId) {
+          // About a session this tab already left (another tab signed in anew and this one
+          // adopted it while the push was on its way): present the current one again.
+          this.presented = null;
+          this.present(current.accessToken);
+          return;
+        }
+        this.keeper.end(e.reason, true);
         return;
+      }
       case "query_update": {
         const cb = this.queries.get(e.queryId);
         if (cb === undefined) return;
@@ -575,16 +603,12 @@ export class TetherClient {
       this.retryRenewalSoon();
       return;
     }
-    if (kind === "new_token") {
-      if (this.fetchToken !== null) void this.presentExternal(true);
-      else void this.renew();
-      return;
-    }
     if (this.fetchToken !== null) {
-      void this.presentExternal(true);
+      void this.presentExternal(true, true);
       return;
     }
-    this.keeper.end(code, true);
+    if (kind === "new_token") void this.renew();
+    else this.keeper.end(code, true);
   }
 
   // ---------------------------------------------------------------- auth
@@ -598,7 +622,7 @@ export class TetherClient {
     if (this.core.phase === "closed" || token === this.presented) return;
     this.presented = token;
     const user: User = token === null ? null : tokenSubject(token);
-    this.core.authenticate(token, user);
+    this.authTokens.set(this.core.authenticate(token, user), token);
     this.pump();
   }
 
@@ -644,9 +668,15 @@ export class TetherClient {
     }
   }
 
-  private async presentExternal(force: boolean): Promise<void> {
+  /**
+   * Ask `fetchToken` for a token and present it. `afterRefusal`: the server refused the token
+   * presented; if the provider answers with that same token again, the identity is given up
+   * (signed out) instead of presenting it in a loop.
+   */
+  private async presentExternal(force: boolean, afterRefusal = false): Promise<void> {
     const fetchToken = this.fetchToken;
     if (fetchToken === null) return;
+    const refused = afterRefusal ? this.presented : null;
     let token: string | null;
     try {
       token = (await fetchToken({ forceRefreshToken: force })) ?? null;
@@ -655,6 +685,7 @@ export class TetherClient {
       return;
     }
     if (fetchToken !== this.fetchToken) return; // replaced meanwhile
+    if (afterRefusal && token !== null && token === refused) token = null;
     this.externalToken = token;
     if (token === null) {
       this.setAuthInfo(SIGNED_OUT);

@@ -96,7 +96,8 @@ export type CoreEvent =
   | { type: "auth_failed"; authVersion: number; code: string; message: string }
   | { type: "auth_expiring"; expiresAt: number; serverTime: number }
   | { type: "auth_expired"; expiresAt: number; serverTime: number }
-  | { type: "session_revoked"; reason: string }
+  /** `sessionId`: the session the connection held when the push came (`null`: none). */
+  | { type: "session_revoked"; reason: string; sessionId: string | null }
   | { type: "query_update"; queryId: number; version: number; value?: unknown; error?: WireError }
   | { type: "query_rejected"; queryId: number; code: string; message: string }
   | { type: "mutation_done"; requestId: number; value?: unknown; version?: number; error?: WireError }
@@ -601,9 +602,11 @@ export class ClientCore {
       case ServerMessageType.AUTH_EXPIRED:
         this.identityEnded();
         return [{ type: "auth_expired", expiresAt: int(f["expiresAt"]) ?? 0, serverTime: int(f["serverTime"]) ?? 0 }];
-      case ServerMessageType.SESSION_REVOKED:
+      case ServerMessageType.SESSION_REVOKED: {
+        const sessionId = this.identity?.sessionId ?? null;
         this.identityEnded();
-        return [{ type: "session_revoked", reason: String(f["reason"] ?? "revoked") }];
+        return [{ type: "session_revoked", reason: String(f["reason"] ?? "revoked"), sessionId }];
+      }
       case ServerMessageType.TRANSITION:
         return this.onTransition(f);
       case ServerMessageType.MUTATION_RESULT:

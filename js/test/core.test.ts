@@ -248,6 +248,7 @@ test("auth_expired and session_revoked lapse the connection: no mutation goes ou
     h.sent();
     const events = h.recv(push);
     assert.equal(events[0]!.type, push.type === "auth_expired" ? "auth_expired" : "session_revoked");
+    if (events[0]!.type === "session_revoked") assert.equal(events[0]!.sessionId, "s-u1");
     assert.ok(h.core.lapsed);
     h.core.mutate("counter.increment", { name: "a" }, null);
     assert.deepEqual(h.sent(), []);

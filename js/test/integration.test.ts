@@ -260,3 +260,32 @@ test(
     }
   },
 );
+
+test(
+  "sign-out everywhere on one device signs out another device's client (session_revoked)",
+  { skip: !HAVE_SERVER && "no tether server", timeout: 90_000 },
+  async () => {
+    const laptop = origin("e1");
+    const phone = origin("e2"); // another browser: its own store, lock and channel
+    const a = laptop.tab();
+    const b = phone.tab();
+    try {
+      const address = email();
+      await a.signUp({ email: address, password: "password123" });
+      await b.signIn({ email: address, password: "password123" });
+      const who: unknown[] = [];
+      b.subscribe("whoami", {}, (v) => who.push(v));
+      await waitFor("the phone runs as the user", () => who.length > 0 && who.at(-1) !== null);
+      await a.signOutEverywhere();
+      await waitFor("the phone signed out", () => b.auth.state === "signedOut", 10_000);
+      await waitFor("the phone's whoami is anonymous", () => who.at(-1) === null, 10_000);
+      await assert.rejects(
+        b.mutate("notes.add", { text: "after sign-out" }),
+        (e: unknown) => e instanceof TetherError && e.code === "unauthenticated",
+      );
+    } finally {
+      laptop.closeAll();
+      phone.closeAll();
+    }
+  },
+);
