@@ -32,7 +32,7 @@ import {
 } from "./browser.js";
 import { TetherError } from "./errors.js";
 import { ClientErrorCode, classifyAuthCode } from "./protocol.js";
-import { Backoff, Reconnector, renewalDue } from "./reconnect.js";
+import { Backoff, Reconnector, localExpiry, renewalDue } from "./reconnect.js";
 import {
   SessionKeeper,
   type RefreshMode,
@@ -171,7 +171,7 @@ export class TetherClient {
     if (restored !== null) {
       const s = this.keeper.current;
       this.setAuthInfo({
-        state: s !== null && s.expiresAt > Date.now() ? "signedIn" : "refreshing",
+        state: s !== null && Date.now() < localExpiry(s.expiresAt, s.serverTime, s.receivedAt) ? "signedIn" : "refreshing",
         userId: restored.userId,
         expiresAt: s?.expiresAt ?? null,
       });
