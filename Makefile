@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 IMPORT_TREE := $(VENV)/import-tree
 
-.PHONY: run test lint typecheck check bench chaos install clean
+.PHONY: run test lint typecheck check bench chaos install clean js js-check
 
 $(STAMP): pyproject.toml
 	@if [ -d $(VENV) ]; then echo "installing tether into the existing $(VENV)…"; \
@@ -66,6 +66,20 @@ bench: $(STAMP)
 chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py --clients 20 --lifetimes 500
 	$(BIN)/python bench/chaos.py --redis cluster --clients 20 --lifetimes 150
+
+## The browser client (js/): build it, and the copy the server serves (server/tether/server/static).
+js/node_modules/.package-lock.json: js/package-lock.json
+	cd js && npm ci --no-audit --no-fund
+
+js: js/node_modules/.package-lock.json
+	cd js && npm run build
+
+## CI: the browser client's type check, unit and integration tests (a real `tether serve`), and
+## that the committed served copy is this build.
+js-check: $(STAMP) js/node_modules/.package-lock.json
+	cd js && npm run typecheck && npm test && npm run build
+	git diff --exit-code -- server/tether/server/static/tether.js || \
+		{ echo "server/tether/server/static/tether.js is not the build of js/: run make js and commit it"; exit 1; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,15 @@ const common = {
 };
 
 await build({ ...common, entryPoints: ["src/index.ts"], outfile: "dist/tether.js" });
+// The copy `tether serve` serves at /tether.js, shipped in the Python package (committed, so
+// `pip install` needs no Node; `.ci/run` checks it is this build). No source map: it would
+// name a file the server does not serve.
+await build({
+  ...common,
+  sourcemap: false,
+  entryPoints: ["src/index.ts"],
+  outfile: "../server/tether/server/static/tether.js",
+});
 
 // The React entry imports the client from "./index.js"; in dist that module is ./tether.js,
 // kept external so a page that loads both gets one copy of the client.
@@ -36,4 +45,4 @@ await build({
 });
 
 execFileSync("npx", ["tsc", "-p", "tsconfig.build.json"], { stdio: "inherit" });
-console.log("built dist/tether.js, dist/react.js and their types");
+console.log("built dist/tether.js, dist/react.js, their types, and server/tether/server/static/tether.js");
