@@ -1447,6 +1447,10 @@ def print_report(result: dict[str, Any]) -> None:
     )
     print(f"| longest subscription lag after the faults (s) | {details['max_subscription_lag_s']}"
           f" | <= {params['fresh_within']} |")  # fmt: skip
+    if details["ryw_examples"]:
+        print("\nread-your-writes violations (first; `at` in seconds from the start):")
+        for example in details["ryw_examples"]:
+            print(f"  {example}")
     if details["fault_errors"]:
         print("\nfaults that failed to inject or undo:")
         for line in details["fault_errors"]:
