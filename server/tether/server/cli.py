@@ -35,7 +35,10 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tether.server.compat.uvicorn import draining_server
+from tether.server.compat.uvicorn import draining_server, limited_protocols
+from tether.server.connection_limits import AddressCap, TrustedProxies
+from tether.server.log_repeats import RepeatFilter
+from tether.server.log_repeats import install as install_log_filter
 from tether.server.redis.embedded import URL_FILE_NAME, EmbeddedRedis
 from tether.server.settings import ENV_PREFIX, Settings, SettingsError
 
@@ -318,11 +321,19 @@ def _run_uvicorn(settings: Settings, app: TetherApp) -> int:
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD_YOUNG, 20, 10)
 
+    http_protocol, ws_protocol = limited_protocols(
+        AddressCap(settings.max_connections_per_address),
+        TrustedProxies(settings.trusted_proxies),
+        settings.request_timeout,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        # h11 and websockets-sansio, with Tether's request deadline and per-address cap.
+        http=http_protocol,
+        ws=ws_protocol,
+        timeout_keep_alive=settings.keep_alive_timeout,
         ws_per_message_deflate=False,
         # Frames over the limit are refused by the WebSocket layer with 1009 before they are
         # buffered whole; the endpoint checks again for servers run another way.
@@ -337,6 +348,9 @@ def _run_uvicorn(settings: Settings, app: TetherApp) -> int:
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=list(settings.trusted_proxies) or None,
     )
+    # uvicorn.Config has configured its loggers by now: the filter goes on their handlers and
+    # on the root's, so a flood of one warning or error is logged once per interval.
+    install_log_filter(RepeatFilter(settings.log_repeat_interval))
     server = draining_server(config, lambda: app.drain(settings.drain_timeout))
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown while serve() runs. Afterwards it
     # re-raises the signal it caught; our handler (see _shutdown_on_signals) then raises

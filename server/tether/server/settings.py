@@ -150,6 +150,19 @@ class Settings:
         _parse_proxies,
         "proxies (IPs or networks; * any) whose X-Forwarded-For/-Proto name the client",
     )
+    max_connections_per_address: int = _setting(
+        256,
+        _parse_int,
+        "open sockets per client IP address (behind TRUSTED_PROXIES: WebSockets); 0: no limit",
+    )
+    request_timeout: float = _setting(
+        20.0,
+        _parse_float,
+        "seconds an HTTP request (head and body, a WebSocket upgrade too) may take to arrive",
+    )
+    keep_alive_timeout: int = _setting(
+        5, _parse_int, "seconds an idle HTTP connection stays open after a response"
+    )
     refresh_limit_session: Rate = _setting(
         Rate(120, 60), _parse_rate, "refresh attempts per session"
     )
@@ -202,6 +215,11 @@ class Settings:
         "seconds between an instance's live-socket heartbeats; its report expires after 3",
     )
     log_level: str = _setting("info", _parse_str, "debug, info, warning or error")
+    log_repeat_interval: float = _setting(
+        10.0,
+        _parse_float,
+        "seconds during which repeats of a warning or error are counted, not logged; 0: log all",
+    )
 
     # ------------------------------------------------------------------ derived values
 
@@ -269,16 +287,29 @@ class Settings:
             "max_result_bytes",
             "heartbeat_timeout",
             "close_grace",
+            "keep_alive_timeout",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 fail(name, f"must be at least 1, got {getattr(self, name)}")
         if self.mutation_outcome_ttl < 600:
             fail("mutation_outcome_ttl", "must be at least 600 (outcomes are kept 10 minutes)")
-        for name in ("refresh_reuse_window", "expiry_notice", "clock_leeway", "mutation_retries"):
+        for name in (
+            "refresh_reuse_window",
+            "expiry_notice",
+            "clock_leeway",
+            "mutation_retries",
+            "max_connections_per_address",
+            "log_repeat_interval",
+        ):
             if getattr(self, name) < 0:
                 fail(name, f"must not be negative, got {getattr(self, name)}")
-        for name in ("session_sweep_interval", "drain_timeout", "live_sockets_interval"):
+        for name in (
+            "session_sweep_interval",
+            "drain_timeout",
+            "live_sockets_interval",
+            "request_timeout",
+        ):
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
         if self.access_ttl > self.session_ttl:

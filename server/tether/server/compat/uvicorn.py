@@ -1,24 +1,55 @@
-"""uvicorn: the socket transport behind the ASGI ``send`` it hands a WebSocket app, and a hook
-into its shutdown.
+"""uvicorn: the socket transport behind the ASGI ``send`` it hands a WebSocket app, hooks into
+its start-up and shutdown, and its HTTP and WebSocket protocols with Tether's connection limits.
 
 ASGI gives an app no handle on its connection's socket; uvicorn's ``send`` is a bound method
 of its protocol object, whose ``transport`` attribute is the socket's asyncio transport.
 
 ASGI's lifespan shutdown runs only after uvicorn has closed every WebSocket itself (1012, not
 waiting for the client), too late for an app to drain its own sockets: :func:`draining_server`
-runs the app's drain from ``uvicorn.Server.shutdown``, which uvicorn calls first.
+runs the app's drain from ``uvicorn.Server.shutdown``, which uvicorn calls first. Its start-up
+binds the sockets as uvicorn does but accepts through :class:`tether.server.listener.Listener`,
+which backs off when out of file descriptors (asyncio's accept loop does not, on 3.11).
+
+uvicorn has no deadline for a request that arrives slowly nor any per-address cap: its
+keep-alive timer runs only between requests. :func:`limited_protocols` subclasses its h11 and
+websockets-sansio protocols (``conn``, ``cycle``, ``client``, ``headers`` and
+``handle_websocket_upgrade`` are internals) to add both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import os
+import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import socket
+from tether.server.connection_limits import AddressCap, TrustedProxies
+from tether.server.listener import Listener
 
+if TYPE_CHECKING:
     import uvicorn
+
+logger = logging.getLogger("tether.server.connections")
+
+#: uvicorn's exit status when the server cannot start (``uvicorn.server.STARTUP_FAILURE``).
+STARTUP_FAILURE = 3
+
+
+def _raw_response(status: int, reason: str, code: str, message: str) -> bytes:
+    """A whole ``Connection: close`` response with Tether's JSON error body, for answers given
+    outside any request cycle (the request never arrived whole, or was not let in)."""
+    body = json.dumps({"error": code, "message": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
 
 def transport_of(send: Callable[..., Any]) -> asyncio.WriteTransport | None:
@@ -43,8 +74,53 @@ def draining_server(
     wait for connections.
     """
     import uvicorn  # imported here: ``tether --help`` must not pay for it
-
     class _DrainingServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            config = self.config
+            if sockets is not None or config.fd is not None or config.uds is not None:
+                await super().startup(sockets)  # not how ``tether serve`` runs
+                return
+            # uvicorn.Server.startup's host/port case, accepting through our Listener.
+            await self.lifespan.startup()
+            if self.lifespan.should_exit:
+                sys.exit(STARTUP_FAILURE)
+
+            def create_protocol() -> asyncio.Protocol:
+                protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                    config=config, server_state=self.server_state, app_state=self.lifespan.state
+                )
+                return protocol
+
+            loop = asyncio.get_running_loop()
+            try:
+                # Bound by asyncio (every address the host resolves to, SO_REUSEADDR, the
+                # same messages as uvicorn's on failure), never served by it.
+                bound = await loop.create_server(
+                    create_protocol,
+                    host=config.host,
+                    port=config.port,
+                    ssl=config.ssl,
+                    backlog=config.backlog,
+                    start_serving=False,
+                )
+            except OSError as exc:
+                logging.getLogger("uvicorn.error").error(exc)
+                await self.lifespan.shutdown()
+                sys.exit(STARTUP_FAILURE)
+            listening = [
+                socket.socket(s.family, s.type, s.proto, fileno=os.dup(s.fileno()))
+                for s in bound.sockets
+            ]
+            bound.close()  # its descriptors; ours stay bound
+            for sock in listening:
+                sock.listen(config.backlog)  # asyncio's start_serving would have
+            listener = Listener(listening, create_protocol)
+            listener.start()
+            # uvicorn's shutdown only calls close() and wait_closed() on these.
+            self.servers = [listener]  # type: ignore[list-item]
+            self._log_started_message(listening)
+            self.started = True
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             # Stop accepting first, as uvicorn's own shutdown does next: nothing new arrives
             # while the sockets drain. Closing a server twice is harmless.
@@ -58,3 +134,121 @@ def draining_server(
             await super().shutdown(sockets)
 
     return _DrainingServer(config)
+
+
+def limited_protocols(
+    cap: AddressCap, proxies: TrustedProxies, request_timeout: float
+) -> tuple[type[asyncio.Protocol], type[asyncio.Protocol]]:
+    """uvicorn's h11 HTTP protocol and websockets-sansio WebSocket protocol, with limits: pass
+    them as ``uvicorn.Config(http=..., ws=...)``.
+
+    - A socket whose peer already holds ``cap.limit`` sockets is answered 429 ``rate_limited``
+      and closed at once; behind a trusted proxy the client named by ``X-Forwarded-For`` is
+      counted when its WebSocket upgrade arrives (see :mod:`tether.server.connection_limits`).
+    - A request (head and body) must arrive within ``request_timeout`` seconds of its first
+      byte, the first request of a socket within ``request_timeout`` of the socket's opening;
+      otherwise the socket is closed, with 408 ``invalid_request`` when part of a request came.
+      The WebSocket upgrade is such a request; after it, ``TETHER_HEARTBEAT_TIMEOUT`` applies.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    refused = _raw_response(
+        429,
+        "Too Many Requests",
+        "rate_limited",
+        "too many open connections from this address (TETHER_MAX_CONNECTIONS_PER_ADDRESS)",
+    )
+    too_slow = _raw_response(
+        408,
+        "Request Timeout",
+        "invalid_request",
+        f"the request did not arrive within {request_timeout:g} s (TETHER_REQUEST_TIMEOUT)",
+    )
+    # States of the client's side in which its request has been received whole (or never will
+    # be): no deadline runs in them.
+    received = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.SWITCHED_PROTOCOL, h11.ERROR)
+
+    def refuse(transport: asyncio.Transport, address: str) -> None:
+        logger.warning(
+            "refused a connection from %s: it holds %d (TETHER_MAX_CONNECTIONS_PER_ADDRESS)",
+            address,
+            cap.count(address),
+        )
+        transport.write(refused)
+        transport.close()
+
+    class LimitedH11Protocol(H11Protocol):
+        _request_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            peer = self.client[0] if self.client else None
+            if peer is not None and peer not in proxies and not cap.admit(transport, peer):
+                refuse(transport, peer)
+                return
+            self._start_request_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_request_timer()
+            cap.release(self.transport)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            self._start_request_timer()
+            super().data_received(data)
+            self._stop_timer_if_received()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # A pipelined request whose head was buffered may now wait for its body: its clock
+            # runs from here. (A partial head waits under uvicorn's keep-alive timer.)
+            if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+                self._start_request_timer()
+
+        def handle_websocket_upgrade(self, event: h11.Request) -> None:
+            self._stop_request_timer()
+            peer = self.client[0] if self.client else None
+            if peer is not None and peer in proxies:
+                raw = next((v for k, v in self.headers if k == b"x-forwarded-for"), None)
+                forwarded = raw.decode("latin-1") if raw is not None else None
+                client = proxies.client_address(peer, forwarded)
+                if not cap.admit(self.transport, client):
+                    refuse(self.transport, client)
+                    return
+            super().handle_websocket_upgrade(event)
+
+        def _start_request_timer(self) -> None:
+            if self._request_timer is None and not self.transport.is_closing():
+                self._request_timer = self.loop.call_later(request_timeout, self._timed_out)
+
+        def _stop_request_timer(self) -> None:
+            if self._request_timer is not None:
+                self._request_timer.cancel()
+                self._request_timer = None
+
+        def _stop_timer_if_received(self) -> None:
+            if self.conn.their_state in received or self.transport.get_protocol() is not self:
+                self._stop_request_timer()
+
+        def _timed_out(self) -> None:
+            self._request_timer = None
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                return
+            began = self.conn.their_state is not h11.IDLE or bool(self.conn.trailing_data[0])
+            # A cycle whose response started and did not finish is this request's: its answer
+            # is under way and a 408 would corrupt it. (A finished one is the previous request's.)
+            cycle = self.cycle
+            answering = cycle is not None and cycle.response_started and not cycle.response_complete
+            if began and not answering:
+                self.transport.write(too_slow)
+            logger.debug("closed %s: no whole request within %g s", self.client, request_timeout)
+            self.transport.close()
+
+    class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            cap.release(self.transport)
+            super().connection_lost(exc)
+
+    return LimitedH11Protocol, LimitedWebSocketProtocol
