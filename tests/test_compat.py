@@ -215,3 +215,29 @@ async def test_start_eagerly_runs_inline_then_hands_a_waiting_coroutine_to_a_tas
     gate.set()
     await asyncio.wait_for(task, 1)
     assert steps == ["inline", "task"]
+
+
+def test_uvicorn_protocols_have_what_limited_protocols_extends() -> None:
+    # tether.server.compat.uvicorn.limited_protocols subclasses these and reads their state;
+    # draining_server's startup calls Server._log_started_message. The behaviour itself is
+    # tested against the real server in tests/test_http_limits.py.
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    needed = {
+        H11Protocol: (
+            "connection_made",
+            "connection_lost",
+            "data_received",
+            "on_response_complete",
+            "handle_websocket_upgrade",
+        ),
+        WebSocketsSansIOProtocol: ("connection_lost",),
+        uvicorn.Server: ("startup", "_log_started_message"),
+    }
+    for cls, names in needed.items():
+        missing = [name for name in names if not hasattr(cls, name)]
+        assert not missing, (
+            f"uvicorn {version('uvicorn')}: {cls.__qualname__} has no {missing}; adapt "
+            "tether.server.compat.uvicorn (limited_protocols, draining_server)"
+        )

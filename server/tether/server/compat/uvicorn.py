@@ -74,6 +74,7 @@ def draining_server(
     wait for connections.
     """
     import uvicorn  # imported here: ``tether --help`` must not pay for it
+
     class _DrainingServer(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             config = self.config
