@@ -263,6 +263,10 @@ FAST_ARGON2_ENV = {
     "TETHER_ARGON2_PARALLELISM": "1",
 }
 BENCH_ISSUER = "https://tether.bench"
+#: Every load generator connects from loopback addresses: thousands of sockets from one address,
+#: which the production default (256 per address) would refuse. Benchmarks measure the server,
+#: not that guard.
+UNCAPPED_ENV = {"TETHER_MAX_CONNECTIONS_PER_ADDRESS": "0"}
 
 
 def redis_server(data_dir: Path) -> EmbeddedRedis:
@@ -279,8 +283,9 @@ class TetherServer:
     """``python -m tether serve`` on a free port of 127.0.0.1, as a benchmark's child process.
 
     ``env`` is laid over a clean environment: the caller's ``TETHER_*`` variables are dropped,
-    then :data:`FAST_ARGON2_ENV`, a private data directory and key file in ``tmp_dir`` (default:
-    a new temporary directory, which also holds ``server.log``) apply, then ``env``.
+    then :data:`FAST_ARGON2_ENV` and :data:`UNCAPPED_ENV`, a private data directory and key file
+    in ``tmp_dir`` (default: a new temporary directory, which also holds ``server.log``) apply,
+    then ``env``.
     """
 
     def __init__(
@@ -293,6 +298,7 @@ class TetherServer:
         self.log_path = self.tmp_dir / "server.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
         self.env.update(FAST_ARGON2_ENV)
+        self.env.update(UNCAPPED_ENV)
         self.env["TETHER_DATA_DIR"] = str(self.tmp_dir / "data")
         self.env["TETHER_KEYS_FILE"] = str(self.tmp_dir / "keys.json")
         self.env["PYTHONUNBUFFERED"] = "1"

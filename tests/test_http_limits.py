@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import websockets.sync.client
-from tether.server.connection_limits import AddressCap, TrustedProxies
+from tether.server.connection_limits import AddressCap, TrustedProxies, address_key
 from tether.server.log_repeats import RepeatFilter
 from websockets.exceptions import InvalidStatus
 
@@ -56,6 +56,15 @@ def test_address_cap_moves_a_socket_to_the_client_its_proxy_names() -> None:
     assert cap.admit("s", "203.0.113.7")  # re-admitted under the client: the proxy is freed
     assert cap.count("proxy") == 0 and cap.count("203.0.113.7") == 1
     assert AddressCap(0).admit("x", "a") and AddressCap(0).admit("y", "a")  # 0: no limit
+
+
+def test_ipv6_clients_are_counted_per_64() -> None:
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::7")
+    assert address_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert address_key("192.0.2.1") == "192.0.2.1"
+    assert address_key("/tmp/tether.sock") == "/tmp/tether.sock"
 
 
 def test_trusted_proxies_name_the_nearest_untrusted_hop() -> None:

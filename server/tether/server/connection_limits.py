@@ -18,6 +18,24 @@ from collections.abc import Hashable, Iterable
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: IPv6 clients are counted per /64: one subscriber is routinely given a whole /64 and may
+#: change address within it at will, so counting single addresses would cap nothing.
+IPV6_PREFIX = 64
+
+
+def address_key(host: str) -> str:
+    """What the per-address cap counts ``host`` under: an IPv4 address itself (an IPv4-mapped
+    IPv6 one as IPv4), an IPv6 address's /64, anything else (a Unix socket's name) as given."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
+    return str(address)
+
 
 class AddressCap:
     """At most ``limit`` open sockets per client address (``limit`` 0: no limit).

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from tether.server.connection_limits import AddressCap, TrustedProxies
+from tether.server.connection_limits import AddressCap, TrustedProxies, address_key
 from tether.server.listener import Listener
 
 if TYPE_CHECKING:
@@ -186,9 +186,11 @@ def limited_protocols(
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             peer = self.client[0] if self.client else None
-            if peer is not None and peer not in proxies and not cap.admit(transport, peer):
-                refuse(transport, peer)
-                return
+            if peer is not None and peer not in proxies:
+                counted = address_key(peer)
+                if not cap.admit(transport, counted):
+                    refuse(transport, counted)
+                    return
             self._start_request_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -214,7 +216,7 @@ def limited_protocols(
             if peer is not None and peer in proxies:
                 raw = next((v for k, v in self.headers if k == b"x-forwarded-for"), None)
                 forwarded = raw.decode("latin-1") if raw is not None else None
-                client = proxies.client_address(peer, forwarded)
+                client = address_key(proxies.client_address(peer, forwarded))
                 if not cap.admit(self.transport, client):
                     refuse(self.transport, client)
                     return
