@@ -26,6 +26,10 @@ logger = logging.getLogger("tether.server.listener")
 #: one connection failed: retrying at once would fail again.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
+#: Errors of accept() that concern only the connection being accepted (reset before it was
+#: taken, refused by a firewall rule): the next accept() is tried at once.
+ONE_CONNECTION_FAILED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+
 #: First pause after an accept() failed for want of resources, seconds; doubled per failure.
 BACKOFF_MIN = 0.05
 #: Longest pause, seconds: how late accepting may resume once descriptors are free again.
@@ -77,17 +81,25 @@ class Listener:
             try:
                 conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
-                if exc.errno not in OUT_OF_RESOURCES:
-                    # ECONNABORTED and kin: that one connection is gone, the next may be fine.
-                    logger.debug("accept() failed: %s", exc)
-                    continue
-                logger.warning(
-                    "out of file descriptors or memory (%s): not accepting connections for "
-                    "%.2f s; raise the open-file limit (ulimit -n) or lower "
-                    "TETHER_MAX_CONNECTIONS_PER_ADDRESS",
-                    exc.strerror or exc,
-                    delay,
-                )
+                if exc.errno in ONE_CONNECTION_FAILED:
+                    continue  # that connection is gone; the next may be fine
+                if exc.errno in OUT_OF_RESOURCES:
+                    logger.warning(
+                        "out of file descriptors or memory (%s): not accepting connections for "
+                        "%.2f s; raise the open-file limit (ulimit -n) or lower "
+                        "TETHER_MAX_CONNECTIONS_PER_ADDRESS",
+                        exc.strerror or exc,
+                        delay,
+                    )
+                else:
+                    logger.error("accept() failed: %s; retrying in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            except Exception:
+                # Whatever it is, the loop must outlive it: a dead accept loop is a server that
+                # answers nothing while looking healthy from inside.
+                logger.exception("accept() failed; retrying in %.2f s", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue

@@ -68,7 +68,9 @@ def draining_server(
     config: uvicorn.Config, drain: Callable[[], Awaitable[object]]
 ) -> uvicorn.Server:
     """A ``uvicorn.Server`` whose shutdown stops accepting, awaits ``drain()``, then does what
-    uvicorn does (closing what is left, the lifespan's shutdown).
+    uvicorn does (closing what is left, the lifespan's shutdown), and which accepts through a
+    :class:`~tether.server.listener.Listener` (host and port without TLS, as ``tether serve``
+    runs; other set-ups keep uvicorn's accept loop).
 
     A second Ctrl-C (uvicorn's ``force_exit``) cuts the drain short, as it cuts uvicorn's own
     wait for connections.
@@ -78,7 +80,7 @@ def draining_server(
     class _DrainingServer(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             config = self.config
-            if sockets is not None or config.fd is not None or config.uds is not None:
+            if sockets or config.fd is not None or config.uds is not None or config.ssl:
                 await super().startup(sockets)  # not how ``tether serve`` runs
                 return
             # uvicorn.Server.startup's host/port case, accepting through our Listener.
