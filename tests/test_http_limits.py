@@ -125,6 +125,23 @@ def _read_until_closed(sock: socket.socket) -> bytes:
     return data
 
 
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole response to a request on a kept-alive connection (its body has a length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b"<closed>"
+        assert not data.endswith(b"<closed>"), data
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def _healthz(server: ServerProcess, source: str) -> int:
     transport = httpx.HTTPTransport(local_address=source)
     with httpx.Client(transport=transport, timeout=PATIENCE) as http:
@@ -154,14 +171,30 @@ def test_a_half_sent_request_is_answered_408_and_closed(server_factory: ServerFa
         b"Content-Length: 100\r\n\r\n{"
     )
     silent = _connect(server)
-    with head_only, body_short, silent:
-        for sock in (head_only, body_short):
+    second = _connect(server)  # a keep-alive connection: the deadline holds for each request
+    second.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _read_response(second).startswith(b"HTTP/1.1 200 ")
+    second.sendall(b"GET /healthz HTTP/1.1\r\n")
+    with head_only, body_short, silent, second:
+        for sock in (head_only, body_short, second):
             answer = _read_until_closed(sock)
             assert answer.startswith(b"HTTP/1.1 408 "), answer
             assert b'"error": "invalid_request"' in answer and b"TETHER_REQUEST_TIMEOUT" in answer
         assert _read_until_closed(silent) == b""  # sent nothing: closed without an answer
     # A request sent in time is served as before.
     assert _healthz(server, "127.0.0.1") == 200
+
+
+def test_keep_alive_connections_stay_open_as_long_as_the_setting_says(
+    server_factory: ServerFactory,
+) -> None:
+    # uvicorn's own default is 5 s: a second request 7 s later shows the setting is applied.
+    server = server_factory(env={"TETHER_KEEP_ALIVE_TIMEOUT": "60"})
+    with _connect(server) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+            time.sleep(7)
 
 
 # ---------------------------------------------------------------------------------- per address
