@@ -396,3 +396,15 @@ def test_connection_limits_must_be_positive(name: str) -> None:
     for bad in ("0", "-5"):
         with pytest.raises(SettingsError, match=f"{name}: must be at least 1"):
             Settings.load(environ={name: bad})
+
+
+def test_the_connection_result_budget_defaults_to_and_never_exceeds_the_send_limit() -> None:
+    # Above the send limit, a transition carrying every result could exceed it (rule 9).
+    settings = Settings.load(environ={"TETHER_SEND_QUEUE_BYTES": "5000"})
+    assert settings.effective_max_connection_result_bytes == 5000
+    name = "TETHER_MAX_CONNECTION_RESULT_BYTES"
+    lower = Settings.load(environ={"TETHER_SEND_QUEUE_BYTES": "5000", name: "4000"})
+    assert lower.effective_max_connection_result_bytes == 4000
+    for bad in ("5001", "0"):
+        with pytest.raises(SettingsError, match=f"{name}: must be 1 to TETHER_SEND_QUEUE_BYTES"):
+            Settings.load(environ={"TETHER_SEND_QUEUE_BYTES": "5000", name: bad})

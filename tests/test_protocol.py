@@ -1207,6 +1207,136 @@ def test_subscription_limit() -> None:
     subscribe(core, 3, now=3.0)
 
 
+# ---------------------------------------------------------------- the connection's result budget
+
+#: A budget of 1000 characters: two results of 400 fit (2 × (400 + 64) + 64 = 992), three not.
+BUDGET = Limits(heartbeat_timeout=1000.0, max_result_chars=1000)
+
+
+def _text(chars: int) -> str:
+    """JSON text of ``chars`` characters (a string value)."""
+    return json.dumps("x" * (chars - 2))
+
+
+def _frame_chars(actions: list[Any]) -> list[int]:
+    """The encoded length of every frame sent, as the shell would write it."""
+    return [len(encode_frame(a.frame)) for a in actions if isinstance(a, Send)]
+
+
+def test_a_subscribe_whose_first_result_does_not_fit_is_refused_and_holds_nothing() -> None:
+    core = connected(limits=BUDGET)
+    for query_id in (1, 2, 3):
+        subscribe(core, query_id, now=1.0)
+    results = [QueryResult(query_id, _text(400)) for query_id in (1, 2, 3)]
+    actions = core.queries_done(0, 5, results, 2.0)
+    refusal = error_frame(actions)
+    assert (refusal["code"], refusal["queryId"]) == ("limit_exceeded", 3)
+    assert DropQuery(3) in actions
+    # The refusal comes before the transition, which carries the two that fit.
+    kinds = [a.frame["type"] for a in actions if isinstance(a, Send)]
+    assert kinds == ["error", "transition"]
+    assert [u["queryId"] for u in only_frame(actions, "transition")["updates"]] == [1, 2]
+    assert max(_frame_chars(actions)) <= 1000
+    assert sorted(core.subscriptions) == [1, 2]
+    # A late result for the refused query is ignored.
+    assert core.queries_done(0, 6, [QueryResult(3, _text(10))], 2.5) == []
+    # An unsubscribe frees what its result took; the refused queryId is free again.
+    core.receive(msg("unsubscribe", queryId=1), 3.0)
+    subscribe(core, 3, now=3.0)
+    actions = core.queries_done(0, 7, [QueryResult(3, _text(400))], 3.0)
+    assert only_frame(actions, "transition")["updates"] == [
+        {"queryId": 3, "value": Raw(_text(400))}
+    ]
+    # Full again: even a small first result does not fit now.
+    subscribe(core, 4, now=4.0)
+    actions = core.queries_done(0, 8, [QueryResult(4, _text(10))], 4.0)
+    assert error_frame(actions)["queryId"] == 4
+
+
+def test_a_result_that_grows_past_the_budget_ends_its_subscription() -> None:
+    core = connected(limits=BUDGET)
+    subscribe(core, 1, now=1.0)
+    subscribe(core, 2, now=1.0)
+    core.queries_done(0, 5, [QueryResult(1, _text(400)), QueryResult(2, _text(400))], 2.0)
+    # 2 grows to 600: 464 + 664 + 64 > 1000. It ends; 1 is untouched and nothing else is sent.
+    actions = core.queries_done(0, 6, [QueryResult(2, _text(600))], 3.0)
+    refusal = error_frame(actions)
+    assert (refusal["code"], refusal["queryId"]) == ("limit_exceeded", 2)
+    assert "ended" in refusal["message"]
+    assert DropQuery(2) in actions and of_type(actions, "transition") == []
+    assert sorted(core.subscriptions) == [1]
+    # What shrinks in the same delivery makes room: 1 shrinks to 10, 3 grows to 780.
+    subscribe(core, 3, now=4.0)
+    core.queries_done(0, 7, [QueryResult(3, _text(10))], 4.0)
+    actions = core.queries_done(0, 8, [QueryResult(3, _text(780)), QueryResult(1, _text(10))], 5.0)
+    assert of_type(actions, "error") == []
+    updates = only_frame(actions, "transition")["updates"]
+    assert [u["queryId"] for u in updates] == [3, 1]  # in the order given
+    assert max(_frame_chars(actions)) <= 1000
+
+
+def test_a_refused_first_result_releases_the_mutation_result_it_held() -> None:
+    core = connected(limits=BUDGET)
+    subscribe(core, 1, now=1.0)
+    core.queries_done(0, 3, [QueryResult(1, _text(10))], 1.0)
+    subscribe(core, 2, now=1.5)
+    core.receive(msg("mutate", requestId=9, name="notes.add", args={}), 2.0)
+    # Read your writes: held while subscription 2 has had no result.
+    assert core.mutation_done(0, 9, 2.0, value_json='"n1"', version=4) == []
+    actions = core.queries_done(0, 4, [QueryResult(2, _text(2000))], 3.0)
+    assert error_frame(actions)["queryId"] == 2
+    assert only_frame(actions, "transition") == {"type": "transition", "version": 4, "updates": []}
+    assert only_frame(actions, "mutation_result")["requestId"] == 9
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.integers(1, 5),
+                st.one_of(st.integers(2, 900), st.just(-1)),  # -1: an error result
+            ),
+            max_size=5,
+            unique_by=lambda pair: pair[0],
+        ),
+        max_size=12,
+    )
+)
+def test_no_frame_is_over_the_budget_whatever_the_results(
+    deliveries: list[list[tuple[int, int]]],
+) -> None:
+    core = connected(limits=BUDGET)
+    for query_id in range(1, 6):
+        subscribe(core, query_id, now=1.0)
+    for version, delivery in enumerate(deliveries, start=2):
+        results = [
+            QueryResult(q, None, ("invalid", "m" * 40)) if size < 0 else QueryResult(q, _text(size))
+            for q, size in delivery
+        ]
+        actions = core.queries_done(0, version, results, 2.0)
+        event(f"refused: {bool(of_type(actions, 'error'))}")
+        assert all(chars <= 1000 for chars in _frame_chars(actions))
+        # The running total is what the current results take, and within the budget.
+        subs = core.subscriptions.values()
+        assert core.result_chars == sum(sub.size for sub in subs) <= 1000 - 64
+        for sub in subs:
+            assert sub.size == (0 if sub.last_value is None else len(sub.last_value) + 64)
+        # A transition carrying every current result would fit too.
+        every = [
+            {"queryId": q, "value": Raw(sub.last_value)}
+            for q, sub in core.subscriptions.items()
+            if sub.last_value is not None and not sub.last_value.startswith("\x00")
+        ]
+        errors = [
+            {"queryId": q, "error": {"code": "invalid", "message": "m" * 40}}
+            for q, sub in core.subscriptions.items()
+            if sub.last_value is not None and sub.last_value.startswith("\x00")
+        ]
+        whole = {"type": "transition", "version": 2**53 - 1, "updates": every + errors}
+        assert len(encode_frame(whole)) <= 1000
+
+
 @pytest.mark.parametrize("name", ["nope", "notes.add", "Echo"])
 def test_subscribe_unknown_function(name: str) -> None:
     core = connected()

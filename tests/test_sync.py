@@ -568,10 +568,6 @@ def _slow_socket(port: int, rcvbuf: int = SMALL_RCVBUF) -> socket.socket:
     return sock
 
 
-def _subscribe_big(query_id: int) -> dict[str, Any]:
-    return {"type": "subscribe", "queryId": query_id, "name": "big", "args": {"size": 60000}}
-
-
 class RawWebSocket:
     """A WebSocket client on a bare socket that reads nothing after the handshake unless told
     to: a client library reads (and answers a close frame) in the background, this does not."""
@@ -637,15 +633,26 @@ def _last_frame(stream: bytes) -> tuple[int, bytes]:
     return last
 
 
-async def _flood_big_subscriptions(
-    slow: SyncClient | RawWebSocket, watcher: SyncClient, count: int
+#: The flood below: three subscriptions of this size (together within a 256 KiB send limit,
+#: so within the connection's result budget), and this many commits, each changing all three.
+STAMPED_SIZE, FLOOD_COMMITS = 60_000, 60
+
+
+async def _flood_big_transitions(
+    slow: SyncClient | RawWebSocket, watcher: SyncClient, count: int = FLOOD_COMMITS
 ) -> float:
-    """Subscribe ``count`` times to ``big(60000)`` on ``slow`` (never reading), pinging on
-    ``watcher`` after each one; return the slowest pong round trip (seconds)."""
-    slowest = 0.0
-    for query_id in range(1, count + 1):
+    """Subscribe ``slow`` (which does not read) three times to ``stamped``; then ``count``
+    commits, each sending it a transition of three such results, made by ``watcher`` (a
+    ``stamp``, then a ``ping``); return the slowest pong round trip (seconds)."""
+    for query_id in (1, 2, 3):
+        frame = {"type": "subscribe", "queryId": query_id, "name": "stamped"}
         with contextlib.suppress(websockets.ConnectionClosed, ConnectionError):
-            await slow.send(_subscribe_big(query_id))
+            await slow.send({**frame, "args": {"size": STAMPED_SIZE}})
+    slowest = 0.0
+    for request_id in range(1, count + 1):
+        await watcher.send({"type": "mutate", "requestId": request_id, "name": "stamp"})
+        # Answered once every subscriber's transition is out of the pump (read your writes).
+        await watcher.expect("mutation_result", 10, allow={"transition"})
         started = time.monotonic()
         await watcher.ping(timeout=2)
         slowest = max(slowest, time.monotonic() - started)
@@ -681,19 +688,19 @@ async def test_slow_consumer_is_closed_with_4008_and_released_while_the_server_s
     server = server_factory(
         env={"TETHER_SEND_QUEUE_BYTES": "262144"}, app="tests.apps.bigresult:app"
     )
-    count = 100  # 6 MB of results: far past the queue plus every socket buffer on the way
+    count = FLOOD_COMMITS  # 10 MB of results: far past the queue and every socket buffer
 
     # A client that never reads cannot see a close frame. Two honest checks instead:
     # 1. A client that stops reading, then reads again: what the socket buffers held, then the
-    #    close frame with 4008 — and not all 100 results, which would mean an unbounded queue.
-    #    (max_queue=1: the client library stops reading the socket while one frame waits.)
-    #    The ping on a second client after each subscribe paces the flood, so the server's
+    #    close frame with 4008 — and not all the transitions, which would mean an unbounded
+    #    queue. (max_queue=1: the client library stops reading the socket while one frame
+    #    waits.) The commit and ping of a second client, one by one, pace the flood, so the server's
     #    writes really back up on the full socket (the realistic slow consumer) before its
     #    queue overflows; those pongs also show the instance stays responsive.
     late_reader = await open_sync(server.ws_url, sock=_slow_socket(server.port), max_queue=1)
     watcher = await open_sync(server.ws_url)
     flood_started = time.monotonic()
-    slowest = await _flood_big_subscriptions(late_reader, watcher, count)
+    slowest = await _flood_big_transitions(late_reader, watcher, count)
     flood_seconds = time.monotonic() - flood_started
     assert slowest < 0.5, f"a pong took {slowest:.3f} s while the slow client backed up"
     code = await late_reader.wait_closed(15, allow={"transition"})
@@ -715,13 +722,14 @@ async def test_slow_consumer_is_closed_with_4008_and_released_while_the_server_s
         assert _server_holds_connection(server, silent.port)  # the probe sees it
         await silent.send({"type": "connect", "clientId": "silent", "protocol": 1})
         watcher = await open_sync(server.ws_url)  # a fresh message-rate window
-        slowest = await _flood_big_subscriptions(silent, watcher, count)
+        slowest = await _flood_big_transitions(silent, watcher, count)
         assert slowest < 0.5, f"a pong took {slowest:.3f} s while the slow client backed up"
         await watcher.ping(timeout=1)
         received = await silent.read_to_end(30)
         opcode, payload = _last_frame(received)
         assert (opcode, payload[:2]) == (0x8, (4008).to_bytes(2, "big")), payload
-        assert len(received) < count * 60_000, "everything was queued: the limit did not hold"
+        everything = count * 3 * STAMPED_SIZE
+        assert len(received) < everything, "everything was queued: the limit did not hold"
     finally:
         silent.close()
 
@@ -751,7 +759,7 @@ async def test_a_client_that_never_reads_loses_its_socket_after_the_close_grace(
     try:
         await silent.send({"type": "connect", "clientId": "silent", "protocol": 1})
         watcher = await open_sync(server.ws_url)
-        await _flood_big_subscriptions(silent, watcher, 100)
+        await _flood_big_transitions(silent, watcher)
         # Not dropped at once: the server waits CLOSE_TIMEOUT for the close frame to go out,
         # then the grace, before it aborts.
         assert _server_holds_connection(server, silent.port)
@@ -767,6 +775,105 @@ async def test_a_client_that_never_reads_loses_its_socket_after_the_close_grace(
         await fresh.ping()  # the instance is fine
     finally:
         silent.close()
+
+
+async def _post_messages(author: SyncClient, channel: str, count: int, first: int = 1) -> None:
+    """``count`` messages of 4000 characters to ``channel``, one after another."""
+    for request_id in range(first, first + count):
+        args = {"channel": channel, "body": "m" * 4000}
+        await author.send(
+            {"type": "mutate", "requestId": request_id, "name": "messages.send", "args": args}
+        )
+        result = await author.expect("mutation_result", 10, allow={"transition"})
+        assert "error" not in result, result
+
+
+async def test_many_subscriptions_to_a_large_result_are_refused_and_no_frame_exceeds_the_limit(
+    server_factory: Callable[..., ServerProcess], open_sync: Opener
+) -> None:
+    # Issue 13: an anonymous socket sent 190 `subscribe messages.list` (~20 KB) on a channel of
+    # 100 × 4 KB messages and received one 78 MB transition. Now the connection's results are
+    # held to TETHER_MAX_CONNECTION_RESULT_BYTES (default: the 1 MiB send limit): the
+    # subscriptions past it are refused with limit_exceeded, and no frame is over the limit.
+    # Measured on the wire (the largest frame), not as RSS: the same on every machine.
+    send_limit = 1_048_576
+    server = server_factory()
+    author = await authed(open_sync, server, await signup(server.base_url))
+    await _post_messages(author, "big", 100)
+    attacker = await open_sync(server.ws_url, max_size=None)  # takes a frame of any size
+    count = 190
+    for query_id in range(1, count + 1):
+        subscribe = {"type": "subscribe", "queryId": query_id, "name": "messages.list"}
+        await attacker.send({**subscribe, "args": {"channel": "big"}})
+    accepted: dict[int, int] = {}  # queryId -> characters of its result
+    refused: set[int] = set()
+    largest = 0
+    while len(accepted) + len(refused) < count:
+        text = await asyncio.wait_for(attacker.ws.recv(), 30)
+        assert isinstance(text, str)
+        largest = max(largest, len(text.encode()))
+        frame = attacker._received(text)
+        if frame["type"] == "error":
+            assert frame["code"] == "limit_exceeded", frame
+            assert "TETHER_MAX_CONNECTION_RESULT_BYTES" in frame["message"]
+            refused.add(frame["queryId"])
+        else:
+            assert frame["type"] == "transition", frame
+            for update in frame["updates"]:
+                assert len(update["value"]) == 100, update["queryId"]
+                accepted[update["queryId"]] = len(json.dumps(update["value"]))
+    assert largest <= send_limit, f"a frame of {largest} bytes"
+    assert not accepted.keys() & refused
+    assert 1 <= len(accepted) <= send_limit // min(accepted.values())
+    assert len(refused) == count - len(accepted)
+    # The connection stays open and usable; a refused queryId can be used again (and is
+    # refused again, the connection still being full).
+    await attacker.ping()
+    again = min(refused)
+    await attacker.send(
+        {"type": "subscribe", "queryId": again, "name": "messages.list", "args": {"channel": "big"}}
+    )
+    assert (await attacker.expect("error"))["queryId"] == again
+
+
+async def test_a_result_that_grows_past_the_connection_budget_ends_that_subscription_only(
+    server_factory: Callable[..., ServerProcess], open_sync: Opener
+) -> None:
+    budget = 32_768
+    server = server_factory(env={"TETHER_MAX_CONNECTION_RESULT_BYTES": str(budget)})
+    author = await authed(open_sync, server, await signup(server.base_url))
+    watcher = await open_sync(server.ws_url, max_size=None)
+    await watcher.send(
+        {"type": "subscribe", "queryId": 1, "name": "messages.list", "args": {"channel": "g"}}
+    )
+    await watcher.send(
+        {"type": "subscribe", "queryId": 2, "name": "counter.get", "args": {"name": "g"}}
+    )
+    seen: set[int] = set()
+    while seen != {1, 2}:
+        seen.update(u["queryId"] for u in (await watcher.expect("transition"))["updates"])
+    # 4 KB a message: the channel's list passes 32 KiB at the 8th.
+    await _post_messages(author, "g", 8)
+    values = 0
+    while True:
+        text = await asyncio.wait_for(watcher.ws.recv(), 10)
+        assert isinstance(text, str) and len(text.encode()) <= budget, len(text)
+        frame = watcher._received(text)
+        if frame["type"] == "error":
+            break
+        assert frame["type"] == "transition", frame
+        values += 1
+    assert (frame["code"], frame["queryId"]) == ("limit_exceeded", 1)
+    assert "ended" in frame["message"]
+    assert 1 <= values < 8
+    # The connection is not closed for it, and its other subscription goes on.
+    await author.send(
+        {"type": "mutate", "requestId": 100, "name": "counter.increment", "args": {"name": "g"}}
+    )
+    assert (await watcher.expect("transition"))["updates"] == [{"queryId": 2, "value": 1}]
+    # Nothing more comes for the ended subscription.
+    await _post_messages(author, "g", 1, first=101)
+    await watcher.assert_silent(0.5)
 
 
 async def test_heartbeat_timeout_closes_a_silent_client_with_4009(

@@ -34,6 +34,7 @@ from tether.server.data.engine import QueryEngine
 from tether.server.data.functions import App
 from tether.server.data.store import Store
 from tether.server.errors import HTTPError
+from tether.server.realtime.core import RESULT_ENVELOPE
 from tether.server.realtime.endpoint import SyncEndpoint
 from tether.server.realtime.live_sockets import LiveSockets
 from tether.server.realtime.session_hub import SessionHub
@@ -92,7 +93,11 @@ class Node:
             clock=clock,
             stream_maxlen=settings.commit_stream_maxlen,
             outcome_ttl=settings.mutation_outcome_ttl,
-            max_result_bytes=settings.max_result_bytes,
+            # No frame over the send limit (contract §5 rule 9): a mutation_result carries its
+            # value whole. A query result is held to less by the connection's result budget.
+            max_result_bytes=max(
+                1, min(settings.max_result_bytes, settings.send_queue_bytes - RESULT_ENVELOPE)
+            ),
             max_retries=settings.mutation_retries,
         )
         engine = QueryEngine(application, store)

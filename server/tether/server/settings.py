@@ -76,6 +76,10 @@ def _parse_proxies(raw: str) -> tuple[str, ...]:
     return proxies
 
 
+def _parse_optional_int(raw: str) -> int | None:
+    return _parse_int(raw) if raw.strip() else None
+
+
 def _parse_str(raw: str) -> str:
     return raw.strip()
 
@@ -171,6 +175,12 @@ class Settings:
         _parse_int,
         "JSON text (characters; bytes for ASCII) queued for one client before 4008",
     )
+    max_connection_result_bytes: int | None = _setting(
+        None,
+        _parse_optional_int,
+        "a connection's current query results together (JSON text, as one transition carrying"
+        " all of them) before a subscribe is refused with limit_exceeded [SEND_QUEUE_BYTES]",
+    )
     max_subscriptions: int = _setting(256, _parse_int, "subscriptions per connection")
     max_pending_mutations: int = _setting(64, _parse_int, "mutations in flight per connection")
     max_result_bytes: int = _setting(
@@ -222,6 +232,12 @@ class Settings:
     )
 
     # ------------------------------------------------------------------ derived values
+
+    @property
+    def effective_max_connection_result_bytes(self) -> int:
+        """``max_connection_result_bytes``, which defaults to ``send_queue_bytes``."""
+        limit = self.max_connection_result_bytes
+        return self.send_queue_bytes if limit is None else limit
 
     @property
     def effective_keys_file(self) -> Path:
@@ -312,6 +328,13 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
+        limit = self.max_connection_result_bytes
+        if limit is not None and not 1 <= limit <= self.send_queue_bytes:
+            # Above the send limit, one transition carrying every result could exceed it.
+            fail(
+                "max_connection_result_bytes",
+                f"must be 1 to TETHER_SEND_QUEUE_BYTES ({self.send_queue_bytes}), got {limit}",
+            )
         if self.access_ttl > self.session_ttl:
             fail("access_ttl", "must not exceed TETHER_SESSION_TTL")
         if self.clock_leeway >= self.access_ttl:

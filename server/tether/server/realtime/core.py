@@ -78,6 +78,16 @@ def _undecided_result(request_id: int) -> Send:
     )
 
 
+#: Upper bounds (characters) of what a ``transition`` adds around its results: the frame's own
+#: fields, and each update's ``queryId`` and key (a value's, or an error's ``code``/``message``
+#: keys, which its text in :attr:`_Subscription.last_value` leaves out). With them, the sum a
+#: connection's results are held to bounds every transition it can receive (contract §5 rule 9).
+TRANSITION_ENVELOPE = 64
+UPDATE_ENVELOPE = 64
+#: Upper bound (characters) of what a ``mutation_result`` adds around its value: a result is
+#: held to the send limit less this, so no ``mutation_result`` is over the send limit either.
+RESULT_ENVELOPE = 128
+
 #: ``connect`` must arrive within this many seconds of the upgrade (contract).
 CONNECT_TIMEOUT = 10.0
 MAX_CLIENT_ID_CHARS = 128
@@ -399,6 +409,11 @@ class Limits:
     max_rate_violations: int = 20  # rate-limited messages before closing with 4429
     max_bad_messages: int = 20  # malformed messages before closing with 4500
     heartbeat_timeout: float = 75.0  # no frame from the client for this long → 4009
+    #: The connection's current results together, as a transition carrying all of them would
+    #: encode them (characters of JSON text, the send queue's unit). At most the send limit: no
+    #: transition is then larger than it (contract §5 rule 9). A result that would take the
+    #: total past it is refused with ``limit_exceeded`` and its subscription ends.
+    max_result_chars: int = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +461,9 @@ class _Subscription:
     #: again when an identity change re-runs it.) A mutation's result waits for every
     #: subscription to be fresh (rule 5).
     fresh: bool = False
+    #: What ``last_value`` takes of the connection's result budget: its length plus
+    #: :data:`UPDATE_ENVELOPE` (0 before the first result).
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,6 +544,7 @@ class ConnectionCore:
         "opened_at",
         "phase",
         "rate_violations",
+        "result_chars",
         "serials",
         "subscriptions",
         "timing",
@@ -569,6 +588,9 @@ class ConnectionCore:
         # who they were meant to run as is undecided (see _release_held).
         self.held_undecided = False
         self.subscriptions: dict[int, _Subscription] = {}
+        #: The sum of the subscriptions' ``size``: what a transition carrying every current
+        #: result would take, less :data:`TRANSITION_ENVELOPE` (see ``Limits.max_result_chars``).
+        self.result_chars = 0
         self.serials = 0
         self.version = 0  # the highest version sent in a transition
         self.bad_messages = 0
@@ -745,6 +767,7 @@ class ConnectionCore:
         sub = self.subscriptions.pop(message.query_id, None)
         if sub is None:
             return []
+        self.result_chars -= sub.size
         actions: list[Action] = [DropQuery(message.query_id)]
         if not sub.fresh:
             actions.extend(self._release_results())  # it was what a result waited for
@@ -1010,7 +1033,7 @@ class ConnectionCore:
         actions = self._tick(now)
         if generation != self.generation or self.phase is not Phase.OPEN:
             return actions  # computed under an identity that has since ended or changed
-        changed: list[tuple[int, str, tuple[str, str] | None]] = []  # (queryId, text, error)
+        candidates: list[tuple[int, _Subscription, str, tuple[str, str] | None]] = []
         for result in results:
             sub = self.subscriptions.get(result.query_id)
             if sub is None or (result.serial is not None and result.serial != sub.serial):
@@ -1027,8 +1050,13 @@ class ConnectionCore:
                 text = result.value_json
             if text == sub.last_value:
                 continue
-            sub.last_value = text
-            changed.append((result.query_id, text, result.error))
+            candidates.append((result.query_id, sub, text, result.error))
+        changed, refused = self._fit(candidates)
+        for query_id, first in refused:
+            # Before the transition: the client ends the subscription before it applies a
+            # version at which the server no longer holds it.
+            actions.append(Send(_over_budget(query_id, first, self.limits.max_result_chars)))
+            actions.append(DropQuery(query_id))
         if not changed:
             if self.held_results and version > self.version and self._all_fresh():
                 # Nothing changed, but the last subscription a held result waited for is now
@@ -1059,6 +1087,57 @@ class ConnectionCore:
         if self.held_results:
             actions.extend(self._release_results())
         return actions
+
+    def _fit(
+        self, candidates: list[tuple[int, _Subscription, str, tuple[str, str] | None]]
+    ) -> tuple[list[tuple[int, str, tuple[str, str] | None]], list[tuple[int, bool]]]:
+        """Apply the new results that fit the connection's result budget; end the
+        subscriptions of those that do not (contract §5 rule 9).
+
+        Returns the changes to send (``(queryId, text, error)``, in the order given) and the
+        refused ``(queryId, first)`` (``first``: it had no result yet, so the ``subscribe``
+        itself is refused). Results that shrink are counted first, so what they free makes
+        room; then those that grow, in the order given, each while the total still fits. A
+        refused subscription is removed here; the caller tells the client and the shell.
+        """
+        budget = self.limits.max_result_chars - TRANSITION_ENVELOPE
+        if len(candidates) == 1:  # a fan-out's common case, on every connection: no lists
+            query_id, sub, text, error = candidates[0]
+            size = len(text) + UPDATE_ENVELOPE
+            if self.result_chars + size - sub.size <= budget:
+                self.result_chars += size - sub.size
+                sub.last_value, sub.size = text, size
+                return [(query_id, text, error)], []
+        sizes = [len(text) + UPDATE_ENVELOPE for _, _, text, _ in candidates]
+        olds = [sub.size for _, sub, _, _ in candidates]
+        total = self.result_chars + sum(sizes) - sum(olds)
+        accepted = [True] * len(candidates)
+        refused: list[tuple[int, bool]] = []
+        if total > budget:  # rare: every result fits in the common case
+            # Count what shrinks first, then let what grows in while it fits.
+            total = self.result_chars
+            for i, (size, old) in enumerate(zip(sizes, olds, strict=True)):
+                if size <= old:
+                    total += size - old
+                else:
+                    accepted[i] = False
+            for i, (query_id, sub, _, _) in enumerate(candidates):
+                if accepted[i]:
+                    continue
+                if total + sizes[i] - olds[i] <= budget:
+                    accepted[i] = True
+                    total += sizes[i] - olds[i]
+                else:
+                    total -= olds[i]  # it ends: what it held is freed
+                    del self.subscriptions[query_id]
+                    refused.append((query_id, sub.last_value is None))
+        self.result_chars = total
+        changed: list[tuple[int, str, tuple[str, str] | None]] = []
+        for (query_id, sub, text, error), size, ok in zip(candidates, sizes, accepted, strict=True):
+            if ok:
+                sub.last_value, sub.size = text, size
+                changed.append((query_id, text, error))
+        return changed, refused
 
     def _all_fresh(self) -> bool:
         return all(sub.fresh for sub in self.subscriptions.values())
@@ -1159,10 +1238,26 @@ class ConnectionCore:
             self.identity = None
         self.phase = Phase.CLOSED
         self.subscriptions.clear()
+        self.result_chars = 0
         self.held = None
         self.held_auths = self.held_bytes = 0
         self._drop_held_results()
         return actions
+
+
+def _over_budget(query_id: int, first: bool, limit: int) -> dict[str, Any]:
+    """The ``error`` ending a subscription whose result does not fit the connection's budget."""
+    if first:
+        message = (
+            f"the result would take this connection's results past {limit} characters"
+            " (TETHER_MAX_CONNECTION_RESULT_BYTES); nothing is held"
+        )
+    else:
+        message = (
+            f"the result grew past what this connection may hold ({limit} characters,"
+            " TETHER_MAX_CONNECTION_RESULT_BYTES); the subscription has ended"
+        )
+    return BadMessage(ErrorCode.LIMIT_EXCEEDED, message, query_id=query_id).to_frame()
 
 
 def _transition(

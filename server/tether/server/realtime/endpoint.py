@@ -601,6 +601,7 @@ class SyncEndpoint:
             message_rate=(settings.message_rate.count, float(settings.message_rate.seconds)),
             auth_rate=(settings.auth_rate.count, float(settings.auth_rate.seconds)),
             heartbeat_timeout=float(settings.heartbeat_timeout),
+            max_result_chars=settings.effective_max_connection_result_bytes,
         )
 
     # ------------------------------------------------------------------ functions
