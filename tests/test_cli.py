@@ -389,6 +389,8 @@ def test_serve_takes_the_app_of_a_module_named_without_attr(
         "TETHER_MAX_RESULT_BYTES",
         "TETHER_HEARTBEAT_TIMEOUT",
         "TETHER_CLOSE_GRACE",
+        "TETHER_SEND_TIMEOUT",
+        "TETHER_PING_INTERVAL",
     ],
 )
 def test_connection_limits_must_be_positive(name: str) -> None:

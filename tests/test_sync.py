@@ -777,6 +777,89 @@ async def test_a_client_that_never_reads_loses_its_socket_after_the_close_grace(
         silent.close()
 
 
+async def _gone_within(server: ServerProcess, raw: RawWebSocket, seconds: float) -> float:
+    """Ping on ``raw`` (which never reads) every 0.5 s until the server no longer holds its
+    socket; fail after ``seconds``. Returns how long it took."""
+    started = time.monotonic()
+    while _server_holds_connection(server, raw.port):
+        took = time.monotonic() - started
+        assert took < seconds, (
+            f"a client that never reads but pings still holds its socket after {took:.1f} s"
+        )
+        with contextlib.suppress(ConnectionError):
+            await raw.send({"type": "ping"})
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    "rcvbuf", [SMALL_RCVBUF, LARGE_RCVBUF], ids=["small-buffer", "large-buffer"]
+)
+async def test_a_client_that_never_reads_but_keeps_pinging_loses_its_socket(
+    server_factory: Callable[..., ServerProcess], rcvbuf: int
+) -> None:
+    # Its pings keep the heartbeat (75 s) from ever ending it, and each pong is tiny: the send
+    # queue's byte limit never trips, and when the kernels take what was sent (a 600 KB result
+    # fits in them, whatever the client's receive buffer) nothing waits in the server either.
+    # What ends it is the WebSocket ping it never answers (TETHER_PING_INTERVAL, and as long
+    # again for the answer); then the socket goes (contract §5 rule 9).
+    ping_interval, grace = 2, 2
+    server = server_factory(
+        env={
+            "TETHER_PING_INTERVAL": str(ping_interval),
+            "TETHER_SEND_TIMEOUT": "60",  # out of the test's reach: the next test's mechanism
+            "TETHER_CLOSE_GRACE": str(grace),
+        },
+        app="tests.apps.bigresult:app",
+    )
+    silent = await RawWebSocket.open(server.port, rcvbuf)
+    try:
+        await silent.send({"type": "connect", "clientId": "silent", "protocol": 1})
+        await silent.send(
+            {"type": "subscribe", "queryId": 1, "name": "big", "args": {"size": 600_000}}
+        )
+        await _gone_within(server, silent, 2 * ping_interval + CLOSE_TIMEOUT + grace + 5)
+    finally:
+        silent.close()
+
+
+async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_after_the_send_timeout(
+    server_factory: Callable[..., ServerProcess], open_sync: Opener
+) -> None:
+    # More than the kernels' buffers (~4 MB on loopback) was sent to a client that never reads,
+    # so frames wait in the server; but fewer bytes than the send queue's limit, and the
+    # client keeps pinging: neither 4008 for the queue's bytes nor the heartbeat applies, and
+    # the WebSocket ping (set far out here) would end it only with its own delay. A send that
+    # waits TETHER_SEND_TIMEOUT on a socket that takes nothing ends it: 4008, then the socket
+    # goes after the close grace.
+    send_timeout, grace = 2, 2
+    server = server_factory(
+        env={
+            "TETHER_SEND_QUEUE_BYTES": str(64 * 2**20),
+            "TETHER_MAX_CONNECTION_RESULT_BYTES": str(2**20),
+            "TETHER_SEND_TIMEOUT": str(send_timeout),
+            "TETHER_PING_INTERVAL": "60",
+            "TETHER_CLOSE_GRACE": str(grace),
+        },
+        app="tests.apps.bigresult:app",
+    )
+    silent = await RawWebSocket.open(server.port)
+    try:
+        await silent.send({"type": "connect", "clientId": "silent", "protocol": 1})
+        await silent.send(
+            {"type": "subscribe", "queryId": 1, "name": "stamped", "args": {"size": 900_000}}
+        )
+        watcher = await open_sync(server.ws_url)
+        for request_id in range(1, 11):  # 10 transitions of 900 KB: 9 MB
+            await watcher.send({"type": "mutate", "requestId": request_id, "name": "stamp"})
+            await watcher.expect("mutation_result", 10, allow={"transition"})
+        await _gone_within(server, silent, send_timeout + CLOSE_TIMEOUT + grace + 5)
+        log = server.log_text()
+        assert "closed a slow consumer" in log, log[-3000:]
+    finally:
+        silent.close()
+
+
 async def _post_messages(author: SyncClient, channel: str, count: int, first: int = 1) -> None:
     """``count`` messages of 4000 characters to ``channel``, one after another."""
     for request_id in range(first, first + count):

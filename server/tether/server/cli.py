@@ -338,6 +338,12 @@ def _run_uvicorn(settings: Settings, app: TetherApp) -> int:
         # Frames over the limit are refused by the WebSocket layer with 1009 before they are
         # buffered whole; the endpoint checks again for servers run another way.
         ws_max_size=settings.max_message_bytes,
+        # WebSocket pings, answered by the client's WebSocket layer while it reads: the only
+        # sign of a client that stopped reading when its kernel still takes what we send (large
+        # socket buffers) and it keeps sending `ping`s. No answer within an interval: the
+        # connection is dropped (contract §5 rule 9).
+        ws_ping_interval=float(settings.ping_interval),
+        ws_ping_timeout=float(settings.ping_interval),
         lifespan="on",
         log_level=settings.log_level.lower(),
         # Counted from the end of Tether's drain (compat.uvicorn.draining_server), which closed

@@ -181,6 +181,17 @@ class Settings:
         "a connection's current query results together (JSON text, as one transition carrying"
         " all of them) before a subscribe is refused with limit_exceeded [SEND_QUEUE_BYTES]",
     )
+    send_timeout: int = _setting(
+        30,
+        _parse_int,
+        "seconds frames may wait for a client that takes nothing before it is closed with 4008",
+    )
+    ping_interval: int = _setting(
+        20,
+        _parse_int,
+        "seconds between WebSocket pings; a client that has not answered one within as long"
+        " again is disconnected",
+    )
     max_subscriptions: int = _setting(256, _parse_int, "subscriptions per connection")
     max_pending_mutations: int = _setting(64, _parse_int, "mutations in flight per connection")
     max_result_bytes: int = _setting(
@@ -304,6 +315,8 @@ class Settings:
             "heartbeat_timeout",
             "close_grace",
             "keep_alive_timeout",
+            "send_timeout",
+            "ping_interval",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -141,6 +141,8 @@ class Connection:
         "regs",
         "scheduled_deadline",
         "send",
+        "sent",
+        "stall_check",
         "tasks",
         "writer",
     )
@@ -154,6 +156,9 @@ class Connection:
         self.out: deque[str | tuple[int, str]] | None = None
         self.out_bytes = 0
         self.writer: asyncio.Task[None] | None = None
+        # Frames the socket has taken (see _check_stalled), and the pending check.
+        self.sent = 0
+        self.stall_check: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] | None = None
         self.scheduled_deadline: float | None = None
         self.regs: dict[int, Registration] | None = None
@@ -198,6 +203,9 @@ class Connection:
                 task.cancel()
             if self.writer is not None:
                 self.writer.cancel()
+            if self.stall_check is not None:
+                self.stall_check.cancel()
+                self.stall_check = None
 
     def reschedule(self) -> None:
         self.endpoint.timers.schedule(self, self.core.next_deadline())
@@ -293,16 +301,44 @@ class Connection:
         if task is not None:
             self.writer = task
             task.add_done_callback(self._writer_done)
+            if self.stall_check is None:
+                self._watch_writer()
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         # Idle connections keep no finished task (or its frame) alive.
         if self.writer is task:
             self.writer = None
 
+    def _watch_writer(self) -> None:
+        self.stall_check = asyncio.get_running_loop().call_later(
+            self.endpoint.settings.send_timeout, self._check_stalled, self.sent
+        )
+
+    def _check_stalled(self, sent: int) -> None:
+        """A send had to wait ``TETHER_SEND_TIMEOUT`` ago, when the socket had taken ``sent``
+        frames: if it still waits and has taken none since, the client is a slow consumer.
+
+        The send queue's byte limit does not catch a client that stopped reading but keeps the
+        queue short (one that only sends pings: each pong waits behind what it did not
+        take), nor one whose next frame is simply large: this does, whatever the frames' size.
+        The 4008 close then arms the abort after the close grace (contract §5 rule 9).
+        """
+        self.stall_check = None
+        if self.closing or self.writer is None or self.writer.done():
+            return  # drained meanwhile (a later wait arms a new check), or closing already
+        if self.sent != sent:
+            self._watch_writer()  # it took something: measure the frame it waits on now
+            return
+        log.info(
+            "closed a slow consumer: it took nothing for %d s", self.endpoint.settings.send_timeout
+        )
+        self.close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
+
     async def _drain(self, first: str | None) -> None:
         try:
             if first is not None:
                 await self.send({"type": "websocket.send", "text": first})
+                self.sent += 1
             while self.out:
                 item = self.out.popleft()
                 if isinstance(item, tuple):
@@ -312,10 +348,15 @@ class Connection:
                     return
                 self.out_bytes -= len(item)
                 await self.send({"type": "websocket.send", "text": item})
+                self.sent += 1
             self.out = None
-        except Exception:  # the client went away; the receive loop sees the disconnect
+        except Exception:
+            # The client went away (the receive loop sees the disconnect), or the ASGI server
+            # closed the socket on its own (uvicorn's keepalive ping timed out) without telling
+            # the receive loop, which may then wait on a socket that never drains: arm the abort.
             self.out = None
-            self.closing = True
+            if not self.closing:
+                self._begin_closing()
 
     def close_soon(self, code: int, reason: str) -> None:
         """Close after the frames already queued (protocol errors, heartbeat)."""
