@@ -210,6 +210,16 @@ class Connection:
     def reschedule(self) -> None:
         self.endpoint.timers.schedule(self, self.core.next_deadline())
 
+    def transport_closing(self) -> bool:
+        """Is the ASGI server closing this socket (when it lets us see its transport)?"""
+        transport = transport_of(self.send)
+        return transport is not None and transport.is_closing()
+
+    def end_unseen(self) -> None:
+        """The ASGI server ended the socket without telling the receive loop: end the
+        connection here, and arm the abort of a socket that does not finish closing."""
+        self._begin_closing()
+
     def on_deadline(self, now: float) -> None:
         self.execute(self.core.on_timer(now))
 
@@ -629,6 +639,7 @@ class SyncEndpoint:
         )
         self.timers = DeadlineQueue(clock)
         self.connections: set[Connection] = set()
+        self._sweep: asyncio.TimerHandle | None = None  # see _sweep_sockets
         #: Set once :meth:`drain` has begun, and then once the last connection has ended.
         self.drained: asyncio.Event | None = None
         self.timing = Timing(float(settings.expiry_notice), float(settings.clock_leeway))
@@ -692,6 +703,8 @@ class SyncEndpoint:
                 limits=self.limits,
                 resolve=self.resolve,
             )
+            if self._sweep is None:
+                self._schedule_sweep()
             await Connection(self, send, core).run(receive)
         finally:
             release_socket_later(send, self.settings.close_grace)
@@ -731,3 +744,29 @@ class SyncEndpoint:
 
     def close(self) -> None:
         self.timers.close()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def _schedule_sweep(self) -> None:
+        self._sweep = asyncio.get_running_loop().call_later(
+            self.settings.ping_interval, self._sweep_sockets
+        )
+
+    def _sweep_sockets(self) -> None:
+        """Every ``TETHER_PING_INTERVAL`` while sockets are open: arm the abort of each whose
+        ASGI server is closing it on its own.
+
+        uvicorn drops a connection whose WebSocket ping went unanswered by closing its
+        transport, without telling the app; with bytes still buffered for a client that stopped
+        reading, that close never completes, and the app's receive waits on (the client's
+        frames are no longer read, so only the heartbeat would end it). Seen from here, the
+        connection has ended: its socket goes after the close grace (contract §5 rule 9).
+        """
+        self._sweep = None
+        for connection in list(self.connections):
+            if not connection.closing and connection.transport_closing():
+                log.info("the ASGI server is closing a socket on its own (unanswered ping)")
+                connection.end_unseen()
+        if self.connections:
+            self._schedule_sweep()
