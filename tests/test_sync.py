@@ -659,6 +659,20 @@ async def _flood_big_transitions(
     return slowest
 
 
+def _server_unsent_bytes(server: ServerProcess, client_port: int) -> int:
+    """Bytes the server's kernel holds for the client at ``client_port`` (``tx_queue`` in
+    ``/proc/net/tcp``: written by the server, not yet acknowledged by the client)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if (local_port, remote_port) == (server.port, client_port):
+                    return int(fields[4].split(":")[0], 16)
+    return 0
+
+
 def _server_holds_connection(server: ServerProcess, client_port: int) -> bool:
     """Does the server process still hold the TCP socket of the client at ``client_port``?
 
@@ -1086,6 +1100,12 @@ async def _stuck_client(server: ServerProcess, open_sync: Opener) -> RawWebSocke
         frame = {"type": "subscribe", "queryId": query_id, "name": "big"}
         await silent.send({**frame, "args": {"size": 3_000_000}})
     await watcher.ping(timeout=10)  # the instance has taken every subscribe by now
+    # ... but their results are evaluated, encoded and written later: until they are, a close
+    # (a drain's 1012) would go out at once, and the client would not be stuck at all.
+    deadline = time.monotonic() + 20
+    while _server_unsent_bytes(server, silent.port) < 1_000_000:
+        assert time.monotonic() < deadline, "the results never reached the stuck client's socket"
+        await asyncio.sleep(0.05)
     return silent
 
 
