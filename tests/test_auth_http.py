@@ -267,6 +267,75 @@ async def test_oversized_password_is_refused_without_hashing(
     assert max(refused) * 4 < min(normal), (refused, normal)
 
 
+#: Bodies that once reached the server's code as something other than a clean 400 (a 500 with a
+#: RecursionError or UnicodeEncodeError traceback, or an account for a NUL-bearing address).
+HOSTILE_BODIES: dict[str, bytes] = {
+    "nested arrays, unclosed": b"[" * 5000,
+    "nested arrays, closed": b"[" * 5000 + b"]" * 5000,
+    "nested under a field": b'{"email":' + b"[" * 3000 + b"]" * 3000 + b"}",
+    "nested just past the limit": b'{"email":' + b"[" * 64 + b"]" * 64 + b"}",
+    "a 5000-digit number": b'{"email": ' + b"9" * 5000 + b"}",
+    "NaN": b'{"email": NaN, "password": "12345678"}',
+    "lone surrogate in the e-mail": b'{"email": "\\ud800@example.com", "password": "12345678"}',
+    "lone surrogate in the password": b'{"email": "s@example.com", "password": "\\udfffxxxxxxxx"}',
+    "lone surrogate in the retry key": b'{"refreshToken": "rt1.a.b.c", "retryKey": "'
+    + b"\\udc00" * 16
+    + b'"}',
+    "UTF-16": '{"email": "u@example.com", "password": "12345678"}'.encode("utf-16"),
+    "a JSON number": b"12",
+}
+
+
+async def test_hostile_bodies_answer_400_invalid_request_and_log_no_traceback(
+    server: ServerProcess,
+) -> None:
+    async with client_for(server) as http:
+        for path in ("/auth/signup", "/auth/signin", "/auth/refresh"):
+            for name, content in HOSTILE_BODIES.items():
+                resp = await http.post(
+                    path, content=content, headers={"content-type": "application/json"}
+                )
+                assert resp.status_code == 400, (path, name, resp.text)
+                assert_error(resp, 400, "invalid_request")
+        # A NUL (or any control character) does not make an e-mail address.
+        for email in ("nul\x00@example.com", "esc\x1b@example.com", "del@exa\x7fmple.com"):
+            resp = await http.post("/auth/signup", json={"email": email, "password": PASSWORD})
+            assert_error(resp, 400, "invalid_request")
+        # Nesting up to the limit is accepted (and then judged on its fields).
+        at_limit = b'{"email":' + b"[" * 63 + b"]" * 63 + b"}"
+        resp = await http.post(
+            "/auth/signup", content=at_limit, headers={"content-type": "application/json"}
+        )
+        assert resp.json()["message"] == "email must be a string"
+    await server.astop()
+    log = server.log_text()
+    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+
+
+async def test_a_client_that_disconnects_mid_body_is_not_logged(server: ServerProcess) -> None:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    heads = [
+        b"Content-Length: 100\r\n\r\n" + b'{"email":',
+        b"Transfer-Encoding: chunked\r\n\r\n" + b'5\r\n{"ema\r\n',
+    ]
+    for head in heads:
+        for path in (b"/auth/signin", b"/auth/refresh"):
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"POST " + path + b" HTTP/1.1\r\nHost: t\r\n"
+                b"Content-Type: application/json\r\n" + head
+            )
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+    async with client_for(server) as http:  # the server is still well
+        assert (await http.get("/healthz")).status_code == 200
+    # Stopping waits for every request in flight: the aborted ones have been handled.
+    await server.astop()
+    log = server.log_text()
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log[-3000:]
+
+
 # ----------------------------------------------------------------------------- sign-in
 
 

@@ -410,3 +410,11 @@ def test_the_connection_result_budget_defaults_to_and_never_exceeds_the_send_lim
     for bad in ("5001", "0"):
         with pytest.raises(SettingsError, match=f"{name}: must be 1 to TETHER_SEND_QUEUE_BYTES"):
             Settings.load(environ={"TETHER_SEND_QUEUE_BYTES": "5000", name: bad})
+
+
+def test_max_json_depth_is_bounded_both_ways() -> None:
+    assert Settings.load(environ={}).max_json_depth == 64
+    assert Settings.load(environ={"TETHER_MAX_JSON_DEPTH": "500"}).max_json_depth == 500
+    for bad in ("0", "501"):
+        with pytest.raises(SettingsError, match="TETHER_MAX_JSON_DEPTH: must be 1-500"):
+            Settings.load(environ={"TETHER_MAX_JSON_DEPTH": bad})

@@ -182,6 +182,43 @@ def test_not_json_is_bad_message(text: str) -> None:
     assert info.value.code is ErrorCode.BAD_MESSAGE
 
 
+def nested(depth: int) -> str:
+    """A subscribe frame whose object is ``depth`` levels deep, counting the frame itself."""
+    arrays = depth - 2  # the frame and args are two levels
+    value = "[" * arrays + "]" * arrays
+    return f'{{"type": "subscribe", "queryId": 1, "name": "echo", "args": {{"v": {value}}}}}'
+
+
+def test_a_frame_nested_past_the_depth_limit_is_bad_message() -> None:
+    assert isinstance(parse_client_message(nested(64)), Subscribe)
+    assert isinstance(parse_client_message(nested(8), max_depth=8), Subscribe)
+    for frame, limit in ((nested(65), 64), (nested(9), 8), ("[" * 5000, 64)):
+        with pytest.raises(BadMessage) as info:
+            parse_client_message(frame, max_depth=limit)
+        assert info.value.code is ErrorCode.BAD_MESSAGE
+        assert info.value.message == f"the frame is nested deeper than {limit} levels"
+    # The limit reaches the core from Limits.
+    core = connected(limits=Limits(max_json_depth=8, heartbeat_timeout=1000.0))
+    assert error_frame(core.receive(nested(9), 1.0))["code"] == "bad_message"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type": "subscribe", "queryId": 1, "name": "echo", "args": {"v": "\\ud800"}}',
+        '{"type": "subscribe", "queryId": 1, "name": "\\udfff", "args": {}}',
+        '{"type": "mutate", "requestId": 1, "name": "echo", "args": {"\\udbff": 1}}',
+        '{"type": "ping", "x": 1' + "0" * 5000 + "}",
+    ],
+)
+def test_a_lone_surrogate_or_a_huge_number_is_bad_message(text: str) -> None:
+    with pytest.raises(BadMessage) as info:
+        parse_client_message(text)
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+    # A surrogate pair written as escapes is one character, and fine.
+    assert parse_client_message(msg("subscribe", queryId=1, name="echo", args={"v": "😀"}))
+
+
 @pytest.mark.parametrize("text", ["[]", '["ping"]', "1", '"ping"', "null", "true"])
 def test_not_an_object_is_bad_message(text: str) -> None:
     with pytest.raises(BadMessage) as info:

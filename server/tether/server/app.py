@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
@@ -233,6 +233,12 @@ def create_app(
         assert isinstance(exc, AuthFailure)
         return error_response(http_error(exc))
 
+    async def on_client_disconnect(request: Request, exc: Exception) -> Response:
+        # The client went away before its body was read: nobody to answer (uvicorn drops what
+        # is sent now), nothing wrong with the server. One debug line, not a traceback.
+        log.debug("%s %s: the client disconnected mid-request", request.method, request.url.path)
+        return Response(status_code=400)
+
     async def on_http_exception(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = HTTPCode.NOT_FOUND if exc.status_code == 404 else HTTPCode.INVALID_REQUEST
@@ -245,7 +251,9 @@ def create_app(
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        *AuthRoutes(node.auth, settings.max_request_bytes, settings.origin_rules).routes(),
+        *AuthRoutes(
+            node.auth, settings.max_request_bytes, settings.origin_rules, settings.max_json_depth
+        ).routes(),
         *browser_routes(demo=application is demo),
         WebSocketRoute(SYNC_PATH, node.sync),  # reached only if TetherApp is bypassed
     ]
@@ -259,6 +267,7 @@ def create_app(
             HTTPError: on_http_error,
             AuthFailure: on_auth_failure,
             HTTPException: on_http_exception,
+            ClientDisconnect: on_client_disconnect,
         },
     )
     app.state.node = node

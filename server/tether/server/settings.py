@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tether.server.json_input import DEPTH_CEILING as JSON_DEPTH_CEILING
 from tether.server.origins import public_origin
 
 ENV_PREFIX = "TETHER_"
@@ -140,6 +141,9 @@ class Settings:
     )
     max_message_bytes: int = _setting(65536, _parse_int, "largest accepted client frame")
     max_request_bytes: int = _setting(16384, _parse_int, "largest accepted HTTP auth body")
+    max_json_depth: int = _setting(
+        64, _parse_int, "deepest nesting of arrays and objects in a client frame or auth body"
+    )
     signin_limit_account: Rate = _setting(
         Rate(10, 300), _parse_rate, "sign-in attempts per e-mail address"
     )
@@ -321,6 +325,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 fail(name, f"must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.max_json_depth <= JSON_DEPTH_CEILING:
+            fail("max_json_depth", f"must be 1-{JSON_DEPTH_CEILING}, got {self.max_json_depth}")
         if self.mutation_outcome_ttl < 600:
             fail("mutation_outcome_ttl", "must be at least 600 (outcomes are kept 10 minutes)")
         for name in (

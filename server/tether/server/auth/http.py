@@ -18,7 +18,6 @@ request must carry ``Tether-CSRF: 1`` (a cross-site form cannot set a header) an
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -31,6 +30,7 @@ from tether.server.auth.errors import AuthFailure, FailureCode
 from tether.server.auth.service import AuthService, TokenPair
 from tether.server.clock import to_ms
 from tether.server.errors import HTTPError
+from tether.server.json_input import JSONInputError, parse_client_json
 from tether.server.origins import is_loopback_http, origin_allowed
 
 JWKS_PATH = "/.well-known/jwks.json"
@@ -74,10 +74,16 @@ def error_response(exc: HTTPError) -> JSONResponse:
 
 
 async def read_json_object(
-    request: Request, limit: int, *, empty_ok: bool = False
+    request: Request, limit: int, max_depth: int, *, empty_ok: bool = False
 ) -> dict[str, Any]:
     """The body as a JSON object, reading no more than ``limit`` bytes of it; with
-    ``empty_ok``, an empty body is ``{}`` (a cookie refresh has nothing to say)."""
+    ``empty_ok``, an empty body is ``{}`` (a cookie refresh has nothing to say).
+
+    Anything else is a 400 ``invalid_request`` saying what is wrong: a body over the limit, not
+    UTF-8, not strict JSON, nested deeper than ``max_depth``, or not an object (see
+    :func:`tether.server.json_input.parse_client_json`). A client that goes away mid-body raises
+    Starlette's ``ClientDisconnect`` (the app answers it with one debug line).
+    """
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise HTTPError(400, HTTPCode.INVALID_REQUEST, f"the body is over {limit} bytes")
@@ -89,9 +95,9 @@ async def read_json_object(
     if empty_ok and not body.strip():
         return {}
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, HTTPCode.INVALID_REQUEST, "the body is not JSON") from None
+        doc = parse_client_json(bytes(body), max_depth=max_depth)
+    except JSONInputError as exc:
+        raise HTTPError(400, HTTPCode.INVALID_REQUEST, f"the body {exc}") from None
     if not isinstance(doc, dict):
         raise HTTPError(400, HTTPCode.INVALID_REQUEST, "the body is not a JSON object")
     return doc
@@ -134,11 +140,16 @@ def clear_refresh_cookie(request: Request, response: Response) -> Response:
 
 class AuthRoutes:
     def __init__(
-        self, service: AuthService, max_request_bytes: int, allowed_origins: tuple[str, ...]
+        self,
+        service: AuthService,
+        max_request_bytes: int,
+        allowed_origins: tuple[str, ...],
+        max_json_depth: int,
     ) -> None:
         self.service = service
         self.limit = max_request_bytes
         self.allowed_origins = allowed_origins
+        self.max_depth = max_json_depth
 
     def _tokens(
         self, request: Request, pair: TokenPair, *, cookie: bool, status: int = 200
@@ -203,7 +214,7 @@ class AuthRoutes:
         return token
 
     async def signup(self, request: Request) -> Response:
-        body = await read_json_object(request, self.limit)
+        body = await read_json_object(request, self.limit, self.max_depth)
         cookie = self._wants_cookie(request, body)
         pair = await self.service.sign_up(
             body.get("email"), body.get("password"), client_address(request)
@@ -211,7 +222,7 @@ class AuthRoutes:
         return self._tokens(request, pair, cookie=cookie, status=201)
 
     async def signin(self, request: Request) -> Response:
-        body = await read_json_object(request, self.limit)
+        body = await read_json_object(request, self.limit, self.max_depth)
         cookie = self._wants_cookie(request, body)
         pair = await self.service.sign_in(
             body.get("email"), body.get("password"), client_address(request)
@@ -219,7 +230,7 @@ class AuthRoutes:
         return self._tokens(request, pair, cookie=cookie)
 
     async def refresh(self, request: Request) -> Response:
-        body = await read_json_object(request, self.limit, empty_ok=True)
+        body = await read_json_object(request, self.limit, self.max_depth, empty_ok=True)
         cookie = self._wants_cookie(request, body)
         token = body.get("refreshToken")
         from_cookie = False

@@ -32,8 +32,9 @@ log = logging.getLogger("tether.auth")
 
 MAX_EMAIL_CHARS = 254
 RETRY_KEY_MIN, RETRY_KEY_MAX = 16, 128
-# Deliberately simple: one @, a dot in the domain, no spaces. Real validation is a mail sent.
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Deliberately simple: one @, a dot in the domain, no spaces or control characters. Real
+# validation is a mail sent.
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+$")
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from tether.protocol import (
     ServerMessageType,
     SessionEndReason,
 )
+from tether.server.json_input import JSONInputError, parse_client_json
 
 #: ``auth_error`` codes that leave the connection's identity in place (contract §5 rule 2).
 TRANSIENT_AUTH_ERRORS = frozenset({AuthErrorCode.UNAVAILABLE, AuthErrorCode.RATE_LIMITED})
@@ -203,19 +204,18 @@ def _args_field(doc: dict[str, Any], **ids: int | None) -> dict[str, Any]:
     return args
 
 
-def _reject_constant(name: str) -> Any:
-    # NaN and Infinity are not JSON; Python's parser accepts them unless told not to.
-    raise ValueError(f"{name} is not JSON")
+def parse_client_message(frame: str | bytes, *, max_depth: int = 64) -> ClientMessage:
+    """Parse one frame; raise :class:`BadMessage` (``bad_message`` or ``unknown_type``).
 
-
-def parse_client_message(frame: str | bytes) -> ClientMessage:
-    """Parse one frame; raise :class:`BadMessage` (``bad_message`` or ``unknown_type``)."""
+    The frame must be strict JSON nested at most ``max_depth`` deep (the frame's own object is
+    one level; see :func:`tether.server.json_input.parse_client_json`).
+    """
     if not isinstance(frame, str):
         raise BadMessage(ErrorCode.BAD_MESSAGE, "frames must be text frames holding JSON")
     try:
-        doc = json.loads(frame, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise BadMessage(ErrorCode.BAD_MESSAGE, "the frame is not JSON") from None
+        doc = parse_client_json(frame, max_depth=max_depth)
+    except JSONInputError as exc:
+        raise BadMessage(ErrorCode.BAD_MESSAGE, f"the frame {exc}") from None
     if not isinstance(doc, dict):
         raise BadMessage(ErrorCode.BAD_MESSAGE, "the frame is not a JSON object")
     kind = doc.get("type")
@@ -414,6 +414,7 @@ class Limits:
     #: transition is then larger than it (contract §5 rule 9). A result that would take the
     #: total past it is refused with ``limit_exceeded`` and its subscription ends.
     max_result_chars: int = 1 << 20
+    max_json_depth: int = 64  # a frame nested deeper is bad_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -700,12 +701,13 @@ class ConnectionCore:
         if self.phase is Phase.CLOSED:
             return []
         self.last_seen = now
+        depth = self.limits.max_json_depth
         if not self._messages.allow(now):
             self.rate_violations += 1
             if self.rate_violations > self.limits.max_rate_violations:
                 return self._close(CloseCode.RATE_LIMITED, "too many messages")
             try:
-                dropped: ClientMessage | None = parse_client_message(frame)
+                dropped: ClientMessage | None = parse_client_message(frame, max_depth=depth)
             except BadMessage:
                 dropped = None
             if isinstance(dropped, Authenticate | Refresh) and self.phase is Phase.OPEN:
@@ -714,7 +716,7 @@ class ConnectionCore:
                 return self._tick(now) + self._on_auth_request(dropped, now, limited=True)
             return [Send(_rate_limited(dropped).to_frame())]
         try:
-            message = parse_client_message(frame)
+            message = parse_client_message(frame, max_depth=depth)
         except BadMessage as exc:
             self.bad_messages += 1
             if self.bad_messages > self.limits.max_bad_messages:

@@ -654,6 +654,7 @@ class SyncEndpoint:
             auth_rate=(settings.auth_rate.count, float(settings.auth_rate.seconds)),
             heartbeat_timeout=float(settings.heartbeat_timeout),
             max_result_chars=settings.effective_max_connection_result_bytes,
+            max_json_depth=settings.max_json_depth,
         )
 
     # ------------------------------------------------------------------ functions
