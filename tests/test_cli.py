@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -418,3 +419,78 @@ def test_max_json_depth_is_bounded_both_ways() -> None:
     for bad in ("0", "501"):
         with pytest.raises(SettingsError, match="TETHER_MAX_JSON_DEPTH: must be 1-500"):
             Settings.load(environ={"TETHER_MAX_JSON_DEPTH": bad})
+
+
+# ------------------------------------------------------------------------- start-up errors
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("TETHER_KEYS", "{bad", "not JSON"),
+        ("TETHER_KEYS", "[]", "must be a JSON object"),
+        ("TETHER_KEYS", "{}", "'refreshSecret' is missing"),
+        ("TETHER_KEYS_FILE", "{tmp}", "Is a directory"),
+        ("TETHER_KEYS_FILE", "{tmp}/not-json", "not JSON"),
+        ("TETHER_DATA_DIR", "{tmp}/not-json/below-a-file", "Not a directory"),
+        ("TETHER_ACCESS_TTL", "-5", "must be at least 1"),
+        ("TETHER_PORT", "eighty", "expected an integer"),
+        ("TETHER_DRAIN_TIMEOUT", "nan", "finite"),
+        ("TETHER_MAX_JSON_DEPTH", "0", "must be 1-500"),
+        ("TETHER_PUBLIC_URL", "tether.example.com", "is not a URL"),
+        ("TETHER_REDIS_URL", "redis://:pw-x9@127.0.0.1:six/0", "port that is not a number"),
+        ("TETHER_REDIS_URL", "http://127.0.0.1:6379", "unsupported scheme"),
+        ("TETHER_HOST", "999.1.1.1", "cannot listen on"),
+    ],
+)
+def test_a_bad_setting_stops_serve_with_one_line_naming_it(
+    tmp_path: Path, name: str, value: str, why: str
+) -> None:
+    (tmp_path / "not-json").write_text("hello\n")
+    env = {name: value.replace("{tmp}", str(tmp_path))}
+    # A Redis URL that nothing answers: the server must stop before it would need one.
+    flags = [] if name == "TETHER_REDIS_URL" else ["--redis-url", "redis://127.0.0.1:1/0"]
+    if name == "TETHER_DATA_DIR":
+        flags = []  # the embedded Redis is what uses the data directory
+    if name != "TETHER_PORT":  # the flag would beat the variable
+        flags += ["--port", str(free_port())]
+    result = run_tether("serve", *flags, env=env)
+    assert result.returncode != 0, result.stderr
+    assert result.stderr.startswith(f"tether: {name}: "), result.stderr
+    assert why in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
+    assert "pw-x9" not in result.stderr  # a Redis password is never printed
+
+
+def test_an_unknown_tether_variable_is_named_with_the_closest_setting(tmp_path: Path) -> None:
+    env = {"TETHER_ACCES_TTL": "60", "TETHER_LOGLEVEL": "debug", "TETHER_PASSWORD": "x"}
+    result = run_tether("keys", "rotate", "--data-dir", str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "tether: warning: TETHER_ACCES_TTL is not a setting and is ignored; "
+        "did you mean TETHER_ACCESS_TTL?",
+        "tether: warning: TETHER_LOGLEVEL is not a setting and is ignored; "
+        "did you mean TETHER_LOG_LEVEL?",
+    ]
+    # TETHER_PASSWORD is read by `tether login`: no warning for it.
+    from tether.client.cli import PASSWORD_ENV
+
+    assert PASSWORD_ENV in cli.OTHER_VARIABLES
+
+
+def test_serve_on_a_port_in_use_says_so_and_how_to_choose_another() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_tether(
+            "serve", "--port", str(port), "--redis-url", "redis://127.0.0.1:1/0",
+            env={"TETHER_ACCES_TTL": "60"},
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    warning, error = result.stderr.splitlines()
+    assert "did you mean TETHER_ACCESS_TTL?" in warning
+    assert error == (
+        f"tether: TETHER_PORT: port {port} on 127.0.0.1 is already in use (another server "
+        "listens there); choose another with --port PORT or TETHER_PORT"
+    )

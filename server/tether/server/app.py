@@ -25,7 +25,7 @@ from tether.server.auth.passwords import Passwords
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.service import AuthService
 from tether.server.auth.sessions import SessionStore
-from tether.server.auth.signing_keys import KeyRing
+from tether.server.auth.signing_keys import KeyRing, KeySetError
 from tether.server.auth.tokens import AccessTokens
 from tether.server.browser import browser_routes
 from tether.server.clock import Clock, system_clock
@@ -39,7 +39,7 @@ from tether.server.realtime.endpoint import SyncEndpoint
 from tether.server.realtime.live_sockets import LiveSockets
 from tether.server.realtime.session_hub import SessionHub
 from tether.server.redis.connection import RedisClient, connect
-from tether.server.settings import Settings
+from tether.server.settings import Settings, SettingsError
 
 log = logging.getLogger("tether")
 
@@ -70,11 +70,8 @@ class Node:
     def build(cls, settings: Settings, application: App, clock: Clock = system_clock) -> Node:
         if settings.redis_url is None:
             raise ValueError("redis_url must be set (the CLI starts an embedded Redis)")
+        keyring = _load_keyring(settings)
         redis = connect(settings.redis_url)
-        if settings.keys is not None:
-            keyring = KeyRing(inline=settings.keys)
-        else:
-            keyring = KeyRing(path=settings.effective_keys_file)
         tokens = AccessTokens(
             keyring,
             issuer=settings.effective_issuer,
@@ -143,6 +140,26 @@ class Node:
         await self.live.close()
         self.passwords.close()
         await self.redis.aclose()
+
+
+def _load_keyring(settings: Settings) -> KeyRing:
+    """The signing keys of ``settings``; :class:`SettingsError` naming the setting when they
+    cannot be read (the message shows no key material)."""
+    if settings.keys is not None:
+        try:
+            return KeyRing(inline=settings.keys)
+        except KeySetError as exc:
+            raise SettingsError(f"TETHER_KEYS: {exc}") from None
+    path = settings.effective_keys_file
+    name = "TETHER_KEYS_FILE" if settings.keys_file is not None else "TETHER_DATA_DIR"
+    try:
+        return KeyRing(path=path)
+    except KeySetError as exc:
+        raise SettingsError(f"{name}: the key file {path}: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(
+            f"{name}: cannot read or create the key file {path}: {exc.strerror or exc}"
+        ) from None
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -260,8 +262,20 @@ def _settings_table() -> str:
     return "environment:\n" + "\n".join(lines)
 
 
+#: ``TETHER_*`` variables that are not server settings but are read by other ``tether`` commands
+#: (the client's, in ``tether.client.cli``): no warning for them.
+OTHER_VARIABLES = ("TETHER_PASSWORD",)
+
+
 def _load_settings(args: argparse.Namespace, *flags: str) -> Settings:
-    """Settings from the environment, with the given flags (when given) beating it."""
+    """Settings from the environment, with the given flags (when given) beating it.
+
+    Warns on stderr about every ``TETHER_*`` variable that names no setting (a typo would
+    otherwise be ignored without a word), with the closest setting's name.
+    """
+    for name, closest in Settings.unknown_variables(also_known=OTHER_VARIABLES):
+        hint = f"; did you mean {closest}?" if closest else f" (see {PROG} serve --help)"
+        print(f"{PROG}: warning: {name} is not a setting and is ignored{hint}", file=sys.stderr)
     overrides: dict[str, Any] = {flag: getattr(args, flag) for flag in flags}
     return Settings.load(overrides)
 
@@ -281,6 +295,8 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
     )
     embedded: EmbeddedRedis | None = None
+    # Listening first: a port in use stops the server before it starts anything else.
+    sockets = listen(settings.host, settings.port)
     with _shutdown_on_signals():
         try:
             if settings.redis_url is None:
@@ -289,6 +305,12 @@ def _serve(args: argparse.Namespace) -> int:
                     url = embedded.start()
                 except RuntimeError as exc:
                     raise CommandError(f"embedded Redis: {exc}", EXIT_FAILURE) from exc
+                except OSError as exc:
+                    raise CommandError(
+                        f"{ENV_PREFIX}DATA_DIR: cannot use {settings.data_dir} for the embedded "
+                        f"Redis: {exc.strerror or exc}",
+                        EXIT_FAILURE,
+                    ) from exc
                 # Its address, not its URL: the URL holds the password.
                 logging.getLogger("tether").info(
                     "embedded Redis: %s on %s, data in %s",
@@ -297,10 +319,12 @@ def _serve(args: argparse.Namespace) -> int:
                     settings.data_dir,
                 )
                 settings = dataclasses.replace(settings, redis_url=url)
-            return _run_uvicorn(settings, create_app(settings, application))
+            return _run_uvicorn(settings, create_app(settings, application), sockets)
         except _ShutdownRequested:
             return EXIT_OK
         finally:
+            for sock in sockets:
+                sock.close()
             # Last step of every exit path: the server has drained, now its Redis can go. A
             # second signal must not cut this short (stop() is bounded: SIGKILL after 5 s).
             _ignore_shutdown_signals()
@@ -308,7 +332,47 @@ def _serve(args: argparse.Namespace) -> int:
                 embedded.stop()
 
 
-def _run_uvicorn(settings: Settings, app: TetherApp) -> int:
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to ``host``:``port`` (one per address the host resolves to, as uvicorn
+    would bind them), not yet listening.
+
+    Raises :class:`CommandError` naming the setting: a port in use (and how to choose another),
+    or a host this machine cannot listen on.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise CommandError(
+            f"{ENV_PREFIX}HOST: cannot listen on {host!r}: {exc.strerror}", EXIT_FAILURE
+        ) from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CommandError(
+                f"{ENV_PREFIX}PORT: port {port} on {host} is already in use (another server "
+                f"listens there); choose another with --port PORT or {ENV_PREFIX}PORT",
+                EXIT_FAILURE,
+            ) from None
+        raise CommandError(
+            f"{ENV_PREFIX}HOST: cannot listen on {host}:{port}: {exc.strerror or exc}",
+            EXIT_FAILURE,
+        ) from None
+    return sockets
+
+
+def _run_uvicorn(settings: Settings, app: TetherApp, sockets: list[socket.socket]) -> int:
     import gc
 
     import uvicorn
@@ -362,8 +426,8 @@ def _run_uvicorn(settings: Settings, app: TetherApp) -> int:
     # re-raises the signal it caught; our handler (see _shutdown_on_signals) then raises
     # _ShutdownRequested, which the caller reads as a clean exit.
     try:
-        asyncio.run(server.serve())
-    except SystemExit as exc:  # uvicorn exits this way when it cannot bind its socket
+        asyncio.run(server.serve(sockets=sockets))
+    except SystemExit as exc:  # uvicorn exits this way when its start-up fails
         return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
     if not server.started:
         print(f"{PROG}: the server did not start (see the log above)", file=sys.stderr)

@@ -8,12 +8,16 @@ names the setting and the problem (:class:`SettingsError`), never later at first
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tether.server.json_input import DEPTH_CEILING as JSON_DEPTH_CEILING
 from tether.server.origins import public_origin
@@ -45,9 +49,12 @@ def _parse_int(raw: str) -> int:
 
 def _parse_float(raw: str) -> float:
     try:
-        return float(raw.strip())
+        value = float(raw.strip())
     except ValueError:
         raise ValueError(f"expected a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {raw!r}")
+    return value
 
 
 def _parse_rate(raw: str) -> Rate:
@@ -95,6 +102,37 @@ def _parse_path(raw: str) -> Path:
 
 def _parse_optional_path(raw: str) -> Path | None:
     return Path(raw.strip()) if raw.strip() else None
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def _without_password(url: str) -> str:
+    """``url`` with any user and password replaced by ``***`` (error messages are printed)."""
+    return re.sub(r"//[^/@]*@", "//***@", url, count=1)
+
+
+def _redis_url_problem(raw_url: str) -> str | None:
+    """What is wrong with a Redis URL (scheme, port, database number), or None."""
+    parts = urlsplit(raw_url)
+    url = _without_password(raw_url)
+    if parts.scheme not in _REDIS_SCHEMES or "://" not in raw_url:
+        # The scheme, not the URL: it may carry a password.
+        scheme = raw_url.partition(":")[0]
+        return (
+            f"unsupported scheme {scheme!r} (use redis://, rediss://, unix://, "
+            "redis+cluster:// or rediss+cluster://)"
+        )
+    if parts.scheme == "unix":
+        return None if parts.path else f"{url!r} names no socket path"
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        return f"{url!r} has a port that is not a number from 0 to 65535"
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        return f"{url!r}: the path must be a database number such as /0, not /{database}"
+    return None
 
 
 def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
@@ -370,16 +408,17 @@ class Settings:
             )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
-        if self.redis_url is not None and not self.redis_url.startswith(
-            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
-        ):
-            # Not the URL itself: it may carry a password.
-            scheme = self.redis_url.partition(":")[0]
-            fail(
-                "redis_url",
-                f"unsupported scheme {scheme!r} (use redis://, rediss://, unix://, "
-                "redis+cluster:// or rediss+cluster://)",
-            )
+        if self.redis_url is not None:
+            problem = _redis_url_problem(self.redis_url)
+            if problem:
+                fail("redis_url", problem)
+        if self.public_url is not None:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                fail(
+                    "public_url",
+                    f"{self.public_url!r} is not a URL like https://tether.example.com",
+                )
         for origin in self.allowed_origins:
             if origin not in ("*", "self") and "://" not in origin:
                 fail("allowed_origins", f"{origin!r} is not an origin like https://app.example")
@@ -391,6 +430,25 @@ class Settings:
         if "self" in self.allowed_origins and self.public_url:
             return (*self.allowed_origins, public_origin(self.public_url))
         return self.allowed_origins
+
+    @classmethod
+    def unknown_variables(
+        cls, environ: Mapping[str, str] | None = None, *, also_known: tuple[str, ...] = ()
+    ) -> list[tuple[str, str | None]]:
+        """``TETHER_*`` variables in ``environ`` that name no setting (a typo is otherwise
+        silently ignored), each with the closest known name or None; ``also_known`` are
+        variables other parts of ``tether`` read."""
+        env = os.environ if environ is None else environ
+        known = [ENV_PREFIX + f.name.upper() for f in dataclasses.fields(cls)] + list(also_known)
+        # Compared without the common prefix, which would make every name look alike.
+        suffixes = [name.removeprefix(ENV_PREFIX) for name in known]
+        unknown = []
+        for name in sorted(env):
+            if name.startswith(ENV_PREFIX) and name not in known:
+                suffix = name.removeprefix(ENV_PREFIX)
+                close = difflib.get_close_matches(suffix, suffixes, n=1, cutoff=0.6)
+                unknown.append((name, ENV_PREFIX + close[0] if close else None))
+        return unknown
 
     @classmethod
     def documented(cls) -> list[tuple[str, str, str]]:

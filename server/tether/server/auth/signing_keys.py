@@ -122,6 +122,11 @@ class KeySet:
     def from_json(cls, text: str) -> KeySet:
         try:
             doc = json.loads(text)
+        except ValueError as exc:
+            raise KeySetError(f"the key set is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise KeySetError('the key set must be a JSON object {"refreshSecret", "keys": [...]}')
+        try:
             secret = base64.urlsafe_b64decode(doc["refreshSecret"])
             keys = []
             for entry in doc["keys"]:
@@ -141,7 +146,9 @@ class KeySet:
                 keys.append(SigningKey(kid, int(entry["created"]), private))
         except KeySetError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except KeyError as exc:
+            raise KeySetError(f"malformed key set: the field {exc} is missing") from None
+        except (ValueError, TypeError, AttributeError) as exc:
             raise KeySetError(f"malformed key set: {exc.__class__.__name__}: {exc}") from None
         if not keys:
             raise KeySetError("the key set holds no key")
