@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -182,6 +183,60 @@ async def test_queries_cannot_write(store: Store) -> None:
         with pytest.raises(FunctionError) as info:
             await call()
         assert (info.value.code, info.value.message) == ("invalid", "queries cannot write")
+
+
+async def test_misuse_of_the_data_layer_is_logged_once_with_the_function_name(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client gets ``invalid``; the application's author gets a WARNING naming the function
+    and what was wrong. An ``invalid`` the application raises itself is its answer: not logged."""
+
+    async def reads_an_undeclared_table(ctx: Context) -> Any:
+        return await ctx.db.query("nope", index="i", equals={})
+
+    async def writes_in_a_query(ctx: Context) -> Any:
+        return await ctx.db.insert("items", {"tag": "t"})
+
+    async def gives_the_wrong_index_fields(ctx: Context, secret: str) -> Any:
+        return await ctx.db.query("items", index="by_tag", equals={"colour": secret})
+
+    async def answers_invalid_itself(ctx: Context) -> Any:
+        raise FunctionError("invalid", "that is not a colour")
+
+    def named(fn: Callable[..., Awaitable[Any]], kind: FunctionKind) -> FunctionSpec:
+        return FunctionSpec.from_function(fn.__name__, kind, fn)
+
+    with caplog.at_level(logging.DEBUG, logger="tether.functions"):
+        query = await run_query(store, named(reads_an_undeclared_table, "query"), {}, None)
+        writing = await run_query(store, named(writes_in_a_query, "query"), {}, None)
+        outcome = await run_mutation(
+            store, named(gives_the_wrong_index_fields, "mutation"), {"secret": "hunter2"}, USER,
+            client_id="c", request_id=1,
+        )  # fmt: skip
+        own = await run_query(store, named(answers_invalid_itself, "query"), {}, None)
+
+    assert query.error is not None and query.error[0] == "invalid"
+    assert writing.error == ("invalid", "queries cannot write")
+    assert outcome.error is not None and outcome.error[0] == "invalid"
+    assert own.error == ("invalid", "that is not a colour")
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "tether.functions"]
+    assert logged == [
+        (
+            logging.WARNING,
+            "query 'reads_an_undeclared_table' used the data layer wrongly: "
+            "no table 'nope' in the schema (declare it with App.table)",
+        ),
+        (
+            logging.WARNING,
+            "query 'writes_in_a_query' used the data layer wrongly: queries cannot write",
+        ),
+        (
+            logging.WARNING,
+            "mutation 'gives_the_wrong_index_fields' used the data layer wrongly: "
+            "index 'by_tag' of table 'items' is on tag: equals must give exactly those",
+        ),
+    ]
+    assert "hunter2" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------- documents

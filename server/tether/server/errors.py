@@ -6,6 +6,7 @@ Exception tree::
     CodedError                 carries a contract ``code`` and a human ``message``
     ├── HTTPError               an HTTP auth API failure: adds ``status`` and ``retry_after``
     └── FunctionError           raised by application functions (``unauthenticated`` …)
+        └── MisuseError         the data layer refused what the application asked (``invalid``)
 """
 
 from __future__ import annotations
@@ -36,3 +37,17 @@ class FunctionError(CodedError):
 
     Use one of :class:`FunctionErrorCode` or the application's own code string.
     """
+
+
+class MisuseError(FunctionError):
+    """The application used the data layer in a way it cannot: a table or index it did not
+    declare, ``equals`` that are not the index's fields, a write in a query, a document that is
+    not an object of JSON values.
+
+    The caller sees ``invalid`` as for any :class:`FunctionError`; unlike the application's own
+    errors, this one is a bug in the application, so the function runner logs it (WARNING,
+    logger ``tether.functions``) with the function's name.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid", message)

@@ -48,7 +48,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from tether.protocol import ErrorCode, FunctionErrorCode
-from tether.server.errors import FunctionError
+from tether.server.errors import FunctionError, MisuseError
 
 if TYPE_CHECKING:
     # Types only: the store runs no application code and does not import this module, so
@@ -628,13 +628,20 @@ class App:
 async def invoke(spec: FunctionSpec, ctx: Context, kwargs: Mapping[str, Any]) -> Any:
     """Run the function of ``spec`` with ``ctx`` and ``kwargs`` from ``spec.validate_args``.
 
-    A :class:`~tether.server.errors.FunctionError` the function raises propagates unchanged. Any
+    A :class:`~tether.server.errors.FunctionError` the function raises propagates unchanged; a
+    :class:`~tether.server.errors.MisuseError` (the data layer refused what the function asked)
+    is logged first, at WARNING, with the function's name and what was wrong. Any
     other exception is logged with its traceback (logger ``tether.functions``) and replaced by
     ``FunctionError("internal", "the function failed")``: its text never reaches a client.
     Cancellation (a ``BaseException``) propagates.
     """
     try:
         return await spec.fn(ctx, **kwargs)
+    except MisuseError as exc:
+        # A bug in the application, not an answer it chose: its author must hear of it. The
+        # message names tables, indexes and fields (shortened), not the arguments it ran with.
+        log.warning("%s %r used the data layer wrongly: %s", spec.kind, spec.name, exc.message)
+        raise
     except FunctionError:
         raise
     except Exception:

@@ -68,6 +68,7 @@ Limits
 Exception tree::
 
     FunctionError (server.errors)    what a function's caller sees: invalid, not_found, conflict …
+    └── MisuseError                  invalid: the application asked what the store cannot do
     Conflict                         a commit's reads changed; nothing was written
     RequestIdReused                  a request id whose outcome belongs to another function
     SnapshotMoved (BaseException)    internal: a run saw a newer version; it is retried
@@ -94,7 +95,7 @@ from redis.exceptions import RedisError
 
 from tether.protocol import ErrorCode, FunctionErrorCode
 from tether.server.clock import Clock, to_ms
-from tether.server.errors import FunctionError
+from tether.server.errors import FunctionError, MisuseError
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient, load_script, without_turns
 
@@ -355,7 +356,7 @@ def encode_index_values(values: Sequence[Any]) -> str:
         )
         raw = text.encode("utf-8")
     except (TypeError, ValueError, RecursionError):
-        raise FunctionError(FunctionErrorCode.INVALID, "an indexed value is not JSON") from None
+        raise MisuseError("an indexed value is not JSON") from None
     if len(raw) > MAX_INDEX_VALUES_BYTES:
         raise FunctionError(
             ErrorCode.LIMIT_EXCEEDED,
@@ -374,7 +375,7 @@ def _encode_document(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         text = _compact(doc)
         size = len(text.encode("utf-8"))
     except (TypeError, ValueError, RecursionError):
-        raise FunctionError(FunctionErrorCode.INVALID, "the document is not JSON") from None
+        raise MisuseError("the document is not JSON") from None
     if size > MAX_DOCUMENT_BYTES:
         raise FunctionError(
             ErrorCode.LIMIT_EXCEEDED,
@@ -387,13 +388,12 @@ def _encode_document(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
 def _user_fields(fields: object) -> dict[str, Any]:
     """An application's fields, checked: an object whose keys are strings without a ``_``."""
     if not isinstance(fields, Mapping):
-        raise FunctionError(FunctionErrorCode.INVALID, "a document must be an object")
+        raise MisuseError("a document must be an object")
     for name in fields:
         if not isinstance(name, str):
-            raise FunctionError(FunctionErrorCode.INVALID, "field names must be strings")
+            raise MisuseError("field names must be strings")
         if name.startswith("_"):
-            raise FunctionError(
-                FunctionErrorCode.INVALID,
+            raise MisuseError(
                 f"field {_shown(name)} is reserved: names starting with _ belong to the data layer",
             )
     return dict(fields)
@@ -497,8 +497,7 @@ class _Database:
     def _indexes(self, table: object) -> Mapping[str, tuple[str, ...]]:
         indexes = self._store.schema.get(table) if isinstance(table, str) else None
         if indexes is None:
-            raise FunctionError(
-                FunctionErrorCode.INVALID,
+            raise MisuseError(
                 f"no table {_shown(table)} in the schema (declare it with App.table)",
             )
         return indexes
@@ -510,21 +509,18 @@ class _Database:
         indexes = self._indexes(table)
         fields = indexes.get(index) if isinstance(index, str) else None
         if fields is None:
-            raise FunctionError(
-                FunctionErrorCode.INVALID, f"table {table!r} has no index {_shown(index)}"
-            )
+            raise MisuseError(f"table {table!r} has no index {_shown(index)}")
         if not isinstance(equals, Mapping) or set(equals) != set(fields):
             names = ", ".join(fields) or "no fields"
-            raise FunctionError(
-                FunctionErrorCode.INVALID,
+            raise MisuseError(
                 f"index {index!r} of table {table!r} is on {names}: equals must give exactly those",
             )
         if order not in ("asc", "desc"):
-            raise FunctionError(FunctionErrorCode.INVALID, "order must be 'asc' or 'desc'")
+            raise MisuseError("order must be 'asc' or 'desc'")
         if limit is not None and (
             not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
         ):
-            raise FunctionError(FunctionErrorCode.INVALID, "limit must be a non-negative integer")
+            raise MisuseError("limit must be a non-negative integer")
         assert isinstance(index, str)
         return _index_key(table, index, fields, equals), fields
 
@@ -602,16 +598,16 @@ class QueryDB(_Database):
         return [doc.doc for doc in found.docs if doc.doc is not None]
 
     async def insert(self, table: str, doc: Mapping[str, Any]) -> str:
-        raise FunctionError(FunctionErrorCode.INVALID, _NO_WRITES)
+        raise MisuseError(_NO_WRITES)
 
     async def patch(self, table: str, id: str, fields: Mapping[str, Any]) -> None:
-        raise FunctionError(FunctionErrorCode.INVALID, _NO_WRITES)
+        raise MisuseError(_NO_WRITES)
 
     async def replace(self, table: str, id: str, doc: Mapping[str, Any]) -> None:
-        raise FunctionError(FunctionErrorCode.INVALID, _NO_WRITES)
+        raise MisuseError(_NO_WRITES)
 
     async def delete(self, table: str, id: str) -> None:
-        raise FunctionError(FunctionErrorCode.INVALID, _NO_WRITES)
+        raise MisuseError(_NO_WRITES)
 
 
 @dataclass(frozen=True, slots=True)
