@@ -80,7 +80,7 @@ def draining_server(
     class _DrainingServer(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             config = self.config
-            if sockets or config.fd is not None or config.uds is not None or config.ssl:
+            if config.fd is not None or config.uds is not None or config.ssl:
                 await super().startup(sockets)  # not how ``tether serve`` runs
                 return
             # uvicorn.Server.startup's host/port case, accepting through our Listener.
@@ -94,6 +94,25 @@ def draining_server(
                 )
                 return protocol
 
+            if sockets:
+                # Bound by the caller (``tether serve`` binds before it starts anything else,
+                # so that a port in use is one clear line).
+                listening = list(sockets)
+            else:
+                listening = await self._bind(create_protocol)
+            for sock in listening:
+                sock.listen(config.backlog)  # asyncio's start_serving would have
+            listener = Listener(listening, create_protocol)
+            listener.start()
+            # uvicorn's shutdown only calls close() and wait_closed() on these.
+            self.servers = [listener]  # type: ignore[list-item]
+            self._log_started_message(listening)
+            self.started = True
+
+        async def _bind(
+            self, create_protocol: Callable[[], asyncio.Protocol]
+        ) -> list[socket.socket]:
+            config = self.config
             loop = asyncio.get_running_loop()
             try:
                 # Bound by asyncio (every address the host resolves to, SO_REUSEADDR, the
@@ -115,14 +134,7 @@ def draining_server(
                 for s in bound.sockets
             ]
             bound.close()  # its descriptors; ours stay bound
-            for sock in listening:
-                sock.listen(config.backlog)  # asyncio's start_serving would have
-            listener = Listener(listening, create_protocol)
-            listener.start()
-            # uvicorn's shutdown only calls close() and wait_closed() on these.
-            self.servers = [listener]  # type: ignore[list-item]
-            self._log_started_message(listening)
-            self.started = True
+            return listening
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             # Stop accepting first, as uvicorn's own shutdown does next: nothing new arrives
