@@ -8,6 +8,7 @@ server sets is checked as written, and no client cookie jar decides for the test
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from typing import Any
@@ -516,6 +517,31 @@ async def test_sign_out_from_the_cookie_ends_the_session_and_clears_the_cookie(
         )
         assert resp.status_code == 204
         assert parse_set_cookie(resp)["max-age"] == "0"
+
+
+async def test_a_sign_out_with_an_expired_access_token_still_ends_the_cookies_session(
+    server_factory: ServerFactory,
+) -> None:
+    # The browser client sends its access token and the cookie; a tab left alone past the
+    # access token's lifetime still holds a live session in the cookie, which sign-out must end
+    # (and clear): the page cannot remove an HttpOnly cookie itself.
+    server = server_factory(
+        env={**MANY_SIGNUPS, "TETHER_ACCESS_TTL": "2", "TETHER_CLOCK_LEEWAY": "0"}
+    )
+    async with client_for(server) as http:
+        for path in ("/auth/signout", "/auth/signout-all"):
+            body, cookie = await cookie_sign_up(http)
+            await asyncio.sleep(3.5)  # past exp (2 s) with no leeway, however slow the machine
+            resp = await http.post(
+                path,
+                headers={
+                    "Authorization": f"Bearer {body['accessToken']}",
+                    **cookie_headers(cookie["value"]),
+                },
+            )
+            assert resp.status_code == 204, (path, resp.text)
+            assert parse_set_cookie(resp)["max-age"] == "0"
+            assert_error(await cookie_refresh(http, cookie["value"]), 401, "refresh_invalid")
 
 
 async def test_sign_out_everywhere_needs_the_sessions_current_cookie(

@@ -138,6 +138,12 @@ def clear_refresh_cookie(request: Request, response: Response) -> Response:
     return response
 
 
+#: Refusals of a bearer token that say nothing of the refresh cookie's session.
+BEARER_REFUSED = frozenset(
+    {AuthErrorCode.INVALID_TOKEN, AuthErrorCode.TOKEN_EXPIRED, AuthErrorCode.SESSION_REVOKED}
+)
+
+
 class AuthRoutes:
     def __init__(
         self,
@@ -251,16 +257,42 @@ class AuthRoutes:
         return self._tokens(request, pair, cookie=cookie or from_cookie)
 
     async def _sign_out(self, request: Request, *, everywhere: bool) -> Response:
-        if "authorization" in request.headers or REFRESH_COOKIE not in request.cookies:
+        has_cookie = REFRESH_COOKIE in request.cookies
+        if "authorization" in request.headers or not has_cookie:
             token = bearer_token(request)
-            if everywhere:
-                await self.service.sign_out_all(token)
-            else:
-                await self.service.sign_out(token)
+            try:
+                if everywhere:
+                    await self.service.sign_out_all(token)
+                else:
+                    await self.service.sign_out(token)
+            except AuthFailure as exc:
+                if not has_cookie or exc.code not in BEARER_REFUSED:
+                    raise
+                # The browser client sends its access token with the cookie. One that expired
+                # (a tab left alone past TETHER_ACCESS_TTL) says nothing of the cookie's
+                # session, which may be live: end that one, which the page cannot do itself.
+                return await self._sign_out_after_refused_bearer(request, exc, everywhere)
             response = Response(status_code=204)
-            if REFRESH_COOKIE in request.cookies:
+            if has_cookie:
                 clear_refresh_cookie(request, response)
             return response
+        return await self._sign_out_with_cookie(request, everywhere=everywhere)
+
+    async def _sign_out_after_refused_bearer(
+        self, request: Request, refused: AuthFailure, everywhere: bool
+    ) -> Response:
+        """A bearer sign-out whose token was refused, from a browser holding the cookie: sign
+        out with the cookie if the request may use it; otherwise, or if the cookie's session
+        is over too, the bearer's refusal (``invalid_token``, as the contract says)."""
+        try:
+            response = await self._sign_out_with_cookie(request, everywhere=everywhere)
+        except HTTPError:
+            raise refused from None  # no Tether-CSRF or no allowed Origin: as before
+        if response.status_code == 204:
+            return response
+        return clear_refresh_cookie(request, error_response(http_error(refused)))
+
+    async def _sign_out_with_cookie(self, request: Request, *, everywhere: bool) -> Response:
         cookie_token = self._cookie_token(request)
         try:
             await self.service.sign_out_with_refresh(cookie_token, everywhere=everywhere)
