@@ -239,6 +239,31 @@ def test_an_unreachable_redis_is_named_without_its_password() -> None:
         assert "s3cret-pw" not in result.stderr + result.stdout
 
 
+async def test_a_redis_that_refuses_the_commands_is_one_line_not_a_traceback(
+    redis_url: str,
+) -> None:
+    # A real Redis whose ACL user may connect but not read (or a Redis that stops answering:
+    # redis.exceptions.TimeoutError) fails with a RedisError that is no ConnectionError.
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", "limited", "on", ">l1mited-pw", "+@connection"
+        )
+    finally:
+        await admin.aclose()
+    url = redis_url.replace("redis://", "redis://limited:l1mited-pw@", 1)
+    for args in (
+        ("users", "find", "a@example.com"),
+        ("sessions", "list", "--email", "a@example.com"),
+        ("sessions", "revoke", "--email", "a@example.com"),
+    ):
+        result = await tether(*args, "--redis-url", url)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("tether: Redis at redis://limited:***@"), result.stderr
+        assert "l1mited-pw" not in result.stderr + result.stdout
+
+
 async def test_a_burst_of_binds_is_one_write_and_the_report_follows_the_hub(
     redis_url: str, redis_client: redis.asyncio.Redis
 ) -> None:

@@ -612,18 +612,25 @@ def _admin_run(redis_url: str, work: Coroutine[Any, Any, T]) -> T:
     """Run an admin command's coroutine: no such user is exit 1, and so is an unreachable
     Redis (typically a redis.url left behind by a server that was killed)."""
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisError
 
     from tether.server.admin import AdminError
+    from tether.server.redis.connection import redact_url
 
     try:
         return asyncio.run(work)
     except AdminError as exc:
         raise CommandError(str(exc), EXIT_FAILURE) from exc
     except (RedisConnectionError, OSError) as exc:
-        from tether.server.redis.connection import redact_url
-
         where = redact_url(redis_url)
         raise CommandError(f"cannot reach Redis at {where}: {exc}", EXIT_FAILURE) from exc
+    except RedisError as exc:
+        # Reached but failed: it stopped answering (TimeoutError), or refused the commands
+        # (an ACL user without the permission, a Redis that is not Tether's).
+        where = redact_url(redis_url)
+        raise CommandError(
+            f"Redis at {where} failed: {type(exc).__name__}: {exc}", EXIT_FAILURE
+        ) from exc
 
 
 def _utc(ms: int) -> str:
