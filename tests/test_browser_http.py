@@ -134,6 +134,12 @@ def test_only_plain_http_loopback_origins_may_have_a_cookie_without_secure() -> 
     assert not origin_allowed("https://api.example", "api.example", default)
     assert not origin_allowed("http://evil.example:8000", "evil.example:8000", default)
     assert origin_allowed("https://anything.example", None, ("*",))
+    # Only "*" is a wildcard: an IPv6 origin's brackets are literal, not a character class.
+    v6 = ("http://[::1]:*", "https://[2001:db8::1]")
+    assert origin_allowed("http://[::1]:5173", None, v6)
+    assert origin_allowed("https://[2001:db8::1]", None, v6)
+    assert not origin_allowed("http://1:5173", None, v6)
+    assert not origin_allowed("https://app.example", None, ("https://app?example",))
 
 
 PREFLIGHT = {

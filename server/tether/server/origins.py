@@ -8,8 +8,9 @@ no other.
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
 #: Hosts whose ``http://`` origins may receive the refresh cookie without ``Secure`` (§5 rule 10).
@@ -38,9 +39,17 @@ def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> b
             ):
                 return True
             continue
-        if fnmatch.fnmatchcase(origin, pattern.lower()):
+        if _pattern(pattern).fullmatch(origin):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """``pattern`` (lower-cased) as a regex in which ``*`` is the only wildcard: an IPv6
+    origin's brackets (``http://[::1]:*``) and a ``?`` are literal, as in a URL (fnmatch would
+    read ``[::1]`` as a character class, and the origin would never match)."""
+    return re.compile(".*".join(re.escape(part) for part in pattern.lower().split("*")))
 
 
 def is_loopback_http(origin: str) -> bool:
