@@ -64,6 +64,15 @@ def test_a_bad_redis_url_is_refused_without_showing_its_password() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("tether: TETHER_REDIS_URL: unsupported scheme 'http'")
     assert "s3cret-pw" not in result.stderr + result.stdout
+    # A password with a character a URL reserves ("/", "#", "?"), pasted unencoded: urlsplit
+    # then reads part of it as the port or path, and the URL is refused: still unshown.
+    for password in ("s3cr/et-pw", "s3cr#et-pw", "s3cr?et-pw"):
+        url = f"redis://app:{password}@10.0.0.1:6379/0"
+        result = run_tether("serve", env={"TETHER_REDIS_URL": url})
+        assert result.returncode == 2, (password, result.stderr)
+        assert result.stderr.startswith("tether: TETHER_REDIS_URL:"), result.stderr
+        for part in ("s3cr", "et-pw"):
+            assert part not in result.stderr + result.stdout, (password, result.stderr)
 
 
 def test_out_of_range_flag_exits_2_naming_the_setting() -> None:

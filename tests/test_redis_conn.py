@@ -229,6 +229,12 @@ async def test_a_connection_closed_while_a_pipeline_is_sent_is_a_connection_erro
         ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
         ("rediss+cluster://app:s3cret@h:7000/0", "rediss+cluster://app:***@h:7000/0"),
         ("unix://:s3cret@/var/lib/x/redis.sock?db=0", "unix://:***@/var/lib/x/redis.sock?db=0"),
+        # Unencoded reserved characters in the password: urlsplit misreads the URL, and the
+        # password must not show for it.
+        ("redis://:s3cr/et@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("redis://app:s3cr@et@h:7000/0", "redis://app:***@h:7000/0"),
+        ("redis://:s3cr#et@h:7000/0", "redis://:***@h:7000/0"),
+        ("redis://:s3cr?et@h:7000/0", "redis://:***@h:7000/0"),
     ],
 )
 def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:

@@ -12,7 +12,6 @@ import difflib
 import ipaddress
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +107,14 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 
 def _without_password(url: str) -> str:
-    """``url`` with any user and password replaced by ``***`` (error messages are printed)."""
-    return re.sub(r"//[^/@]*@", "//***@", url, count=1)
+    """``url`` with any user and password replaced by ``***`` (error messages are printed).
+
+    Everything up to the *last* ``@`` goes: a password pasted with an unencoded ``/``, ``#`` or
+    ``?`` in it would otherwise be taken for the start of the path and shown."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 def _redis_url_problem(raw_url: str) -> str | None:

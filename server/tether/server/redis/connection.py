@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from importlib import resources
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterPipeline
@@ -41,13 +40,19 @@ MAX_CONNECTIONS = 64
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``: fit for a message or a log."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with its password (if any) replaced by ``***``: fit for a message or a log.
+
+    The user information ends at the *last* ``@`` (as redis-py reads it, the host and path
+    follow): urlsplit would take a password pasted with an unencoded ``/``, ``#`` or ``?`` for
+    the start of the path, find no password, and the URL would be shown whole."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    userinfo, _, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return url  # a user name only: no password to hide
+    return f"{scheme}://{user}:***@{host}"
 
 
 def connect(url: str) -> RedisClient:
