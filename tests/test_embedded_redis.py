@@ -627,6 +627,30 @@ def test_the_recorded_binary_wins_over_the_path_order(
         assert _has_user(server)
 
 
+def test_a_record_written_by_another_user_is_refused_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    """redis-server.json names a program Tether runs (``--version``, then as its Redis). One that
+    another local user wrote (left in a data directory that was open to them: start() makes it
+    0700 with a warning, and goes on) must not be run: it would run as Tether's user."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    marker = tmp_path / "ran"
+    planted = tmp_path / "planted-redis-server"
+    planted.write_text(f"#!/bin/sh\ntouch {marker}\necho 'Redis server v=7.2.4 sha=0'\n")
+    planted.chmod(0o755)
+    record = data_dir / "redis-server.json"
+    record.write_text(json.dumps({"path": str(planted), "version": "7.2.4"}) + "\n")
+    os.chown(record, 65534, 65534)
+    server = EmbeddedRedis(data_dir)
+    with pytest.raises(RuntimeError, match=r"redis-server\.json is not a file of this user"):
+        server.start()
+    assert not marker.exists(), "the planted program ran"
+    assert not server.running
+
+
 def test_data_of_redis_7_without_a_record_is_not_given_to_redis_6(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bin_dirs: tuple[Path, Path]
 ) -> None:

@@ -202,9 +202,23 @@ class _DataNeeds:
 
 def recorded_redis_server(data_dir: Path) -> RedisServerBinary | None:
     """The binary recorded for ``data_dir`` by the last start, or None (a new data directory,
-    or one written before Tether recorded it)."""
+    or one written before Tether recorded it).
+
+    The record names a program that is run as this user: one that is not this user's own
+    regular file (another local user's, left in a data directory once open to them) is refused,
+    as :func:`_load_password` refuses such a password file."""
+    path = Path(data_dir) / BINARY_FILE_NAME
     try:
-        raw = json.loads((Path(data_dir) / BINARY_FILE_NAME).read_text(encoding="utf-8"))
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        raise RuntimeError(
+            f"{path} is not a file of this user: remove it (the redis-server to run is then "
+            "picked again)"
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
         major, minor, patch = (int(part) for part in str(raw["version"]).split("."))
         return RedisServerBinary(str(raw["path"]), (major, minor, patch))
     except FileNotFoundError:
