@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -34,9 +35,11 @@ from tether.server.data.engine import QueryEngine
 from tether.server.data.functions import App
 from tether.server.data.store import Store
 from tether.server.errors import HTTPError
+from tether.server.metrics import Metrics
 from tether.server.realtime.core import RESULT_ENVELOPE
 from tether.server.realtime.endpoint import SyncEndpoint
 from tether.server.realtime.live_sockets import LiveSockets
+from tether.server.realtime.observe import connection_collector
 from tether.server.realtime.session_hub import SessionHub
 from tether.server.redis.connection import RedisClient, connect
 from tether.server.settings import Settings, SettingsError
@@ -65,11 +68,13 @@ class Node:
     store: Store
     sync: SyncEndpoint
     clock: Clock
+    metrics: Metrics
 
     @classmethod
     def build(cls, settings: Settings, application: App, clock: Clock = system_clock) -> Node:
         if settings.redis_url is None:
             raise ValueError("redis_url must be set (the CLI starts an embedded Redis)")
+        metrics = Metrics()
         keyring = _load_keyring(settings)
         redis = connect(settings.redis_url)
         tokens = AccessTokens(
@@ -79,10 +84,10 @@ class Node:
             leeway=settings.clock_leeway,
         )
         codec = RefreshTokenCodec(keyring.current.refresh_secret)
-        sessions = SessionStore(redis, codec, settings, clock)
+        sessions = SessionStore(redis, codec, settings, clock, metrics=metrics)
         passwords = Passwords(settings)
-        auth = AuthService(settings, redis, sessions, tokens, passwords, clock)
-        hub = SessionHub(settings.redis_url, sessions)
+        auth = AuthService(settings, redis, sessions, tokens, passwords, clock, metrics=metrics)
+        hub = SessionHub(settings.redis_url, sessions, metrics=metrics)
         live = LiveSockets(redis, hub, settings.live_sockets_interval)
         store = Store(
             redis,
@@ -96,9 +101,11 @@ class Node:
                 1, min(settings.max_result_bytes, settings.send_queue_bytes - RESULT_ENVELOPE)
             ),
             max_retries=settings.mutation_retries,
+            metrics=metrics,
         )
         engine = QueryEngine(application, store)
-        sync = SyncEndpoint(settings, auth, hub, application, engine, clock)
+        sync = SyncEndpoint(settings, auth, hub, application, engine, clock, metrics)
+        metrics.add_collector(connection_collector(sync.connections))
         return cls(
             settings,
             redis,
@@ -112,6 +119,7 @@ class Node:
             store,
             sync,
             clock,
+            metrics,
         )
 
     async def ready(self) -> bool:
@@ -129,6 +137,7 @@ class Node:
             try:
                 await self.sessions.sweep_expired()
             except RedisError as exc:
+                self.metrics.redis_error("sweep")
                 log.warning("session sweep skipped: %s", exc.__class__.__name__)
             except Exception:
                 log.exception("session sweep failed")
@@ -242,6 +251,10 @@ def create_app(
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
+    async def metrics(request: Request) -> Response:
+        registry = node.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPError)
         return error_response(exc)
@@ -272,6 +285,7 @@ def create_app(
             node.auth, settings.max_request_bytes, settings.origin_rules, settings.max_json_depth
         ).routes(),
         *browser_routes(demo=application is demo),
+        *([Route("/metrics", metrics, methods=["GET"])] if settings.metrics else []),
         WebSocketRoute(SYNC_PATH, node.sync),  # reached only if TetherApp is bypassed
     ]
     app = Starlette(

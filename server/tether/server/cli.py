@@ -291,9 +291,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CommandError(f"cannot load the server: {exc}", EXIT_FAILURE) from exc
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
-    )
+    from tether.server.logs import configure as configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
     embedded: EmbeddedRedis | None = None
     # Listening first: a port in use stops the server before it starts anything else.
     sockets = listen(settings.host, settings.port)
@@ -410,6 +410,9 @@ def _run_uvicorn(settings: Settings, app: TetherApp, sockets: list[socket.socket
         ws_ping_timeout=float(settings.ping_interval),
         lifespan="on",
         log_level=settings.log_level.lower(),
+        # uvicorn installs no handlers: its lines (the access log too) go to the root handler
+        # of tether.server.logs.configure, in TETHER_LOG_FORMAT, with ids, redacted.
+        log_config=None,
         # Counted from the end of Tether's drain (compat.uvicorn.draining_server), which closed
         # the sockets with 1012 and bounded its own wait by TETHER_DRAIN_TIMEOUT.
         timeout_graceful_shutdown=SHUTDOWN_GRACE,

@@ -87,6 +87,15 @@ def _parse_optional_int(raw: str) -> int | None:
     return _parse_int(raw) if raw.strip() else None
 
 
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
 def _parse_str(raw: str) -> str:
     return raw.strip()
 
@@ -288,6 +297,12 @@ class Settings:
         _parse_float,
         "seconds during which repeats of a warning or error are counted, not logged; 0: log all",
     )
+    log_format: str = _setting(
+        "text", _parse_str, "text, or json: one JSON object per line with connection ids"
+    )
+    metrics: bool = _setting(
+        True, _parse_bool, "serve Prometheus metrics at GET /metrics (keep it off the internet)"
+    )
 
     # ------------------------------------------------------------------ derived values
 
@@ -413,6 +428,8 @@ class Settings:
             )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
+        if self.log_format not in ("text", "json"):
+            fail("log_format", f"must be text or json, got {self.log_format!r}")
         if self.redis_url is not None:
             problem = _redis_url_problem(self.redis_url)
             if problem:

@@ -19,6 +19,7 @@ request must carry ``Tether-CSRF: 1`` (a cross-site form cannot set a header) an
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -31,9 +32,12 @@ from tether.server.auth.service import AuthService, TokenPair
 from tether.server.clock import to_ms
 from tether.server.errors import HTTPError
 from tether.server.json_input import JSONInputError, parse_client_json
+from tether.server.logs import begin_request
 from tether.server.origins import is_loopback_http, origin_allowed
 
 JWKS_PATH = "/.well-known/jwks.json"
+
+Handler = Callable[[Request], Awaitable[Response]]
 
 #: The refresh cookie: its name, and the only path it is sent to.
 REFRESH_COOKIE = "tether_refresh"
@@ -323,13 +327,37 @@ class AuthRoutes:
             }
         )
 
+    def _observed(self, route: str, handler: Handler) -> Handler:
+        """``handler`` counted in ``tether_http_auth_requests`` by its answer's code, with its
+        log lines naming the user and session once the service knows them."""
+        metrics = self.service.metrics
+
+        async def observed(request: Request) -> Response:
+            begin_request()
+            try:
+                response = await handler(request)
+            except AuthFailure as exc:
+                metrics.http_auth(route, str(http_error(exc).code))
+                raise
+            except HTTPError as exc:
+                metrics.http_auth(route, str(exc.code))
+                raise
+            except Exception:
+                metrics.http_auth(route, "internal")
+                raise
+            metrics.http_auth(route, "ok")
+            return response
+
+        return observed
+
     def routes(self) -> list[Route]:
+        observed = self._observed
         return [
-            Route("/auth/signup", self.signup, methods=["POST"]),
-            Route("/auth/signin", self.signin, methods=["POST"]),
-            Route("/auth/refresh", self.refresh, methods=["POST"]),
-            Route("/auth/signout", self.signout, methods=["POST"]),
-            Route("/auth/signout-all", self.signout_all, methods=["POST"]),
+            Route("/auth/signup", observed("signup", self.signup), methods=["POST"]),
+            Route("/auth/signin", observed("signin", self.signin), methods=["POST"]),
+            Route("/auth/refresh", observed("refresh", self.refresh), methods=["POST"]),
+            Route("/auth/signout", observed("signout", self.signout), methods=["POST"]),
+            Route("/auth/signout-all", observed("signout_all", self.signout_all), methods=["POST"]),
             Route(JWKS_PATH, self.jwks, methods=["GET"]),
             Route("/.well-known/openid-configuration", self.openid_configuration, methods=["GET"]),
         ]

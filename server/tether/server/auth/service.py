@@ -24,6 +24,8 @@ from tether.server.auth.rate_limits import RateLimiter
 from tether.server.auth.sessions import RefreshRejected, SessionGrant, SessionStore
 from tether.server.auth.tokens import AccessClaims, AccessTokens, TokenError
 from tether.server.clock import Clock, system_clock, to_ms
+from tether.server.logs import note_identity
+from tether.server.metrics import Metrics, discarded
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient
 from tether.server.settings import Settings
@@ -99,11 +101,12 @@ def _opt_str(value: bytes | str | None) -> str | None:
 
 
 @asynccontextmanager
-async def redis_unavailable() -> AsyncIterator[None]:
+async def redis_unavailable(metrics: Metrics | None = None) -> AsyncIterator[None]:
     """Turn a Redis outage into an ``unavailable`` failure: retry later, never a sign-out."""
     try:
         yield
     except RedisError as exc:
+        (metrics or discarded()).redis_error("auth")
         log.warning("redis unavailable: %s", exc.__class__.__name__)
         raise AuthFailure(
             AuthErrorCode.UNAVAILABLE, "the session store is unreachable; retry shortly"
@@ -119,8 +122,11 @@ class AuthService:
         tokens: AccessTokens,
         passwords: Passwords,
         clock: Clock = system_clock,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or discarded()
         self.redis = redis
         self.sessions = sessions
         self.tokens = tokens
@@ -160,7 +166,7 @@ class AuthService:
     async def sign_up(self, email_raw: object, password_raw: object, client: str) -> TokenPair:
         email = normalize_email(email_raw)
         password = check_password(password_raw)
-        async with redis_unavailable():
+        async with redis_unavailable(self.metrics):
             await self._limit(f"signup:addr:{client}", "signup_limit_address")
             if await self.redis.exists(redis_keys.email(email)):
                 raise AuthFailure(HTTPCode.EMAIL_TAKEN, "an account uses this e-mail")
@@ -177,6 +183,7 @@ class AuthService:
                 await self.redis.delete(user_key)
                 raise AuthFailure(HTTPCode.EMAIL_TAKEN, "an account uses this e-mail")
             grant = await self.sessions.create(uid)
+        note_identity(uid, grant.session_id)
         log.info("user signed up user=%s session=%s", uid, grant.session_id)
         return self._pair(grant)
 
@@ -188,7 +195,7 @@ class AuthService:
             password = check_password(password_raw)
         except AuthFailure:
             raise invalid from None
-        async with redis_unavailable():
+        async with redis_unavailable(self.metrics):
             await self._limit(f"signin:addr:{client}", "signin_limit_address")
             # Per account, every attempt from every address counts before the password is
             # checked (so parallel guesses cannot slip past the limit), and a success is
@@ -207,6 +214,7 @@ class AuthService:
                     redis_keys.user(uid), "pw", await self.passwords.hash(password)
                 )
             grant = await self.sessions.create(uid)
+        note_identity(uid, grant.session_id)
         log.info("user signed in user=%s session=%s", uid, grant.session_id)
         return self._pair(grant)
 
@@ -214,8 +222,9 @@ class AuthService:
         retry_key = check_retry_key(retry_key_raw)
         parsed = self.sessions.codec.parse(refresh_token)
         if parsed is None:
+            self.metrics.refresh_outcome("invalid")
             raise AuthFailure(AuthErrorCode.REFRESH_INVALID, "the refresh token is not valid")
-        async with redis_unavailable():
+        async with redis_unavailable(self.metrics):
             await self._limit(f"refresh:sess:{parsed.session_id}", "refresh_limit_session")
             try:
                 grant = await self.sessions.rotate(refresh_token, retry_key)
@@ -224,6 +233,7 @@ class AuthService:
                     log.warning("refresh token reuse: session %s ended", parsed.session_id)
                     raise AuthFailure(AuthErrorCode.REFRESH_REUSED, exc.message) from None
                 raise AuthFailure(AuthErrorCode.REFRESH_INVALID, exc.message) from None
+        note_identity(grant.user_id, grant.session_id)
         return self._pair(grant)
 
     async def verify_access(self, token: object) -> AccessClaims:
@@ -237,7 +247,8 @@ class AuthService:
             claims = self.tokens.verify(token, now=self.clock())
         except TokenError as exc:
             raise AuthFailure(exc.code, exc.message) from None
-        async with redis_unavailable():
+        note_identity(claims.user_id, claims.session_id)
+        async with redis_unavailable(self.metrics):
             info = await self.sessions.lookup(claims.session_id)
         if info is None or info.user_id != claims.user_id:
             raise AuthFailure(AuthErrorCode.SESSION_REVOKED, "the session has ended")
@@ -245,13 +256,13 @@ class AuthService:
 
     async def sign_out(self, token: object) -> None:
         claims = await self.verify_access(token)
-        async with redis_unavailable():
+        async with redis_unavailable(self.metrics):
             await self.sessions.end(claims.session_id, SessionEndReason.SIGNED_OUT)
         log.info("signed out user=%s session=%s", claims.user_id, claims.session_id)
 
     async def sign_out_all(self, token: object) -> None:
         claims = await self.verify_access(token)
-        async with redis_unavailable():
+        async with redis_unavailable(self.metrics):
             count = await self.sessions.end_all(
                 claims.user_id, SessionEndReason.SIGNED_OUT_EVERYWHERE
             )

@@ -54,6 +54,7 @@ from redis.exceptions import RedisError
 from tether.protocol import HTTPCode, SessionEndReason
 from tether.server.auth.refresh_tokens import RefreshToken, RefreshTokenCodec, hash_retry_key
 from tether.server.clock import Clock, system_clock, to_ms
+from tether.server.metrics import Metrics, discarded
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient, connect, load_script
 from tether.server.settings import Settings
@@ -69,6 +70,17 @@ SWEEP_BATCH = 200
 #: token's end and reaches Redis later, a token minted by a refresh racing the end, and clock
 #: skew between the instances (a token's ``exp``) and Redis (the fence's expiry).
 FENCE_MARGIN = 60
+
+
+#: The rotation script's answers as the metric's outcomes ('current': the previous token again,
+#: within the reuse window or with its retryKey).
+_REFRESH_OUTCOMES = {
+    "rotated": "rotated",
+    "current": "retried",
+    "reused": "reused",
+    "expired": "expired",
+    "invalid": "invalid",
+}
 
 
 class RefreshRejected(Exception):
@@ -116,11 +128,14 @@ class SessionStore:
         codec: RefreshTokenCodec,
         settings: Settings,
         clock: Clock = system_clock,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.redis = redis
         self.codec = codec
         self.settings = settings
         self.clock = clock
+        self.metrics = metrics or discarded()
         self._rotate = load_script(redis, "tether.server.auth", "session_rotate")
         self._end = load_script(redis, "tether.server.auth", "session_end")
         self._release_fence = load_script(redis, "tether.server.auth", "fence_release")
@@ -196,6 +211,7 @@ class SessionStore:
         token = self.codec.parse(raw_token)
         if token is None:
             # Forged or malformed: refused before Redis is touched.
+            self.metrics.refresh_outcome("invalid")
             raise RefreshRejected(HTTPCode.REFRESH_INVALID, "the refresh token is not valid")
         successor = self.codec.successor(token)
         sid = token.session_id
@@ -208,6 +224,7 @@ class SessionStore:
         )
         # 'rotated DEADLINE USERID' | 'current DEADLINE USERID' | 'reused' | 'expired' | 'invalid'
         outcome, _, rest = reply.partition(" ")
+        self.metrics.refresh_outcome(_REFRESH_OUTCOMES.get(outcome, "invalid"))
         if outcome == "rotated" or outcome == "current":
             deadline, _, user_id = rest.partition(" ")
             return SessionGrant(user_id, sid, successor.token, int(deadline))

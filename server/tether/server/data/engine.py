@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from tether.protocol import ErrorCode, wrong_kind_message
 from tether.server.data.caller import Caller
 from tether.server.data.functions import (
@@ -180,15 +182,19 @@ class QueryEngine:
         spec = self.application.lookup(name)
         if spec is None or spec.kind != "mutation":
             return MutationResult(None, (ErrorCode.UNKNOWN_FUNCTION, "no such mutation"), None)
-        outcome = await run_mutation(
-            self.store,
-            spec,
-            kwargs,
-            _auth(identity),
-            client_id=client_id,
-            request_id=request_id,
-            authorized=authorized,
-        )
+        try:
+            outcome = await run_mutation(
+                self.store,
+                spec,
+                kwargs,
+                _auth(identity),
+                client_id=client_id,
+                request_id=request_id,
+                authorized=authorized,
+            )
+        except RedisError:
+            self.store.metrics.redis_error("mutation")
+            raise
         return MutationResult(
             outcome.value_json, outcome.error, outcome.version, outcome.written_keys
         )

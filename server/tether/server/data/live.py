@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from tether.server.clock import Clock
 from tether.server.data.caller import Caller
+from tether.server.metrics import Metrics, discarded
 
 log = logging.getLogger("tether.subscriptions")
 
@@ -74,6 +75,8 @@ class Commit(Protocol):
     def version(self) -> int: ...
     @property
     def written_keys(self) -> frozenset[str]: ...
+    @property
+    def committed_at(self) -> float | None: ...  # seconds since the epoch, if known
 
 
 class CommitBatch(Protocol):
@@ -202,10 +205,15 @@ class SubscriptionManager:
         *,
         clock: Clock,
         identity_usable: Callable[[Caller], bool],
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
         self.identity_usable = identity_usable
+        self.metrics = metrics or discarded()
+        # When each commit not yet delivered was made (version -> seconds), for the fan-out
+        # latency: a commit of this instance from its reply, another's from the stream.
+        self._commit_times: dict[int, float] = {}
         self.entries: dict[EntryKey, _Entry] = {}
         self._by_key: dict[str, set[_Entry]] = {}
         self._free_names: set[tuple[str, str]] = set()  # (name, args) known not to read auth
@@ -291,6 +299,7 @@ class SubscriptionManager:
         With no keys, the pump reads the stream up to ``version``."""
         if written_keys and version > self.fetched:
             self._known[version] = written_keys
+        self._commit_made(version, self.clock())
         self._needed = max(self._needed, version)
         self._wake.set()
 
@@ -326,6 +335,7 @@ class SubscriptionManager:
                     # let the other tasks run before the next one.
                     await asyncio.sleep(0)
                 except RedisError as exc:
+                    self.metrics.redis_error("subscriptions")
                     log.warning("subscription cycle failed (%s); retrying", exc.__class__.__name__)
                     self._resync = True
                     await asyncio.sleep(backoff)
@@ -358,6 +368,7 @@ class SubscriptionManager:
                 # stop hearing of other instances' commits, with nothing to show for it.
                 if not failing:
                     if isinstance(exc, RedisError):
+                        self.metrics.redis_error("commit_watch")
                         log.warning("commit watch failed (%s); retrying", exc.__class__.__name__)
                     else:
                         log.exception("commit watch failed; retrying")
@@ -367,6 +378,7 @@ class SubscriptionManager:
                 self.resync()  # commits may have been missed while Redis was away
                 continue
             if failing:
+                self.metrics.redis_reconnect("commit_watch")
                 log.info("commit watch resumed at version %d", position)
                 failing = False
             if batch.gap:
@@ -378,6 +390,7 @@ class SubscriptionManager:
                 for commit in batch.commits:
                     if commit.version > self.fetched and len(self._known) < COMMIT_BATCH:
                         self._known[commit.version] = commit.written_keys
+                    self._commit_made(commit.version, commit.committed_at)
                 position = batch.commits[-1].version
                 self._needed = max(self._needed, batch.version)
                 self._wake.set()
@@ -439,9 +452,28 @@ class SubscriptionManager:
                 return
             for commit in batch.commits:
                 self._apply(commit.version, commit.written_keys)
+                self._commit_made(commit.version, commit.committed_at)
             self._needed = max(self._needed, batch.version)
             if len(batch.commits) < COMMIT_BATCH:
                 return
+
+    def _commit_made(self, version: int, at: float | None) -> None:
+        """Remember when commit ``version`` was made, for the fan-out latency (bounded: past
+        :data:`COMMIT_BATCH` waiting commits, later ones go unmeasured)."""
+        times = self._commit_times
+        if at is not None and version > self.processed and len(times) < COMMIT_BATCH:
+            times.setdefault(version, at)
+
+    def _commits_delivered(self, version: int, *, sent: bool) -> None:
+        """Commits up to ``version`` are delivered: observe their latency if this round sent
+        anything (a commit that changed no subscription has no fan-out to measure)."""
+        times = self._commit_times
+        now = self.clock()
+        observe = self.metrics.fanout_latency.observe
+        for done in [v for v in times if v <= version]:
+            made = times.pop(done)
+            if sent:
+                observe(max(0.0, now - made))
 
     def _apply(self, version: int, written_keys: frozenset[str]) -> None:
         """Commit ``version`` wrote ``written_keys``: what read them is dirty."""
@@ -555,6 +587,8 @@ class SubscriptionManager:
                 subscriber.deliver(version, updates, shared)
             except Exception:
                 log.exception("delivering a transition failed")
+        if self._commit_times:
+            self._commits_delivered(version, sent=bool(per_subscriber))
         if self._pending:
             # Subscriptions arrived during this cycle and have no value yet: a mutation's
             # result must not overtake their first transition (read your writes).

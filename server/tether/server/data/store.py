@@ -96,6 +96,7 @@ from redis.exceptions import RedisError
 from tether.protocol import ErrorCode, FunctionErrorCode
 from tether.server.clock import Clock, to_ms
 from tether.server.errors import FunctionError, MisuseError
+from tether.server.metrics import Metrics, discarded
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient, load_script, without_turns
 
@@ -208,10 +209,12 @@ class _RedisFailed(_Abort):
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """One entry of the commit stream: a version and the keys its commit wrote."""
+    """One entry of the commit stream: a version, the keys its commit wrote, and when it was
+    made (seconds since the epoch, Redis's clock; None for an entry without its field ``t``)."""
 
     version: int
     written_keys: frozenset[str]
+    committed_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -825,6 +828,7 @@ class Store:
         max_result_bytes: int = 1_048_576,
         max_retries: int = 8,
         query_attempts: int = 5,
+        metrics: Metrics | None = None,
     ) -> None:
         if outcome_ttl < MIN_OUTCOME_TTL:
             raise ValueError(f"outcome_ttl must be at least {MIN_OUTCOME_TTL} seconds")
@@ -839,6 +843,7 @@ class Store:
         self.max_result_bytes = max_result_bytes
         self.max_retries = max_retries
         self.query_attempts = query_attempts
+        self.metrics = metrics or discarded()
         self._commit_script = load_script(redis, "tether.server.data", "commit")
         self._read_script = load_script(redis, "tether.server.data", "read")
         self._retry_turns: dict[str, _Turn] = {}  # key -> the retries waiting on it here
@@ -884,7 +889,9 @@ class Store:
                 gap = True
                 break
             keys = json.loads(_text(fields["k"]))
-            commits.append(Commit(version, frozenset(keys)))
+            stamp = fields.get("t")
+            committed_at = int(_text(stamp)) / 1e6 if stamp is not None else None
+            commits.append(Commit(version, frozenset(keys), committed_at))
         if not commits and current > after:
             gap = True
         latest = max(current, commits[-1].version) if commits else current
@@ -1135,10 +1142,12 @@ class Store:
         if request is not None:
             raw = await self.redis.get(request.outcome_key)
             if raw is not None:
+                self.metrics.mutation("replayed")
                 return request.replay(_parse_outcome(_text(raw)))
         hot_key: str | None = None  # the key the last attempt conflicted on
         for attempt in range(self.max_retries + 1):
             if attempt:
+                self.metrics.mutation_retries.inc()
                 await self._backoff(attempt - 1)
             # A retry waits for this instance's other retries on the same key: they would only
             # invalidate each other (one commit per key per round trip can win).
@@ -1148,10 +1157,12 @@ class Store:
                         run, request, session_id=session_id, authorized=authorized
                     )
                 except Conflict as exc:
+                    self.metrics.mutation_conflicts.inc()
                     hot_key = exc.key
                     continue
             if outcome is not None:
                 return outcome
+        self.metrics.mutation("conflict")
         code, message = FunctionErrorCode.CONFLICT, _CONFLICT_MESSAGE.format("mutation")
         if request is not None:
             return request.replay(await self.put_outcome(request, code, message))
@@ -1185,16 +1196,22 @@ class Store:
             db, key, nonce, text, ttl, session_id=session_id, apply_writes=error is None
         )
         ended = MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED), None)
+        metrics = self.metrics
         if authorized is not None and not authorized():
+            metrics.mutation("ended")
             return ended
         result = await self._send_commit(commit)
         if result.ended:
+            metrics.mutation("ended")
             return ended
         if result.duplicate is not None:
             assert request is not None  # an attempt key is never found holding another's
+            metrics.mutation("replayed")
             return request.replay(result.duplicate)
         if error is not None:
+            metrics.mutation("error")
             return MutationOutcome(None, error, None)
+        metrics.mutation("committed")
         return MutationOutcome(value_json, None, result.version, result.written_keys)
 
     async def _run_function(

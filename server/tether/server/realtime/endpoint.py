@@ -43,6 +43,8 @@ from tether.server.data.functions import App
 from tether.server.data.live import Evaluation, Registration, SubscriptionManager
 from tether.server.data.store import IDENTITY_ENDED, RequestIdReused
 from tether.server.errors import FunctionError
+from tether.server.logs import bind_connection
+from tether.server.metrics import Metrics, discarded
 from tether.server.origins import origin_allowed
 from tether.server.realtime.core import (
     Action,
@@ -64,6 +66,7 @@ from tether.server.realtime.core import (
     encode_frame,
 )
 from tether.server.realtime.eager import start_eagerly
+from tether.server.realtime.observe import FrameObserver
 from tether.server.realtime.session_hub import SessionHub
 from tether.server.realtime.timers import DeadlineQueue
 from tether.server.settings import Settings
@@ -232,6 +235,8 @@ class Connection:
         for action in actions:
             if isinstance(action, Send):
                 text = action.text
+                if text is None:
+                    self.endpoint.observe(action.frame, self.core)
                 self.enqueue(text if text is not None else encode_frame(action.frame))
             elif isinstance(action, Close):
                 self.close_soon(action.code, action.reason)
@@ -372,12 +377,14 @@ class Connection:
         """Close after the frames already queued (protocol errors, heartbeat)."""
         if self.closing:
             return
+        self.endpoint.metrics.closed(code)
         self._begin_closing()
         self._queue().append((code, reason))
         self._start_writer()
 
     def close_now(self, code: int, reason: str) -> None:
         """Close without sending what is queued (slow consumer, oversize frame)."""
+        self.endpoint.metrics.closed(code)
         if self.writer is not None:
             self.writer.cancel()
             self.writer = None
@@ -627,15 +634,17 @@ class SyncEndpoint:
         application: App,
         engine: QueryEngine,
         clock: Clock,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics = metrics or discarded()
         self.auth = auth
         self.hub = hub
         self.application = application
         self.engine = engine
         self.clock = clock
         self.subscriptions = SubscriptionManager(
-            engine, clock=clock, identity_usable=self.identity_usable
+            engine, clock=clock, identity_usable=self.identity_usable, metrics=metrics
         )
         self.timers = DeadlineQueue(clock)
         self.connections: set[Connection] = set()
@@ -643,6 +652,7 @@ class SyncEndpoint:
         #: Set once :meth:`drain` has begun, and then once the last connection has ended.
         self.drained: asyncio.Event | None = None
         self.timing = Timing(float(settings.expiry_notice), float(settings.clock_leeway))
+        self.observe = FrameObserver(metrics, self.timing)
         self.limits = Limits(
             max_subscriptions=settings.max_subscriptions,
             max_pending_mutations=settings.max_pending_mutations,
@@ -706,6 +716,7 @@ class SyncEndpoint:
             )
             if self._sweep is None:
                 self._schedule_sweep()
+            bind_connection(core)  # the log lines of this socket's tasks carry its ids
             await Connection(self, send, core).run(receive)
         finally:
             release_socket_later(send, self.settings.close_grace)

@@ -43,7 +43,9 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from tether.protocol import SessionEndReason
 from tether.server.auth.sessions import SessionStore
+from tether.server.clock import Clock, system_clock
 from tether.server.compat.redis import reload_layout
+from tether.server.metrics import Metrics, discarded
 from tether.server.redis.connection import RedisClient, connect
 from tether.server.redis.keys import SESSION_ENDED_CHANNEL
 
@@ -78,7 +80,8 @@ class SessionHub:
     :class:`SessionStore`, used for the re-check on its command connection; the subscription uses
     a connection of the hub's own, opened from ``redis_url``. ``recent_ttl``: how long (seconds)
     :meth:`recently_ended` remembers an ended session. ``recheck_batch``: sessions read per round
-    trip by :meth:`recheck`. ``monotonic``: the clock for ``recent_ttl`` (tests move it).
+    trip by :meth:`recheck`. ``monotonic``: the clock for ``recent_ttl`` (tests move it);
+    ``clock``: the wall clock, for the revocation latency counted in ``metrics``.
     """
 
     def __init__(
@@ -89,6 +92,8 @@ class SessionHub:
         recent_ttl: float = 120.0,
         recheck_batch: int = 500,
         monotonic: Callable[[], float] = time.monotonic,
+        clock: Clock = system_clock,
+        metrics: Metrics | None = None,
     ) -> None:
         if recent_ttl <= 0:
             raise ValueError("recent_ttl must be positive")
@@ -103,6 +108,8 @@ class SessionHub:
         self._recent_ttl = recent_ttl
         self._recheck_batch = recheck_batch
         self._monotonic = monotonic
+        self._clock = clock
+        self._metrics = metrics or discarded()
         # Most sessions have one connection on an instance: it is stored bare, and a set is made
         # only for the second one.
         self._listeners: dict[str, SessionListener | set[SessionListener]] = {}
@@ -207,6 +214,7 @@ class SessionHub:
                 # RedisClusterException: no node answered the layout query, or the layout left
                 # the channel's slot uncovered. redis-py does not count it as a RedisError.
                 except (RedisError, RedisClusterException, OSError) as exc:
+                    self._metrics.redis_error("session_hub")
                     # The backoff is back at its minimum only after a subscribe worked: the
                     # first failure is worth a warning, the retries during an outage are not.
                     first = self._backoff == _BACKOFF_MIN
@@ -324,6 +332,7 @@ class SessionHub:
             log.info("subscribed to session-ended events")
             self.ready.set()
         else:
+            self._metrics.redis_reconnect("session_hub")
             log.info("re-subscribed to session-ended events")
 
     def _on_event(self, data: object) -> None:
@@ -332,11 +341,15 @@ class SessionHub:
             # Not the payload: it is not ours to print, and could be anything.
             log.warning("ignored a malformed session-ended event")
             return
-        session_id, reason = parsed
+        session_id, reason, ended_at = parsed
         log.debug("session %s ended: %s", session_id, reason)
-        self._session_ended(session_id, reason)
+        self._session_ended(session_id, reason, self._clock() if ended_at is None else ended_at)
 
-    def _session_ended(self, session_id: str, reason: SessionEndReason) -> None:
+    def _session_ended(
+        self, session_id: str, reason: SessionEndReason, ended_at: float | None = None
+    ) -> None:
+        """Tell the listeners of ``session_id``; ``ended_at`` (seconds): when the session ended,
+        from its event (None from a re-check: the end's time is not known)."""
         self._remember(session_id, reason)
         # Popped before the calls: a listener may unbind (a no-op now) or bind during its call.
         entry = self._listeners.pop(session_id, None)
@@ -350,6 +363,14 @@ class SessionHub:
                 listener.session_ended(session_id, reason)
             except Exception:
                 log.exception("a session_ended listener failed")
+        metrics = self._metrics
+        if ended_at is None:
+            metrics.revocation_delivered(len(listeners), "recheck")
+            return
+        metrics.revocation_delivered(len(listeners), "event")
+        latency = max(0.0, self._clock() - ended_at)
+        for _ in listeners:
+            metrics.revocation_latency.observe(latency)
 
     def _remember(self, session_id: str, reason: SessionEndReason) -> None:
         now = self._monotonic()
@@ -362,8 +383,9 @@ class SessionHub:
             self._recent.popitem(last=False)
 
 
-def _parse_event(data: object) -> tuple[str, SessionEndReason] | None:
-    """``(session id, reason)`` of a session-ended event, or None when it is malformed.
+def _parse_event(data: object) -> tuple[str, SessionEndReason, float | None] | None:
+    """``(session id, reason, when it ended in seconds or None)`` of a session-ended event, or
+    None when it is malformed.
 
     An unknown reason (from a newer instance during a rolling deploy) still ends the session,
     as ``revoked``: dropping the event would leave the session authenticated.
@@ -382,11 +404,13 @@ def _parse_event(data: object) -> tuple[str, SessionEndReason] | None:
     reason = event.get("reason")
     if not isinstance(session_id, str) or not session_id or not isinstance(reason, str):
         return None
+    at = event.get("at")
+    ended_at = at / 1000 if isinstance(at, int | float) and not isinstance(at, bool) else None
     try:
-        return session_id, SessionEndReason(reason)
+        return session_id, SessionEndReason(reason), ended_at
     except ValueError:
         log.warning("session-ended event with an unknown reason; treating it as revoked")
-        return session_id, SessionEndReason.REVOKED
+        return session_id, SessionEndReason.REVOKED, ended_at
 
 
 async def _close_quietly(pubsub: PubSub) -> None:
