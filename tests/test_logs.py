@@ -10,12 +10,17 @@ sign-out pushed to the socket; then the whole log is read back.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from tether.server.logs import ContextFilter, bind_connection
+from tether.server.realtime.timers import DeadlineQueue
 
 from tests.harness import ServerProcess
 from tests.sync_client import PASSWORD, auth_post, connect_sync, signup
@@ -151,3 +156,38 @@ async def test_text_log_holds_no_secret(
     _assert_no_secret(log, seen["secrets"])
     # The socket's lines name it, in text too.
     assert f"connection={seen['connection']}" in log
+
+
+class _Subject:
+    connection_id = "armed-by-this-connection"
+    identity = None
+
+
+class _Target:
+    """A deadline target that records whose ids a line logged from its callback would carry."""
+
+    def __init__(self) -> None:
+        self.scheduled_deadline: float | None = None
+        self.seen: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    def on_deadline(self, now: float) -> None:
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "line", None, None)
+        ContextFilter().filter(record)
+        self.seen.set_result(record.connection_id)
+
+
+async def test_a_deadline_fires_in_no_connections_context() -> None:
+    # One timer serves every connection: armed from one connection's task, its callback must
+    # not log another connection's deadline under the first one's ids.
+    queue = DeadlineQueue()
+    target = _Target()
+
+    async def a_connection_arms_it() -> None:
+        bind_connection(_Subject())
+        queue.schedule(target, time.time() + 0.05)
+
+    await asyncio.create_task(a_connection_arms_it())
+    try:
+        assert await asyncio.wait_for(target.seen, 5) is None
+    finally:
+        queue.close()

@@ -10,6 +10,7 @@ earlier pushes one entry. Stale entries are skipped when popped.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import logging
@@ -63,7 +64,9 @@ class DeadlineQueue:
         loop = asyncio.get_running_loop()
         delay = max(0.0, when - self._clock())
         self._armed_for = when
-        self._handle = loop.call_at(loop.time() + delay, self._fire)
+        # A context of its own: the callback would otherwise run in that of whichever connection
+        # armed it, and its log lines carry that connection's ids (tether.server.logs).
+        self._handle = loop.call_at(loop.time() + delay, self._fire, context=contextvars.Context())
 
     def _fire(self) -> None:
         self._handle = None
