@@ -744,6 +744,10 @@ async def test_slow_consumer_is_closed_with_4008_and_released_while_the_server_s
         assert (opcode, payload[:2]) == (0x8, (4008).to_bytes(2, "big")), payload
         everything = count * 3 * STAMPED_SIZE
         assert len(received) < everything, "everything was queued: the limit did not hold"
+        # Counted for operators: tether_connection_closes_total{code="4008"} (docs/operations.md).
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(server.base_url + "/metrics")).text
+        assert 'tether_connection_closes_total{code="4008"}' in metrics, metrics
     finally:
         silent.close()
 
