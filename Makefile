@@ -26,6 +26,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
+.PHONY: browser test-browser
+
+## Chromium for the browser tests, from Debian's package, when /usr/bin/chromium is missing.
+browser:
+	bash .ci/install-browser
+
+## Only the browser tests (real Chromium driven by Playwright; the 100-lifetime run takes ~4 min).
+test-browser: $(STAMP) browser
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_browser.py
+
 ## Lint, format check, and the import contracts of pyproject.toml ([tool.importlinter]).
 lint: $(STAMP) $(IMPORT_TREE)
 	$(BIN)/ruff check .
