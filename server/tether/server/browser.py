@@ -3,8 +3,9 @@ with the built-in demo application, the demo page at ``/``.
 
 Both ship inside the package (``tether/server/static/``, listed in pyproject's package-data)
 and are read once, when the app is built. ``static/tether.js`` is the build output of the
-repository's ``js/`` folder (``js/dist/tether.js``, copied there by the JS build); a checkout
-that has not built it carries a placeholder whose ``TetherClient`` throws "not built".
+repository's ``js/`` folder (``js/dist/tether.js``, copied there by ``make js``), committed so
+that running Tether needs no Node; ``make js-check`` (in CI) fails when it is not the current
+build. ``static/index.html`` is the demo page, plain HTML on the §6 API of ``/tether.js``.
 """
 
 from __future__ import annotations
