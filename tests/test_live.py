@@ -9,7 +9,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio
 from tether.server import demo
@@ -22,6 +22,9 @@ from tether.server.data.live import (
     SubscriptionManager,
 )
 from tether.server.data.store import Store
+from tether.server.realtime.live_sockets import LiveSockets
+from tether.server.realtime.session_hub import SessionHub
+from tether.server.redis import keys as redis_keys
 
 from tests.clock import ManualClock
 from tests.harness import ServerProcess
@@ -125,3 +128,38 @@ def test_sigusr1_logs_where_every_task_of_an_instance_waits(
     assert server.returncode is None
     with urllib.request.urlopen(f"{server.base_url}/healthz", timeout=5) as response:
         assert response.status == 200
+
+
+class _FlakyHub:
+    """What LiveSockets reads of a SessionHub: per-session counts; the first read fails the
+    way a bug would (no RedisError)."""
+
+    def __init__(self) -> None:
+        self.on_change: Callable[[str], None] | None = None
+        self.reads = 0
+
+    def counts(self) -> dict[str, int]:
+        self.reads += 1
+        if self.reads == 1:
+            raise KeyError("a bug")
+        return {"s1": 2}
+
+
+async def test_the_live_socket_report_outlives_an_unexpected_error(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Found in review, the same class of fault as the commit watcher's: an error other than a
+    Redis or OS error ended the reporter's task, and the instance's sockets went uncounted."""
+    hub = _FlakyHub()
+    reporter = LiveSockets(redis_client, cast(SessionHub, hub), interval=0.2, instance_id="i1")
+    task = asyncio.create_task(reporter.run())
+    try:
+        async with asyncio.timeout(10):
+            while await redis_client.hget(redis_keys.live_sockets("i1"), "s1") != "2":
+                assert not task.done(), task
+                await asyncio.sleep(0.05)
+        assert hub.reads >= 2
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

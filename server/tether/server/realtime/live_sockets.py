@@ -114,10 +114,15 @@ class LiveSockets:
             beat = loop.time() >= next_beat
             try:
                 await self._write(beat)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
+                # Whatever failed, the reporter goes on: ended, it would leave the instance's
+                # sockets uncounted once the report expires, with nothing to show for it.
                 self._whole = True
-                level = logging.DEBUG if failing else logging.WARNING
-                log.log(level, "live-socket report not written: %s", type(exc).__name__)
+                if isinstance(exc, (RedisError, OSError)):
+                    level = logging.DEBUG if failing else logging.WARNING
+                    log.log(level, "live-socket report not written: %s", type(exc).__name__)
+                elif not failing:
+                    log.exception("live-socket report failed")
                 failing = True
                 next_beat = loop.time() + self._interval
                 continue
