@@ -2,8 +2,8 @@
 
 Two runs, each a child process of its own (the harness starts Redis, the instances, its proxy
 and its client processes, injects faults and accounts for every mutation; see its docstring
-and ``docs/reliability.md``): a standalone Redis with 6 clients for 60 access-token lifetimes
-(~2 min), and a Redis Cluster whose data master fails over, with 4 clients for 20 lifetimes.
+and ``docs/reliability.md``): a standalone Redis with 6 clients for 40 access-token lifetimes
+(~1.5 min), and a Redis Cluster whose data master fails over, with 4 clients for 20 lifetimes.
 Each asserts that every target figure is zero and that a fault of every kind was injected;
 the long run is ``make chaos``.
 """
@@ -58,7 +58,7 @@ def assert_clean(result: dict[str, Any], output: str, kinds: set[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_short_chaos_run_standalone_redis(tmp_path: Path) -> None:
-    result, output = run_chaos(tmp_path, "--clients", "6", "--lifetimes", "60", timeout=840)
+    result, output = run_chaos(tmp_path, "--clients", "6", "--lifetimes", "40", timeout=840)
     assert_clean(
         result,
         output,
