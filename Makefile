@@ -24,7 +24,7 @@ run: $(STAMP)
 
 ## Run the whole test suite (starts its own redis-server processes on free ports).
 test: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 .PHONY: browser test-browser
 

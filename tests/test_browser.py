@@ -28,6 +28,10 @@ import pytest
 
 from tests.harness import ServerProcess
 
+#: Under ``pytest -n`` (make test), the chaos and browser runs share one worker, one after the
+#: other: each starts many processes on 2-second tokens and must not run beside the other.
+pytestmark = pytest.mark.xdist_group("heavy")
+
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 

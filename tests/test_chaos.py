@@ -18,6 +18,10 @@ from typing import Any
 
 import pytest
 
+#: Under ``pytest -n`` (make test), the chaos and browser runs share one worker, one after the
+#: other: each starts many processes on 2-second tokens and must not run beside the other.
+pytestmark = pytest.mark.xdist_group("heavy")
+
 REPO = Path(__file__).resolve().parents[1]
 CHAOS = REPO / "bench" / "chaos.py"
 
