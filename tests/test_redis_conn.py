@@ -7,6 +7,7 @@ if Redis were down, and not open a connection per command — on one server and 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -162,26 +163,9 @@ async def test_a_connection_closed_while_a_command_is_sent_is_retried_not_an_att
         await client.set("{closed}:k", "v")
         node = client.get_node_from_key("{closed}:k")
         assert node is not None
-        await node.disconnect()  # its connections reconnect on their next use
-        lost = False
-        for connection in node._free:
-            reconnect = connection._connect
-
-            async def connect_then_lose(
-                connection: Any = connection, reconnect: Any = reconnect
-            ) -> None:
-                nonlocal lost
-                await reconnect()
-                if not lost:
-                    lost = True
-                    # What a concurrent disconnect() leaves, at the next turn of the loop: after
-                    # the send checked the connection, before it writes (redis-py sends under
-                    # asyncio.wait_for, which starts the write in a task of its own).
-                    asyncio.get_running_loop().call_soon(setattr, connection, "_writer", None)
-
-            connection._connect = connect_then_lose
+        lost = await _lose_the_next_connection(node)
         assert await client.get("{closed}:k") == "v"
-        assert lost, "the fault was not injected"
+        assert lost(), "the fault was not injected"
     finally:
         await client.aclose()
 
@@ -199,24 +183,10 @@ async def test_a_connection_closed_while_a_pipeline_is_sent_is_a_connection_erro
         await client.set("{closed}:k", "1")
         node = client.get_node_from_key("{closed}:k")
         assert node is not None
-        await node.disconnect()
-        lost = False
-        for connection in node._free:
-            reconnect = connection._connect
-
-            async def connect_then_lose(
-                connection: Any = connection, reconnect: Any = reconnect
-            ) -> None:
-                nonlocal lost
-                await reconnect()
-                if not lost:
-                    lost = True
-                    asyncio.get_running_loop().call_soon(setattr, connection, "_writer", None)
-
-            connection._connect = connect_then_lose
+        lost = await _lose_the_next_connection(node)
         with pytest.raises(redis.exceptions.ConnectionError):
             await pipelined(client, "{closed}:k")
-        assert lost, "the fault was not injected"
+        assert lost(), "the fault was not injected"
         assert await pipelined(client, "{closed}:k") == 2
     finally:
         await client.aclose()
@@ -239,3 +209,26 @@ async def test_a_connection_closed_while_a_pipeline_is_sent_is_a_connection_erro
 )
 def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+async def _lose_the_next_connection(node: Any) -> Callable[[], bool]:
+    """Disconnect ``node`` (a cluster node) so its connections reconnect on next use, and have
+    the first reconnect lose its writer as a concurrent ``disconnect()`` leaves it: after the
+    send checked the connection, before it writes (redis-py sends under asyncio.wait_for,
+    which starts the write in a task of its own). Returns: whether it happened."""
+    await node.disconnect()
+    lost = False
+    for connection in node._free:
+        reconnect = connection._connect
+
+        async def connect_then_lose(
+            connection: Any = connection, reconnect: Any = reconnect
+        ) -> None:
+            nonlocal lost
+            await reconnect()
+            if not lost:
+                lost = True
+                asyncio.get_running_loop().call_soon(setattr, connection, "_writer", None)
+
+        connection._connect = connect_then_lose
+    return lambda: lost

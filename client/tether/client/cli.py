@@ -193,7 +193,7 @@ async def _login(args: argparse.Namespace) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    from tether.client.errors import AuthError, ClientClosed, QueryError
+    from tether.client.errors import ClientClosed, QueryError
 
     function_args = _json_object(args.function_args)
     stop = asyncio.Event()
@@ -201,10 +201,8 @@ async def _watch(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    try:
-        client = await _client(args)
-    except AuthError as exc:
-        _say(f"sign-in failed: {exc.code}: {exc.message}")
+    client = await _signed_in_client(args)
+    if client is None:
         return EXIT_FAILURE
 
     async def print_values() -> int:
@@ -234,14 +232,23 @@ async def _watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _query(args: argparse.Namespace) -> int:
-    from tether.client.errors import AuthError, ClientClosed, QueryError
+async def _signed_in_client(args: argparse.Namespace) -> TetherClient | None:
+    """The command's client (see :func:`_client`), or None once a failed sign-in was said."""
+    from tether.client.errors import AuthError
 
-    function_args = _json_object(args.function_args)
     try:
-        client = await _client(args)
+        return await _client(args)
     except AuthError as exc:
         _say(f"sign-in failed: {exc.code}: {exc.message}")
+        return None
+
+
+async def _query(args: argparse.Namespace) -> int:
+    from tether.client.errors import ClientClosed, QueryError
+
+    function_args = _json_object(args.function_args)
+    client = await _signed_in_client(args)
+    if client is None:
         return EXIT_FAILURE
     async with client:
         try:
@@ -261,13 +268,11 @@ async def _query(args: argparse.Namespace) -> int:
 
 
 async def _call(args: argparse.Namespace) -> int:
-    from tether.client.errors import AuthError, ClientClosed, MutationError
+    from tether.client.errors import ClientClosed, MutationError
 
     function_args = _json_object(args.function_args)
-    try:
-        client = await _client(args)
-    except AuthError as exc:
-        _say(f"sign-in failed: {exc.code}: {exc.message}")
+    client = await _signed_in_client(args)
+    if client is None:
         return EXIT_FAILURE
     async with client:
         try:
