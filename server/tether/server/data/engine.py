@@ -11,6 +11,7 @@ the commit stream to the subscription manager.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,7 +123,19 @@ async def run_mutation(
         user_id = None if auth is None else auth.user_id
         request = MutationRequest(spec.name, client_id, request_id, user_id)
     session_id = None if auth is None else auth.session_id
-    return await store.run_mutation(run, request, session_id=session_id, authorized=authorized)
+    return await store.run_mutation(
+        run, request, session_id=session_id, authorized=authorized, hint=_call_key(spec, kwargs)
+    )
+
+
+def _call_key(spec: FunctionSpec, kwargs: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The function and its arguments, under which the store remembers the read a run began
+    with (it makes that read together with the outcome check next time); None when the
+    arguments are not JSON."""
+    try:
+        return spec.name, json.dumps(kwargs, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
 
 
 class QueryEngine:

@@ -21,9 +21,10 @@ Guarantees
   and buffering its writes; :func:`commit` (``lua/commit.lua``) then checks in one atomic step
   that none of those versions has changed, applies the writes and appends the commit. A changed
   read fails the commit with :class:`Conflict` and :meth:`Store.run_mutation` runs the function
-  again, with jittered backoff, up to ``max_retries`` times; then its outcome is the error
-  ``conflict``. A mutation sees its own buffered writes. An application error is also checked
-  against the reads (it is the answer of a consistent state), and its writes are dropped.
+  again, up to ``max_retries`` times (on a key that conflicted recently, the instance's mutations
+  take turns, see :class:`_Turns`); then its outcome is the error ``conflict``. A mutation
+  sees its own buffered writes. An application error is also checked against the reads (it is
+  the answer of a consistent state), and its writes are dropped.
 * **Queries see one snapshot.** Each read (``lua/read.lua``, atomic, an index range together with
   its documents) returns the global version and the version of every key read. The first read
   fixes the query's snapshot; a later read that meets a key written after it raises the internal
@@ -87,7 +88,7 @@ import json
 import random
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -140,7 +141,16 @@ ATTEMPT_TTL = 120
 #: The least ``outcome_ttl`` a :class:`Store` accepts: a client replays within minutes.
 MIN_OUTCOME_TTL = 600
 
-#: Backoff between the runs of a conflicting mutation: full jitter, doubling, capped (seconds).
+#: How long a key stays hot on an instance after a commit conflicted on it there (seconds): its
+#: mutations take turns on it (see :class:`_Turns`). At most :data:`_MAX_HOT_KEYS` are tracked.
+HOT_SECONDS = 1.0
+_MAX_HOT_KEYS = 1024
+#: Calls (function and arguments) whose first read a Store remembers, to make it together with
+#: the outcome check (see :meth:`Store.run_mutation`).
+_MAX_FIRST_READS = 4096
+#: Backoff between the runs of a conflicting mutation that holds no turn on the key it
+#: conflicted on (another mutation of this instance holds it): full jitter, doubling, capped
+#: (seconds).
 _BACKOFF_BASE = 0.004
 _BACKOFF_CAP = 0.25
 
@@ -196,6 +206,14 @@ class _Abort(BaseException):
 
 class SnapshotMoved(_Abort):
     """Internal: a read met a version newer than the run's snapshot; the run is retried."""
+
+
+class _Replayed(_Abort):
+    """Internal: the mutation's first read found its outcome stored: it already finished."""
+
+    def __init__(self, stored: str) -> None:
+        super().__init__("replayed")
+        self.stored = stored
 
 
 class _RedisFailed(_Abort):
@@ -476,6 +494,11 @@ class _RangeOp:
     doc_prefix: str
 
 
+#: A read made before a mutation's run (its ops, and the version and results), for the ops its
+#: first read is expected to make.
+_Prefetched = tuple[tuple[_DocOp | _RangeOp, ...], tuple[int, list[_Doc | _Range]]]
+
+
 class _Database:
     """What :class:`QueryDB` and :class:`MutationDB` share: the schema, reading, aborting."""
 
@@ -634,8 +657,15 @@ class MutationDB(_Database):
     ``delete`` of a missing document raise ``not_found``.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, turns: _Turns | None = None) -> None:
         super().__init__(store)
+        self._turns = turns
+        # A document read through an index range -> that range's key: the key a conflict on
+        # the document is known by before the next run reads it (see _Turns).
+        self._via: dict[str, str] = {}
+        # The ops of the run's first read, and what Store.run_mutation read for them already.
+        self._first_ops: tuple[_DocOp | _RangeOp, ...] | None = None
+        self._prefetched: _Prefetched | None = None
         self._reads: dict[str, tuple[Literal["doc", "index"], int]] = {}
         self._base: dict[str, _Doc] = {}  # documents as read from Redis
         self._staged: dict[str, _Staged | None] = {}  # key → final state (None: deleted)
@@ -648,6 +678,18 @@ class MutationDB(_Database):
         return frozenset(self._reads)
 
     # -------------------------------------------------------------- reading
+
+    async def _fetch(self, ops: Sequence[_DocOp | _RangeOp]) -> tuple[int, list[_Doc | _Range]]:
+        if self._first_ops is None:
+            self._first_ops = tuple(ops)
+            prefetched, self._prefetched = self._prefetched, None
+            if prefetched is not None and prefetched[0] == self._first_ops:
+                return prefetched[1]  # read just before the run, with the outcome check
+        turns = self._turns
+        if turns is not None and self._aborted is None:
+            for op in ops:
+                await turns.take_if_hot(op.key)
+        return await super()._fetch(ops)
 
     def _record(self, key: str, kind: Literal["doc", "index"], version: int) -> None:
         seen = self._reads.get(key)
@@ -714,6 +756,7 @@ class MutationDB(_Database):
         self._record(key, "index", found.version)
         for doc in found.docs:
             self._remember(doc)
+            self._via.setdefault(doc.key, key)
 
         rows: list[tuple[tuple[int, int], dict[str, Any]]] = []
         for doc in found.docs:
@@ -793,13 +836,79 @@ class _CommitRequest:
 
 
 class _Turn:
-    """One key's retry lock on this instance, and how many retries hold or wait for it."""
+    """One hot key's lock on this instance, and how many mutations hold or wait for it."""
 
     __slots__ = ("lock", "users")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.users = 0
+
+
+class _Turns:
+    """The turns one mutation holds, on keys that are hot on this instance, until it ends.
+
+    A key is *hot* for :data:`HOT_SECONDS` after a commit conflicted on it here. A mutation
+    that conflicted on a key takes its turn there before running again, and keeps it for its
+    remaining attempts (which then run at once, without a backoff: the commit that beat it is
+    already in Redis, so the next run reads it); a first attempt takes the turn before it reads
+    a hot key. So on each instance one mutation at a time works on a hot key: the others wait
+    in line (FIFO) instead of reading a version that only one of them can commit on.
+
+    Deadlock-free: a mutation waits for a turn only while it holds none; holding one, it takes
+    another only when nobody holds or waits for it.
+    """
+
+    __slots__ = ("_held", "_store")
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._held: dict[str, _Turn] = {}
+
+    @property
+    def held(self) -> bool:
+        return bool(self._held)
+
+    def holds(self, key: str) -> bool:
+        return key in self._held
+
+    async def take_if_hot(self, key: str) -> None:
+        if key not in self._held and self._store._is_hot(key):
+            await self.take(key)
+
+    async def conflicted(self, key: str) -> None:
+        """A commit conflicted on ``key`` (or on a document read through it): mark it hot and
+        take its turn for the next attempts."""
+        self._store._mark_hot(key)
+        await self.take(key)
+
+    async def take(self, key: str) -> None:
+        if key in self._held:
+            return
+        turns = self._store._retry_turns
+        turn = turns.get(key)
+        if turn is None:
+            turn = turns[key] = _Turn()
+        elif self._held and turn.users:
+            return  # never wait while holding a turn: two mutations could wait on each other
+        turn.users += 1
+        try:
+            await turn.lock.acquire()
+        except BaseException:
+            self._leave(key, turn)
+            raise
+        self._held[key] = turn
+
+    def release(self) -> None:
+        for key, turn in self._held.items():
+            turn.lock.release()
+            self._leave(key, turn)
+        self._held.clear()
+
+    def _leave(self, key: str, turn: _Turn) -> None:
+        turn.users -= 1
+        if not turn.users and self._store._retry_turns.get(key) is turn:
+            del self._store._retry_turns[key]
 
 
 #: The error message of a mutation whose caller's identity has ended (before or while it ran).
@@ -846,7 +955,9 @@ class Store:
         self.metrics = metrics or discarded()
         self._commit_script = load_script(redis, "tether.server.data", "commit")
         self._read_script = load_script(redis, "tether.server.data", "read")
-        self._retry_turns: dict[str, _Turn] = {}  # key -> the retries waiting on it here
+        self._retry_turns: dict[str, _Turn] = {}  # hot key -> the mutations holding its turn
+        self._hot: dict[str, float] = {}  # key -> until when it is hot (loop time)
+        self._first_reads: dict[Hashable, tuple[_DocOp | _RangeOp, ...]] = {}  # hint -> ops
 
     # -------------------------------------------------------------- versions and commits
 
@@ -1048,8 +1159,14 @@ class Store:
 
     # -------------------------------------------------------------- reading
 
-    async def _read(self, ops: Sequence[_DocOp | _RangeOp]) -> tuple[int, list[_Doc | _Range]]:
-        """One atomic batch read (``read.lua``): the global version and each op's result."""
+    async def _read(
+        self, ops: Sequence[_DocOp | _RangeOp], outcome_key: str | None = None
+    ) -> tuple[int, list[_Doc | _Range]]:
+        """One atomic batch read (``read.lua``): the global version and each op's result.
+
+        With ``outcome_key`` (a mutation's), the same script first looks for its stored
+        outcome and raises :class:`_Replayed` with it instead of reading: the outcome check
+        costs no round trip of its own."""
         keys = [redis_keys.DATA_VERSION, redis_keys.DATA_INDEX_VERSIONS]
         encoded: list[list[Any]] = []
         for op in ops:
@@ -1060,7 +1177,13 @@ class Store:
                 # A limit past any index's size reads all (and stays an integer in Lua).
                 limit = -1 if op.limit is None or op.limit > _ALL else op.limit
                 encoded.append(["index", len(keys), op.order, limit, op.doc_prefix])
-        reply = await self._read_script(keys=keys, args=[_compact(encoded)])
+        args = [_compact(encoded)]
+        if outcome_key is not None:
+            keys.append(outcome_key)
+            args.append(str(len(keys)))
+        reply = await self._read_script(keys=keys, args=args)
+        if reply[0] == -1:
+            raise _Replayed(_text(reply[1]))
         results: list[_Doc | _Range] = []
         for op, result in zip(ops, reply[1:], strict=True):
             if isinstance(op, _DocOp):
@@ -1116,15 +1239,21 @@ class Store:
         *,
         session_id: str | None = None,
         authorized: Callable[[], bool] | None = None,
+        hint: Hashable | None = None,
     ) -> MutationOutcome:
         """Run a mutation once per ``request`` (its user, client id and request id) and commit
         it: ``run`` is called with a fresh :class:`MutationDB` on each attempt.
 
         A request that already has an outcome gets it back without running, or raises
         :class:`RequestIdReused` when that outcome is another function's (also when the
-        outcome appears while this one runs: then nothing is committed). Otherwise the function
-        runs against a fresh :class:`MutationDB` and commits; on :class:`Conflict` it runs again
-        after a jittered backoff, up to ``max_retries`` times, then fails with ``conflict``. A
+        outcome appears while this one runs: then nothing is committed). The outcome is looked
+        for before the function runs: with a ``GET``, or, when ``hint`` (the function and its
+        arguments) names a call seen before, by ``read.lua`` making the read that call's last
+        run began with, which is then handed to the run's first read if it asks for the same
+        (one round trip fewer). Otherwise the function runs against a fresh
+        :class:`MutationDB` and commits; on :class:`Conflict` it runs again, at once when it
+        holds the turn on the key (:class:`_Turns`), else after a jittered backoff, up to
+        ``max_retries`` times, then fails with ``conflict``. A
         :class:`~tether.server.errors.FunctionError` is the outcome too (its writes are
         dropped), so a replay returns the same error. Without a ``request`` nothing is
         remembered.
@@ -1139,29 +1268,50 @@ class Store:
         Redis errors propagate; the mutation may or may not have committed, and a replay with
         the same request finds out.
         """
-        if request is not None:
-            raw = await self.redis.get(request.outcome_key)
-            if raw is not None:
-                self.metrics.mutation("replayed")
-                return request.replay(_parse_outcome(_text(raw)))
-        hot_key: str | None = None  # the key the last attempt conflicted on
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self.metrics.mutation_retries.inc()
-                await self._backoff(attempt - 1)
-            # A retry waits for this instance's other retries on the same key: they would only
-            # invalidate each other (one commit per key per round trip can win).
-            async with self._retry_turn(hot_key):
+        # Mutations on a key that is hot here take turns on it (see _Turns), first attempts too.
+        turns = _Turns(self)
+        try:
+            prefetched: _Prefetched | None = None
+            if request is not None:
+                # Has it finished already? Looked for before the function runs (a replay runs
+                # nothing), in the same round trip as the read the function's last run began
+                # with when it is known (``hint``): that read is handed to its first read.
+                ops = None if hint is None else self._first_reads.get(hint)
+                try:
+                    if ops is None:
+                        raw = await self.redis.get(request.outcome_key)
+                        if raw is not None:
+                            raise _Replayed(_text(raw))
+                    else:
+                        for op in ops:
+                            await turns.take_if_hot(op.key)
+                        prefetched = (ops, await self._read(ops, request.outcome_key))
+                except _Replayed as exc:
+                    self.metrics.mutation("replayed")
+                    return request.replay(_parse_outcome(exc.stored))
+            for attempt in range(self.max_retries + 1):
+                if attempt:
+                    self.metrics.mutation_retries.inc()
+                    if not turns.held:
+                        await self._backoff(attempt - 1)
+                ahead, prefetched = prefetched, None  # for the first attempt only
                 try:
                     outcome = await self._attempt(
-                        run, request, session_id=session_id, authorized=authorized
+                        run,
+                        request,
+                        turns,
+                        prefetched=ahead,
+                        hint=hint,
+                        session_id=session_id,
+                        authorized=authorized,
                     )
-                except Conflict as exc:
+                except Conflict:
                     self.metrics.mutation_conflicts.inc()
-                    hot_key = exc.key
                     continue
-            if outcome is not None:
-                return outcome
+                if outcome is not None:
+                    return outcome
+        finally:
+            turns.release()
         self.metrics.mutation("conflict")
         code, message = FunctionErrorCode.CONFLICT, _CONFLICT_MESSAGE.format("mutation")
         if request is not None:
@@ -1172,15 +1322,24 @@ class Store:
         self,
         run: MutationRunner,
         request: MutationRequest | None,
+        turns: _Turns,
         *,
+        prefetched: _Prefetched | None,
+        hint: Hashable | None,
         session_id: str | None,
         authorized: Callable[[], bool] | None,
     ) -> MutationOutcome | None:
         """Run the mutation once and commit it: its outcome, or None when a Redis failure
-        inside the function's reads asks for another attempt. Raises :class:`Conflict` and
-        :class:`RequestIdReused`."""
-        db = MutationDB(self)
+        inside the function's reads asks for another attempt. Raises :class:`Conflict` (having
+        taken the turn on the key, see :class:`_Turns`) and :class:`RequestIdReused`.
+
+        ``prefetched`` is handed to the run's first read if it asks for the same ops; the ops it
+        asked for are remembered under ``hint`` for the next run of the same call."""
+        db = MutationDB(self, turns)
+        db._prefetched = prefetched
         value_json, error = await self._run_function(run, db)
+        if hint is not None:
+            self._learn_first_read(hint, db._first_ops)
         if db.aborted:
             db._raise_redis_failure()
             return None
@@ -1200,7 +1359,11 @@ class Store:
         if authorized is not None and not authorized():
             metrics.mutation("ended")
             return ended
-        result = await self._send_commit(commit)
+        try:
+            result = await self._send_commit(commit)
+        except Conflict as exc:
+            await turns.conflicted(db._via.get(exc.key, exc.key))
+            raise
         if result.ended:
             metrics.mutation("ended")
             return ended
@@ -1227,23 +1390,27 @@ class Store:
         except FunctionError as exc:
             return None, (exc.code, exc.message)
 
-    @contextlib.asynccontextmanager
-    async def _retry_turn(self, key: str | None) -> AsyncIterator[None]:
-        """Hold this instance's turn to retry on ``key`` (no turn needed for ``None``)."""
-        if key is None:
-            yield
+    def _learn_first_read(self, hint: Hashable, ops: tuple[_DocOp | _RangeOp, ...] | None) -> None:
+        reads = self._first_reads
+        if ops is None:
+            reads.pop(hint, None)
             return
-        turn = self._retry_turns.get(key)
-        if turn is None:
-            turn = self._retry_turns[key] = _Turn()
-        turn.users += 1
-        try:
-            async with turn.lock:
-                yield
-        finally:
-            turn.users -= 1
-            if not turn.users:
-                del self._retry_turns[key]
+        if reads.get(hint) != ops:
+            reads.pop(hint, None)
+            reads[hint] = ops
+            if len(reads) > _MAX_FIRST_READS:
+                del reads[next(iter(reads))]  # the call learnt longest ago
+
+    def _is_hot(self, key: str) -> bool:
+        until = self._hot.get(key)
+        return until is not None and until > asyncio.get_running_loop().time()
+
+    def _mark_hot(self, key: str) -> None:
+        hot = self._hot
+        hot.pop(key, None)
+        hot[key] = asyncio.get_running_loop().time() + HOT_SECONDS
+        if len(hot) > _MAX_HOT_KEYS:
+            del hot[next(iter(hot))]  # the key that conflicted longest ago
 
     async def _backoff(self, retry: int) -> None:
         await asyncio.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**retry)))

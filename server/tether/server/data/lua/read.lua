@@ -8,6 +8,9 @@
 --   ['index', i, 'asc' | 'desc', limit, doc_prefix] the ids of an index key in creation order,
 --                                                   at most limit of them (-1: all), each with
 --                                                   its document (key doc_prefix .. id)
+-- ARGV[2]  optional: i of a mutation's outcome key (its first read of its first attempt). When
+--          that key holds an outcome, the mutation already finished: nothing is read and the
+--          reply is {-1, stored_outcome} (the caller replays it instead of running on).
 --
 -- Returns {version, r1, r2, ...}, one r per op:
 --   doc   -> {v, d, c}: the version that last wrote it ('0' if never), the JSON ('' if absent
@@ -16,6 +19,11 @@
 --
 -- The documents of an index range are read by name, not through KEYS: their ids are known only
 -- here. They carry the same hash tag as KEYS, so in Redis Cluster they are in the same slot.
+if ARGV[2] then
+  local stored = redis.call('GET', KEYS[tonumber(ARGV[2])])
+  if stored then return {-1, stored} end
+end
+
 local ops = cjson.decode(ARGV[1])
 local out = {tonumber(redis.call('GET', KEYS[1])) or 0}
 

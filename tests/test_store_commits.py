@@ -1,0 +1,233 @@
+"""The mutation path's fixed cost and hot keys (issue 14): the outcome check rides on the first
+read, and mutations on a hot key take turns on each instance, first attempts too.
+
+Real ``redis-server``; two :class:`Store` objects on one Redis stand for two instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio
+from tether.server.data.engine import run_mutation
+from tether.server.data.functions import App, Context, FunctionSpec
+from tether.server.data.store import MutationDB, MutationOutcome, MutationRequest, Store
+
+from tests.clock import ManualClock
+
+app = App("commits-test")
+app.table("items", indexes={"by_tag": ["tag"]})
+
+
+def make_store(client: redis.asyncio.Redis, **options: Any) -> Store:
+    return Store(client, schema=app.schema, clock=ManualClock(1_700_000_000.0), **options)
+
+
+async def create(store: Store, tag: str) -> str:
+    db = MutationDB(store)
+    doc_id = await db.insert("items", {"tag": tag, "n": 0})
+    await store.commit(db, request=None, outcome_value_json=None)
+    return doc_id
+
+
+async def client_commands(
+    client: redis.asyncio.Redis, action: Callable[[], Awaitable[Any]]
+) -> tuple[Any, list[str]]:
+    """``action()``'s value and the commands clients sent Redis meanwhile (from ``MONITOR``;
+    the commands scripts run are left out): the round trips it made."""
+    marker = "end-of-action"
+    async with client.monitor() as monitor:
+        value = await action()
+        await client.echo(marker)
+        commands: list[str] = []
+        while True:
+            info = await monitor.next_command()
+            if info["client_type"] == "lua":
+                continue
+            if info["command"] == f"ECHO {marker}":
+                return value, commands
+            name = str(info["command"]).split(" ", 1)[0].upper()
+            if name not in ("HELLO", "CLIENT", "SELECT"):  # a pooled connection opening
+                commands.append(name)
+
+
+def counted(runs: list[int]) -> FunctionSpec:
+    """``items.bump``: add one to the item tagged ``tag`` (read through the index); each run
+    appends the version of the document it read to ``runs``."""
+
+    async def bump(ctx: Context, tag: str) -> int:
+        docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
+        runs.append(int(docs[0]["n"]))
+        await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
+        return int(docs[0]["n"]) + 1
+
+    return FunctionSpec.from_function("items.bump", "mutation", bump)
+
+
+async def test_a_known_call_looks_for_its_outcome_in_its_first_read(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """The second call of the same function with the same arguments makes two script calls
+    (its first read, which also looks for the outcome, and the commit) and no ``GET``; its
+    replay runs nothing and commits nothing, and answers the first outcome."""
+    store = make_store(redis_client)
+    await create(store, "a")
+    runs: list[int] = []
+    bump = counted(runs)
+    first = await run_mutation(store, bump, {"tag": "a"}, None, client_id="c", request_id=1)
+    assert first.value_json == "1"
+
+    second, sent = await client_commands(
+        redis_client,
+        lambda: run_mutation(store, bump, {"tag": "a"}, None, client_id="c", request_id=2),
+    )
+    assert second.value_json == "2"
+    assert sent == ["EVALSHA", "EVALSHA"]  # the read (and outcome check), the commit
+
+    version = await store.version()
+    replay, sent = await client_commands(
+        redis_client,
+        lambda: run_mutation(store, bump, {"tag": "a"}, None, client_id="c", request_id=2),
+    )
+    assert replay == MutationOutcome("2", None, second.version)
+    assert runs == [0, 1]  # the replay ran nothing
+    assert sent == ["EVALSHA"]  # the read that found the outcome
+    assert await store.version() == version
+    stored = await store.get_outcome(MutationRequest("items.bump", "c", 2))
+    assert stored == {"version": second.version, "value": 2, "name": "items.bump"}
+
+
+async def test_first_attempts_on_a_hot_key_take_turns(redis_client: redis.asyncio.Redis) -> None:
+    """Once a commit conflicted on a key here, mutations that read it wait for each other:
+    twenty concurrent increments all commit on their first attempt (no retry allowed)."""
+    store = make_store(redis_client)
+    doc_id = await create(store, "hot")
+    runs: list[int] = []
+    bump = counted(runs)
+    reached, proceed = asyncio.Event(), asyncio.Event()
+
+    async def slow(ctx: Context) -> None:
+        docs = await ctx.db.query("items", index="by_tag", equals={"tag": "hot"}, limit=1)
+        reached.set()
+        await proceed.wait()
+        await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 100})
+
+    # One conflict makes the key hot: `slow` read, another commit beat it, it ran again.
+    task = asyncio.create_task(
+        run_mutation(
+            store,
+            FunctionSpec.from_function("slow", "mutation", slow),
+            {},
+            None,
+            client_id="s",
+            request_id=1,
+        )
+    )
+    await reached.wait()
+    assert (
+        await run_mutation(store, bump, {"tag": "hot"}, None, client_id="b", request_id=1)
+    ).error is None
+    proceed.set()
+    assert (await task).error is None
+
+    store.max_retries = 0
+    outcomes = await asyncio.gather(
+        *(
+            run_mutation(store, bump, {"tag": "hot"}, None, client_id="t", request_id=i)
+            for i in range(20)
+        )
+    )
+    assert [o.error for o in outcomes] == [None] * 20
+    assert sorted(int(o.value_json or 0) for o in outcomes) == list(range(102, 122))
+    assert store._retry_turns == {}
+    db = MutationDB(store)
+    assert (await db.get("items", doc_id) or {})["n"] == 121
+
+
+async def test_two_instances_on_one_hot_key_stay_serialisable_and_exactly_once(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Two stores (two instances) increment one counter concurrently: every success is its own
+    commit with its own value (no increment lost or doubled); a retry reads the commit that
+    beat it (each run of a mutation reads a newer value than the run before); replaying every
+    request answers its first outcome and commits nothing."""
+    stores = [make_store(redis_client), make_store(redis_client)]
+    await create(stores[0], "shared")
+    reads: dict[tuple[int, int], list[int]] = {}
+
+    def bump_for(key: tuple[int, int]) -> FunctionSpec:
+        return counted(reads.setdefault(key, []))
+
+    async def one(instance: int, i: int, *, on: int | None = None) -> MutationOutcome:
+        return await run_mutation(
+            stores[instance if on is None else on],
+            bump_for((instance, i)),
+            {"tag": "shared"},
+            None,
+            client_id=f"client-{instance}",
+            request_id=i,
+        )
+
+    pairs = [(instance, i) for i in range(20) for instance in (0, 1)]
+    outcomes = await asyncio.gather(*(one(instance, i) for instance, i in pairs))
+    values = sorted(int(o.value_json) for o in outcomes if o.value_json is not None)
+    failures = [o.error for o in outcomes if o.error is not None]
+    assert all(code == "conflict" for code, _ in failures)
+    assert values == list(range(1, len(values) + 1))
+    assert len(values) >= 30
+    versions = [o.version for o in outcomes if o.version is not None]
+    assert len(set(versions)) == len(versions)
+    for seen in reads.values():
+        assert seen == sorted(set(seen))  # a retry never re-reads what conflicted
+    assert any(len(seen) > 1 for seen in reads.values())  # there were conflicts
+
+    version = await stores[0].version()
+    # Each replay on the other instance (which never ran that call: a plain GET there).
+    replays = await asyncio.gather(*(one(instance, i, on=1 - instance) for instance, i in pairs))
+    assert [(o.value_json, o.error, o.version) for o in replays] == [
+        (o.value_json, o.error, o.version) for o in outcomes
+    ]
+    assert await stores[0].version() == version
+    for store in stores:
+        assert store._retry_turns == {}
+
+
+async def test_a_retry_reads_again_after_its_early_read_conflicted(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """The read made with the outcome check serves the first attempt only: when that attempt
+    conflicts, the retry reads the commit that beat it and commits (one retry allowed)."""
+    store = make_store(redis_client, max_retries=1)
+    doc_id = await create(store, "p")
+    reached, proceed = asyncio.Event(), asyncio.Event()
+    pause = False
+
+    async def bump(ctx: Context, tag: str) -> int:
+        nonlocal pause
+        docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
+        if pause:
+            pause = False
+            reached.set()
+            await proceed.wait()
+        await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
+        return int(docs[0]["n"]) + 1
+
+    fn = FunctionSpec.from_function("items.bump", "mutation", bump)
+    assert (await run_mutation(store, fn, {"tag": "p"}, None, client_id="c", request_id=1)) == (
+        MutationOutcome("1", None, 2)
+    )
+    pause = True
+    task = asyncio.create_task(
+        run_mutation(store, fn, {"tag": "p"}, None, client_id="c", request_id=2)
+    )
+    await reached.wait()
+    other = make_store(redis_client)  # another instance commits in between
+    db = MutationDB(other)
+    await db.patch("items", doc_id, {"n": 10})
+    await other.commit(db, request=None, outcome_value_json=None)
+    proceed.set()
+    outcome = await task
+    assert (outcome.value_json, outcome.error) == ("11", None)
+    assert (await MutationDB(store).get("items", doc_id) or {})["n"] == 11
