@@ -43,7 +43,7 @@ round runs, ``data_received`` only appends ``(time, bytes)``; the bytes are pars
 checked) once every connection of every receiver process has received something, so parsing
 does not delay a later timestamp, in this process or the other. Run from the repository root::
 
-    .venv/bin/python bench/fanout.py                          # N = 1,000 and 10,000, all rows
+    .venv/bin/python bench/fanout.py                          # N = 2, 20, 1,000, 10,000; all rows
     .venv/bin/python bench/fanout.py --n 2000 --rounds 30 --systems bare,tether
 """
 
@@ -95,6 +95,9 @@ LABELS = {
 }
 TARGET_VS_CEILING = 1.5
 TARGET_VS_SOCKETIO = 2.0
+#: Issue 14 (small rooms): at N <= SMALL_ROOM, p50 from the commit within 1.5x the ceiling's; at
+#: every N, Tether's p50 below python-socketio's.
+SMALL_ROOM = 20
 #: The query every Tether receiver subscribes to, and the mutation that changes it.
 COUNTER = "fan"
 #: Tether settings for the bench deployment. Heartbeat: the receivers stay silent for the whole
@@ -946,6 +949,21 @@ def print_table(results: list[Result]) -> None:
                     f"N={n:,}, {clock}: Tether >= {TARGET_VS_SOCKETIO}x faster than "
                     f"python-socketio: {ok}"
                 )
+        # Issue 14's small-room targets, at p50 from the commit.
+        attr = "last_from_commit"
+        if tether and bare and n <= SMALL_ROOM:
+            ratio = tether.p(attr, 50) / bare.p(attr, 50)
+            ok = "met" if ratio <= TARGET_VS_CEILING else "MISSED"
+            print(
+                f"N={n:,}, small room, p50 from the commit: Tether {ratio:.2f}x the ceiling "
+                f"(target <= {TARGET_VS_CEILING}x): {ok}"
+            )
+        if tether and sio:
+            ok = "met" if tether.p(attr, 50) < sio.p(attr, 50) else "MISSED"
+            print(
+                f"N={n:,}, p50 from the commit: Tether {tether.p(attr, 50):.1f} ms, "
+                f"python-socketio {sio.p(attr, 50):.1f} ms (target: faster): {ok}"
+            )
     for r in results:
         per_round = 1000 / max(len(r.rounds), 1)
         note = f"payload {'/'.join(map(str, sorted(r.payload_bytes)))} bytes"
@@ -984,7 +1002,7 @@ def speedups(rows: dict[str, Result], system: str, attr: str) -> str:
 
 
 def default_rounds(n: int) -> int:
-    return 20 if n <= 2000 else 10
+    return 40 if n <= 100 else 20 if n <= 2000 else 10
 
 
 async def run(args: argparse.Namespace) -> list[Result]:
@@ -999,12 +1017,17 @@ async def run(args: argparse.Namespace) -> list[Result]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", default="1000,10000", help="subscriber counts [1000,10000]")
+    parser.add_argument(
+        "--n", default="2,20,1000,10000", help="subscriber counts [2,20,1000,10000]"
+    )
     parser.add_argument(
         "--systems", default=",".join(SYSTEMS), help=f"rows among {','.join(SYSTEMS)} [all]"
     )
     parser.add_argument(
-        "--rounds", type=int, default=0, help="measured rounds [20 for N<=2000, else 10]"
+        "--rounds",
+        type=int,
+        default=0,
+        help="measured rounds [40 for N<=100, 20 for N<=2000, else 10]",
     )
     parser.add_argument("--warmup", type=int, default=2, help="rounds not counted [2]")
     parser.add_argument("--receivers", type=int, default=2, help="receiver processes [2]")

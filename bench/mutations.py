@@ -66,6 +66,10 @@ from fanout import Conn, frame_type, open_conn
 # Importing common (above) put the repository root on sys.path.
 from tether.server.redis import keys as redis_keys
 
+#: Issue 14's targets (see print_table).
+TARGET_HOT = 2000
+TARGET_INDEP = 0.5
+
 ROWS = ("tether-hot", "tether-indep", "redis-hot", "redis-indep")
 LABELS = {
     "tether-hot": "Tether, one hot key",
@@ -377,6 +381,24 @@ def print_table(rows: list[Row]) -> None:
             f"{conflicts:>9} | {attempts:>15} | {row.p50_ms:>7.2f} | {row.p99_ms:>7.2f} | "
             f"{vs:>10} | {row.cpu_us(row.client_cpu):>13.0f} | {row.cpu_us(row.redis_cpu):>15.1f} |"
         )
+    # Issue 14: one hot key >= 2,000 commits/s over two instances; independent keys >= 50 % of
+    # the EVALSHA ceiling at the same concurrency.
+    for row in rows:
+        if row.kind == "tether-hot":
+            ok = "met" if row.rate >= TARGET_HOT else "MISSED"
+            print(
+                f"C={row.clients}: one hot key {row.rate:,.0f}/s (target >= {TARGET_HOT:,}): {ok}"
+            )
+        ceiling = next(
+            (r for r in rows if r.kind == "redis-indep" and r.clients == row.clients), None
+        )
+        if row.kind == "tether-indep" and ceiling is not None:
+            share = row.rate / ceiling.rate
+            ok = "met" if share >= TARGET_INDEP else "MISSED"
+            print(
+                f"C={row.clients}: independent keys {share:.0%} of EVALSHA "
+                f"(target >= {TARGET_INDEP:.0%}): {ok}"
+            )
     for row in rows:
         if row.other_errors:
             print(f"note: {row.kind} C={row.clients}: {row.other_errors} answers were other errors")
