@@ -364,6 +364,47 @@ async def test_instances_follow_commits_without_reading_the_stream_back(
         assert values_of(watcher, 1) == list(range(12))
 
 
+async def test_concurrent_commits_on_both_instances_are_not_read_back_either(
+    server_factory: Callable[..., ServerProcess],
+    open_live: Opener,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Both instances commit at once (twenty mutations in flight on each): an instance that
+    knows its own commit but not the other's just before it waits for its watcher to hand that
+    one over instead of reading the stream (XRANGE); every value still arrives everywhere."""
+    a, b = two_instances(server_factory)
+    name = unique("both")
+    watchers = [await open_live(server, label=f"watcher {i}") for i, server in enumerate((a, b))]
+    for watcher in watchers:
+        await watcher.subscribe(1, "counter.get", {"name": name})
+    writers = [await open_live(server, label=f"writer {i}") for i, server in enumerate((a, b))]
+    await writers[0].mutate(1, "counter.increment", {"name": name})  # creates the counter
+    for watcher in watchers:
+        await watcher.wait_held(1, ("value", 1))
+    before = await command_calls(redis_client, "xrange")
+    for round_ in range(3):
+        for w, writer in enumerate(writers):
+            for i in range(10):
+                other = {"name": f"{name}-{w}-{i}"}  # no conflicts: a counter per request
+                request_id = 100 * round_ + 10 * w + i + 2
+                await writer.send(
+                    {
+                        "type": "mutate",
+                        "requestId": request_id,
+                        "name": "counter.increment",
+                        "args": other,
+                    }
+                )
+        await writers[round_ % 2].mutate(1000 + round_, "counter.increment", {"name": name})
+        for w, writer in enumerate(writers):
+            for i in range(10):
+                result = await writer.result(100 * round_ + 10 * w + i + 2)
+                assert "error" not in result, result
+        for watcher in watchers:
+            await watcher.wait_held(1, ("value", round_ + 2))
+    assert await command_calls(redis_client, "xrange") == before
+
+
 # ------------------------------------------------------------------------------ read your writes
 
 

@@ -46,6 +46,10 @@ MAX_ROUNDS = 10
 COMMIT_BATCH = 10_000
 #: How long the stream watcher blocks in one read (ms).
 WATCH_BLOCK_MS = 2000
+#: The longest the pump waits for the watcher to hand over a commit it has not read yet, before
+#: it reads the stream itself (s). The watcher's blocking read returns as soon as the commit is
+#: in the stream, and a failing watcher wakes the pump at once: this bounds only a hung one.
+WATCHER_WAIT = WATCH_BLOCK_MS / 1000 + 1
 
 
 #: One delivery's cache, made by the manager for all the subscribers it delivers one round to,
@@ -223,6 +227,12 @@ class SubscriptionManager:
         # those made on this instance (version -> keys written). Applied in version order.
         self._known: dict[int, frozenset[str]] = {}
         self._needed = 0  # a version known to exist: the pump reads up to it before delivering
+        # The watcher's position (every commit up to it was handed over, or dropped from
+        # `_known` past its bound), whether its reads succeed, and an event set when it hands
+        # over more: the pump waits for it rather than read a commit the watcher is about to.
+        self._watched = 0
+        self._watch_ok = True
+        self._handed = asyncio.Event()
         self._wake = asyncio.Event()
         self._dirty: set[_Entry] = set()
         self._changed: set[_Entry] = set()
@@ -364,6 +374,8 @@ class SubscriptionManager:
                 )
                 backoff = 0.1
             except Exception as exc:
+                self._watch_ok = False
+                self._handed.set()  # a pump waiting for the watcher reads the stream itself
                 # Whatever failed, the watch goes on: the instance's sockets would otherwise
                 # stop hearing of other instances' commits, with nothing to show for it.
                 if not failing:
@@ -381,8 +393,11 @@ class SubscriptionManager:
                 self.metrics.redis_reconnect("commit_watch")
                 log.info("commit watch resumed at version %d", position)
                 failing = False
+            self._watch_ok = not batch.gap
             if batch.gap:
                 position = max(position, batch.version)
+                self._watched = max(self._watched, position)
+                self._handed.set()
                 self.resync()
             elif batch.commits:
                 # Handed to the pump: it need not read them again. Bounded: a pump that has
@@ -392,11 +407,14 @@ class SubscriptionManager:
                         self._known[commit.version] = commit.written_keys
                     self._commit_made(commit.version, commit.committed_at)
                 position = batch.commits[-1].version
+                self._watched = max(self._watched, position)
                 self._needed = max(self._needed, batch.version)
+                self._handed.set()
                 self._wake.set()
             else:
                 # Idle: keep the watch position close to the pump's.
                 position = max(position, self.fetched)
+                self._handed.set()
 
     async def _cycle(self) -> None:
         for reg in self._pending:
@@ -444,6 +462,17 @@ class SubscriptionManager:
             needed = max(self._needed, *(wanted for wanted, _ in self._waiters), 0)
             if self.fetched >= needed:
                 return
+            if self._watch_ok and self._watched <= self.fetched and not self._resync:
+                # The next commit is in the stream (a later one is needed) and the watcher has
+                # not read it yet: its blocking read returns it at once (it reads after a
+                # position at most `fetched`). Wait for that rather than read the stream twice.
+                self._handed.clear()
+                try:
+                    await asyncio.wait_for(self._handed.wait(), WATCHER_WAIT)
+                except TimeoutError:
+                    pass  # a hung watcher: read the stream
+                else:
+                    continue  # apply what it handed over (a failed watcher: read below)
             batch = await self.engine.read_commits(self.fetched, block_ms=None, count=COMMIT_BATCH)
             if batch.gap:
                 self._dirty.update(self.entries.values())
