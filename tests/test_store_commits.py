@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio
-from tether.server.data.engine import run_mutation
+from tether.server.data.engine import MAX_CALL_KEY_CHARS, run_mutation
 from tether.server.data.functions import App, Context, FunctionSpec
 from tether.server.data.store import MutationDB, MutationOutcome, MutationRequest, Store
 
@@ -231,3 +231,29 @@ async def test_a_retry_reads_again_after_its_early_read_conflicted(
     outcome = await task
     assert (outcome.value_json, outcome.error) == ("11", None)
     assert (await MutationDB(store).get("items", doc_id) or {})["n"] == 11
+
+
+async def test_calls_with_long_arguments_are_not_remembered(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A call's first read is remembered under its arguments only when they are short (the
+    store keeps thousands of calls): with long ones, the outcome check stays a ``GET``."""
+    store = make_store(redis_client)
+    await create(store, "b")
+    runs: list[int] = []
+
+    async def bump(ctx: Context, tag: str, note: str) -> int:
+        docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
+        runs.append(int(docs[0]["n"]))
+        await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
+        return int(docs[0]["n"]) + 1
+
+    fn = FunctionSpec.from_function("items.bump", "mutation", bump)
+    args = {"tag": "b", "note": "x" * (MAX_CALL_KEY_CHARS + 1)}
+    await run_mutation(store, fn, args, None, client_id="c", request_id=1)
+    outcome, sent = await client_commands(
+        redis_client, lambda: run_mutation(store, fn, args, None, client_id="c", request_id=2)
+    )
+    assert outcome.value_json == "2"
+    assert sent == ["GET", "EVALSHA", "EVALSHA"]
+    assert store._first_reads == {}

@@ -128,14 +128,20 @@ async def run_mutation(
     )
 
 
+#: Longest arguments (as JSON) under which the store remembers a call's first read: the store
+#: keeps up to 4,096 calls, so at most ~4 MiB of them.
+MAX_CALL_KEY_CHARS = 1024
+
+
 def _call_key(spec: FunctionSpec, kwargs: Mapping[str, Any]) -> tuple[str, str] | None:
     """The function and its arguments, under which the store remembers the read a run began
     with (it makes that read together with the outcome check next time); None when the
-    arguments are not JSON."""
+    arguments are not JSON or longer than :data:`MAX_CALL_KEY_CHARS`."""
     try:
-        return spec.name, json.dumps(kwargs, sort_keys=True, separators=(",", ":"))
+        text = json.dumps(kwargs, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError):
         return None
+    return (spec.name, text) if len(text) <= MAX_CALL_KEY_CHARS else None
 
 
 class QueryEngine:
