@@ -239,6 +239,7 @@ class SubscriptionManager:
         self._fresh: set[Registration] = set()
         self._pending: list[Registration] = []
         self._waiters: list[tuple[int, asyncio.Future[int]]] = []
+        self._waited = 0  # the highest version a waiter wants (0: none)
         self._resync = True
 
     # ------------------------------------------------------------------ registrations
@@ -319,6 +320,7 @@ class SubscriptionManager:
             return self.processed
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.append((version, future))
+        self._waited = max(self._waited, version)
         self._needed = max(self._needed, version)
         self._wake.set()
         return await future
@@ -459,7 +461,7 @@ class SubscriptionManager:
                 for version in [v for v in known if v <= self.fetched]:
                     del known[version]
             # Waiters need their versions read, whatever lowered the target since they came.
-            needed = max(self._needed, *(wanted for wanted, _ in self._waiters), 0)
+            needed = max(self._needed, self._waited)
             if self.fetched >= needed:
                 return
             if self._watch_ok and self._watched <= self.fetched and not self._resync:
@@ -632,5 +634,6 @@ class SubscriptionManager:
             else:
                 still.append((wanted, future))
         self._waiters = still
+        self._waited = max((wanted for wanted, _ in still), default=0)
         if still:
             self._wake.set()
