@@ -26,6 +26,15 @@ before the fence or not at all, and a sign-out's answer, or a ``session_revoked`
 after the fence. A fence that cannot be written (a Redis error) fails the call before the
 session ends: the sign-out answers 503 and can be retried; a session is never ended unfenced.
 
+Partitions. A session may commit into any number of data partitions, each its own slot with
+its own fence key (``redis_keys.data_keys(P).session_fence``). Before its first commit into a
+partition P, the data layer registers P in the session's set (``redis_keys.session_partitions``,
+in the session's slot), by a script (``data/lua/partition_register.lua``) that refuses once the
+session is ending or ended. Ending a session first marks it *ending* atomically with reading that
+set (``lua/session_ending.lua``), then fences the default partition and every registered one, then
+ends it. A commit into P therefore either was registered before the mark (and P is fenced before
+the end) or is refused at registration.
+
 Two ends are decided inside the rotation script, which cannot write the fence itself: reuse (a
 refresh answered ``refresh_reused``) and a refresh that finds the session past its deadline.
 There :meth:`SessionStore.rotate` writes the fence right after the script and before it answers,
@@ -139,6 +148,7 @@ class SessionStore:
         self._rotate = load_script(redis, "tether.server.auth", "session_rotate")
         self._end = load_script(redis, "tether.server.auth", "session_end")
         self._release_fence = load_script(redis, "tether.server.auth", "fence_release")
+        self._ending = load_script(redis, "tether.server.auth", "session_ending")
         # The rotation script's constant settings, as its one ARGV[3] (settings are immutable).
         self._rotate_settings = (
             f"{settings.refresh_reuse_window * 1000} {self._tombstone_ms}"
@@ -155,14 +165,31 @@ class SessionStore:
         """How long an ended session's fence lives (ms): see the module's docstring."""
         return (self.settings.access_ttl + self.settings.clock_leeway + FENCE_MARGIN) * 1000
 
+    async def _begin_ending(self, session_id: str, value: str) -> list[str]:
+        """Mark the session as ending (no data partition registers with it any more) and
+        return the partitions registered before: each needs the session's fence too."""
+        reply = await self._ending(
+            keys=[
+                redis_keys.session_partitions(session_id),
+                redis_keys.session_ending(session_id),
+            ],
+            args=[self.fence_ttl_ms, value],
+        )
+        return sorted(str(p) for p in reply)
+
     async def _fence(self, session_ids: list[str], reason: SessionEndReason) -> None:
-        """Write the fences of ``session_ids`` (one round trip: they share the data slot).
-        Redis errors propagate: the caller must not end a session whose fence is missing."""
+        """Write the fences of ``session_ids``: in the default data partition and in every
+        partition each session registered (see the module's docstring). Redis errors
+        propagate: the caller must not end a session whose fence is missing."""
         if not session_ids:
             return
+        partitions = {sid: await self._begin_ending(sid, reason.value) for sid in session_ids}
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in session_ids:
                 pipe.set(redis_keys.data_session_fence(sid), reason.value, px=self.fence_ttl_ms)
+                for partition in partitions[sid]:
+                    fence = redis_keys.data_keys(partition).session_fence(sid)
+                    pipe.set(fence, reason.value, px=self.fence_ttl_ms)
             await pipe.execute()
 
     async def create(self, user_id: str) -> SessionGrant:
@@ -377,10 +404,15 @@ class SessionStore:
             if int(reply[0]) == 0:
                 if sid in fenced:
                     # Refreshed between the read and the script (an instance whose clock lags
-                    # saw it alive): lift the fence, unless someone else's replaced it.
-                    await self._release_fence(
-                        keys=[redis_keys.data_session_fence(sid)], args=[fenced[sid]]
-                    )
+                    # saw it alive): lift the fences and the ending mark, unless someone else's
+                    # replaced them.
+                    value, partitions = fenced[sid]
+                    for key in [
+                        redis_keys.data_session_fence(sid),
+                        *(redis_keys.data_keys(p).session_fence(sid) for p in partitions),
+                        redis_keys.session_ending(sid),
+                    ]:
+                        await self._release_fence(keys=[key], args=[value])
                 # Refreshed since it was indexed: move it to its new deadline.
                 await self.redis.zadd(redis_keys.SESSION_DEADLINES, {sid: int(reply[1])})
             else:
@@ -388,10 +420,13 @@ class SessionStore:
                 await self.redis.zrem(redis_keys.SESSION_DEADLINES, sid)
         return ended
 
-    async def _fence_expired(self, session_ids: list[str], now: int) -> dict[str, str]:
+    async def _fence_expired(
+        self, session_ids: list[str], now: int
+    ) -> dict[str, tuple[str, list[str]]]:
         """Fence those of ``session_ids`` that are active and past their own deadline at
-        ``now``; return the fence value written for each (a fence that already exists is left
-        as it is, and not returned: only a fence the sweep wrote is ever lifted by it)."""
+        ``now``; return the fence value written for each and the partitions fenced with it (a
+        fence that already exists is left as it is, and not returned: only a fence the sweep
+        wrote is ever lifted by it)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in session_ids:
                 pipe.hmget(redis_keys.session(sid), ["state", "abs", "last", "inactive"])
@@ -411,7 +446,16 @@ class SessionStore:
             for sid, value in values.items():
                 pipe.set(redis_keys.data_session_fence(sid), value, px=self.fence_ttl_ms, nx=True)
             written = await pipe.execute()
-        return {sid: values[sid] for sid, ok in zip(expired, written, strict=True) if ok}
+        fenced = [sid for sid, ok in zip(expired, written, strict=True) if ok]
+        result: dict[str, tuple[str, list[str]]] = {}
+        for sid in fenced:
+            value = values[sid]
+            partitions = await self._begin_ending(sid, value)
+            for partition in partitions:
+                fence = redis_keys.data_keys(partition).session_fence(sid)
+                await self.redis.set(fence, value, px=self.fence_ttl_ms, nx=True)
+            result[sid] = (value, partitions)
+        return result
 
 
 async def revoke_from_cli(redis_url: str, *, user_id: str | None, session_id: str | None) -> int:

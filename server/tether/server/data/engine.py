@@ -61,6 +61,8 @@ class MutationResult:
     version: int | None
     #: The keys its commit wrote (see :class:`~tether.server.data.store.MutationOutcome`).
     written_keys: frozenset[str] = field(default=frozenset(), compare=False)
+    #: The data partition it ran in (``None``: the default); ``version`` is that partition's.
+    partition: str | None = None
 
 
 def _auth(identity: Caller | None) -> Auth | None:
@@ -74,12 +76,19 @@ async def run_query(
     ``spec.validate_args``), with a fresh :class:`Context` per run.
 
     A :class:`~tether.server.errors.FunctionError` becomes the result's ``error``; see
-    :meth:`Store.run_query` for retries. Redis errors propagate.
+    :meth:`Store.run_query` for retries. A query declared with ``partition`` reads only the
+    partition its argument names (an invalid name: the error ``invalid``, nothing run). Redis
+    errors propagate.
     """
+    try:
+        partition = spec.partition_of(kwargs)
+    except FunctionError as exc:
+        return QueryEvaluation(None, (exc.code, exc.message), frozenset(), 0, False)
+    store = store.in_partition(partition)
     contexts: list[Context] = []
 
     async def run(db: QueryDB) -> str:
-        ctx = Context(auth, db=db)
+        ctx = Context(auth, db=db, partition=partition)
         contexts.append(ctx)
         return encode_result(await invoke(spec, ctx, kwargs), store.max_result_bytes)
 
@@ -111,10 +120,19 @@ async def run_mutation(
     (protocol 1.1 §5 rule 4), and records ``spec.name``; and the commit is refused once
     ``auth``'s session has ended (rule 6). Without ``client_id`` and ``request_id`` nothing is
     remembered. See :meth:`Store.run_mutation` for retries, replays, ``authorized`` and the
-    :class:`~tether.server.data.store.RequestIdReused` it raises."""
+    :class:`~tether.server.data.store.RequestIdReused` it raises.
+
+    A mutation declared with ``partition`` runs in the partition its argument names (an
+    invalid name: the error ``invalid``, nothing run or stored); its outcome is kept there, so
+    a replay naming a function of another partition is a new request in that partition."""
+    try:
+        partition = spec.partition_of(kwargs)
+    except FunctionError as exc:
+        return MutationOutcome(None, (exc.code, exc.message), None)
+    store = store.in_partition(partition)
 
     async def run(db: MutationDB) -> str:
-        value = await invoke(spec, Context(auth, db=db), kwargs)
+        value = await invoke(spec, Context(auth, db=db, partition=partition), kwargs)
         return encode_result(value, store.max_result_bytes)
 
     request = None
@@ -196,8 +214,32 @@ class QueryEngine:
             self.store.metrics.redis_error("mutation")
             raise
         return MutationResult(
-            outcome.value_json, outcome.error, outcome.version, outcome.written_keys
+            outcome.value_json,
+            outcome.error,
+            outcome.version,
+            outcome.written_keys,
+            self.partition_of(name, kwargs),
         )
+
+    def partition_of(self, name: str, kwargs: Mapping[str, Any]) -> str | None:
+        """The data partition the function ``name`` runs in with ``kwargs`` (from
+        :meth:`resolve`): ``None`` for the default partition, an unknown function or an invalid
+        partition name (which runs nothing: its answer is the error ``invalid``)."""
+        spec = self.application.lookup(name)
+        if spec is None:
+            return None
+        try:
+            return spec.partition_of(kwargs)
+        except FunctionError:
+            return None
+
+    def in_partition(self, partition: str | None) -> QueryEngine:
+        """This engine with its commit stream and version those of ``partition`` (for the
+        live layer, which follows each partition on its own); functions still run in the
+        partition their arguments name."""
+        if partition == self.store.partition:
+            return self
+        return QueryEngine(self.application, self.store.in_partition(partition))
 
     async def read_commits(self, after: int, *, block_ms: int | None, count: int) -> CommitBatch:
         return await self.store.read_commits(after, block_ms=block_ms, count=count)

@@ -87,6 +87,7 @@ import json
 import random
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, TypeVar
@@ -139,6 +140,14 @@ MAX_INDEX_VALUES_BYTES = 1024
 ATTEMPT_TTL = 120
 #: The least ``outcome_ttl`` a :class:`Store` accepts: a client replays within minutes.
 MIN_OUTCOME_TTL = 600
+
+#: Seconds an instance trusts its own registration of a partition with a session, and the least
+#: lifetime of a session's partition set (``tether:session:{SID}:partitions``, renewed on every
+#: registration): the set outlives every cached registration.
+REGISTRATION_CACHE_SECONDS = 60
+REGISTRATION_TTL = 3600
+#: Registrations an instance caches before it starts over.
+MAX_REGISTRATIONS_CACHED = 100_000
 
 #: Backoff between the runs of a conflicting mutation: full jitter, doubling, capped (seconds).
 _BACKOFF_BASE = 0.004
@@ -368,8 +377,14 @@ def encode_index_values(values: Sequence[Any]) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def _index_key(table: str, index: str, fields: tuple[str, ...], doc: Mapping[str, Any]) -> str:
-    return redis_keys.data_index(table, index, encode_index_values([doc.get(f) for f in fields]))
+def _index_key(
+    keys: redis_keys.DataKeys,
+    table: str,
+    index: str,
+    fields: tuple[str, ...],
+    doc: Mapping[str, Any],
+) -> str:
+    return keys.index(table, index, encode_index_values([doc.get(f) for f in fields]))
 
 
 def _encode_document(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
@@ -525,7 +540,7 @@ class _Database:
         ):
             raise MisuseError("limit must be a non-negative integer")
         assert isinstance(index, str)
-        return _index_key(table, index, fields, equals), fields
+        return _index_key(self._store.keys, table, index, fields, equals), fields
 
     async def _fetch(self, ops: Sequence[_DocOp | _RangeOp]) -> tuple[int, list[_Doc | _Range]]:
         if self._aborted is not None:
@@ -570,7 +585,7 @@ class QueryDB(_Database):
         self._indexes(table)
         if not isinstance(id, str) or not _ID_RE.fullmatch(id):
             return None  # no document can have this id
-        key = redis_keys.data_doc(table, id)
+        key = self._store.keys.doc(table, id)
         version, results = await self._fetch([_DocOp(key)])
         doc = results[0]
         assert isinstance(doc, _Doc)
@@ -591,7 +606,7 @@ class QueryDB(_Database):
         (``"desc"``: newest first), at most ``limit`` of them."""
         key, _ = self._range_key(table, index, equals, order, limit)
         version, results = await self._fetch(
-            [_RangeOp(key, order, limit, redis_keys.data_doc_prefix(table))]
+            [_RangeOp(key, order, limit, self._store.keys.doc_prefix(table))]
         )
         found = results[0]
         assert isinstance(found, _Range)
@@ -676,7 +691,7 @@ class MutationDB(_Database):
 
     async def _existing(self, table: str, doc_id: object) -> dict[str, Any]:
         if isinstance(doc_id, str) and _ID_RE.fullmatch(doc_id):
-            current = await self._current(redis_keys.data_doc(table, doc_id))
+            current = await self._current(self._store.keys.doc(table, doc_id))
             if current is not None:
                 return current
         raise FunctionError(
@@ -688,7 +703,7 @@ class MutationDB(_Database):
         self._indexes(table)
         if not isinstance(id, str) or not _ID_RE.fullmatch(id):
             return None
-        return copy.deepcopy(await self._current(redis_keys.data_doc(table, id)))
+        return copy.deepcopy(await self._current(self._store.keys.doc(table, id)))
 
     async def query(
         self,
@@ -707,7 +722,7 @@ class MutationDB(_Database):
         changed = sum(1 for k in staged_here if k not in self._new)
         fetch = None if limit is None else limit + changed
         _, results = await self._fetch(
-            [_RangeOp(key, order, fetch, redis_keys.data_doc_prefix(table))]
+            [_RangeOp(key, order, fetch, self._store.keys.doc_prefix(table))]
         )
         found = results[0]
         assert isinstance(found, _Range)
@@ -722,7 +737,10 @@ class MutationDB(_Database):
         assert isinstance(index, str)
         for k in staged_here:
             staged = self._staged[k]
-            if staged is None or _index_key(table, index, fields, staged.doc) != key:
+            if (
+                staged is None
+                or _index_key(self._store.keys, table, index, fields, staged.doc) != key
+            ):
                 continue
             slot = self._new.get(k)
             rank = (1, slot) if slot is not None else (0, self._base[k].score)
@@ -735,13 +753,15 @@ class MutationDB(_Database):
     # -------------------------------------------------------------- writing
 
     def _stage(self, table: str, doc_id: str, doc: Mapping[str, Any] | None) -> None:
-        key = redis_keys.data_doc(table, doc_id)
+        key = self._store.keys.doc(table, doc_id)
         if doc is None:
             self._staged[key] = None
         else:
             normalized, text = _encode_document(doc)
             for index, fields in self._indexes(table).items():
-                _index_key(table, index, fields, normalized)  # its size is checked now, not later
+                _index_key(
+                    self._store.keys, table, index, fields, normalized
+                )  # its size is checked now, not later
             self._staged[key] = _Staged(normalized, text)
         self._where[key] = (table, doc_id)
 
@@ -756,7 +776,7 @@ class MutationDB(_Database):
         doc_id = secrets.token_urlsafe(16)
         created = to_ms(self._store.clock())
         self._stage(table, doc_id, {"_id": doc_id, "_creationTime": created, **fields})
-        self._new[redis_keys.data_doc(table, doc_id)] = self._inserts
+        self._new[self._store.keys.doc(table, doc_id)] = self._inserts
         self._inserts += 1
         return doc_id
 
@@ -847,12 +867,66 @@ class Store:
         self._commit_script = load_script(redis, "tether.server.data", "commit")
         self._read_script = load_script(redis, "tether.server.data", "read")
         self._retry_turns: dict[str, _Turn] = {}  # key -> the retries waiting on it here
+        #: The default partition's keys; :meth:`in_partition` gives a view on another's.
+        self.keys = redis_keys.DEFAULT_DATA
+        self._register_script = load_script(redis, "tether.server.data", "partition_register")
+        # (session id, partition) -> monotonic time of its registration (see _register).
+        # Shared by every partition view of this store.
+        self._registered: dict[tuple[str, str], float] = {}
+
+    @property
+    def partition(self) -> str | None:
+        """The partition this store reads and writes (``None``: the default partition)."""
+        return self.keys.partition
+
+    def in_partition(self, partition: str | None) -> Store:
+        """This store on ``partition``'s keys (``None``: the default partition's): the same
+        Redis client, scripts, settings and metrics; its own version and commit stream."""
+        if partition == self.keys.partition:
+            return self
+        view = copy.copy(self)
+        view.keys = redis_keys.data_keys(partition)
+        return view
+
+    def _outcome_key(self, request: MutationRequest) -> str:
+        return self.keys.outcome(request.user_id, request.client_id, request.request_id)
+
+    async def _register(self, session_id: str) -> bool:
+        """Register this partition with ``session_id`` before its first commit here (contract
+        §5 rule 6 across partitions): False when the session is ending or ended, and then the
+        commit must not be sent. Ending a session fences every partition registered before it
+        started ending (:class:`tether.server.auth.sessions.SessionStore`), so a commit here
+        either lands before that fence or meets it. Cached per instance for
+        :data:`REGISTRATION_CACHE_SECONDS` (the set lives far longer: :data:`REGISTRATION_TTL`).
+        """
+        partition = self.keys.partition
+        if partition is None:
+            return True  # the default partition is always fenced
+        cache = self._registered
+        now = time.monotonic()
+        at = cache.get((session_id, partition))
+        if at is not None and now - at < REGISTRATION_CACHE_SECONDS:
+            return True
+        ok = await self._register_script(
+            keys=[
+                redis_keys.session(session_id),
+                redis_keys.session_partitions(session_id),
+                redis_keys.session_ending(session_id),
+            ],
+            args=[partition, REGISTRATION_TTL * 1000],
+        )
+        if int(ok) != 1:
+            return False
+        if len(cache) >= MAX_REGISTRATIONS_CACHED:
+            cache.clear()
+        cache[(session_id, partition)] = now
+        return True
 
     # -------------------------------------------------------------- versions and commits
 
     async def version(self) -> int:
         """The global version: that of the last commit, 0 before the first."""
-        raw = await self.redis.get(redis_keys.DATA_VERSION)
+        raw = await self.redis.get(self.keys.version)
         return int(raw) if raw is not None else 0
 
     async def read_commits(
@@ -868,11 +942,11 @@ class Store:
         # One round trip: the global version and the entries after ``after``. An XREAD blocks
         # only while there are none; a pipeline keeps the replies in order.
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(redis_keys.DATA_VERSION)
+            pipe.get(self.keys.version)
             if block_ms is not None:
-                pipe.xread({redis_keys.DATA_COMMITS: f"{after}-0"}, count=count, block=block_ms)
+                pipe.xread({self.keys.commits: f"{after}-0"}, count=count, block=block_ms)
             else:
-                pipe.xrange(redis_keys.DATA_COMMITS, min=f"{after + 1}-0", max="+", count=count)
+                pipe.xrange(self.keys.commits, min=f"{after + 1}-0", max="+", count=count)
             # The blocking read takes no turn on a Cluster node: a burst of commands on the data
             # node must not hold up the watcher (see redis_conn.without_turns).
             with without_turns() if block_ms is not None else contextlib.nullcontext():
@@ -907,7 +981,7 @@ class Store:
         one that failed; ``NAME`` is the function whose outcome it is, which may not be
         ``request.name`` (see :meth:`MutationRequest.replay`).
         """
-        raw = await self.redis.get(request.outcome_key)
+        raw = await self.redis.get(self._outcome_key(request))
         return None if raw is None else _parse_outcome(_text(raw))
 
     async def put_outcome(
@@ -919,7 +993,7 @@ class Store:
         retry). Returns the outcome that holds: this one, or the one stored first (which may be
         another function's: see :meth:`MutationRequest.replay`).
         """
-        key = request.outcome_key
+        key = self._outcome_key(request)
         outcome = _outcome_text(_nonce(), name=request.name, error=(code, message))
         text = '{"version":null,' + outcome[1:]
         while True:
@@ -949,11 +1023,13 @@ class Store:
         or stored: the result is ``ended``. A commit that writes nothing leaves the version as
         it is.
         """
+        if session_id is not None and not await self._register(session_id):
+            return CommitResult(None, frozenset(), ended=True)
         attempt = _nonce()
         if request is None:
-            key, ttl, text = redis_keys.data_attempt(attempt), ATTEMPT_TTL, _outcome_text(attempt)
+            key, ttl, text = self.keys.attempt(attempt), ATTEMPT_TTL, _outcome_text(attempt)
         else:
-            key, ttl = request.outcome_key, self.outcome_ttl
+            key, ttl = self._outcome_key(request), self.outcome_ttl
             text = _outcome_text(
                 attempt, name=request.name, value_json=outcome_value_json or "null"
             )
@@ -975,9 +1051,9 @@ class Store:
         """The keys and payload of ``commit.lua`` for ``db`` (its reads only, without writes),
         refused by the script if ``session_id``'s fence exists."""
         keys = [
-            redis_keys.DATA_VERSION,
-            redis_keys.DATA_COMMITS,
-            redis_keys.DATA_INDEX_VERSIONS,
+            self.keys.version,
+            self.keys.commits,
+            self.keys.index_versions,
             outcome_key,
         ]
         position: dict[str, int] = {}
@@ -989,7 +1065,7 @@ class Store:
             return position[key]
 
         # KEYS[5] when there is a session (no document key can equal it), else 0: no fence.
-        fence = 0 if session_id is None else at(redis_keys.data_session_fence(session_id))
+        fence = 0 if session_id is None else at(self.keys.session_fence(session_id))
         reads = [[at(key), kind, version] for key, (kind, version) in db._reads.items()]
         docs: list[list[Any]] = []
         index_ops: list[list[Any]] = []
@@ -1006,8 +1082,14 @@ class Store:
             written.append(key)
             before = None if slot is not None else db._base[key].doc
             for index, fields in self.schema[table].items():
-                old = None if before is None else _index_key(table, index, fields, before)
-                new = None if staged is None else _index_key(table, index, fields, staged.doc)
+                old = (
+                    None if before is None else _index_key(self.keys, table, index, fields, before)
+                )
+                new = (
+                    None
+                    if staged is None
+                    else _index_key(self.keys, table, index, fields, staged.doc)
+                )
                 if old == new:
                     continue
                 if old is not None:
@@ -1050,7 +1132,7 @@ class Store:
 
     async def _read(self, ops: Sequence[_DocOp | _RangeOp]) -> tuple[int, list[_Doc | _Range]]:
         """One atomic batch read (``read.lua``): the global version and each op's result."""
-        keys = [redis_keys.DATA_VERSION, redis_keys.DATA_INDEX_VERSIONS]
+        keys = [self.keys.version, self.keys.index_versions]
         encoded: list[list[Any]] = []
         for op in ops:
             keys.append(op.key)
@@ -1140,7 +1222,7 @@ class Store:
         the same request finds out.
         """
         if request is not None:
-            raw = await self.redis.get(request.outcome_key)
+            raw = await self.redis.get(self._outcome_key(request))
             if raw is not None:
                 self.metrics.mutation("replayed")
                 return request.replay(_parse_outcome(_text(raw)))
@@ -1186,9 +1268,9 @@ class Store:
             return None
         nonce = _nonce()
         if request is None:
-            key, ttl, text = redis_keys.data_attempt(nonce), ATTEMPT_TTL, _outcome_text(nonce)
+            key, ttl, text = self.keys.attempt(nonce), ATTEMPT_TTL, _outcome_text(nonce)
         else:
-            key, ttl = request.outcome_key, self.outcome_ttl
+            key, ttl = self._outcome_key(request), self.outcome_ttl
             text = _outcome_text(nonce, name=request.name, value_json=value_json, error=error)
         # An error is committed without its writes: its reads are still checked, so the
         # error, too, is the answer of one consistent state.
@@ -1197,7 +1279,9 @@ class Store:
         )
         ended = MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED), None)
         metrics = self.metrics
-        if authorized is not None and not authorized():
+        if (authorized is not None and not authorized()) or (
+            session_id is not None and not await self._register(session_id)
+        ):
             metrics.mutation("ended")
             return ended
         result = await self._send_commit(commit)
