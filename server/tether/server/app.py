@@ -241,6 +241,7 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await node.sync.partitions.close()
             await node.close()
 
     async def healthz(request: Request) -> Response:
