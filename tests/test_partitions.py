@@ -24,6 +24,7 @@ from tether.server.data.engine import run_mutation, run_query
 from tether.server.data.functions import App, Auth, Context
 from tether.server.data.store import IDENTITY_ENDED, MutationDB, MutationRequest, Store
 from tether.server.redis import keys as redis_keys
+from tether.server.redis.connection import MAX_CONNECTIONS, connect
 
 from tests.apps import partition_app
 from tests.clock import ManualClock
@@ -389,4 +390,27 @@ async def test_partitions_on_a_three_master_cluster(cluster: RedisClusterProcess
             IDENTITY_ENDED,
         )
     finally:
+        await client.aclose()
+
+
+async def test_a_partition_watch_blocks_on_a_connection_of_its_own(redis_url: str) -> None:
+    """Each followed partition's blocking watch has its own connection: following more
+    partitions than the instance's pool holds (MAX_CONNECTIONS) leaves the pool to the rest."""
+    client = connect(redis_url)
+    store = store_on(client).in_partition("acme")
+    assert isinstance(client, redis.asyncio.Redis)
+    pool = client.connection_pool
+    watchers = [store.with_watch_connection() for _ in range(MAX_CONNECTIONS + 2)]
+    try:
+        reads = [asyncio.create_task(w.read_commits(0, block_ms=5000)) for w in watchers]
+        await asyncio.sleep(0.2)  # let them block; nothing asserted about time
+        assert not any(read.done() for read in reads)
+        assert len(pool._in_use_connections) == 0
+        assert await client.ping()
+        assert (await bump(store_on(client), "acme")).value_json == "1"
+        batches = await asyncio.gather(*reads)
+        assert all([c.version for c in b.commits] == [1] for b in batches)
+    finally:
+        for w in watchers:
+            await w.aclose_watch()
         await client.aclose()

@@ -235,11 +235,15 @@ class QueryEngine:
 
     def in_partition(self, partition: str | None) -> QueryEngine:
         """This engine with its commit stream and version those of ``partition`` (for the
-        live layer, which follows each partition on its own); functions still run in the
+        live layer, which follows each partition on its own), its blocking commit reads on a
+        connection of its own (close it with :meth:`aclose`); functions still run in the
         partition their arguments name."""
-        if partition == self.store.partition:
-            return self
-        return QueryEngine(self.application, self.store.in_partition(partition))
+        store = self.store.in_partition(partition).with_watch_connection()
+        return QueryEngine(self.application, store)
+
+    async def aclose(self) -> None:
+        """Close what :meth:`in_partition` opened for this engine (its watch connection)."""
+        await self.store.aclose_watch()
 
     async def read_commits(self, after: int, *, block_ms: int | None, count: int) -> CommitBatch:
         return await self.store.read_commits(after, block_ms=block_ms, count=count)

@@ -618,11 +618,17 @@ class SubscriptionManager:
             self._wake.set()
 
 
-class PartitionedEngine(Engine, Protocol):
-    """The data layer as :class:`PartitionFollowers` needs it: one :class:`Engine` per
-    partition, following that partition's commit stream and version."""
+class PartitionEngine(Engine, Protocol):
+    """One partition's engine: its commit stream and version; closed when no longer followed."""
 
-    def in_partition(self, partition: str | None) -> Engine: ...
+    async def aclose(self) -> None: ...
+
+
+class PartitionedEngine(Protocol):
+    """The data layer as :class:`PartitionFollowers` needs it: one engine per partition,
+    following that partition's commit stream and version."""
+
+    def in_partition(self, partition: str | None) -> PartitionEngine: ...
 
 
 class PartitionFollowers:
@@ -662,17 +668,25 @@ class PartitionFollowers:
         """The manager following ``partition``, started if there was none."""
         manager = self._managers.get(partition)
         if manager is None:
+            engine = self.engine.in_partition(partition)
             manager = SubscriptionManager(
-                self.engine.in_partition(partition),
+                engine,
                 clock=self.clock,
                 identity_usable=self.identity_usable,
                 metrics=self.metrics,
             )
             self._managers[partition] = manager
             self._tasks[partition] = asyncio.create_task(
-                manager.run(), name=f"subscriptions-partition-{len(self._managers)}"
+                self._follow(manager, engine), name=f"subscriptions-partition-{len(self._managers)}"
             )
         return manager
+
+    @staticmethod
+    async def _follow(manager: SubscriptionManager, engine: PartitionEngine) -> None:
+        try:
+            await manager.run()
+        finally:
+            await engine.aclose()
 
     def detach(self, reg: Registration) -> None:
         assert reg.partition is not None

@@ -99,7 +99,7 @@ from tether.server.clock import Clock, to_ms
 from tether.server.errors import FunctionError, MisuseError
 from tether.server.metrics import Metrics, discarded
 from tether.server.redis import keys as redis_keys
-from tether.server.redis.connection import RedisClient, load_script, without_turns
+from tether.server.redis.connection import RedisClient, dedicated, load_script, without_turns
 
 __all__ = [
     "ATTEMPT_TTL",
@@ -873,6 +873,7 @@ class Store:
         # (session id, partition) -> monotonic time of its registration (see _register).
         # Shared by every partition view of this store.
         self._registered: dict[tuple[str, str], float] = {}
+        self._watch_redis: RedisClient | None = None  # see with_watch_connection
 
     @property
     def partition(self) -> str | None:
@@ -887,6 +888,19 @@ class Store:
         view = copy.copy(self)
         view.keys = redis_keys.data_keys(partition)
         return view
+
+    def with_watch_connection(self) -> Store:
+        """This store, its blocking commit reads (:meth:`read_commits` with ``block_ms``) on a
+        connection of its own (standalone Redis: see ``redis.connection.dedicated``). Close it
+        with :meth:`aclose_watch`."""
+        view = copy.copy(self)
+        view._watch_redis = dedicated(self.redis)
+        return view
+
+    async def aclose_watch(self) -> None:
+        if self._watch_redis is not None:
+            await self._watch_redis.aclose()
+            self._watch_redis = None
 
     def _outcome_key(self, request: MutationRequest) -> str:
         return self.keys.outcome(request.user_id, request.client_id, request.request_id)
@@ -941,7 +955,10 @@ class Store:
         """
         # One round trip: the global version and the entries after ``after``. An XREAD blocks
         # only while there are none; a pipeline keeps the replies in order.
-        async with self.redis.pipeline(transaction=False) as pipe:
+        redis = self.redis
+        if block_ms is not None and self._watch_redis is not None:
+            redis = self._watch_redis
+        async with redis.pipeline(transaction=False) as pipe:
             pipe.get(self.keys.version)
             if block_ms is not None:
                 pipe.xread({self.keys.commits: f"{after}-0"}, count=count, block=block_ms)
