@@ -11,8 +11,14 @@ Storage (key layout in :mod:`tether.server.redis.keys`)
 ------------------------------------------------
 A document is a hash holding its JSON and the version of the commit that last wrote it; an index
 key is a sorted set of the ids whose indexed fields hold one list of values, in creation order.
-Every commit advances the one global version by exactly one and appends ``(version, written
-keys)`` to a Redis Stream.
+Every commit advances its partition's version by exactly one and appends ``(version, written
+keys)`` to the partition's Redis Stream.
+
+Partitions: a :class:`Store` reads and writes one data partition (:attr:`Store.partition`;
+``None``, the default partition, whose keys are ``tether:{tether-data}:…``), and
+:meth:`Store.in_partition` gives the same store on another partition's keys (its own hash tag,
+version, commit stream, outcomes and session fences: ``redis_keys.DataKeys``). Everything below
+holds per partition; "the global version" is the partition's.
 
 Guarantees
 ----------
@@ -51,8 +57,12 @@ Guarantees
 
 Limits
 ------
-* Every data key carries the hash tag ``{tether-data}``: in Redis Cluster the whole data layer is
-  one slot, on one primary. It scales with that node, not with the cluster.
+* Every key of a partition carries its hash tag: in Redis Cluster a partition is one slot, on one
+  primary. The default partition scales with that node; an application that declares partitions
+  spreads them over the cluster (``docs/scaling.md``).
+* An ended session's fence in a partition other than the default is written only if the session
+  registered that partition before its first commit there (:meth:`Store._register`, one script
+  call per session and partition, cached :data:`REGISTRATION_CACHE_SECONDS` per instance).
 * The version of every index key ever written stays in one hash (``tether:{tether-data}:kv``): it
   grows with the number of distinct indexed values, never shrinks.
 * A deleted document leaves a tombstone for ``tombstone_ttl`` seconds (default one day). A query
