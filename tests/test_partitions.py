@@ -240,6 +240,51 @@ async def test_no_partition_registers_once_the_session_is_ending(
     assert await store.in_partition("initech").version() == 0
 
 
+async def test_the_expiry_sweep_fences_the_partitions_and_lifts_its_marks_for_a_live_session(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """The sweep ends an expired session in every partition it registered; for a session a
+    refresh kept alive meanwhile (the sweep's end script finds it active), it lifts the
+    partition fences and the ending mark it wrote, so the session commits again."""
+    clock = ManualClock(float(int(time.time())))
+    settings = make_settings(session_inactive_ttl=60, session_ttl=3600)
+    codec = RefreshTokenCodec(secrets.token_bytes(32))
+    store = store_on(redis_client)
+    revive: dict[str, str] = {}
+
+    class RacedSweep(SessionStore):
+        async def _fence_expired(self, session_ids: list[str], now: int) -> Any:
+            fenced = await super()._fence_expired(session_ids, now)
+            for sid in session_ids:
+                if sid in revive:  # a refresh on an instance whose clock lags
+                    await SessionStore(redis_client, codec, settings, lagging).rotate(revive[sid])
+            return fenced
+
+    lagging = ManualClock(clock())
+    sweeper = RacedSweep(redis_client, codec, settings, clock)
+    expired, alive = await sweeper.create("u1"), await sweeper.create("u2")
+    revive[alive.session_id] = alive.refresh_token
+    for grant in (expired, alive):
+        auth = Auth(grant.user_id, grant.session_id)
+        assert (await bump(store, "acme", grant.user_id, auth=auth)).value_json == "1"
+    clock.advance(61)
+    lagging.advance(59)
+    assert await sweeper.sweep_expired() == 1
+    acme = redis_keys.data_keys("acme")
+    assert await redis_client.exists(acme.session_fence(expired.session_id)) == 1
+    assert await redis_client.exists(acme.session_fence(alive.session_id)) == 0
+    assert await redis_client.exists(redis_keys.session_ending(alive.session_id)) == 0
+    fresh = store_on(redis_client)  # no cached registration: registers again
+    auth = Auth(alive.user_id, alive.session_id)
+    assert (await bump(fresh, "acme", alive.user_id, auth=auth)).value_json == "2"
+    assert (await bump(fresh, "globex", alive.user_id, auth=auth)).value_json == "1"
+    gone = Auth(expired.user_id, expired.session_id)
+    assert (await bump(fresh, "acme", expired.user_id, auth=gone)).error == (
+        "unauthenticated",
+        IDENTITY_ENDED,
+    )
+
+
 @pytest.mark.parametrize("registered", [True, False], ids=["registered", "first-commit"])
 async def test_a_session_ended_while_a_partition_mutation_runs_commits_nothing(
     redis_client: redis.asyncio.Redis, registered: bool
