@@ -29,6 +29,7 @@ from tether.server.redis.connection import MAX_CONNECTIONS, connect
 from tests.apps import partition_app
 from tests.clock import ManualClock
 from tests.harness import RedisClusterProcess, ServerProcess
+from tests.sync_client import signup
 from tests.test_reactive import Opener, open_live, unique
 from tests.test_sessions import make_settings
 
@@ -459,3 +460,21 @@ async def test_a_partition_watch_blocks_on_a_connection_of_its_own(redis_url: st
         for w in watchers:
             await w.aclose_watch()
         await client.aclose()
+
+
+async def test_a_partitioned_subscription_that_reads_the_identity_follows_a_sign_in(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    server = server_factory(app=PARTITION_APP)
+    tenant = unique("tenant")
+    live = await open_live(server, label="signing in")
+    await live.subscribe(1, "tenant.mine", {"tenant": tenant, "name": "n"})
+    await live.subscribe(2, "tenant.get", {"tenant": tenant, "name": "n"})
+    assert live.value(1) == {"user": None, "value": 0}
+    user = await signup(server.base_url)
+    await live.authenticate(user["accessToken"], 1)
+    await live.wait_value(1, lambda v: v["user"] == user["userId"], "the signed-in user")
+    result = await live.mutate(1, "tenant.bump", {"tenant": tenant, "name": "n"})
+    assert result["value"] == 1
+    assert live.at_result[1][1][1] == ("value", {"user": user["userId"], "value": 1})
+    assert live.at_result[1][1][2] == ("value", 1)

@@ -5,6 +5,7 @@ Served with ``server_factory(app="tests.apps.partition_app:app")``.
 * ``tenant.get`` query ``{"tenant", "name"}`` → the tenant's tally, 0 if never bumped
 * ``tenant.bump`` mutation ``{"tenant", "name", "by"?}`` → the new value
 * ``tenant.where`` query ``{"tenant"}`` → ``ctx.partition``
+* ``tenant.mine`` query ``{"tenant", "name"}`` → ``{"user", "value"}``: reads the identity
 * ``tally.get`` / ``tally.bump``: the same in the default partition (no tenant)
 """
 
@@ -58,3 +59,13 @@ async def tally_get(ctx: Context, name: str) -> int:
 @app.mutation("tally.bump")
 async def tally_bump(ctx: Context, name: str, by: int = 1) -> int:
     return await _bump(ctx, name, by)
+
+
+@app.query("tenant.mine", partition="tenant")
+async def tenant_mine(ctx: Context, tenant: str, name: str) -> dict[str, Any]:
+    auth = ctx.auth
+    doc = await _tally(ctx, name)
+    return {
+        "user": None if auth is None else auth.user_id,
+        "value": 0 if doc is None else int(doc["value"]),
+    }

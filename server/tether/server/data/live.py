@@ -688,14 +688,17 @@ class PartitionFollowers:
         finally:
             await engine.aclose()
 
-    def detach(self, reg: Registration) -> None:
+    def detach(self, reg: Registration, *, release: bool = True) -> None:
+        """End ``reg``; stop following its partition if it was the last thing that needed it
+        (unless ``release`` is false: the caller is about to attach there again)."""
         assert reg.partition is not None
         manager = self._managers.get(reg.partition)
         if manager is None:
             reg.detached = True
             return
         manager.detach(reg)
-        self.release(reg.partition)
+        if release:
+            self.release(reg.partition)
 
     def release(self, partition: str) -> None:
         """Stop following ``partition`` if nothing here needs it any more."""

@@ -484,10 +484,13 @@ class Connection:
         partitioned: dict[str, list[Registration]] = {}
         if self.regs is None:
             self.regs = {}
+        replaced: set[str] = set()  # partitions released once the new regs are attached
         for (qid, name, args), serial in zip(action.queries, serials, strict=True):
             old = self.regs.pop(qid, None)
             if old is not None:
-                endpoint.detach(old)
+                endpoint.detach(old, release=False)
+                if old.partition is not None:
+                    replaced.add(old.partition)
             reg = Registration(self, qid, serial, action.generation, name, args, action.identity)
             reg.partition = partition = endpoint.engine.partition_of(name, args)
             self.regs[qid] = reg
@@ -500,6 +503,8 @@ class Connection:
             endpoint.subscriptions.attach(regs)
         for partition, group in partitioned.items():
             endpoint.partitions.manager(partition).attach(group)
+        for partition in replaced:
+            endpoint.partitions.release(partition)
 
     def drop_query(self, query_id: int) -> None:
         reg = self.regs.pop(query_id, None) if self.regs else None
@@ -720,12 +725,13 @@ class SyncEndpoint:
             return False
         return self.hub.recently_ended(identity.session_id) is None
 
-    def detach(self, reg: Registration) -> None:
-        """End a subscription, in the manager of its partition."""
+    def detach(self, reg: Registration, *, release: bool = True) -> None:
+        """End a subscription, in the manager of its partition (see
+        :meth:`PartitionFollowers.detach` for ``release``)."""
         if reg.partition is None:
             self.subscriptions.detach(reg)
         else:
-            self.partitions.detach(reg)
+            self.partitions.detach(reg, release=release)
 
     def resolve(self, kind: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
         """The core's resolver: the engine's one validation, its failure as a wire error."""
