@@ -478,3 +478,23 @@ async def test_a_partitioned_subscription_that_reads_the_identity_follows_a_sign
     assert result["value"] == 1
     assert live.at_result[1][1][1] == ("value", {"user": user["userId"], "value": 1})
     assert live.at_result[1][1][2] == ("value", 1)
+
+
+async def test_subscriptions_past_the_followed_partitions_limit_are_refused(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    server = server_factory(app=PARTITION_APP, env={"TETHER_MAX_FOLLOWED_PARTITIONS": "2"})
+    first, second, third = (unique("tenant") for _ in range(3))
+    live = await open_live(server, label="limited")
+    await live.subscribe(1, "tenant.get", {"tenant": first, "name": "n"})
+    await live.subscribe(2, "tenant.get", {"tenant": second, "name": "n"})
+    await live.subscribe(3, "tenant.get", {"tenant": first, "name": "m"})  # followed already
+    await live.subscribe(4, "tenant.get", {"tenant": third, "name": "n"})
+    assert live.held[4] == ("error", "limit_exceeded")
+    assert [live.value(q) for q in (1, 2, 3)] == [0, 0, 0]
+    await live.send({"type": "unsubscribe", "queryId": 4})
+    await live.send({"type": "unsubscribe", "queryId": 2})  # the second is followed no more
+    await live.subscribe(5, "tenant.get", {"tenant": third, "name": "n"})
+    assert live.value(5) == 0
+    result = await live.mutate(1, "tenant.bump", {"tenant": third, "name": "n"})
+    assert live.at_result[1][1][5] == ("value", result["value"]) == ("value", 1)

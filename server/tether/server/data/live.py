@@ -649,11 +649,14 @@ class PartitionFollowers:
         clock: Clock,
         identity_usable: Callable[[Caller], bool],
         metrics: Metrics | None = None,
+        limit: int = 1000,
     ) -> None:
         self.engine = engine
         self.clock = clock
         self.identity_usable = identity_usable
         self.metrics = metrics or discarded()
+        #: Partitions followed at most (``TETHER_MAX_FOLLOWED_PARTITIONS``).
+        self.limit = limit
         self._managers: dict[str, SubscriptionManager] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -664,10 +667,13 @@ class PartitionFollowers:
         """The manager following ``partition`` here, if any."""
         return self._managers.get(partition)
 
-    def manager(self, partition: str) -> SubscriptionManager:
-        """The manager following ``partition``, started if there was none."""
+    def manager(self, partition: str) -> SubscriptionManager | None:
+        """The manager following ``partition``, started if there was none; ``None`` when
+        there was none and :attr:`limit` partitions are followed already."""
         manager = self._managers.get(partition)
         if manager is None:
+            if len(self._managers) >= self.limit:
+                return None
             engine = self.engine.in_partition(partition)
             manager = SubscriptionManager(
                 engine,

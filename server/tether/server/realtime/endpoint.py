@@ -38,7 +38,7 @@ from tether.server.auth.tokens import TokenError
 from tether.server.clock import Clock
 from tether.server.compat.uvicorn import transport_of
 from tether.server.data.caller import Caller
-from tether.server.data.engine import QueryEngine
+from tether.server.data.engine import QueryEngine, QueryEvaluation
 from tether.server.data.functions import App
 from tether.server.data.live import (
     Evaluation,
@@ -501,8 +501,17 @@ class Connection:
                 self.partitioned = True
         if regs:
             endpoint.subscriptions.attach(regs)
+        refused: list[tuple[Registration, Evaluation]] = []
         for partition, group in partitioned.items():
-            endpoint.partitions.manager(partition).attach(group)
+            manager = endpoint.partitions.manager(partition)
+            if manager is not None:
+                manager.attach(group)
+                continue
+            for reg in group:
+                reg.detached = True  # followed by no manager: its one result is the refusal
+                refused.append((reg, endpoint.too_many_partitions))
+        if refused:
+            asyncio.get_running_loop().call_soon(self.deliver, 0, refused)
         for partition in replaced:
             endpoint.partitions.release(partition)
 
@@ -689,7 +698,23 @@ class SyncEndpoint:
         )
         #: The live queries of the named data partitions (the default's: ``subscriptions``).
         self.partitions = PartitionFollowers(
-            engine, clock=clock, identity_usable=self.identity_usable, metrics=metrics
+            engine,
+            clock=clock,
+            identity_usable=self.identity_usable,
+            metrics=metrics,
+            limit=settings.max_followed_partitions,
+        )
+        #: The result of a subscription into a partition past that limit.
+        self.too_many_partitions = QueryEvaluation(
+            None,
+            (
+                ErrorCode.LIMIT_EXCEEDED,
+                f"this instance follows {settings.max_followed_partitions} data partitions, the"
+                " most it may (TETHER_MAX_FOLLOWED_PARTITIONS); try again later",
+            ),
+            frozenset(),
+            0,
+            False,
         )
         self.timers = DeadlineQueue(clock)
         self.connections: set[Connection] = set()
