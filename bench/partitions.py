@@ -9,14 +9,19 @@ flight each, every task bumping its own counter (no conflicts). Rows, measured i
 * ``tether one``    -- every task commits into one partition: one slot, one master.
 * ``tether spread`` -- task i commits into partition ``p<i mod P>`` (P partitions, hashed over
   the three masters by their slots).
-* ``raw one`` / ``raw spread`` -- the ceiling: ``EVALSHA`` of a two-key script (``INCR`` a
-  version, ``XADD`` it to a stream: a commit's bare bones) from redis-py's cluster client, the
-  same C tasks, one tag or P tags.
+* ``tether paced`` -- one partition again, paced at a third of the spread row's rate: each master
+  of the spread row did that many commits/s, and a master's CPU per commit depends on its load
+  (a busier master batches more per event-loop turn), so this is the like-for-like base.
+* ``raw one`` / ``raw spread`` / ``raw paced`` -- the ceiling: ``EVALSHA`` of a two-key script
+  (``INCR`` a version, ``XADD`` it to a stream: a commit's bare bones) from redis-py's cluster
+  client, the same C tasks, one tag or P tags.
 
 Measured: commits/s over the window; this process's CPU per commit; for each master, its commits
 (from the partitions' version counters / the raw counters), and its CPU per commit (user + system
 of its ``redis-server`` from ``/proc/PID/stat``, before and after, less the master's idle CPU
-measured for the same time before the rows). Computed, not measured:
+measured for the same time before the rows), and of that CPU the time spent executing commands
+(``INFO commandstats``: without the I/O and event-loop costs, which shrink per commit as a busy
+master batches). Computed, not measured:
 each master's capacity at 100 % of one core of its own (1e6 / its µs per commit), and the
 cluster's for the spread row: limited by the master with the largest share of the partitions
 (capacity_m / share_m, the smallest over the masters), with the ratio to the one-master row.
@@ -154,6 +159,8 @@ class Row:
     seconds: float = 0.0
     client_cpu: float = 0.0
     per_master: dict[int, tuple[int, float]] = field(default_factory=dict)  # port -> (n, cpu s)
+    #: port -> seconds Redis spent executing commands (INFO commandstats ``usec``), all commands
+    command_seconds: dict[int, float] = field(default_factory=dict)
 
 
 def master_of(client: Any, key: str) -> int:
@@ -161,7 +168,13 @@ def master_of(client: Any, key: str) -> int:
 
 
 async def tether_row(
-    name: str, client: Any, cluster: Cluster, tasks: int, partitions: list[str], seconds: float
+    name: str,
+    client: Any,
+    cluster: Cluster,
+    tasks: int,
+    partitions: list[str],
+    seconds: float,
+    rate: float | None = None,
 ) -> Row:
     store = Store(client, schema=app.schema, clock=system_clock)
     spec = app.functions["bump"]
@@ -197,11 +210,18 @@ async def tether_row(
         versions,
         {p: master_of(client, redis_keys.data_keys(p).version) for p in used},
         counter,
+        rate,
     )
 
 
 async def raw_row(
-    name: str, client: Any, cluster: Cluster, tasks: int, tags: list[str], seconds: float
+    name: str,
+    client: Any,
+    cluster: Cluster,
+    tasks: int,
+    tags: list[str],
+    seconds: float,
+    rate: float | None = None,
 ) -> Row:
     script = client.register_script(RAW_COMMIT)
     assigned = [tags[i % len(tags)] for i in range(tasks)]
@@ -223,7 +243,17 @@ async def raw_row(
         versions,
         {t: master_of(client, raw_keys(t)[0]) for t in used},
         {"n": 0},
+        rate,
     )
+
+
+def command_usec(port: int) -> int:
+    """Microseconds the node has spent executing commands (``INFO commandstats``, every
+    command): the work of the commands themselves, without reading, parsing and answering
+    them or the event loop's own costs."""
+    with redis.Redis(port=port, socket_timeout=5) as r:
+        stats = r.info("commandstats")
+    return sum(int(v["usec"]) for k, v in stats.items() if k.startswith("cmdstat_"))
 
 
 #: Each master's CPU seconds per second while no client sends anything (its cron, AOF
@@ -250,9 +280,11 @@ async def measure(
     versions: Any,
     masters: dict[str, int],
     counter: dict[str, int],
+    rate: float | None = None,
 ) -> Row:
     pids = cluster.pids()
     before = await versions()
+    usec_before = {port: command_usec(port) for port in pids}
     cpu_before = {port: cpu_seconds(pid) for port, pid in pids.items()}
     me_before = cpu_seconds(os.getpid())
     start = time.monotonic()
@@ -260,7 +292,12 @@ async def measure(
 
     async def loop(i: int) -> None:
         n = 1
+        period = tasks / rate if rate else 0.0  # paced: the tasks together make ``rate``/s
+        next_at = start + period * i / tasks
         while time.monotonic() < stop_at:
+            if period:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += period
             await one(i, n)
             n += 1
 
@@ -268,8 +305,10 @@ async def measure(
     elapsed = time.monotonic() - start
     me = cpu_seconds(os.getpid()) - me_before
     cpu_after = {port: cpu_seconds(pid) for port, pid in pids.items()}
+    usec_after = {port: command_usec(port) for port in pids}
     after = await versions()
     row = Row(name, seconds=elapsed, client_cpu=me)
+    row.command_seconds = {p: (usec_after[p] - usec_before[p]) / 1e6 for p in pids}
     for port in pids:
         n = sum(after[k] - before[k] for k, m in masters.items() if m == port)
         busy = cpu_after[port] - cpu_before[port] - IDLE.get(port, 0.0) * elapsed
@@ -278,48 +317,60 @@ async def measure(
     return row
 
 
-EVEN: dict[str, float] = {}
+def capacities(row: Row, seconds_of: dict[int, float]) -> tuple[dict[int, float], float, float]:
+    """Computed from ``seconds_of`` (each master's CPU, or command, seconds in the row): each
+    master's commits/s at 100 % of one core; the cluster's at the row's spread (the pace of the
+    master with the largest share of the commits); and spread evenly over the masters (the sum).
+    A master whose CPU read 0 ticks (too few commits for /proc's 10 ms resolution) counts as
+    unknown: the figures are then 0."""
+    caps: dict[int, float] = {}
+    for port, (n, _) in row.per_master.items():
+        if n and seconds_of.get(port):
+            caps[port] = n / seconds_of[port]
+    counted = [p for p, (n, _) in row.per_master.items() if n]
+    if not counted or any(p not in caps for p in counted):
+        return caps, 0.0, 0.0
+    shares = {p: row.per_master[p][0] / row.commits for p in counted}
+    at_spread = min(caps[p] / shares[p] for p in counted)
+    even = sum(caps.values()) if len(counted) == len(row.per_master) else at_spread
+    return caps, at_spread, even
 
 
 def report(rows: list[Row], partitions_per_master: dict[int, int]) -> None:
     print(
         f"{'row':<14} {'commits/s':>10} {'client µs/c':>11}   "
-        "per master: commits, µs CPU/commit, busy  -> capacity at 1 core (computed)"
+        "per master: commits, CPU µs/commit (of which executing commands), busy"
     )
-    capacity: dict[str, float] = {}
+    computed: dict[str, tuple[float, float, float, float]] = {}
     for row in rows:
         rate = row.commits / row.seconds if row.seconds else 0.0
         client = row.client_cpu / row.commits * 1e6 if row.commits else 0.0
         parts = []
-        caps: dict[int, float] = {}
         for port, (n, cpu) in row.per_master.items():
+            busy = cpu / row.seconds
             if n:
-                us = cpu / n * 1e6
-                caps[port] = 1e6 / us if us else 0.0
-                parts.append(
-                    f":{port} {n} {us:.0f}µs {cpu / row.seconds:.0%} -> {caps[port]:,.0f}/s"
-                )
+                us, ex = cpu / n * 1e6, row.command_seconds[port] / n * 1e6
+                parts.append(f":{port} {n} {us:.0f}µs ({ex:.0f}µs) {busy:.0%}")
             else:
-                parts.append(f":{port} 0 ({cpu / row.seconds:.0%} idle CPU)")
-        # The cluster runs at the pace of the master whose share of commits is the largest.
-        shares = {p: n / row.commits for p, (n, _) in row.per_master.items() if n and row.commits}
-        cap = min(caps[p] / shares[p] for p in shares) if shares else 0.0
-        capacity[row.name] = cap
+                parts.append(f":{port} 0 ({busy:.0%})")
         print(f"{row.name:<14} {rate:>10,.0f} {client:>11,.0f}   " + "; ".join(parts))
-        even = sum(caps.values()) if len(caps) == len(row.per_master) else 0.0
-        EVEN[row.name] = even
+        _, cpu_at, cpu_even = capacities(row, {p: c for p, (_, c) in row.per_master.items()})
+        _, ex_at, ex_even = capacities(row, row.command_seconds)
+        computed[row.name] = (cpu_at, cpu_even, ex_at, ex_even)
         print(
-            f"{'':<14} computed capacity with a core per master: {cap:,.0f} commits/s at this"
-            f" spread" + (f", {even:,.0f} with the commits spread evenly" if even else "")
+            f"{'':<14} computed, a core per master: from CPU {cpu_at:,.0f}/s at this spread,"
+            f" {cpu_even:,.0f}/s evenly; from command time {ex_at:,.0f}/s, {ex_even:,.0f}/s"
         )
     for kind in ("tether", "raw"):
-        one, spread = capacity.get(f"{kind} one"), capacity.get(f"{kind} spread")
-        if one and spread:
-            even = EVEN.get(f"{kind} spread", 0.0)
-            print(
-                f"{kind}: spread / one (computed capacities) = {spread / one:.2f}x"
-                f" at this spread, {even / one:.2f}x spread evenly"
-            )
+        spread = computed.get(f"{kind} spread")
+        for base in ("one", "paced"):
+            one = computed.get(f"{kind} {base}")
+            if one and spread and one[0] and one[2]:
+                print(
+                    f"{kind}: spread / {base}, computed from CPU: {spread[0] / one[0]:.2f}x at"
+                    f" this spread, {spread[1] / one[0]:.2f}x evenly; from command time:"
+                    f" {spread[2] / one[2]:.2f}x, {spread[3] / one[2]:.2f}x"
+                )
     print(
         "partitions per master (spread rows): "
         + ", ".join(f":{p} {n}" for p, n in sorted(partitions_per_master.items()))
@@ -351,18 +402,28 @@ async def main(args: argparse.Namespace) -> None:
                 + ", ".join(f":{p} {r:.2%}" for p, r in sorted(IDLE.items()))
             )
             rows = []
+            rates: dict[str, float] = {}
             for name in args.rows:
                 kind, _, where = name.partition("-")
                 label = f"{kind} {where}"
-                tags = ["one"] if where == "one" else spread
-                if kind == "tether":
-                    rows.append(
-                        await tether_row(label, client, cluster, args.clients, tags, args.seconds)
-                    )
-                else:
-                    rows.append(
-                        await raw_row(label, raw_client, cluster, args.clients, tags, args.seconds)
-                    )
+                tags = spread if where == "spread" else ["one"]
+                # paced: one partition at the commit rate each master had in the spread row
+                rate = rates.get(f"{kind} spread", 0.0) / 3 if where == "paced" else None
+                if where == "paced" and not rate:
+                    parser_error = f"{name} needs {kind}-spread before it in --rows"
+                    raise SystemExit(parser_error)
+                make = tether_row if kind == "tether" else raw_row
+                row = await make(
+                    label,
+                    client if kind == "tether" else raw_client,
+                    cluster,
+                    args.clients,
+                    tags,
+                    args.seconds,
+                    rate,
+                )
+                rates[label] = row.commits / row.seconds
+                rows.append(row)
             report(rows, per_master)
             print(f"load average after: {load_average()}")
         finally:
@@ -380,7 +441,14 @@ if __name__ == "__main__":
     parser.add_argument(
         "--rows",
         type=lambda s: s.split(","),
-        default=["tether-one", "tether-spread", "raw-one", "raw-spread"],
+        default=[
+            "tether-one",
+            "tether-spread",
+            "tether-paced",
+            "raw-one",
+            "raw-spread",
+            "raw-paced",
+        ],
     )
     parser.add_argument("--timeout", type=float, default=300.0)
     arguments = parser.parse_args()
