@@ -286,6 +286,20 @@ async def test_the_expiry_sweep_fences_the_partitions_and_lifts_its_marks_for_a_
     )
 
 
+async def test_the_sweep_never_takes_over_another_ends_mark(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A sign-out's ending mark stays when the sweep marks the same session: the sweep may
+    lift its own mark later (a refresh kept the session alive), never the sign-out's, which
+    would let a partition register between the sign-out's read of the set and its end."""
+    sessions = sessions_on(redis_client)
+    auth = await new_session(sessions)
+    mark = redis_keys.session_ending(auth.session_id)
+    await sessions._begin_ending(auth.session_id, "signed_out")
+    await sessions._begin_ending(auth.session_id, "session_expired x", nx=True)
+    assert await redis_client.get(mark) == "signed_out"
+
+
 @pytest.mark.parametrize("registered", [True, False], ids=["registered", "first-commit"])
 async def test_a_session_ended_while_a_partition_mutation_runs_commits_nothing(
     redis_client: redis.asyncio.Redis, registered: bool

@@ -165,15 +165,16 @@ class SessionStore:
         """How long an ended session's fence lives (ms): see the module's docstring."""
         return (self.settings.access_ttl + self.settings.clock_leeway + FENCE_MARGIN) * 1000
 
-    async def _begin_ending(self, session_id: str, value: str) -> list[str]:
+    async def _begin_ending(self, session_id: str, value: str, *, nx: bool = False) -> list[str]:
         """Mark the session as ending (no data partition registers with it any more) and
-        return the partitions registered before: each needs the session's fence too."""
+        return the partitions registered before: each needs the session's fence too. With
+        ``nx`` an existing mark stays (the sweep lifts only a mark of its own)."""
         reply = await self._ending(
             keys=[
                 redis_keys.session_partitions(session_id),
                 redis_keys.session_ending(session_id),
             ],
-            args=[self.fence_ttl_ms, value],
+            args=[self.fence_ttl_ms, value, "nx" if nx else ""],
         )
         return sorted(str(p) for p in reply)
 
@@ -450,7 +451,7 @@ class SessionStore:
         result: dict[str, tuple[str, list[str]]] = {}
         for sid in fenced:
             value = values[sid]
-            partitions = await self._begin_ending(sid, value)
+            partitions = await self._begin_ending(sid, value, nx=True)
             for partition in partitions:
                 fence = redis_keys.data_keys(partition).session_fence(sid)
                 await self.redis.set(fence, value, px=self.fence_ttl_ms, nx=True)
