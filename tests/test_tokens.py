@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tether.protocol import AuthErrorCode
 from tether.server.auth import signing_keys as keys_module
+from tether.server.auth import tokens as tokens_module
 from tether.server.auth.signing_keys import (
     MAX_KEYS,
     RELOAD_INTERVAL,
@@ -43,7 +44,6 @@ from tether.server.auth.signing_keys import (
     load_or_create_key_file,
     rotate_key_file,
 )
-from tether.server.auth import tokens as tokens_module
 from tether.server.auth.tokens import MAX_TOKEN_BYTES, AccessClaims, AccessTokens, TokenError
 
 ISSUER = "https://tether.test"
