@@ -99,11 +99,14 @@ class Tracker:
 
     def __init__(self, count: int) -> None:
         self.auth_ok: list[list[float]] = [[] for _ in range(count)]
+        self.connected: list[list[float]] = [[] for _ in range(count)]
         self.values: list[list[tuple[float, int]]] = [[] for _ in range(count)]
 
     def see(self, i: int, text: str, at: float) -> None:
         if '"auth_ok"' in text:
             self.auth_ok[i].append(at)
+        elif '"connected"' in text:
+            self.connected[i].append(at)
         elif '"transition"' in text:
             for update in json.loads(text)["updates"]:
                 if "value" in update:
@@ -250,11 +253,13 @@ async def worker(args: argparse.Namespace) -> None:
     await wait_all(lambda i: tracker.back_at(i, t0, target) is not None, count, timeout)
     backs = [tracker.back_at(i, t0, target) for i in range(count)]
     auths = [next((t - t0 for t in tracker.auth_ok[i] if t >= t0), None) for i in range(count)]
+    conns = [next((t - t0 for t in tracker.connected[i] if t >= t0), None) for i in range(count)]
     answer(
         {
             "back": [b - t0 for b in backs if b is not None],
             "missing": backs.count(None),
             "auth": [a for a in auths if a is not None],
+            "connected": [c for c in conns if c is not None],
         }
     )
 
@@ -464,10 +469,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         redis_cpu = cpu_seconds(redis_pid) - redis0
         result["tether"] = (backs, missing, cpu, redis_cpu)
         auths = sorted(x for r in reports for x in r["auth"])
+        conns = sorted(x for r in reports for x in r["connected"])
         print(
             f"storm: {len(backs):,} back, {missing} not; last at {backs[-1] if backs else 0:.2f} s;"
             f" the write answered at {written:.3f} s; auth_ok p50 {percentile(auths, 50):.2f} s,"
-            f" last {auths[-1] if auths else float('nan'):.2f} s",
+            f" last {auths[-1] if auths else float('nan'):.2f} s; connected p50"
+            f" {percentile(conns, 50):.2f} s, last {conns[-1] if conns else float('nan'):.2f} s",
             flush=True,
         )
         for w in workers:
