@@ -438,6 +438,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 str(args.concurrency),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                limit=2**26,  # a report is one line with a time per client
                 **child_options(),
             )
             workers.append(Worker(proc))
