@@ -33,6 +33,7 @@ from tether.server.auth.sessions import (
     FENCE_MARGIN,
     RefreshRejected,
     SessionGrant,
+    SessionInfo,
     SessionStore,
     revoke_from_cli,
 )
@@ -1193,3 +1194,35 @@ async def test_a_redis_error_reaches_every_lookup_of_the_batch(
     finally:
         await limited.aclose()
         await admin.aclose()
+
+
+async def test_a_failed_batch_fails_only_the_lookups_that_fail_on_their_own(
+    redis_proc: RedisProcess,
+    redis_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    settings: Settings,
+    clock: ManualClock,
+) -> None:
+    """As on a cluster with one master down: a session the client cannot read must not make
+    the authenticates batched with it fail."""
+    admin_store = SessionStore(redis_client, codec, settings, clock)
+    readable, hidden = await admin_store.create("u1"), await admin_store.create("u2")
+    # A Redis user that may read only the first session's key.
+    await redis_client.execute_command(
+        "ACL", "SETUSER", "one-session", "on", "nopass", "+@all",
+        f"~{redis_keys.session(readable.session_id)}",
+    )  # fmt: skip
+    limited = redis.asyncio.Redis(
+        host="127.0.0.1", port=redis_proc.port, username="one-session", decode_responses=True
+    )
+    try:
+        store = SessionStore(limited, codec, settings, clock)
+        ok, refused = await asyncio.gather(
+            store.lookup(readable.session_id),
+            store.lookup(hidden.session_id),
+            return_exceptions=True,
+        )
+        assert isinstance(ok, SessionInfo) and ok.user_id == "u1", ok
+        assert isinstance(refused, redis.exceptions.NoPermissionError), refused
+    finally:
+        await limited.aclose()

@@ -381,10 +381,14 @@ class SessionStore:
         try:
             found = await self.lookup_many(sids)
         except Exception as exc:
-            for sid in sids:
-                for waiter in waiters[sid]:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
+            if len(sids) > 1:
+                # One session's node may be down (a Cluster failover) while the others are up:
+                # each lookup on its own then, so that only those on that node fail.
+                await asyncio.gather(*(self._answer([sid], waiters) for sid in sids))
+                return
+            for waiter in waiters[sids[0]]:
+                if not waiter.done():
+                    waiter.set_exception(exc)
             return
         for sid in sids:
             for waiter in waiters[sid]:
