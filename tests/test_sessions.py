@@ -27,6 +27,7 @@ import redis.exceptions
 from tether.protocol import HTTPCode, SessionEndReason
 from tether.server.app import Node
 from tether.server.auth.errors import AuthFailure
+from tether.server.auth import sessions as sessions_module
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import (
     DEADLINE_GRACE_MS,
@@ -1226,3 +1227,15 @@ async def test_a_failed_batch_fails_only_the_lookups_that_fail_on_their_own(
         assert isinstance(refused, redis.exceptions.NoPermissionError), refused
     finally:
         await limited.aclose()
+
+
+async def test_a_large_batch_is_sent_in_pipelines_of_at_most_lookup_batch(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions_module, "LOOKUP_BATCH", 4)
+    grants = [await store.create(f"user-{i}") for i in range(3)]
+    sids = [f"absent-{i}" for i in range(7)] + [g.session_id for g in grants]
+    counter = PipelineCounter(store, monkeypatch)
+    found = await asyncio.gather(*(store.lookup(sid) for sid in sids))
+    assert (counter.pipelines, counter.hmgets) == (3, 0)  # 4 + 4 + 2
+    assert [info and info.user_id for info in found] == [None] * 7 + ["user-0", "user-1", "user-2"]

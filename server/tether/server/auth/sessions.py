@@ -359,21 +359,25 @@ class SessionStore:
         batch = self._batch
         if batch is None or batch.loop is not loop:
             batch = self._batch = _LookupBatch(loop)
-            loop.call_soon(self._send_batch, batch)
+            # The task's first step runs after every callback already queued in this turn:
+            # the lookups they ask for join the batch before it is sent.
+            task = loop.create_task(self._send_batch(batch))
+            # Held until done: the loop keeps only weak references to tasks.
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
         waiter: asyncio.Future[SessionInfo | None] = loop.create_future()
         batch.waiters.setdefault(session_id, []).append(waiter)
         return await waiter
 
-    def _send_batch(self, batch: _LookupBatch) -> None:
+    async def _send_batch(self, batch: _LookupBatch) -> None:
         if self._batch is batch:
             self._batch = None
         sids = list(batch.waiters)
-        for start in range(0, len(sids), LOOKUP_BATCH):
-            chunk = sids[start : start + LOOKUP_BATCH]
-            task = batch.loop.create_task(self._answer(chunk, batch.waiters))
-            # Held until done: the loop keeps only weak references to tasks.
-            self._answering.add(task)
-            task.add_done_callback(self._answering.discard)
+        if len(sids) <= LOOKUP_BATCH:
+            await self._answer(sids, batch.waiters)  # no task of its own: one hop fewer
+            return
+        chunks = [sids[i : i + LOOKUP_BATCH] for i in range(0, len(sids), LOOKUP_BATCH)]
+        await asyncio.gather(*(self._answer(chunk, batch.waiters) for chunk in chunks))
 
     async def _answer(
         self, sids: list[str], waiters: dict[str, list[asyncio.Future[SessionInfo | None]]]
