@@ -26,8 +26,8 @@ import redis.asyncio
 import redis.exceptions
 from tether.protocol import HTTPCode, SessionEndReason
 from tether.server.app import Node
-from tether.server.auth.errors import AuthFailure
 from tether.server.auth import sessions as sessions_module
+from tether.server.auth.errors import AuthFailure
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import (
     DEADLINE_GRACE_MS,
