@@ -300,6 +300,38 @@ async def test_the_sweep_never_takes_over_another_ends_mark(
     assert await redis_client.get(mark) == "signed_out"
 
 
+async def test_two_sweeps_racing_end_a_session_only_once_its_partitions_are_fenced(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Two instances sweep the same expired session at once: the first writes the default
+    partition's fence, and before it has read the partitions and fenced them, the second
+    finds that fence (its own NX write fails) and runs the end script. The second must still
+    fence every registered partition before it ends the session, or a commit there (the
+    registration cached on an instance) lands after the end."""
+    clock = ManualClock(float(int(time.time())))
+    settings = make_settings(session_inactive_ttl=60, session_ttl=3600)
+    codec = RefreshTokenCodec(secrets.token_bytes(32))
+    store = store_on(redis_client)
+    late: list[Any] = []
+
+    class First(SessionStore):
+        async def _begin_ending(self, session_id: str, value: str, *, nx: bool = False) -> Any:
+            # The default fence is written; the other instance's sweep runs now.
+            assert await SessionStore(redis_client, codec, settings, clock).sweep_expired() == 1
+            late.append(await bump(store, "acme", auth=auth))
+            return await super()._begin_ending(session_id, value, nx=nx)
+
+    first = First(redis_client, codec, settings, clock)
+    grant = await first.create("u")
+    auth = Auth(grant.user_id, grant.session_id)
+    assert (await bump(store, "acme", auth=auth)).value_json == "1"  # registers, cached
+    clock.advance(61)
+    assert await first.sweep_expired() == 0  # the other one ended it
+    assert await redis_client.hget(redis_keys.session(grant.session_id), "state") == "ended"
+    assert [outcome.error for outcome in late] == [("unauthenticated", IDENTITY_ENDED)]
+    assert await store.in_partition("acme").version() == 1
+
+
 @pytest.mark.parametrize("registered", [True, False], ids=["registered", "first-commit"])
 async def test_a_session_ended_while_a_partition_mutation_runs_commits_nothing(
     redis_client: redis.asyncio.Redis, registered: bool

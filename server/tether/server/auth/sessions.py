@@ -493,9 +493,10 @@ class SessionStore:
         self, session_ids: list[str], now: int
     ) -> dict[str, tuple[str, list[str]]]:
         """Fence those of ``session_ids`` that are active and past their own deadline at
-        ``now``; return the fence value written for each and the partitions fenced with it (a
-        fence that already exists is left as it is, and not returned: only a fence the sweep
-        wrote is ever lifted by it)."""
+        ``now``, in the default partition and every partition each registered; return the
+        fence value this sweep wrote for each and its partitions (a fence or mark that already
+        exists is left as it is: lifting compares the value, so only what this sweep wrote is
+        ever lifted by it)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in session_ids:
                 pipe.hmget(redis_keys.session(sid), ["state", "abs", "last", "inactive"])
@@ -514,10 +515,13 @@ class SessionStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid, value in values.items():
                 pipe.set(redis_keys.data_session_fence(sid), value, px=self.fence_ttl_ms, nx=True)
-            written = await pipe.execute()
-        fenced = [sid for sid, ok in zip(expired, written, strict=True) if ok]
+            await pipe.execute()  # the default fence exists now: this sweep's or another end's
+        # Every expired session is marked and fenced in its partitions, also one whose default
+        # fence was there already: that one may be another sweep's, still on its way to the
+        # partitions, while this sweep's end script would end the session now. Each write is
+        # NX with this sweep's own value, so lifting (by value) takes back only what it wrote.
         result: dict[str, tuple[str, list[str]]] = {}
-        for sid in fenced:
+        for sid in expired:
             value = values[sid]
             partitions = await self._begin_ending(sid, value, nx=True)
             for partition in partitions:
