@@ -20,9 +20,15 @@ from tether.protocol import SessionEndReason
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import SessionStore
 from tether.server.data import functions
-from tether.server.data.engine import run_mutation, run_query
+from tether.server.data.engine import QueryEngine, run_mutation, run_query
 from tether.server.data.functions import App, Auth, Context
-from tether.server.data.store import IDENTITY_ENDED, MutationDB, MutationRequest, Store
+from tether.server.data.store import (
+    IDENTITY_ENDED,
+    MutationDB,
+    MutationRequest,
+    RequestIdReused,
+    Store,
+)
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import MAX_CONNECTIONS, connect
 
@@ -189,12 +195,37 @@ async def test_outcomes_live_in_the_partition(redis_client: redis.asyncio.Redis)
     again = await bump(store, "acme", client_id="c", request_id=7)
     assert first == again and first.value_json == "1"
     assert (await tally(store, "acme")).value_json == "1"
-    # The same request id naming another partition is a new request there.
-    other = await bump(store, "globex", client_id="c", request_id=7)
-    assert other.value_json == "1" and other.version == 1
     outcome = redis_keys.data_keys("acme").outcome(None, "c", 7)
     assert await redis_client.exists(outcome) == 1
     assert await redis_client.exists(MutationRequest("tenant.bump", "c", 7).outcome_key) == 0
+
+
+async def test_a_request_id_runs_in_one_partition_only(redis_client: redis.asyncio.Redis) -> None:
+    """Contract §5 rule 4 and the ``mutate`` row: a requestId is answered with its first
+    outcome and never run twice, and re-sent naming another function it is refused and runs
+    nothing, also when the other call is in another partition (each keeps its outcomes in its
+    own slot, so the outcome alone cannot tell)."""
+    engine = QueryEngine(app, store_on(redis_client))
+    store = engine.store
+
+    async def mutate(name: str, request_id: int, **kwargs: Any) -> Any:
+        return await engine.run_mutation(
+            name, {"name": "t", **kwargs}, None, client_id="c", request_id=request_id
+        )
+
+    first = await mutate("tenant.bump", 7, tenant="acme")
+    assert first.value_json == "1"
+    assert (await mutate("tenant.bump", 7, tenant="acme")).value_json == "1"  # a replay
+    with pytest.raises(RequestIdReused):
+        await mutate("tenant.bump", 7, tenant="globex")
+    with pytest.raises(RequestIdReused):
+        await mutate("tally.bump", 7)
+    await mutate("tally.bump", 8)
+    with pytest.raises(RequestIdReused):
+        await mutate("tenant.bump", 8, tenant="acme")
+    assert await store.in_partition("acme").version() == 1
+    assert await store.in_partition("globex").version() == 0
+    assert await store.version() == 1
 
 
 # ---------------------------------------------------------------------------------- session fence

@@ -32,6 +32,7 @@ from tether.server.data.store import (
     MutationDB,
     MutationOutcome,
     MutationRequest,
+    RequestIdReused,
     QueryDB,
     Store,
 )
@@ -112,6 +113,7 @@ async def run_mutation(
     client_id: str | None,
     request_id: int | None,
     authorized: Callable[[], bool] | None = None,
+    claim: bool = False,
 ) -> MutationOutcome:
     """Run the mutation ``spec`` (``kwargs`` from ``spec.validate_args``) once per
     ``(user, client_id, request_id)`` and commit it, with a fresh :class:`Context` per attempt.
@@ -123,8 +125,11 @@ async def run_mutation(
     :class:`~tether.server.data.store.RequestIdReused` it raises.
 
     A mutation declared with ``partition`` runs in the partition its argument names (an
-    invalid name: the error ``invalid``, nothing run or stored); its outcome is kept there, so
-    a replay naming a function of another partition is a new request in that partition."""
+    invalid name: the error ``invalid``, nothing run or stored); its outcome is kept there.
+    With ``claim`` (an application that declares partitions) the request id is first claimed
+    for this function and partition (:meth:`Store.claim_request`): re-sent into another
+    partition, or naming a function of another one, it raises ``RequestIdReused`` and runs
+    nothing."""
     try:
         partition = spec.partition_of(kwargs)
     except FunctionError as exc:
@@ -139,8 +144,18 @@ async def run_mutation(
     if client_id is not None and request_id is not None:
         user_id = None if auth is None else auth.user_id
         request = MutationRequest(spec.name, client_id, request_id, user_id)
+        if claim:
+            held = await store.claim_request(request)
+            if held is not None:
+                raise RequestIdReused(
+                    request_id, _in(spec.name, partition), _in(held[0], held[1])
+                )
     session_id = None if auth is None else auth.session_id
     return await store.run_mutation(run, request, session_id=session_id, authorized=authorized)
+
+
+def _in(name: str, partition: str | None) -> str:
+    return name if partition is None else f"{name} in partition {partition!r}"
 
 
 class QueryEngine:
@@ -209,6 +224,7 @@ class QueryEngine:
                 client_id=client_id,
                 request_id=request_id,
                 authorized=authorized,
+                claim=any(s.partition is not None for s in self.application.functions.values()),
             )
         except RedisError:
             self.store.metrics.redis_error("mutation")

@@ -912,6 +912,25 @@ class Store:
             await self._watch_redis.aclose()
             self._watch_redis = None
 
+    async def claim_request(self, request: MutationRequest) -> tuple[str, str | None] | None:
+        """Claim ``request``'s id for its function in this partition
+        (``redis_keys.request_claim``), unless another partition claimed it first: then return
+        that ``(function name, partition)``. The outcome key of each partition is in that
+        partition's slot, so only this key, one per request, sees a requestId re-sent into
+        another partition (protocol 1.1 §5 rule 4); it lives as long as an outcome."""
+        key = redis_keys.request_claim(request.user_id, request.client_id, request.request_id)
+        mine = json.dumps([request.name, self.partition])
+        while True:
+            if await self.redis.set(key, mine, px=self.outcome_ttl * 1000, nx=True):
+                return None
+            raw = await self.redis.get(key)
+            if raw is None:
+                continue  # expired in between: claim it now
+            name, partition = json.loads(_text(raw))
+            if partition == self.partition:
+                return None  # this partition's outcome decides (a replay, or rule 4 there)
+            return str(name), None if partition is None else str(partition)
+
     def _outcome_key(self, request: MutationRequest) -> str:
         return self.keys.outcome(request.user_id, request.client_id, request.request_id)
 

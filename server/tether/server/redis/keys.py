@@ -24,6 +24,12 @@ key                                 type        holds
 channel ``tether:session-ended``    pub/sub     one JSON event per ended session
 ==================================  ==========  ============================================
 
+``tether:{tether-req:<OWNER>:<CLIENT>}:<REQUEST>`` (string, TTL: the outcome's; OWNER and
+CLIENT as in ``D:outcome`` below) holds the function and partition a mutation's requestId was
+first run with, in an application that declares partitions: the outcomes live in each
+partition's slot, so this one key per request decides that a requestId runs in one partition
+only (:func:`request_claim`; protocol 1.1 §5 rule 4).
+
 The data layer (:mod:`tether.server.data.store`) is split into *partitions*, each under one hash
 tag: a commit touches many documents and indexes atomically, so in Redis Cluster each partition
 lives in one slot (one primary's memory and CPU). The default partition (functions declared
@@ -144,6 +150,17 @@ def encode_partition(partition: str) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
+def _owner(user_id: str | None) -> str:
+    return ANONYMOUS_OWNER if user_id is None else _digest("user:" + user_id)
+
+
+def request_claim(user_id: str | None, client_id: str, request_id: int) -> str:
+    """Which function and partition ``request_id`` of ``client_id`` (sent by ``user_id``) was
+    first run with. Its own hash tag per (user, client): spread over the cluster, never in a
+    partition's slot."""
+    return f"{PREFIX}{{tether-req:{_owner(user_id)}:{_digest(client_id)}}}:{request_id}"
+
+
 class DataKeys:
     """Every key of one data partition (``partition`` ``None``: the default partition, whose
     keys are ``tether:{tether-data}:…``; partition P's are ``tether:{tether-data:<enc(P)>}:…``,
@@ -175,8 +192,7 @@ class DataKeys:
         """Where the outcome of ``request_id`` of ``client_id``, sent by ``user_id`` (``None``:
         anonymous), is kept. Each user, and the anonymous caller, has its own key space: no
         user id can name the anonymous owner or another user's keys (protocol 1.1 §5 rule 4)."""
-        owner = ANONYMOUS_OWNER if user_id is None else _digest("user:" + user_id)
-        return f"{self.base}outcome:{owner}:{_digest(client_id)}:{request_id}"
+        return f"{self.base}outcome:{_owner(user_id)}:{_digest(client_id)}:{request_id}"
 
     def session_fence(self, session_id: str) -> str:
         """The fence of an ended session, in this partition's slot so ``commit.lua`` can check
