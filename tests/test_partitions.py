@@ -557,6 +557,49 @@ async def test_a_partitioned_subscription_that_reads_the_identity_follows_a_sign
     assert live.at_result[1][1][2] == ("value", 1)
 
 
+async def _watching(redis_client: redis.asyncio.Redis) -> int:
+    """Redis connections whose last command is a blocking commit-stream read (XREAD)."""
+    return sum(c.get("cmd") == "xread" for c in await redis_client.client_list())
+
+
+async def test_a_connection_closed_while_its_mutation_waits_leaves_no_follower(
+    server_factory: Callable[..., ServerProcess],
+    open_live: Opener,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A partitioned mutation waits for its partition's live queries (read your writes); the
+    socket closes meanwhile, so its subscription leaves while the wait holds the follower and
+    the wait is then cancelled: the follower (its task and its Redis connection) must still be
+    stopped."""
+    server = server_factory(app=PARTITION_APP)
+    tenant = unique("tenant")
+    live = await open_live(server, label="closing")
+    await live.subscribe(1, "tally.get", {"name": "n"})
+    baseline = await _watching(redis_client)
+    # Every run of this query takes 3 s: the pump is busy when the commit lands.
+    args = {"tenant": tenant, "name": "n", "ms": 3000}
+    await live.send({"type": "subscribe", "queryId": 2, "name": "tenant.slow", "args": args})
+    mutate = {"tenant": tenant, "name": "n"}
+    await live.send({"type": "mutate", "requestId": 1, "name": "tenant.bump", "args": mutate})
+    version = redis_keys.data_keys(tenant).version
+    for _ in range(2000):
+        if await redis_client.get(version) == "1":
+            break
+        await asyncio.sleep(0.005)
+    assert 2 not in live.held and 1 not in live.results  # still waiting
+    for _ in range(400):  # the partition's follower runs
+        if await _watching(redis_client) > baseline:
+            break
+        await asyncio.sleep(0.05)
+    assert await _watching(redis_client) > baseline
+    await live.close()
+    for _ in range(400):  # until the follower is gone, or fail
+        if await _watching(redis_client) <= baseline:
+            break
+        await asyncio.sleep(0.05)
+    assert await _watching(redis_client) <= baseline
+
+
 async def test_subscriptions_past_the_followed_partitions_limit_are_refused(
     server_factory: Callable[..., ServerProcess], open_live: Opener
 ) -> None:

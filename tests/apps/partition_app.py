@@ -7,10 +7,12 @@ Served with ``server_factory(app="tests.apps.partition_app:app")``.
 * ``tenant.where`` query ``{"tenant"}`` → ``ctx.partition``
 * ``tenant.mine`` query ``{"tenant", "name"}`` → ``{"user", "value"}``: reads the identity
 * ``tally.get`` / ``tally.bump``: the same in the default partition (no tenant)
+* ``tenant.slow`` query ``{"tenant", "name", "ms"}`` → ``tenant.get`` after ``ms`` milliseconds
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from tether import App, Context
@@ -69,3 +71,10 @@ async def tenant_mine(ctx: Context, tenant: str, name: str) -> dict[str, Any]:
         "user": None if auth is None else auth.user_id,
         "value": 0 if doc is None else int(doc["value"]),
     }
+
+
+@app.query("tenant.slow", partition="tenant")
+async def tenant_slow(ctx: Context, tenant: str, name: str, ms: int) -> int:
+    """``tenant.get`` after ``ms`` milliseconds: keeps the partition's live queries busy."""
+    await asyncio.sleep(ms / 1000)
+    return await tenant_get(ctx, tenant, name)

@@ -619,9 +619,13 @@ class Connection:
                 processed = version
                 if manager is not None:
                     manager.notify_commit(version, outcome.written_keys)
-                    async with asyncio.timeout(DELIVERY_TIMEOUT):
-                        processed = await manager.wait_processed(version)
-                    partitions.release(outcome.partition)
+                    try:
+                        async with asyncio.timeout(DELIVERY_TIMEOUT):
+                            processed = await manager.wait_processed(version)
+                    finally:
+                        # Also when the wait ends otherwise (the socket closed: cancelled; the
+                        # timeout): the wait may have been all that still held the follower.
+                        partitions.release(outcome.partition)
                 self.execute(core.advance_version(processed, self.now()))
                 self.partitioned = True
                 version = core.version
