@@ -331,6 +331,36 @@ async def test_the_sweep_never_takes_over_another_ends_mark(
     assert await redis_client.get(mark) == "signed_out"
 
 
+async def test_a_session_registers_at_most_max_session_partitions(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Every partition a session registers is fenced, one write each, when it ends: a session
+    must not grow that set without bound (a mutation the application refuses registers too),
+    or one user makes every end of their session, and the script that reads the set, as slow
+    as they like. Past the limit a first commit into one more partition runs nothing and is
+    answered ``limit_exceeded``; partitions registered already go on committing."""
+    sessions = sessions_on(redis_client)
+    store = Store(
+        redis_client,
+        schema=app.schema,
+        clock=ManualClock(float(int(time.time()))),
+        max_session_partitions=2,
+    )
+    auth = await new_session(sessions)
+    assert (await bump(store, "a", auth=auth)).value_json == "1"
+    assert (await bump(store, "b", auth=auth)).value_json == "1"
+    refused = await bump(store, "c", auth=auth)
+    assert refused.error is not None and refused.error[0] == "limit_exceeded"
+    assert await store.in_partition("c").version() == 0
+    again = Store(redis_client, schema=app.schema, clock=store.clock, max_session_partitions=2)
+    assert (await bump(again, "a", auth=auth)).value_json == "2"  # registered: not counted
+    assert await redis_client.smembers(redis_keys.session_partitions(auth.session_id)) == {
+        "a",
+        "b",
+    }
+    assert (await bump(store, "c", auth=await new_session(sessions))).value_json == "1"
+
+
 async def test_two_sweeps_racing_end_a_session_only_once_its_partitions_are_fenced(
     redis_client: redis.asyncio.Redis,
 ) -> None:

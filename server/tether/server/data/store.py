@@ -130,6 +130,7 @@ __all__ = [
     "QueryRunner",
     "RequestIdReused",
     "Schema",
+    "SessionPartitionsExceeded",
     "SnapshotMoved",
     "Store",
     "encode_index_values",
@@ -182,6 +183,18 @@ class Conflict(Exception):
     def __init__(self, key: str) -> None:
         super().__init__(f"conflict on {key}")
         self.key = key
+
+
+class SessionPartitionsExceeded(Exception):
+    """A session's first commit into one more data partition than it may register
+    (``TETHER_MAX_SESSION_PARTITIONS``): nothing was sent. A mutation answers it with the error
+    ``limit_exceeded``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this session has committed into {limit} data partitions, the most it may"
+            " (TETHER_MAX_SESSION_PARTITIONS); sign in again for a new session"
+        )
 
 
 class RequestIdReused(Exception):
@@ -859,6 +872,7 @@ class Store:
         max_retries: int = 8,
         query_attempts: int = 5,
         metrics: Metrics | None = None,
+        max_session_partitions: int = 1000,
     ) -> None:
         if outcome_ttl < MIN_OUTCOME_TTL:
             raise ValueError(f"outcome_ttl must be at least {MIN_OUTCOME_TTL} seconds")
@@ -873,6 +887,8 @@ class Store:
         self.max_result_bytes = max_result_bytes
         self.max_retries = max_retries
         self.query_attempts = query_attempts
+        #: Partitions one session registers at most (``TETHER_MAX_SESSION_PARTITIONS``).
+        self.max_session_partitions = max_session_partitions
         self.metrics = metrics or discarded()
         self._commit_script = load_script(redis, "tether.server.data", "commit")
         self._read_script = load_script(redis, "tether.server.data", "read")
@@ -937,7 +953,8 @@ class Store:
     async def _register(self, session_id: str) -> bool:
         """Register this partition with ``session_id`` before its first commit here (contract
         §5 rule 6 across partitions): False when the session is ending or ended, and then the
-        commit must not be sent. Ending a session fences every partition registered before it
+        commit must not be sent. Raises :class:`SessionPartitionsExceeded` (nothing sent
+        either) when the session has registered :attr:`max_session_partitions` others. Ending a session fences every partition registered before it
         started ending (:class:`tether.server.auth.sessions.SessionStore`), so a commit here
         either lands before that fence or meets it. Cached per instance for
         :data:`REGISTRATION_CACHE_SECONDS` (the set lives far longer: :data:`REGISTRATION_TTL`).
@@ -956,8 +973,10 @@ class Store:
                 redis_keys.session_partitions(session_id),
                 redis_keys.session_ending(session_id),
             ],
-            args=[partition, REGISTRATION_TTL * 1000],
+            args=[partition, REGISTRATION_TTL * 1000, self.max_session_partitions],
         )
+        if int(ok) == -1:
+            raise SessionPartitionsExceeded(self.max_session_partitions)
         if int(ok) != 1:
             return False
         if len(cache) >= MAX_REGISTRATIONS_CACHED:
@@ -1067,7 +1086,8 @@ class Store:
         (whichever function it names: the caller checks, see :meth:`MutationRequest.replay`).
         With a ``session_id`` whose session has ended (its fence exists), nothing is committed
         or stored: the result is ``ended``. A commit that writes nothing leaves the version as
-        it is.
+        it is. Raises :class:`SessionPartitionsExceeded` when the session may register no more
+        partitions (nothing committed).
         """
         if session_id is not None and not await self._register(session_id):
             return CommitResult(None, frozenset(), ended=True)
@@ -1325,9 +1345,11 @@ class Store:
         )
         ended = MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED), None)
         metrics = self.metrics
-        if (authorized is not None and not authorized()) or (
-            session_id is not None and not await self._register(session_id)
-        ):
+        try:
+            registered = session_id is None or await self._register(session_id)
+        except SessionPartitionsExceeded as exc:
+            return MutationOutcome(None, (ErrorCode.LIMIT_EXCEEDED, str(exc)), None)
+        if (authorized is not None and not authorized()) or not registered:
             metrics.mutation("ended")
             return ended
         result = await self._send_commit(commit)
