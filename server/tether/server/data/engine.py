@@ -32,8 +32,8 @@ from tether.server.data.store import (
     MutationDB,
     MutationOutcome,
     MutationRequest,
-    RequestIdReused,
     QueryDB,
+    RequestIdReused,
     Store,
 )
 from tether.server.errors import FunctionError
@@ -147,9 +147,7 @@ async def run_mutation(
         if claim:
             held = await store.claim_request(request)
             if held is not None:
-                raise RequestIdReused(
-                    request_id, _in(spec.name, partition), _in(held[0], held[1])
-                )
+                raise RequestIdReused(request_id, _in(spec.name, partition), _in(held[0], held[1]))
     session_id = None if auth is None else auth.session_id
     return await store.run_mutation(run, request, session_id=session_id, authorized=authorized)
 

@@ -954,9 +954,10 @@ class Store:
         """Register this partition with ``session_id`` before its first commit here (contract
         §5 rule 6 across partitions): False when the session is ending or ended, and then the
         commit must not be sent. Raises :class:`SessionPartitionsExceeded` (nothing sent
-        either) when the session has registered :attr:`max_session_partitions` others. Ending a session fences every partition registered before it
-        started ending (:class:`tether.server.auth.sessions.SessionStore`), so a commit here
-        either lands before that fence or meets it. Cached per instance for
+        either) when the session has registered :attr:`max_session_partitions` others. Ending a
+        session fences every partition registered before it started ending
+        (:class:`tether.server.auth.sessions.SessionStore`), so a commit here either lands
+        before that fence or meets it. Cached per instance for
         :data:`REGISTRATION_CACHE_SECONDS` (the set lives far longer: :data:`REGISTRATION_TTL`).
         """
         partition = self.keys.partition
