@@ -159,6 +159,9 @@ REGISTRATION_CACHE_SECONDS = 60
 REGISTRATION_TTL = 3600
 #: Registrations an instance caches before it starts over.
 MAX_REGISTRATIONS_CACHED = 100_000
+#: Seconds a request's claim (:meth:`Store.claim_request`) outlives an outcome's lifetime: the
+#: outcome is stored when the mutation ends, after the claim.
+CLAIM_MARGIN = 60
 
 #: Backoff between the runs of a conflicting mutation: full jitter, doubling, capped (seconds).
 _BACKOFF_BASE = 0.004
@@ -933,11 +936,13 @@ class Store:
         (``redis_keys.request_claim``), unless another partition claimed it first: then return
         that ``(function name, partition)``. The outcome key of each partition is in that
         partition's slot, so only this key, one per request, sees a requestId re-sent into
-        another partition (protocol 1.1 §5 rule 4); it lives as long as an outcome."""
+        another partition (protocol 1.1 §5 rule 4); it outlives the outcome, which is stored when
+        the mutation ends."""
         key = redis_keys.request_claim(request.user_id, request.client_id, request.request_id)
         mine = json.dumps([request.name, self.partition])
+        ttl_ms = (self.outcome_ttl + CLAIM_MARGIN) * 1000
         while True:
-            if await self.redis.set(key, mine, px=self.outcome_ttl * 1000, nx=True):
+            if await self.redis.set(key, mine, px=ttl_ms, nx=True):
                 return None
             raw = await self.redis.get(key)
             if raw is None:

@@ -24,7 +24,7 @@ key                                 type        holds
 channel ``tether:session-ended``    pub/sub     one JSON event per ended session
 ==================================  ==========  ============================================
 
-``tether:{tether-req:<OWNER>:<CLIENT>}:<REQUEST>`` (string, TTL: the outcome's; OWNER and
+``tether:{tether-req:<OWNER>:<CLIENT>}:<REQUEST>`` (string, TTL: the outcome's + 60 s; OWNER and
 CLIENT as in ``D:outcome`` below) holds the function and partition a mutation's requestId was
 first run with, in an application that declares partitions: the outcomes live in each
 partition's slot, so this one key per request decides that a requestId runs in one partition
