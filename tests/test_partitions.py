@@ -485,6 +485,22 @@ async def test_a_partitioned_subscription_follows_another_instances_commits(
     await watcher.wait_value(3, lambda v: v == 5, "tally 5")
 
 
+async def test_a_request_id_re_sent_into_another_partition_is_refused_on_the_wire(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    server = server_factory(app=PARTITION_APP)
+    acme, globex = unique("acme"), unique("globex")
+    live = await open_live(server, label="re-sender")
+    await live.subscribe(1, "tenant.get", {"tenant": globex, "name": "n"})
+    result = await live.mutate(1, "tenant.bump", {"tenant": acme, "name": "n"})
+    assert result["value"] == 1
+    with pytest.raises(AssertionError, match="bad_message"):
+        await live.mutate(1, "tenant.bump", {"tenant": globex, "name": "n"})
+    assert (await live.mutate(1, "tenant.bump", {"tenant": acme, "name": "n"}))["value"] == 1
+    await live.mutate(2, "tenant.bump", {"tenant": globex, "name": "n"})
+    assert live.value(1) == 1  # request 1 never ran in globex
+
+
 async def test_read_your_writes_and_growing_versions_across_partitions(
     server_factory: Callable[..., ServerProcess], open_live: Opener
 ) -> None:
