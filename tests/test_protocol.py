@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from tether.protocol import AuthErrorCode, CloseCode, ErrorCode, SessionEndReason
+from tether.protocol import AuthErrorCode, CloseCode, ErrorCode, ServerMessageType, SessionEndReason
+from tether.server.realtime import core as core_module
 from tether.server.realtime.core import (
     Authenticate,
     BadMessage,
@@ -507,6 +508,33 @@ def test_connected_frame() -> None:
     ]
     frame = sent(actions)[0]
     assert type(frame["serverTime"]) is int
+    assert json.loads(encode_frame(frame)) == frame
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": ServerMessageType.CONNECTED, "connectionId": "c", "serverTime": 1, "protocol": 1},
+        {
+            "type": ServerMessageType.AUTH_OK,
+            "authVersion": 3,
+            "identity": {"userId": 'ü\u2028"', "sessionId": "s"},
+            "expiresAt": 1_700_000_600,
+            "serverTime": 1_700_000_000_123,
+            "tokens": {"accessToken": "a.b.c", "refreshToken": "rt1.x", "expiresAt": 2},
+        },
+        {"type": ServerMessageType.AUTH_OK, "authVersion": 1, "identity": None, "expiresAt": None},
+        {"type": ServerMessageType.AUTH_ERROR, "authVersion": 2, "code": "x", "message": "m\n"},
+        {"type": ServerMessageType.PONG, "serverTime": 5},
+        {"type": ServerMessageType.ERROR, "code": "bad_message", "message": "é", "queryId": 7},
+    ],
+    ids=lambda f: str(f["type"]),
+)
+def test_frames_without_raw_values_encode_as_the_general_path_does(frame: dict[str, Any]) -> None:
+    """The whole-frame fast path of ``encode_frame`` gives the same text, byte for byte."""
+    general: list[str] = []
+    core_module._write(frame, general)
+    assert encode_frame(frame) == "".join(general)
     assert json.loads(encode_frame(frame)) == frame
 
 

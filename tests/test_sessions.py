@@ -26,6 +26,7 @@ import redis.asyncio
 import redis.exceptions
 from tether.protocol import HTTPCode, SessionEndReason
 from tether.server.app import Node
+from tether.server.auth import sessions as sessions_module
 from tether.server.auth.errors import AuthFailure
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import (
@@ -33,6 +34,7 @@ from tether.server.auth.sessions import (
     FENCE_MARGIN,
     RefreshRejected,
     SessionGrant,
+    SessionInfo,
     SessionStore,
     revoke_from_cli,
 )
@@ -1110,3 +1112,130 @@ async def test_keys_are_tagged_expiring_and_hold_no_secret(
         assert await raw.pttl(redis_keys.session(untouched.session_id)) > 0
     finally:
         await raw.aclose()
+
+
+# ----------------------------------------------------------------------------- lookups
+
+
+class PipelineCounter:
+    """Counts the pipelines and lone HMGETs a store sends through its (real) client."""
+
+    def __init__(self, store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pipelines = 0
+        self.hmgets = 0
+        real_pipeline, real_hmget = store.redis.pipeline, store.redis.hmget
+
+        def pipeline(*args: Any, **kwargs: Any) -> Any:
+            self.pipelines += 1
+            return real_pipeline(*args, **kwargs)
+
+        async def hmget(*args: Any, **kwargs: Any) -> Any:
+            self.hmgets += 1
+            return await real_hmget(*args, **kwargs)
+
+        monkeypatch.setattr(store.redis, "pipeline", pipeline)
+        monkeypatch.setattr(store.redis, "hmget", hmget)
+
+
+async def test_lookups_of_one_turn_share_one_pipeline_and_each_gets_its_own_answer(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconnect storm's authenticates look their sessions up together (one round trip)."""
+    grants = [await store.create(f"user-{i}") for i in range(12)]
+    for grant in grants[::3]:
+        await store.end(grant.session_id, SessionEndReason.SIGNED_OUT)
+    sids = [g.session_id for g in grants] + [grants[1].session_id, "no-such-session"]
+    counter = PipelineCounter(store, monkeypatch)
+
+    found = await asyncio.gather(*(store.lookup(sid) for sid in sids))
+
+    assert (counter.pipelines, counter.hmgets) == (1, 0)
+    expected = [None if i % 3 == 0 else g.user_id for i, g in enumerate(grants)]
+    assert [info and info.user_id for info in found] == [*expected, "user-1", None]
+    # The next turn's lookups are a new batch; a lone lookup is one plain HMGET.
+    assert await store.lookup(grants[2].session_id) is not None
+    assert (counter.pipelines, counter.hmgets) == (1, 1)
+
+
+async def test_a_batched_lookup_whose_caller_went_away_spares_the_others(
+    store: SessionStore,
+) -> None:
+    one, two = await store.create("user-1"), await store.create("user-2")
+    gone = asyncio.ensure_future(store.lookup(one.session_id))
+    stays = asyncio.ensure_future(store.lookup(two.session_id))
+    await asyncio.sleep(0)  # both are waiting in the batch
+    gone.cancel()
+    info = await stays
+    assert info is not None and info.user_id == "user-2"
+    assert gone.cancelled()
+
+
+async def test_a_redis_error_reaches_every_lookup_of_the_batch(
+    redis_proc: RedisProcess, codec: RefreshTokenCodec, settings: Settings, clock: ManualClock
+) -> None:
+    admin = redis_proc.client()
+    # A Redis user that may not read hashes: each lookup meets a real NOPERM error.
+    await admin.execute_command(
+        "ACL", "SETUSER", "no-hmget", "on", "nopass", "~*", "+@all", "-hmget"
+    )
+    limited = redis.asyncio.Redis(
+        host="127.0.0.1", port=redis_proc.port, username="no-hmget", decode_responses=True
+    )
+    try:
+        grants = [await SessionStore(admin, codec, settings, clock).create(f"u{i}") for i in (1, 2)]
+        store = SessionStore(limited, codec, settings, clock)
+        outcomes = await asyncio.gather(
+            *(store.lookup(g.session_id) for g in grants), return_exceptions=True
+        )
+        assert all(isinstance(o, redis.exceptions.NoPermissionError) for o in outcomes), outcomes
+        store.redis = admin  # the store recovers: a later batch is sent afresh
+        assert [i and i.user_id for i in await asyncio.gather(
+            *(store.lookup(g.session_id) for g in grants)
+        )] == ["u1", "u2"]  # fmt: skip
+    finally:
+        await limited.aclose()
+        await admin.aclose()
+
+
+async def test_a_failed_batch_fails_only_the_lookups_that_fail_on_their_own(
+    redis_proc: RedisProcess,
+    redis_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    settings: Settings,
+    clock: ManualClock,
+) -> None:
+    """As on a cluster with one master down: a session the client cannot read must not make
+    the authenticates batched with it fail."""
+    admin_store = SessionStore(redis_client, codec, settings, clock)
+    readable, hidden = await admin_store.create("u1"), await admin_store.create("u2")
+    # A Redis user that may read only the first session's key.
+    await redis_client.execute_command(
+        "ACL", "SETUSER", "one-session", "on", "nopass", "+@all",
+        f"~{redis_keys.session(readable.session_id)}",
+    )  # fmt: skip
+    limited = redis.asyncio.Redis(
+        host="127.0.0.1", port=redis_proc.port, username="one-session", decode_responses=True
+    )
+    try:
+        store = SessionStore(limited, codec, settings, clock)
+        ok, refused = await asyncio.gather(
+            store.lookup(readable.session_id),
+            store.lookup(hidden.session_id),
+            return_exceptions=True,
+        )
+        assert isinstance(ok, SessionInfo) and ok.user_id == "u1", ok
+        assert isinstance(refused, redis.exceptions.NoPermissionError), refused
+    finally:
+        await limited.aclose()
+
+
+async def test_a_large_batch_is_sent_in_pipelines_of_at_most_lookup_batch(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions_module, "LOOKUP_BATCH", 4)
+    grants = [await store.create(f"user-{i}") for i in range(3)]
+    sids = [f"absent-{i}" for i in range(7)] + [g.session_id for g in grants]
+    counter = PipelineCounter(store, monkeypatch)
+    found = await asyncio.gather(*(store.lookup(sid) for sid in sids))
+    assert (counter.pipelines, counter.hmgets) == (3, 0)  # 4 + 4 + 2
+    assert [info and info.user_id for info in found] == [None] * 7 + ["user-0", "user-1", "user-2"]

@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tether.protocol import AuthErrorCode
 from tether.server.auth import signing_keys as keys_module
+from tether.server.auth import tokens as tokens_module
 from tether.server.auth.signing_keys import (
     MAX_KEYS,
     RELOAD_INTERVAL,
@@ -825,14 +826,15 @@ def test_non_compact_input_is_refused(
 
 @pytest.fixture
 def no_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make any parse of a token by PyJWT an AssertionError (which is not a TokenError)."""
+    """Make any decoding of a token segment an AssertionError (which is not a TokenError)."""
 
     def parse_forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("the token reached the JOSE parser")
 
+    monkeypatch.setattr(tokens_module, "_segment", parse_forbidden)
+    monkeypatch.setattr(tokens_module, "_json_object", parse_forbidden)
     monkeypatch.setattr(jwt, "get_unverified_header", parse_forbidden)
     monkeypatch.setattr(jwt, "decode", parse_forbidden)
-    monkeypatch.setattr(jwt.api_jws.PyJWS, "_load", parse_forbidden)
 
 
 def _compact_of_length(token: str, length: int) -> str:

@@ -95,6 +95,7 @@ class Node:
             clock=clock,
             stream_maxlen=settings.commit_stream_maxlen,
             outcome_ttl=settings.mutation_outcome_ttl,
+            max_session_partitions=settings.max_session_partitions,
             # No frame over the send limit (contract §5 rule 9): a mutation_result carries its
             # value whole. A query result is held to less by the connection's result budget.
             max_result_bytes=max(
@@ -241,6 +242,7 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await node.sync.partitions.close()
             await node.close()
 
     async def healthz(request: Request) -> Response:

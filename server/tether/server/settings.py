@@ -249,6 +249,18 @@ class Settings:
         " again is disconnected",
     )
     max_subscriptions: int = _setting(256, _parse_int, "subscriptions per connection")
+    max_followed_partitions: int = _setting(
+        1000,
+        _parse_int,
+        "data partitions one instance follows for live queries (each a Redis connection);"
+        " a subscription into one more is answered limit_exceeded",
+    )
+    max_session_partitions: int = _setting(
+        1000,
+        _parse_int,
+        "data partitions one session commits into (each is fenced when the session ends);"
+        " a first commit into one more is answered limit_exceeded",
+    )
     max_pending_mutations: int = _setting(64, _parse_int, "mutations in flight per connection")
     max_result_bytes: int = _setting(
         1_048_576, _parse_int, "largest encoded query or mutation result"
@@ -372,6 +384,8 @@ class Settings:
             "hash_workers",
             "send_queue_bytes",
             "max_subscriptions",
+            "max_followed_partitions",
+            "max_session_partitions",
             "max_pending_mutations",
             "max_result_bytes",
             "heartbeat_timeout",

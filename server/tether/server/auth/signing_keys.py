@@ -23,6 +23,7 @@ import secrets
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,9 @@ class SigningKey:
             private_key=ec.generate_private_key(ec.SECP256R1()),
         )
 
-    @property
+    @cached_property
     def public_key(self) -> ec.EllipticCurvePublicKey:
+        # Derived once: every token verification looks it up.
         return self.private_key.public_key()
 
     def public_jwk(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from tether.server.data.store import (
     MutationOutcome,
     MutationRequest,
     QueryDB,
+    RequestIdReused,
     Store,
 )
 from tether.server.errors import FunctionError
@@ -62,6 +63,8 @@ class MutationResult:
     version: int | None
     #: The keys its commit wrote (see :class:`~tether.server.data.store.MutationOutcome`).
     written_keys: frozenset[str] = field(default=frozenset(), compare=False)
+    #: The data partition it ran in (``None``: the default); ``version`` is that partition's.
+    partition: str | None = None
 
 
 def _auth(identity: Caller | None) -> Auth | None:
@@ -75,12 +78,19 @@ async def run_query(
     ``spec.validate_args``), with a fresh :class:`Context` per run.
 
     A :class:`~tether.server.errors.FunctionError` becomes the result's ``error``; see
-    :meth:`Store.run_query` for retries. Redis errors propagate.
+    :meth:`Store.run_query` for retries. A query declared with ``partition`` reads only the
+    partition its argument names (an invalid name: the error ``invalid``, nothing run). Redis
+    errors propagate.
     """
+    try:
+        partition = spec.partition_of(kwargs)
+    except FunctionError as exc:
+        return QueryEvaluation(None, (exc.code, exc.message), frozenset(), 0, False)
+    store = store.in_partition(partition)
     contexts: list[Context] = []
 
     async def run(db: QueryDB) -> str:
-        ctx = Context(auth, db=db)
+        ctx = Context(auth, db=db, partition=partition)
         contexts.append(ctx)
         return encode_result(await invoke(spec, ctx, kwargs), store.max_result_bytes)
 
@@ -104,6 +114,7 @@ async def run_mutation(
     client_id: str | None,
     request_id: int | None,
     authorized: Callable[[], bool] | None = None,
+    claim: bool = False,
 ) -> MutationOutcome:
     """Run the mutation ``spec`` (``kwargs`` from ``spec.validate_args``) once per
     ``(user, client_id, request_id)`` and commit it, with a fresh :class:`Context` per attempt.
@@ -112,16 +123,32 @@ async def run_mutation(
     (protocol 1.1 §5 rule 4), and records ``spec.name``; and the commit is refused once
     ``auth``'s session has ended (rule 6). Without ``client_id`` and ``request_id`` nothing is
     remembered. See :meth:`Store.run_mutation` for retries, replays, ``authorized`` and the
-    :class:`~tether.server.data.store.RequestIdReused` it raises."""
+    :class:`~tether.server.data.store.RequestIdReused` it raises.
+
+    A mutation declared with ``partition`` runs in the partition its argument names (an
+    invalid name: the error ``invalid``, nothing run or stored); its outcome is kept there.
+    With ``claim`` (an application that declares partitions) the request id is first claimed
+    for this function and partition (:meth:`Store.claim_request`): re-sent into another
+    partition, or naming a function of another one, it raises ``RequestIdReused`` and runs
+    nothing."""
+    try:
+        partition = spec.partition_of(kwargs)
+    except FunctionError as exc:
+        return MutationOutcome(None, (exc.code, exc.message), None)
+    store = store.in_partition(partition)
 
     async def run(db: MutationDB) -> str:
-        value = await invoke(spec, Context(auth, db=db), kwargs)
+        value = await invoke(spec, Context(auth, db=db, partition=partition), kwargs)
         return encode_result(value, store.max_result_bytes)
 
     request = None
     if client_id is not None and request_id is not None:
         user_id = None if auth is None else auth.user_id
         request = MutationRequest(spec.name, client_id, request_id, user_id)
+        if claim:
+            held = await store.claim_request(request)
+            if held is not None:
+                raise RequestIdReused(request_id, _in(spec.name, partition), _in(held[0], held[1]))
     session_id = None if auth is None else auth.session_id
     return await store.run_mutation(
         run, request, session_id=session_id, authorized=authorized, hint=_call_key(spec, kwargs)
@@ -142,6 +169,10 @@ def _call_key(spec: FunctionSpec, kwargs: Mapping[str, Any]) -> tuple[str, str] 
     except (TypeError, ValueError):
         return None
     return (spec.name, text) if len(text) <= MAX_CALL_KEY_CHARS else None
+
+
+def _in(name: str, partition: str | None) -> str:
+    return name if partition is None else f"{name} in partition {partition!r}"
 
 
 class QueryEngine:
@@ -210,13 +241,42 @@ class QueryEngine:
                 client_id=client_id,
                 request_id=request_id,
                 authorized=authorized,
+                claim=any(s.partition is not None for s in self.application.functions.values()),
             )
         except RedisError:
             self.store.metrics.redis_error("mutation")
             raise
         return MutationResult(
-            outcome.value_json, outcome.error, outcome.version, outcome.written_keys
+            outcome.value_json,
+            outcome.error,
+            outcome.version,
+            outcome.written_keys,
+            self.partition_of(name, kwargs),
         )
+
+    def partition_of(self, name: str, kwargs: Mapping[str, Any]) -> str | None:
+        """The data partition the function ``name`` runs in with ``kwargs`` (from
+        :meth:`resolve`): ``None`` for the default partition, an unknown function or an invalid
+        partition name (which runs nothing: its answer is the error ``invalid``)."""
+        spec = self.application.lookup(name)
+        if spec is None:
+            return None
+        try:
+            return spec.partition_of(kwargs)
+        except FunctionError:
+            return None
+
+    def in_partition(self, partition: str | None) -> QueryEngine:
+        """This engine with its commit stream and version those of ``partition`` (for the
+        live layer, which follows each partition on its own), its blocking commit reads on a
+        connection of its own (close it with :meth:`aclose`); functions still run in the
+        partition their arguments name."""
+        store = self.store.in_partition(partition).with_watch_connection()
+        return QueryEngine(self.application, store)
+
+    async def aclose(self) -> None:
+        """Close what :meth:`in_partition` opened for this engine (its watch connection)."""
+        await self.store.aclose_watch()
 
     async def read_commits(self, after: int, *, block_ms: int | None, count: int) -> CommitBatch:
         return await self.store.read_commits(after, block_ms=block_ms, count=count)

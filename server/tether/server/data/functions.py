@@ -77,6 +77,10 @@ FunctionKind = Literal["query", "mutation"]
 #: Dotted identifiers: ``whoami``, ``messages.send``.
 FUNCTION_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
+#: Longest partition name, in UTF-8 bytes (``App.query(partition=...)``): it becomes part of
+#: every Redis key of the partition (the same limit as ``redis.keys.MAX_PARTITION_BYTES``).
+MAX_PARTITION_BYTES = 128
+
 #: Names of tables and indexes.
 IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -134,12 +138,25 @@ class Context:
     never looks at the identity keeps its result across sign-in and sign-out.
     """
 
-    __slots__ = ("_auth", "_db", "_read_identity")
+    __slots__ = ("_auth", "_db", "_partition", "_read_identity")
 
-    def __init__(self, auth: Auth | None = None, *, db: QueryDB | MutationDB | None = None) -> None:
+    def __init__(
+        self,
+        auth: Auth | None = None,
+        *,
+        db: QueryDB | MutationDB | None = None,
+        partition: str | None = None,
+    ) -> None:
         self._auth = auth
         self._read_identity = False
         self._db = db
+        self._partition = partition
+
+    @property
+    def partition(self) -> str | None:
+        """The data partition :attr:`db` reads and writes: the value of the argument the
+        function declared with ``partition=``, or ``None`` (the default partition)."""
+        return self._partition
 
     @property
     def db(self) -> QueryDB | MutationDB:
@@ -337,6 +354,8 @@ class FunctionSpec:
     kind: FunctionKind
     fn: Callable[..., Awaitable[Any]]
     params: tuple[ArgSpec, ...]
+    #: The argument whose value names the function's data partition (``None``: the default).
+    partition: str | None = None
     _by_name: Mapping[str, ArgSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -346,7 +365,12 @@ class FunctionSpec:
 
     @classmethod
     def from_function(
-        cls, name: str, kind: FunctionKind, fn: Callable[..., Awaitable[Any]]
+        cls,
+        name: str,
+        kind: FunctionKind,
+        fn: Callable[..., Awaitable[Any]],
+        *,
+        partition: str | None = None,
     ) -> FunctionSpec:
         """Derive the spec of ``fn`` from its signature.
 
@@ -354,7 +378,7 @@ class FunctionSpec:
         identifier, ``kind`` is unknown, ``fn`` is not an ``async def`` function, it takes no
         context first, it has ``*args``/``**kwargs``, positional-only arguments, an unannotated or
         unsupported annotation, an annotation that does not resolve, or a default that does not
-        fit its annotation.
+        fit its annotation, or ``partition`` does not name one of its ``str`` arguments.
         """
         if kind not in ("query", "mutation"):
             raise ValueError(f"unknown function kind {kind!r}: expected 'query' or 'mutation'")
@@ -420,7 +444,36 @@ class FunctionSpec:
                         f"{spec.expected} (annotate it 'X | None' for a None default)"
                     ) from None
             specs.append(spec)
-        return cls(name=name, kind=kind, fn=fn, params=tuple(specs))
+        if partition is not None:
+            named = next((p for p in specs if p.name == partition), None)
+            if named is None or named.type is not ArgType.STRING or named.nullable:
+                raise ValueError(
+                    f"{where}: partition={partition!r} must name one of its arguments, "
+                    "annotated str"
+                )
+        return cls(name=name, kind=kind, fn=fn, params=tuple(specs), partition=partition)
+
+    def partition_of(self, kwargs: Mapping[str, Any]) -> str | None:
+        """The data partition a call with ``kwargs`` (from :meth:`validate_args`) runs in:
+        ``None`` (the default partition) for a function declared without ``partition``.
+        Raises ``FunctionError("invalid")`` when the value is empty, longer than
+        :data:`MAX_PARTITION_BYTES` in UTF-8, or not encodable; nothing has run then."""
+        if self.partition is None:
+            return None
+        value = kwargs.get(self.partition)
+        where = f"argument {self.partition!r} names the data partition"
+        if not isinstance(value, str):
+            raise FunctionError(FunctionErrorCode.INVALID, f"{where}: give a string")
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise FunctionError(FunctionErrorCode.INVALID, f"{where}: not valid text") from None
+        if not 0 < size <= MAX_PARTITION_BYTES:
+            raise FunctionError(
+                FunctionErrorCode.INVALID,
+                f"{where}: 1 to {MAX_PARTITION_BYTES} bytes of UTF-8, not {size}",
+            )
+        return value
 
     def validate_args(self, args: object) -> dict[str, Any]:
         """The keyword arguments to call the function with, from a client's ``args``.
@@ -571,44 +624,61 @@ class App:
     @overload
     def query(self, name: _F) -> _F: ...
     @overload
-    def query(self, name: str | None = None) -> Callable[[_F], _F]: ...
-    def query(self, name: str | _F | None = None) -> _F | Callable[[_F], _F]:
+    def query(
+        self, name: str | None = None, *, partition: str | None = None
+    ) -> Callable[[_F], _F]: ...
+    def query(
+        self, name: str | _F | None = None, *, partition: str | None = None
+    ) -> _F | Callable[[_F], _F]:
         """Register a query (read-only; its result is pushed to subscribers as it changes).
 
-        Raises ``ValueError`` as :meth:`FunctionSpec.from_function` does, and when the name is
-        already registered.
+        ``partition`` names the argument whose value is the data partition the query reads
+        (``ctx.db`` then sees only that partition: ``docs/scaling.md``); without it, the
+        default partition. Raises ``ValueError`` as :meth:`FunctionSpec.from_function` does,
+        and when the name is already registered.
         """
-        return self._decorator("query", name)
+        return self._decorator("query", name, partition)
 
     @overload
     def mutation(self, name: _F) -> _F: ...
     @overload
-    def mutation(self, name: str | None = None) -> Callable[[_F], _F]: ...
-    def mutation(self, name: str | _F | None = None) -> _F | Callable[[_F], _F]:
+    def mutation(
+        self, name: str | None = None, *, partition: str | None = None
+    ) -> Callable[[_F], _F]: ...
+    def mutation(
+        self, name: str | _F | None = None, *, partition: str | None = None
+    ) -> _F | Callable[[_F], _F]:
         """Register a mutation (a write, run once per ``requestId``).
 
-        Raises ``ValueError`` as :meth:`FunctionSpec.from_function` does, and when the name is
-        already registered.
+        ``partition`` names the argument whose value is the data partition the mutation reads
+        and writes (see :meth:`query`). Raises ``ValueError`` as
+        :meth:`FunctionSpec.from_function` does, and when the name is already registered.
         """
-        return self._decorator("mutation", name)
+        return self._decorator("mutation", name, partition)
 
-    def _decorator(self, kind: FunctionKind, name: str | _F | None) -> _F | Callable[[_F], _F]:
+    def _decorator(
+        self, kind: FunctionKind, name: str | _F | None, partition: str | None = None
+    ) -> _F | Callable[[_F], _F]:
         if callable(name):  # used bare: @app.query
             self._register(kind, None, name)
             return name
 
         def register(fn: _F) -> _F:
-            self._register(kind, name, fn)
+            self._register(kind, name, fn, partition)
             return fn
 
         return register
 
     def _register(
-        self, kind: FunctionKind, name: str | None, fn: Callable[..., Awaitable[Any]]
+        self,
+        kind: FunctionKind,
+        name: str | None,
+        fn: Callable[..., Awaitable[Any]],
+        partition: str | None = None,
     ) -> FunctionSpec:
         if name is None:
             name = getattr(fn, "__name__", "")
-        spec = FunctionSpec.from_function(name, kind, fn)
+        spec = FunctionSpec.from_function(name, kind, fn, partition=partition)
         existing = self._functions.get(spec.name)
         if existing is not None:
             raise ValueError(

@@ -24,6 +24,7 @@ the connection dropped) re-evaluates everything before delivering again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -145,6 +146,8 @@ class Registration:
     identity: Caller | None
     entry: _Entry | None = None
     detached: bool = False
+    #: The data partition the query reads (``None``: the default), which manager holds it.
+    partition: str | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -324,6 +327,14 @@ class SubscriptionManager:
         self._needed = max(self._needed, version)
         self._wake.set()
         return await future
+
+    def idle(self) -> bool:
+        """Nothing to follow: no subscription, none arriving, no mutation waiting."""
+        return (
+            not self.entries
+            and all(reg.detached for reg in self._pending)
+            and not any(not future.done() for _, future in self._waiters)
+        )
 
     def resync(self) -> None:
         """Re-evaluate every entry (after a Redis reconnect or a gap in the stream)."""
@@ -637,3 +648,109 @@ class SubscriptionManager:
         self._waited = max((wanted for wanted, _ in still), default=0)
         if still:
             self._wake.set()
+
+
+class PartitionEngine(Engine, Protocol):
+    """One partition's engine: its commit stream and version; closed when no longer followed."""
+
+    async def aclose(self) -> None: ...
+
+
+class PartitionedEngine(Protocol):
+    """The data layer as :class:`PartitionFollowers` needs it: one engine per partition,
+    following that partition's commit stream and version."""
+
+    def in_partition(self, partition: str | None) -> PartitionEngine: ...
+
+
+class PartitionFollowers:
+    """The live queries of the named data partitions on this instance (the default partition
+    has its own :class:`SubscriptionManager`, run by the application).
+
+    Each partition with a live subscription here gets its own :class:`SubscriptionManager`
+    (its pump and its blocking commit-stream watcher: one Redis connection per followed
+    partition), started with the first subscription in the partition and stopped when the
+    last one leaves. Its transitions carry the partition's version; the connection sends the
+    larger of that and the version it last sent (versions only grow on a connection).
+    """
+
+    def __init__(
+        self,
+        engine: PartitionedEngine,
+        *,
+        clock: Clock,
+        identity_usable: Callable[[Caller], bool],
+        metrics: Metrics | None = None,
+        limit: int = 1000,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.identity_usable = identity_usable
+        self.metrics = metrics or discarded()
+        #: Partitions followed at most (``TETHER_MAX_FOLLOWED_PARTITIONS``).
+        self.limit = limit
+        self._managers: dict[str, SubscriptionManager] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._managers)
+
+    def get(self, partition: str) -> SubscriptionManager | None:
+        """The manager following ``partition`` here, if any."""
+        return self._managers.get(partition)
+
+    def manager(self, partition: str) -> SubscriptionManager | None:
+        """The manager following ``partition``, started if there was none; ``None`` when
+        there was none and :attr:`limit` partitions are followed already."""
+        manager = self._managers.get(partition)
+        if manager is None:
+            if len(self._managers) >= self.limit:
+                return None
+            engine = self.engine.in_partition(partition)
+            manager = SubscriptionManager(
+                engine,
+                clock=self.clock,
+                identity_usable=self.identity_usable,
+                metrics=self.metrics,
+            )
+            self._managers[partition] = manager
+            self._tasks[partition] = asyncio.create_task(
+                self._follow(manager, engine), name=f"subscriptions-partition-{len(self._managers)}"
+            )
+        return manager
+
+    @staticmethod
+    async def _follow(manager: SubscriptionManager, engine: PartitionEngine) -> None:
+        try:
+            await manager.run()
+        finally:
+            await engine.aclose()
+
+    def detach(self, reg: Registration, *, release: bool = True) -> None:
+        """End ``reg``; stop following its partition if it was the last thing that needed it
+        (unless ``release`` is false: the caller is about to attach there again)."""
+        assert reg.partition is not None
+        manager = self._managers.get(reg.partition)
+        if manager is None:
+            reg.detached = True
+            return
+        manager.detach(reg)
+        if release:
+            self.release(reg.partition)
+
+    def release(self, partition: str) -> None:
+        """Stop following ``partition`` if nothing here needs it any more."""
+        manager = self._managers.get(partition)
+        if manager is not None and manager.idle():
+            del self._managers[partition]
+            self._tasks.pop(partition).cancel()
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        self._managers.clear()
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

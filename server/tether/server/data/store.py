@@ -11,8 +11,14 @@ Storage (key layout in :mod:`tether.server.redis.keys`)
 ------------------------------------------------
 A document is a hash holding its JSON and the version of the commit that last wrote it; an index
 key is a sorted set of the ids whose indexed fields hold one list of values, in creation order.
-Every commit advances the one global version by exactly one and appends ``(version, written
-keys)`` to a Redis Stream.
+Every commit advances its partition's version by exactly one and appends ``(version, written
+keys)`` to the partition's Redis Stream.
+
+Partitions: a :class:`Store` reads and writes one data partition (:attr:`Store.partition`;
+``None``, the default partition, whose keys are ``tether:{tether-data}:…``), and
+:meth:`Store.in_partition` gives the same store on another partition's keys (its own hash tag,
+version, commit stream, outcomes and session fences: ``redis_keys.DataKeys``). Everything below
+holds per partition; "the global version" is the partition's.
 
 Guarantees
 ----------
@@ -52,8 +58,12 @@ Guarantees
 
 Limits
 ------
-* Every data key carries the hash tag ``{tether-data}``: in Redis Cluster the whole data layer is
-  one slot, on one primary. It scales with that node, not with the cluster.
+* Every key of a partition carries its hash tag: in Redis Cluster a partition is one slot, on one
+  primary. The default partition scales with that node; an application that declares partitions
+  spreads them over the cluster (``docs/scaling.md``).
+* An ended session's fence in a partition other than the default is written only if the session
+  registered that partition before its first commit there (:meth:`Store._register`, one script
+  call per session and partition, cached :data:`REGISTRATION_CACHE_SECONDS` per instance).
 * The version of every index key ever written stays in one hash (``tether:{tether-data}:kv``): it
   grows with the number of distinct indexed values, never shrinks.
 * A deleted document leaves a tombstone for ``tombstone_ttl`` seconds (default one day). A query
@@ -88,6 +98,7 @@ import json
 import random
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, TypeVar
@@ -99,7 +110,7 @@ from tether.server.clock import Clock, to_ms
 from tether.server.errors import FunctionError, MisuseError
 from tether.server.metrics import Metrics, discarded
 from tether.server.redis import keys as redis_keys
-from tether.server.redis.connection import RedisClient, load_script, without_turns
+from tether.server.redis.connection import RedisClient, dedicated, load_script, without_turns
 
 __all__ = [
     "ATTEMPT_TTL",
@@ -120,6 +131,7 @@ __all__ = [
     "QueryRunner",
     "RequestIdReused",
     "Schema",
+    "SessionPartitionsExceeded",
     "SnapshotMoved",
     "Store",
     "encode_index_values",
@@ -140,6 +152,17 @@ MAX_INDEX_VALUES_BYTES = 1024
 ATTEMPT_TTL = 120
 #: The least ``outcome_ttl`` a :class:`Store` accepts: a client replays within minutes.
 MIN_OUTCOME_TTL = 600
+
+#: Seconds an instance trusts its own registration of a partition with a session, and the least
+#: lifetime of a session's partition set (``tether:session:{SID}:partitions``, renewed on every
+#: registration): the set outlives every cached registration.
+REGISTRATION_CACHE_SECONDS = 60
+REGISTRATION_TTL = 3600
+#: Registrations an instance caches before it starts over.
+MAX_REGISTRATIONS_CACHED = 100_000
+#: Seconds a request's claim (:meth:`Store.claim_request`) outlives an outcome's lifetime: the
+#: outcome is stored when the mutation ends, after the claim.
+CLAIM_MARGIN = 60
 
 #: How long a key stays hot on an instance after a commit conflicted on it there (seconds): its
 #: mutations take turns on it (see :class:`_Turns`). At most :data:`_MAX_HOT_KEYS` are tracked.
@@ -173,6 +196,18 @@ class Conflict(Exception):
     def __init__(self, key: str) -> None:
         super().__init__(f"conflict on {key}")
         self.key = key
+
+
+class SessionPartitionsExceeded(Exception):
+    """A session's first commit into one more data partition than it may register
+    (``TETHER_MAX_SESSION_PARTITIONS``): nothing was sent. A mutation answers it with the error
+    ``limit_exceeded``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this session has committed into {limit} data partitions, the most it may"
+            " (TETHER_MAX_SESSION_PARTITIONS); sign in again for a new session"
+        )
 
 
 class RequestIdReused(Exception):
@@ -386,8 +421,14 @@ def encode_index_values(values: Sequence[Any]) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def _index_key(table: str, index: str, fields: tuple[str, ...], doc: Mapping[str, Any]) -> str:
-    return redis_keys.data_index(table, index, encode_index_values([doc.get(f) for f in fields]))
+def _index_key(
+    keys: redis_keys.DataKeys,
+    table: str,
+    index: str,
+    fields: tuple[str, ...],
+    doc: Mapping[str, Any],
+) -> str:
+    return keys.index(table, index, encode_index_values([doc.get(f) for f in fields]))
 
 
 def _encode_document(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
@@ -548,7 +589,7 @@ class _Database:
         ):
             raise MisuseError("limit must be a non-negative integer")
         assert isinstance(index, str)
-        return _index_key(table, index, fields, equals), fields
+        return _index_key(self._store.keys, table, index, fields, equals), fields
 
     async def _fetch(self, ops: Sequence[_DocOp | _RangeOp]) -> tuple[int, list[_Doc | _Range]]:
         if self._aborted is not None:
@@ -593,7 +634,7 @@ class QueryDB(_Database):
         self._indexes(table)
         if not isinstance(id, str) or not _ID_RE.fullmatch(id):
             return None  # no document can have this id
-        key = redis_keys.data_doc(table, id)
+        key = self._store.keys.doc(table, id)
         version, results = await self._fetch([_DocOp(key)])
         doc = results[0]
         assert isinstance(doc, _Doc)
@@ -614,7 +655,7 @@ class QueryDB(_Database):
         (``"desc"``: newest first), at most ``limit`` of them."""
         key, _ = self._range_key(table, index, equals, order, limit)
         version, results = await self._fetch(
-            [_RangeOp(key, order, limit, redis_keys.data_doc_prefix(table))]
+            [_RangeOp(key, order, limit, self._store.keys.doc_prefix(table))]
         )
         found = results[0]
         assert isinstance(found, _Range)
@@ -718,7 +759,7 @@ class MutationDB(_Database):
 
     async def _existing(self, table: str, doc_id: object) -> dict[str, Any]:
         if isinstance(doc_id, str) and _ID_RE.fullmatch(doc_id):
-            current = await self._current(redis_keys.data_doc(table, doc_id))
+            current = await self._current(self._store.keys.doc(table, doc_id))
             if current is not None:
                 return current
         raise FunctionError(
@@ -730,7 +771,7 @@ class MutationDB(_Database):
         self._indexes(table)
         if not isinstance(id, str) or not _ID_RE.fullmatch(id):
             return None
-        return copy.deepcopy(await self._current(redis_keys.data_doc(table, id)))
+        return copy.deepcopy(await self._current(self._store.keys.doc(table, id)))
 
     async def query(
         self,
@@ -749,7 +790,7 @@ class MutationDB(_Database):
         changed = sum(1 for k in staged_here if k not in self._new)
         fetch = None if limit is None else limit + changed
         _, results = await self._fetch(
-            [_RangeOp(key, order, fetch, redis_keys.data_doc_prefix(table))]
+            [_RangeOp(key, order, fetch, self._store.keys.doc_prefix(table))]
         )
         found = results[0]
         assert isinstance(found, _Range)
@@ -765,7 +806,10 @@ class MutationDB(_Database):
         assert isinstance(index, str)
         for k in staged_here:
             staged = self._staged[k]
-            if staged is None or _index_key(table, index, fields, staged.doc) != key:
+            if (
+                staged is None
+                or _index_key(self._store.keys, table, index, fields, staged.doc) != key
+            ):
                 continue
             slot = self._new.get(k)
             rank = (1, slot) if slot is not None else (0, self._base[k].score)
@@ -778,13 +822,15 @@ class MutationDB(_Database):
     # -------------------------------------------------------------- writing
 
     def _stage(self, table: str, doc_id: str, doc: Mapping[str, Any] | None) -> None:
-        key = redis_keys.data_doc(table, doc_id)
+        key = self._store.keys.doc(table, doc_id)
         if doc is None:
             self._staged[key] = None
         else:
             normalized, text = _encode_document(doc)
             for index, fields in self._indexes(table).items():
-                _index_key(table, index, fields, normalized)  # its size is checked now, not later
+                _index_key(
+                    self._store.keys, table, index, fields, normalized
+                )  # its size is checked now, not later
             self._staged[key] = _Staged(normalized, text)
         self._where[key] = (table, doc_id)
 
@@ -799,7 +845,7 @@ class MutationDB(_Database):
         doc_id = secrets.token_urlsafe(16)
         created = to_ms(self._store.clock())
         self._stage(table, doc_id, {"_id": doc_id, "_creationTime": created, **fields})
-        self._new[redis_keys.data_doc(table, doc_id)] = self._inserts
+        self._new[self._store.keys.doc(table, doc_id)] = self._inserts
         self._inserts += 1
         return doc_id
 
@@ -938,6 +984,7 @@ class Store:
         max_retries: int = 8,
         query_attempts: int = 5,
         metrics: Metrics | None = None,
+        max_session_partitions: int = 1000,
     ) -> None:
         if outcome_ttl < MIN_OUTCOME_TTL:
             raise ValueError(f"outcome_ttl must be at least {MIN_OUTCOME_TTL} seconds")
@@ -952,18 +999,113 @@ class Store:
         self.max_result_bytes = max_result_bytes
         self.max_retries = max_retries
         self.query_attempts = query_attempts
+        #: Partitions one session registers at most (``TETHER_MAX_SESSION_PARTITIONS``).
+        self.max_session_partitions = max_session_partitions
         self.metrics = metrics or discarded()
         self._commit_script = load_script(redis, "tether.server.data", "commit")
         self._read_script = load_script(redis, "tether.server.data", "read")
         self._retry_turns: dict[str, _Turn] = {}  # hot key -> the mutations holding its turn
         self._hot: dict[str, float] = {}  # key -> until when it is hot (loop time)
         self._first_reads: dict[Hashable, tuple[_DocOp | _RangeOp, ...]] = {}  # hint -> ops
+        #: The default partition's keys; :meth:`in_partition` gives a view on another's.
+        self.keys = redis_keys.DEFAULT_DATA
+        self._register_script = load_script(redis, "tether.server.data", "partition_register")
+        # (session id, partition) -> monotonic time of its registration (see _register).
+        # Shared by every partition view of this store.
+        self._registered: dict[tuple[str, str], float] = {}
+        self._watch_redis: RedisClient | None = None  # see with_watch_connection
+
+    @property
+    def partition(self) -> str | None:
+        """The partition this store reads and writes (``None``: the default partition)."""
+        return self.keys.partition
+
+    def in_partition(self, partition: str | None) -> Store:
+        """This store on ``partition``'s keys (``None``: the default partition's): the same
+        Redis client, scripts, settings and metrics; its own version and commit stream."""
+        if partition == self.keys.partition:
+            return self
+        view = copy.copy(self)
+        view.keys = redis_keys.data_keys(partition)
+        return view
+
+    def with_watch_connection(self) -> Store:
+        """This store, its blocking commit reads (:meth:`read_commits` with ``block_ms``) on a
+        connection of its own (standalone Redis: see ``redis.connection.dedicated``). Close it
+        with :meth:`aclose_watch`."""
+        view = copy.copy(self)
+        view._watch_redis = dedicated(self.redis)
+        return view
+
+    async def aclose_watch(self) -> None:
+        if self._watch_redis is not None:
+            await self._watch_redis.aclose()
+            self._watch_redis = None
+
+    async def claim_request(self, request: MutationRequest) -> tuple[str, str | None] | None:
+        """Claim ``request``'s id for its function in this partition
+        (``redis_keys.request_claim``), unless another partition claimed it first: then return
+        that ``(function name, partition)``. The outcome key of each partition is in that
+        partition's slot, so only this key, one per request, sees a requestId re-sent into
+        another partition (protocol 1.1 §5 rule 4); it outlives the outcome, which is stored when
+        the mutation ends."""
+        key = redis_keys.request_claim(request.user_id, request.client_id, request.request_id)
+        mine = json.dumps([request.name, self.partition])
+        ttl_ms = (self.outcome_ttl + CLAIM_MARGIN) * 1000
+        while True:
+            if await self.redis.set(key, mine, px=ttl_ms, nx=True):
+                return None
+            raw = await self.redis.get(key)
+            if raw is None:
+                continue  # expired in between: claim it now
+            name, partition = json.loads(_text(raw))
+            if partition == self.partition:
+                return None  # this partition's outcome decides (a replay, or rule 4 there)
+            return str(name), None if partition is None else str(partition)
+
+    def _outcome_key(self, request: MutationRequest) -> str:
+        return self.keys.outcome(request.user_id, request.client_id, request.request_id)
+
+    async def _register(self, session_id: str) -> bool:
+        """Register this partition with ``session_id`` before its first commit here (contract
+        §5 rule 6 across partitions): False when the session is ending or ended, and then the
+        commit must not be sent. Raises :class:`SessionPartitionsExceeded` (nothing sent
+        either) when the session has registered :attr:`max_session_partitions` others. Ending a
+        session fences every partition registered before it started ending
+        (:class:`tether.server.auth.sessions.SessionStore`), so a commit here either lands
+        before that fence or meets it. Cached per instance for
+        :data:`REGISTRATION_CACHE_SECONDS` (the set lives far longer: :data:`REGISTRATION_TTL`).
+        """
+        partition = self.keys.partition
+        if partition is None:
+            return True  # the default partition is always fenced
+        cache = self._registered
+        now = time.monotonic()
+        at = cache.get((session_id, partition))
+        if at is not None and now - at < REGISTRATION_CACHE_SECONDS:
+            return True
+        ok = await self._register_script(
+            keys=[
+                redis_keys.session(session_id),
+                redis_keys.session_partitions(session_id),
+                redis_keys.session_ending(session_id),
+            ],
+            args=[partition, REGISTRATION_TTL * 1000, self.max_session_partitions],
+        )
+        if int(ok) == -1:
+            raise SessionPartitionsExceeded(self.max_session_partitions)
+        if int(ok) != 1:
+            return False
+        if len(cache) >= MAX_REGISTRATIONS_CACHED:
+            cache.clear()
+        cache[(session_id, partition)] = now
+        return True
 
     # -------------------------------------------------------------- versions and commits
 
     async def version(self) -> int:
         """The global version: that of the last commit, 0 before the first."""
-        raw = await self.redis.get(redis_keys.DATA_VERSION)
+        raw = await self.redis.get(self.keys.version)
         return int(raw) if raw is not None else 0
 
     async def read_commits(
@@ -978,12 +1120,15 @@ class Store:
         """
         # One round trip: the global version and the entries after ``after``. An XREAD blocks
         # only while there are none; a pipeline keeps the replies in order.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(redis_keys.DATA_VERSION)
+        redis = self.redis
+        if block_ms is not None and self._watch_redis is not None:
+            redis = self._watch_redis
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.version)
             if block_ms is not None:
-                pipe.xread({redis_keys.DATA_COMMITS: f"{after}-0"}, count=count, block=block_ms)
+                pipe.xread({self.keys.commits: f"{after}-0"}, count=count, block=block_ms)
             else:
-                pipe.xrange(redis_keys.DATA_COMMITS, min=f"{after + 1}-0", max="+", count=count)
+                pipe.xrange(self.keys.commits, min=f"{after + 1}-0", max="+", count=count)
             # The blocking read takes no turn on a Cluster node: a burst of commands on the data
             # node must not hold up the watcher (see redis_conn.without_turns).
             with without_turns() if block_ms is not None else contextlib.nullcontext():
@@ -1018,7 +1163,7 @@ class Store:
         one that failed; ``NAME`` is the function whose outcome it is, which may not be
         ``request.name`` (see :meth:`MutationRequest.replay`).
         """
-        raw = await self.redis.get(request.outcome_key)
+        raw = await self.redis.get(self._outcome_key(request))
         return None if raw is None else _parse_outcome(_text(raw))
 
     async def put_outcome(
@@ -1030,7 +1175,7 @@ class Store:
         retry). Returns the outcome that holds: this one, or the one stored first (which may be
         another function's: see :meth:`MutationRequest.replay`).
         """
-        key = request.outcome_key
+        key = self._outcome_key(request)
         outcome = _outcome_text(_nonce(), name=request.name, error=(code, message))
         text = '{"version":null,' + outcome[1:]
         while True:
@@ -1058,13 +1203,16 @@ class Store:
         (whichever function it names: the caller checks, see :meth:`MutationRequest.replay`).
         With a ``session_id`` whose session has ended (its fence exists), nothing is committed
         or stored: the result is ``ended``. A commit that writes nothing leaves the version as
-        it is.
+        it is. Raises :class:`SessionPartitionsExceeded` when the session may register no more
+        partitions (nothing committed).
         """
+        if session_id is not None and not await self._register(session_id):
+            return CommitResult(None, frozenset(), ended=True)
         attempt = _nonce()
         if request is None:
-            key, ttl, text = redis_keys.data_attempt(attempt), ATTEMPT_TTL, _outcome_text(attempt)
+            key, ttl, text = self.keys.attempt(attempt), ATTEMPT_TTL, _outcome_text(attempt)
         else:
-            key, ttl = request.outcome_key, self.outcome_ttl
+            key, ttl = self._outcome_key(request), self.outcome_ttl
             text = _outcome_text(
                 attempt, name=request.name, value_json=outcome_value_json or "null"
             )
@@ -1086,9 +1234,9 @@ class Store:
         """The keys and payload of ``commit.lua`` for ``db`` (its reads only, without writes),
         refused by the script if ``session_id``'s fence exists."""
         keys = [
-            redis_keys.DATA_VERSION,
-            redis_keys.DATA_COMMITS,
-            redis_keys.DATA_INDEX_VERSIONS,
+            self.keys.version,
+            self.keys.commits,
+            self.keys.index_versions,
             outcome_key,
         ]
         position: dict[str, int] = {}
@@ -1100,7 +1248,7 @@ class Store:
             return position[key]
 
         # KEYS[5] when there is a session (no document key can equal it), else 0: no fence.
-        fence = 0 if session_id is None else at(redis_keys.data_session_fence(session_id))
+        fence = 0 if session_id is None else at(self.keys.session_fence(session_id))
         reads = [[at(key), kind, version] for key, (kind, version) in db._reads.items()]
         docs: list[list[Any]] = []
         index_ops: list[list[Any]] = []
@@ -1117,8 +1265,14 @@ class Store:
             written.append(key)
             before = None if slot is not None else db._base[key].doc
             for index, fields in self.schema[table].items():
-                old = None if before is None else _index_key(table, index, fields, before)
-                new = None if staged is None else _index_key(table, index, fields, staged.doc)
+                old = (
+                    None if before is None else _index_key(self.keys, table, index, fields, before)
+                )
+                new = (
+                    None
+                    if staged is None
+                    else _index_key(self.keys, table, index, fields, staged.doc)
+                )
                 if old == new:
                     continue
                 if old is not None:
@@ -1167,7 +1321,7 @@ class Store:
         With ``outcome_key`` (a mutation's), the same script first looks for its stored
         outcome and raises :class:`_Replayed` with it instead of reading: the outcome check
         costs no round trip of its own."""
-        keys = [redis_keys.DATA_VERSION, redis_keys.DATA_INDEX_VERSIONS]
+        keys = [self.keys.version, self.keys.index_versions]
         encoded: list[list[Any]] = []
         for op in ops:
             keys.append(op.key)
@@ -1279,13 +1433,13 @@ class Store:
                 ops = None if hint is None else self._first_reads.get(hint)
                 try:
                     if ops is None:
-                        raw = await self.redis.get(request.outcome_key)
+                        raw = await self.redis.get(self._outcome_key(request))
                         if raw is not None:
                             raise _Replayed(_text(raw))
                     else:
                         for op in ops:
                             await turns.take_if_hot(op.key)
-                        prefetched = (ops, await self._read(ops, request.outcome_key))
+                        prefetched = (ops, await self._read(ops, self._outcome_key(request)))
                 except _Replayed as exc:
                     self.metrics.mutation("replayed")
                     return request.replay(_parse_outcome(exc.stored))
@@ -1345,9 +1499,9 @@ class Store:
             return None
         nonce = _nonce()
         if request is None:
-            key, ttl, text = redis_keys.data_attempt(nonce), ATTEMPT_TTL, _outcome_text(nonce)
+            key, ttl, text = self.keys.attempt(nonce), ATTEMPT_TTL, _outcome_text(nonce)
         else:
-            key, ttl = request.outcome_key, self.outcome_ttl
+            key, ttl = self._outcome_key(request), self.outcome_ttl
             text = _outcome_text(nonce, name=request.name, value_json=value_json, error=error)
         # An error is committed without its writes: its reads are still checked, so the
         # error, too, is the answer of one consistent state.
@@ -1356,7 +1510,11 @@ class Store:
         )
         ended = MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED), None)
         metrics = self.metrics
-        if authorized is not None and not authorized():
+        try:
+            registered = session_id is None or await self._register(session_id)
+        except SessionPartitionsExceeded as exc:
+            return MutationOutcome(None, (ErrorCode.LIMIT_EXCEEDED, str(exc)), None)
+        if (authorized is not None and not authorized()) or not registered:
             metrics.mutation("ended")
             return ended
         try:

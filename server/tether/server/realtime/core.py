@@ -1285,6 +1285,8 @@ class Raw:
 
 def encode_frame(frame: Any) -> str:
     """Serialise a server frame to compact JSON, splicing in :class:`Raw` values."""
+    if type(frame) is dict and frame.get("type") in _PLAIN_FRAMES:
+        return _SCALAR.encode(frame)  # no Raw inside: the C encoder does it whole, ~5x faster
     out: list[str] = []
     _write(frame, out)
     return "".join(out)
@@ -1293,6 +1295,22 @@ def encode_frame(frame: Any) -> str:
 #: One encoder for every scalar: ``json.dumps`` with non-default options builds a new encoder
 #: per call, which was the largest single cost of a fan-out (bench/fanout.py, py-spy).
 _SCALAR = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+#: Frames that never hold a :class:`Raw` value (results go in transitions and
+#: mutation_results only): every connection gets a ``connected`` and an ``auth_ok``.
+_PLAIN_FRAMES = frozenset(
+    {
+        ServerMessageType.CONNECTED,
+        ServerMessageType.AUTH_OK,
+        ServerMessageType.AUTH_ERROR,
+        ServerMessageType.AUTH_EXPIRING,
+        ServerMessageType.AUTH_EXPIRED,
+        ServerMessageType.SESSION_REVOKED,
+        ServerMessageType.PONG,
+        ServerMessageType.ERROR,
+    }
+)
 
 
 def _write(value: Any, out: list[str]) -> None:

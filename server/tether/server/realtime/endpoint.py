@@ -38,9 +38,14 @@ from tether.server.auth.tokens import TokenError
 from tether.server.clock import Clock
 from tether.server.compat.uvicorn import transport_of
 from tether.server.data.caller import Caller
-from tether.server.data.engine import QueryEngine
+from tether.server.data.engine import QueryEngine, QueryEvaluation
 from tether.server.data.functions import App
-from tether.server.data.live import Evaluation, Registration, SubscriptionManager
+from tether.server.data.live import (
+    Evaluation,
+    PartitionFollowers,
+    Registration,
+    SubscriptionManager,
+)
 from tether.server.data.store import IDENTITY_ENDED, RequestIdReused
 from tether.server.errors import FunctionError
 from tether.server.logs import bind_connection
@@ -141,6 +146,7 @@ class Connection:
         "endpoint",
         "out",
         "out_bytes",
+        "partitioned",
         "regs",
         "scheduled_deadline",
         "send",
@@ -167,6 +173,8 @@ class Connection:
         self.regs: dict[int, Registration] | None = None
         self.closing = False
         self.draining = False  # the writer is running inline (see _start_writer)
+        # Has used a named data partition: its versions mix partitions' (see run_mutation).
+        self.partitioned = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -200,7 +208,7 @@ class Connection:
             endpoint.timers.schedule(self, None)
             self.execute(self.core.close())
             for reg in (self.regs or {}).values():
-                endpoint.subscriptions.detach(reg)
+                endpoint.detach(reg)
             self.regs = None
             for task in list(self.tasks or ()):
                 task.cancel()
@@ -470,24 +478,47 @@ class Connection:
 
     def run_queries(self, action: RunQueries) -> None:
         """Attach the subscriptions to the instance's shared live queries."""
-        manager = self.endpoint.subscriptions
+        endpoint = self.endpoint
         serials = action.serials or (0,) * len(action.queries)
         regs = []
+        partitioned: dict[str, list[Registration]] = {}
         if self.regs is None:
             self.regs = {}
+        replaced: set[str] = set()  # partitions released once the new regs are attached
         for (qid, name, args), serial in zip(action.queries, serials, strict=True):
             old = self.regs.pop(qid, None)
             if old is not None:
-                manager.detach(old)
+                endpoint.detach(old, release=False)
+                if old.partition is not None:
+                    replaced.add(old.partition)
             reg = Registration(self, qid, serial, action.generation, name, args, action.identity)
+            reg.partition = partition = endpoint.engine.partition_of(name, args)
             self.regs[qid] = reg
-            regs.append(reg)
-        manager.attach(regs)
+            if partition is None:
+                regs.append(reg)
+            else:
+                partitioned.setdefault(partition, []).append(reg)
+                self.partitioned = True
+        if regs:
+            endpoint.subscriptions.attach(regs)
+        refused: list[tuple[Registration, Evaluation]] = []
+        for partition, group in partitioned.items():
+            manager = endpoint.partitions.manager(partition)
+            if manager is not None:
+                manager.attach(group)
+                continue
+            for reg in group:
+                reg.detached = True  # followed by no manager: its one result is the refusal
+                refused.append((reg, endpoint.too_many_partitions))
+        if refused:
+            asyncio.get_running_loop().call_soon(self.deliver, 0, refused)
+        for partition in replaced:
+            endpoint.partitions.release(partition)
 
     def drop_query(self, query_id: int) -> None:
         reg = self.regs.pop(query_id, None) if self.regs else None
         if reg is not None:
-            self.endpoint.subscriptions.detach(reg)
+            self.endpoint.detach(reg)
 
     def deliver(
         self,
@@ -578,14 +609,37 @@ class Connection:
                     "the session's end could not be confirmed; re-send with the same requestId",
                 )
                 return
-            if outcome.version is not None and outcome.error is None:
+            version = outcome.version
+            if version is not None and outcome.error is None and outcome.partition is not None:
+                # A partition's version: read your writes in that partition (its subscriptions
+                # here are delivered at >= it), and the result carries the connection's version
+                # after that delivery, so versions only grow on the connection.
+                partitions = self.endpoint.partitions
+                manager = partitions.get(outcome.partition)
+                processed = version
+                if manager is not None:
+                    manager.notify_commit(version, outcome.written_keys)
+                    try:
+                        async with asyncio.timeout(DELIVERY_TIMEOUT):
+                            processed = await manager.wait_processed(version)
+                    finally:
+                        # Also when the wait ends otherwise (the socket closed: cancelled; the
+                        # timeout): the wait may have been all that still held the follower.
+                        partitions.release(outcome.partition)
+                self.execute(core.advance_version(processed, self.now()))
+                self.partitioned = True
+                version = core.version
+            elif version is not None and outcome.error is None:
                 # Read your writes: every subscription of this connection is delivered at a
                 # version >= the commit's before the mutation's result goes out.
                 manager = self.endpoint.subscriptions
-                manager.notify_commit(outcome.version, outcome.written_keys)
+                manager.notify_commit(version, outcome.written_keys)
                 async with asyncio.timeout(DELIVERY_TIMEOUT):
-                    processed = await manager.wait_processed(outcome.version)
+                    processed = await manager.wait_processed(version)
                 self.execute(core.advance_version(processed, self.now()))
+                if self.partitioned:
+                    # The connection's version may be another partition's: never go below it.
+                    version = max(version, core.version)
         except RequestIdReused as exc:
             # Rule 4: the requestId holds another function's outcome; nothing was written.
             refusal = BadMessage(ErrorCode.BAD_MESSAGE, str(exc), request_id=action.request_id)
@@ -610,7 +664,7 @@ class Connection:
                 action.request_id,
                 self.now(),
                 value_json=outcome.value_json,
-                version=outcome.version,
+                version=version,
                 error=outcome.error,
             )
         )
@@ -646,6 +700,26 @@ class SyncEndpoint:
         self.subscriptions = SubscriptionManager(
             engine, clock=clock, identity_usable=self.identity_usable, metrics=metrics
         )
+        #: The live queries of the named data partitions (the default's: ``subscriptions``).
+        self.partitions = PartitionFollowers(
+            engine,
+            clock=clock,
+            identity_usable=self.identity_usable,
+            metrics=metrics,
+            limit=settings.max_followed_partitions,
+        )
+        #: The result of a subscription into a partition past that limit.
+        self.too_many_partitions = QueryEvaluation(
+            None,
+            (
+                ErrorCode.LIMIT_EXCEEDED,
+                f"this instance follows {settings.max_followed_partitions} data partitions, the"
+                " most it may (TETHER_MAX_FOLLOWED_PARTITIONS); try again later",
+            ),
+            frozenset(),
+            0,
+            False,
+        )
         self.timers = DeadlineQueue(clock)
         self.connections: set[Connection] = set()
         self._sweep: asyncio.TimerHandle | None = None  # see _sweep_sockets
@@ -679,6 +753,14 @@ class SyncEndpoint:
         if not identity.usable(self.clock(), self.settings.clock_leeway):
             return False
         return self.hub.recently_ended(identity.session_id) is None
+
+    def detach(self, reg: Registration, *, release: bool = True) -> None:
+        """End a subscription, in the manager of its partition (see
+        :meth:`PartitionFollowers.detach` for ``release``)."""
+        if reg.partition is None:
+            self.subscriptions.detach(reg)
+        else:
+            self.partitions.detach(reg, release=release)
 
     def resolve(self, kind: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
         """The core's resolver: the engine's one validation, its failure as a wire error."""

@@ -81,6 +81,23 @@ def connect(url: str) -> RedisClient:
     return Redis(connection_pool=pool)
 
 
+def dedicated(client: RedisClient) -> RedisClient | None:
+    """A client with one connection of its own to ``client``'s standalone server, for a long
+    blocking read (a partition's commit watcher) that must not hold a connection of the shared
+    pool of :data:`MAX_CONNECTIONS`; ``None`` for a cluster client, whose blocking reads take no
+    turn (:func:`without_turns`). Close it with ``aclose()``."""
+    if isinstance(client, RedisCluster):
+        return None
+    pool = client.connection_pool
+    own = BlockingConnectionPool(
+        connection_class=pool.connection_class,
+        max_connections=1,
+        timeout=SOCKET_TIMEOUT,
+        **pool.connection_kwargs,
+    )
+    return Redis(connection_pool=own)
+
+
 #: The cluster nodes (by name) on which the running task holds a turn: the commands a pipeline
 #: re-sends one by one after a redirect run inside its turn and must not wait for a second one.
 _TURNS_HELD: ContextVar[frozenset[str]] = ContextVar("tether_cluster_turns", default=frozenset())

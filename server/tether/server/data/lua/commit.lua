@@ -1,8 +1,9 @@
 -- Commit one mutation (optimistic concurrency control): check that nothing it read has changed,
--- apply its writes, advance the global version, append the commit to the stream and store the
+-- apply its writes, advance its partition's version, append the commit to the stream and store the
 -- mutation's outcome, all in one atomic step.
 --
--- KEYS[1]  tether:{tether-data}:version   the global version
+-- KEYS[1]  tether:{tether-data}:version   the partition's version (every key here carries the
+--          partition's hash tag: {tether-data} for the default one, {tether-data:<enc(P)>})
 -- KEYS[2]  tether:{tether-data}:commits   the commit stream (entry id V-0; fields v, k, t)
 -- KEYS[3]  tether:{tether-data}:kv        index key -> version that last changed it
 -- KEYS[4]  the outcome key: the caller's (user, clientId, requestId), or a one-off attempt key

@@ -1,6 +1,7 @@
 -- Read a batch of documents and index ranges as one atomic snapshot, with their versions.
 --
--- KEYS[1]  tether:{tether-data}:version   the global version
+-- KEYS[1]  tether:{tether-data}:version   the partition's version (every key here carries the
+--          partition's hash tag: {tether-data} for the default one, {tether-data:<enc(P)>})
 -- KEYS[2]  tether:{tether-data}:kv        index key -> version that last changed it
 -- KEYS[3..] the document and index keys read; the ops name them by position
 -- ARGV[1]  JSON list of ops:
