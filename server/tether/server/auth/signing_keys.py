@@ -6,7 +6,10 @@ The key set is shared by every instance of a deployment, through a JSON file
 must never be stored in Redis: with it kept here, a dump of Redis can neither use nor mint a
 refresh token.
 
-Algorithm: ES256 (ECDSA P-256). See ``docs/keys.md`` for the measurements behind the choice.
+Algorithm: each key has its own, ES256 (ECDSA P-256, the default) or RS256 (RSA of at least
+2048 bits, PKCS#1 v1.5 with SHA-256), fixed by its key material; ``TETHER_SIGNING_ALGORITHM``
+chooses the algorithm of the keys a new set and a rotation generate. A set may mix the two while
+it moves from one to the other. See ``docs/keys.md`` for when to pick which.
 ``tether keys rotate`` adds a new signing key in front and keeps the previous ones (at most
 :data:`MAX_KEYS`) so tokens they signed still verify; running instances pick the new file up by
 themselves (:class:`KeyRing`).
@@ -28,12 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm
 
 log = logging.getLogger("tether.keys")
 
-ALGORITHM = "ES256"
+#: The signing algorithms a key may have (its JWS ``alg``).
+ALGORITHMS = ("ES256", "RS256")
+DEFAULT_ALGORITHM = "ES256"
+#: Size of the RSA keys generated for RS256, and the smallest accepted (RFC 7518 §3.3).
+RSA_KEY_BITS = 2048
 #: Keys kept in a set after rotation: the signer plus older ones that still verify.
 MAX_KEYS = 3
 #: Seconds between checks of the key file for a rotation made by another process.
@@ -44,28 +51,88 @@ class KeySetError(ValueError):
     """The key set is missing, unreadable or malformed."""
 
 
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+def _b64_uint(value: int) -> str:
+    """A JWK unsigned integer (RFC 7518 §2): big-endian, fewest bytes, base64url unpadded."""
+    raw = value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _algorithm_of(private_key: object) -> str | None:
+    """The algorithm a private key can sign with here, or None if it fits neither."""
+    if isinstance(private_key, ec.EllipticCurvePrivateKey) and isinstance(
+        private_key.curve, ec.SECP256R1
+    ):
+        return "ES256"
+    if isinstance(private_key, rsa.RSAPrivateKey) and private_key.key_size >= RSA_KEY_BITS:
+        return "RS256"
+    return None
+
+
 @dataclass(frozen=True)
 class SigningKey:
+    """One key of the set. Its algorithm follows from its key material (:attr:`alg`), so the
+    two can never disagree."""
+
     kid: str
     created_ms: int
-    private_key: ec.EllipticCurvePrivateKey
+    private_key: PrivateKey
+
+    def __post_init__(self) -> None:
+        if _algorithm_of(self.private_key) is None:
+            raise KeySetError(
+                f"key {self.kid!r} is neither a P-256 key (ES256) "
+                f"nor an RSA key of at least {RSA_KEY_BITS} bits (RS256)"
+            )
 
     @classmethod
-    def generate(cls) -> SigningKey:
+    def generate(cls, alg: str = DEFAULT_ALGORITHM) -> SigningKey:
+        private_key: PrivateKey
+        if alg == "ES256":
+            private_key = ec.generate_private_key(ec.SECP256R1())
+        elif alg == "RS256":
+            private_key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_BITS)
+        else:
+            raise KeySetError(f"unsupported alg {alg!r}: choose {' or '.join(ALGORITHMS)}")
         return cls(
             kid=secrets.token_urlsafe(12),
             created_ms=int(time.time() * 1000),
-            private_key=ec.generate_private_key(ec.SECP256R1()),
+            private_key=private_key,
         )
 
     @cached_property
-    def public_key(self) -> ec.EllipticCurvePublicKey:
+    def alg(self) -> str:
+        """``ES256`` or ``RS256``: written into the header of every token this key signs, and
+        the only ``alg`` a token naming this key's ``kid`` may have."""
+        alg = _algorithm_of(self.private_key)
+        assert alg is not None  # __post_init__ refused any other key
+        return alg
+
+    @cached_property
+    def public_key(self) -> PublicKey:
         # Derived once: every token verification looks it up.
         return self.private_key.public_key()
 
+    @cached_property
+    def signature_bytes(self) -> int:
+        """The length of this key's JWS signatures: 64 for ES256 (``r‖s``, RFC 7518 §3.4), the
+        modulus length for RS256 (256 for RSA-2048)."""
+        if isinstance(self.private_key, rsa.RSAPrivateKey):
+            return (self.private_key.key_size + 7) // 8
+        return 64
+
     def public_jwk(self) -> dict[str, Any]:
-        jwk: dict[str, Any] = ECAlgorithm.to_jwk(self.public_key, as_dict=True)
-        jwk.update({"kid": self.kid, "alg": ALGORITHM, "use": "sig"})
+        public = self.public_key
+        jwk: dict[str, Any]
+        if isinstance(public, rsa.RSAPublicKey):
+            numbers = public.public_numbers()
+            jwk = {"kty": "RSA", "n": _b64_uint(numbers.n), "e": _b64_uint(numbers.e)}
+        else:
+            jwk = ECAlgorithm.to_jwk(public, as_dict=True)
+        jwk.update({"kid": self.kid, "alg": self.alg, "use": "sig"})
         return jwk
 
 
@@ -80,22 +147,28 @@ class KeySet:
     def signing_key(self) -> SigningKey:
         return self.keys[0]
 
-    def public_key(self, kid: str) -> ec.EllipticCurvePublicKey | None:
+    def key(self, kid: str) -> SigningKey | None:
+        """The key named ``kid``, or None."""
         for key in self.keys:
             if key.kid == kid:
-                return key.public_key
+                return key
         return None
+
+    def public_key(self, kid: str) -> PublicKey | None:
+        key = self.key(kid)
+        return None if key is None else key.public_key
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [key.public_jwk() for key in self.keys]}
 
     @classmethod
-    def generate(cls) -> KeySet:
-        return cls(keys=(SigningKey.generate(),), refresh_secret=secrets.token_bytes(32))
+    def generate(cls, alg: str = DEFAULT_ALGORITHM) -> KeySet:
+        return cls(keys=(SigningKey.generate(alg),), refresh_secret=secrets.token_bytes(32))
 
-    def rotated(self) -> KeySet:
-        """A new set with a fresh signing key in front, keeping at most :data:`MAX_KEYS`."""
-        keys = (SigningKey.generate(), *self.keys)[:MAX_KEYS]
+    def rotated(self, alg: str = DEFAULT_ALGORITHM) -> KeySet:
+        """A new set with a fresh ``alg`` signing key in front, keeping at most
+        :data:`MAX_KEYS`; the older keys keep their own algorithms."""
+        keys = (SigningKey.generate(alg), *self.keys)[:MAX_KEYS]
         return KeySet(keys=keys, refresh_secret=self.refresh_secret)
 
     # ------------------------------------------------------------------ serialisation
@@ -107,7 +180,7 @@ class KeySet:
             "keys": [
                 {
                     "kid": k.kid,
-                    "alg": ALGORITHM,
+                    "alg": k.alg,
                     "created": k.created_ms,
                     "privateKey": k.private_key.private_bytes(
                         serialization.Encoding.PEM,
@@ -132,16 +205,21 @@ class KeySet:
             secret = base64.urlsafe_b64decode(doc["refreshSecret"])
             keys = []
             for entry in doc["keys"]:
-                if entry.get("alg") != ALGORITHM:
-                    kid, alg = entry.get("kid"), entry.get("alg")
-                    raise KeySetError(f"key {kid!r}: unsupported alg {alg!r}")
+                alg = entry.get("alg")
+                if alg not in ALGORITHMS:
+                    raise KeySetError(f"key {entry.get('kid')!r}: unsupported alg {alg!r}")
                 private = serialization.load_pem_private_key(
                     entry["privateKey"].encode(), password=None
                 )
-                if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(
-                    private.curve, ec.SECP256R1
-                ):
-                    raise KeySetError(f"key {entry['kid']!r} is not a P-256 key")
+                # The declared alg must be the key's: an RSA key listed as ES256 (or the
+                # reverse) is a damaged file, not a choice.
+                if _algorithm_of(private) != alg:
+                    raise KeySetError(
+                        f"key {entry['kid']!r} is not an "
+                        + ("RSA key of at least 2048 bits" if alg == "RS256" else "P-256 key")
+                        + f" as its alg {alg} requires"
+                    )
+                assert isinstance(private, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
                 kid = entry["kid"]
                 if not isinstance(kid, str) or not kid:
                     raise KeySetError("every key needs a non-empty string kid")
@@ -191,19 +269,20 @@ class _FileLock:
         os.close(self.fd)
 
 
-def load_or_create_key_file(path: Path) -> KeySet:
-    """Read the key set at ``path``, generating it (once, under a lock) if it does not exist."""
+def load_or_create_key_file(path: Path, alg: str = DEFAULT_ALGORITHM) -> KeySet:
+    """Read the key set at ``path``, generating it (once, under a lock, with an ``alg`` key) if
+    it does not exist. An existing set is read as it is, whatever ``alg`` says."""
     with _FileLock(path):
         if not path.exists():
-            _write_atomically(path, KeySet.generate().to_json())
+            _write_atomically(path, KeySet.generate(alg).to_json())
         return KeySet.from_json(path.read_text())
 
 
-def rotate_key_file(path: Path) -> str:
-    """Put a new signing key in front of the key set at ``path``; return its ``kid``."""
+def rotate_key_file(path: Path, alg: str = DEFAULT_ALGORITHM) -> str:
+    """Put a new ``alg`` signing key in front of the key set at ``path``; return its ``kid``."""
     with _FileLock(path):
-        current = KeySet.from_json(path.read_text()) if path.exists() else KeySet.generate()
-        rotated = current.rotated()
+        current = KeySet.from_json(path.read_text()) if path.exists() else KeySet.generate(alg)
+        rotated = current.rotated(alg)
         _write_atomically(path, rotated.to_json())
     return rotated.signing_key.kid
 
@@ -215,13 +294,20 @@ class KeyRing:
     a ``kid`` this instance does not know (a rotation elsewhere that it has not seen yet).
     """
 
-    def __init__(self, *, path: Path | None = None, inline: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        path: Path | None = None,
+        inline: str | None = None,
+        algorithm: str = DEFAULT_ALGORITHM,
+    ) -> None:
+        """``algorithm`` is that of the key a missing file is created with."""
         if inline is not None:
             self._path: Path | None = None
             self._set = KeySet.from_json(inline)
         elif path is not None:
             self._path = path
-            self._set = load_or_create_key_file(path)
+            self._set = load_or_create_key_file(path, algorithm)
         else:
             raise KeySetError("a key file or inline key set is required")
         self._mtime = self._stat()
@@ -241,11 +327,17 @@ class KeyRing:
         self._maybe_reload(force=False)
         return self._set
 
-    def public_key(self, kid: str) -> ec.EllipticCurvePublicKey | None:
-        key = self.current.public_key(kid)
+    def key(self, kid: str) -> SigningKey | None:
+        """The key named ``kid`` (looking at the file again, at most once a second, for a
+        ``kid`` not in the set), or None."""
+        key = self.current.key(kid)
         if key is None and self._maybe_reload(force=True):
-            key = self._set.public_key(kid)
+            key = self._set.key(kid)
         return key
+
+    def public_key(self, kid: str) -> PublicKey | None:
+        key = self.key(kid)
+        return None if key is None else key.public_key
 
     def _maybe_reload(self, *, force: bool) -> bool:
         if self._path is None:

@@ -1,11 +1,17 @@
-"""Access tokens: issue and verify short-lived ES256 JWTs.
+"""Access tokens: issue and verify short-lived ES256 or RS256 JWTs.
 
 Verification is strict and does the cheap checks first: size and shape before any parsing,
 the header (``alg``, ``typ``, ``kid``, no ``crit``) before the signature, the signature before
 the claims. Time checks use the injected clock, so tests can move time.
 
+Each token is signed with the algorithm of the key that signs it (``signing_keys``), and the
+``alg`` of its header must be exactly the algorithm of the key its ``kid`` names: the header
+only names the algorithm, the key set decides it (no ``none``, no HMAC keyed with a public key,
+no ES256 header over an RSA key).
+
 Tokens are signed with PyJWT but verified here, on ``cryptography`` directly: one base64 decode
-and one JSON parse per segment, and the ECDSA check on the key object the key set already holds.
+and one JSON parse per segment, and the ECDSA or RSA check on the key object the key set already
+holds.
 PyJWT's ``decode`` did the same checks at about twice the CPU, four times leaving the ECDSA
 check aside (it parses the header twice and checks every base64 character in Python), on the
 path every ``authenticate`` takes (docs/benchmarks.md, "/sync: connect + authenticate rate").
@@ -24,20 +30,20 @@ from typing import Any
 import jwt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tether.protocol import AuthErrorCode
-from tether.server.auth.signing_keys import ALGORITHM, KeyRing
+from tether.server.auth.signing_keys import ALGORITHMS, KeyRing
 
 TOKEN_TYPE = "at+jwt"
 #: Longest access token accepted; ours are about 400 bytes. Checked before any parsing.
 MAX_TOKEN_BYTES = 4096
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "sid", "iat", "exp", "jti")
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
-#: ES256 signature in JWS form: r and s as two 32-byte big-endian integers (RFC 7518 §3.4).
-_SIGNATURE_BYTES = 64
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_PKCS1V15 = padding.PKCS1v15()
+_SHA256 = hashes.SHA256()
 
 
 def _segment(segment: str) -> bytes:
@@ -99,7 +105,7 @@ class AccessTokens:
         return jwt.encode(
             claims,
             key.private_key,
-            algorithm=ALGORITHM,
+            algorithm=key.alg,
             headers={"kid": key.kid, "typ": TOKEN_TYPE},
         )
 
@@ -119,7 +125,9 @@ class AccessTokens:
             header = _json_object(header_segment)
         except (ValueError, RecursionError):  # binascii.Error and UnicodeError are ValueErrors
             raise TokenError(invalid, "the token header is malformed") from None
-        if header.get("alg") != ALGORITHM:
+        alg = header.get("alg")
+        # type() first: an unhashable or non-string alg (a list, an object) is simply refused.
+        if type(alg) is not str or alg not in ALGORITHMS:
             raise TokenError(invalid, "the token's algorithm is not accepted")
         if header.get("typ") != TOKEN_TYPE:
             raise TokenError(invalid, "the token is not an access token")
@@ -129,21 +137,30 @@ class AccessTokens:
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise TokenError(invalid, "the token names no key")
-        key = self.keyring.public_key(kid)
+        key = self.keyring.key(kid)
         if key is None:
             raise TokenError(invalid, "the token's key is unknown")
+        if alg != key.alg:
+            # The key decides the algorithm (RFC 8725 §3.1): an RS256 header on an ES256 key,
+            # or the reverse, is refused before any signature check.
+            raise TokenError(invalid, "the token's algorithm is not its key's")
         try:
             signature = _segment(signature_segment)
         except ValueError:
             raise TokenError(invalid, "the token failed verification") from None
-        if len(signature) != _SIGNATURE_BYTES:
+        if len(signature) != key.signature_bytes:
             raise TokenError(invalid, "the token failed verification")
-        der = encode_dss_signature(
-            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-        )
         signing_input = token[: len(header_segment) + 1 + len(payload_segment)].encode("ascii")
+        public = key.public_key
         try:
-            key.verify(der, signing_input, _ECDSA_SHA256)
+            if isinstance(public, rsa.RSAPublicKey):
+                public.verify(signature, signing_input, _PKCS1V15, _SHA256)
+            else:
+                # JWS form (RFC 7518 §3.4): r and s as two 32-byte big-endian integers.
+                der = encode_dss_signature(
+                    int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+                )
+                public.verify(der, signing_input, _ECDSA_SHA256)
         except InvalidSignature:
             raise TokenError(invalid, "the token failed verification") from None
         try:
