@@ -10,7 +10,8 @@ Rows, measured in the same run, each server in a process of its own:
 * ``asgi``   -- a raw ASGI echo callable on uvicorn with Tether's uvicorn settings.
 * ``starlette`` -- (optional) the same callable behind Starlette's router, as Tether mounts it.
 * ``tether-anon`` -- (optional) Tether with ``connect`` + ``ping``: the cost of all but auth.
-* ``tether`` -- ``python -m tether serve`` (its own ``redis-server``).
+* ``tether`` -- ``python -m tether serve`` (its own ``redis-server``), ES256 access tokens.
+* ``tether-rs256`` -- the same with ``TETHER_SIGNING_ALGORITHM=RS256``: RS256 access tokens.
 
 Besides connections/s (wall clock, which the load generator can limit on a 2-CPU machine), it
 prints the CPU time the server process spent per connection (``/proc/PID/stat``), which does not
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import json
 import statistics
 import sys
 import time
@@ -48,7 +51,7 @@ from common import (
 )
 from sync_memory import Clients, tether_frames, token_stand_ins
 
-KINDS = ("bare", "asgi", "starlette", "tether-anon", "tether")
+KINDS = ("bare", "asgi", "starlette", "tether-anon", "tether", "tether-rs256")
 DEFAULT_KINDS = KINDS
 LABELS = {
     "bare": "bare websockets 17: handshake + 2 echoes",
@@ -56,7 +59,10 @@ LABELS = {
     "starlette": "same, behind Starlette's router",
     "tether-anon": "Tether: handshake + connect + ping",
     "tether": "Tether: handshake + connect + authenticate",
+    "tether-rs256": "Tether, RS256 tokens: same",
 }
+#: Settings of each Tether row beyond the common ones.
+TETHER_ENV = {"tether-rs256": {"TETHER_SIGNING_ALGORITHM": "RS256"}}
 
 
 @dataclass
@@ -79,6 +85,13 @@ class Row:
         return self.server_cpu / max(self.opened, 1) * 1e6
 
 
+def token_alg(token: str) -> str:
+    """The ``alg`` of a JWS's header: the row measures the algorithm it says it does."""
+    segment = token.split(".")[0]
+    alg: str = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))["alg"]
+    return alg
+
+
 async def measure(kind: str, args: argparse.Namespace) -> Row:
     deployment: DeploymentWithRedis | None = None
     child: ChildServer | None = None
@@ -87,7 +100,11 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
         redis_pid: int | None = None
         if kind.startswith("tether"):
             deployment = DeploymentWithRedis(
-                {"TETHER_ACCESS_TTL": "3600", "TETHER_LOG_LEVEL": "warning"}
+                {
+                    "TETHER_ACCESS_TTL": "3600",
+                    "TETHER_LOG_LEVEL": "warning",
+                    **TETHER_ENV.get(kind, {}),
+                }
             )
             deployment.start_redis()
             redis_pid = deployment.redis.pid
@@ -95,6 +112,10 @@ async def measure(kind: str, args: argparse.Namespace) -> Row:
             assert server.pid is not None
             pid, url = server.pid, server.ws_url
             tokens = await sign_up(server.base_url, args.users)
+            alg = token_alg(tokens[0])
+            wanted = TETHER_ENV.get(kind, {}).get("TETHER_SIGNING_ALGORITHM", "ES256")
+            if alg != wanted:
+                raise RuntimeError(f"{kind}: the server signs with {alg}, not {wanted}")
             frames_for = tether_frames(tokens, ping=kind == "tether-anon")
             expect: list[str | None] = ["connected", "pong" if kind == "tether-anon" else "auth_ok"]
         else:
@@ -178,12 +199,13 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
             f"{percentile(lat, 50) * 1e3:>7.1f} | {percentile(lat, 99) * 1e3:>7.1f} | "
             f"{cpu:>18.0f} | {cpu_ratio:>7} | {redis_us:>13.0f} | {client:>9.0f}% |"
         )
-    if "tether" in summary:
-        _, cpu = summary["tether"]
-        print(
-            f"Tether server CPU per connect + authenticate: {cpu:.0f} us -> at most "
-            f"{1e6 / cpu:,.0f} connections/s per server process with a core to itself"
-        )
+    for kind, alg in (("tether", "ES256"), ("tether-rs256", "RS256")):
+        if kind in summary:
+            _, cpu = summary[kind]
+            print(
+                f"Tether ({alg}) server CPU per connect + authenticate: {cpu:.0f} us -> at most "
+                f"{1e6 / cpu:,.0f} connections/s per server process with a core to itself"
+            )
     failed = sum(r.failed for r in rows)
     if failed:
         print(f"note: {failed} connections failed in total")

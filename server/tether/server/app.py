@@ -163,13 +163,26 @@ def _load_keyring(settings: Settings) -> KeyRing:
     path = settings.effective_keys_file
     name = "TETHER_KEYS_FILE" if settings.keys_file is not None else "TETHER_DATA_DIR"
     try:
-        return KeyRing(path=path)
+        keyring = KeyRing(path=path, algorithm=settings.signing_algorithm)
     except KeySetError as exc:
         raise SettingsError(f"{name}: the key file {path}: {exc}") from None
     except OSError as exc:
         raise SettingsError(
             f"{name}: cannot read or create the key file {path}: {exc.strerror or exc}"
         ) from None
+    signer = keyring.current.signing_key
+    if signer.alg != settings.signing_algorithm:
+        # The setting only chooses the algorithm of new keys: an existing file keeps signing
+        # with its own until someone rotates.
+        log.warning(
+            "the key file's signing key %s is %s while TETHER_SIGNING_ALGORITHM is %s: "
+            "run `tether keys rotate` to sign with %s",
+            signer.kid,
+            signer.alg,
+            settings.signing_algorithm,
+            settings.signing_algorithm,
+        )
+    return keyring
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

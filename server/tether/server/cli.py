@@ -42,7 +42,7 @@ from tether.server.connection_limits import AddressCap, TrustedProxies
 from tether.server.log_repeats import RepeatFilter
 from tether.server.log_repeats import install as install_log_filter
 from tether.server.redis.embedded import URL_FILE_NAME, EmbeddedRedis
-from tether.server.settings import ENV_PREFIX, Settings, SettingsError
+from tether.server.settings import ENV_PREFIX, SIGNING_ALGORITHMS, Settings, SettingsError
 
 if TYPE_CHECKING:
     from tether.server.app import TetherApp
@@ -178,6 +178,12 @@ def _build_parser(more_commands: Sequence[AddCommands] = ()) -> argparse.Argumen
     )
     rotate.add_argument(
         "--keys-file", type=Path, help="the key file [TETHER_KEYS_FILE or DATA_DIR/keys.json]"
+    )
+    rotate.add_argument(
+        "--alg",
+        dest="signing_algorithm",
+        choices=SIGNING_ALGORITHMS,
+        help="the new key's algorithm [TETHER_SIGNING_ALGORITHM or ES256]",
     )
     _add_data_dir(rotate)
     rotate.set_defaults(run=_keys_rotate)
@@ -488,14 +494,25 @@ def load_application(spec: str) -> object:
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
-    if args.keys_file is not None:
-        path: Path = args.keys_file
-    else:
-        path = _load_settings(args, "data_dir").effective_keys_file
-    from tether.server.auth.signing_keys import rotate_key_file
+    settings = _load_settings(args, "data_dir", "signing_algorithm")
+    path: Path = args.keys_file if args.keys_file is not None else settings.effective_keys_file
+    from tether.server.auth.signing_keys import KeySet, KeySetError, rotate_key_file
 
-    kid = rotate_key_file(path)
+    alg = settings.signing_algorithm
+    try:
+        kid = rotate_key_file(path, alg)
+    except KeySetError as exc:
+        raise CommandError(f"the key file {path}: {exc}", EXIT_FAILURE) from None
     print(f"new signing key {kid}")
+    # A rotation that changes the algorithm is usually meant (a migration), but it is also what
+    # a shell without the servers' TETHER_SIGNING_ALGORITHM does by accident: say so.
+    keys = KeySet.from_json(path.read_text()).keys
+    if len(keys) > 1 and keys[0].kid == kid and keys[1].alg != alg:
+        print(
+            f"{PROG}: note: the signing algorithm changes from {keys[1].alg} to {alg}; "
+            f"tokens of the {keys[1].alg} keys verify until those keys leave the set",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -154,6 +154,10 @@ def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
 
 
 DEFAULT_ORIGINS = ("self", "http://localhost:*", "http://127.0.0.1:*")
+#: The values of ``TETHER_SIGNING_ALGORITHM``: ``tether.server.auth.signing_keys.ALGORITHMS``,
+#: spelled out so that reading settings does not load the cryptography (a test keeps the two
+#: equal).
+SIGNING_ALGORITHMS = ("ES256", "RS256")
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,12 @@ class Settings:
         None, _parse_optional_path, "signing key file [DATA_DIR/keys.json]"
     )
     keys: str | None = _setting(None, _parse_optional_str, "the key set as JSON, instead of a file")
+    signing_algorithm: str = _setting(
+        "ES256",
+        _parse_str,
+        "ES256 or RS256: the algorithm of the key a new key file starts with and of the keys "
+        "`tether keys rotate` adds (existing keys keep theirs)",
+    )
     public_url: str | None = _setting(
         None, _parse_optional_str, "external base URL, for the issuer and jwks_uri"
     )
@@ -442,6 +452,11 @@ class Settings:
             )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
+        if self.signing_algorithm not in SIGNING_ALGORITHMS:
+            fail(
+                "signing_algorithm",
+                f"must be {' or '.join(SIGNING_ALGORITHMS)}, got {self.signing_algorithm!r}",
+            )
         if self.log_format not in ("text", "json"):
             fail("log_format", f"must be text or json, got {self.log_format!r}")
         if self.redis_url is not None:
