@@ -209,6 +209,55 @@ def test_keys_rotate_prints_the_new_kid(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "keys.json").exists()
 
 
+def _key_algs(path: Path) -> list[str]:
+    return [k["alg"] for k in json.loads(path.read_text())["keys"]]
+
+
+def test_keys_rotate_alg_flag_and_setting_choose_the_new_keys_algorithm(tmp_path: Path) -> None:
+    from tether.server.auth.signing_keys import load_or_create_key_file
+
+    keys_file = tmp_path / "keys.json"
+    load_or_create_key_file(keys_file)
+    assert _key_algs(keys_file) == ["ES256"]
+    # --alg; a change of algorithm is pointed out on stderr.
+    rs = run_tether("keys", "rotate", "--keys-file", str(keys_file), "--alg", "RS256")
+    assert rs.returncode == 0, rs.stderr
+    assert _key_algs(keys_file) == ["RS256", "ES256"]
+    assert json.loads(keys_file.read_text())["keys"][0]["kid"] == rs.stdout.split()[-1]
+    assert rs.stderr == (
+        "tether: note: the signing algorithm changes from ES256 to RS256; "
+        "tokens of the ES256 keys verify until those keys leave the set\n"
+    )
+    # The setting, when no --alg is given...
+    env = {"TETHER_SIGNING_ALGORITHM": "RS256"}
+    same = run_tether("keys", "rotate", "--keys-file", str(keys_file), env=env)
+    assert same.returncode == 0, same.stderr
+    assert same.stderr == ""  # RS256 after RS256: nothing to point out
+    assert _key_algs(keys_file) == ["RS256", "RS256", "ES256"]
+    # ...and --alg beats it.
+    es = run_tether("keys", "rotate", "--keys-file", str(keys_file), "--alg", "ES256", env=env)
+    assert es.returncode == 0, es.stderr
+    assert _key_algs(keys_file) == ["ES256", "RS256", "RS256"]
+    # Without either: ES256, the default.
+    default = run_tether("keys", "rotate", "--keys-file", str(keys_file))
+    assert default.returncode == 0, default.stderr
+    assert _key_algs(keys_file) == ["ES256", "ES256", "RS256"]
+
+
+def test_keys_rotate_refuses_an_unknown_algorithm(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.json"
+    flag = run_tether("keys", "rotate", "--keys-file", str(keys_file), "--alg", "HS256")
+    assert flag.returncode == 2
+    assert "--alg" in flag.stderr
+    env = {"TETHER_SIGNING_ALGORITHM": "HS256"}
+    setting = run_tether("keys", "rotate", "--keys-file", str(keys_file), env=env)
+    assert setting.returncode == 2
+    assert setting.stderr == (
+        "tether: TETHER_SIGNING_ALGORITHM: must be ES256 or RS256, got 'HS256'\n"
+    )
+    assert not keys_file.exists()
+
+
 def test_sessions_revoke_finds_the_redis_by_flag(redis_url: str) -> None:
     result = run_tether(
         "sessions", "revoke", "--session", "no-such-session", "--redis-url", redis_url
@@ -450,6 +499,8 @@ def test_max_json_depth_is_bounded_both_ways() -> None:
         ("TETHER_REDIS_URL", "redis://:pw-x9@127.0.0.1:six/0", "port that is not a number"),
         ("TETHER_REDIS_URL", "http://127.0.0.1:6379", "unsupported scheme"),
         ("TETHER_HOST", "999.1.1.1", "cannot listen on"),
+        ("TETHER_SIGNING_ALGORITHM", "HS256", "must be ES256 or RS256, got 'HS256'"),
+        ("TETHER_SIGNING_ALGORITHM", "rs256", "must be ES256 or RS256, got 'rs256'"),
     ],
 )
 def test_a_bad_setting_stops_serve_with_one_line_naming_it(

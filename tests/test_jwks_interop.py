@@ -13,7 +13,12 @@ from typing import Any
 import jwt
 import pytest
 from joserfc import jwt as jose_jwt
-from joserfc.errors import BadSignatureError, ExpiredTokenError, InvalidKeyIdError
+from joserfc.errors import (
+    BadSignatureError,
+    ExpiredTokenError,
+    InvalidKeyIdError,
+    UnsupportedAlgorithmError,
+)
 from joserfc.jwk import KeySet as JoseKeySet
 from tether.server.auth.signing_keys import MAX_KEYS, KeyRing, KeySet
 from tether.server.auth.tokens import AccessTokens
@@ -38,9 +43,11 @@ def issue(keyset: KeySet, *, user_id: str = "user-1") -> str:
     return tokens.issue(user_id=user_id, session_id="sess-1", now=NOW, expires_at=EXP)
 
 
-def joserfc_verify(token: str, jwks: dict[str, Any], *, now: int = NOW) -> jose_jwt.Token:
-    """Verify as a careful third party would: pinned algorithm, every contract claim essential."""
-    decoded = jose_jwt.decode(token, JoseKeySet.import_key_set(jwks), algorithms=["ES256"])
+def joserfc_verify(
+    token: str, jwks: dict[str, Any], *, now: int = NOW, algorithms: tuple[str, ...] = ("ES256",)
+) -> jose_jwt.Token:
+    """Verify as a careful third party would: pinned algorithms, every contract claim essential."""
+    decoded = jose_jwt.decode(token, JoseKeySet.import_key_set(jwks), algorithms=list(algorithms))
     registry = jose_jwt.JWTClaimsRegistry(
         now=now,
         leeway=LEEWAY,
@@ -130,3 +137,62 @@ def test_jwks_publishes_only_public_p256_signing_keys(keyset: KeySet) -> None:
         # No "d": the private scalar never leaves the key file.
         assert set(jwk) == {"kty", "crv", "x", "y", "kid", "alg", "use"}
         assert (jwk["kty"], jwk["crv"], jwk["alg"], jwk["use"]) == ("EC", "P-256", "ES256", "sig")
+
+
+# ---------------------------------------------------------------------------------- RS256
+
+
+@pytest.fixture(scope="module")
+def rs_keyset() -> KeySet:
+    return KeySet.generate("RS256")
+
+
+def test_joserfc_verifies_our_rs256_token_from_the_jwks_alone(rs_keyset: KeySet) -> None:
+    token = issue(rs_keyset)
+    decoded = joserfc_verify(token, served_jwks(rs_keyset), algorithms=("RS256",))
+    assert decoded.header == {"alg": "RS256", "typ": "at+jwt", "kid": rs_keyset.signing_key.kid}
+    assert (decoded.claims["sub"], decoded.claims["exp"]) == ("user-1", EXP)
+    # Pinned to ES256 alone, the same verifier refuses it.
+    with pytest.raises(UnsupportedAlgorithmError):
+        joserfc_verify(token, served_jwks(rs_keyset), algorithms=("ES256",))
+
+
+def test_joserfc_refuses_a_tampered_rs256_token(rs_keyset: KeySet) -> None:
+    header, _, signature = issue(rs_keyset).split(".")
+    _, payload, _ = issue(rs_keyset, user_id="admin").split(".")
+    with pytest.raises(BadSignatureError):
+        joserfc_verify(
+            f"{header}.{payload}.{signature}", served_jwks(rs_keyset), algorithms=("RS256",)
+        )
+
+
+def test_third_parties_verify_both_algorithms_during_a_migration() -> None:
+    """ES256 set rotated to RS256: one JWKS serves both keys; joserfc (allowing both, choosing
+    by kid) and PyJWT's JWKS loader verify the old ES256 token and the new RS256 one."""
+    start = KeySet.generate("ES256")
+    old = issue(start)
+    current = start.rotated("RS256")
+    new = issue(current)
+    jwks = served_jwks(current)
+    assert [k["alg"] for k in jwks["keys"]] == ["RS256", "ES256"]
+    for token, alg in ((old, "ES256"), (new, "RS256")):
+        assert joserfc_verify(token, jwks, algorithms=("ES256", "RS256")).header["alg"] == alg
+        key = jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(token)["kid"]]
+        assert key.algorithm_name == alg
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            audience=AUDIENCE,
+            issuer=ISSUER,
+            options={"verify_exp": False, "verify_iat": False},
+        )
+        assert claims["sub"] == "user-1"
+
+
+def test_jwks_publishes_only_public_rsa_keys(rs_keyset: KeySet) -> None:
+    (jwk,) = served_jwks(rs_keyset)["keys"]
+    # No "d", "p", "q", "dp", "dq", "qi": the private parts never leave the key file.
+    assert set(jwk) == {"kty", "n", "e", "kid", "alg", "use"}
+    assert (jwk["kty"], jwk["alg"], jwk["use"], jwk["e"]) == ("RSA", "RS256", "sig", "AQAB")
+    assert jwk["kid"] == rs_keyset.signing_key.kid
