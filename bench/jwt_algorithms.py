@@ -8,8 +8,8 @@ For each algorithm the script times ``jwt.encode`` (sign) and ``jwt.decode`` (ve
 options Tether's :class:`tether.server.auth.tokens.AccessTokens` passes), and the bare signature
 primitive of ``cryptography`` ("raw"), which shows how much of each figure is the algorithm and how
 much is JOSE (base64url, JSON, claim checks). HS256 is the symmetric reference measured in the same
-run; the last row is Tether's own ``AccessTokens.issue``/``verify`` (ES256 plus its header and claim
-checks) when the ``server`` package is importable.
+run; the last rows are Tether's own ``AccessTokens.issue``/``verify`` (ES256 and RS256, each
+plus its header and claim checks) when the ``server`` package is importable.
 
 Rounds are interleaved across all rows, so drift on a noisy machine spreads over every figure.
 Each figure is the median over ``--batches`` timed batches of the microseconds per operation,
@@ -172,19 +172,26 @@ def rows() -> list[Row]:
             "HS256 (reference)", "HS256", secret, secret, RawPair(hmac_sha256, hmac_verify), None
         ),
     ]
-    tether = tether_row()
-    return [*table, tether] if tether is not None else table
+    return [*table, *tether_rows()]
 
 
-def tether_row() -> Row | None:
-    """Tether's own ``AccessTokens`` (ES256), or None when ``server`` is not importable."""
+def tether_rows() -> list[Row]:
+    """Tether's own ``AccessTokens``, one row per signing algorithm; none when ``server`` is
+    not importable."""
     try:
-        from tether.server.auth.signing_keys import KeyRing, KeySet
-        from tether.server.auth.tokens import AccessTokens
+        from tether.server.auth.signing_keys import ALGORITHMS
     except ImportError:
-        return None
+        return []
+    return [tether_row(alg) for alg in ALGORITHMS]
+
+
+def tether_row(alg: str) -> Row:
+    """Tether's own ``AccessTokens`` with a key set whose signing key is ``alg``."""
+    from tether.server.auth.signing_keys import KeyRing, KeySet
+    from tether.server.auth.tokens import AccessTokens
+
     tokens = AccessTokens(
-        KeyRing(inline=KeySet.generate().to_json()), issuer=ISSUER, audience=AUDIENCE, leeway=5
+        KeyRing(inline=KeySet.generate(alg).to_json()), issuer=ISSUER, audience=AUDIENCE, leeway=5
     )
 
     def issue() -> str:
@@ -194,7 +201,7 @@ def tether_row() -> Row | None:
 
     token = issue()
     jobs = {"sign": issue, "verify": lambda: tokens.verify(token, now=NOW)}
-    return Row("Tether AccessTokens (ES256)", token, jobs)
+    return Row(f"Tether AccessTokens ({alg})", token, jobs)
 
 
 def calibrate(fn: Callable[[], object], batch_ms: float) -> int:
