@@ -148,18 +148,19 @@ def doc_table(text: str, header: str) -> dict[str, str]:
     return rows
 
 
+@pytest.mark.parametrize(("alg", "table"), [("ES256", "JWK field"), ("RS256", "RSA JWK field")])
 async def test_keys_md_lists_exactly_the_fields_the_server_publishes(
-    server_factory: Callable[..., ServerProcess],
+    server_factory: Callable[..., ServerProcess], alg: str, table: str
 ) -> None:
     text = (DOCS / "keys.md").read_text()
     published = text[text.index("## Published keys") :]
-    server = server_factory()
+    server = server_factory(env={"TETHER_SIGNING_ALGORITHM": alg})
     async with httpx.AsyncClient(base_url=server.base_url) as http:
         jwks = await http.get("/.well-known/jwks.json")
         discovery = await http.get("/.well-known/openid-configuration")
     assert jwks.status_code == discovery.status_code == 200
 
-    jwk_fields = doc_table(published, "JWK field")
+    jwk_fields = doc_table(published, table)
     [key] = jwks.json()["keys"]
     assert set(key) == set(jwk_fields)
     for name, value in jwk_fields.items():
