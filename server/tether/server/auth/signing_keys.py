@@ -216,7 +216,11 @@ class KeySet:
                 if _algorithm_of(private) != alg:
                     raise KeySetError(
                         f"key {entry['kid']!r} is not an "
-                        + ("RSA key of at least 2048 bits" if alg == "RS256" else "P-256 key")
+                        + (
+                            f"RSA key of at least {RSA_KEY_BITS} bits"
+                            if alg == "RS256"
+                            else "P-256 key"
+                        )
                         + f" as its alg {alg} requires"
                     )
                 assert isinstance(private, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)

@@ -37,7 +37,8 @@ from tether.protocol import AuthErrorCode
 from tether.server.auth.signing_keys import ALGORITHMS, KeyRing
 
 TOKEN_TYPE = "at+jwt"
-#: Longest access token accepted; ours are about 400 bytes. Checked before any parsing.
+#: Longest access token accepted; ours are about 400 bytes (ES256) or 650 (RS256, 2048-bit
+#: key; about 1,000 with a 4096-bit one). Checked before any parsing.
 MAX_TOKEN_BYTES = 4096
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "sid", "iat", "exp", "jti")
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
