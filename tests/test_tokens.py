@@ -479,6 +479,25 @@ def test_our_signature_over_another_message_is_refused(
     assert refusal(tokens, with_signature(token, other.rpartition(".")[2])) == INVALID
 
 
+@pytest.mark.parametrize("part", [0, 1, 2])
+def test_a_non_canonical_spelling_of_a_segment_is_refused(
+    tokens: AccessTokens, token: str, part: int
+) -> None:
+    """base64url's last character may carry bits that encode nothing: setting them gives
+    another spelling of the same bytes. Only the canonical one verifies (found by the fuzz test
+    below once verification stopped going through PyJWT)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    segments = token.split(".")
+    segment = segments[part]
+    unused = {2: 0x0F, 3: 0x03}.get(len(segment) % 4)
+    assert unused is not None  # the fixture's segments all have a length with unused bits
+    last = alphabet.index(segment[-1])
+    assert last & unused == 0  # ours are canonical
+    segments[part] = segment[:-1] + alphabet[last | 1]
+    assert unb64(segments[part]) == unb64(segment)  # the same bytes, spelled differently
+    assert refusal(tokens, ".".join(segments)) == INVALID
+
+
 def test_ecdsa_high_s_twin_verifies_with_the_same_claims(tokens: AccessTokens, token: str) -> None:
     """ECDSA is malleable: (r, n - s) is a second valid signature of the same token, and PyJWT
     (like most JOSE libraries) accepts it. Harmless as long as nothing keys on the token string;

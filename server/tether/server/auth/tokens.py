@@ -47,8 +47,18 @@ _PKCS1V15 = padding.PKCS1v15()
 _SHA256 = hashes.SHA256()
 
 
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+#: Bits of the last character of a segment that encode nothing, by ``len(segment) % 4``.
+_UNUSED_BITS = {2: 0x0F, 3: 0x03}
+
+
 def _segment(segment: str) -> bytes:
-    """Decode one base64url segment (the caller has checked its alphabet)."""
+    """Decode one base64url segment (the caller has checked its alphabet). Only the canonical
+    encoding is accepted: a last character whose unused bits are set decodes to the same bytes,
+    so without this check one token would have several spellings that all verify."""
+    unused = _UNUSED_BITS.get(len(segment) % 4, 0)
+    if unused and _B64URL.index(segment[-1]) & unused:
+        raise binascii.Error("non-canonical base64url")
     return binascii.a2b_base64(
         (segment + "=" * (-len(segment) % 4)).replace("-", "+").replace("_", "/"), strict_mode=True
     )
