@@ -434,11 +434,12 @@ class Deployment:
         self.env = {**shared, **env}
         self.servers: list[TetherServer] = []
 
-    def start_server(self) -> TetherServer:
+    def start_server(self, env: dict[str, str] | None = None) -> TetherServer:
+        """Start one more server; ``env`` is laid over the deployment's for this one only."""
         if self.redis_url is None:
             raise RuntimeError("no redis-server for the deployment yet")
         tmp_dir = self.tmp / f"server{len(self.servers)}"
-        server = TetherServer(self.redis_url, env=self.env, tmp_dir=tmp_dir)
+        server = TetherServer(self.redis_url, env={**self.env, **(env or {})}, tmp_dir=tmp_dir)
         self.servers.append(server)
         return server.start()
 

@@ -216,6 +216,9 @@ class Clients:
 
     url: str
     source_ips: int = 1
+    #: Source addresses are 127.0.0.``first_source_ip`` … (+ ``source_ips`` - 1): load
+    #: generators in several processes use distinct ones (each address has its own ports).
+    first_source_ip: int = 1
     #: Called for every message after the opening exchange (else messages queue up unread).
     on_message: OnMessage | None = None
     conns: list[LeanClient] = field(default_factory=list)
@@ -228,7 +231,8 @@ class Clients:
         """Connect, then send each frame and wait for its reply: the type in ``expect``, or an
         echo of the frame where ``expect`` says None."""
         started = time.perf_counter()
-        local_ip = f"127.0.0.{1 + index % self.source_ips}" if self.source_ips > 1 else None
+        spread = self.source_ips > 1 or self.first_source_ip != 1
+        local_ip = f"127.0.0.{self.first_source_ip + index % self.source_ips}" if spread else None
         ws = await lean_connect(self.url, local_ip=local_ip)
         try:
             for frame, kind in zip(frames, expect, strict=True):
@@ -252,26 +256,35 @@ class Clients:
         expect: list[str | None],
         concurrency: int,
         label: str,
+        *,
+        rate: float | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> float:
-        """Open ``n`` connections, ``concurrency`` at a time; return the seconds it took."""
-        sem = asyncio.Semaphore(concurrency)
+        """Open ``n`` connections, ``concurrency`` at a time and (with ``rate``) starting at
+        most ``rate`` per second; return the seconds it took. ``concurrency`` workers share the
+        work: no task per connection. ``progress`` gets a line every 2 s (default: print)."""
         started = time.monotonic()
         last_print = started
         target = len(self.conns) + n
+        indices = iter(range(n))
+        report = progress or (lambda line: print(line, flush=True))
 
-        async def one(i: int) -> None:
+        async def worker() -> None:
             nonlocal last_print
-            async with sem:
+            for i in indices:
+                if rate:
+                    # Connection i starts no earlier than i / rate seconds after the first.
+                    await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
                 try:
                     await self.open_one(i, frames_for(i), expect)
                 except Exception as exc:
                     self.failures.append(f"{type(exc).__name__}: {exc}")
-            now = time.monotonic()
-            if now - last_print >= 2.0:
-                last_print = now
-                print(f"  {label}: {len(self.conns):>6}/{target} open", flush=True)
+                now = time.monotonic()
+                if now - last_print >= 2.0:
+                    last_print = now
+                    report(f"  {label}: {len(self.conns):>6}/{target} open")
 
-        await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, n)))))
         return time.monotonic() - started
 
     async def keepalive(self, ping: str) -> None:
