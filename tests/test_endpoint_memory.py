@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -327,6 +329,28 @@ async def test_a_client_that_leaves_releases_its_connection(
     await node.auth.sign_out(tokens.access_token)
     await asyncio.sleep(0.2)
     assert socket.nothing_sent()
+
+
+class _Message(dict[str, Any]):
+    """An ASGI message that can be watched with a weak reference."""
+
+
+async def test_an_idle_socket_keeps_no_message_it_received(node: Node, open_socket: Opener) -> None:
+    """While a socket idles, nothing of the endpoint keeps the last ASGI message (and its
+    frame text) alive: idle memory per socket (docs/benchmarks.md, "Scale")."""
+    socket = await open_socket()
+    tokens = await sign_up(node)
+    message = _Message(type="websocket.receive")
+    message["text"] = json.dumps(
+        {"type": "authenticate", "token": tokens.access_token, "authVersion": 1}
+    )
+    watched = weakref.ref(message)
+    socket._incoming.put_nowait(message)
+    del message
+    await socket.expect("auth_ok")
+    await asyncio.sleep(0.05)  # the socket idles in its next receive
+    gc.collect()
+    assert watched() is None, gc.get_referrers(watched())
 
 
 class ReadingSocket(MemorySocket):

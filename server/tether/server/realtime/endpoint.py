@@ -183,19 +183,10 @@ class Connection:
         endpoint.connections.add(self)
         try:
             self.reschedule()
-            while not self.closing:
-                message = await receive()
-                kind = message["type"]
-                if kind == "websocket.disconnect":
-                    break
-                if kind != "websocket.receive":
-                    continue
-                text = message.get("text")
-                frame: str | bytes = text if text is not None else (message.get("bytes") or b"")
-                if _over_limit(frame, endpoint.settings.max_message_bytes):
-                    self.close_now(CloseCode.MESSAGE_TOO_BIG, "frame too large")
-                    break
-                self.execute(self.core.receive(frame, endpoint.clock()))
+            # The message is handled in a method of its own: no local of this frame keeps the
+            # last message (and its frame text) alive while the socket idles.
+            while not self.closing and self._on_message(await receive()):
+                pass
             if self.closing and self.writer is not None:
                 # Let queued frames and the close frame go out, but not forever.
                 with contextlib.suppress(Exception):
@@ -217,6 +208,22 @@ class Connection:
             if self.stall_check is not None:
                 self.stall_check.cancel()
                 self.stall_check = None
+
+    def _on_message(self, message: Message) -> bool:
+        """Handle one ASGI message; False once the receive loop must end."""
+        kind = message["type"]
+        if kind == "websocket.disconnect":
+            return False
+        if kind != "websocket.receive":
+            return True
+        text = message.get("text")
+        frame: str | bytes = text if text is not None else (message.get("bytes") or b"")
+        endpoint = self.endpoint
+        if _over_limit(frame, endpoint.settings.max_message_bytes):
+            self.close_now(CloseCode.MESSAGE_TOO_BIG, "frame too large")
+            return False
+        self.execute(self.core.receive(frame, endpoint.clock()))
+        return True
 
     def reschedule(self) -> None:
         self.endpoint.timers.schedule(self, self.core.next_deadline())
@@ -774,8 +781,8 @@ class SyncEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: SendFn) -> None:
         if scope["type"] != "websocket":
             return
-        message = await receive()
-        if message["type"] != "websocket.connect":
+        # Not kept in a local: this frame lives as long as the socket.
+        if (await receive())["type"] != "websocket.connect":
             return
         if not self._origin_ok(scope):
             # A close before the accept is refused by the ASGI server: HTTP 403.
