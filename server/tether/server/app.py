@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -340,7 +340,12 @@ class TetherApp:
         return await self.node.sync.drain(drain_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.dispatch(scope, receive, send)
+
+    def dispatch(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """:meth:`__call__` without a coroutine of its own, which would stay suspended under
+        every idle socket (~250 bytes each): ``tether serve`` gives this to uvicorn as an ASGI 3
+        app. (``__call__`` stays a coroutine function, which ASGI servers detect as ASGI 3.)"""
         if scope["type"] == "websocket" and scope["path"] == SYNC_PATH:
-            await self.node.sync(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+            return self.node.sync(scope, receive, send)
+        return self.app(scope, receive, send)
