@@ -72,6 +72,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/reconnect.py --k 1,10 --repeat 10
 	$(BIN)/python bench/partitions.py --clients 16 --partitions 16 --seconds 1
 	$(BIN)/python bench/reconnect_storm.py --n 500 --procs 2 --timeout 300
+	$(BIN)/python bench/scale_sockets.py --instances 2 --n 1000 --expiry 200 --spread 3 --rounds 10 --idle 2
 
 ## The long chaos run (docs/reliability.md): 20 client processes, 500 access-token lifetimes
 ## (~17 min) on a standalone Redis, then 150 (~5 min) on a Redis Cluster whose master fails over.

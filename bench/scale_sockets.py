@@ -171,6 +171,10 @@ class ClientSide:
             self.targets.append(clients)
             opened.append(clients)
         gc.disable()  # collected and frozen once they are open (quiet_gc's reasoning)
+        # From the start: the first sockets must not idle past TETHER_HEARTBEAT_TIMEOUT (75 s)
+        # while the last ones open.
+        ping = json.dumps({"type": "ping"})
+        self.keepalives += [asyncio.create_task(c.keepalive(ping)) for c in opened]
         rate = cmd["rate"] / max(1, len(live))
         label = "asgi" if cmd["echo"] else "tether"
         await asyncio.gather(
@@ -189,8 +193,6 @@ class ClientSide:
         )
         gc.collect()
         gc.freeze()
-        ping = json.dumps({"type": "ping"})
-        self.keepalives += [asyncio.create_task(c.keepalive(ping)) for c in opened]
         failures = [f for c in opened for f in c.failures]
         by_target = iter(opened)
         return {
@@ -211,7 +213,11 @@ class ClientSide:
         return {}
 
     def count(self) -> dict[str, Any]:
-        return {"open": sum(c.open_count() for c in self.targets)}
+        """Sockets open now, per url."""
+        per_url: dict[str, int] = {}
+        for c in self.targets:
+            per_url[c.url] = per_url.get(c.url, 0) + c.open_count()
+        return {"per_url": per_url}
 
     async def expiry(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Re-authenticate ``cmd["n"]`` of this process's sockets (spread over its targets) with
@@ -220,7 +226,7 @@ class ClientSide:
         conns: list[tuple[Clients, int]] = []
         per_target = split(cmd["n"], len(self.targets))
         for clients, k in zip(self.targets, per_target, strict=True):
-            conns += [(clients, i) for i in range(min(k, len(clients.conns)))]
+            conns += [(clients, i) for i, ws in enumerate(clients.conns) if ws.is_open][:k]
         # Interleave the targets, so that every second's batch reaches every instance.
         conns.sort(key=lambda pair: pair[1])
         async with httpx.AsyncClient(base_url=cmd["mint_url"], timeout=30, trust_env=False) as http:
@@ -400,6 +406,12 @@ async def open_everywhere(
     return opened, failures, first, seconds
 
 
+async def open_now(clients: list[ClientProcess], urls: list[str]) -> list[int]:
+    """How many sockets to each of ``urls`` are open now, over every client process."""
+    answers = await asyncio.gather(*(c.call({"cmd": "count"}) for c in clients))
+    return [sum(a["per_url"].get(url, 0) for a in answers) for url in urls]
+
+
 async def run(args: argparse.Namespace) -> Results:
     results = Results()
     per_instance = split(args.n, args.instances)
@@ -428,7 +440,7 @@ async def run(args: argparse.Namespace) -> Results:
             )
             await asyncio.sleep(args.idle)
             row.rss_after = rss_kib(baseline.pid)
-            row.sockets = opened[0]
+            row.sockets = (await open_now(clients, [baseline.ws_url]))[0]
             if failed:
                 print(f"  raw ASGI: {failed} failed, e.g. {first}", flush=True)
             results.baseline = row
@@ -458,9 +470,12 @@ async def run(args: argparse.Namespace) -> Results:
         results.open_seconds = seconds
         print(f"  {sum(opened)} open in {seconds:.0f} s ({failed} failed); idle {args.idle:.0f} s")
         await asyncio.sleep(args.idle)
-        for row, server, held in zip(results.instances, servers, opened, strict=True):
+        for row in results.instances:
             row.rss_after = rss_kib(row.pid)
-            row.sockets = held  # a connection that failed to open is not counted
+        # Per socket open at the time of the reading (a failed or closed one is not counted).
+        held = await open_now(clients, [s.ws_url for s in servers])
+        for row, server, n_open in zip(results.instances, servers, held, strict=True):
+            row.sockets = n_open
             if server.returncode is not None:
                 raise RuntimeError(f"{row.label} died")
         results.redis_rss = rss_kib(deployment.redis.pid) if deployment.redis.pid else 0
@@ -509,8 +524,7 @@ async def run(args: argparse.Namespace) -> Results:
                         except Exception as exc:
                             samples.failures.append(f"{type(exc).__name__}: {exc}")
             results.revocation = samples
-        counts = await asyncio.gather(*(c.call({"cmd": "count"}) for c in clients))
-        results.open_at_end = sum(a["open"] for a in counts)
+        results.open_at_end = sum(await open_now(clients, [s.ws_url for s in servers]))
         return results
     except BaseException:
         print(deployment.log_tails(), file=sys.stderr)
@@ -555,10 +569,14 @@ def print_table(r: Results, args: argparse.Namespace) -> None:
         print(f"Target: memory <= {TARGET_MEMORY_RATIO:.1f}x raw ASGI -> {worst:.2f}x, {verdict}")
     if r.failures:
         print(f"note: {r.failures} sockets failed to open, e.g. {r.first_failure}")
+    if r.open_at_end < r.connected:
+        print(f"note: {r.connected - r.open_at_end} sockets closed during the run")
     print()
     header = f"| {'with all sockets connected':<44} | {'n':>13} | {'p50 ms':>7} |"
     header += f" {'p99 ms':>7} | {'max ms':>7} |"
     print_header(header)
+    if args.expiry and not r.lateness:
+        print(f"| {'auth_expiring lateness':<44} | {f'0/{r.expiry_expected}':>13} | none |")
     if args.expiry:
         lat = [x * 1e3 for x in r.lateness]
         srv = [x * 1e3 for x in r.server_part]
