@@ -525,6 +525,10 @@ async def run(args: argparse.Namespace) -> Results:
                             samples.failures.append(f"{type(exc).__name__}: {exc}")
             results.revocation = samples
         results.open_at_end = sum(await open_now(clients, [s.ws_url for s in servers]))
+        failed_rounds = results.revocation is not None and results.revocation.failures
+        if results.expiry_errors or failed_rounds:
+            # Their cause is in the servers' logs, which close() removes.
+            print(deployment.log_tails(), file=sys.stderr)
         return results
     except BaseException:
         print(deployment.log_tails(), file=sys.stderr)
