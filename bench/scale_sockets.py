@@ -53,6 +53,7 @@ from common import (
     ChildServer,
     DeploymentWithRedis,
     child_options,
+    cpu_seconds,
     describe_run,
     load_average,
     percentile,
@@ -333,6 +334,8 @@ class Instance:
     sockets: int
     rss_before: int = 0
     rss_after: int = 0
+    #: Share of one core the server used while its sockets idled (``--idle`` seconds).
+    idle_cpu: float = 0.0
 
     @property
     def kib_per_socket(self) -> float:
@@ -438,7 +441,9 @@ async def run(args: argparse.Namespace) -> Results:
             opened, failed, first, _ = await open_everywhere(
                 clients, [baseline.ws_url], [per_instance[0]], args, stand_ins, echo=True
             )
+            cpu = cpu_seconds(baseline.pid)
             await asyncio.sleep(args.idle)
+            row.idle_cpu = (cpu_seconds(baseline.pid) - cpu) / args.idle
             row.rss_after = rss_kib(baseline.pid)
             row.sockets = (await open_now(clients, [baseline.ws_url]))[0]
             if failed:
@@ -469,8 +474,10 @@ async def run(args: argparse.Namespace) -> Results:
         results.connected, results.failures, results.first_failure = sum(opened), failed, first
         results.open_seconds = seconds
         print(f"  {sum(opened)} open in {seconds:.0f} s ({failed} failed); idle {args.idle:.0f} s")
+        cpu = [cpu_seconds(row.pid) for row in results.instances]
         await asyncio.sleep(args.idle)
-        for row in results.instances:
+        for row, before in zip(results.instances, cpu, strict=True):
+            row.idle_cpu = (cpu_seconds(row.pid) - before) / args.idle
             row.rss_after = rss_kib(row.pid)
         # Per socket open at the time of the reading (a failed or closed one is not counted).
         held = await open_now(clients, [s.ws_url for s in servers])
@@ -550,7 +557,7 @@ def print_table(r: Results, args: argparse.Namespace) -> None:
         f"{args.clients} client processes, load {r.load}"
     )
     header = f"| {'server':<32} | {'sockets':>7} | {'RSS before':>10} | {'RSS after':>10} |"
-    header += f" {'KiB/socket':>10} | {'vs raw ASGI':>11} |"
+    header += f" {'KiB/socket':>10} | {'vs raw ASGI':>11} | {'idle CPU':>8} |"
     print_header(header)
     base = r.baseline
     rows = ([base] if base else []) + r.instances
@@ -559,6 +566,7 @@ def print_table(r: Results, args: argparse.Namespace) -> None:
         print(
             f"| {row.label:<32} | {row.sockets:>7} | {row.rss_before / 1024:>6.1f} MiB |"
             f" {row.rss_after / 1024:>6.1f} MiB | {row.kib_per_socket:>10.1f} | {ratio:>11} |"
+            f" {row.idle_cpu:>7.0%} |"
         )
     total = sum(row.rss_after for row in r.instances)
     print(
