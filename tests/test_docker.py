@@ -9,6 +9,7 @@ the server fail with ``OSError … keys.json.lock``), and the example applicatio
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -96,7 +97,10 @@ def test_the_image_carries_the_example_application() -> None:
 def test_docker_compose_accepts_the_compose_file() -> None:
     compose = shutil.which("docker-compose")
     if compose is None:
-        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+        # CI installs Debian's docker-compose (.ci/install-compose): there, its absence fails.
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail("CI must validate docker-compose.yml, but docker-compose is not installed")
+        pytest.skip("docker-compose is not installed (bash .ci/install-compose)")
     result = subprocess.run(
         [compose, "-f", str(REPO / "docker-compose.yml"), "config", "--quiet"],
         cwd=REPO,
