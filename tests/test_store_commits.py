@@ -257,3 +257,121 @@ async def test_calls_with_long_arguments_are_not_remembered(
     assert outcome.value_json == "2"
     assert sent == ["GET", "EVALSHA", "EVALSHA"]
     assert store._first_reads == {}
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+async def hold_turn(
+    store: Store, doc_id: str, name: str
+) -> tuple[asyncio.Task[MutationOutcome], asyncio.Event]:
+    """A mutation on ``store`` that conflicted on the document (another instance committed
+    between its read and its commit), so holds the key's turn there, paused in its second run
+    until the event returned is set."""
+    other = make_store(store.redis)
+    runs = 0
+    first_read, go_on, holding, release = (asyncio.Event() for _ in range(4))
+
+    async def holder(ctx: Context) -> None:
+        nonlocal runs
+        runs += 1
+        doc = await ctx.db.get("items", doc_id)
+        assert doc is not None
+        if runs == 1:
+            first_read.set()
+            await go_on.wait()
+        else:
+            holding.set()
+            await release.wait()
+        await ctx.db.patch("items", doc_id, {"n": doc["n"] + 1})
+
+    spec = FunctionSpec.from_function(name, "mutation", holder)
+    task = asyncio.create_task(run_mutation(store, spec, {}, None, client_id=name, request_id=1))
+    await first_read.wait()
+    db = MutationDB(other)
+    await db.patch("items", doc_id, {"n": 1000})
+    await other.commit(db, request=None, outcome_value_json=None)
+    go_on.set()
+    await holding.wait()
+    assert store._retry_turns[store.keys.doc("items", doc_id)].users == 1
+    return task, release
+
+
+#: Far longer than any of these mutations takes: past it, they wait on each other for ever.
+DEADLOCKED = 30.0
+
+
+async def test_a_mutation_reading_a_hot_key_twice_at_once_does_not_wait_on_itself(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A mutation whose function reads a hot key twice at once (``asyncio.gather`` over
+    ``ctx.db``) while another mutation holds the key's turn: it finishes once the holder has.
+    (Both reads queued for the turn: the first got it and the second waited behind its own
+    mutation for ever, holding the key's turn from every later mutation of the instance.)"""
+    store = make_store(redis_client)
+    doc_id = await create(store, "g")
+    key = store.keys.doc("items", doc_id)
+    holder, release = await hold_turn(store, doc_id, "holder")
+
+    async def twice(ctx: Context) -> int:
+        one, two = await asyncio.gather(ctx.db.get("items", doc_id), ctx.db.get("items", doc_id))
+        assert one is not None and one == two
+        await ctx.db.patch("items", doc_id, {"n": one["n"] + 1})
+        return int(one["n"]) + 1
+
+    spec = FunctionSpec.from_function("twice", "mutation", twice)
+    task = asyncio.create_task(run_mutation(store, spec, {}, None, client_id="t", request_id=1))
+    await until(lambda: store._retry_turns[key].users >= 2)
+    for _ in range(3):
+        await asyncio.sleep(0)  # both reads have asked for the turn (one loop step)
+    release.set()
+    assert (await holder).error is None
+    outcome = await asyncio.wait_for(task, DEADLOCKED)
+    assert (outcome.value_json, outcome.error) == ("1002", None)
+    assert store._retry_turns == {}
+
+
+async def test_two_mutations_reading_two_hot_keys_at_once_do_not_deadlock(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Two mutations each read two hot keys at once, in opposite orders, while other
+    mutations hold both keys' turns: both finish. (Each waited for its second key's turn while
+    waiting for its first: given the first, each held what the other waited for.)"""
+    store = make_store(redis_client)
+    a, b = await create(store, "a"), await create(store, "b")
+    key_a, key_b = store.keys.doc("items", a), store.keys.doc("items", b)
+    holder_a, release_a = await hold_turn(store, a, "holder.a")
+    holder_b, release_b = await hold_turn(store, b, "holder.b")
+    second = {"one": asyncio.Event(), "two": asyncio.Event()}
+
+    def both(name: str, first: str, then: str) -> FunctionSpec:
+        async def read_both(ctx: Context) -> None:
+            async def later() -> Any:
+                await second[name].wait()
+                return await ctx.db.get("items", then)
+
+            await asyncio.gather(ctx.db.get("items", first), later())
+
+        return FunctionSpec.from_function(name, "mutation", read_both)
+
+    one = asyncio.create_task(
+        run_mutation(store, both("one", a, b), {}, None, client_id="one", request_id=1)
+    )
+    await until(lambda: store._retry_turns[key_a].users == 2)  # holder.a, one
+    two = asyncio.create_task(
+        run_mutation(store, both("two", b, a), {}, None, client_id="two", request_id=1)
+    )
+    await until(lambda: store._retry_turns[key_b].users == 2)  # holder.b, two
+    second["one"].set()  # one asks for b's turn too, behind two
+    second["two"].set()  # two asks for a's turn too, behind one
+    for _ in range(3):
+        await asyncio.sleep(0)
+    release_a.set()
+    release_b.set()
+    assert (await holder_a).error is None
+    assert (await holder_b).error is None
+    outcomes = await asyncio.wait_for(asyncio.gather(one, two), DEADLOCKED)
+    assert all(outcome.error is None or outcome.error[0] == "conflict" for outcome in outcomes)
+    assert store._retry_turns == {}

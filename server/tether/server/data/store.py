@@ -901,15 +901,18 @@ class _Turns:
     a hot key. So on each instance one mutation at a time works on a hot key: the others wait
     in line (FIFO) instead of reading a version that only one of them can commit on.
 
-    Deadlock-free: a mutation waits for a turn only while it holds none; holding one, it takes
-    another only when nobody holds or waits for it.
+    Deadlock-free: a mutation waits for a turn only while it holds none and waits for no other
+    (its function may read concurrently, ``asyncio.gather`` over ``ctx.db``); holding or
+    waiting for one, it takes another only when nobody holds or waits for it, and a read of a
+    key whose turn it is already waiting for goes ahead without it.
     """
 
-    __slots__ = ("_held", "_store")
+    __slots__ = ("_held", "_store", "_waiting")
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._held: dict[str, _Turn] = {}
+        self._waiting: set[str] = set()  # keys whose turn this mutation is waiting for
 
     @property
     def held(self) -> bool:
@@ -929,20 +932,25 @@ class _Turns:
         await self.take(key)
 
     async def take(self, key: str) -> None:
-        if key in self._held:
-            return
+        if key in self._held or key in self._waiting:
+            return  # held, or a concurrent read of this mutation waits for it: never twice
         turns = self._store._retry_turns
         turn = turns.get(key)
         if turn is None:
             turn = turns[key] = _Turn()
-        elif self._held and turn.users:
-            return  # never wait while holding a turn: two mutations could wait on each other
+        elif (self._held or self._waiting) and turn.users:
+            # Never wait while holding or waiting for a turn: two mutations could wait on each
+            # other (or one on itself, through two concurrent reads).
+            return
         turn.users += 1
+        self._waiting.add(key)
         try:
             await turn.lock.acquire()
         except BaseException:
             self._leave(key, turn)
             raise
+        finally:
+            self._waiting.discard(key)
         self._held[key] = turn
 
     def release(self) -> None:
