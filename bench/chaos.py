@@ -78,7 +78,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -101,8 +100,9 @@ from common import (
     describe_run,
     load_average,
     run_bounded,
+    start_cluster,
 )
-from tether.server.redis.embedded import EmbeddedRedis, find_redis_server, free_loopback_port
+from tether.server.redis.embedded import EmbeddedRedis
 
 SCRIPT = Path(__file__).resolve()
 #: Per client index: what it sent.
@@ -128,8 +128,6 @@ CHAOS_ENV = {
 }
 #: ``redis-server`` options of the standalone Redis: fsync the AOF before acknowledging.
 AOF_ALWAYS = ("--appendfsync", "always")
-#: ``redis-cli --cluster create`` options: a replica per master (beside it: one machine).
-CLUSTER_CREATE = ("--cluster-replicas", "1", "--cluster-yes")
 #: Seconds a frozen client stays stopped: past its token's ``exp`` + leeway.
 FREEZE_SECONDS = (ACCESS_TTL + 1 + 1.0, ACCESS_TTL + 1 + 2.5)
 #: Blanks starting from a freeze until this many seconds after it are expected (the server
@@ -426,17 +424,6 @@ class StandaloneRedis:
         self.node.stop()
 
 
-def find_redis_cli() -> str:
-    """The ``redis-cli`` beside the ``redis-server`` in use, else the one on ``PATH``."""
-    beside = Path(find_redis_server()).with_name("redis-cli")
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    on_path = shutil.which("redis-cli")
-    if on_path is None:
-        raise RuntimeError("no redis-cli found (make install provides one)")
-    return on_path
-
-
 class ClusterRedis:
     """A Redis Cluster of 3 masters with one replica each, AOF on, on free ports."""
 
@@ -464,28 +451,9 @@ class ClusterRedis:
         )  # fmt: skip
 
     def start(self, timeout: float = 60.0) -> str:
-        for _ in range(6):
-            port = free_loopback_port()
-            while port > 55535:  # the cluster bus listens on port + 10000
-                port = free_loopback_port()
-            node = self._node(port)
-            node.start()
-            self.nodes.append(node)
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            [find_redis_cli(), "--cluster", "create", *addresses, *CLUSTER_CREATE],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            check=True,
-            timeout=timeout,
+        self.url = start_cluster(
+            self.nodes, 6, self._node, replicas=1, node_ok=self._node_ok, timeout=timeout
         )
-        deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            while not self._node_ok(node.port):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"cluster node :{node.port} never became ok")
-                time.sleep(0.1)
-        self.url = f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
         return self.url
 
     @staticmethod

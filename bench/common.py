@@ -35,6 +35,7 @@ import httpx  # noqa: E402
 from tether.server.redis.embedded import (  # noqa: E402
     EmbeddedRedis,
     die_with_parent_preexec,
+    find_redis_server,
     free_loopback_port,
 )
 
@@ -273,6 +274,66 @@ def redis_server(data_dir: Path) -> EmbeddedRedis:
     """A ``redis-server`` with its data in ``data_dir``, AOF on as in production: the product's
     own :class:`EmbeddedRedis` (``start()`` returns its URL, ``stop()`` ends it in order)."""
     return EmbeddedRedis(data_dir, appendonly=True, private=False)
+
+
+def find_redis_cli() -> str:
+    """The ``redis-cli`` beside the ``redis-server`` in use, else the one on ``PATH``."""
+    beside = Path(find_redis_server()).with_name("redis-cli")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    on_path = shutil.which("redis-cli")
+    if on_path is None:
+        raise RuntimeError("no redis-cli found (make install provides one)")
+    return on_path
+
+
+def cluster_node_port() -> int:
+    """A free loopback port whose cluster bus port (the port + 10,000) is a valid port too."""
+    port = free_loopback_port()
+    while port > 55535:
+        port = free_loopback_port()
+    return port
+
+
+def start_cluster(
+    nodes: list[EmbeddedRedis],
+    count: int,
+    make_node: Callable[[int], EmbeddedRedis],
+    *,
+    replicas: int,
+    node_ok: Callable[[int], bool],
+    timeout: float = 60.0,
+) -> str:
+    """Start ``count`` cluster-enabled nodes, ``make_node(port)`` each on a port from
+    :func:`cluster_node_port` (appended to ``nodes`` as they start: the caller stops them, also
+    after a failure), join them with ``redis-cli --cluster create`` (``replicas`` per master),
+    wait until ``node_ok(port)`` holds for every node, and return the ``redis+cluster://`` URL."""
+    for _ in range(count):
+        node = make_node(cluster_node_port())
+        node.start()  # before the next port is picked: it cannot be picked twice
+        nodes.append(node)
+    subprocess.run(
+        [
+            find_redis_cli(),
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{node.port}" for node in nodes),
+            "--cluster-replicas",
+            str(replicas),
+            "--cluster-yes",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=True,
+        timeout=timeout,
+    )
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while not node_ok(node.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster node :{node.port} never became ok")
+            time.sleep(0.1)
+    return f"redis+cluster://127.0.0.1:{nodes[0].port}/0"
 
 
 class ServerStartError(RuntimeError):

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,14 +52,14 @@ import tempfile
 
 import redis
 import redis.asyncio
-from common import cpu_seconds, describe_run, load_average, run_bounded
+from common import cpu_seconds, describe_run, load_average, run_bounded, start_cluster
 from tether.server.clock import system_clock
 from tether.server.data.engine import run_mutation
 from tether.server.data.functions import App, Context
 from tether.server.data.store import Store
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect
-from tether.server.redis.embedded import EmbeddedRedis, find_redis_server, free_loopback_port
+from tether.server.redis.embedded import EmbeddedRedis
 
 app = App("bench-partitions")
 app.table("tallies", indexes={"by_name": ["name"]})
@@ -100,47 +99,25 @@ class Cluster:
         self.nodes: list[EmbeddedRedis] = []
 
     def start(self, timeout: float = 60.0) -> str:
-        for _ in range(3):
-            port = free_loopback_port()
-            while port > 55535:  # the cluster bus listens on port + 10000
-                port = free_loopback_port()
-            conf = (self.data_dir / f"nodes-{port}.conf").resolve()
-            node = EmbeddedRedis(
-                self.data_dir / str(port),
-                port=port,
-                appendonly=True,
-                private=False,
-                extra_args=["--cluster-enabled", "yes", "--cluster-config-file", str(conf)],
-            )
-            node.start()
-            self.nodes.append(node)
-        cli = Path(find_redis_server()).with_name("redis-cli")
-        subprocess.run(
-            [
-                str(cli) if cli.is_file() else "redis-cli",
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            check=True,
-            timeout=timeout,
+        return start_cluster(
+            self.nodes, 3, self._node, replicas=0, node_ok=self._node_ok, timeout=timeout
         )
-        deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            while True:
-                with redis.Redis(port=node.port, socket_timeout=2) as r:
-                    info = r.execute_command("CLUSTER INFO")
-                if str(info.get("cluster_state")) == "ok":
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"cluster node :{node.port} never became ok")
-                time.sleep(0.1)
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def _node(self, port: int) -> EmbeddedRedis:
+        conf = (self.data_dir / f"nodes-{port}.conf").resolve()
+        return EmbeddedRedis(
+            self.data_dir / str(port),
+            port=port,
+            appendonly=True,
+            private=False,
+            extra_args=["--cluster-enabled", "yes", "--cluster-config-file", str(conf)],
+        )
+
+    @staticmethod
+    def _node_ok(port: int) -> bool:
+        with redis.Redis(port=port, socket_timeout=2) as r:
+            info = r.execute_command("CLUSTER INFO")
+        return str(info.get("cluster_state")) == "ok"
 
     def stop(self) -> None:
         for node in self.nodes:
