@@ -10,7 +10,6 @@ signs RS256.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
@@ -24,58 +23,37 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from tether.protocol import AuthErrorCode
 from tether.server import settings as settings_module
 from tether.server.auth import signing_keys
 from tether.server.auth.signing_keys import (
     MAX_KEYS,
-    KeyRing,
     KeySet,
     KeySetError,
     SigningKey,
     load_or_create_key_file,
     rotate_key_file,
 )
-from tether.server.auth.tokens import AccessClaims, AccessTokens, TokenError
+from tether.server.auth.tokens import AccessClaims, AccessTokens
 from tether.server.settings import Settings, SettingsError
 
 from tests.harness import ServerProcess
 from tests.sync_client import auth_post, connect_sync, signin, signup
-
-ISSUER = "https://tether.test"
-AUDIENCE = "tether-test"
-LEEWAY = 5
-NOW = 1_700_000_000
-EXP = NOW + 600
-INVALID = AuthErrorCode.INVALID_TOKEN
-
+from tests.token_kit import (
+    AUDIENCE,
+    EXP,
+    INVALID,
+    ISSUER,
+    NOW,
+    access_tokens,
+    b64,
+    es256_signature,
+    good_claims,
+    json_bytes,
+    refusal,
+    unb64,
+)
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unb64(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-
-
-def json_bytes(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
-def good_claims() -> dict[str, Any]:
-    return {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "user-1",
-        "sid": "sess-1",
-        "iat": NOW,
-        "exp": EXP,
-        "jti": "jti-1",
-    }
 
 
 def header_of(token: str) -> dict[str, Any]:
@@ -90,23 +68,6 @@ def signing_input(alg: Any, kid: str) -> str:
 
 def rs256(private_key: rsa.RSAPrivateKey, message: str) -> bytes:
     return private_key.sign(message.encode(), padding.PKCS1v15(), hashes.SHA256())
-
-
-def es256(private_key: ec.EllipticCurvePrivateKey, message: str) -> bytes:
-    r, s = decode_dss_signature(private_key.sign(message.encode(), ec.ECDSA(hashes.SHA256())))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
-def access_tokens(keyset: KeySet) -> AccessTokens:
-    return AccessTokens(
-        KeyRing(inline=keyset.to_json()), issuer=ISSUER, audience=AUDIENCE, leeway=LEEWAY
-    )
-
-
-def refusal(tokens: AccessTokens, token: object) -> AuthErrorCode:
-    with pytest.raises(TokenError) as caught:
-        tokens.verify(token, now=NOW)
-    return caught.value.code
 
 
 def issue(tokens: AccessTokens, user_id: str = "user-1") -> str:
@@ -387,7 +348,9 @@ def test_es256_header_with_an_rsa_kid_is_refused(
     message = signing_input("ES256", rs_key.kid)
     attacker = ec.generate_private_key(ec.SECP256R1())
     for signature in (
-        es256(attacker, message),  # a valid ES256 signature, by a key that is not ours
+        es256_signature(
+            attacker, message.encode()
+        ),  # a valid ES256 signature, by a key that is not ours
         rs256(rs_key.private_key, message),  # our own RSA signature over this very header
         bytes(64),
     ):
@@ -406,7 +369,10 @@ def test_rs256_header_with_an_ec_kid_is_refused(mixed_set: KeySet, rs_key: Signi
     # Our own ES256 key's valid signature, over a header that says RS256.
     assert isinstance(ec_key.private_key, ec.EllipticCurvePrivateKey)
     message = signing_input("RS256", ec_key.kid)
-    assert refusal(tokens, f"{message}.{b64(es256(ec_key.private_key, message))}") == INVALID
+    assert (
+        refusal(tokens, f"{message}.{b64(es256_signature(ec_key.private_key, message.encode()))}")
+        == INVALID
+    )
     # A genuine RS256 token with its kid swapped for the EC key's, and the reverse.
     for token, other in ((issue(tokens), ec_key.kid), (es_token(ec_key), rs_key.kid)):
         header = header_of(token) | {"kid": other}
@@ -417,7 +383,7 @@ def test_rs256_header_with_an_ec_kid_is_refused(mixed_set: KeySet, rs_key: Signi
 def es_token(key: SigningKey) -> str:
     assert isinstance(key.private_key, ec.EllipticCurvePrivateKey)
     message = signing_input("ES256", key.kid)
-    return f"{message}.{b64(es256(key.private_key, message))}"
+    return f"{message}.{b64(es256_signature(key.private_key, message.encode()))}"
 
 
 @pytest.mark.parametrize("alg", ["PS256", "RS384", "RS512", "PS512"])

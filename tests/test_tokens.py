@@ -23,10 +23,9 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
     encode_dss_signature,
 )
 from hypothesis import HealthCheck, given, settings
@@ -46,12 +45,22 @@ from tether.server.auth.signing_keys import (
 )
 from tether.server.auth.tokens import MAX_TOKEN_BYTES, AccessClaims, AccessTokens, TokenError
 
-ISSUER = "https://tether.test"
-AUDIENCE = "tether-test"
-LEEWAY = 5
-NOW = 1_700_000_000
-EXP = NOW + 600
-INVALID = AuthErrorCode.INVALID_TOKEN
+from tests.token_kit import (
+    AUDIENCE,
+    EXP,
+    INVALID,
+    ISSUER,
+    LEEWAY,
+    NOW,
+    access_tokens,
+    b64,
+    es256_signature,
+    good_claims,
+    json_bytes,
+    refusal,
+    unb64,
+)
+
 EXPIRED = AuthErrorCode.TOKEN_EXPIRED
 #: Order of the P-256 group: ECDSA signatures (r, s) and (r, n - s) are both valid.
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -72,27 +81,9 @@ DROP: Any = _Drop()
 # ---------------------------------------------------------------------------------- helpers
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def secret_b64(data: bytes) -> str:
     """The key file's encoding of the refresh secret: base64url *with* padding."""
     return base64.urlsafe_b64encode(data).decode()
-
-
-def unb64(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-
-
-def json_bytes(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
-def es256_signature(private_key: ec.EllipticCurvePrivateKey, signing_input: bytes) -> bytes:
-    """A JWS ES256 signature: ``r`` and ``s`` as two 32-byte big-endian integers (RFC 7518 §3.4)."""
-    r, s = decode_dss_signature(private_key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 def changed(base: dict[str, Any], changes: dict[str, Any] | None) -> dict[str, Any]:
@@ -107,18 +98,6 @@ def changed(base: dict[str, Any], changes: dict[str, Any] | None) -> dict[str, A
 
 def good_header(key: SigningKey) -> dict[str, Any]:
     return {"alg": "ES256", "typ": "at+jwt", "kid": key.kid}
-
-
-def good_claims() -> dict[str, Any]:
-    return {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "user-1",
-        "sid": "sess-1",
-        "iat": NOW,
-        "exp": EXP,
-        "jti": "jti-1",
-    }
 
 
 def make_token(
@@ -141,18 +120,6 @@ def make_token(
 def with_signature(token: str, signature: bytes | str) -> str:
     head, _, _ = token.rpartition(".")
     return f"{head}.{signature if isinstance(signature, str) else b64(signature)}"
-
-
-def access_tokens(source: KeySet | KeyRing) -> AccessTokens:
-    ring = source if isinstance(source, KeyRing) else KeyRing(inline=source.to_json())
-    return AccessTokens(ring, issuer=ISSUER, audience=AUDIENCE, leeway=LEEWAY)
-
-
-def refusal(tokens: AccessTokens, token: object, *, now: float = NOW) -> AuthErrorCode:
-    """The code ``verify`` refuses ``token`` with; any other exception fails the test."""
-    with pytest.raises(TokenError) as caught:
-        tokens.verify(token, now=now)
-    return caught.value.code
 
 
 def expected_claims(**changes: Any) -> AccessClaims:
