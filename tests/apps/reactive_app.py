@@ -36,31 +36,14 @@ from typing import Any
 
 from tether import App, Context
 
+from tests.apps.tallies import bump as _bump
+from tests.apps.tallies import value as _value
+
 app = App("reactive-test")
 app.table("tallies", indexes={"by_name": ["name"]})
 
 #: Runs of ``tally.evaluations`` and ``tally.mine`` in this server process.
 _RUNS = itertools.count(1)
-
-
-async def _tally(ctx: Context, name: str) -> dict[str, Any] | None:
-    docs = await ctx.db.query("tallies", index="by_name", equals={"name": name}, limit=1)
-    return docs[0] if docs else None
-
-
-async def _value(ctx: Context, name: str) -> int:
-    doc = await _tally(ctx, name)
-    return 0 if doc is None else int(doc["value"])
-
-
-async def _bump(ctx: Context, name: str, by: int) -> int:
-    doc = await _tally(ctx, name)
-    if doc is None:
-        await ctx.db.insert("tallies", {"name": name, "value": by})
-        return by
-    value = int(doc["value"]) + by
-    await ctx.db.patch("tallies", doc["_id"], {"value": value})
-    return value
 
 
 @app.query("tally.get")
