@@ -244,6 +244,22 @@ def test_keys_rotate_alg_flag_and_setting_choose_the_new_keys_algorithm(tmp_path
     assert _key_algs(keys_file) == ["ES256", "ES256", "RS256"]
 
 
+def test_keys_rotate_ignores_unrelated_settings(tmp_path: Path) -> None:
+    # A rotation reads the key file's location and the algorithm; a bad value of any other
+    # setting in the shell (here the port) must not stop it, as it stops `serve`.
+    keys_file = tmp_path / "keys.json"
+    env = {"TETHER_PORT": "not-a-port", "TETHER_ACCESS_TTL": "0"}
+    rotated = run_tether("keys", "rotate", "--keys-file", str(keys_file), env=env)
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.stdout.startswith("new signing key ")
+    assert json.loads(keys_file.read_text())["keys"][0]["kid"] == rotated.stdout.split()[-1]
+    # Its own settings are still checked.
+    env["TETHER_SIGNING_ALGORITHM"] = "HS256"
+    refused = run_tether("keys", "rotate", "--keys-file", str(keys_file), env=env)
+    assert refused.returncode == 2
+    assert "TETHER_SIGNING_ALGORITHM" in refused.stderr
+
+
 def test_keys_rotate_refuses_an_unknown_algorithm(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.json"
     flag = run_tether("keys", "rotate", "--keys-file", str(keys_file), "--alg", "HS256")

@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -273,8 +273,11 @@ def _settings_table() -> str:
 OTHER_VARIABLES = ("TETHER_PASSWORD",)
 
 
-def _load_settings(args: argparse.Namespace, *flags: str) -> Settings:
-    """Settings from the environment, with the given flags (when given) beating it.
+def _load_settings(
+    args: argparse.Namespace, *flags: str, only: Collection[str] | None = None
+) -> Settings:
+    """Settings from the environment, with the given flags (when given) beating it; with
+    ``only``, the other settings keep their defaults (see :meth:`Settings.load`).
 
     Warns on stderr about every ``TETHER_*`` variable that names no setting (a typo would
     otherwise be ignored without a word), with the closest setting's name.
@@ -283,7 +286,7 @@ def _load_settings(args: argparse.Namespace, *flags: str) -> Settings:
         hint = f"; did you mean {closest}?" if closest else f" (see {PROG} serve --help)"
         print(f"{PROG}: warning: {name} is not a setting and is ignored{hint}", file=sys.stderr)
     overrides: dict[str, Any] = {flag: getattr(args, flag) for flag in flags}
-    return Settings.load(overrides)
+    return Settings.load(overrides, only=only)
 
 
 # ---------------------------------------------------------------------------------- serve
@@ -495,7 +498,11 @@ def load_application(spec: str) -> object:
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
-    settings = _load_settings(args, "data_dir", "signing_algorithm")
+    # Only what a rotation uses: a bad value of an unrelated TETHER_* variable in this shell
+    # must not stop it.
+    settings = _load_settings(
+        args, "data_dir", "signing_algorithm", only=("data_dir", "keys_file", "signing_algorithm")
+    )
     path: Path = args.keys_file if args.keys_file is not None else settings.effective_keys_file
     from tether.server.auth.signing_keys import KeySet, KeySetError, rotate_key_file
 

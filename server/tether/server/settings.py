@@ -12,7 +12,7 @@ import difflib
 import ipaddress
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,14 +349,20 @@ class Settings:
         cls,
         overrides: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
+        *,
+        only: Collection[str] | None = None,
     ) -> Settings:
         """Build settings: ``overrides`` (CLI flags, as text or typed) beat ``environ``.
 
-        Raises :class:`SettingsError` naming the first bad setting.
+        With ``only`` (field names), every other setting keeps its default whatever the
+        environment says: a command that needs a few settings is not stopped by a bad value of
+        an unrelated one. Raises :class:`SettingsError` naming the first bad setting.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
             name = ENV_PREFIX + f.name.upper()
             raw: Any = None
             if overrides and overrides.get(f.name) is not None:

@@ -41,6 +41,8 @@ ALGORITHMS = ("ES256", "RS256")
 DEFAULT_ALGORITHM = "ES256"
 #: Size of the RSA keys generated for RS256, and the smallest accepted (RFC 7518 §3.3).
 RSA_KEY_BITS = 2048
+#: The smallest RSA public exponent a key may have (FIPS 186-5; every generated key uses it).
+RSA_MIN_EXPONENT = 65537
 #: Keys kept in a set after rotation: the signer plus older ones that still verify.
 MAX_KEYS = 3
 #: Seconds between checks of the key file for a rotation made by another process.
@@ -67,9 +69,19 @@ def _algorithm_of(private_key: object) -> str | None:
         private_key.curve, ec.SECP256R1
     ):
         return "ES256"
-    if isinstance(private_key, rsa.RSAPrivateKey) and private_key.key_size >= RSA_KEY_BITS:
+    if (
+        isinstance(private_key, rsa.RSAPrivateKey)
+        and private_key.key_size >= RSA_KEY_BITS
+        and _sound_exponent(private_key.public_key().public_numbers().e)
+    ):
         return "RS256"
     return None
+
+
+def _sound_exponent(e: int) -> bool:
+    """An RSA public exponent as FIPS 186-5 requires one: odd, 65537 <= e < 2**256. A small
+    exponent (3) is what PKCS#1 v1.5 signature forgeries against lax verifiers exploit."""
+    return e % 2 == 1 and RSA_MIN_EXPONENT <= e < 2**256
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,8 @@ class SigningKey:
         if _algorithm_of(self.private_key) is None:
             raise KeySetError(
                 f"key {self.kid!r} is neither a P-256 key (ES256) "
-                f"nor an RSA key of at least {RSA_KEY_BITS} bits (RS256)"
+                f"nor an RSA key of at least {RSA_KEY_BITS} bits with a public exponent of "
+                f"at least {RSA_MIN_EXPONENT} (RS256)"
             )
 
     @classmethod
@@ -217,7 +230,8 @@ class KeySet:
                     raise KeySetError(
                         f"key {entry['kid']!r} is not an "
                         + (
-                            f"RSA key of at least {RSA_KEY_BITS} bits"
+                            f"RSA key of at least {RSA_KEY_BITS} bits with a public exponent "
+                            f"of at least {RSA_MIN_EXPONENT}"
                             if alg == "RS256"
                             else "P-256 key"
                         )
