@@ -945,6 +945,42 @@ async def test_a_fence_that_cannot_be_written_fails_the_end_before_it_happens(
         assert (await fence_of(store, grant.session_id))[0] is not None
 
 
+async def test_a_reuse_whose_fence_cannot_be_written_is_fenced_once_redis_allows(
+    store: SessionStore,
+    redis_proc: RedisProcess,
+    fenceless_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    settings: Settings,
+    clock: ManualClock,
+) -> None:
+    # The rotation script ends the session on reuse, then the fence is written. When that write
+    # fails nobody may retry (the reuse may be an attacker's): the instance retries it.
+    limited = SessionStore(fenceless_client, codec, settings, clock)
+    try:
+        first = await limited.create("user-1")
+        await limited.rotate(first.refresh_token)
+        clock.advance(3600)  # far past the reuse window
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await limited.rotate(first.refresh_token)
+        assert await store.lookup(first.session_id) is None  # ended, not yet fenced
+        assert await fence_of(store, first.session_id) == (None, -2)
+        admin = redis_proc.client()
+        try:  # the data node is reachable again
+            await admin.execute_command("ACL", "SETUSER", "no-fences", "allkeys")
+        finally:
+            await admin.aclose()
+        for _ in range(300):  # retried in the background, backing off from 0.1 s
+            if (await fence_of(store, first.session_id))[0] is not None:
+                break
+            await asyncio.sleep(0.05)
+        fence, pttl = await fence_of(store, first.session_id)
+        assert fence == SessionEndReason.REFRESH_REUSED.value
+        assert_fence_lifetime(store, pttl)
+    finally:
+        await limited.aclose()
+    assert not limited._refencing  # nothing left running
+
+
 async def test_a_sign_out_whose_fence_cannot_be_written_answers_unavailable(
     redis_proc: RedisProcess, fenceless_client: redis.asyncio.Redis, clock: ManualClock
 ) -> None:

@@ -148,6 +148,7 @@ class Node:
         self.sync.close()
         await self.hub.close()
         await self.live.close()
+        await self.sessions.aclose()
         self.passwords.close()
         await self.redis.aclose()
 

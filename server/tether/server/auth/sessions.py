@@ -41,9 +41,10 @@ There :meth:`SessionStore.rotate` writes the fence right after the script and be
 so the fence exists before the ``refresh_reused`` (or ``refresh_invalid``) answer. For about one
 round trip to Redis in between, the script has already published the session-ended event, and a
 socket on another instance may receive ``session_revoked`` while a mutation under that session
-could still commit. If that fence write fails, the refresh answers ``unavailable``; the client's
-retry with the same token gets ``refresh_reused`` again and writes the fence then (an expired
-session's retry answers ``refresh_invalid`` without one: its access tokens expire with it).
+could still commit. If that fence write fails, the refresh answers ``unavailable`` and the instance
+retries the fence in the background (backing off up to :data:`FENCE_RETRY_CAP` seconds) until it
+is written or its lifetime has passed: nobody else may retry (the reuse may be an attacker's;
+an expired session's retry answers ``refresh_invalid``).
 
 A fence lives :attr:`SessionStore.fence_ttl_ms`: the access-token lifetime plus the clock leeway
 plus :data:`FENCE_MARGIN`. After that every access token of the session has expired (an identity
@@ -82,6 +83,10 @@ SWEEP_BATCH = 200
 #: token's end and reaches Redis later, a token minted by a refresh racing the end, and clock
 #: skew between the instances (a token's ``exp``) and Redis (the fence's expiry).
 FENCE_MARGIN = 60
+#: Seconds before the first retry of a fence write that failed after the rotation script had
+#: ended the session, and the most between two retries (they go on for the fence's lifetime).
+FENCE_RETRY_FIRST = 0.1
+FENCE_RETRY_CAP = 5.0
 
 
 #: The rotation script's answers as the metric's outcomes ('current': the previous token again,
@@ -161,6 +166,8 @@ class SessionStore:
         # Session lookups waiting for the end of this event-loop turn (see lookup).
         self._batch: _LookupBatch | None = None
         self._answering: set[asyncio.Task[None]] = set()
+        # Fences of sessions the rotation script ended, retried after a failed write.
+        self._refencing: set[asyncio.Task[None]] = set()
         self._rotate = load_script(redis, "tether.server.auth", "session_rotate")
         self._end = load_script(redis, "tether.server.auth", "session_end")
         self._release_fence = load_script(redis, "tether.server.auth", "fence_release")
@@ -200,7 +207,10 @@ class SessionStore:
         propagate: the caller must not end a session whose fence is missing."""
         if not session_ids:
             return
-        partitions = {sid: await self._begin_ending(sid, reason.value) for sid in session_ids}
+        marked = await asyncio.gather(
+            *(self._begin_ending(sid, reason.value) for sid in session_ids)
+        )
+        partitions = dict(zip(session_ids, marked, strict=True))
         async with self.redis.pipeline(transaction=False) as pipe:
             for sid in session_ids:
                 pipe.set(redis_keys.data_session_fence(sid), reason.value, px=self.fence_ttl_ms)
@@ -273,14 +283,57 @@ class SessionStore:
             deadline, _, user_id = rest.partition(" ")
             return SessionGrant(user_id, sid, successor.token, int(deadline))
         if outcome == "expired":
-            await self._fence([sid], SessionEndReason.SESSION_EXPIRED)
+            await self._fence_after_end(sid, SessionEndReason.SESSION_EXPIRED)
         elif outcome == "reused":
-            await self._fence([sid], SessionEndReason.REFRESH_REUSED)
+            await self._fence_after_end(sid, SessionEndReason.REFRESH_REUSED)
             raise RefreshRejected(
                 HTTPCode.REFRESH_REUSED,
                 "this refresh token was already used; the session has been ended",
             )
         raise RefreshRejected(HTTPCode.REFRESH_INVALID, "the refresh token is not valid")
+
+    async def _fence_after_end(self, session_id: str, reason: SessionEndReason) -> None:
+        """Fence a session the rotation script has already ended. If Redis refuses now, the
+        error propagates (the refresh answers ``unavailable``) and the fence is retried in the
+        background until it is written or would have expired: nobody may be left to retry
+        (an attacker's reuse, an expired session's client)."""
+        try:
+            await self._fence([session_id], reason)
+        except RedisError:
+            task = asyncio.get_running_loop().create_task(
+                self._fence_until_written(session_id, reason)
+            )
+            self._refencing.add(task)
+            task.add_done_callback(self._refencing.discard)
+            raise
+
+    async def _fence_until_written(self, session_id: str, reason: SessionEndReason) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.fence_ttl_ms / 1000
+        delay = FENCE_RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._fence([session_id], reason)
+            except RedisError as exc:
+                if loop.time() + delay > give_up:
+                    log.error(
+                        "an ended session's fence could not be written before it would have "
+                        "expired; giving up: %s",
+                        type(exc).__name__,
+                    )
+                    return
+                delay = min(delay * 2, FENCE_RETRY_CAP)
+                continue
+            log.info("an ended session's fence was written on a retry")
+            return
+
+    async def aclose(self) -> None:
+        """Stop the background fence retries (see :meth:`rotate`)."""
+        tasks = list(self._refencing)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def end(self, session_id: str, reason: SessionEndReason) -> bool:
         """End one session; True if this call ended it (it was active).
@@ -321,12 +374,14 @@ class SessionStore:
     async def end_all(self, user_id: str, reason: SessionEndReason) -> int:
         """End every session of ``user_id``; return how many were active.
 
-        Every session id of the user is fenced first, in one round trip, then each is ended;
-        Redis errors propagate (retry: ending is idempotent)."""
+        Every session id of the user is fenced first, then each is ended; the sessions are
+        marked, fenced and ended concurrently, not one after another. Redis errors propagate
+        (retry: ending is idempotent)."""
         index = redis_keys.user_sessions(user_id)
         sids = [str(sid) for sid in await self.redis.smembers(index)]
         await self._fence(sids, reason)
-        ended = [sid for sid in sids if await self._end_fenced(sid, reason)]
+        outcomes = await asyncio.gather(*(self._end_fenced(sid, reason) for sid in sids))
+        ended = [sid for sid, was_active in zip(sids, outcomes, strict=True) if was_active]
         if ended:
             await self._unindex(ended)
         if sids:
