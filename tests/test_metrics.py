@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tether.server.app import create_app
-from tether.server.settings import Settings
+from tether.server.settings import Settings, SettingsError
 
 from tests.harness import FAST_ARGON2_ENV, RedisProcess, ServerProcess
 from tests.sync_client import (
@@ -288,6 +288,36 @@ async def test_each_app_counts_in_its_own_registry_and_metrics_can_be_turned_off
     assert one(counted[0], **counted[1]) == 1
     assert other(counted[0], **counted[1]) == 0
     assert (await get(off, "/metrics")).status_code == 404
+
+
+async def test_metrics_token_is_required_when_set(tmp_path: Path) -> None:
+    token = "s3cret-metrics-token_0123456789"
+    app = _app(tmp_path, "guarded", TETHER_METRICS_TOKEN=token)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        for headers in (
+            {},
+            {"Authorization": f"Bearer {token[:-1]}"},
+            {"Authorization": f"Bearer {token}x"},
+            {"Authorization": token},
+            {"Authorization": f"Basic {token}"},
+        ):
+            refused = await http.get("/metrics", headers=headers)
+            assert refused.status_code == 401, headers
+            assert refused.json()["error"] == "invalid_token"
+            assert refused.headers["www-authenticate"] == 'Bearer realm="metrics"'
+            assert "tether_" not in refused.text
+        allowed = await http.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert allowed.status_code == 200
+    assert "tether_connections" in allowed.text
+    # The token is a secret: not in the settings' repr.
+    assert token not in repr(app.node.settings)
+
+
+@pytest.mark.parametrize("token", ["short-token", "has a space in it ok", 'bad"quote-0123456'])
+def test_metrics_token_must_look_like_a_bearer_token(token: str) -> None:
+    with pytest.raises(SettingsError, match="TETHER_METRICS_TOKEN"):
+        Settings.load(environ={"TETHER_METRICS_TOKEN": token})
 
 
 def test_every_metric_is_in_docs_operations(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -267,7 +268,19 @@ def create_app(
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
+    metrics_credential = (
+        None if settings.metrics_token is None else f"Bearer {settings.metrics_token}".encode()
+    )
+
     async def metrics(request: Request) -> Response:
+        if metrics_credential is not None and not hmac.compare_digest(
+            request.headers.get("authorization", "").encode(), metrics_credential
+        ):
+            return JSONResponse(
+                {"error": HTTPCode.INVALID_TOKEN, "message": "GET /metrics needs its bearer token"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
         registry = node.metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

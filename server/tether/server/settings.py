@@ -12,6 +12,7 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,11 @@ from tether.server.json_input import DEPTH_CEILING as JSON_DEPTH_CEILING
 from tether.server.origins import public_origin
 
 ENV_PREFIX = "TETHER_"
+
+
+#: The shortest TETHER_METRICS_TOKEN accepted, and its characters (RFC 6750's b64token).
+MIN_METRICS_TOKEN = 16
+_BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class SettingsError(ValueError):
@@ -149,8 +155,9 @@ def _redis_url_problem(raw_url: str) -> str | None:
     return None
 
 
-def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "doc": doc})
+def _setting(default: Any, parse: Callable[[str], Any], doc: str, *, secret: bool = False) -> Any:
+    # A secret's value stays out of the settings' repr (a log line, a traceback).
+    return field(default=default, repr=not secret, metadata={"parse": parse, "doc": doc})
 
 
 DEFAULT_ORIGINS = ("self", "http://localhost:*", "http://127.0.0.1:*")
@@ -173,7 +180,9 @@ class Settings:
     keys_file: Path | None = _setting(
         None, _parse_optional_path, "signing key file [DATA_DIR/keys.json]"
     )
-    keys: str | None = _setting(None, _parse_optional_str, "the key set as JSON, instead of a file")
+    keys: str | None = _setting(
+        None, _parse_optional_str, "the key set as JSON, instead of a file", secret=True
+    )
     signing_algorithm: str = _setting(
         "ES256",
         _parse_str,
@@ -325,6 +334,12 @@ class Settings:
     metrics: bool = _setting(
         True, _parse_bool, "serve Prometheus metrics at GET /metrics (keep it off the internet)"
     )
+    metrics_token: str | None = _setting(
+        None,
+        _parse_optional_str,
+        "a bearer token GET /metrics requires (Authorization: Bearer TOKEN); unset: none",
+        secret=True,
+    )
 
     # ------------------------------------------------------------------ derived values
 
@@ -415,6 +430,15 @@ class Settings:
                 fail(name, f"must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.max_json_depth <= JSON_DEPTH_CEILING:
             fail("max_json_depth", f"must be 1-{JSON_DEPTH_CEILING}, got {self.max_json_depth}")
+        token = self.metrics_token
+        if token is not None and (
+            len(token) < MIN_METRICS_TOKEN or not _BEARER_TOKEN_RE.fullmatch(token)
+        ):
+            fail(
+                "metrics_token",
+                f"must be at least {MIN_METRICS_TOKEN} characters of A-Z a-z 0-9 - . _ ~ + / "
+                "(then '=' padding), as a bearer token is written",
+            )
         if self.mutation_outcome_ttl < 600:
             fail("mutation_outcome_ttl", "must be at least 600 (outcomes are kept 10 minutes)")
         for name in (
