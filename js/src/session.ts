@@ -310,10 +310,17 @@ export class SessionKeeper {
     this.env.store.save(state); // a new token has no retryKey yet
   }
 
-  /** Sign out this session on the server, and every tab locally. */
+  /**
+   * Sign out this session on the server, and every tab locally. An access token too old to
+   * present (the tab slept past its expiry) is renewed first: the server ends a session only for
+   * a valid access token, and the refresh token it would otherwise leave alive is still good.
+   */
   async signOut(everywhere: boolean): Promise<void> {
-    const session = this.current;
     try {
+      let session = this.current;
+      if ((session === null || !isFresh(session, this.env.now())) && this.hasSession()) {
+        session = await this.renew(session?.accessToken ?? null); // null: it had ended already
+      }
       if (session !== null) await this.env.http.signOut(session.accessToken, everywhere);
     } catch (error) {
       // A token the server no longer accepts (expired, revoked) has no session to end.

@@ -44,6 +44,7 @@ class RotationModel implements AuthHttp {
   ) {}
 
   private pair(): TokenResponse {
+    this.accessExpiry.set(`a${this.n}`, this.clock.now + LIFETIME);
     return {
       userId: "u1",
       sessionId: "s1",
@@ -107,7 +108,17 @@ class RotationModel implements AuthHttp {
     if (token === this.current) this.currentUsed = true;
   }
 
-  async signOut(): Promise<void> {
+  /** When each access token handed out expires (the server refuses it after that). */
+  readonly accessExpiry = new Map<string, number>();
+  signOuts = 0;
+
+  async signOut(accessToken: string): Promise<void> {
+    await Promise.resolve();
+    const expiry = this.accessExpiry.get(accessToken);
+    if (this.revoked || expiry === undefined || this.clock.now >= expiry) {
+      throw new TetherError("invalid_token", "expired or unknown access token");
+    }
+    this.signOuts += 1;
     this.revoked = true;
   }
 }
@@ -226,6 +237,30 @@ for (const mode of ["storage", "cookie"] as const) {
     for (const t of tabs) assert.equal(t.current, null);
     assert.equal(store.state, null);
     assert.equal(await tabs[1]!.freshToken(), null);
+  });
+
+  test(`${mode}: sign-out after the access token expired renews first and ends the session on the server`, async () => {
+    const { clock, server, hub, store, tab } = origin(mode);
+    const [a, b] = [tab(), tab()];
+    await a.signIn("signIn", "a@b.c", "password");
+    await hub.settle();
+    clock.now += LIFETIME * 5; // the tab slept: its access token is long expired
+    await a.signOut(false);
+    assert.equal(server.signOuts, 1, "the server ended the session");
+    assert.equal(server.revoked, true);
+    assert.equal(server.reused, 0);
+    await hub.settle();
+    assert.equal(store.state, null);
+    assert.equal(b.current, null);
+    // A session that had ended meanwhile: nothing to end, every tab still signs out locally.
+    const c = tab();
+    await c.signIn("signIn", "a@b.c", "password");
+    server.revoked = true; // ended by another device's sign-out-everywhere
+    clock.now += LIFETIME * 5;
+    await c.signOut(false);
+    assert.equal(server.signOuts, 1);
+    assert.equal(c.current, null);
+    assert.equal(store.state, null);
   });
 
   test(`${mode}: a session the server ended (refresh_reused) signs out every tab; unavailable does not`, async () => {

@@ -1075,10 +1075,17 @@ var SessionKeeper = class {
     }
     this.env.store.save(state);
   }
-  /** Sign out this session on the server, and every tab locally. */
+  /**
+   * Sign out this session on the server, and every tab locally. An access token too old to
+   * present (the tab slept past its expiry) is renewed first: the server ends a session only for
+   * a valid access token, and the refresh token it would otherwise leave alive is still good.
+   */
   async signOut(everywhere) {
-    const session = this.current;
     try {
+      let session = this.current;
+      if ((session === null || !isFresh(session, this.env.now())) && this.hasSession()) {
+        session = await this.renew(session?.accessToken ?? null);
+      }
       if (session !== null) await this.env.http.signOut(session.accessToken, everywhere);
     } catch (error) {
       if (!(error instanceof TetherError && error.code === "invalid_token")) {
