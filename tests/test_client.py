@@ -948,3 +948,76 @@ async def test_docs_examples_run(server_factory: ServerFactory, index: int) -> N
             proc.kill()
     assert proc.returncode == 0, err.decode()
     assert out.strip(), "the example printed nothing"
+
+
+# ---------------------------------------------------------------------------------- proxies
+
+
+class ConnectProxy:
+    """An HTTP proxy that only does ``CONNECT`` (what ``websockets`` asks of one): a real TCP
+    relay on a free port, recording the targets it was asked for."""
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+        if method != "CONNECT":
+            writer.close()
+            return
+        self.targets.append(target)
+        host, port = target.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_the_environments_proxy_is_used_and_read_once_per_url(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tether.client import connection as client_connection
+
+    server = server_factory()
+    proxy = ConnectProxy()
+    proxy_url = await proxy.start()
+    monkeypatch.setenv("ws_proxy", proxy_url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    client_connection._proxy_for.cache_clear()
+    target = server.ws_url.split("//", 1)[1].split("/", 1)[0]
+    try:
+        async with TetherClient(server.ws_url) as client:
+            assert await client.query("whoami") is None
+        assert proxy.targets == [target]  # through the proxy the environment names
+        # Read once per URL: a second client (or a reconnect) does not read it again.
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        async with TetherClient(server.ws_url) as client:
+            assert await client.query("whoami") is None
+        assert proxy.targets == [target, target]
+        # A process that starts with no_proxy for the host goes direct.
+        client_connection._proxy_for.cache_clear()
+        async with TetherClient(server.ws_url) as client:
+            assert await client.query("whoami") is None
+        assert proxy.targets == [target, target]
+    finally:
+        client_connection._proxy_for.cache_clear()
+        await proxy.aclose()

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from types import TracebackType
 from typing import Any, Generic, TypeAlias, TypeVar
 
@@ -95,6 +95,7 @@ from tether.client.errors import (
 from tether.client.http_auth import AuthAPI
 from tether.client.token_store import MemoryTokenStore, StoredSession, TokenStore
 from websockets.asyncio.client import ClientConnection
+from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
 log = logging.getLogger("tether.client")
@@ -106,6 +107,14 @@ FetchToken: TypeAlias = Callable[[bool], "str | Awaitable[str | None] | None"]
 Trace: TypeAlias = Callable[[str, str], None]
 
 T = TypeVar("T")
+
+
+@lru_cache(maxsize=256)
+def _proxy_for(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``websockets``' own rules: ``*_proxy`` and
+    ``no_proxy``), or ``None``. Read once per URL per process: ``websockets`` walks the whole
+    environment on every connect otherwise, a tenth of a reconnect's CPU in a storm."""
+    return get_proxy(parse_uri(url))
 
 
 @dataclass(frozen=True, slots=True)
@@ -777,6 +786,7 @@ class TetherClient:
         try:
             ws = await websockets.connect(
                 url,
+                proxy=_proxy_for(url),
                 open_timeout=opts.open_timeout,
                 ping_interval=None,  # the server counts our `ping` frames, not WebSocket pings
                 compression=None,
@@ -842,10 +852,12 @@ class TetherClient:
         with contextlib.suppress(websockets.ConnectionClosed):
             while True:
                 retry_at = core.next_retry_at()
-                timeout = None if retry_at is None else max(0.0, retry_at - time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(timeout):
-                        await self._wake_writer.wait()
+                if retry_at is None:
+                    await self._wake_writer.wait()  # no timer to arm: the common case
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, retry_at - time.monotonic())):
+                            await self._wake_writer.wait()
                 self._wake_writer.clear()
                 if retry_at is not None:
                     core.flush()  # mutations whose retry time came
