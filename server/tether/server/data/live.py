@@ -55,6 +55,11 @@ EVALUATION_CONCURRENCY = 32
 MAX_ROUNDS = 10
 #: Commits read per stream read.
 COMMIT_BATCH = 10_000
+#: Commits the watcher hands over with the documents they wrote (for the read cache) while the
+#: pump has not applied them: past it, with their keys only (their documents leave the cache), so
+#: a pump far behind holds at most this many entries' values (each up to
+#: ``TETHER_COMMIT_VALUES_BYTES``).
+KNOWN_VALUES = 256
 #: How long the stream watcher blocks in one read (ms).
 WATCH_BLOCK_MS = 2000
 #: The longest the pump waits for the watcher to hand over a commit it has not read yet, before
@@ -439,8 +444,10 @@ class SubscriptionManager:
                 # Handed to the pump: it need not read them again. Bounded: a pump that has
                 # fallen this far behind reads the rest from the stream.
                 for commit in batch.commits:
-                    if commit.version > self.fetched and len(self._known) < COMMIT_BATCH:
-                        self._known[commit.version] = (commit.written_keys, commit.values)
+                    known = len(self._known)
+                    if commit.version > self.fetched and known < COMMIT_BATCH:
+                        values = commit.values if known < KNOWN_VALUES else None
+                        self._known[commit.version] = (commit.written_keys, values)
                     self._commit_made(commit.version, commit.committed_at)
                 position = batch.commits[-1].version
                 self._watched = max(self._watched, position)
