@@ -92,7 +92,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import copy
 import json
 import random
@@ -1164,25 +1163,34 @@ class Store:
         version ``after + 1`` though the global version is past it (trimmed, or Redis restarted
         without its data), or when the global version is below ``after`` (data loss).
         """
-        # One round trip: the global version and the entries after ``after``. An XREAD blocks
-        # only while there are none; a pipeline keeps the replies in order.
-        redis = self.redis
-        if block_ms is not None and self._watch_redis is not None:
-            redis = self._watch_redis
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.get(self.keys.version)
-            if block_ms is not None:
-                pipe.xread({self.keys.commits: f"{after}-0"}, count=count, block=block_ms)
-            else:
-                pipe.xrange(self.keys.commits, min=f"{after + 1}-0", max="+", count=count)
+        if block_ms is not None:
+            # The watcher's read: one XREAD, which blocks only while there is nothing after
+            # ``after``. What it returns is checked for holes below; when it returns nothing,
+            # the version is read with the stream (below) to tell a trimmed stream or lost data
+            # from a quiet one. (A pipelined GET would cost every commit a command more, on
+            # the path from the commit to the other instances' subscribers.)
+            redis = self._watch_redis if self._watch_redis is not None else self.redis
             # The blocking read takes no turn on a Cluster node: a burst of commands on the data
             # node must not hold up the watcher (see redis_conn.without_turns).
-            with without_turns() if block_ms is not None else contextlib.nullcontext():
+            with without_turns():
+                reply = await redis.xread(
+                    {self.keys.commits: f"{after}-0"}, count=count, block=block_ms
+                )
+            entries: list[Any] = _stream_entries(reply)
+            if not entries:
+                return await self.read_commits(after, count=count)
+            current = 0
+        else:
+            # One round trip: the global version and the entries after ``after``; a pipeline
+            # keeps the replies in order.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(self.keys.version)
+                pipe.xrange(self.keys.commits, min=f"{after + 1}-0", max="+", count=count)
                 raw_version, reply = await pipe.execute()
-        current = int(raw_version) if raw_version is not None else 0
-        if current < after:
-            return CommitBatch((), True, current)
-        entries: list[Any] = _stream_entries(reply) if block_ms is not None else list(reply or [])
+            current = int(raw_version) if raw_version is not None else 0
+            if current < after:
+                return CommitBatch((), True, current)
+            entries = list(reply or [])
         commits: list[Commit] = []
         gap = False
         for _, fields in entries:
@@ -1198,6 +1206,8 @@ class Store:
             if carried is not None:
                 values = {row[0]: (row[1], int(row[2])) for row in json.loads(_text(carried))}
             commits.append(Commit(version, frozenset(keys), committed_at, values))
+        if gap and block_ms is not None:
+            return await self.read_commits(after, count=count)  # a hole: with the version
         if not commits and current > after:
             gap = True
         latest = max(current, commits[-1].version) if commits else current
