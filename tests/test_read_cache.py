@@ -25,8 +25,12 @@ from tether.server.data.read_cache import ReadCache
 from tether.server.data.store import MutationDB, QueryDB, Store
 
 from tests.clock import ManualClock
+from tests.harness import ServerProcess
 from tests.test_live import Watched
+from tests.test_reactive import Opener, open_live, two_instances, unique, values_of
 from tests.test_store_commits import make_store
+
+__all__ = ["open_live"]  # a fixture, used by name
 
 READ_SHA = hashlib.sha1(
     resources.files("tether.server.data").joinpath("lua", "read.lua").read_text().encode(),
@@ -325,3 +329,35 @@ async def test_a_trimmed_stream_clears_the_cache(redis_client: redis.asyncio.Red
         assert here.watched.values[-1] == 3
     finally:
         await here.stop()
+
+
+async def test_two_server_processes_deliver_a_commit_without_reading_it_back(
+    server_factory: Callable[..., ServerProcess],
+    open_live: Opener,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """End to end, two instances (``tether serve`` processes) each with a subscriber of
+    ``counter.get``, a writer on one: per increment, the only ``read.lua`` call is the
+    mutation's own read (its instance and the other deliver from their read caches), and
+    every value reaches both subscribers, the writer's before its ``mutation_result``."""
+    a, b = two_instances(server_factory)
+    name = unique("cached")
+    watchers = [await open_live(server, label=f"watcher {i}") for i, server in enumerate((a, b))]
+    for watcher in watchers:
+        await watcher.subscribe(1, "counter.get", {"name": name})
+    writer = await open_live(a, label="writer")
+    await writer.subscribe(1, "counter.get", {"name": name})
+    await writer.mutate(1, "counter.increment", {"name": name})  # creates the counter
+    for watcher in watchers:
+        await watcher.wait_held(1, ("value", 1))
+
+    async def increments() -> None:
+        for request_id in range(2, 12):
+            await writer.mutate(request_id, "counter.increment", {"name": name})
+            assert writer.at_result[request_id][1][1] == ("value", request_id)
+            for watcher in watchers:
+                await watcher.wait_held(1, ("value", request_id))
+
+    assert await client_reads(redis_client, increments) == 10
+    for watcher in watchers:
+        assert values_of(watcher, 1) == list(range(12))
