@@ -340,7 +340,9 @@ class SubscriptionManager:
         the stream or reading it back. With no keys, the pump reads the stream up to
         ``version``."""
         if written_keys and version > self.fetched:
-            self._known[version] = (written_keys, written_values)
+            handed = self._known.get(version)
+            if handed is None or handed[1] is None:  # else the watcher handed it over already
+                self._known[version] = (written_keys, written_values)
         self._commit_made(version, self.clock())
         self._needed = max(self._needed, version)
         self._wake.set()
