@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio
 from tether.server import demo
 from tether.server.data.engine import QueryEngine
-from tether.server.data.live import Registration, SubscriptionManager
+from tether.server.data.live import PartitionFollowers, Registration, SubscriptionManager
 from tether.server.data.read_cache import ReadCache
 from tether.server.data.store import MutationDB, QueryDB, Store
 
@@ -361,3 +361,55 @@ async def test_two_server_processes_deliver_a_commit_without_reading_it_back(
     assert await client_reads(redis_client, increments) == 10
     for watcher in watchers:
         assert values_of(watcher, 1) == list(range(12))
+
+
+async def test_each_followed_partition_has_a_cache_of_its_own(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A partition's follower re-runs its queries from a cache of that partition (its own
+    version and stream): one ``read.lua`` call per bump, the mutation's. A cache is never used
+    by a store of another partition (versions of two streams do not compare)."""
+    from tests.apps.partition_app import app as partition_app
+
+    clock = ManualClock()
+    store = Store(redis_client, schema=partition_app.schema, clock=clock)
+    engine = QueryEngine(partition_app, store)
+    followers = PartitionFollowers(
+        engine, clock=clock, identity_usable=lambda _: True, read_cache_bytes=1 << 20
+    )
+    manager = followers.manager("acme")
+    assert manager is not None and manager.read_cache is not None
+    assert manager.read_cache.partition == "acme"
+    watched = Watched()
+    args = engine.resolve("query", "tenant.get", {"tenant": "acme", "name": "t"})
+    manager.attach([Registration(watched, 1, 1, 0, "tenant.get", args, None, partition="acme")])
+
+    async def bump(request_id: int) -> None:
+        kwargs = engine.resolve("mutation", "tenant.bump", {"tenant": "acme", "name": "t"})
+        result = await engine.run_mutation(
+            "tenant.bump", kwargs, None, client_id="c", request_id=request_id
+        )
+        assert result.partition == "acme" and result.version is not None, result
+        manager.notify_commit(result.version, result.written_keys, result.written_values)
+        await manager.wait_processed(result.version)
+
+    try:
+        await watched.wait_for(0, timeout=10)
+        await bump(1)
+        await watched.wait_for(1, timeout=10)
+
+        async def second() -> None:
+            await bump(2)
+            await watched.wait_for(2, timeout=10)
+
+        assert await client_reads(redis_client, second) == 1
+        cache = manager.read_cache
+        assert cache.version == await store.in_partition("acme").version()
+
+        # The default partition's store leaves another partition's cache alone.
+        hits, misses, held = cache.hits, cache.misses, len(cache)
+        tally = engine.resolve("query", "tally.get", {"name": "t"})
+        await engine.evaluate("tally.get", tally, None, cache)
+        assert (cache.hits, cache.misses, len(cache)) == (hits, misses, held)
+    finally:
+        await followers.close()
