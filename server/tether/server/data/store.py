@@ -640,6 +640,8 @@ class QueryDB(_Database):
             return await super()._fetch(ops)
         # A live query's re-run: answered by the instance's read cache when it holds every op
         # (at the version the instance has applied), else read and, at that version, kept.
+        # A hit returns without suspending, so the caller observes its version before any other
+        # read of this run (concurrent ones too) can move the snapshot past it.
         hit = cache.lookup(ops, self._snapshot)
         if hit is not None:
             return hit
