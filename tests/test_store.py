@@ -1191,10 +1191,17 @@ async def test_read_commits_reports_a_trimmed_stream(store: Store, redis_client:
     assert (await store.read_commits(0)).gap
     assert (await store.read_commits(2)).gap
     assert not (await store.read_commits(3)).gap
+    # The watcher's blocking read, which reads the version only when the stream holds nothing
+    # after its position or a hole, tells the same.
+    assert (await store.read_commits(0, block_ms=50)).gap
+    assert not (await store.read_commits(3, block_ms=50)).gap
     await insert(store, "items", {"n": 3})
     batch = await store.read_commits(3)
     assert [c.version for c in batch.commits] == [4] and not batch.gap
     assert (await store.read_commits(2)).gap  # version 3 is gone, 4 is there
+    blocking = await store.read_commits(2, block_ms=50)
+    assert (blocking.gap, blocking.version) == (True, 4)
+    assert [c.version for c in (await store.read_commits(3, block_ms=50)).commits] == [4]
 
 
 async def test_read_commits_reports_a_version_that_went_backwards(
@@ -1210,6 +1217,9 @@ async def test_read_commits_reports_a_version_that_went_backwards(
     assert await store.version() == 4
     after = await store.read_commits(3)
     assert [c.version for c in after.commits] == [4] and not after.gap
+    await redis_client.set(redis_keys.DATA_VERSION, 1)
+    blocking = await store.read_commits(4, block_ms=50)
+    assert (blocking.gap, blocking.version) == (True, 1)
 
 
 async def test_read_commits_after_redis_lost_everything(store: Store, redis_client: Any) -> None:

@@ -95,6 +95,7 @@ class Node:
             schema=application.schema,
             clock=clock,
             stream_maxlen=settings.commit_stream_maxlen,
+            commit_values_bytes=settings.commit_values_bytes,
             outcome_ttl=settings.mutation_outcome_ttl,
             max_session_partitions=settings.max_session_partitions,
             # No frame over the send limit (contract §5 rule 9): a mutation_result carries its

@@ -307,6 +307,18 @@ class Settings:
     commit_stream_maxlen: int = _setting(
         100_000, _parse_int, "commits kept in the commit stream for instances catching up"
     )
+    commit_values_bytes: int = _setting(
+        16_384,
+        _parse_int,
+        "bytes of the documents a commit wrote that its stream entry carries, for the instances'"
+        " read caches; past it the entry carries their keys only (0: never)",
+    )
+    read_cache_bytes: int = _setting(
+        8_388_608,
+        _parse_int,
+        "estimated memory of each live-query read cache of an instance (one per followed"
+        " partition), least recently used out first (0: no cache)",
+    )
     argon2_time_cost: int = _setting(3, _parse_int, "argon2id iterations")
     argon2_memory_kib: int = _setting(65536, _parse_int, "argon2id memory, KiB")
     argon2_parallelism: int = _setting(4, _parse_int, "argon2id lanes")
@@ -446,6 +458,8 @@ class Settings:
             "expiry_notice",
             "clock_leeway",
             "mutation_retries",
+            "commit_values_bytes",
+            "read_cache_bytes",
             "max_connections_per_address",
             "log_repeat_interval",
         ):

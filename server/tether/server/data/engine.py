@@ -28,8 +28,10 @@ from tether.server.data.functions import (
     encode_result,
     invoke,
 )
+from tether.server.data.read_cache import ReadCache
 from tether.server.data.store import (
     CommitBatch,
+    CommitValues,
     MutationDB,
     MutationOutcome,
     MutationRequest,
@@ -63,6 +65,8 @@ class MutationResult:
     version: int | None
     #: The keys its commit wrote (see :class:`~tether.server.data.store.MutationOutcome`).
     written_keys: frozenset[str] = field(default=frozenset(), compare=False)
+    #: What its commit's stream entry carries of the documents written (the same).
+    written_values: CommitValues | None = field(default=None, compare=False)
     #: The data partition it ran in (``None``: the default); ``version`` is that partition's.
     partition: str | None = None
 
@@ -72,7 +76,11 @@ def _auth(identity: Caller | None) -> Auth | None:
 
 
 async def run_query(
-    store: Store, spec: FunctionSpec, kwargs: Mapping[str, Any], auth: Auth | None
+    store: Store,
+    spec: FunctionSpec,
+    kwargs: Mapping[str, Any],
+    auth: Auth | None,
+    cache: ReadCache | None = None,
 ) -> QueryEvaluation:
     """Run the query ``spec`` at one snapshot of ``store`` (``kwargs`` from
     ``spec.validate_args``), with a fresh :class:`Context` per run.
@@ -80,7 +88,8 @@ async def run_query(
     A :class:`~tether.server.errors.FunctionError` becomes the result's ``error``; see
     :meth:`Store.run_query` for retries. A query declared with ``partition`` reads only the
     partition its argument names (an invalid name: the error ``invalid``, nothing run). Redis
-    errors propagate.
+    errors propagate. ``cache``: that partition's read cache, if any (see
+    :meth:`Store.run_query`).
     """
     try:
         partition = spec.partition_of(kwargs)
@@ -94,7 +103,7 @@ async def run_query(
         contexts.append(ctx)
         return encode_result(await invoke(spec, ctx, kwargs), store.max_result_bytes)
 
-    result = await store.run_query(run)
+    result = await store.run_query(run, cache)
     if result.exhausted:
         # The conflict answers every run: it depends on the identity if any of them read it.
         reads_identity = any(ctx.read_identity for ctx in contexts)
@@ -198,9 +207,14 @@ class QueryEngine:
         return spec.validate_args(args)
 
     async def evaluate(
-        self, name: str, kwargs: Mapping[str, Any], identity: Caller | None
+        self,
+        name: str,
+        kwargs: Mapping[str, Any],
+        identity: Caller | None,
+        cache: ReadCache | None = None,
     ) -> QueryEvaluation:
-        """Run the query ``name`` under ``identity`` with ``kwargs`` from :meth:`resolve`."""
+        """Run the query ``name`` under ``identity`` with ``kwargs`` from :meth:`resolve`,
+        its reads answered from ``cache`` where it can (a live query's re-run)."""
         spec = self.application.lookup(name)
         if spec is None or spec.kind != "query":
             return QueryEvaluation(
@@ -210,7 +224,7 @@ class QueryEngine:
                 version=0,  # read nothing: valid at every version
                 reads_identity=False,
             )
-        return await run_query(self.store, spec, kwargs, _auth(identity))
+        return await run_query(self.store, spec, kwargs, _auth(identity), cache)
 
     async def run_mutation(
         self,
@@ -251,6 +265,7 @@ class QueryEngine:
             outcome.error,
             outcome.version,
             outcome.written_keys,
+            outcome.written_values,
             self.partition_of(name, kwargs),
         )
 

@@ -19,6 +19,14 @@ results go out as transitions at version ``P``. A connection therefore never rec
 transition unless all of its subscriptions equal their query's result at that version; and
 ``P`` only grows. An instance that missed commits (the stream was trimmed, Redis restarted or
 the connection dropped) re-evaluates everything before delivering again.
+
+Re-evaluations read through the manager's :class:`~tether.server.data.read_cache.ReadCache`,
+which follows the same commits in the same order (``_apply``) and starts over with every gap or
+resync: a query whose reads it holds re-runs at ``fetched`` without a Redis round trip, from the
+new values the commits' stream entries carry (or this instance's own commit, handed over by
+:meth:`SubscriptionManager.notify_commit`). First evaluations read through it too: a result at
+``fetched`` is as valid as one at a newer snapshot, and the manager delivers at ``fetched`` or
+later either way.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from redis.exceptions import RedisError
 
 from tether.server.clock import Clock
 from tether.server.data.caller import Caller
+from tether.server.data.read_cache import ReadCache
+from tether.server.data.store import CommitValues
 from tether.server.metrics import Metrics, discarded
 
 log = logging.getLogger("tether.subscriptions")
@@ -45,6 +55,11 @@ EVALUATION_CONCURRENCY = 32
 MAX_ROUNDS = 10
 #: Commits read per stream read.
 COMMIT_BATCH = 10_000
+#: Commits the watcher hands over with the documents they wrote (for the read cache) while the
+#: pump has not applied them: past it, with their keys only (their documents leave the cache), so
+#: a pump far behind holds at most this many entries' values (each up to
+#: ``TETHER_COMMIT_VALUES_BYTES``).
+KNOWN_VALUES = 256
 #: How long the stream watcher blocks in one read (ms).
 WATCH_BLOCK_MS = 2000
 #: The longest the pump waits for the watcher to hand over a commit it has not read yet, before
@@ -82,6 +97,8 @@ class Commit(Protocol):
     def written_keys(self) -> frozenset[str]: ...
     @property
     def committed_at(self) -> float | None: ...  # seconds since the epoch, if known
+    @property
+    def values(self) -> CommitValues | None: ...  # the documents written, if the entry has them
 
 
 class CommitBatch(Protocol):
@@ -97,7 +114,7 @@ class Engine(Protocol):
     """The data layer as the manager needs it."""
 
     async def evaluate(
-        self, name: str, args: dict[str, Any], identity: Caller | None
+        self, name: str, args: dict[str, Any], identity: Caller | None, cache: ReadCache | None
     ) -> Evaluation: ...
 
     async def read_commits(
@@ -213,11 +230,15 @@ class SubscriptionManager:
         clock: Clock,
         identity_usable: Callable[[Caller], bool],
         metrics: Metrics | None = None,
+        read_cache: ReadCache | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
         self.identity_usable = identity_usable
         self.metrics = metrics or discarded()
+        #: What this manager's evaluations read, valid at ``fetched`` (None: every read goes to
+        #: Redis). Of the partition the engine follows.
+        self.read_cache = read_cache
         # When each commit not yet delivered was made (version -> seconds), for the fan-out
         # latency: a commit of this instance from its reply, another's from the stream.
         self._commit_times: dict[int, float] = {}
@@ -227,8 +248,9 @@ class SubscriptionManager:
         self.fetched = 0  # every commit up to this version has been applied to dirtiness
         self.processed = -1  # every entry is valid at this version and was delivered
         # Commits known before the pump reads them from the stream: those the watcher read and
-        # those made on this instance (version -> keys written). Applied in version order.
-        self._known: dict[int, frozenset[str]] = {}
+        # those made on this instance (version -> keys written, and the documents' new state
+        # when the commit carried it). Applied in version order.
+        self._known: dict[int, tuple[frozenset[str], CommitValues | None]] = {}
         self._needed = 0  # a version known to exist: the pump reads up to it before delivering
         # The watcher's position (every commit up to it was handed over, or dropped from
         # `_known` past its bound), whether its reads succeed, and an event set when it hands
@@ -307,12 +329,20 @@ class SubscriptionManager:
 
     # ------------------------------------------------------------------ waiting
 
-    def notify_commit(self, version: int, written_keys: frozenset[str] = frozenset()) -> None:
-        """A commit was made on this instance at ``version``, writing ``written_keys`` (what its
-        stream entry holds): process it now, without waiting for the stream or reading it back.
-        With no keys, the pump reads the stream up to ``version``."""
+    def notify_commit(
+        self,
+        version: int,
+        written_keys: frozenset[str] = frozenset(),
+        written_values: CommitValues | None = None,
+    ) -> None:
+        """A commit was made on this instance at ``version``, writing ``written_keys`` and
+        ``written_values`` (what its stream entry holds): process it now, without waiting for
+        the stream or reading it back. With no keys, the pump reads the stream up to
+        ``version``."""
         if written_keys and version > self.fetched:
-            self._known[version] = written_keys
+            handed = self._known.get(version)
+            if handed is None or handed[1] is None:  # else the watcher handed it over already
+                self._known[version] = (written_keys, written_values)
         self._commit_made(version, self.clock())
         self._needed = max(self._needed, version)
         self._wake.set()
@@ -416,14 +446,19 @@ class SubscriptionManager:
                 # Handed to the pump: it need not read them again. Bounded: a pump that has
                 # fallen this far behind reads the rest from the stream.
                 for commit in batch.commits:
-                    if commit.version > self.fetched and len(self._known) < COMMIT_BATCH:
-                        self._known[commit.version] = commit.written_keys
+                    known = len(self._known)
+                    if commit.version > self.fetched and known < COMMIT_BATCH:
+                        values = commit.values if known < KNOWN_VALUES else None
+                        self._known[commit.version] = (commit.written_keys, values)
                     self._commit_made(commit.version, commit.committed_at)
                 position = batch.commits[-1].version
                 self._watched = max(self._watched, position)
                 self._needed = max(self._needed, batch.version)
                 self._handed.set()
                 self._wake.set()
+                # Let the pump deliver them before this task builds and sends its next read:
+                # with the values at hand the pump needs no Redis, and it is the latency.
+                await asyncio.sleep(0)
             else:
                 # Idle: keep the watch position close to the pump's.
                 position = max(position, self.fetched)
@@ -438,7 +473,11 @@ class SubscriptionManager:
             self._resync = False
             self._dirty.update(self.entries.values())
             self._known.clear()  # perhaps from before Redis lost data: read them again
+            if self.read_cache is not None:
+                self.read_cache.reset(None)  # nothing served while the version is read
             self.fetched = await self.engine.version()
+            if self.read_cache is not None:
+                self.read_cache.reset(self.fetched)
             self._needed = max(self._needed, self.fetched)
         converged = False
         for _ in range(MAX_ROUNDS):
@@ -464,10 +503,10 @@ class SubscriptionManager:
         while True:
             known = self._known
             while known:
-                keys = known.pop(self.fetched + 1, None)
-                if keys is None:
+                handed = known.pop(self.fetched + 1, None)
+                if handed is None:
                     break
-                self._apply(self.fetched + 1, keys)
+                self._apply(self.fetched + 1, *handed)
             if known:
                 for version in [v for v in known if v <= self.fetched]:
                     del known[version]
@@ -490,10 +529,12 @@ class SubscriptionManager:
             if batch.gap:
                 self._dirty.update(self.entries.values())
                 self.fetched = self._needed = batch.version
+                if self.read_cache is not None:
+                    self.read_cache.reset(batch.version)
                 known.clear()
                 return
             for commit in batch.commits:
-                self._apply(commit.version, commit.written_keys)
+                self._apply(commit.version, commit.written_keys, commit.values)
                 self._commit_made(commit.version, commit.committed_at)
             self._needed = max(self._needed, batch.version)
             if len(batch.commits) < COMMIT_BATCH:
@@ -517,13 +558,18 @@ class SubscriptionManager:
             if sent:
                 observe(max(0.0, now - made))
 
-    def _apply(self, version: int, written_keys: frozenset[str]) -> None:
-        """Commit ``version`` wrote ``written_keys``: what read them is dirty."""
+    def _apply(
+        self, version: int, written_keys: frozenset[str], values: CommitValues | None = None
+    ) -> None:
+        """Commit ``version`` wrote ``written_keys`` (and ``values``): what read them is dirty;
+        the read cache moves to ``version``."""
         for key in written_keys:
             for entry in self._by_key.get(key, ()):
                 if entry.valid_at < version:
                     self._dirty.add(entry)
         self.fetched = version
+        if self.read_cache is not None:
+            self.read_cache.apply(version, written_keys, values)
 
     async def _evaluate(self, dirty: list[_Entry]) -> int:
         """Re-evaluate ``dirty``; return the newest snapshot version seen."""
@@ -543,7 +589,9 @@ class SubscriptionManager:
                             self.detach(reg)
                             reg.subscriber.identity_ended()
                         return
-                    ev = await self.engine.evaluate(entry.name, entry.args, identity)
+                    ev = await self.engine.evaluate(
+                        entry.name, entry.args, identity, self.read_cache
+                    )
             except RedisError:
                 self._dirty.add(entry)  # try again next cycle
                 raise
@@ -682,6 +730,7 @@ class PartitionFollowers:
         identity_usable: Callable[[Caller], bool],
         metrics: Metrics | None = None,
         limit: int = 1000,
+        read_cache_bytes: int | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -689,6 +738,8 @@ class PartitionFollowers:
         self.metrics = metrics or discarded()
         #: Partitions followed at most (``TETHER_MAX_FOLLOWED_PARTITIONS``).
         self.limit = limit
+        #: The bound of each follower's read cache (``TETHER_READ_CACHE_BYTES``; None: none).
+        self.read_cache_bytes = read_cache_bytes
         self._managers: dict[str, SubscriptionManager] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -707,11 +758,15 @@ class PartitionFollowers:
             if len(self._managers) >= self.limit:
                 return None
             engine = self.engine.in_partition(partition)
+            cache = None
+            if self.read_cache_bytes is not None:
+                cache = ReadCache(partition, max_bytes=self.read_cache_bytes)
             manager = SubscriptionManager(
                 engine,
                 clock=self.clock,
                 identity_usable=self.identity_usable,
                 metrics=self.metrics,
+                read_cache=cache,
             )
             self._managers[partition] = manager
             self._tasks[partition] = asyncio.create_task(

@@ -92,7 +92,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import copy
 import json
 import random
@@ -101,7 +100,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -112,6 +111,9 @@ from tether.server.metrics import Metrics, discarded
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import RedisClient, dedicated, load_script, without_turns
 
+if TYPE_CHECKING:
+    from tether.server.data.read_cache import ReadCache
+
 __all__ = [
     "ATTEMPT_TTL",
     "IDENTITY_ENDED",
@@ -121,6 +123,7 @@ __all__ = [
     "Commit",
     "CommitBatch",
     "CommitResult",
+    "CommitValues",
     "Conflict",
     "MutationDB",
     "MutationOutcome",
@@ -148,6 +151,9 @@ MAX_INSERTS = 1000
 MAX_DOCUMENT_BYTES = 1_048_576
 #: Largest list of indexed values, as canonical UTF-8 JSON (it becomes part of a Redis key).
 MAX_INDEX_VALUES_BYTES = 1024
+#: The most a commit's stream entry carries of the documents it wrote (the field ``w``, as JSON
+#: text, ``TETHER_COMMIT_VALUES_BYTES``): past it, the entry carries their keys only.
+COMMIT_VALUES_BYTES = 16_384
 #: Seconds a commit made without a client id remembers its attempt (a retried call's answer).
 ATTEMPT_TTL = 120
 #: The least ``outcome_ttl`` a :class:`Store` accepts: a client replays within minutes.
@@ -260,14 +266,23 @@ class _RedisFailed(_Abort):
 # ---------------------------------------------------------------------------------- results
 
 
+#: The documents a commit wrote, as its stream entry carries them (field ``w``): document key ->
+#: (its JSON text, or ``None`` for a deletion; its creation slot, ``-1`` unless the commit
+#: created it). Where a commit's :class:`CommitValues` is ``None``, its entry carried the keys
+#: only (past :data:`COMMIT_VALUES_BYTES`).
+CommitValues = Mapping[str, tuple[str | None, int]]
+
+
 @dataclass(frozen=True, slots=True)
 class Commit:
     """One entry of the commit stream: a version, the keys its commit wrote, and when it was
-    made (seconds since the epoch, Redis's clock; None for an entry without its field ``t``)."""
+    made (seconds since the epoch, Redis's clock; None for an entry without its field ``t``);
+    ``values``: the new state of the documents it wrote, when the entry carries it."""
 
     version: int
     written_keys: frozenset[str]
     committed_at: float | None = None
+    values: CommitValues | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +311,8 @@ class CommitResult:
     written_keys: frozenset[str]
     duplicate: dict[str, Any] | None = None
     ended: bool = False
+    #: What the commit's stream entry carries of the documents it wrote (see :class:`Commit`).
+    written_values: CommitValues | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +381,8 @@ class MutationOutcome:
     error: tuple[str, str] | None
     version: int | None
     written_keys: frozenset[str] = field(default=frozenset(), compare=False)
+    #: What the stream entry at ``version`` carries of the documents written (see :class:`Commit`).
+    written_values: CommitValues | None = field(default=None, compare=False)
 
     @classmethod
     def from_stored(cls, stored: Mapping[str, Any]) -> MutationOutcome:
@@ -609,10 +628,26 @@ class QueryDB(_Database):
     ``FunctionError("invalid", "queries cannot write")``.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, cache: ReadCache | None = None) -> None:
         super().__init__(store)
         self._snapshot: int | None = None
         self._read_set: set[str] = set()
+        self._cache = cache
+
+    async def _fetch(self, ops: Sequence[_DocOp | _RangeOp]) -> tuple[int, list[_Doc | _Range]]:
+        cache = self._cache
+        if cache is None or self._aborted is not None:
+            return await super()._fetch(ops)
+        # A live query's re-run: answered by the instance's read cache when it holds every op
+        # (at the version the instance has applied), else read and, at that version, kept.
+        # A hit returns without suspending, so the caller observes its version before any other
+        # read of this run (concurrent ones too) can move the snapshot past it.
+        hit = cache.lookup(ops, self._snapshot)
+        if hit is not None:
+            return hit
+        version, results = await super()._fetch(ops)
+        cache.fill(version, ops, results)
+        return version, results
 
     @property
     def snapshot(self) -> int | None:
@@ -879,6 +914,7 @@ class _CommitRequest:
     keys: list[str]
     args: list[str]
     written: frozenset[str]
+    values: CommitValues | None = None
 
 
 class _Turn:
@@ -993,6 +1029,7 @@ class Store:
         query_attempts: int = 5,
         metrics: Metrics | None = None,
         max_session_partitions: int = 1000,
+        commit_values_bytes: int = COMMIT_VALUES_BYTES,
     ) -> None:
         if outcome_ttl < MIN_OUTCOME_TTL:
             raise ValueError(f"outcome_ttl must be at least {MIN_OUTCOME_TTL} seconds")
@@ -1009,6 +1046,8 @@ class Store:
         self.query_attempts = query_attempts
         #: Partitions one session registers at most (``TETHER_MAX_SESSION_PARTITIONS``).
         self.max_session_partitions = max_session_partitions
+        #: The most a commit's stream entry carries of its documents (see :data:`CommitValues`).
+        self.commit_values_bytes = commit_values_bytes
         self.metrics = metrics or discarded()
         self._commit_script = load_script(redis, "tether.server.data", "commit")
         self._read_script = load_script(redis, "tether.server.data", "read")
@@ -1126,25 +1165,34 @@ class Store:
         version ``after + 1`` though the global version is past it (trimmed, or Redis restarted
         without its data), or when the global version is below ``after`` (data loss).
         """
-        # One round trip: the global version and the entries after ``after``. An XREAD blocks
-        # only while there are none; a pipeline keeps the replies in order.
-        redis = self.redis
-        if block_ms is not None and self._watch_redis is not None:
-            redis = self._watch_redis
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.get(self.keys.version)
-            if block_ms is not None:
-                pipe.xread({self.keys.commits: f"{after}-0"}, count=count, block=block_ms)
-            else:
-                pipe.xrange(self.keys.commits, min=f"{after + 1}-0", max="+", count=count)
+        if block_ms is not None:
+            # The watcher's read: one XREAD, which blocks only while there is nothing after
+            # ``after``. What it returns is checked for holes below; when it returns nothing,
+            # the version is read with the stream (below) to tell a trimmed stream or lost data
+            # from a quiet one. (A pipelined GET would cost every commit a command more, on
+            # the path from the commit to the other instances' subscribers.)
+            redis = self._watch_redis if self._watch_redis is not None else self.redis
             # The blocking read takes no turn on a Cluster node: a burst of commands on the data
             # node must not hold up the watcher (see redis_conn.without_turns).
-            with without_turns() if block_ms is not None else contextlib.nullcontext():
+            with without_turns():
+                reply = await redis.xread(
+                    {self.keys.commits: f"{after}-0"}, count=count, block=block_ms
+                )
+            entries: list[Any] = _stream_entries(reply)
+            if not entries:
+                return await self.read_commits(after, count=count)
+            current = 0
+        else:
+            # One round trip: the global version and the entries after ``after``; a pipeline
+            # keeps the replies in order.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(self.keys.version)
+                pipe.xrange(self.keys.commits, min=f"{after + 1}-0", max="+", count=count)
                 raw_version, reply = await pipe.execute()
-        current = int(raw_version) if raw_version is not None else 0
-        if current < after:
-            return CommitBatch((), True, current)
-        entries: list[Any] = _stream_entries(reply) if block_ms is not None else list(reply or [])
+            current = int(raw_version) if raw_version is not None else 0
+            if current < after:
+                return CommitBatch((), True, current)
+            entries = list(reply or [])
         commits: list[Commit] = []
         gap = False
         for _, fields in entries:
@@ -1155,7 +1203,13 @@ class Store:
             keys = json.loads(_text(fields["k"]))
             stamp = fields.get("t")
             committed_at = int(_text(stamp)) / 1e6 if stamp is not None else None
-            commits.append(Commit(version, frozenset(keys), committed_at))
+            carried = fields.get("w")
+            values: CommitValues | None = None
+            if carried is not None:
+                values = {row[0]: (row[1], int(row[2])) for row in json.loads(_text(carried))}
+            commits.append(Commit(version, frozenset(keys), committed_at, values))
+        if gap and block_ms is not None:
+            return await self.read_commits(after, count=count)  # a hole: with the version
         if not commits and current > after:
             gap = True
         latest = max(current, commits[-1].version) if commits else current
@@ -1293,6 +1347,7 @@ class Store:
                         index_ops.append(["add", at(new), doc_id, db._base[key].score])
                     touched[new] = at(new)
         written.extend(touched)
+        values_text, values = self._entry_values(docs, keys)
         payload = {
             "attempt": attempt,
             "fence": fence,
@@ -1305,14 +1360,35 @@ class Store:
             "outcome_ttl_ms": outcome_ttl * 1000,
             "tombstone_ttl_ms": self.tombstone_ttl * 1000,
             "maxlen": self.stream_maxlen,
+            "values": values_text,
         }
-        return _CommitRequest(keys, [_compact(payload)], frozenset(written))
+        return _CommitRequest(keys, [_compact(payload)], frozenset(written), values)
+
+    def _entry_values(
+        self, docs: list[list[Any]], keys: list[str]
+    ) -> tuple[str | None, CommitValues | None]:
+        """What the commit's stream entry carries of the documents it writes (its field ``w``:
+        ``[[key, JSON text | null, slot], ...]``), and the same as :data:`CommitValues`; both
+        ``None`` past :attr:`commit_values_bytes`."""
+        budget = self.commit_values_bytes
+        size = 2
+        rows: list[list[Any]] = []
+        for i, text, slot in docs:
+            key = keys[i - 1]
+            size += len(key) + (len(text) if text else 4) + 8  # at most the JSON's bytes
+            if size > budget:
+                return None, None
+            rows.append([key, text or None, slot])
+        encoded = _compact(rows)
+        if len(encoded.encode("utf-8")) > budget:
+            return None, None
+        return encoded, {key: (text, slot) for key, text, slot in rows}
 
     async def _send_commit(self, request: _CommitRequest) -> CommitResult:
         reply = await self._commit_script(keys=request.keys, args=request.args)
         status = _text(reply[0])
         if status == "ok":
-            return CommitResult(int(reply[1]), request.written)
+            return CommitResult(int(reply[1]), request.written, written_values=request.values)
         if status == "conflict":
             raise Conflict(_text(reply[1]))
         if status == "ended":
@@ -1368,16 +1444,20 @@ class Store:
 
     # -------------------------------------------------------------- running functions
 
-    async def run_query(self, run: QueryRunner) -> QueryRun:
+    async def run_query(self, run: QueryRunner, cache: ReadCache | None = None) -> QueryRun:
         """Run a query at one snapshot: ``run`` is called with a fresh :class:`QueryDB` each time.
 
         A :class:`~tether.server.errors.FunctionError` from ``run`` becomes the result's
         ``error``; a run that met a newer version is repeated, up to ``query_attempts`` runs,
-        then the error is ``conflict``. Redis errors propagate.
+        then the error is ``conflict``. Redis errors propagate. With ``cache`` (this
+        partition's, see :mod:`tether.server.data.read_cache`), reads it holds are answered
+        from it, at its version.
         """
+        if cache is not None and cache.partition != self.keys.partition:
+            cache = None  # another partition's versions
         read_set: set[str] = set()
         for _ in range(self.query_attempts):
-            db = QueryDB(self)
+            db = QueryDB(self, cache)
             value_json, error = await self._run_function(run, db)
             read_set |= db._read_set
             if db.aborted:
@@ -1541,7 +1621,9 @@ class Store:
             metrics.mutation("error")
             return MutationOutcome(None, error, None)
         metrics.mutation("committed")
-        return MutationOutcome(value_json, None, result.version, result.written_keys)
+        return MutationOutcome(
+            value_json, None, result.version, result.written_keys, result.written_values
+        )
 
     async def _run_function(
         self, run: Callable[[_D], Awaitable[str]], db: _D

@@ -46,6 +46,7 @@ from tether.server.data.live import (
     Registration,
     SubscriptionManager,
 )
+from tether.server.data.read_cache import ReadCache
 from tether.server.data.store import IDENTITY_ENDED, RequestIdReused
 from tether.server.errors import FunctionError
 from tether.server.logs import bind_connection
@@ -625,7 +626,7 @@ class Connection:
                 manager = partitions.get(outcome.partition)
                 processed = version
                 if manager is not None:
-                    manager.notify_commit(version, outcome.written_keys)
+                    manager.notify_commit(version, outcome.written_keys, outcome.written_values)
                     try:
                         async with asyncio.timeout(DELIVERY_TIMEOUT):
                             processed = await manager.wait_processed(version)
@@ -640,7 +641,7 @@ class Connection:
                 # Read your writes: every subscription of this connection is delivered at a
                 # version >= the commit's before the mutation's result goes out.
                 manager = self.endpoint.subscriptions
-                manager.notify_commit(version, outcome.written_keys)
+                manager.notify_commit(version, outcome.written_keys, outcome.written_values)
                 async with asyncio.timeout(DELIVERY_TIMEOUT):
                     processed = await manager.wait_processed(version)
                 self.execute(core.advance_version(processed, self.now()))
@@ -705,7 +706,11 @@ class SyncEndpoint:
         self.engine = engine
         self.clock = clock
         self.subscriptions = SubscriptionManager(
-            engine, clock=clock, identity_usable=self.identity_usable, metrics=metrics
+            engine,
+            clock=clock,
+            identity_usable=self.identity_usable,
+            metrics=metrics,
+            read_cache=ReadCache(engine.store.partition, max_bytes=settings.read_cache_bytes),
         )
         #: The live queries of the named data partitions (the default's: ``subscriptions``).
         self.partitions = PartitionFollowers(
@@ -714,6 +719,7 @@ class SyncEndpoint:
             identity_usable=self.identity_usable,
             metrics=metrics,
             limit=settings.max_followed_partitions,
+            read_cache_bytes=settings.read_cache_bytes,
         )
         #: The result of a subscription into a partition past that limit.
         self.too_many_partitions = QueryEvaluation(

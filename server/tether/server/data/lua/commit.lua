@@ -4,7 +4,7 @@
 --
 -- KEYS[1]  tether:{tether-data}:version   the partition's version (every key here carries the
 --          partition's hash tag: {tether-data} for the default one, {tether-data:<enc(P)>})
--- KEYS[2]  tether:{tether-data}:commits   the commit stream (entry id V-0; fields v, k, t)
+-- KEYS[2]  tether:{tether-data}:commits   the commit stream (entry id V-0; fields v, k, t, w)
 -- KEYS[3]  tether:{tether-data}:kv        index key -> version that last changed it
 -- KEYS[4]  the outcome key: the caller's (user, clientId, requestId), or a one-off attempt key
 -- KEYS[5..] the caller's session fence (tether:{tether-data}:ended:SID) when it has a session,
@@ -21,6 +21,8 @@
 --   outcome         JSON object text '{"attempt":...,"name":...,...}', stored at KEYS[4] as
 --                   '{"version":V,"attempt":...,...}' (the value JSON is never re-encoded here)
 --   outcome_ttl_ms, tombstone_ttl_ms, maxlen
+--   values          JSON text or null: the stream entry's field w, the documents written
+--                   ([[key, json | null, slot], ...]; left out past TETHER_COMMIT_VALUES_BYTES)
 --
 -- Returns {'ok', V} | {'conflict', key} | {'duplicate', stored_outcome} | {'ended'}.
 --
@@ -74,11 +76,17 @@ end
 
 -- The stream entry is written first: when it fails, nothing else has been written yet. Its field
 -- t is the commit's time on Redis's clock in microseconds since the epoch: nothing in Tether reads
--- it; it tells operators (XREVRANGE) and bench/fanout.py when a commit happened.
+-- it; it tells operators (XREVRANGE) and bench/fanout.py when a commit happened. Its field w,
+-- when the caller sends it, is the new state of the documents written (their version is V): an
+-- instance that follows the stream updates its read cache with it instead of reading them back.
 local v = current + 1
 local clock = redis.call('TIME')
 local committed_at = clock[1] .. string.format('%06d', tonumber(clock[2]))
 local function append(version)
+  if type(p.values) == 'string' then
+    return redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', p.maxlen, int(version) .. '-0',
+                       'v', int(version), 'k', p.written, 't', committed_at, 'w', p.values)
+  end
   return redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', p.maxlen, int(version) .. '-0',
                      'v', int(version), 'k', p.written, 't', committed_at)
 end
