@@ -21,8 +21,13 @@
 --   outcome         JSON object text '{"attempt":...,"name":...,...}', stored at KEYS[4] as
 --                   '{"version":V,"attempt":...,...}' (the value JSON is never re-encoded here)
 --   outcome_ttl_ms, tombstone_ttl_ms, maxlen
+--   more            optional: the other members of a group commit (a hot key's batch, see
+--                   Store._run_batch), after the one above: [[i, outcome, outcome_ttl_ms,
+--                   fence], ...], i its outcome key; every member's outcome is stored at V
 --
--- Returns {'ok', V} | {'conflict', key} | {'duplicate', stored_outcome} | {'ended'}.
+-- Returns {'ok', V} | {'conflict', key} | {'duplicate', stored_outcome} | {'ended'}; for a member
+-- j of more, {'duplicate', stored_outcome, j} | {'ended', j}: nothing written, the caller runs the
+-- batch again without that member.
 --
 -- A commit that writes nothing validates its reads and stores its outcome at the current version
 -- without advancing it. A retried call (a lost reply) finds its own attempt in the outcome key
@@ -48,6 +53,12 @@ end
 
 if p.fence ~= 0 and redis.call('EXISTS', KEYS[p.fence]) == 1 then return {'ended'} end
 
+for j, member in ipairs(p.more or {}) do
+  local other = redis.call('GET', KEYS[member[1]])
+  if other then return {'duplicate', other, j} end
+  if member[4] ~= 0 and redis.call('EXISTS', KEYS[member[4]]) == 1 then return {'ended', j} end
+end
+
 for _, read in ipairs(p.reads) do
   local key = KEYS[read[1]]
   local current
@@ -63,6 +74,10 @@ local function store_outcome(version)
   if p.outcome ~= cjson.null then
     redis.call('SET', KEYS[4], '{"version":' .. int(version) .. ',' .. string.sub(p.outcome, 2),
                'PX', p.outcome_ttl_ms)
+  end
+  for _, member in ipairs(p.more or {}) do
+    redis.call('SET', KEYS[member[1]], '{"version":' .. int(version) .. ',' ..
+               string.sub(member[2], 2), 'PX', member[3])
   end
 end
 
