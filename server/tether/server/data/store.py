@@ -1069,7 +1069,7 @@ class _Member:
     it: what :meth:`Store.run_mutation` was given, its first read, and the future its answer
     (or the exception it raises) is set on."""
 
-    __slots__ = ("authorized", "future", "ops", "request", "run", "session_id")
+    __slots__ = ("attempts", "authorized", "future", "ops", "request", "run", "session_id")
 
     def __init__(
         self,
@@ -1084,6 +1084,7 @@ class _Member:
         self.session_id = session_id
         self.authorized = authorized
         self.ops = ops
+        self.attempts = 0  # the batches it ran in that conflicted
         self.future: asyncio.Future[MutationOutcome] = asyncio.get_running_loop().create_future()
 
     def answer(self, outcome: MutationOutcome) -> None:
@@ -1817,15 +1818,15 @@ class Store:
         holds every key the batch wrote). A member whose commit is refused (its outcome
         appeared meanwhile: a replay; its session ended: ``unauthenticated``) is answered and
         the others run again without it (they may have read its writes); so are members
-        whose ``authorized()`` turns false. A conflict runs the whole batch again at once
-        (this worker holds the key's turn), up to ``max_retries`` times, then every member's
-        outcome is ``conflict``. A member that would take the batch past
-        :attr:`max_batch_bytes` (its writes and results) or past the version's
-        :data:`MAX_INSERTS` creation slots goes back to the queue, with those after it.
+        whose ``authorized()`` turns false. A conflict runs the batch again at once (this
+        worker holds the key's turn), its first half (see :meth:`_after_conflict`); a member
+        whose batches conflicted more than ``max_retries`` times gets ``conflict``. A member
+        that would take the batch past :attr:`max_batch_bytes` (its writes and results) or
+        past the version's :data:`MAX_INSERTS` creation slots goes back to the queue, with
+        those after it.
         Redis errors propagate (the caller gives them to every member still waiting)."""
         metrics = self.metrics
         pending = members
-        attempt = 0
         while True:
             pending = [m for m in pending if not m.future.done() and await self._admitted(m)]
             if not pending:
@@ -1868,12 +1869,8 @@ class Store:
                 ran.append((member, value_json, error))
             if db.aborted:
                 db._raise_redis_failure()
-                attempt += 1  # a read met a newer version: like a conflict
-                if attempt > self.max_retries:
-                    await self._batch_conflicted(running)
-                    return
-                metrics.mutation_retries.inc(len(running))
-                pending = running
+                # A read met a newer version: like a conflict.
+                pending = await self._after_conflict(running, queue)
                 continue
             gone = [m for m, _, _ in ran if m.authorized is not None and not m.authorized()]
             if gone:
@@ -1903,12 +1900,7 @@ class Store:
             except Conflict as exc:
                 metrics.mutation_conflicts.inc()
                 await turns.conflicted(db._via.get(exc.key, exc.key))
-                attempt += 1
-                if attempt > self.max_retries:
-                    await self._batch_conflicted([m for m, _, _ in ran])
-                    return
-                metrics.mutation_retries.inc(len(ran))
-                pending = [m for m, _, _ in ran]
+                pending = await self._after_conflict([m for m, _, _ in ran], queue)
                 continue
             if result.ended or result.duplicate is not None:
                 excluded = ran[result.member][0]
@@ -1943,11 +1935,25 @@ class Store:
             return False
         return True
 
-    async def _batch_conflicted(self, members: Sequence[_Member]) -> None:
+    async def _after_conflict(self, tried: list[_Member], queue: _HotQueue) -> list[_Member]:
+        """The members to run again at once after the batch ``tried`` conflicted: each has
+        had one more attempt, and one past ``max_retries`` is answered ``conflict``. Of the
+        others, the first half runs again (a shorter run is likelier to commit before the
+        next commit on the key, the other instance's batch or a single mutation), the rest
+        goes back to the head of the queue."""
         code, message = FunctionErrorCode.CONFLICT, _CONFLICT_MESSAGE.format("mutation")
-        for member in members:
+        again: list[_Member] = []
+        for member in tried:
+            member.attempts += 1
+            if member.attempts <= self.max_retries:
+                again.append(member)
+                continue
             self.metrics.mutation("conflict")
             member.replay(await self.put_outcome(member.request, code, message))
+        self.metrics.mutation_retries.inc(len(again))
+        keep = max(1, len(again) // 2)
+        queue.members.extendleft(reversed(again[keep:]))
+        return again[:keep]
 
     async def _run_function(
         self, run: Callable[[_D], Awaitable[str]], db: _D
