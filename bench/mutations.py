@@ -368,7 +368,8 @@ def print_table(rows: list[Row]) -> None:
     print("Mutation throughput (closed loop, one mutation in flight per client; two instances)")
     header = (
         f"| {'C':>3} | {'row':<36} | {'commits/s':>9} | {'versions/s':>10} | {'acks/s':>7} | "
-        f"{'conflicts':>9} | {'attempts/version':>16} | {'p50 ms':>7} | {'p99 ms':>7} | {'vs ceiling':>10} | "
+        f"{'conflicts':>9} | {'attempts/version':>16} | {'p50 ms':>7} | {'p99 ms':>7} | "
+        f"{'vs ceiling':>10} | "
         f"{'CPU us/commit':>13} | {'redis us/commit':>15} |"
     )
     print_header(header)
@@ -385,7 +386,8 @@ def print_table(rows: list[Row]) -> None:
         versions = row.versions / row.seconds
         print(
             f"| {row.clients:>3} | {LABELS[row.kind]:<36} | {row.rate:>9,.0f} | "
-            f"{versions:>10,.0f} | {acks:>7,.0f} | {conflicts:>9} | {attempts:>16} | {row.p50_ms:>7.2f} | {row.p99_ms:>7.2f} | "
+            f"{versions:>10,.0f} | {acks:>7,.0f} | {conflicts:>9} | {attempts:>16} | "
+            f"{row.p50_ms:>7.2f} | {row.p99_ms:>7.2f} | "
             f"{vs:>10} | {row.cpu_us(row.client_cpu):>13.0f} | {row.cpu_us(row.redis_cpu):>15.1f} |"
         )
     # Issue 14: one hot key >= 2,000 commits/s over two instances; independent keys >= 50 % of
