@@ -31,6 +31,11 @@ Guarantees
   take turns, see :class:`_Turns`); then its outcome is the error ``conflict``. A mutation
   sees its own buffered writes. An application error is also checked against the reads (it is
   the answer of a consistent state), and its writes are dropped.
+* **Hot keys commit in batches** (group commit, :meth:`Store._run_batch`): the calls queued on
+  an instance for a hot key run one after another against one read and each other's writes,
+  and commit as one commit: one version for all of them, each member's own outcome stored
+  with it. Every guarantee here holds for each member (a member is a replay, an error, or
+  ended on its own; the others run again without it when needed).
 * **Queries see one snapshot.** Each read (``lua/read.lua``, atomic, an index range together with
   its documents) returns the global version and the version of every key read. The first read
   fixes the query's snapshot; a later read that meets a key written after it raises the internal
