@@ -15,16 +15,16 @@ each C:
   each, split over two processes as the two instances are; one key, or one key per task.
 
 Counters are created before the measurement, so every measured commit is a read-then-patch.
-"commits/s" counts committed mutations: the successful ``mutation_result`` frames received in
-the measured window (on a hot key an instance commits the mutations queued for it in batches,
-``TETHER_MUTATION_BATCH``, one version per batch: so this is not the global version's growth).
-"versions/s" is the growth of Tether's global version (one per commit script that wrote: a
-single mutation, or a batch), "acks/s" every ``mutation_result`` received in the window.
-"conflicts" is the share of answers that were the ``conflict`` error; "attempts/version" the
-commit attempts per version (from Redis ``INFO commandstats``: an attempt, of one mutation or a
-batch, is one ``read.lua`` and one ``commit.lua`` call, so attempts = ``EVALSHA`` calls / 2;
-the indep row, which cannot conflict, checks that at 1.00). "CPU us/commit" is per committed
-mutation. Latency is ``mutate`` to ``mutation_result`` as the client sees it.
+"commits/s" is the growth of Tether's global version over the measured window: every
+committed mutation adds one, also in a hot key's batch (``TETHER_MUTATION_BATCH``: an instance
+commits the mutations queued on a hot key with one script call, each at a version of its own),
+so it counts committed mutations. "acks/s" is the ``mutation_result`` frames received in the
+window. "conflicts" is the share of answers that were the ``conflict`` error;
+"attempts/commit" the commit attempts per committed mutation (from Redis ``INFO
+commandstats``: an attempt, of one mutation or of a batch, is one ``read.lua`` and one
+``commit.lua`` call, so attempts = ``EVALSHA`` calls / 2; the indep row, which cannot
+conflict, checks that at 1.00; below 1, batches committed several mutations per attempt).
+Latency is ``mutate`` to ``mutation_result`` as the client sees it.
 
 Tether runs with ``TETHER_MESSAGE_RATE=1000000/1`` (the default 200 messages per 10 s and
 connection would cap a closed-loop client at 20 mutations/s). Run from the repository root::
@@ -93,8 +93,7 @@ class Row:
     kind: str
     clients: int
     seconds: float
-    commits: int  # committed mutations (Tether: successful answers; Redis: script calls)
-    versions: int = 0  # Tether: growth of the global version (Redis: script calls)
+    commits: int  # successful commits (Tether: version growth; Redis: script calls)
     acks: int = 0  # answers received in the window
     conflicts: int = 0  # answers that were the conflict error
     other_errors: int = 0
@@ -114,8 +113,8 @@ class Row:
         return seconds * 1e6 / self.commits if self.commits else math.nan
 
     @property
-    def attempts_per_version(self) -> float:
-        return (self.evalsha / 2) / self.versions if self.versions else math.nan
+    def attempts_per_commit(self) -> float:
+        return (self.evalsha / 2) / self.commits if self.commits else math.nan
 
 
 @dataclass
@@ -222,8 +221,7 @@ async def measure_tether(
             kind,
             clients,
             end.at - start.at,
-            commits=sum(1 for d in window if d[2] is None),
-            versions=end.version - start.version,
+            commits=end.version - start.version,
             acks=len(window),
             conflicts=sum(1 for d in window if d[2] == "conflict"),
             other_errors=sum(1 for d in window if d[2] not in (None, "conflict")),
@@ -344,7 +342,6 @@ async def measure_redis(kind: str, clients: int, args: argparse.Namespace) -> Ro
             clients,
             seconds,
             commits=count,
-            versions=count,
             acks=count,
             evalsha=2 * count,
             client_cpu=sum(o["cpu"] for o in outs),
@@ -367,9 +364,8 @@ def print_table(rows: list[Row]) -> None:
     print()
     print("Mutation throughput (closed loop, one mutation in flight per client; two instances)")
     header = (
-        f"| {'C':>3} | {'row':<36} | {'commits/s':>9} | {'versions/s':>10} | {'acks/s':>7} | "
-        f"{'conflicts':>9} | {'attempts/version':>16} | {'p50 ms':>7} | {'p99 ms':>7} | "
-        f"{'vs ceiling':>10} | "
+        f"| {'C':>3} | {'row':<36} | {'commits/s':>9} | {'acks/s':>7} | {'conflicts':>9} | "
+        f"{'attempts/commit':>15} | {'p50 ms':>7} | {'p99 ms':>7} | {'vs ceiling':>10} | "
         f"{'CPU us/commit':>13} | {'redis us/commit':>15} |"
     )
     print_header(header)
@@ -381,13 +377,11 @@ def print_table(rows: list[Row]) -> None:
         vs = f"{row.rate / ceiling.rate:.3f}x" if ceiling else "-"
         tether = row.kind.startswith("tether")
         conflicts = f"{row.conflicts / row.acks:.1%}" if tether and row.acks else "-"
-        attempts = f"{row.attempts_per_version:.2f}" if tether else "-"
+        attempts = f"{row.attempts_per_commit:.2f}" if tether else "-"
         acks = row.acks / row.seconds
-        versions = row.versions / row.seconds
         print(
-            f"| {row.clients:>3} | {LABELS[row.kind]:<36} | {row.rate:>9,.0f} | "
-            f"{versions:>10,.0f} | {acks:>7,.0f} | {conflicts:>9} | {attempts:>16} | "
-            f"{row.p50_ms:>7.2f} | {row.p99_ms:>7.2f} | "
+            f"| {row.clients:>3} | {LABELS[row.kind]:<36} | {row.rate:>9,.0f} | {acks:>7,.0f} | "
+            f"{conflicts:>9} | {attempts:>15} | {row.p50_ms:>7.2f} | {row.p99_ms:>7.2f} | "
             f"{vs:>10} | {row.cpu_us(row.client_cpu):>13.0f} | {row.cpu_us(row.redis_cpu):>15.1f} |"
         )
     # Issue 14: one hot key >= 2,000 commits/s over two instances; independent keys >= 50 % of
@@ -443,9 +437,8 @@ async def run(args: argparse.Namespace) -> list[Row]:
                     extra = ""
                     if kind.startswith("tether"):
                         extra = (
-                            f", {row.versions / row.seconds:,.0f} versions/s, "
-                            f"{row.conflicts} conflict errors of {row.acks} answers, "
-                            f"{row.attempts_per_version:.2f} attempts/version"
+                            f", {row.conflicts} conflict errors of {row.acks} answers, "
+                            f"{row.attempts_per_commit:.2f} attempts/commit"
                         )
                     print(
                         f"  -> {row.rate:,.0f} commits/s, p50 {row.p50_ms:.2f} ms, "

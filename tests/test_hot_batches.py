@@ -75,6 +75,14 @@ def bumper(runs: list[int], name: str = "items.bump", *, fail: bool = False) -> 
     return FunctionSpec.from_function(name, "mutation", bump)
 
 
+async def commit_starts(store: Store, after: int) -> list[bool]:
+    """For each version after ``after``: whether its stream entry lists keys (a commit alone,
+    or a batch's first version) or none (a batch's later versions)."""
+    batch = await store.read_commits(after)
+    assert not batch.gap
+    return [bool(commit.written_keys) for commit in batch.commits]
+
+
 def index_key(store: Store, tag: str, table: str = "items") -> str:
     return store.keys.index(table, "by_tag", encode_index_values([tag]))
 
@@ -114,9 +122,9 @@ async def test_queued_mutations_on_a_hot_key_commit_together(
     redis_client: redis.asyncio.Redis,
 ) -> None:
     """Twenty increments queued at once on a hot key: one read and one commit (two script
-    calls), one new version carried by every result, each result its own value; the version's
-    stream entry holds the document; replaying every request answers the same and runs
-    nothing."""
+    calls); each result has its own version, in order, and its value is the counter at that
+    version; the stream holds the twenty versions, the first listing the document; replaying
+    every request answers the same and runs nothing."""
     store = make_store(redis_client, max_retries=0)
     doc_id = await create(store, "h")
     runs: list[int] = []
@@ -130,23 +138,26 @@ async def test_queued_mutations_on_a_hot_key_commit_together(
     assert sent == ["EVALSHA", "EVALSHA"]
     assert [o.error for o in outcomes] == [None] * 20
     assert sorted(int(o.value_json) for o in outcomes) == list(range(2, 22))
-    assert {o.version for o in outcomes} == {before + 1}
-    assert await store.version() == before + 1
+    assert sorted(o.version for o in outcomes) == list(range(before + 1, before + 21))
+    assert all(int(o.value_json) - 1 == o.version - before for o in outcomes)
+    assert await store.version() == before + 20
     assert await value(store, doc_id) == 21
     batch = await store.read_commits(before)
-    assert [c.version for c in batch.commits] == [before + 1]
-    assert store.keys.doc("items", doc_id) in batch.commits[0].written_keys
+    assert [c.version for c in batch.commits] == list(range(before + 1, before + 21))
+    assert batch.commits[0].written_keys == {store.keys.doc("items", doc_id)} and not any(
+        c.written_keys for c in batch.commits[1:]
+    )
     for i, outcome in enumerate(outcomes, start=1):
         stored = await store.get_outcome(MutationRequest("items.bump", "c", i))
         assert stored == {
-            "version": before + 1,
+            "version": outcome.version,
             "value": int(outcome.value_json),
             "name": "items.bump",
         }
     replays = await asyncio.gather(*(call(store, bump, "h", i) for i in range(1, 21)))
     assert replays == outcomes
     assert len(runs) == 21  # the warm-up and twenty: replays ran nothing
-    assert await store.version() == before + 1
+    assert await store.version() == before + 20
     assert store._batches == {} and store._retry_turns == {}
 
 
@@ -230,7 +241,7 @@ async def test_a_member_that_raises_gets_its_error_and_the_others_writes_stand(
 ) -> None:
     """A member that wrote and then raised a ``FunctionError``: its writes are dropped (the
     next member reads the value before it), its error is its stored outcome; the members
-    around it commit, at one version."""
+    around it commit, in one batch, at the next two versions (an error takes none)."""
     store = make_store(redis_client)
     doc_id = await create(store, "e")
     runs: list[int] = []
@@ -242,7 +253,8 @@ async def test_a_member_that_raises_gets_its_error_and_the_others_writes_stand(
     )
     assert (one.value_json, one.version) == ("2", before + 1)
     assert two == MutationOutcome(None, ("invalid", "no"), None)
-    assert (three.value_json, three.version) == ("3", before + 1)
+    assert (three.value_json, three.version) == ("3", before + 2)
+    assert await commit_starts(store, before) == [True, False]
     assert runs[-3:] == [1, 2, 2]
     assert await value(store, doc_id) == 3
     stored = await store.get_outcome(MutationRequest("items.fail", "c", 2))
@@ -293,14 +305,15 @@ async def test_two_instances_batching_one_hot_key_stay_serialisable(
     redis_client: redis.asyncio.Redis,
 ) -> None:
     """Two stores, each with forty increments queued on the same hot counter: every success
-    has its own value, the counter ends at their number, and successes shared versions (they
-    committed in batches)."""
+    has its own value, the value of the counter at its own version, the counter ends at their
+    number, and they committed in batches."""
     stores = [make_store(redis_client), make_store(redis_client)]
     doc_id = await create(stores[0], "x")
     bump = bumper([])
     for store in stores:
         await heat(store, "x", bump)
     start = await value(stores[0], doc_id)
+    before = await stores[0].version()
     outcomes = await asyncio.gather(
         *(call(stores[i % 2], bump, "x", i, client_id=f"client-{i % 2}") for i in range(1, 81))
     )
@@ -309,14 +322,15 @@ async def test_two_instances_batching_one_hot_key_stay_serialisable(
     assert values == list(range(start + 1, start + 1 + len(values)))
     assert len(values) >= 60
     assert await value(stores[0], doc_id) == start + len(values)
-    versions = {o.version for o in outcomes if o.version is not None}
-    assert len(versions) < len(values)
+    assert all(int(o.value_json) - start == o.version - before for o in outcomes if o.version)
+    starts = await commit_starts(stores[0], before)
+    assert len(starts) == len(values) and starts.count(True) < len(values)
 
 
 async def test_batches_stay_inside_their_partition(redis_client: redis.asyncio.Redis) -> None:
     """The same counter name bumped concurrently in the default partition and in two tenants'
-    partitions, hot in each: each partition's batch commits there (one version each), and
-    each counter counts its own bumps."""
+    partitions, hot in each: each partition's batch commits there (one batch each, at its
+    versions), and each counter counts its own bumps."""
     store = Store(redis_client, schema=partition_app.app.schema, clock=ManualClock(time.time()))
     tenant, tally = partition_app.app.lookup("tenant.bump"), partition_app.app.lookup("tally.bump")
     assert tenant is not None and tally is not None
@@ -339,8 +353,10 @@ async def test_batches_stay_inside_their_partition(redis_client: redis.asyncio.R
     for k, where in enumerate(places):
         mine = outcomes[k::3]
         assert sorted(int(o.value_json) for o in mine) == list(range(2, 12))
-        assert {o.version for o in mine} == {versions[where] + 1}
-        assert await store.in_partition(where).version() == versions[where] + 1
+        assert all(int(o.value_json) - 1 == o.version - versions[where] for o in mine)
+        view = store.in_partition(where)
+        assert await view.version() == versions[where] + 10
+        assert await commit_starts(view, versions[where]) == [True] + [False] * 9
 
 
 async def test_a_batch_is_bounded(redis_client: redis.asyncio.Redis) -> None:
@@ -354,7 +370,8 @@ async def test_a_batch_is_bounded(redis_client: redis.asyncio.Redis) -> None:
     await heat(small, "b", bump)
     before = await small.version()
     outcomes = await asyncio.gather(*(call(small, bump, "b", i) for i in range(1, 8)))
-    assert [o.version for o in outcomes] == [before + 1] * 3 + [before + 2] * 3 + [before + 3]
+    assert [o.version for o in outcomes] == list(range(before + 1, before + 8))
+    assert await commit_starts(small, before) == [True, False, False] * 2 + [True]
 
     async def grow(ctx: Context, tag: str) -> int:
         docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
@@ -372,7 +389,7 @@ async def test_a_batch_is_bounded(redis_client: redis.asyncio.Redis) -> None:
     )
     assert [o.value_json for o in outcomes] == ["2", "3", "4"]
     # Each member's row is over half the bound: each batch holds one member.
-    assert [o.version for o in outcomes] == [before + 1, before + 2, before + 3]
+    assert await commit_starts(tight, before) == [True, True, True]
 
     many = make_store(redis_client)
     await create(many, "m")
@@ -391,6 +408,7 @@ async def test_a_batch_is_bounded(redis_client: redis.asyncio.Redis) -> None:
     outcomes = await asyncio.gather(*(call(many, spec, "m", i, client_id="m") for i in range(1, 3)))
     assert [o.error for o in outcomes] == [None, None]
     assert [o.version for o in outcomes] == [before + 1, before + 2]
+    assert await commit_starts(many, before) == [True, True]
     rows = await MutationDB(many).query("rows", index="by_tag", equals={"tag": "m"})
     assert len(rows) == 2 * share + share  # the warm-up's, then the two members'
     assert [(r["by"], r["j"]) for r in rows[share:]] == [

@@ -12,7 +12,9 @@ Storage (key layout in :mod:`tether.server.redis.keys`)
 A document is a hash holding its JSON and the version of the commit that last wrote it; an index
 key is a sorted set of the ids whose indexed fields hold one list of values, in creation order.
 Every commit advances its partition's version by exactly one and appends ``(version, written
-keys)`` to the partition's Redis Stream.
+keys)`` to the partition's Redis Stream (a hot key's batch, :meth:`Store._run_batch`, by one
+per member that succeeded, in one step: its first entry lists every key written, the others
+none).
 
 Partitions: a :class:`Store` reads and writes one data partition (:attr:`Store.partition`;
 ``None``, the default partition, whose keys are ``tether:{tether-data}:…``), and
@@ -33,9 +35,10 @@ Guarantees
   the answer of a consistent state), and its writes are dropped.
 * **Hot keys commit in batches** (group commit, :meth:`Store._run_batch`): the calls queued on
   an instance for a hot key run one after another against one read and each other's writes,
-  and commit as one commit: one version for all of them, each member's own outcome stored
-  with it. Every guarantee here holds for each member (a member is a replay, an error, or
-  ended on its own; the others run again without it when needed).
+  and commit with one script call, each member that succeeds at a version of its own
+  (consecutive; the stream entry of the first lists every key written, the others none).
+  Every guarantee here holds for each member (a member is a replay, an error, or ended on its
+  own; the others run again without it when needed).
 * **Queries see one snapshot.** Each read (``lua/read.lua``, atomic, an index range together with
   its documents) returns the global version and the version of every key read. The first read
   fixes the query's snapshot; a later read that meets a key written after it raises the internal
@@ -1395,12 +1398,14 @@ class Store:
         *,
         session_id: str | None = None,
         apply_writes: bool = True,
-        more: Sequence[tuple[str, str, int, str | None]] = (),
+        more: Sequence[tuple[str, str, int, str | None, int]] = (),
+        versions: int = 1,
     ) -> _CommitRequest:
         """The keys and payload of ``commit.lua`` for ``db`` (its reads only, without writes),
         refused by the script if ``session_id``'s fence exists. ``more``: the other members of
         a hot key's batch (:meth:`_run_batch`), each its outcome key, outcome text, outcome
-        lifetime and session id (or None)."""
+        lifetime, session id (or None) and version offset; ``versions``: how many versions the
+        batch takes when it writes."""
         keys = [
             self.keys.version,
             self.keys.commits,
@@ -1418,8 +1423,14 @@ class Store:
         # KEYS[5] when there is a session (no document key can equal it), else 0: no fence.
         fence = 0 if session_id is None else at(self.keys.session_fence(session_id))
         members = [
-            [at(key), text, ttl * 1000, 0 if sid is None else at(self.keys.session_fence(sid))]
-            for key, text, ttl, sid in more
+            [
+                at(key),
+                text,
+                ttl * 1000,
+                0 if sid is None else at(self.keys.session_fence(sid)),
+                offset,
+            ]
+            for key, text, ttl, sid, offset in more
         ]
         reads = [[at(key), kind, version] for key, (kind, version) in db._reads.items()]
         docs: list[list[Any]] = []
@@ -1472,6 +1483,8 @@ class Store:
         }
         if members:
             payload["more"] = members
+        if versions > 1:
+            payload["versions"] = versions
         return _CommitRequest(keys, [_compact(payload)], frozenset(written))
 
     async def _send_commit(self, request: _CommitRequest) -> CommitResult:
@@ -1818,9 +1831,12 @@ class Store:
         replay and does not run. A member that raises a
         :class:`~tether.server.errors.FunctionError` has its writes dropped (its reads are
         still checked) and gets its error. The commit checks the union of the reads once,
-        applies the final writes and stores every member's outcome, all at one new version:
-        every successful member's result carries that version (one commit; its stream entry
-        holds every key the batch wrote). A member whose commit is refused (its outcome
+        applies the final writes and stores every member's outcome, atomically. Each member
+        that succeeds takes a version of its own, in order (V, V + 1, ...: its result is the
+        state at its version), as if committed alone; the stream entry at V lists every key
+        the batch wrote, the others none (no reader sees a state between two members: reads
+        meet the batch's last version), and each member's ``written_keys`` are the batch's.
+        A member whose commit is refused (its outcome
         appeared meanwhile: a replay; its session ended: ``unauthenticated``) is answered and
         the others run again without it (they may have read its writes); so are members
         whose ``authorized()`` turns false. A conflict runs the batch again at once (this
@@ -1887,18 +1903,32 @@ class Store:
             if not ran:
                 return
             nonce = _nonce()
+            # Each member that succeeds takes a version of its own, in order (see commit.lua).
+            offsets: list[int] = []
+            succeeded = 0
+            for _, _, error in ran:
+                offsets.append(succeeded)  # (an error's is never read)
+                succeeded += error is None
             outcomes = [
                 (
                     self._outcome_key(m.request),
                     _outcome_text(nonce, name=m.request.name, value_json=value, error=error),
                     self.outcome_ttl,
                     m.session_id,
+                    offset,
                 )
-                for m, value, error in ran
+                for (m, value, error), offset in zip(ran, offsets, strict=True)
             ]
-            key, text, ttl, session_id = outcomes[0]
+            key, text, ttl, session_id, _ = outcomes[0]
             commit = self._commit_request(
-                db, key, nonce, text, ttl, session_id=session_id, more=outcomes[1:]
+                db,
+                key,
+                nonce,
+                text,
+                ttl,
+                session_id=session_id,
+                more=outcomes[1:],
+                versions=max(1, succeeded),
             )
             try:
                 result = await self._send_commit(commit)
@@ -1917,13 +1947,16 @@ class Store:
                     excluded.answer(_ended())
                 pending = [m for m, _, _ in ran if m is not excluded]
                 continue
-            for member, value, error in ran:
+            wrote = bool(result.written_keys)
+            assert result.version is not None
+            for (member, value, error), offset in zip(ran, offsets, strict=True):
                 if error is not None:
                     metrics.mutation("error")
                     member.answer(MutationOutcome(None, error, None))
                 else:
                     metrics.mutation("committed")
-                    member.answer(MutationOutcome(value, None, result.version, result.written_keys))
+                    version = result.version + offset if wrote else result.version
+                    member.answer(MutationOutcome(value, None, version, result.written_keys))
             return
 
     async def _admitted(self, member: _Member) -> bool:

@@ -23,7 +23,11 @@
 --   outcome_ttl_ms, tombstone_ttl_ms, maxlen
 --   more            optional: the other members of a group commit (a hot key's batch, see
 --                   Store._run_batch), after the one above: [[i, outcome, outcome_ttl_ms,
---                   fence], ...], i its outcome key; every member's outcome is stored at V
+--                   fence, offset], ...], i its outcome key; its outcome is stored at version
+--                   V + offset when the commit writes (at the current version when not)
+--   versions        optional (a batch): the versions the commit takes, V .. V + versions - 1,
+--                   one per member that succeeded; each gets a stream entry, the first
+--                   listing every key the batch wrote and the others none
 --
 -- Returns {'ok', V} | {'conflict', key} | {'duplicate', stored_outcome} | {'ended'}; for a member
 -- j of more, {'duplicate', stored_outcome, j} | {'ended', j}: nothing written, the caller runs the
@@ -70,14 +74,15 @@ for _, read in ipairs(p.reads) do
   if (tonumber(current) or 0) ~= read[3] then return {'conflict', key} end
 end
 
+local step = 0  -- 1 once the commit writes: the members of a batch take versions of their own
 local function store_outcome(version)
   if p.outcome ~= cjson.null then
     redis.call('SET', KEYS[4], '{"version":' .. int(version) .. ',' .. string.sub(p.outcome, 2),
                'PX', p.outcome_ttl_ms)
   end
   for _, member in ipairs(p.more or {}) do
-    redis.call('SET', KEYS[member[1]], '{"version":' .. int(version) .. ',' ..
-               string.sub(member[2], 2), 'PX', member[3])
+    redis.call('SET', KEYS[member[1]], '{"version":' .. int(version + step * member[5]) .. ','
+               .. string.sub(member[2], 2), 'PX', member[3])
   end
 end
 
@@ -110,7 +115,14 @@ if type(added) == 'table' and added.err then
   added = append(v)
   if type(added) == 'table' and added.err then return redis.error_reply(added.err) end
 end
-redis.call('SET', KEYS[1], int(v))
+-- A batch's other versions: no reader ever sees a state between two of its members, so their
+-- entries list no keys (the first lists them all: a reader that has read it has seen them).
+local last = v + (p.versions or 1) - 1
+for w = v + 1, last do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', p.maxlen, int(w) .. '-0',
+             'v', int(w), 'k', '[]', 't', committed_at)
+end
+redis.call('SET', KEYS[1], int(last))
 
 for _, doc in ipairs(p.docs) do
   local key = KEYS[doc[1]]
@@ -142,5 +154,6 @@ for _, i in ipairs(p.touched) do
   redis.call('HSET', KEYS[3], KEYS[i], int(v))
 end
 
+step = 1
 store_outcome(v)
 return {'ok', v}
