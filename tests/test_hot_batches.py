@@ -455,3 +455,43 @@ async def test_a_redis_failure_mid_batch_answers_every_member_and_a_replay_finds
         assert await value(store, doc_id) == 4
     finally:
         await client.aclose()
+
+
+async def test_a_member_whose_request_commits_elsewhere_meanwhile_is_a_replay(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """While a batch runs, another instance runs and commits one of its members' requests (on
+    another counter: nothing the batch read changes): the batch's commit finds that outcome,
+    answers the member with it, and commits the other members without it (they ran again:
+    their values follow each other)."""
+    store, other = make_store(redis_client), make_store(redis_client)
+    doc_id = await create(store, "d")
+    elsewhere_id = await create(store, "o")
+    reached, proceed = asyncio.Event(), asyncio.Event()
+    pause = False
+    runs: list[int] = []
+
+    async def bump(ctx: Context, tag: str) -> int:
+        nonlocal pause
+        docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
+        runs.append(int(docs[0]["n"]))
+        if pause:
+            pause = False
+            reached.set()
+            await proceed.wait()
+        await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
+        return int(docs[0]["n"]) + 1
+
+    spec = FunctionSpec.from_function("items.bump", "mutation", bump)
+    await heat(store, "d", spec)
+    pause = True
+    tasks = [asyncio.create_task(call(store, spec, "d", i)) for i in range(1, 4)]
+    await reached.wait()
+    elsewhere = await call(other, spec, "o", 2)  # request 2, committed on the other instance
+    assert elsewhere.value_json == "1"
+    proceed.set()
+    one, two, three = await asyncio.gather(*tasks)
+    assert two == elsewhere
+    assert (one.value_json, three.value_json) == ("2", "3")
+    assert (await value(store, doc_id), await value(store, elsewhere_id)) == (3, 1)
+    assert runs[1:] == [1, 0, 2, 3, 1, 2]  # 1, elsewhere, 2 and 3; the batch again without 2
