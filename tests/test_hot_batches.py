@@ -124,12 +124,13 @@ async def test_queued_mutations_on_a_hot_key_commit_together(
     """Twenty increments queued at once on a hot key: one read and one commit (two script
     calls); each result has its own version, in order, and its value is the counter at that
     version; the stream holds the twenty versions, the first listing the document; replaying
-    every request answers the same and runs nothing."""
+    every request answers the same and runs nothing. A batch of several keeps the key hot."""
     store = make_store(redis_client, max_retries=0)
     doc_id = await create(store, "h")
     runs: list[int] = []
     bump = bumper(runs)
     await heat(store, "h", bump)
+    hot_until = store._hot[index_key(store, "h")]
     before = await store.version()
     outcomes, sent = await client_commands(
         redis_client,
@@ -137,6 +138,7 @@ async def test_queued_mutations_on_a_hot_key_commit_together(
     )
     assert sent == ["EVALSHA", "EVALSHA"]
     assert [o.error for o in outcomes] == [None] * 20
+    assert store._hot[index_key(store, "h")] > hot_until
     assert sorted(int(o.value_json) for o in outcomes) == list(range(2, 22))
     assert sorted(o.version for o in outcomes) == list(range(before + 1, before + 21))
     assert all(int(o.value_json) - 1 == o.version - before for o in outcomes)

@@ -1781,6 +1781,8 @@ class Store:
                 batch = self._drain(queue)
                 if not batch:
                     break
+                if len(batch) > 1:
+                    self._mark_hot(key)  # still contended: it stays hot while batches form
                 try:
                     await self._run_batch(batch, turns, queue)
                 except Exception as exc:
