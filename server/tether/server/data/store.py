@@ -262,7 +262,8 @@ class _Replayed(_Abort):
 
 class _BatchFull(_Abort):
     """Internal: a member of a hot key's batch (:meth:`Store._run_batch`) would take more
-    creation slots than the batch's one version has left: it runs in the next batch."""
+    creation slots than the batch has left (its inserts share the creation scores of the
+    batch's first version, ``V * 1000 + slot``): it runs in the next batch."""
 
 
 class _RedisFailed(_Abort):
@@ -933,7 +934,7 @@ class MutationDB(_Database):
                 ErrorCode.LIMIT_EXCEEDED, f"a mutation inserts at most {MAX_INSERTS} documents"
             )
         if self._inserts >= MAX_INSERTS:
-            # A batch's members share its version's creation slots: this one runs in the next.
+            # A batch's members share its first version's creation slots: this one runs next.
             self._batch_full = True
             raise _BatchFull()
         doc_id = secrets.token_urlsafe(16)
