@@ -31,6 +31,7 @@ connection would cap a closed-loop client at 20 mutations/s). Run from the repos
 
     .venv/bin/python bench/mutations.py                       # C = 1, 16, 64; 5 s a row
     .venv/bin/python bench/mutations.py --clients 32 --seconds 10 --rows tether-hot,redis-hot
+    .venv/bin/python bench/mutations.py --clients 16,64 --rows tether-hot --mutation-batch 1
 """
 
 from __future__ import annotations
@@ -417,7 +418,10 @@ async def run(args: argparse.Namespace) -> list[Row]:
             urls: list[str] = []
             pids: list[int | None] = []
             if any(k.startswith("tether") for k in args.rows):
-                deployment = Deployment(args.redis_url, TETHER_ENV)
+                env = dict(TETHER_ENV)
+                if args.mutation_batch is not None:
+                    env["TETHER_MUTATION_BATCH"] = str(args.mutation_batch)
+                deployment = Deployment(args.redis_url, env)
                 servers = [deployment.start_server() for _ in range(2)]
                 urls = [s.ws_url for s in servers]
                 pids = [s.pid for s in servers]
@@ -464,6 +468,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds a row [5]")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring [1]")
     parser.add_argument("--redis-url", help="use this redis-server (default: start one)")
+    parser.add_argument(
+        "--mutation-batch",
+        type=int,
+        default=None,
+        help="TETHER_MUTATION_BATCH for the instances (1: no group commit) [their default]",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many s")
     parser.add_argument("--evalsha-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tasks", type=int, help=argparse.SUPPRESS)
