@@ -269,7 +269,8 @@ async def test_a_member_that_raises_gets_its_error_and_the_others_writes_stand(
 
 async def test_a_conflict_runs_the_whole_batch_again(redis_client: redis.asyncio.Redis) -> None:
     """Another instance commits while a batch runs: the batch's commit conflicts, and every
-    member runs again, reading that commit, and commits (one retry allowed)."""
+    member runs again at once, in order, reading that commit, and commits (one retry allowed;
+    the first half of the batch re-runs in it, the rest in the next batch, right after)."""
     store, other = make_store(redis_client, max_retries=1), make_store(redis_client)
     doc_id = await create(store, "k")
     reached, proceed = asyncio.Event(), asyncio.Event()
