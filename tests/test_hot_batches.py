@@ -498,3 +498,39 @@ async def test_a_member_whose_request_commits_elsewhere_meanwhile_is_a_replay(
     assert (one.value_json, three.value_json) == ("2", "3")
     assert (await value(store, doc_id), await value(store, elsewhere_id)) == (3, 1)
     assert runs[1:] == [1, 0, 2, 3, 1, 2]  # 1, elsewhere, 2 and 3; the batch again without 2
+
+
+async def test_members_past_their_retries_get_conflict_and_keep_it(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """With no retry allowed, a batch whose commit conflicts answers every member
+    ``conflict``, stored as its outcome (a replay gets it too), and commits nothing."""
+    store, other = make_store(redis_client, max_retries=0), make_store(redis_client)
+    doc_id = await create(store, "c")
+    reached, proceed = asyncio.Event(), asyncio.Event()
+    pause = False
+
+    async def bump(ctx: Context, tag: str) -> int:
+        nonlocal pause
+        docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
+        if pause:
+            pause = False
+            reached.set()
+            await proceed.wait()
+        await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
+        return int(docs[0]["n"]) + 1
+
+    spec = FunctionSpec.from_function("items.bump", "mutation", bump)
+    await heat(store, "c", spec)
+    pause = True
+    tasks = [asyncio.create_task(call(store, spec, "c", i)) for i in range(1, 4)]
+    await reached.wait()
+    db = MutationDB(other)
+    await db.patch("items", doc_id, {"n": 50})
+    await other.commit(db, request=None, outcome_value_json=None)
+    proceed.set()
+    outcomes = await asyncio.gather(*tasks)
+    assert [o.error[0] if o.error else None for o in outcomes] == ["conflict"] * 3
+    assert await value(store, doc_id) == 50
+    replays = await asyncio.gather(*(call(store, spec, "c", i) for i in range(1, 4)))
+    assert replays == outcomes
