@@ -15,19 +15,23 @@ each C:
   each, split over two processes as the two instances are; one key, or one key per task.
 
 Counters are created before the measurement, so every measured commit is a read-then-patch.
-"commits/s" is the growth of Tether's global version over the measured window (every
-successful commit adds one), "acks/s" the ``mutation_result`` frames received in it.
-"conflicts" is the share of answers that were the ``conflict`` error; "attempts/commit" the
-commit scripts run per successful commit (from Redis ``INFO commandstats``: a
-``counter.increment`` attempt is one ``read.lua`` and one ``commit.lua`` call, so attempts =
-``EVALSHA`` calls / 2; the indep row, which cannot conflict, checks that at 1.00). Latency is
-``mutate`` to ``mutation_result`` as the client sees it.
+"commits/s" is the growth of Tether's global version over the measured window: every
+committed mutation adds one, also in a hot key's batch (``TETHER_MUTATION_BATCH``: an instance
+commits the mutations queued on a hot key with one script call, each at a version of its own),
+so it counts committed mutations. "acks/s" is the ``mutation_result`` frames received in the
+window. "conflicts" is the share of answers that were the ``conflict`` error;
+"attempts/commit" the commit attempts per committed mutation (from Redis ``INFO
+commandstats``: an attempt, of one mutation or of a batch, is one ``read.lua`` and one
+``commit.lua`` call, so attempts = ``EVALSHA`` calls / 2; the indep row, which cannot
+conflict, checks that at 1.00; below 1, batches committed several mutations per attempt).
+Latency is ``mutate`` to ``mutation_result`` as the client sees it.
 
 Tether runs with ``TETHER_MESSAGE_RATE=1000000/1`` (the default 200 messages per 10 s and
 connection would cap a closed-loop client at 20 mutations/s). Run from the repository root::
 
     .venv/bin/python bench/mutations.py                       # C = 1, 16, 64; 5 s a row
     .venv/bin/python bench/mutations.py --clients 32 --seconds 10 --rows tether-hot,redis-hot
+    .venv/bin/python bench/mutations.py --clients 16,64 --rows tether-hot --mutation-batch 1
 """
 
 from __future__ import annotations
@@ -414,7 +418,10 @@ async def run(args: argparse.Namespace) -> list[Row]:
             urls: list[str] = []
             pids: list[int | None] = []
             if any(k.startswith("tether") for k in args.rows):
-                deployment = Deployment(args.redis_url, TETHER_ENV)
+                env = dict(TETHER_ENV)
+                if args.mutation_batch is not None:
+                    env["TETHER_MUTATION_BATCH"] = str(args.mutation_batch)
+                deployment = Deployment(args.redis_url, env)
                 servers = [deployment.start_server() for _ in range(2)]
                 urls = [s.ws_url for s in servers]
                 pids = [s.pid for s in servers]
@@ -461,6 +468,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds a row [5]")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring [1]")
     parser.add_argument("--redis-url", help="use this redis-server (default: start one)")
+    parser.add_argument(
+        "--mutation-batch",
+        type=int,
+        default=None,
+        help="TETHER_MUTATION_BATCH for the instances (1: no group commit) [their default]",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many s")
     parser.add_argument("--evalsha-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tasks", type=int, help=argparse.SUPPRESS)

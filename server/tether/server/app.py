@@ -104,6 +104,8 @@ class Node:
                 1, min(settings.max_result_bytes, settings.send_queue_bytes - RESULT_ENVELOPE)
             ),
             max_retries=settings.mutation_retries,
+            max_batch=settings.mutation_batch,
+            max_batch_bytes=settings.mutation_batch_bytes,
             metrics=metrics,
         )
         engine = QueryEngine(application, store)

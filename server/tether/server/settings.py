@@ -304,6 +304,16 @@ class Settings:
     mutation_retries: int = _setting(
         8, _parse_int, "times a conflicting mutation is re-run before it fails with conflict"
     )
+    mutation_batch: int = _setting(
+        64,
+        _parse_int,
+        "mutations on a hot key one instance commits together (one read, one commit); 1: none",
+    )
+    mutation_batch_bytes: int = _setting(
+        1_048_576,
+        _parse_int,
+        "most bytes of writes and results one batch of mutations on a hot key gathers",
+    )
     commit_stream_maxlen: int = _setting(
         100_000, _parse_int, "commits kept in the commit stream for instances catching up"
     )
@@ -430,6 +440,8 @@ class Settings:
             "max_followed_partitions",
             "max_session_partitions",
             "max_pending_mutations",
+            "mutation_batch",
+            "mutation_batch_bytes",
             "max_result_bytes",
             "heartbeat_timeout",
             "close_grace",

@@ -12,7 +12,9 @@ Storage (key layout in :mod:`tether.server.redis.keys`)
 A document is a hash holding its JSON and the version of the commit that last wrote it; an index
 key is a sorted set of the ids whose indexed fields hold one list of values, in creation order.
 Every commit advances its partition's version by exactly one and appends ``(version, written
-keys)`` to the partition's Redis Stream.
+keys)`` to the partition's Redis Stream (a hot key's batch, :meth:`Store._run_batch`, by one
+per member that succeeded, in one step: its first entry lists every key written, the others
+none).
 
 Partitions: a :class:`Store` reads and writes one data partition (:attr:`Store.partition`;
 ``None``, the default partition, whose keys are ``tether:{tether-data}:…``), and
@@ -31,6 +33,12 @@ Guarantees
   take turns, see :class:`_Turns`); then its outcome is the error ``conflict``. A mutation
   sees its own buffered writes. An application error is also checked against the reads (it is
   the answer of a consistent state), and its writes are dropped.
+* **Hot keys commit in batches** (group commit, :meth:`Store._run_batch`): the calls queued on
+  an instance for a hot key run one after another against one read and each other's writes,
+  and commit with one script call, each member that succeeds at a version of its own
+  (consecutive; the stream entry of the first lists every key written, the others none).
+  Every guarantee here holds for each member (a member is a replay, an error, or ended on its
+  own; the others run again without it when needed).
 * **Queries see one snapshot.** Each read (``lua/read.lua``, atomic, an index range together with
   its documents) returns the global version and the version of every key read. The first read
   fixes the query's snapshot; a later read that meets a key written after it raises the internal
@@ -92,6 +100,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import contextlib
 import copy
 import json
 import random
@@ -257,6 +267,12 @@ class _Replayed(_Abort):
         self.stored = stored
 
 
+class _BatchFull(_Abort):
+    """Internal: a member of a hot key's batch (:meth:`Store._run_batch`) would take more
+    creation slots than the batch has left (its inserts share the creation scores of the
+    batch's first version, ``V * 1000 + slot``): it runs in the next batch."""
+
+
 class _RedisFailed(_Abort):
     def __init__(self, error: RedisError) -> None:
         super().__init__(str(error))
@@ -313,6 +329,9 @@ class CommitResult:
     ended: bool = False
     #: What the commit's stream entry carries of the documents it wrote (see :class:`Commit`).
     written_values: CommitValues | None = None
+    #: In a batch's commit (see :meth:`Store._run_batch`), the member that is a duplicate or
+    #: whose session ended: 0 the first, j the j-th after it.
+    member: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,6 +578,56 @@ class _RangeOp:
 _Prefetched = tuple[tuple[_DocOp | _RangeOp, ...], tuple[int, list[_Doc | _Range]]]
 
 
+class _BatchReads:
+    """What a hot key's batch read (:meth:`Store._run_batch`), served again to its later members
+    (who would read the same): every read of the batch is checked by its one commit, so each
+    key is read once at one version. A range read with a larger limit serves a smaller one
+    (its first documents); what is served is what the member records as read."""
+
+    __slots__ = ("docs", "ranges", "version")
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.docs: dict[str, _Doc] = {}
+        self.ranges: dict[tuple[str, str, str], tuple[int | None, _Range]] = {}
+
+    def keep(self, ops: Sequence[_DocOp | _RangeOp], read: tuple[int, list[_Doc | _Range]]) -> None:
+        self.version = max(self.version, read[0])
+        for op, result in zip(ops, read[1], strict=True):
+            if isinstance(result, _Doc):
+                self.docs.setdefault(op.key, result)
+            else:
+                assert isinstance(op, _RangeOp)
+                limit = None if op.limit is None or op.limit > _ALL else op.limit
+                self.ranges[(op.key, op.order, op.doc_prefix)] = (limit, result)
+                for doc in result.docs:
+                    self.docs.setdefault(doc.key, doc)
+
+    def serve(self, ops: Sequence[_DocOp | _RangeOp]) -> tuple[int, list[_Doc | _Range]] | None:
+        results: list[_Doc | _Range] = []
+        for op in ops:
+            if isinstance(op, _DocOp):
+                doc = self.docs.get(op.key)
+                if doc is None:
+                    return None
+                results.append(doc)
+                continue
+            kept = self.ranges.get((op.key, op.order, op.doc_prefix))
+            if kept is None:
+                return None
+            limit, found = kept
+            wanted = None if op.limit is None or op.limit > _ALL else op.limit
+            if wanted is None:
+                if limit is not None:
+                    return None
+                results.append(found)
+            elif limit is None or wanted <= limit:
+                results.append(_Range(found.key, found.version, found.docs[:wanted]))
+            else:
+                return None
+        return self.version, results
+
+
 class _Database:
     """What :class:`QueryDB` and :class:`MutationDB` share: the schema, reading, aborting."""
 
@@ -748,6 +817,12 @@ class MutationDB(_Database):
         self._where: dict[str, tuple[str, str]] = {}  # staged key → (table, id)
         self._new: dict[str, int] = {}  # key of an inserted document → its creation slot
         self._inserts = 0
+        # A hot key's batch (Store._run_batch) runs its members one after another through one
+        # MutationDB: what it read, served again to later members (None: not a batch), the
+        # first creation slot of the member running, and whether it ran out of slots.
+        self._batch_reads: _BatchReads | None = None
+        self._insert_base = 0
+        self._batch_full = False
 
     @property
     def read_set(self) -> frozenset[str]:
@@ -761,11 +836,28 @@ class MutationDB(_Database):
             prefetched, self._prefetched = self._prefetched, None
             if prefetched is not None and prefetched[0] == self._first_ops:
                 return prefetched[1]  # read just before the run, with the outcome check
+        cache = self._batch_reads
+        if cache is not None and self._aborted is None:
+            served = cache.serve(ops)
+            if served is not None:
+                return served
         turns = self._turns
         if turns is not None and self._aborted is None:
             for op in ops:
                 await turns.take_if_hot(op.key)
-        return await super()._fetch(ops)
+        read = await super()._fetch(ops)
+        if cache is not None:
+            cache.keep(ops, read)
+        return read
+
+    def _savepoint(self) -> tuple[Any, ...]:
+        """The writes so far, for :meth:`_rollback` (a batch member's, see Store._run_batch)."""
+        return dict(self._staged), dict(self._where), dict(self._new), self._inserts
+
+    def _rollback(self, savepoint: tuple[Any, ...]) -> None:
+        """Drop the writes made since ``savepoint``; what was read stays read (and checked)."""
+        staged, where, new, inserts = savepoint
+        self._staged, self._where, self._new, self._inserts = staged, where, new, inserts
 
     def _record(self, key: str, kind: Literal["doc", "index"], version: int) -> None:
         seen = self._reads.get(key)
@@ -873,10 +965,14 @@ class MutationDB(_Database):
         """Insert ``doc`` into ``table``; the new document's id (random, URL-safe)."""
         self._indexes(table)
         fields = _user_fields(doc)
-        if self._inserts >= MAX_INSERTS:
+        if self._inserts - self._insert_base >= MAX_INSERTS:
             raise FunctionError(
                 ErrorCode.LIMIT_EXCEEDED, f"a mutation inserts at most {MAX_INSERTS} documents"
             )
+        if self._inserts >= MAX_INSERTS:
+            # A batch's members share its first version's creation slots: this one runs next.
+            self._batch_full = True
+            raise _BatchFull()
         doc_id = secrets.token_urlsafe(16)
         created = to_ms(self._store.clock())
         self._stage(table, doc_id, {"_id": doc_id, "_creationTime": created, **fields})
@@ -1005,6 +1101,64 @@ class _Turns:
 IDENTITY_ENDED = "the identity has ended; authenticate again"
 
 
+def _ended() -> MutationOutcome:
+    return MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED), None)
+
+
+def _written_chars(db: MutationDB) -> int:
+    """The size of what ``db`` would write: its staged documents' JSON, in characters."""
+    return sum(len(staged.text) for staged in db._staged.values() if staged is not None)
+
+
+class _Member:
+    """A mutation waiting in a hot key's queue for a batch (:meth:`Store._run_batch`) to run
+    it: what :meth:`Store.run_mutation` was given, its first read, and the future its answer
+    (or the exception it raises) is set on."""
+
+    __slots__ = ("attempts", "authorized", "future", "ops", "request", "run", "session_id")
+
+    def __init__(
+        self,
+        run: MutationRunner,
+        request: MutationRequest,
+        session_id: str | None,
+        authorized: Callable[[], bool] | None,
+        ops: tuple[_DocOp | _RangeOp, ...],
+    ) -> None:
+        self.run = run
+        self.request = request
+        self.session_id = session_id
+        self.authorized = authorized
+        self.ops = ops
+        self.attempts = 0  # the batches it ran in that conflicted
+        self.future: asyncio.Future[MutationOutcome] = asyncio.get_running_loop().create_future()
+
+    def answer(self, outcome: MutationOutcome) -> None:
+        if not self.future.done():
+            self.future.set_result(outcome)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def replay(self, stored: Mapping[str, Any]) -> None:
+        """Answer with the outcome ``stored`` (or :class:`RequestIdReused`)."""
+        try:
+            self.answer(self.request.replay(stored))
+        except RequestIdReused as exc:
+            self.fail(exc)
+
+
+class _HotQueue:
+    """The mutations waiting to run in a batch on one hot key, and the task running them."""
+
+    __slots__ = ("members", "worker")
+
+    def __init__(self) -> None:
+        self.members: collections.deque[_Member] = collections.deque()
+        self.worker: asyncio.Task[None] | None = None
+
+
 class Store:
     """Documents, indexes and mutation outcomes in Redis, and the functions that use them.
 
@@ -1030,6 +1184,8 @@ class Store:
         metrics: Metrics | None = None,
         max_session_partitions: int = 1000,
         commit_values_bytes: int = COMMIT_VALUES_BYTES,
+        max_batch: int = 64,
+        max_batch_bytes: int = 1_048_576,
     ) -> None:
         if outcome_ttl < MIN_OUTCOME_TTL:
             raise ValueError(f"outcome_ttl must be at least {MIN_OUTCOME_TTL} seconds")
@@ -1048,6 +1204,12 @@ class Store:
         self.max_session_partitions = max_session_partitions
         #: The most a commit's stream entry carries of its documents (see :data:`CommitValues`).
         self.commit_values_bytes = commit_values_bytes
+        #: Most mutations one batch on a hot key commits together (``TETHER_MUTATION_BATCH``;
+        #: 1: no batches), and the most bytes of writes and results it gathers
+        #: (``TETHER_MUTATION_BATCH_BYTES``). See :meth:`_run_batch`.
+        self.max_batch = max(1, max_batch)
+        self.max_batch_bytes = max_batch_bytes
+        self._batches: dict[str, _HotQueue] = {}  # hot key -> the mutations waiting to batch
         self.metrics = metrics or discarded()
         self._commit_script = load_script(redis, "tether.server.data", "commit")
         self._read_script = load_script(redis, "tether.server.data", "read")
@@ -1292,9 +1454,14 @@ class Store:
         *,
         session_id: str | None = None,
         apply_writes: bool = True,
+        more: Sequence[tuple[str, str, int, str | None, int]] = (),
+        versions: int = 1,
     ) -> _CommitRequest:
         """The keys and payload of ``commit.lua`` for ``db`` (its reads only, without writes),
-        refused by the script if ``session_id``'s fence exists."""
+        refused by the script if ``session_id``'s fence exists. ``more``: the other members of
+        a hot key's batch (:meth:`_run_batch`), each its outcome key, outcome text, outcome
+        lifetime, session id (or None) and version offset; ``versions``: how many versions the
+        batch takes when it writes."""
         keys = [
             self.keys.version,
             self.keys.commits,
@@ -1311,6 +1478,16 @@ class Store:
 
         # KEYS[5] when there is a session (no document key can equal it), else 0: no fence.
         fence = 0 if session_id is None else at(self.keys.session_fence(session_id))
+        members = [
+            [
+                at(key),
+                text,
+                ttl * 1000,
+                0 if sid is None else at(self.keys.session_fence(sid)),
+                offset,
+            ]
+            for key, text, ttl, sid, offset in more
+        ]
         reads = [[at(key), kind, version] for key, (kind, version) in db._reads.items()]
         docs: list[list[Any]] = []
         index_ops: list[list[Any]] = []
@@ -1347,7 +1524,11 @@ class Store:
                         index_ops.append(["add", at(new), doc_id, db._base[key].score])
                     touched[new] = at(new)
         written.extend(touched)
-        values_text, values = self._entry_values(docs, keys)
+        # A batch's commit carries no values: its first entry (version V) would hand the batch's
+        # final state to read caches as the state at V, which is the first member's alone.
+        values_text, values = (
+            (None, None) if members or versions > 1 else self._entry_values(docs, keys)
+        )
         payload = {
             "attempt": attempt,
             "fence": fence,
@@ -1362,6 +1543,10 @@ class Store:
             "maxlen": self.stream_maxlen,
             "values": values_text,
         }
+        if members:
+            payload["more"] = members
+        if versions > 1:
+            payload["versions"] = versions
         return _CommitRequest(keys, [_compact(payload)], frozenset(written), values)
 
     def _entry_values(
@@ -1392,19 +1577,26 @@ class Store:
         if status == "conflict":
             raise Conflict(_text(reply[1]))
         if status == "ended":
-            return CommitResult(None, frozenset(), ended=True)
-        return CommitResult(None, frozenset(), _parse_outcome(_text(reply[1])))
+            member = int(reply[1]) if len(reply) > 1 else 0
+            return CommitResult(None, frozenset(), ended=True, member=member)
+        member = int(reply[2]) if len(reply) > 2 else 0
+        return CommitResult(None, frozenset(), _parse_outcome(_text(reply[1])), member=member)
 
     # -------------------------------------------------------------- reading
 
     async def _read(
-        self, ops: Sequence[_DocOp | _RangeOp], outcome_key: str | None = None
+        self,
+        ops: Sequence[_DocOp | _RangeOp],
+        outcome_key: str | None = None,
+        outcomes: list[str] | None = None,
     ) -> tuple[int, list[_Doc | _Range]]:
         """One atomic batch read (``read.lua``): the global version and each op's result.
 
         With ``outcome_key`` (a mutation's), the same script first looks for its stored
         outcome and raises :class:`_Replayed` with it instead of reading: the outcome check
-        costs no round trip of its own."""
+        costs no round trip of its own. ``outcomes`` (a hot key's batch: its members' outcome
+        keys) are looked up in the same step without stopping the read: on return the list
+        holds what each key holds instead ('' for none)."""
         keys = [self.keys.version, self.keys.index_versions]
         encoded: list[list[Any]] = []
         for op in ops:
@@ -1419,9 +1611,17 @@ class Store:
         if outcome_key is not None:
             keys.append(outcome_key)
             args.append(str(len(keys)))
+        if outcomes is not None:
+            if outcome_key is None:
+                args.append("")
+            args.append(_compact(list(range(len(keys) + 1, len(keys) + 1 + len(outcomes)))))
+            keys.extend(outcomes)
         reply = await self._read_script(keys=keys, args=args)
         if reply[0] == -1:
             raise _Replayed(_text(reply[1]))
+        if outcomes is not None:
+            outcomes[:] = [_text(x) for x in reply[-1]]
+            reply = reply[:-1]
         results: list[_Doc | _Range] = []
         for op, result in zip(ops, reply[1:], strict=True):
             if isinstance(op, _DocOp):
@@ -1525,6 +1725,10 @@ class Store:
                         if raw is not None:
                             raise _Replayed(_text(raw))
                     else:
+                        hot = self._batch_key(ops)
+                        if hot is not None:
+                            member = _Member(run, request, session_id, authorized, ops)
+                            return await self._join_batch(hot, member)
                         for op in ops:
                             await turns.take_if_hot(op.key)
                         prefetched = (ops, await self._read(ops, self._outcome_key(request)))
@@ -1624,6 +1828,260 @@ class Store:
         return MutationOutcome(
             value_json, None, result.version, result.written_keys, result.written_values
         )
+
+    # -------------------------------------------------------------- hot keys' batches
+
+    def _batch_key(self, ops: Sequence[_DocOp | _RangeOp]) -> str | None:
+        """The hot key a call whose first read is ``ops`` batches on, or None (not hot here, or
+        batches are off)."""
+        if self.max_batch < 2:
+            return None
+        for op in ops:
+            if self._is_hot(op.key):
+                return op.key
+        return None
+
+    async def _join_batch(self, key: str, member: _Member) -> MutationOutcome:
+        """Queue ``member`` on the hot ``key`` and wait for a batch to answer it (see
+        :meth:`_run_batch`); the key's worker is started when none is running."""
+        queue = self._batches.get(key)
+        if queue is None:
+            queue = self._batches[key] = _HotQueue()
+        queue.members.append(member)
+        if queue.worker is None:
+            queue.worker = asyncio.create_task(self._batch_worker(key, queue))
+        try:
+            return await member.future
+        finally:
+            if not member.future.done():  # cancelled while it waited: it leaves the queue
+                with contextlib.suppress(ValueError):
+                    queue.members.remove(member)
+
+    async def _batch_worker(self, key: str, queue: _HotQueue) -> None:
+        """Run ``queue``'s batches on ``key`` until it is empty, one at a time, each holding
+        the key's turn (:class:`_Turns`: mutations of this instance that read the key outside
+        a batch take turns with the batches)."""
+        turns = _Turns(self)
+        batch: list[_Member] = []
+        try:
+            while True:
+                await turns.take(key)
+                batch = self._drain(queue)
+                if not batch:
+                    break
+                if len(batch) > 1:
+                    self._mark_hot(key)  # still contended: it stays hot while batches form
+                try:
+                    await self._run_batch(batch, turns, queue)
+                except Exception as exc:
+                    # A Redis error (the batch may or may not have committed: a replay finds
+                    # out), or a bug: every member still waiting gets it.
+                    for member in batch:
+                        member.fail(exc)
+                turns.release()
+        except BaseException:
+            for member in (*batch, *queue.members):
+                member.future.cancel()
+            queue.members.clear()
+            raise
+        finally:
+            turns.release()
+            queue.worker = None
+            if self._batches.get(key) is queue and not queue.members:
+                del self._batches[key]
+
+    def _drain(self, queue: _HotQueue) -> list[_Member]:
+        """The next batch: up to :attr:`max_batch` members in order, no two of one request (the
+        second stays queued for the next batch: it must see the first's outcome)."""
+        batch: list[_Member] = []
+        later: list[_Member] = []
+        keys: set[str] = set()
+        members = queue.members
+        while members and len(batch) < self.max_batch:
+            member = members.popleft()
+            if member.future.done():
+                continue  # cancelled
+            key = self._outcome_key(member.request)
+            if key in keys:
+                later.append(member)
+            else:
+                keys.add(key)
+                batch.append(member)
+        members.extendleft(reversed(later))
+        return batch
+
+    async def _run_batch(self, members: list[_Member], turns: _Turns, queue: _HotQueue) -> None:
+        """Group commit: run ``members`` (mutations on one hot key, queued while its turn was
+        held) one after another through one :class:`MutationDB`, each against the state the
+        ones before it left, and commit them with one ``commit.lua`` call; answer each one's
+        future (or put it back in the queue for the next batch).
+
+        One read (``read.lua``) begins a run: the first member's known first read, together
+        with every member's outcome check; a member that has an outcome is answered as a
+        replay and does not run. A member that raises a
+        :class:`~tether.server.errors.FunctionError` has its writes dropped (its reads are
+        still checked) and gets its error. The commit checks the union of the reads once,
+        applies the final writes and stores every member's outcome, atomically. Each member
+        that succeeds takes a version of its own, in order (V, V + 1, ...: its result is the
+        state at its version), as if committed alone; the stream entry at V lists every key
+        the batch wrote, the others none (no reader sees a state between two members: reads
+        meet the batch's last version), and each member's ``written_keys`` are the batch's.
+        A member whose commit is refused (its outcome
+        appeared meanwhile: a replay; its session ended: ``unauthenticated``) is answered and
+        the others run again without it (they may have read its writes); so are members
+        whose ``authorized()`` turns false. A conflict runs the batch again at once (this
+        worker holds the key's turn), its first half (see :meth:`_after_conflict`); a member
+        whose batches conflicted more than ``max_retries`` times gets ``conflict``. A member
+        that would take the batch past :attr:`max_batch_bytes` (its writes and results) or
+        past the version's :data:`MAX_INSERTS` creation slots goes back to the queue, with
+        those after it.
+        Redis errors propagate (the caller gives them to every member still waiting)."""
+        metrics = self.metrics
+        pending = members
+        while True:
+            pending = [m for m in pending if not m.future.done() and await self._admitted(m)]
+            if not pending:
+                return
+            db = MutationDB(self, turns)
+            cache = db._batch_reads = _BatchReads()
+            widen = len(pending)
+            ops = tuple(
+                op
+                if isinstance(op, _DocOp) or op.limit is None
+                else _RangeOp(op.key, op.order, op.limit + widen, op.doc_prefix)
+                for op in pending[0].ops
+            )
+            stored = [self._outcome_key(m.request) for m in pending]
+            cache.keep(ops, await self._read(ops, outcomes=stored))
+            running: list[_Member] = []
+            for member, text in zip(pending, stored, strict=True):
+                if text:
+                    metrics.mutation("replayed")
+                    member.replay(_parse_outcome(text))
+                else:
+                    running.append(member)
+            ran: list[tuple[_Member, str | None, tuple[str, str] | None]] = []
+            results = 0  # characters of the results so far
+            for i, member in enumerate(running):
+                savepoint = db._savepoint()
+                db._insert_base = db._inserts
+                value_json, error = await self._run_function(member.run, db)
+                if db.aborted:
+                    break
+                grown = results + len(value_json or "")
+                if db._batch_full or (ran and _written_chars(db) + grown > self.max_batch_bytes):
+                    db._rollback(savepoint)
+                    queue.members.extendleft(reversed(running[i:]))  # the next batch's
+                    break
+                if error is not None:
+                    db._rollback(savepoint)
+                else:
+                    results = grown
+                ran.append((member, value_json, error))
+            if db.aborted:
+                db._raise_redis_failure()
+                # A read met a newer version: like a conflict.
+                pending = await self._after_conflict(running, queue)
+                continue
+            gone = [m for m, _, _ in ran if m.authorized is not None and not m.authorized()]
+            if gone:
+                for member in gone:
+                    metrics.mutation("ended")
+                    member.answer(_ended())
+                pending = [m for m, _, _ in ran if m not in gone]
+                continue
+            if not ran:
+                return
+            nonce = _nonce()
+            # Each member that succeeds takes a version of its own, in order (see commit.lua).
+            offsets: list[int] = []
+            succeeded = 0
+            for _, _, error in ran:
+                offsets.append(succeeded)  # (an error's is never read)
+                succeeded += error is None
+            outcomes = [
+                (
+                    self._outcome_key(m.request),
+                    _outcome_text(nonce, name=m.request.name, value_json=value, error=error),
+                    self.outcome_ttl,
+                    m.session_id,
+                    offset,
+                )
+                for (m, value, error), offset in zip(ran, offsets, strict=True)
+            ]
+            key, text, ttl, session_id, _ = outcomes[0]
+            commit = self._commit_request(
+                db,
+                key,
+                nonce,
+                text,
+                ttl,
+                session_id=session_id,
+                more=outcomes[1:],
+                versions=max(1, succeeded),
+            )
+            try:
+                result = await self._send_commit(commit)
+            except Conflict as exc:
+                metrics.mutation_conflicts.inc()
+                await turns.conflicted(db._via.get(exc.key, exc.key))
+                pending = await self._after_conflict([m for m, _, _ in ran], queue)
+                continue
+            if result.ended or result.duplicate is not None:
+                excluded = ran[result.member][0]
+                if result.duplicate is not None:
+                    metrics.mutation("replayed")
+                    excluded.replay(result.duplicate)
+                else:
+                    metrics.mutation("ended")
+                    excluded.answer(_ended())
+                pending = [m for m, _, _ in ran if m is not excluded]
+                continue
+            wrote = bool(result.written_keys)
+            assert result.version is not None
+            for (member, value, error), offset in zip(ran, offsets, strict=True):
+                if error is not None:
+                    metrics.mutation("error")
+                    member.answer(MutationOutcome(None, error, None))
+                else:
+                    metrics.mutation("committed")
+                    version = result.version + offset if wrote else result.version
+                    member.answer(MutationOutcome(value, None, version, result.written_keys))
+            return
+
+    async def _admitted(self, member: _Member) -> bool:
+        """May ``member`` run in a batch? Its caller's identity holds and its session may
+        commit in this partition; else it is answered here."""
+        try:
+            registered = member.session_id is None or await self._register(member.session_id)
+        except SessionPartitionsExceeded as exc:
+            member.answer(MutationOutcome(None, (ErrorCode.LIMIT_EXCEEDED, str(exc)), None))
+            return False
+        if not registered or (member.authorized is not None and not member.authorized()):
+            self.metrics.mutation("ended")
+            member.answer(_ended())
+            return False
+        return True
+
+    async def _after_conflict(self, tried: list[_Member], queue: _HotQueue) -> list[_Member]:
+        """The members to run again at once after the batch ``tried`` conflicted: each has
+        had one more attempt, and one past ``max_retries`` is answered ``conflict``. Of the
+        others, the first half runs again (a shorter run is likelier to commit before the
+        next commit on the key, the other instance's batch or a single mutation), the rest
+        goes back to the head of the queue."""
+        code, message = FunctionErrorCode.CONFLICT, _CONFLICT_MESSAGE.format("mutation")
+        again: list[_Member] = []
+        for member in tried:
+            member.attempts += 1
+            if member.attempts <= self.max_retries:
+                again.append(member)
+                continue
+            self.metrics.mutation("conflict")
+            member.replay(await self.put_outcome(member.request, code, message))
+        self.metrics.mutation_retries.inc(len(again))
+        keep = max(1, len(again) // 2)
+        queue.members.extendleft(reversed(again[keep:]))
+        return again[:keep]
 
     async def _run_function(
         self, run: Callable[[_D], Awaitable[str]], db: _D

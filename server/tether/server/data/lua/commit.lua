@@ -22,9 +22,19 @@
 --                   '{"version":V,"attempt":...,...}' (the value JSON is never re-encoded here)
 --   outcome_ttl_ms, tombstone_ttl_ms, maxlen
 --   values          JSON text or null: the stream entry's field w, the documents written
---                   ([[key, json | null, slot], ...]; left out past TETHER_COMMIT_VALUES_BYTES)
+--                   ([[key, json | null, slot], ...]; left out past TETHER_COMMIT_VALUES_BYTES,
+--                   and for a batch: see Store._commit_request)
+--   more            optional: the other members of a group commit (a hot key's batch, see
+--                   Store._run_batch), after the one above: [[i, outcome, outcome_ttl_ms,
+--                   fence, offset], ...], i its outcome key; its outcome is stored at version
+--                   V + offset when the commit writes (at the current version when not)
+--   versions        optional (a batch): the versions the commit takes, V .. V + versions - 1,
+--                   one per member that succeeded; each gets a stream entry, the first
+--                   listing every key the batch wrote and the others none
 --
--- Returns {'ok', V} | {'conflict', key} | {'duplicate', stored_outcome} | {'ended'}.
+-- Returns {'ok', V} | {'conflict', key} | {'duplicate', stored_outcome} | {'ended'}; for a member
+-- j of more, {'duplicate', stored_outcome, j} | {'ended', j}: nothing written, the caller runs the
+-- batch again without that member.
 --
 -- A commit that writes nothing validates its reads and stores its outcome at the current version
 -- without advancing it. A retried call (a lost reply) finds its own attempt in the outcome key
@@ -50,6 +60,12 @@ end
 
 if p.fence ~= 0 and redis.call('EXISTS', KEYS[p.fence]) == 1 then return {'ended'} end
 
+for j, member in ipairs(p.more or {}) do
+  local other = redis.call('GET', KEYS[member[1]])
+  if other then return {'duplicate', other, j} end
+  if member[4] ~= 0 and redis.call('EXISTS', KEYS[member[4]]) == 1 then return {'ended', j} end
+end
+
 for _, read in ipairs(p.reads) do
   local key = KEYS[read[1]]
   local current
@@ -61,10 +77,15 @@ for _, read in ipairs(p.reads) do
   if (tonumber(current) or 0) ~= read[3] then return {'conflict', key} end
 end
 
+local step = 0  -- 1 once the commit writes: the members of a batch take versions of their own
 local function store_outcome(version)
   if p.outcome ~= cjson.null then
     redis.call('SET', KEYS[4], '{"version":' .. int(version) .. ',' .. string.sub(p.outcome, 2),
                'PX', p.outcome_ttl_ms)
+  end
+  for _, member in ipairs(p.more or {}) do
+    redis.call('SET', KEYS[member[1]], '{"version":' .. int(version + step * member[5]) .. ','
+               .. string.sub(member[2], 2), 'PX', member[3])
   end
 end
 
@@ -103,7 +124,14 @@ if type(added) == 'table' and added.err then
   added = append(v)
   if type(added) == 'table' and added.err then return redis.error_reply(added.err) end
 end
-redis.call('SET', KEYS[1], int(v))
+-- A batch's other versions: no reader ever sees a state between two of its members, so their
+-- entries list no keys (the first lists them all: a reader that has read it has seen them).
+local last = v + (p.versions or 1) - 1
+for w = v + 1, last do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', p.maxlen, int(w) .. '-0',
+             'v', int(w), 'k', '[]', 't', committed_at)
+end
+redis.call('SET', KEYS[1], int(last))
 
 for _, doc in ipairs(p.docs) do
   local key = KEYS[doc[1]]
@@ -135,5 +163,6 @@ for _, i in ipairs(p.touched) do
   redis.call('HSET', KEYS[3], KEYS[i], int(v))
 end
 
+step = 1
 store_outcome(v)
 return {'ok', v}

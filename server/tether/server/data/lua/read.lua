@@ -12,6 +12,10 @@
 -- ARGV[2]  optional: i of a mutation's outcome key (its first read of its first attempt). When
 --          that key holds an outcome, the mutation already finished: nothing is read and the
 --          reply is {-1, stored_outcome} (the caller replays it instead of running on).
+--          '' for none (when ARGV[3] follows).
+-- ARGV[3]  optional: JSON list of the i of a batch's outcome keys (Store._run_batch, the members
+--          of a hot key's group commit). The read goes ahead, and the reply ends with one more
+--          element: the list of what those keys hold, '' for none, in the same order.
 --
 -- Returns {version, r1, r2, ...}, one r per op:
 --   doc   -> {v, d, c}: the version that last wrote it ('0' if never), the JSON ('' if absent
@@ -20,7 +24,7 @@
 --
 -- The documents of an index range are read by name, not through KEYS: their ids are known only
 -- here. They carry the same hash tag as KEYS, so in Redis Cluster they are in the same slot.
-if ARGV[2] then
+if ARGV[2] and ARGV[2] ~= '' then
   local stored = redis.call('GET', KEYS[tonumber(ARGV[2])])
   if stored then return {-1, stored} end
 end
@@ -59,5 +63,12 @@ for _, op in ipairs(ops) do
     end
     out[#out + 1] = {kv, rows}
   end
+end
+if ARGV[3] then
+  local outcomes = {}
+  for j, i in ipairs(cjson.decode(ARGV[3])) do
+    outcomes[j] = redis.call('GET', KEYS[i]) or ''
+  end
+  out[#out + 1] = outcomes
 end
 return out
