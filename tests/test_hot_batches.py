@@ -149,6 +149,11 @@ async def test_queued_mutations_on_a_hot_key_commit_together(
     assert batch.commits[0].written_keys == {store.keys.doc("items", doc_id)} and not any(
         c.written_keys for c in batch.commits[1:]
     )
+    # The warm-up, a commit alone, carried its document for read caches; the batch carries
+    # none: its first entry would pass the final state off as the first member's.
+    [warm] = (await store.read_commits(before - 1, count=1)).commits
+    assert warm.version == before and warm.values is not None
+    assert all(c.values is None for c in batch.commits)
     for i, outcome in enumerate(outcomes, start=1):
         stored = await store.get_outcome(MutationRequest("items.bump", "c", i))
         assert stored == {
