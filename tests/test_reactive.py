@@ -1249,3 +1249,33 @@ async def test_a_mutation_outliving_its_token_commits_when_a_same_session_refres
     result = await live.result(1, timeout=10)
     assert result.get("value") == 1, result
     assert not [f for f in live.frames if f["type"] == "auth_expired"], live.frames
+
+
+async def test_after_redis_loses_its_data_the_watcher_follows_the_new_versions(
+    server_factory: Callable[..., ServerProcess],
+    open_live: Opener,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Redis loses every key (a restart without persistence): versions start again from 0.
+    Each instance notices (a gap), re-runs its live queries once, and then follows the new,
+    lower versions: another instance's commit reaches it as a commit, not through a full
+    re-evaluation every time the watcher's blocking read times out. ``tally.evaluations``
+    counts its runs, so every re-run shows up as a transition."""
+    a = server_factory(app=TEST_APP)
+    b = server_factory(app=TEST_APP)
+    watcher = await open_live(a, label="watcher on A")
+    writer = await open_live(b, label="writer on B")
+    name = unique("loss")
+    await watcher.subscribe(1, "tally.evaluations", {"name": name})
+    for i in range(1, 21):
+        await writer.mutate(i, "tally.bump", {"name": name})
+    await watcher.wait_value(1, tally_is(20), "tally 20")
+    await redis_client.flushall()
+    await watcher.wait_value(1, tally_is(0), "the loss seen (a resync)")
+    await asyncio.sleep(1)  # the resync's own transitions
+    quiet = len(transitions(watcher))
+    await asyncio.sleep(5)  # more than two of the watcher's 2-s blocking reads
+    assert len(transitions(watcher)) == quiet, "re-run without any commit"
+    await writer.mutate(21, "tally.bump", {"name": name})
+    await watcher.wait_value(1, tally_is(1), "B's commit after the loss")
+    assert len(transitions(watcher)) == quiet + 1

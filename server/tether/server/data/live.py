@@ -438,8 +438,11 @@ class SubscriptionManager:
                 failing = False
             self._watch_ok = not batch.gap
             if batch.gap:
-                position = max(position, batch.version)
-                self._watched = max(self._watched, position)
+                # Past a trimmed stretch, or back down when Redis lost its data (the version
+                # went backwards): reading on from the old position would see no new commit
+                # until the versions climbed past it.
+                position = batch.version
+                self._watched = position
                 self._handed.set()
                 self.resync()
             elif batch.commits:
@@ -478,7 +481,9 @@ class SubscriptionManager:
             self.fetched = await self.engine.version()
             if self.read_cache is not None:
                 self.read_cache.reset(self.fetched)
-            self._needed = max(self._needed, self.fetched)
+            # Not above the version now: after Redis lost its data, an old target would keep
+            # the pump reading the stream (and waiting for the watcher) on every cycle.
+            self._needed = max(self.fetched, self._waited)
         converged = False
         for _ in range(MAX_ROUNDS):
             await self._read_commits()
