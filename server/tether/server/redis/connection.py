@@ -253,6 +253,9 @@ class AutoPipeline:
     cancel the batch: its reply is read and dropped, so no connection goes back to the pool with
     replies unread; one cancelled before its batch was sent is left out of it. A batch carries
     at most :data:`PIPELINE_MAX_COMMANDS` commands.
+
+    Not for blocking commands (``XREAD BLOCK``, ``BLPOP``): one would hold up every reply
+    behind it in its batch.
     """
 
     __slots__ = ("__weakref__", "_batch", "_sending", "client", "max_commands")
