@@ -9,8 +9,10 @@ command of one batch comes on the one connection the batch took from the pool).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -258,3 +260,15 @@ async def test_a_cluster_client_has_no_auto_pipeline(cluster: RedisClusterProces
         assert replies == list(range(12))
     finally:
         await client.aclose()
+
+
+def test_one_auto_pipeline_per_client_which_does_not_outlive_it() -> None:
+    client = connect("redis://127.0.0.1:1/0")  # never connects
+    pipeline = auto_pipeline(client)
+    assert pipeline is not None
+    assert auto_pipeline(client) is pipeline
+    assert Script(client, CHECKED)._pipeline is pipeline
+    gone = weakref.ref(client)
+    del client, pipeline
+    gc.collect()
+    assert gone() is None

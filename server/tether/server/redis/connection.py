@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from importlib import resources
@@ -258,7 +257,7 @@ class AutoPipeline:
     behind it in its batch.
     """
 
-    __slots__ = ("__weakref__", "_batch", "_sending", "client", "max_commands")
+    __slots__ = ("_batch", "_sending", "client", "max_commands")
 
     def __init__(self, client: Redis, max_commands: int = PIPELINE_MAX_COMMANDS) -> None:
         if max_commands < 1:
@@ -332,8 +331,9 @@ def _answer(waiter: asyncio.Future[Any], reply: Any) -> None:
         waiter.set_result(reply)
 
 
-#: The auto-pipeline of each standalone client (see :func:`auto_pipeline`).
-_AUTO_PIPELINES: weakref.WeakKeyDictionary[Redis, AutoPipeline] = weakref.WeakKeyDictionary()
+#: The attribute of a standalone client that holds its auto-pipeline (on the client itself,
+#: so that the two go together: a map from client to pipeline would keep every client alive).
+_AUTO_PIPELINE_ATTR = "_tether_auto_pipeline"
 
 
 def auto_pipeline(client: RedisClient) -> AutoPipeline | None:
@@ -341,9 +341,10 @@ def auto_pipeline(client: RedisClient) -> AutoPipeline | None:
     for a Cluster client, whose commands go one by one to their own nodes."""
     if isinstance(client, RedisCluster):
         return None
-    pipeline = _AUTO_PIPELINES.get(client)
+    pipeline: AutoPipeline | None = getattr(client, _AUTO_PIPELINE_ATTR, None)
     if pipeline is None:
-        pipeline = _AUTO_PIPELINES[client] = AutoPipeline(client)
+        pipeline = AutoPipeline(client)
+        setattr(client, _AUTO_PIPELINE_ATTR, pipeline)
     return pipeline
 
 
