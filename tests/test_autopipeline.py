@@ -22,6 +22,7 @@ import redis.asyncio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from tether.server.data.engine import run_mutation
 from tether.server.redis.connection import (
     PIPELINE_MAX_COMMANDS,
     AutoPipeline,
@@ -31,6 +32,7 @@ from tether.server.redis.connection import (
 )
 
 from tests.harness import RedisClusterProcess, RedisProcess
+from tests.test_store_commits import counted, create, make_store
 
 #: A script that fails for a negative argument and echoes it otherwise.
 CHECKED = """
@@ -99,6 +101,40 @@ async def test_script_calls_in_one_turn_travel_together(
         replies, used = await connections_used(redis_client, action)
         assert replies == list(range(10))
         assert list(used.values()) == [10]
+    finally:
+        await client.aclose()
+
+
+async def test_concurrent_mutations_share_their_round_trips(
+    redis_proc: RedisProcess, redis_client: redis.asyncio.Redis
+) -> None:
+    """Eight mutations on eight documents at once: their eight reads travel as one batch, and
+    so do their eight commits, each with its own answer."""
+    client = connect(redis_proc.url)
+    try:
+        store = make_store(client)
+        tags = [f"t{i}" for i in range(8)]
+        for tag in tags:
+            await create(store, tag)
+        bump = counted([])
+        for tag in tags:  # each call known: its outcome check rides on its first read
+            await run_mutation(store, bump, {"tag": tag}, None, client_id=tag, request_id=1)
+
+        async def action() -> list[Any]:
+            return await asyncio.gather(
+                *(
+                    run_mutation(store, bump, {"tag": tag}, None, client_id=tag, request_id=2)
+                    for tag in tags
+                )
+            )
+
+        outcomes, used = await connections_used(redis_client, action)
+        assert [outcome.value_json for outcome in outcomes] == ["2"] * 8
+        assert len({outcome.version for outcome in outcomes}) == 8
+        # A read.lua and a commit.lua each, eight at a time in flight: on at most two
+        # connections (one per batch), where calls one by one would have taken eight.
+        assert sum(used.values()) >= 8
+        assert len(used) <= 2
     finally:
         await client.aclose()
 
