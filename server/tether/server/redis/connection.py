@@ -37,6 +37,12 @@ CONNECT_TIMEOUT = 2.0
 #: Connections one client keeps to a standalone Redis, and commands (or pipelines) one Cluster
 #: client has in flight on one node; callers beyond it wait their turn, up to SOCKET_TIMEOUT.
 MAX_CONNECTIONS = 64
+#: Commands one auto-pipelined batch carries at most (:class:`AutoPipeline`); a fuller turn
+#: sends several batches, side by side on their own connections. The bound keeps one batch's
+#: write and replies (each script call carries a commit's documents) to a few hundred kB, and
+#: keeps its first caller from waiting on the replies of thousands of others; past a few dozen
+#: commands a batch saves no more round trips worth having.
+PIPELINE_MAX_COMMANDS = 64
 
 
 def redact_url(url: str) -> str:
@@ -222,6 +228,126 @@ class _ClusterPipeline(ClusterPipeline):
             raise RedisConnectionError(f"Redis Cluster unavailable: {exc}") from exc
 
 
+class _Batch:
+    """The commands asked for in one turn of ``loop``: each one's arguments and its caller's
+    future."""
+
+    __slots__ = ("calls", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+
+
+class AutoPipeline:
+    """Sends the commands that concurrent tasks ask for in one turn of the event loop to a
+    standalone Redis as one pipeline: one connection checkout, one write, one read of the
+    replies, instead of a round trip each.
+
+    Each caller gets its own reply, or its own error: a command's error (a script's, a
+    ``NOSCRIPT``) is that caller's alone. A connection error or time-out fails the whole batch
+    after the client's bounded retries (every command in it is re-sent: Tether's scripts give
+    the same answer when retried, as they must for a single command's retry) and reaches every
+    caller in it, as it would have reached each of them. A caller that is cancelled does not
+    cancel the batch: its reply is read and dropped, so no connection goes back to the pool with
+    replies unread; one cancelled before its batch was sent is left out of it. A batch carries
+    at most :data:`PIPELINE_MAX_COMMANDS` commands.
+
+    Not for blocking commands (``XREAD BLOCK``, ``BLPOP``): one would hold up every reply
+    behind it in its batch.
+    """
+
+    __slots__ = ("_batch", "_sending", "client", "max_commands")
+
+    def __init__(self, client: Redis, max_commands: int = PIPELINE_MAX_COMMANDS) -> None:
+        if max_commands < 1:
+            raise ValueError("max_commands must be positive")
+        self.client = client
+        self.max_commands = max_commands
+        self._batch: _Batch | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def execute(self, *args: Any) -> Any:
+        """Command ``args`` (``"EVALSHA", sha, numkeys, ...``) in the next batch: its reply."""
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is None or batch.loop is not loop:
+            batch = self._batch = _Batch(loop)
+            # The task's first step runs after every callback already queued in this turn:
+            # the commands they ask for join the batch before it is sent.
+            task = loop.create_task(self._send(batch))
+            # Held until done: the loop keeps only weak references to tasks.
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        waiter: asyncio.Future[Any] = loop.create_future()
+        batch.calls.append((args, waiter))
+        if len(batch.calls) >= self.max_commands:
+            self._batch = None  # full: the next command starts a batch of its own
+        return await waiter
+
+    async def _send(self, batch: _Batch) -> None:
+        if self._batch is batch:
+            self._batch = None
+        calls = [(args, waiter) for args, waiter in batch.calls if not waiter.done()]
+        try:
+            if len(calls) == 1:
+                # One command, without a pipeline's overhead.
+                args, waiter = calls[0]
+                try:
+                    reply = await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+                except Exception as exc:
+                    _answer(waiter, exc)
+                else:
+                    _answer(waiter, reply)
+                return
+            if not calls:
+                return
+            async with self.client.pipeline(transaction=False) as pipe:
+                for args, _ in calls:
+                    pipe.execute_command(*args)
+                try:
+                    # Each command's error in its place; a connection error raises.
+                    replies = await pipe.execute(raise_on_error=False)
+                except Exception as exc:
+                    for _, waiter in calls:
+                        _answer(waiter, exc)
+                    return
+            for (_, waiter), reply in zip(calls, replies, strict=True):
+                _answer(waiter, reply)
+        finally:
+            # Only when this task itself was cancelled (the loop shutting down) or failed
+            # unexpectedly: no caller waits forever.
+            for _, waiter in calls:
+                if not waiter.done():
+                    waiter.cancel()
+
+
+def _answer(waiter: asyncio.Future[Any], reply: Any) -> None:
+    if waiter.done():  # its caller was cancelled (its socket went, its time ran out)
+        return
+    if isinstance(reply, BaseException):
+        waiter.set_exception(reply)
+    else:
+        waiter.set_result(reply)
+
+
+#: The attribute of a standalone client that holds its auto-pipeline (on the client itself,
+#: so that the two go together: a map from client to pipeline would keep every client alive).
+_AUTO_PIPELINE_ATTR = "_tether_auto_pipeline"
+
+
+def auto_pipeline(client: RedisClient) -> AutoPipeline | None:
+    """``client``'s :class:`AutoPipeline` (one per client, shared by every caller), or ``None``
+    for a Cluster client, whose commands go one by one to their own nodes."""
+    if isinstance(client, RedisCluster):
+        return None
+    pipeline: AutoPipeline | None = getattr(client, _AUTO_PIPELINE_ATTR, None)
+    if pipeline is None:
+        pipeline = AutoPipeline(client)
+        setattr(client, _AUTO_PIPELINE_ATTR, pipeline)
+    return pipeline
+
+
 class Script:
     """One of Tether's Lua scripts: called by its SHA1 (``EVALSHA``), and sent in full
     (``EVAL``) to a node that does not have it (a restart, ``SCRIPT FLUSH``, a replica promoted
@@ -232,21 +358,31 @@ class Script:
     missing on its node could run anywhere. ``EVAL`` goes to the node of the script's keys only,
     and caches the script there. Sending it again is safe: the script did not run when
     ``NOSCRIPT`` came back.
+
+    On a standalone server the calls go through the client's :class:`AutoPipeline`: the scripts
+    that concurrent mutations run in one turn of the event loop travel as one pipeline.
     """
 
-    __slots__ = ("client", "script", "sha")
+    __slots__ = ("_pipeline", "client", "script", "sha")
 
     def __init__(self, client: RedisClient, script: str) -> None:
         self.client = client
         self.script = script
         # The name Redis gives a script (not a security use of SHA-1).
         self.sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+        self._pipeline = auto_pipeline(client)
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        pipeline = self._pipeline
+        if pipeline is None:
+            try:
+                return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await self.client.eval(self.script, len(keys), *keys, *args)
         try:
-            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+            return await pipeline.execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await self.client.eval(self.script, len(keys), *keys, *args)
+            return await pipeline.execute("EVAL", self.script, len(keys), *keys, *args)
 
 
 def load_script(client: RedisClient, package: str, name: str) -> Script:
