@@ -646,6 +646,33 @@ async def test_a_connection_closed_while_its_mutation_waits_leaves_no_follower(
     assert await _watching(redis_client) <= baseline
 
 
+async def test_one_connection_spans_at_most_its_partition_limit(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    """A connection may not claim more of the instance's followers (each a Redis connection)
+    than TETHER_MAX_CONNECTION_PARTITIONS; another connection is not held back by it."""
+    server = server_factory(app=PARTITION_APP, env={"TETHER_MAX_CONNECTION_PARTITIONS": "2"})
+    first, second, third = (unique("tenant") for _ in range(3))
+    live = await open_live(server, label="one connection")
+    await live.subscribe(1, "tenant.get", {"tenant": first, "name": "n"})
+    await live.subscribe(2, "tenant.get", {"tenant": second, "name": "n"})
+    await live.subscribe(3, "tenant.get", {"tenant": first, "name": "m"})  # spanned already
+    await live.subscribe(4, "tally.get", {"name": "n"})  # the default partition: not counted
+    await live.subscribe(5, "tenant.get", {"tenant": third, "name": "n"})
+    assert live.held[5] == ("error", "limit_exceeded")
+    assert [live.value(q) for q in (1, 2, 3, 4)] == [0, 0, 0, 0]
+    other = await open_live(server, label="another connection")
+    await other.subscribe(1, "tenant.get", {"tenant": third, "name": "n"})
+    assert other.value(1) == 0
+    # Unsubscribing frees a place; the refused subscription does not hold one.
+    await live.send({"type": "unsubscribe", "queryId": 2})
+    await live.subscribe(6, "tenant.get", {"tenant": third, "name": "n"})
+    assert live.value(6) == 0
+    result = await live.mutate(1, "tenant.bump", {"tenant": third, "name": "n"})
+    assert live.at_result[1][1][6] == ("value", result["value"]) == ("value", 1)
+    await other.wait_value(1, lambda v: v == 1, "the other connection sees the bump")
+
+
 async def test_subscriptions_past_the_followed_partitions_limit_are_refused(
     server_factory: Callable[..., ServerProcess], open_live: Opener
 ) -> None:

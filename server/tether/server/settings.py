@@ -274,6 +274,12 @@ class Settings:
         "data partitions one instance follows for live queries (each a Redis connection);"
         " a subscription into one more is answered limit_exceeded",
     )
+    max_connection_partitions: int = _setting(
+        64,
+        _parse_int,
+        "data partitions one connection's subscriptions may span; a subscription into one more"
+        " is answered limit_exceeded",
+    )
     max_session_partitions: int = _setting(
         1000,
         _parse_int,
@@ -438,6 +444,7 @@ class Settings:
             "send_queue_bytes",
             "max_subscriptions",
             "max_followed_partitions",
+            "max_connection_partitions",
             "max_session_partitions",
             "max_pending_mutations",
             "mutation_batch",

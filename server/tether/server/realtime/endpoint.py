@@ -510,7 +510,21 @@ class Connection:
         if regs:
             endpoint.subscriptions.attach(regs)
         refused: list[tuple[Registration, Evaluation]] = []
+        # The partitions this connection's other subscriptions already span: each follower is
+        # a Redis connection of the instance, so one socket may not claim many of them.
+        spanned = {
+            r.partition
+            for r in self.regs.values()
+            if r.partition is not None and not r.detached and r.partition not in partitioned
+        }
+        cap = endpoint.settings.max_connection_partitions
         for partition, group in partitioned.items():
+            if partition not in spanned and len(spanned) >= cap:
+                for reg in group:
+                    reg.detached = True
+                    refused.append((reg, endpoint.too_many_connection_partitions))
+                continue
+            spanned.add(partition)
             manager = endpoint.partitions.manager(partition)
             if manager is not None:
                 manager.attach(group)
@@ -720,6 +734,20 @@ class SyncEndpoint:
             metrics=metrics,
             limit=settings.max_followed_partitions,
             read_cache_bytes=settings.read_cache_bytes,
+        )
+        #: The result of a subscription that would make one connection span more partitions
+        #: than TETHER_MAX_CONNECTION_PARTITIONS.
+        self.too_many_connection_partitions = QueryEvaluation(
+            None,
+            (
+                ErrorCode.LIMIT_EXCEEDED,
+                f"this connection's subscriptions span {settings.max_connection_partitions} data"
+                " partitions, the most they may (TETHER_MAX_CONNECTION_PARTITIONS); unsubscribe"
+                " from one first",
+            ),
+            frozenset(),
+            0,
+            False,
         )
         #: The result of a subscription into a partition past that limit.
         self.too_many_partitions = QueryEvaluation(
