@@ -1,0 +1,83 @@
+"""Where the read cache meets hot-key batches (issue 14): a batch's commit takes versions
+V .. V+n-1, but every document it wrote carries version V in Redis with the batch's final
+state. A cache that has applied entry V and not yet the later ones (a manager part-way through
+a batch: the watcher's XREAD cut between its entries, or this instance's members handed over
+one by one) is valid at V; no query may answer "at V" with a state only a later member made.
+
+Real ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio
+from tether.server.data.read_cache import ReadCache
+from tether.server.data.store import QueryDB
+
+from tests.test_hot_batches import bumper, call, create, heat, make_store
+
+
+def both(first: str, second: str) -> Callable[[QueryDB], Awaitable[str]]:
+    """Read the document ``first``, then ``second`` (one snapshot)."""
+
+    async def run(db: QueryDB) -> str:
+        a = await db.get("items", first)
+        b = await db.get("items", second)
+        return json.dumps([a and a["n"], b and b["n"]])
+
+    return run
+
+
+async def test_a_cache_part_way_through_a_batch_never_answers_a_later_members_state(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A query whose first read hits the cache at V (the batch's first entry applied) and whose
+    next read, of a document the batch wrote, goes to Redis: Redis has the batch's final state,
+    with version V (not newer than the snapshot). The answer must not be that state at V,
+    where the counter is the first member's (its mutation_result at V said so)."""
+    store = make_store(redis_client, max_retries=0)
+    other = await create(store, "o")
+    counter = await create(store, "h")
+    bump = bumper([])
+    await heat(store, "h", bump)
+    cache = ReadCache(None)
+    cache.reset(await store.version())
+    run = both(other, counter)
+    await store.run_query(run, cache)  # fills both documents at the cache's version
+    before = await store.version()
+
+    outcomes = await asyncio.gather(*(call(store, bump, "h", i) for i in range(1, 4)))
+    assert sorted(o.version for o in outcomes) == [before + 1, before + 2, before + 3]
+    at_first = {o.version: int(o.value_json or 0) for o in outcomes}[before + 1]
+
+    # The manager applies the batch's first entry only (the others are still to come).
+    [first] = (await store.read_commits(before, count=1)).commits
+    assert first.version == before + 1 and first.written_keys
+    cache.apply(first.version, first.written_keys, first.values)
+
+    answer = await store.run_query(run, cache)
+    n = json.loads(answer.value_json or "null")[1]
+    assert answer.version > before + 1 or n == at_first, (answer.version, n, at_first)
+
+
+async def test_a_cache_hit_then_a_document_written_since_answers_not_conflict(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A query whose first read hits the cache at C and whose next read, of a document not in
+    the cache, meets it written after C (a commit the manager has not applied yet): the query
+    must still answer (every run must not conflict with the cache's older snapshot)."""
+    store = make_store(redis_client, max_retries=0)
+    other = await create(store, "o")
+    counter = await create(store, "h")
+    cache = ReadCache(None)
+    cache.reset(await store.version())
+    await store.run_query(both(other, other), cache)  # only `other` is cached
+    bump = bumper([])
+    await call(store, bump, "h", 1)  # writes `counter` after the cache's version
+
+    answer = await store.run_query(both(other, counter), cache)
+    assert answer.error is None, answer
+    assert json.loads(answer.value_json or "null") == [0, 1]
