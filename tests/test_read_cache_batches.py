@@ -81,3 +81,25 @@ async def test_a_cache_hit_then_a_document_written_since_answers_not_conflict(
     answer = await store.run_query(both(other, counter), cache)
     assert answer.error is None, answer
     assert json.loads(answer.value_json or "null") == [0, 1]
+
+
+async def test_a_cache_from_before_redis_lost_its_data_does_not_mix_into_a_read(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Redis restarted without its data (versions start again from 0) before the instance's
+    watcher noticed: a query whose first read hits the cache (the old history, at C) and whose
+    next read goes to Redis (the new one, below C) must not answer with a document of the old
+    history beside one of the new: it reads the new history alone."""
+    store = make_store(redis_client, max_retries=0)
+    old = await create(store, "o")
+    for _ in range(3):
+        await create(store, "x")  # the old history's version, above the new one's
+    cache = ReadCache(None)
+    cache.reset(await store.version())
+    await store.run_query(both(old, old), cache)  # `old` is cached
+    await redis_client.flushall()
+    new = await create(store, "n")
+    assert await store.version() < (cache.version or 0)
+
+    answer = await store.run_query(both(old, new), cache)
+    assert json.loads(answer.value_json or "null") == [None, 0], answer

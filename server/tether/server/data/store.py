@@ -260,7 +260,7 @@ class SnapshotMoved(_Abort):
 
 
 class _CacheBehind(SnapshotMoved):
-    """Internal: a query read Redis at a version newer than the read cache that answered its
+    """Internal: a query read Redis at another version than the read cache that answered its
     earlier reads (:meth:`QueryDB._fetch`); the run is repeated without the cache."""
 
 
@@ -722,12 +722,14 @@ class QueryDB(_Database):
             self._cached_at = hit[0]
             return hit
         version, results = await super()._fetch(ops)
-        if self._cached_at is not None and version > self._cached_at:
+        if self._cached_at is not None and version != self._cached_at:
             # Redis is past the cache's version: what this read returns cannot join the cached
             # answers' snapshot. A key version check would not do: a hot key's batch writes
             # its final state with its first version V (Store._run_batch), so a cache at V
             # would pass a later member's state off as V's; and a key written since would
-            # make every run at the cache's version fail. The run starts over from Redis.
+            # make every run at the cache's version fail. Or Redis is behind it: it lost its
+            # data, and the cache holds another history until the watcher notices. The run
+            # starts over from Redis.
             self._abort(_CacheBehind())
         cache.fill(version, ops, results)
         return version, results
