@@ -103,3 +103,20 @@ async def test_a_cache_from_before_redis_lost_its_data_does_not_mix_into_a_read(
 
     answer = await store.run_query(both(old, new), cache)
     assert json.loads(answer.value_json or "null") == [None, 0], answer
+
+
+async def test_a_run_behind_redis_costs_the_query_none_of_its_attempts(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """With one attempt per query, a run that met the cache behind Redis still answers: its
+    run from Redis alone is not an attempt taken from the query."""
+    store = make_store(redis_client, max_retries=0, query_attempts=1)
+    other = await create(store, "o")
+    counter = await create(store, "h")
+    cache = ReadCache(None)
+    cache.reset(await store.version())
+    await store.run_query(both(other, other), cache)
+    await call(store, bumper([]), "h", 1)
+
+    answer = await store.run_query(both(other, counter), cache)
+    assert json.loads(answer.value_json or "null") == [0, 1], answer

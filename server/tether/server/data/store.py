@@ -1672,7 +1672,9 @@ class Store:
         if cache is not None and cache.partition != self.keys.partition:
             cache = None  # another partition's versions
         read_set: set[str] = set()
-        for _ in range(self.query_attempts):
+        # A run through the cache may end once more: behind Redis (_CacheBehind), it goes on
+        # without the cache, and that run counts none of the query's attempts.
+        for _ in range(self.query_attempts + (cache is not None)):
             db = QueryDB(self, cache)
             value_json, error = await self._run_function(run, db)
             read_set |= db._read_set
