@@ -12,11 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio
+from tether.server.data.engine import QueryEngine
+from tether.server.data.functions import App, Context
+from tether.server.data.live import Registration, SubscriptionManager
 from tether.server.data.read_cache import ReadCache
-from tether.server.data.store import QueryDB
+from tether.server.data.store import MutationDB, QueryDB, Store
 
+from tests.clock import ManualClock
 from tests.test_hot_batches import bumper, call, create, heat, make_store
 
 
@@ -120,3 +125,83 @@ async def test_a_run_behind_redis_costs_the_query_none_of_its_attempts(
 
     answer = await store.run_query(both(other, counter), cache)
     assert json.loads(answer.value_json or "null") == [0, 1], answer
+
+
+class Recorded:
+    """A subscriber that keeps every delivery: (version, value JSON, error)."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[int, str | None, tuple[str, str] | None]] = []
+
+    def deliver(self, version: int, updates: list[tuple[Any, Any]], shared: Any = None) -> None:
+        for _, evaluation in updates:
+            self.deliveries.append((version, evaluation.value_json, evaluation.error))
+
+    def identity_ended(self) -> None:
+        pass
+
+    def current_identity(self) -> None:
+        return None
+
+    def current_generation(self) -> int:
+        return 0
+
+
+async def test_a_live_query_half_in_the_cache_gets_its_value_not_a_lasting_conflict(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A live query reads a document still cached, then one a commit wrote without its value
+    (past ``commit_values_bytes``); another commit writes that one again before the re-run.
+    The manager has applied the first commit only (as when this instance hands it over itself)
+    when it re-runs the query: the re-run answers the documents' values, not ``conflict`` (which
+    it then kept: its version was Redis's, so applying the second commit did not re-run it)."""
+    queries = App("cache-live")
+    queries.table("items", indexes={"by_tag": ["tag"]})
+
+    @queries.query("items.both")
+    async def items_both(ctx: Context, first: str, second: str) -> Any:
+        a = await ctx.db.get("items", first)
+        b = await ctx.db.get("items", second)
+        return [a and a["n"], b and b["n"]]
+
+    store = Store(
+        redis_client, schema=queries.schema, clock=ManualClock(), commit_values_bytes=1024
+    )
+    engine = QueryEngine(queries, store)
+    cache = ReadCache(None)
+    manager = SubscriptionManager(
+        engine, clock=ManualClock(), identity_usable=lambda _: True, read_cache=cache
+    )
+    manager._watch_ok = False  # no watcher here: the pump reads the stream itself
+    a = await insert(store, {"tag": "a", "n": 0})
+    b = await insert(store, {"tag": "b", "n": 0})
+    args = engine.resolve("query", "items.both", {"first": a, "second": b})
+    seen = Recorded()
+    manager.attach([Registration(seen, 1, 1, 0, "items.both", args, None)])
+    await manager._cycle()  # first evaluation: both documents cached
+    assert seen.deliveries[-1][1:] == ("[0,0]", None)
+
+    big = await patch(store, b, {"n": 1, "pad": "x" * 2000})  # no value in its stream entry
+    await patch(store, b, {"n": 2})  # not applied by the manager yet
+    manager.notify_commit(big.version, big.written_keys, big.written_values)
+    await manager._cycle()
+    await manager._cycle()  # and once more after the second commit is applied
+
+    for version, _, error in seen.deliveries[1:]:
+        assert error is None, (version, error)
+    assert seen.deliveries[-1][1] == "[0,2]"
+
+
+async def insert(store: Store, doc: dict[str, Any]) -> str:
+    db = MutationDB(store)
+    doc_id = await db.insert("items", doc)
+    await store.commit(db, request=None, outcome_value_json=None)
+    return doc_id
+
+
+async def patch(store: Store, doc_id: str, fields: dict[str, Any]) -> Any:
+    db = MutationDB(store)
+    await db.patch("items", doc_id, fields)
+    result = await store.commit(db, request=None, outcome_value_json=None)
+    assert result.version is not None
+    return result
