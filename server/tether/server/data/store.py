@@ -259,6 +259,11 @@ class SnapshotMoved(_Abort):
     """Internal: a read met a version newer than the run's snapshot; the run is retried."""
 
 
+class _CacheBehind(SnapshotMoved):
+    """Internal: a query read Redis at another version than the read cache that answered its
+    earlier reads (:meth:`QueryDB._fetch`); the run is repeated without the cache."""
+
+
 class _Replayed(_Abort):
     """Internal: the mutation's first read found its outcome stored: it already finished."""
 
@@ -702,6 +707,7 @@ class QueryDB(_Database):
         self._snapshot: int | None = None
         self._read_set: set[str] = set()
         self._cache = cache
+        self._cached_at: int | None = None  # the version a cache hit of this run answered at
 
     async def _fetch(self, ops: Sequence[_DocOp | _RangeOp]) -> tuple[int, list[_Doc | _Range]]:
         cache = self._cache
@@ -713,8 +719,18 @@ class QueryDB(_Database):
         # read of this run (concurrent ones too) can move the snapshot past it.
         hit = cache.lookup(ops, self._snapshot)
         if hit is not None:
+            self._cached_at = hit[0]
             return hit
         version, results = await super()._fetch(ops)
+        if self._cached_at is not None and version != self._cached_at:
+            # Redis is past the cache's version: what this read returns cannot join the cached
+            # answers' snapshot. A key version check would not do: a hot key's batch writes
+            # its final state with its first version V (Store._run_batch), so a cache at V
+            # would pass a later member's state off as V's; and a key written since would
+            # make every run at the cache's version fail. Or Redis is behind it: it lost its
+            # data, and the cache holds another history until the watcher notices. The run
+            # starts over from Redis.
+            self._abort(_CacheBehind())
         cache.fill(version, ops, results)
         return version, results
 
@@ -1656,12 +1672,16 @@ class Store:
         if cache is not None and cache.partition != self.keys.partition:
             cache = None  # another partition's versions
         read_set: set[str] = set()
-        for _ in range(self.query_attempts):
+        # A run through the cache may end once more: behind Redis (_CacheBehind), it goes on
+        # without the cache, and that run counts none of the query's attempts.
+        for _ in range(self.query_attempts + (cache is not None)):
             db = QueryDB(self, cache)
             value_json, error = await self._run_function(run, db)
             read_set |= db._read_set
             if db.aborted:
                 db._raise_redis_failure()
+                if isinstance(db._aborted, _CacheBehind):
+                    cache = None  # behind Redis: this query reads Redis alone from here
                 continue
             snapshot = db.snapshot
             version = snapshot if snapshot is not None else await self.version()
