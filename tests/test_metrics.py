@@ -314,6 +314,19 @@ async def test_metrics_token_is_required_when_set(tmp_path: Path) -> None:
     assert token not in repr(app.node.settings)
 
 
+def test_settings_repr_shows_no_secret() -> None:
+    """The Redis URL may carry a password: as secret as the metrics token and the key set."""
+    settings = Settings.load(
+        environ={
+            "TETHER_REDIS_URL": "redis://:hunter2-redis-password@redis.internal:6379/0",
+            "TETHER_METRICS_TOKEN": "metrics-token-0123456789",
+        }
+    )
+    shown = repr(settings)
+    assert "hunter2-redis-password" not in shown
+    assert "metrics-token-0123456789" not in shown
+
+
 @pytest.mark.parametrize("token", ["short-token", "has a space in it ok", 'bad"quote-0123456'])
 def test_metrics_token_must_look_like_a_bearer_token(token: str) -> None:
     with pytest.raises(SettingsError, match="TETHER_METRICS_TOKEN"):
