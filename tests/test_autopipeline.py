@@ -394,3 +394,21 @@ async def test_a_batch_retried_after_a_lost_reply_does_not_rerun_the_commands_an
         await client.aclose()
         await probe.aclose()
         await cutter.aclose()
+
+
+async def test_a_single_connection_client_sends_its_scripts_on_its_one_connection(
+    redis_proc: RedisProcess,
+) -> None:
+    """A client built with ``single_connection_client`` holds one connection for good: a batch
+    that took another from a pool of one would wait for it until the pool's time-out."""
+    pool = BlockingConnectionPool.from_url(
+        redis_proc.url, max_connections=1, timeout=1, decode_responses=True
+    )
+    client = Redis(connection_pool=pool, single_connection_client=True)
+    try:
+        script = Script(client, CHECKED)
+        await client.ping()  # the client takes its connection
+        replies = await asyncio.gather(*(script(keys=[f"s{i}"], args=[i]) for i in range(4)))
+        assert replies == [0, 1, 2, 3]
+    finally:
+        await client.aclose()

@@ -359,8 +359,10 @@ _AUTO_PIPELINE_ATTR = "_tether_auto_pipeline"
 
 def auto_pipeline(client: RedisClient) -> AutoPipeline | None:
     """``client``'s :class:`AutoPipeline` (one per client, shared by every caller), or ``None``
-    for a Cluster client, whose commands go one by one to their own nodes."""
-    if isinstance(client, RedisCluster):
+    for a Cluster client, whose commands go one by one to their own nodes, and for a client
+    built with ``single_connection_client`` (its commands take its one connection, which it
+    holds for good: a batch would wait for another)."""
+    if isinstance(client, RedisCluster) or client.single_connection_client:
         return None
     pipeline: AutoPipeline | None = getattr(client, _AUTO_PIPELINE_ATTR, None)
     if pipeline is None:
