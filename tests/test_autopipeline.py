@@ -29,6 +29,7 @@ from tether.server.redis.connection import (
     Script,
     auto_pipeline,
     connect,
+    load_script,
 )
 
 from tests.harness import RedisClusterProcess, RedisProcess
@@ -308,3 +309,106 @@ def test_one_auto_pipeline_per_client_which_does_not_outlive_it() -> None:
     del client, pipeline
     gc.collect()
     assert gone() is None
+
+
+class ReplyCutter:
+    """A TCP relay to Redis that, once, closes a client connection right after Redis's first
+    reply to a write carrying two or more ``EVALSHA``: the replies after it are lost, as when a
+    connection drops mid-batch (a real network fault; Redis itself runs every command)."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.armed = True
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def aclose(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:  # every relay's reads end: its handler returns
+            writer.close()
+        await asyncio.sleep(0.05)
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self.writers += [client_w, redis_w]
+        cut = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                if self.armed and data.count(b"EVALSHA") >= 2:
+                    self.armed = False
+                    cut.set()
+                redis_w.write(data)
+                await redis_w.drain()
+
+        async def downstream() -> None:
+            while data := await redis_r.read(65536):
+                if cut.is_set():
+                    # Only the first reply line reaches the client, then the connection drops.
+                    client_w.write(data[: data.index(b"\r\n") + 2])
+                    await client_w.drain()
+                    return
+                client_w.write(data)
+                await client_w.drain()
+
+        up = asyncio.create_task(upstream())
+        try:
+            await downstream()
+        finally:
+            up.cancel()
+            client_w.close()
+            redis_w.close()
+
+
+async def test_a_batch_retried_after_a_lost_reply_does_not_rerun_the_commands_answered(
+    redis_proc: RedisProcess,
+) -> None:
+    """A rate-limit hit whose reply was read before the connection dropped must not be counted
+    again when the rest of its batch is re-sent: its caller would be refused for a hit it never
+    made (and any script with an effect would run twice)."""
+    cutter = ReplyCutter(redis_proc.port)
+    await cutter.start()
+    client = connect(f"redis://127.0.0.1:{cutter.port}")
+    probe = Redis.from_url(redis_proc.url, decode_responses=True)
+    try:
+        limit = load_script(client, "tether.server.auth", "rate_limit")
+        await limit(keys=["warm"], args=[1, 60000, "hit"])  # the script loaded, a connection open
+        first, second = await asyncio.gather(
+            limit(keys=["bucket:a"], args=[1, 60000, "hit"]),
+            limit(keys=["bucket:b"], args=[1, 60000, "hit"]),
+        )
+        assert not cutter.armed  # the connection was cut mid-batch
+        assert await probe.get("bucket:a") == "1"
+        assert first == 0
+        # The command whose reply was lost is sent again, as a single command's would be (the
+        # rate-limit script counts that hit twice: a lost reply's retry, not the batch's).
+        assert await probe.get("bucket:b") == "2"
+        assert second > 0
+    finally:
+        await client.aclose()
+        await probe.aclose()
+        await cutter.aclose()
+
+
+async def test_a_single_connection_client_sends_its_scripts_on_its_one_connection(
+    redis_proc: RedisProcess,
+) -> None:
+    """A client built with ``single_connection_client`` holds one connection for good: a batch
+    that took another from a pool of one would wait for it until the pool's time-out."""
+    pool = BlockingConnectionPool.from_url(
+        redis_proc.url, max_connections=1, timeout=1, decode_responses=True
+    )
+    client = Redis(connection_pool=pool, single_connection_client=True)
+    try:
+        script = Script(client, CHECKED)
+        await client.ping()  # the client takes its connection
+        replies = await asyncio.gather(*(script(keys=[f"s{i}"], args=[i]) for i in range(4)))
+        assert replies == [0, 1, 2, 3]
+    finally:
+        await client.aclose()

@@ -314,6 +314,35 @@ async def test_metrics_token_is_required_when_set(tmp_path: Path) -> None:
     assert token not in repr(app.node.settings)
 
 
+async def test_metrics_token_scheme_is_case_insensitive(tmp_path: Path) -> None:
+    """RFC 7235 (and Tether's other bearer routes, auth/http.py): the scheme's case does not
+    matter; the token's does."""
+    token = "s3cret-metrics-token_0123456789"
+    app = _app(tmp_path, "guarded", TETHER_METRICS_TOKEN=token)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        for scheme in ("bearer", "BEARER"):
+            allowed = await http.get("/metrics", headers={"Authorization": f"{scheme} {token}"})
+            assert allowed.status_code == 200, scheme
+        refused = await http.get("/metrics", headers={"Authorization": f"Bearer {token.upper()}"})
+        assert refused.status_code == 401
+        foreign = await http.get("/metrics", headers={"Authorization": b"Bearer \xe9" + b"x" * 30})
+        assert foreign.status_code == 401
+
+
+def test_settings_repr_shows_no_secret() -> None:
+    """The Redis URL may carry a password: as secret as the metrics token and the key set."""
+    settings = Settings.load(
+        environ={
+            "TETHER_REDIS_URL": "redis://:hunter2-redis-password@redis.internal:6379/0",
+            "TETHER_METRICS_TOKEN": "metrics-token-0123456789",
+        }
+    )
+    shown = repr(settings)
+    assert "hunter2-redis-password" not in shown
+    assert "metrics-token-0123456789" not in shown
+
+
 @pytest.mark.parametrize("token", ["short-token", "has a space in it ok", 'bad"quote-0123456'])
 def test_metrics_token_must_look_like_a_bearer_token(token: str) -> None:
     with pytest.raises(SettingsError, match="TETHER_METRICS_TOKEN"):

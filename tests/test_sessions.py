@@ -981,6 +981,29 @@ async def test_a_reuse_whose_fence_cannot_be_written_is_fenced_once_redis_allows
     assert not limited._refencing  # nothing left running
 
 
+async def test_reuses_replayed_while_the_fence_cannot_be_written_retry_it_once(
+    fenceless_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    settings: Settings,
+    clock: ManualClock,
+) -> None:
+    # Each replay of the reused token answers 'reused' again and fails to fence again: one
+    # background retry per session, not one per request (an attacker replaying a stolen token
+    # during the outage would otherwise start a task per request, each living a fence lifetime).
+    limited = SessionStore(fenceless_client, codec, settings, clock)
+    try:
+        first = await limited.create("user-1")
+        await limited.rotate(first.refresh_token)
+        clock.advance(3600)  # far past the reuse window
+        for _ in range(5):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await limited.rotate(first.refresh_token)
+        assert len(limited._refencing) == 1
+    finally:
+        await limited.aclose()
+    assert not limited._refencing
+
+
 async def test_a_sign_out_whose_fence_cannot_be_written_answers_unavailable(
     redis_proc: RedisProcess, fenceless_client: redis.asyncio.Redis, clock: ManualClock
 ) -> None:

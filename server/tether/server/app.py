@@ -271,14 +271,19 @@ def create_app(
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
-    metrics_credential = (
-        None if settings.metrics_token is None else f"Bearer {settings.metrics_token}".encode()
-    )
+    metrics_credential = None if settings.metrics_token is None else settings.metrics_token.encode()
+
+    def metrics_allowed(request: Request) -> bool:
+        if metrics_credential is None:
+            return True
+        # The scheme is case-insensitive (RFC 7235), as for the other bearer routes.
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), metrics_credential
+        )
 
     async def metrics(request: Request) -> Response:
-        if metrics_credential is not None and not hmac.compare_digest(
-            request.headers.get("authorization", "").encode(), metrics_credential
-        ):
+        if not metrics_allowed(request):
             return JSONResponse(
                 {"error": HTTPCode.INVALID_TOKEN, "message": "GET /metrics needs its bearer token"},
                 status_code=401,

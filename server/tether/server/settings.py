@@ -174,7 +174,10 @@ class Settings:
     host: str = _setting("127.0.0.1", _parse_str, "address to listen on")
     port: int = _setting(8000, _parse_int, "port to listen on")
     redis_url: str | None = _setting(
-        None, _parse_optional_str, "Redis URL; unset starts an embedded redis-server"
+        None,
+        _parse_optional_str,
+        "Redis URL; unset starts an embedded redis-server",
+        secret=True,  # it may carry the Redis password
     )
     data_dir: Path = _setting(Path(".tether"), _parse_path, "embedded Redis data and key file")
     keys_file: Path | None = _setting(

@@ -166,8 +166,9 @@ class SessionStore:
         # Session lookups waiting for the end of this event-loop turn (see lookup).
         self._batch: _LookupBatch | None = None
         self._answering: set[asyncio.Task[None]] = set()
-        # Fences of sessions the rotation script ended, retried after a failed write.
-        self._refencing: set[asyncio.Task[None]] = set()
+        # Fences of sessions the rotation script ended, retried after a failed write: one
+        # retry per session, however many requests replay its token meanwhile.
+        self._refencing: dict[str, asyncio.Task[None]] = {}
         self._rotate = load_script(redis, "tether.server.auth", "session_rotate")
         self._end = load_script(redis, "tether.server.auth", "session_end")
         self._release_fence = load_script(redis, "tether.server.auth", "fence_release")
@@ -300,11 +301,12 @@ class SessionStore:
         try:
             await self._fence([session_id], reason)
         except RedisError:
-            task = asyncio.get_running_loop().create_task(
-                self._fence_until_written(session_id, reason)
-            )
-            self._refencing.add(task)
-            task.add_done_callback(self._refencing.discard)
+            if session_id not in self._refencing:
+                task = asyncio.get_running_loop().create_task(
+                    self._fence_until_written(session_id, reason)
+                )
+                self._refencing[session_id] = task
+                task.add_done_callback(lambda _: self._refencing.pop(session_id, None))
             raise
 
     async def _fence_until_written(self, session_id: str, reason: SessionEndReason) -> None:
@@ -330,7 +332,7 @@ class SessionStore:
 
     async def aclose(self) -> None:
         """Stop the background fence retries (see :meth:`rotate`)."""
-        tasks = list(self._refencing)
+        tasks = list(self._refencing.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -20,7 +20,7 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tether.server.compat.redis import (
@@ -245,10 +245,10 @@ class AutoPipeline:
     replies, instead of a round trip each.
 
     Each caller gets its own reply, or its own error: a command's error (a script's, a
-    ``NOSCRIPT``) is that caller's alone. A connection error or time-out fails the whole batch
-    after the client's bounded retries (every command in it is re-sent: Tether's scripts give
-    the same answer when retried, as they must for a single command's retry) and reaches every
-    caller in it, as it would have reached each of them. A caller that is cancelled does not
+    ``NOSCRIPT``) is that caller's alone. Each caller is answered as its reply is read;
+    after a connection error or time-out only the commands not answered yet are sent again
+    (the client's bounded retries, as for a single command), and an error that outlasts them
+    reaches every caller not answered yet. A caller that is cancelled does not
     cancel the batch: its reply is read and dropped, so no connection goes back to the pool with
     replies unread; one cancelled before its batch was sent is left out of it. A batch carries
     at most :data:`PIPELINE_MAX_COMMANDS` commands.
@@ -302,24 +302,45 @@ class AutoPipeline:
                 return
             if not calls:
                 return
-            async with self.client.pipeline(transaction=False) as pipe:
-                for args, _ in calls:
-                    pipe.execute_command(*args)
-                try:
-                    # Each command's error in its place; a connection error raises.
-                    replies = await pipe.execute(raise_on_error=False)
-                except Exception as exc:
-                    for _, waiter in calls:
-                        _answer(waiter, exc)
-                    return
-            for (_, waiter), reply in zip(calls, replies, strict=True):
-                _answer(waiter, reply)
+            try:
+                await self._pipeline(calls)
+            except Exception as exc:
+                for _, waiter in calls:
+                    _answer(waiter, exc)  # those not answered before the error
         finally:
             # Only when this task itself was cancelled (the loop shutting down) or failed
             # unexpectedly: no caller waits forever.
             for _, waiter in calls:
                 if not waiter.done():
                     waiter.cancel()
+
+    async def _pipeline(self, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        """Send ``calls`` on one connection and answer each caller as its reply is read. After a
+        connection error (with the client's bounded retries) only the commands not answered yet
+        are sent again: a command whose reply was read must not run twice (a rate-limit hit
+        would count twice). redis-py's pipeline re-sends all of them, so it is not used."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        pending = calls
+
+        async def attempt() -> None:
+            nonlocal pending
+            await conn.send_packed_command(conn.pack_commands([args for args, _ in pending]))
+            while pending:
+                args, waiter = pending[0]
+                try:
+                    reply = await self.client.parse_response(conn, args[0])
+                except ResponseError as exc:  # this command's error, in its place
+                    reply = exc
+                pending = pending[1:]
+                _answer(waiter, reply)
+
+        try:
+            await conn.retry.call_with_retry(attempt, lambda _: conn.disconnect())
+        finally:
+            if pending:  # replies left unread: the connection must not serve anyone else
+                await conn.disconnect()
+            await pool.release(conn)
 
 
 def _answer(waiter: asyncio.Future[Any], reply: Any) -> None:
@@ -338,8 +359,10 @@ _AUTO_PIPELINE_ATTR = "_tether_auto_pipeline"
 
 def auto_pipeline(client: RedisClient) -> AutoPipeline | None:
     """``client``'s :class:`AutoPipeline` (one per client, shared by every caller), or ``None``
-    for a Cluster client, whose commands go one by one to their own nodes."""
-    if isinstance(client, RedisCluster):
+    for a Cluster client, whose commands go one by one to their own nodes, and for a client
+    built with ``single_connection_client`` (its commands take its one connection, which it
+    holds for good: a batch would wait for another)."""
+    if isinstance(client, RedisCluster) or client.single_connection_client:
         return None
     pipeline: AutoPipeline | None = getattr(client, _AUTO_PIPELINE_ATTR, None)
     if pipeline is None:
