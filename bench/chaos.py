@@ -96,6 +96,7 @@ from common import (
     FAST_ARGON2_ENV,
     TetherServer,
     child_options,
+    cluster_node,
     comma_list,
     describe_run,
     load_average,
@@ -435,20 +436,15 @@ class ClusterRedis:
         self.url = ""
 
     def _node(self, port: int) -> EmbeddedRedis:
-        conf = (self.data_dir / f"nodes-{port}.conf").resolve()
-        return EmbeddedRedis(
-            self.data_dir / str(port),
-            port=port,
-            appendonly=True,
-            private=False,
-            extra_args=[
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", str(conf),
-                "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
-                "--repl-diskless-sync-delay", "0",
-                *AOF_ALWAYS,
-            ],
-        )  # fmt: skip
+        return cluster_node(
+            self.data_dir,
+            port,
+            "--cluster-node-timeout",
+            str(self.NODE_TIMEOUT_MS),
+            "--repl-diskless-sync-delay",
+            "0",
+            *AOF_ALWAYS,
+        )
 
     def start(self, timeout: float = 60.0) -> str:
         self.url = start_cluster(

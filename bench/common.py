@@ -295,6 +295,19 @@ def cluster_node_port() -> int:
     return port
 
 
+def cluster_node(data_dir: Path, port: int, *extra_args: str) -> EmbeddedRedis:
+    """A cluster-enabled ``redis-server`` on ``port`` with AOF on, its data and its cluster
+    config file under ``data_dir``, plus ``extra_args``."""
+    conf = (data_dir / f"nodes-{port}.conf").resolve()
+    return EmbeddedRedis(
+        data_dir / str(port),
+        port=port,
+        appendonly=True,
+        private=False,
+        extra_args=["--cluster-enabled", "yes", "--cluster-config-file", str(conf), *extra_args],
+    )
+
+
 def start_cluster(
     nodes: list[EmbeddedRedis],
     count: int,

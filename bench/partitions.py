@@ -52,7 +52,14 @@ import tempfile
 
 import redis
 import redis.asyncio
-from common import cpu_seconds, describe_run, load_average, run_bounded, start_cluster
+from common import (
+    cluster_node,
+    cpu_seconds,
+    describe_run,
+    load_average,
+    run_bounded,
+    start_cluster,
+)
 from tether.server.clock import system_clock
 from tether.server.data.engine import run_mutation
 from tether.server.data.functions import App, Context
@@ -104,14 +111,7 @@ class Cluster:
         )
 
     def _node(self, port: int) -> EmbeddedRedis:
-        conf = (self.data_dir / f"nodes-{port}.conf").resolve()
-        return EmbeddedRedis(
-            self.data_dir / str(port),
-            port=port,
-            appendonly=True,
-            private=False,
-            extra_args=["--cluster-enabled", "yes", "--cluster-config-file", str(conf)],
-        )
+        return cluster_node(self.data_dir, port)
 
     @staticmethod
     def _node_ok(port: int) -> bool:

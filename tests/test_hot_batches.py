@@ -75,6 +75,32 @@ def bumper(runs: list[int], name: str = "items.bump", *, fail: bool = False) -> 
     return FunctionSpec.from_function(name, "mutation", bump)
 
 
+class PausingBump:
+    """``items.bump`` (add one to the item tagged ``tag``) whose next run after :meth:`arm`
+    stops after its read, sets ``reached`` and waits for ``proceed``; ``runs`` holds the value
+    each run read."""
+
+    def __init__(self) -> None:
+        self.reached, self.proceed = asyncio.Event(), asyncio.Event()
+        self.runs: list[int] = []
+        self._pause = False
+
+        async def bump(ctx: Context, tag: str) -> int:
+            docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
+            self.runs.append(int(docs[0]["n"]))
+            if self._pause:
+                self._pause = False
+                self.reached.set()
+                await self.proceed.wait()
+            await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
+            return int(docs[0]["n"]) + 1
+
+        self.spec = FunctionSpec.from_function("items.bump", "mutation", bump)
+
+    def arm(self) -> None:
+        self._pause = True
+
+
 async def commit_starts(store: Store, after: int) -> list[bool]:
     """For each version after ``after``: whether its stream entry lists keys (a commit alone,
     or a batch's first version) or none (a batch's later versions)."""
@@ -278,24 +304,10 @@ async def test_a_conflict_runs_the_whole_batch_again(redis_client: redis.asyncio
     the first half of the batch re-runs in it, the rest in the next batch, right after)."""
     store, other = make_store(redis_client, max_retries=1), make_store(redis_client)
     doc_id = await create(store, "k")
-    reached, proceed = asyncio.Event(), asyncio.Event()
-    pause = False
-    runs: list[int] = []
-
-    async def bump(ctx: Context, tag: str) -> int:
-        nonlocal pause
-        docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
-        runs.append(int(docs[0]["n"]))
-        if pause:
-            pause = False
-            reached.set()
-            await proceed.wait()
-        await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
-        return int(docs[0]["n"]) + 1
-
-    spec = FunctionSpec.from_function("items.bump", "mutation", bump)
+    paused = PausingBump()
+    reached, proceed, runs, spec = paused.reached, paused.proceed, paused.runs, paused.spec
     await heat(store, "k", spec)
-    pause = True
+    paused.arm()
     tasks = [asyncio.create_task(call(store, spec, "k", i)) for i in range(1, 4)]
     await reached.wait()
     db = MutationDB(other)
@@ -434,22 +446,10 @@ async def test_a_redis_failure_mid_batch_answers_every_member_and_a_replay_finds
     try:
         store = make_store(client, max_retries=0)
         doc_id = await create(store, "f")
-        reached, proceed = asyncio.Event(), asyncio.Event()
-        pause = False
-
-        async def bump(ctx: Context, tag: str) -> int:
-            nonlocal pause
-            docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
-            if pause:
-                pause = False
-                reached.set()
-                await proceed.wait()
-            await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
-            return int(docs[0]["n"]) + 1
-
-        spec = FunctionSpec.from_function("items.bump", "mutation", bump)
+        paused = PausingBump()
+        reached, proceed, spec = paused.reached, paused.proceed, paused.spec
         await heat(store, "f", spec)
-        pause = True
+        paused.arm()
         tasks = [asyncio.create_task(call(store, spec, "f", i)) for i in range(1, 4)]
         await reached.wait()
         redis_proc.stop()
@@ -475,24 +475,10 @@ async def test_a_member_whose_request_commits_elsewhere_meanwhile_is_a_replay(
     store, other = make_store(redis_client), make_store(redis_client)
     doc_id = await create(store, "d")
     elsewhere_id = await create(store, "o")
-    reached, proceed = asyncio.Event(), asyncio.Event()
-    pause = False
-    runs: list[int] = []
-
-    async def bump(ctx: Context, tag: str) -> int:
-        nonlocal pause
-        docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
-        runs.append(int(docs[0]["n"]))
-        if pause:
-            pause = False
-            reached.set()
-            await proceed.wait()
-        await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
-        return int(docs[0]["n"]) + 1
-
-    spec = FunctionSpec.from_function("items.bump", "mutation", bump)
+    paused = PausingBump()
+    reached, proceed, runs, spec = paused.reached, paused.proceed, paused.runs, paused.spec
     await heat(store, "d", spec)
-    pause = True
+    paused.arm()
     tasks = [asyncio.create_task(call(store, spec, "d", i)) for i in range(1, 4)]
     await reached.wait()
     elsewhere = await call(other, spec, "o", 2)  # request 2, committed on the other instance
@@ -512,22 +498,10 @@ async def test_members_past_their_retries_get_conflict_and_keep_it(
     ``conflict``, stored as its outcome (a replay gets it too), and commits nothing."""
     store, other = make_store(redis_client, max_retries=0), make_store(redis_client)
     doc_id = await create(store, "c")
-    reached, proceed = asyncio.Event(), asyncio.Event()
-    pause = False
-
-    async def bump(ctx: Context, tag: str) -> int:
-        nonlocal pause
-        docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
-        if pause:
-            pause = False
-            reached.set()
-            await proceed.wait()
-        await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
-        return int(docs[0]["n"]) + 1
-
-    spec = FunctionSpec.from_function("items.bump", "mutation", bump)
+    paused = PausingBump()
+    reached, proceed, spec = paused.reached, paused.proceed, paused.spec
     await heat(store, "c", spec)
-    pause = True
+    paused.arm()
     tasks = [asyncio.create_task(call(store, spec, "c", i)) for i in range(1, 4)]
     await reached.wait()
     db = MutationDB(other)

@@ -23,6 +23,7 @@ from tether.server.data.store import MutationDB, QueryDB, Store
 
 from tests.clock import ManualClock
 from tests.test_hot_batches import bumper, call, create, heat, make_store
+from tests.test_live import Watched
 
 
 def both(first: str, second: str) -> Callable[[QueryDB], Awaitable[str]]:
@@ -127,24 +128,16 @@ async def test_a_run_behind_redis_costs_the_query_none_of_its_attempts(
     assert json.loads(answer.value_json or "null") == [0, 1], answer
 
 
-class Recorded:
+class Recorded(Watched):
     """A subscriber that keeps every delivery: (version, value JSON, error)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.deliveries: list[tuple[int, str | None, tuple[str, str] | None]] = []
 
     def deliver(self, version: int, updates: list[tuple[Any, Any]], shared: Any = None) -> None:
         for _, evaluation in updates:
             self.deliveries.append((version, evaluation.value_json, evaluation.error))
-
-    def identity_ended(self) -> None:
-        pass
-
-    def current_identity(self) -> None:
-        return None
-
-    def current_generation(self) -> int:
-        return 0
 
 
 async def test_a_live_query_half_in_the_cache_gets_its_value_not_a_lasting_conflict(

@@ -945,6 +945,21 @@ async def test_a_fence_that_cannot_be_written_fails_the_end_before_it_happens(
         assert (await fence_of(store, grant.session_id))[0] is not None
 
 
+async def rotated_then_reused(
+    limited: SessionStore, clock: ManualClock, *, replays: int
+) -> SessionGrant:
+    """A session of ``limited`` (a store that cannot write fences) whose first refresh token
+    is presented ``replays`` times after its rotation, far past the reuse window: each ends the
+    session (reuse) and fails to fence it (NOPERM)."""
+    first = await limited.create("user-1")
+    await limited.rotate(first.refresh_token)
+    clock.advance(3600)
+    for _ in range(replays):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await limited.rotate(first.refresh_token)
+    return first
+
+
 async def test_a_reuse_whose_fence_cannot_be_written_is_fenced_once_redis_allows(
     store: SessionStore,
     redis_proc: RedisProcess,
@@ -957,11 +972,7 @@ async def test_a_reuse_whose_fence_cannot_be_written_is_fenced_once_redis_allows
     # fails nobody may retry (the reuse may be an attacker's): the instance retries it.
     limited = SessionStore(fenceless_client, codec, settings, clock)
     try:
-        first = await limited.create("user-1")
-        await limited.rotate(first.refresh_token)
-        clock.advance(3600)  # far past the reuse window
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            await limited.rotate(first.refresh_token)
+        first = await rotated_then_reused(limited, clock, replays=1)
         assert await store.lookup(first.session_id) is None  # ended, not yet fenced
         assert await fence_of(store, first.session_id) == (None, -2)
         admin = redis_proc.client()
@@ -992,12 +1003,7 @@ async def test_reuses_replayed_while_the_fence_cannot_be_written_retry_it_once(
     # during the outage would otherwise start a task per request, each living a fence lifetime).
     limited = SessionStore(fenceless_client, codec, settings, clock)
     try:
-        first = await limited.create("user-1")
-        await limited.rotate(first.refresh_token)
-        clock.advance(3600)  # far past the reuse window
-        for _ in range(5):
-            with pytest.raises(redis.exceptions.NoPermissionError):
-                await limited.rotate(first.refresh_token)
+        await rotated_then_reused(limited, clock, replays=5)
         assert len(limited._refencing) == 1
     finally:
         await limited.aclose()
