@@ -35,7 +35,7 @@ from tether.server.errors import FunctionError
 from tests.apps import partition_app
 from tests.clock import ManualClock
 from tests.harness import RedisProcess
-from tests.test_store_commits import client_commands
+from tests.test_store_commits import client_commands, create
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,13 +46,6 @@ app.table("rows", indexes={"by_tag": ["tag"]})
 
 def make_store(client: redis.asyncio.Redis, **options: Any) -> Store:
     return Store(client, schema=app.schema, clock=ManualClock(1_700_000_000.0), **options)
-
-
-async def create(store: Store, tag: str) -> str:
-    db = MutationDB(store)
-    doc_id = await db.insert("items", {"tag": tag, "n": 0})
-    await store.commit(db, request=None, outcome_value_json=None)
-    return doc_id
 
 
 async def value(store: Store, doc_id: str) -> int:
