@@ -94,6 +94,23 @@ class PausingBump:
         self._pause = True
 
 
+async def batch_beaten_by(
+    store: Store, other: Store, paused: PausingBump, tag: str, doc_id: str, n: int
+) -> list[Any]:
+    """Requests 1-3 of ``paused.spec`` on the hot item ``tag`` run as one batch on ``store``;
+    while its first member runs, ``other`` (another instance) commits ``n`` into the item, so
+    the batch's commit conflicts. The three outcomes."""
+    await heat(store, tag, paused.spec)
+    paused.arm()
+    tasks = [asyncio.create_task(call(store, paused.spec, tag, i)) for i in range(1, 4)]
+    await paused.reached.wait()
+    db = MutationDB(other)
+    await db.patch("items", doc_id, {"n": n})
+    await other.commit(db, request=None, outcome_value_json=None)
+    paused.proceed.set()
+    return list(await asyncio.gather(*tasks))
+
+
 async def commit_starts(store: Store, after: int) -> list[bool]:
     """For each version after ``after``: whether its stream entry lists keys (a commit alone,
     or a batch's first version) or none (a batch's later versions)."""
@@ -298,16 +315,8 @@ async def test_a_conflict_runs_the_whole_batch_again(redis_client: redis.asyncio
     store, other = make_store(redis_client, max_retries=1), make_store(redis_client)
     doc_id = await create(store, "k")
     paused = PausingBump()
-    reached, proceed, runs, spec = paused.reached, paused.proceed, paused.runs, paused.spec
-    await heat(store, "k", spec)
-    paused.arm()
-    tasks = [asyncio.create_task(call(store, spec, "k", i)) for i in range(1, 4)]
-    await reached.wait()
-    db = MutationDB(other)
-    await db.patch("items", doc_id, {"n": 1000})
-    await other.commit(db, request=None, outcome_value_json=None)
-    proceed.set()
-    outcomes = await asyncio.gather(*tasks)
+    outcomes = await batch_beaten_by(store, other, paused, "k", doc_id, 1000)
+    runs = paused.runs
     assert sorted(o.value_json for o in outcomes) == ["1001", "1002", "1003"]
     assert runs[1:] == [1, 2, 3, 1000, 1001, 1002]
     assert await value(store, doc_id) == 1003
@@ -492,16 +501,8 @@ async def test_members_past_their_retries_get_conflict_and_keep_it(
     store, other = make_store(redis_client, max_retries=0), make_store(redis_client)
     doc_id = await create(store, "c")
     paused = PausingBump()
-    reached, proceed, spec = paused.reached, paused.proceed, paused.spec
-    await heat(store, "c", spec)
-    paused.arm()
-    tasks = [asyncio.create_task(call(store, spec, "c", i)) for i in range(1, 4)]
-    await reached.wait()
-    db = MutationDB(other)
-    await db.patch("items", doc_id, {"n": 50})
-    await other.commit(db, request=None, outcome_value_json=None)
-    proceed.set()
-    outcomes = await asyncio.gather(*tasks)
+    spec = paused.spec
+    outcomes = await batch_beaten_by(store, other, paused, "c", doc_id, 50)
     assert [o.error[0] if o.error else None for o in outcomes] == ["conflict"] * 3
     assert await value(store, doc_id) == 50
     replays = await asyncio.gather(*(call(store, spec, "c", i) for i in range(1, 4)))

@@ -945,6 +945,22 @@ async def test_a_fence_that_cannot_be_written_fails_the_end_before_it_happens(
         assert (await fence_of(store, grant.session_id))[0] is not None
 
 
+@pytest.fixture
+async def fenceless_store(
+    fenceless_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    settings: Settings,
+    clock: ManualClock,
+) -> AsyncIterator[SessionStore]:
+    """A session store that cannot write fences (see ``fenceless_client``); its background
+    fence retries are stopped after the test."""
+    limited = SessionStore(fenceless_client, codec, settings, clock)
+    try:
+        yield limited
+    finally:
+        await limited.aclose()
+
+
 async def rotated_then_reused(
     limited: SessionStore, clock: ManualClock, *, replays: int
 ) -> SessionGrant:
@@ -963,51 +979,40 @@ async def rotated_then_reused(
 async def test_a_reuse_whose_fence_cannot_be_written_is_fenced_once_redis_allows(
     store: SessionStore,
     redis_proc: RedisProcess,
-    fenceless_client: redis.asyncio.Redis,
-    codec: RefreshTokenCodec,
-    settings: Settings,
+    fenceless_store: SessionStore,
     clock: ManualClock,
 ) -> None:
     # The rotation script ends the session on reuse, then the fence is written. When that write
     # fails nobody may retry (the reuse may be an attacker's): the instance retries it.
-    limited = SessionStore(fenceless_client, codec, settings, clock)
-    try:
-        first = await rotated_then_reused(limited, clock, replays=1)
-        assert await store.lookup(first.session_id) is None  # ended, not yet fenced
-        assert await fence_of(store, first.session_id) == (None, -2)
-        admin = redis_proc.client()
-        try:  # the data node is reachable again
-            await admin.execute_command("ACL", "SETUSER", "no-fences", "allkeys")
-        finally:
-            await admin.aclose()
-        for _ in range(300):  # retried in the background, backing off from 0.1 s
-            if (await fence_of(store, first.session_id))[0] is not None:
-                break
-            await asyncio.sleep(0.05)
-        fence, pttl = await fence_of(store, first.session_id)
-        assert fence == SessionEndReason.REFRESH_REUSED.value
-        assert_fence_lifetime(store, pttl)
+    first = await rotated_then_reused(fenceless_store, clock, replays=1)
+    assert await store.lookup(first.session_id) is None  # ended, not yet fenced
+    assert await fence_of(store, first.session_id) == (None, -2)
+    admin = redis_proc.client()
+    try:  # the data node is reachable again
+        await admin.execute_command("ACL", "SETUSER", "no-fences", "allkeys")
     finally:
-        await limited.aclose()
-    assert not limited._refencing  # nothing left running
+        await admin.aclose()
+    for _ in range(300):  # retried in the background, backing off from 0.1 s
+        if (await fence_of(store, first.session_id))[0] is not None:
+            break
+        await asyncio.sleep(0.05)
+    fence, pttl = await fence_of(store, first.session_id)
+    assert fence == SessionEndReason.REFRESH_REUSED.value
+    assert_fence_lifetime(store, pttl)
+    await fenceless_store.aclose()
+    assert not fenceless_store._refencing  # nothing left running
 
 
 async def test_reuses_replayed_while_the_fence_cannot_be_written_retry_it_once(
-    fenceless_client: redis.asyncio.Redis,
-    codec: RefreshTokenCodec,
-    settings: Settings,
-    clock: ManualClock,
+    fenceless_store: SessionStore, clock: ManualClock
 ) -> None:
     # Each replay of the reused token answers 'reused' again and fails to fence again: one
     # background retry per session, not one per request (an attacker replaying a stolen token
     # during the outage would otherwise start a task per request, each living a fence lifetime).
-    limited = SessionStore(fenceless_client, codec, settings, clock)
-    try:
-        await rotated_then_reused(limited, clock, replays=5)
-        assert len(limited._refencing) == 1
-    finally:
-        await limited.aclose()
-    assert not limited._refencing
+    await rotated_then_reused(fenceless_store, clock, replays=5)
+    assert len(fenceless_store._refencing) == 1
+    await fenceless_store.aclose()
+    assert not fenceless_store._refencing
 
 
 async def test_a_sign_out_whose_fence_cannot_be_written_answers_unavailable(
