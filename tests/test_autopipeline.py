@@ -371,29 +371,54 @@ async def test_a_batch_retried_after_a_lost_reply_does_not_rerun_the_commands_an
 ) -> None:
     """A rate-limit hit whose reply was read before the connection dropped must not be counted
     again when the rest of its batch is re-sent: its caller would be refused for a hit it never
-    made (and any script with an effect would run twice)."""
+    made (and any script with an effect would run twice). The hit whose reply was lost is sent
+    again, and the script recognises it by its id: it too counts once."""
     cutter = ReplyCutter(redis_proc.port)
     await cutter.start()
     client = connect(f"redis://127.0.0.1:{cutter.port}")
     probe = Redis.from_url(redis_proc.url, decode_responses=True)
+
+    def hit(bucket: str, call: str) -> Awaitable[Any]:
+        return limit(keys=[bucket, f"{bucket}:calls"], args=[1, 60000, "hit", call])
+
     try:
         limit = load_script(client, "tether.server.auth", "rate_limit")
-        await limit(keys=["warm"], args=[1, 60000, "hit"])  # the script loaded, a connection open
-        first, second = await asyncio.gather(
-            limit(keys=["bucket:a"], args=[1, 60000, "hit"]),
-            limit(keys=["bucket:b"], args=[1, 60000, "hit"]),
-        )
+        await hit("warm", "w")  # the script loaded, a connection open
+        first, second = await asyncio.gather(hit("bucket:a", "a1"), hit("bucket:b", "b1"))
         assert not cutter.armed  # the connection was cut mid-batch
         assert await probe.get("bucket:a") == "1"
         assert first == 0
-        # The command whose reply was lost is sent again, as a single command's would be (the
-        # rate-limit script counts that hit twice: a lost reply's retry, not the batch's).
-        assert await probe.get("bucket:b") == "2"
-        assert second > 0
+        # The command whose reply was lost was sent again (redis-py's retry): one count, and
+        # the answer of the hit it repeats.
+        assert await probe.get("bucket:b") == "1"
+        assert second == 0
+        assert await probe.smembers("bucket:b:calls") == {"b1"}
+        assert 0 < await probe.pttl("bucket:b:calls") <= 60000  # bounded by the window
+        # Another hit is a new one: over the limit of 1, refused, and its id is not kept.
+        assert await hit("bucket:b", "b2") > 0
+        assert await probe.smembers("bucket:b:calls") == {"b1"}
     finally:
         await client.aclose()
         await probe.aclose()
         await cutter.aclose()
+
+
+async def test_a_rate_limit_refund_takes_back_its_own_hit_once(redis_client: Redis) -> None:
+    """A refund names the allowed hit it takes back: sent twice (a retry after a lost reply),
+    it takes it back once; naming a hit that was refused or never made takes nothing back."""
+    limit = load_script(redis_client, "tether.server.auth", "rate_limit")
+
+    async def call(mode: str, call_id: str) -> int:
+        return int(await limit(keys=["rl", "rl:calls"], args=[2, 60000, mode, call_id]))
+
+    assert [await call("hit", "h1"), await call("hit", "h2")] == [0, 0]
+    assert await call("hit", "h3") > 0  # refused: the count is 3
+    for _ in range(2):
+        await call("refund", "h1")
+    await call("refund", "h3")  # refused: nothing to take back
+    await call("refund", "unknown")
+    assert await redis_client.get("rl") == "2"
+    assert await redis_client.smembers("rl:calls") == {"h2"}
 
 
 async def test_a_single_connection_client_sends_its_scripts_on_its_one_connection(

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from tether.protocol import AuthErrorCode, HTTPCode, SessionEndReason
 from tether.server.auth.errors import AuthFailure
 from tether.server.auth.passwords import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, Passwords
-from tether.server.auth.rate_limits import RateLimiter
+from tether.server.auth.rate_limits import RateLimiter, new_call
 from tether.server.auth.sessions import RefreshRejected, SessionGrant, SessionStore
 from tether.server.auth.tokens import AccessClaims, AccessTokens, TokenError
 from tether.server.clock import Clock, system_clock, to_ms
@@ -153,9 +153,9 @@ class AuthService:
             grant.deadline_ms,
         )
 
-    async def _limit(self, scope: str, rate_name: str) -> None:
+    async def _limit(self, scope: str, rate_name: str, call: str | None = None) -> None:
         rate = getattr(self.settings, rate_name)
-        wait = await self.limits.hit(scope, rate)
+        wait = await self.limits.hit(scope, rate, call)
         if wait is not None:
             raise AuthFailure(
                 AuthErrorCode.RATE_LIMITED, "too many attempts; retry later", retry_after=wait
@@ -201,13 +201,14 @@ class AuthService:
             # checked (so parallel guesses cannot slip past the limit), and a success is
             # refunded (so a user who signs in often is never locked out).
             account = f"signin:acct:{email}"
-            await self._limit(account, "signin_limit_account")
+            hit = new_call()
+            await self._limit(account, "signin_limit_account", hit)
             uid = _opt_str(await self.redis.get(redis_keys.email(email)))
             stored = _opt_str(await self.redis.hget(redis_keys.user(uid), "pw")) if uid else None
             # verify() spends the same time when the e-mail is unknown (stored is None).
             if not await self.passwords.verify(stored, password):
                 raise invalid
-            await self.limits.refund(account, self.settings.signin_limit_account)
+            await self.limits.refund(account, self.settings.signin_limit_account, hit)
             assert uid is not None and stored is not None
             if self.passwords.needs_rehash(stored):
                 await self.redis.hset(

@@ -17,6 +17,8 @@ key                                 type        holds
 ``tether:email:{EMAIL}``            string      the user id owning a normalised e-mail
 ``tether:session-deadlines``        zset        session id → deadline (ms), for the sweep
 ``tether:rl:{HASH}``                string      a rate-limit window counter
+``tether:rl:{HASH}:calls``          set         the ids of the window's allowed hits, so a
+                                                retried call counts once (TTL: the window's)
 ``tether:instances``                zset        instance id → its live-socket report's
                                                 expiry (ms), for ``tether sessions list``
 ``tether:live:{INSTANCE}``          hash        session id → the instance's live sockets
@@ -113,6 +115,11 @@ def email(normalized: str) -> str:
 
 def rate_limit(scope: str) -> str:
     return f"{PREFIX}rl:{{{scope}}}"
+
+
+def rate_limit_calls(scope: str) -> str:
+    """The ids of the allowed hits counted in :func:`rate_limit`'s window (same hash tag)."""
+    return f"{PREFIX}rl:{{{scope}}}:calls"
 
 
 #: Every instance that reports its live sockets (:mod:`tether.server.realtime.live_sockets`).
