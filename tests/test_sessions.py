@@ -17,7 +17,8 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable
 from importlib import resources
 from typing import Any
 
@@ -551,11 +552,13 @@ async def test_store_rotate_retried_at_the_same_instant_survives_script_flush(
 
 class ReplyDroppingProxy:
     """A TCP proxy in front of Redis that forwards everything but swallows the reply to the
-    first ``EVALSHA`` and then cuts that connection, as a network failure after Redis ran the
-    script would."""
+    first write carrying ``trigger`` (by default the first ``EVALSHA``; a script's SHA-1 picks
+    that script) and then cuts that connection, as a network failure after Redis ran the script
+    would."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, trigger: bytes = b"EVALSHA") -> None:
         self.upstream_port = upstream_port
+        self.trigger = trigger.upper()
         self.dropped: bytes | None = None
         self.connections = 0
         self._server: asyncio.Server | None = None
@@ -581,7 +584,7 @@ class ReplyDroppingProxy:
 
         async def client_to_redis() -> None:
             while data := await reader.read(65536):
-                if self.dropped is None and b"EVALSHA" in data.upper():
+                if self.dropped is None and self.trigger in data.upper():
                     armed.set()
                 up_writer.write(data)
                 await up_writer.drain()
@@ -639,6 +642,82 @@ async def test_lost_reply_to_rotation_is_retried_by_redis_py_and_converges(
     assert await events.drain() == []
     # The token the client got back is the live one.
     assert (await direct.rotate(rotated.refresh_token)).session_id == grant.session_id
+
+
+async def test_lost_reply_to_end_all_still_counts_the_sessions_it_ended(
+    redis_proc: RedisProcess,
+    redis_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    clock: ManualClock,
+    settings: Settings,
+    events: SessionEvents,
+) -> None:
+    """Sign-out-everywhere whose session-end replies are lost: redis-py sends the scripts
+    again, which find the sessions ended by this very call (its id in the tombstone) and say
+    so. Before, they answered "already ended" and the count was 0; each is announced once."""
+    direct = SessionStore(redis_client, codec, settings, clock)
+    mine = [await direct.create("user-1") for _ in range(2)]
+    await redis_client.script_load(direct._end.script)
+    await redis_client.script_load(direct._ending.script)
+    proxy = ReplyDroppingProxy(redis_proc.port, trigger=direct._end.sha.encode())
+    port = await proxy.start()
+    client = connect(f"redis://127.0.0.1:{port}/0")
+    try:
+        via_proxy = SessionStore(client, codec, settings, clock)
+        count = await via_proxy.end_all("user-1", SessionEndReason.SIGNED_OUT_EVERYWHERE)
+        one = await direct.create("user-2")
+        proxy.dropped = None  # once more, for a single session's end
+        assert await via_proxy.end(one.session_id, SessionEndReason.SIGNED_OUT) is True
+    finally:
+        await client.aclose()
+        await proxy.close()
+
+    assert proxy.dropped is not None and proxy.connections >= 3  # a reply lost each time
+    assert count == 2
+    assert sorted(e["sessionId"] for e in await events.drain()) == sorted(
+        g.session_id for g in [*mine, one]
+    )
+    # Another call, with another id, did not end them.
+    assert await direct.end_all("user-1", SessionEndReason.SIGNED_OUT_EVERYWHERE) == 0
+    assert await direct.end(one.session_id, SessionEndReason.SIGNED_OUT) is False
+
+
+async def test_end_all_ends_at_most_a_bounded_number_of_sessions_at_once(
+    redis_client: redis.asyncio.Redis,
+    codec: RefreshTokenCodec,
+    clock: ManualClock,
+    settings: Settings,
+) -> None:
+    """A user with many sessions: end_all marks and ends them END_ALL_CONCURRENCY at a time,
+    not one task and script call per session at once."""
+
+    class Counting(SessionStore):
+        in_flight = 0
+        most: Counter[str] = Counter()
+
+        async def _track(self, step: str, call: Awaitable[Any]) -> Any:
+            Counting.in_flight += 1
+            Counting.most[step] = max(Counting.most[step], Counting.in_flight)
+            try:
+                return await call
+            finally:
+                Counting.in_flight -= 1
+
+        async def _begin_ending(self, session_id: str, value: str, *, nx: bool = False) -> Any:
+            return await self._track("mark", super()._begin_ending(session_id, value, nx=nx))
+
+        async def _end_fenced(self, session_id: str, reason: SessionEndReason, call: str) -> Any:
+            return await self._track("end", super()._end_fenced(session_id, reason, call))
+
+    store = Counting(redis_client, codec, settings, clock)
+    n = 3 * sessions_module.END_ALL_CONCURRENCY + 1
+    for _ in range(n):
+        await store.create("user-1")
+    assert await store.end_all("user-1", SessionEndReason.SIGNED_OUT_EVERYWHERE) == n
+    assert Counting.most == {
+        "mark": sessions_module.END_ALL_CONCURRENCY,
+        "end": sessions_module.END_ALL_CONCURRENCY,
+    }
 
 
 # ----------------------------------------------------------------------------- session-ended events

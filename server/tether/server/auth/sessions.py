@@ -57,8 +57,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -71,6 +72,8 @@ from tether.server.redis.connection import RedisClient, connect, load_script
 from tether.server.settings import Settings
 
 log = logging.getLogger("tether.sessions")
+
+_T = TypeVar("_T")
 
 #: Kept after a session's deadline so the sweep can still read it and announce its end (ms).
 DEADLINE_GRACE_MS = 60_000
@@ -87,6 +90,27 @@ FENCE_MARGIN = 60
 #: ended the session, and the most between two retries (they go on for the fence's lifetime).
 FENCE_RETRY_FIRST = 0.1
 FENCE_RETRY_CAP = 5.0
+#: Most sessions :meth:`SessionStore.end_all` marks, or ends, at once (a user may hold
+#: thousands: one task and one script call each, all at once, would flood the instance).
+END_ALL_CONCURRENCY = 16
+
+
+def _end_call() -> str:
+    """A fresh id for one end (``session_end.lua`` keeps it in the tombstone)."""
+    return secrets.token_hex(8)
+
+
+async def _bounded_gather(
+    items: list[str], run: Callable[[str], Awaitable[_T]], limit: int
+) -> list[_T]:
+    """``run(item)`` for every item, at most ``limit`` at a time; the results in order."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(item: str) -> _T:
+        async with gate:
+            return await run(item)
+
+    return await asyncio.gather(*(one(item) for item in items))
 
 
 #: The rotation script's answers as the metric's outcomes ('current': the previous token again,
@@ -208,8 +232,8 @@ class SessionStore:
         propagate: the caller must not end a session whose fence is missing."""
         if not session_ids:
             return
-        marked = await asyncio.gather(
-            *(self._begin_ending(sid, reason.value) for sid in session_ids)
+        marked = await _bounded_gather(
+            session_ids, lambda sid: self._begin_ending(sid, reason.value), END_ALL_CONCURRENCY
         )
         partitions = dict(zip(session_ids, marked, strict=True))
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -344,13 +368,15 @@ class SessionStore:
         no mutation under it commits once this returns; Redis errors propagate, the session
         maybe not ended yet (retry)."""
         await self._fence([session_id], reason)
-        ended = await self._end_fenced(session_id, reason)
+        ended = await self._end_fenced(session_id, reason, _end_call())
         if ended:
             await self._unindex([session_id])
         return ended
 
-    async def _end_fenced(self, session_id: str, reason: SessionEndReason) -> bool:
-        """Run the session-end script for a session whose fence has been written."""
+    async def _end_fenced(self, session_id: str, reason: SessionEndReason, call: str) -> bool:
+        """Run the session-end script for a session whose fence has been written; True if it
+        was active and ``call`` (the id of the caller's end, :func:`_end_call`) ended it, also
+        when the script's reply was lost and redis-py sent it again."""
         reply = await self._end(
             keys=[redis_keys.session(session_id)],
             args=[
@@ -360,6 +386,7 @@ class SessionStore:
                 self._tombstone_ms,
                 redis_keys.SESSION_ENDED_CHANNEL,
                 "0",
+                call,
             ],
         )
         return int(reply[0]) == 1
@@ -374,15 +401,24 @@ class SessionStore:
             log.warning("sessions ended; their deadline entries stay: %s", type(exc).__name__)
 
     async def end_all(self, user_id: str, reason: SessionEndReason) -> int:
-        """End every session of ``user_id``; return how many were active.
+        """End every session of ``user_id``; return how many this call ended.
+
+        The count is of the user's sessions that were active when this call's end script
+        reached them and that it ended: a session another call ended first (a concurrent
+        sign-out, the sweep, an earlier ``end_all``) is not counted, and one whose script
+        reply was lost and sent again by redis-py is (the script recognises the call's id in
+        the tombstone). So two calls racing count each session once between them.
 
         Every session id of the user is fenced first, then each is ended; the sessions are
-        marked, fenced and ended concurrently, not one after another. Redis errors propagate
-        (retry: ending is idempotent)."""
+        marked and ended concurrently, at most :data:`END_ALL_CONCURRENCY` at a time. Redis
+        errors propagate (retry: ending is idempotent)."""
         index = redis_keys.user_sessions(user_id)
         sids = [str(sid) for sid in await self.redis.smembers(index)]
         await self._fence(sids, reason)
-        outcomes = await asyncio.gather(*(self._end_fenced(sid, reason) for sid in sids))
+        call = _end_call()
+        outcomes = await _bounded_gather(
+            sids, lambda sid: self._end_fenced(sid, reason, call), END_ALL_CONCURRENCY
+        )
         ended = [sid for sid, was_active in zip(sids, outcomes, strict=True) if was_active]
         if ended:
             await self._unindex(ended)
@@ -515,6 +551,7 @@ class SessionStore:
             return 0
         fenced = await self._fence_expired(due, now)
         ended = 0
+        call = _end_call()
         for sid in due:
             reply = await self._end(
                 keys=[redis_keys.session(sid)],
@@ -525,6 +562,7 @@ class SessionStore:
                     self._tombstone_ms,
                     redis_keys.SESSION_ENDED_CHANNEL,
                     "1",
+                    call,
                 ],
             )
             if int(reply[0]) == 0:
