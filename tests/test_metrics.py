@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -328,6 +329,34 @@ async def test_metrics_token_scheme_is_case_insensitive(tmp_path: Path) -> None:
         assert refused.status_code == 401
         foreign = await http.get("/metrics", headers={"Authorization": b"Bearer \xe9" + b"x" * 30})
         assert foreign.status_code == 401
+
+
+async def test_metrics_token_is_compared_as_fixed_length_digests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens of every length are refused, the right one passes (any scheme case), and every
+    comparison is of two SHA-256 digests: ``compare_digest`` of values of different lengths
+    returns at once, which would tell a prober the token's length."""
+    token = "s3cret-metrics-token_0123456789"
+    compared: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    app = _app(tmp_path, "guarded", TETHER_METRICS_TOKEN=token)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        for wrong in ("", "x", token[:5], token[:-1] + "X", token * 2, "y" * 4096):
+            refused = await http.get("/metrics", headers={"Authorization": f"Bearer {wrong}"})
+            assert refused.status_code == 401, len(wrong)
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            allowed = await http.get("/metrics", headers={"Authorization": f"{scheme} {token}"})
+            assert allowed.status_code == 200, scheme
+    assert len(compared) == 9
+    assert set(compared) == {(32, 32)}
 
 
 def test_settings_repr_shows_no_secret() -> None:
