@@ -438,6 +438,49 @@ async def test_a_batch_is_bounded(redis_client: redis.asyncio.Redis) -> None:
     ]
 
 
+async def test_the_batch_bound_counts_utf8_bytes(redis_client: redis.asyncio.Redis) -> None:
+    """``max_batch_bytes`` is in bytes (UTF-8), not characters: members whose non-ASCII
+    arguments end up in their writes and results fit two to a batch counted in characters
+    (the first document 78, each member's row 184 and result 102: 650 against 720) but not in
+    bytes (each member's row 284 and result 202: 1,050)."""
+    pad = "é" * 100  # 100 characters, 200 bytes
+
+    async def note(ctx: Context, tag: str, text: str) -> str:
+        docs = await ctx.db.query("items", index="by_tag", equals={"tag": tag}, limit=1)
+        await ctx.db.patch("items", docs[0]["_id"], {"n": docs[0]["n"] + 1})
+        await ctx.db.insert("rows", {"tag": "pad", "text": text})
+        return text
+
+    spec = FunctionSpec.from_function("items.note", "mutation", note)
+    store = make_store(redis_client, max_batch_bytes=720)
+    await create(store, "u")
+    await run_mutation(store, spec, {"tag": "u", "text": pad}, None, client_id="w", request_id=0)
+    store._mark_hot(index_key(store, "u"))
+    before = await store.version()
+    outcomes = await asyncio.gather(
+        *(
+            run_mutation(store, spec, {"tag": "u", "text": pad}, None, client_id="u", request_id=i)
+            for i in range(1, 4)
+        )
+    )
+    assert [o.error for o in outcomes] == [None, None, None]
+    assert [o.version for o in outcomes] == [before + 1, before + 2, before + 3]
+    # One member a batch: each batch's version lists its keys.
+    assert await commit_starts(store, before) == [True, True, True]
+    # The same in ASCII (100 bytes): two to a batch, the third in a batch of its own.
+    ascii_args = {"tag": "u", "text": "e" * 100}
+    await run_mutation(store, spec, ascii_args, None, client_id="w", request_id=1)  # learnt
+    store._mark_hot(index_key(store, "u"))
+    before = await store.version()
+    await asyncio.gather(
+        *(
+            run_mutation(store, spec, ascii_args, None, client_id="a", request_id=i)
+            for i in range(1, 4)
+        )
+    )
+    assert await commit_starts(store, before) == [True, False, True]
+
+
 async def test_a_redis_failure_mid_batch_answers_every_member_and_a_replay_finds_out(
     redis_proc: RedisProcess,
 ) -> None:

@@ -1121,9 +1121,14 @@ def _ended() -> MutationOutcome:
     return MutationOutcome(None, (FunctionErrorCode.UNAUTHENTICATED, IDENTITY_ENDED), None)
 
 
-def _written_chars(db: MutationDB) -> int:
-    """The size of what ``db`` would write: its staged documents' JSON, in characters."""
-    return sum(len(staged.text) for staged in db._staged.values() if staged is not None)
+def _utf8_len(text: str) -> int:
+    """``len(text.encode())``, without encoding when ``text`` is ASCII (the common case)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def _written_bytes(db: MutationDB) -> int:
+    """The size of what ``db`` would write: its staged documents' JSON, in UTF-8 bytes."""
+    return sum(_utf8_len(staged.text) for staged in db._staged.values() if staged is not None)
 
 
 class _Member:
@@ -1981,15 +1986,15 @@ class Store:
                 else:
                     running.append(member)
             ran: list[tuple[_Member, str | None, tuple[str, str] | None]] = []
-            results = 0  # characters of the results so far
+            results = 0  # UTF-8 bytes of the results so far
             for i, member in enumerate(running):
                 savepoint = db._savepoint()
                 db._insert_base = db._inserts
                 value_json, error = await self._run_function(member.run, db)
                 if db.aborted:
                     break
-                grown = results + len(value_json or "")
-                if db._batch_full or (ran and _written_chars(db) + grown > self.max_batch_bytes):
+                grown = results + _utf8_len(value_json or "")
+                if db._batch_full or (ran and _written_bytes(db) + grown > self.max_batch_bytes):
                     db._rollback(savepoint)
                     queue.members.extendleft(reversed(running[i:]))  # the next batch's
                     break
