@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from prometheus_client import generate_latest
 from redis.exceptions import RedisError
 from tether.server.data.engine import run_mutation
 from tether.server.data.functions import App, Auth, Context, FunctionSpec
@@ -31,10 +32,12 @@ from tether.server.data.store import (
     encode_index_values,
 )
 from tether.server.errors import FunctionError
+from tether.server.metrics import Metrics
 
 from tests.apps import partition_app
 from tests.clock import ManualClock
 from tests.harness import RedisProcess
+from tests.test_metrics import Scrape
 from tests.test_store_commits import client_commands, create
 
 pytestmark = pytest.mark.timeout(60)
@@ -436,6 +439,26 @@ async def test_a_batch_is_bounded(redis_client: redis.asyncio.Redis) -> None:
     assert [(r["by"], r["j"]) for r in rows[share:]] == [
         (b, j) for b in (1, 2) for j in range(share)
     ]
+
+
+async def test_each_committed_batch_is_observed_in_the_batch_size_histogram(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """``tether_mutation_batch_members`` as ``/metrics`` renders it (``generate_latest`` of the
+    instance's registry): seven mutations queued on a hot key with batches of at most three
+    commit as 3 + 3 + 1; the warm-up run, alone, is not a batch."""
+    metrics = Metrics()
+    store = make_store(redis_client, max_batch=3, metrics=metrics)
+    await create(store, "h")
+    bump = bumper([])
+    await heat(store, "h", bump)
+    name = "tether_mutation_batch_members"
+    assert Scrape(generate_latest(metrics.registry).decode())(f"{name}_count") == 0
+    await asyncio.gather(*(call(store, bump, "h", i) for i in range(1, 8)))
+    scrape = Scrape(generate_latest(metrics.registry).decode())
+    assert scrape(f"{name}_count") == 3
+    assert scrape(f"{name}_sum") == 7
+    assert [scrape(f"{name}_bucket", le=le) for le in ("1.0", "2.0", "4.0", "+Inf")] == [1, 1, 3, 3]
 
 
 async def test_the_batch_bound_counts_utf8_bytes(redis_client: redis.asyncio.Redis) -> None:

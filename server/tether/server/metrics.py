@@ -37,6 +37,9 @@ LATENCY_BUCKETS = (
 )
 #: Lateness buckets (seconds) for expiry notices, which are timers: mostly under 10 ms late.
 LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Members per committed batch of mutations on a hot key (``TETHER_MUTATION_BATCH``: 64 by
+#: default; larger settings fall in the +Inf bucket past 256).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 #: Labels: the auth event ``kind`` and its ``code`` (see docs/operations.md).
 AUTH_KINDS = ("authenticate", "refresh", "auth", "auth_expiring", "auth_expired", "session_revoked")
@@ -109,6 +112,13 @@ class Metrics:
         )
         self.mutation_retries = Counter(
             "tether_mutation_retries", "Mutation runs after the first attempt", registry=r
+        )
+        self.mutation_batch_members = Histogram(
+            "tether_mutation_batch_members",
+            "Mutations committed together by one batch on a hot key (group commit), per batch "
+            "committed; a mutation committed alone is not in it",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.fanout_latency = Histogram(
             "tether_fanout_latency_seconds",

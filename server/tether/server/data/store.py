@@ -2064,6 +2064,7 @@ class Store:
                 continue
             wrote = bool(result.written_keys)
             assert result.version is not None
+            metrics.mutation_batch_members.observe(len(ran))
             for (member, value, error), offset in zip(ran, offsets, strict=True):
                 if error is not None:
                     metrics.mutation("error")
