@@ -284,6 +284,26 @@ async def test_a_batch_carries_at_most_its_bound(
         await client.aclose()
 
 
+async def test_connect_sizes_its_clients_batches(
+    redis_proc: RedisProcess, redis_client: redis.asyncio.Redis
+) -> None:
+    """``connect``'s ``pipeline_max_commands`` (``TETHER_REDIS_PIPELINE_MAX_COMMANDS``) is the
+    bound of the client's own auto-pipeline, which every script call on it uses."""
+    client = connect(redis_proc.url, pipeline_max_commands=3)
+    try:
+        script = Script(client, CHECKED)
+        await script(keys=["warm"], args=[0])  # loaded, and a connection opened
+
+        async def action() -> list[Any]:
+            return await asyncio.gather(*(script(keys=[f"n{i}"], args=[i]) for i in range(7)))
+
+        replies, used = await connections_used(redis_client, action)
+        assert replies == list(range(7))
+        assert sorted(used.values()) == [1, 3, 3]
+    finally:
+        await client.aclose()
+
+
 async def test_a_cluster_client_has_no_auto_pipeline(cluster: RedisClusterProcess) -> None:
     client = connect(cluster.url)
     try:

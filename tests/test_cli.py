@@ -15,9 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 from tether.server import cli
+from tether.server.app import create_app
+from tether.server.redis.connection import auto_pipeline
 from tether.server.settings import Settings, SettingsError
 
 from tests.harness import (
+    FAST_ARGON2_ENV,
     REPO_ROOT,
     ServerProcess,
     child_pids,
@@ -485,6 +488,39 @@ def test_the_connection_result_budget_defaults_to_and_never_exceeds_the_send_lim
     for bad in ("5001", "0"):
         with pytest.raises(SettingsError, match=f"{name}: must be 1 to TETHER_SEND_QUEUE_BYTES"):
             Settings.load(environ={"TETHER_SEND_QUEUE_BYTES": "5000", name: bad})
+
+
+def test_the_pipeline_and_pending_commit_bounds_are_checked_and_reach_the_node(
+    tmp_path: Path,
+) -> None:
+    """``TETHER_REDIS_PIPELINE_MAX_COMMANDS`` (at least 1) sizes the Redis client's batches;
+    ``TETHER_READ_CACHE_PENDING_COMMITS`` (0 or more) bounds every live-query follower's
+    commits held with their documents (the default partition's and the others')."""
+    defaults = Settings.load(environ={})
+    assert (defaults.redis_pipeline_max_commands, defaults.read_cache_pending_commits) == (64, 256)
+    for bad in ("0", "-5"):
+        with pytest.raises(
+            SettingsError, match="TETHER_REDIS_PIPELINE_MAX_COMMANDS: must be at least 1"
+        ):
+            Settings.load(environ={"TETHER_REDIS_PIPELINE_MAX_COMMANDS": bad})
+    with pytest.raises(
+        SettingsError, match="TETHER_READ_CACHE_PENDING_COMMITS: must not be negative, got -1"
+    ):
+        Settings.load(environ={"TETHER_READ_CACHE_PENDING_COMMITS": "-1"})
+    assert Settings.load(environ={"TETHER_READ_CACHE_PENDING_COMMITS": "0"}) is not None
+
+    env = {
+        **FAST_ARGON2_ENV,
+        "TETHER_REDIS_URL": "redis://127.0.0.1:1",  # never reached
+        "TETHER_KEYS_FILE": str(tmp_path / "keys.json"),
+        "TETHER_REDIS_PIPELINE_MAX_COMMANDS": "3",
+        "TETHER_READ_CACHE_PENDING_COMMITS": "5",
+    }
+    node = create_app(Settings.load(environ=env)).node
+    pipeline = auto_pipeline(node.redis)
+    assert pipeline is not None and pipeline.max_commands == 3
+    assert node.sync.subscriptions.known_values == 5
+    assert node.sync.partitions.known_values == 5  # handed to each partition's follower
 
 
 def test_max_json_depth_is_bounded_both_ways() -> None:

@@ -209,12 +209,16 @@ async def client_reads(client: redis.asyncio.Redis, action: Callable[[], Awaitab
 class Instance:
     """One instance's data layer: its engine and the manager of its live queries."""
 
-    def __init__(self, client: redis.asyncio.Redis, *, cached: bool = True) -> None:
+    def __init__(self, client: redis.asyncio.Redis, *, cached: bool = True, **options: Any) -> None:
         clock = ManualClock()
         self.engine = QueryEngine(demo.app, Store(client, schema=demo.app.schema, clock=clock))
         self.cache = ReadCache(None) if cached else None
         self.manager = SubscriptionManager(
-            self.engine, clock=clock, identity_usable=lambda _: True, read_cache=self.cache
+            self.engine,
+            clock=clock,
+            identity_usable=lambda _: True,
+            read_cache=self.cache,
+            **options,
         )
         self.watched = Watched()
         self.pump: asyncio.Task[None] | None = None
@@ -303,6 +307,31 @@ async def test_without_the_cache_each_instance_reads_back(
             await there.watched.wait_for(2, timeout=10)
 
         assert await client_reads(redis_client, round_trip) == 3
+    finally:
+        for instance in (here, there):
+            await instance.stop()
+
+
+async def test_a_follower_holds_documents_of_at_most_its_pending_commits(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """``TETHER_READ_CACHE_PENDING_COMMITS`` (``known_values``) 0: the watcher hands the
+    commits over by their keys only, so the follower's cache drops the counter and reads it
+    back (two ``read.lua`` calls where the test above has one)."""
+    here, there = Instance(redis_client), Instance(redis_client, known_values=0)
+    for instance in (here, there):
+        instance.start("fan")
+    try:
+        for instance in (here, there):
+            await instance.watched.wait_for(0, timeout=10)
+        assert await here.increment("fan", 1) == 1
+        await there.watched.wait_for(1, timeout=10)
+
+        async def round_trip() -> None:
+            assert await here.increment("fan", 2) == 2
+            await there.watched.wait_for(2, timeout=10)
+
+        assert await client_reads(redis_client, round_trip) == 2
     finally:
         for instance in (here, there):
             await instance.stop()

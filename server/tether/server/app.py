@@ -78,7 +78,9 @@ class Node:
             raise ValueError("redis_url must be set (the CLI starts an embedded Redis)")
         metrics = Metrics()
         keyring = _load_keyring(settings)
-        redis = connect(settings.redis_url)
+        redis = connect(
+            settings.redis_url, pipeline_max_commands=settings.redis_pipeline_max_commands
+        )
         tokens = AccessTokens(
             keyring,
             issuer=settings.effective_issuer,

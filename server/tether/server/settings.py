@@ -338,6 +338,17 @@ class Settings:
         "estimated memory of each live-query read cache of an instance (one per followed"
         " partition), least recently used out first (0: no cache)",
     )
+    read_cache_pending_commits: int = _setting(
+        256,
+        _parse_int,
+        "commits a live-query follower keeps with their documents while it has not applied them"
+        " (for its read cache); past it, their keys only (0: never)",
+    )
+    redis_pipeline_max_commands: int = _setting(
+        64,
+        _parse_int,
+        "commands one auto-pipelined batch to a standalone Redis carries at most",
+    )
     argon2_time_cost: int = _setting(3, _parse_int, "argon2id iterations")
     argon2_memory_kib: int = _setting(65536, _parse_int, "argon2id memory, KiB")
     argon2_parallelism: int = _setting(4, _parse_int, "argon2id lanes")
@@ -452,6 +463,7 @@ class Settings:
             "max_pending_mutations",
             "mutation_batch",
             "mutation_batch_bytes",
+            "redis_pipeline_max_commands",
             "max_result_bytes",
             "heartbeat_timeout",
             "close_grace",
@@ -482,6 +494,7 @@ class Settings:
             "mutation_retries",
             "commit_values_bytes",
             "read_cache_bytes",
+            "read_cache_pending_commits",
             "max_connections_per_address",
             "log_repeat_interval",
         ):

@@ -58,7 +58,7 @@ COMMIT_BATCH = 10_000
 #: Commits the watcher hands over with the documents they wrote (for the read cache) while the
 #: pump has not applied them: past it, with their keys only (their documents leave the cache), so
 #: a pump far behind holds at most this many entries' values (each up to
-#: ``TETHER_COMMIT_VALUES_BYTES``).
+#: ``TETHER_COMMIT_VALUES_BYTES``). The default of ``TETHER_READ_CACHE_PENDING_COMMITS``.
 KNOWN_VALUES = 256
 #: How long the stream watcher blocks in one read (ms).
 WATCH_BLOCK_MS = 2000
@@ -231,6 +231,7 @@ class SubscriptionManager:
         identity_usable: Callable[[Caller], bool],
         metrics: Metrics | None = None,
         read_cache: ReadCache | None = None,
+        known_values: int = KNOWN_VALUES,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -239,6 +240,9 @@ class SubscriptionManager:
         #: What this manager's evaluations read, valid at ``fetched`` (None: every read goes to
         #: Redis). Of the partition the engine follows.
         self.read_cache = read_cache
+        #: Commits handed over with their documents at most, not yet applied
+        #: (``TETHER_READ_CACHE_PENDING_COMMITS``; see :data:`KNOWN_VALUES`).
+        self.known_values = known_values
         # When each commit not yet delivered was made (version -> seconds), for the fan-out
         # latency: a commit of this instance from its reply, another's from the stream.
         self._commit_times: dict[int, float] = {}
@@ -451,7 +455,7 @@ class SubscriptionManager:
                 for commit in batch.commits:
                     known = len(self._known)
                     if commit.version > self.fetched and known < COMMIT_BATCH:
-                        values = commit.values if known < KNOWN_VALUES else None
+                        values = commit.values if known < self.known_values else None
                         self._known[commit.version] = (commit.written_keys, values)
                     self._commit_made(commit.version, commit.committed_at)
                 position = batch.commits[-1].version
@@ -736,6 +740,7 @@ class PartitionFollowers:
         metrics: Metrics | None = None,
         limit: int = 1000,
         read_cache_bytes: int | None = None,
+        known_values: int = KNOWN_VALUES,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -745,6 +750,8 @@ class PartitionFollowers:
         self.limit = limit
         #: The bound of each follower's read cache (``TETHER_READ_CACHE_BYTES``; None: none).
         self.read_cache_bytes = read_cache_bytes
+        #: Each follower's bound on commits held with their documents (see SubscriptionManager).
+        self.known_values = known_values
         self._managers: dict[str, SubscriptionManager] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -772,6 +779,7 @@ class PartitionFollowers:
                 identity_usable=self.identity_usable,
                 metrics=self.metrics,
                 read_cache=cache,
+                known_values=self.known_values,
             )
             self._managers[partition] = manager
             self._tasks[partition] = asyncio.create_task(

@@ -725,6 +725,7 @@ class SyncEndpoint:
             identity_usable=self.identity_usable,
             metrics=metrics,
             read_cache=ReadCache(engine.store.partition, max_bytes=settings.read_cache_bytes),
+            known_values=settings.read_cache_pending_commits,
         )
         #: The live queries of the named data partitions (the default's: ``subscriptions``).
         self.partitions = PartitionFollowers(
@@ -734,6 +735,7 @@ class SyncEndpoint:
             metrics=metrics,
             limit=settings.max_followed_partitions,
             read_cache_bytes=settings.read_cache_bytes,
+            known_values=settings.read_cache_pending_commits,
         )
         #: The result of a subscription that would make one connection span more partitions
         #: than TETHER_MAX_CONNECTION_PARTITIONS.

@@ -37,7 +37,8 @@ CONNECT_TIMEOUT = 2.0
 #: Connections one client keeps to a standalone Redis, and commands (or pipelines) one Cluster
 #: client has in flight on one node; callers beyond it wait their turn, up to SOCKET_TIMEOUT.
 MAX_CONNECTIONS = 64
-#: Commands one auto-pipelined batch carries at most (:class:`AutoPipeline`); a fuller turn
+#: Commands one auto-pipelined batch carries at most (:class:`AutoPipeline`), by default
+#: (``TETHER_REDIS_PIPELINE_MAX_COMMANDS``, given to :func:`connect`); a fuller turn
 #: sends several batches, side by side on their own connections. The bound keeps one batch's
 #: write and replies (each script call carries a commit's documents) to a few hundred kB, and
 #: keeps its first caller from waiting on the replies of thousands of others; past a few dozen
@@ -61,8 +62,10 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
-def connect(url: str) -> RedisClient:
-    """A client for ``url`` with bounded retries; it connects lazily on first use."""
+def connect(url: str, *, pipeline_max_commands: int = PIPELINE_MAX_COMMANDS) -> RedisClient:
+    """A client for ``url`` with bounded retries; it connects lazily on first use. A standalone
+    client's :class:`AutoPipeline` carries at most ``pipeline_max_commands`` commands a batch
+    (``TETHER_REDIS_PIPELINE_MAX_COMMANDS``)."""
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
     common: dict[str, Any] = {
         "decode_responses": True,
@@ -84,7 +87,9 @@ def connect(url: str) -> RedisClient:
         health_check_interval=15,
         **common,
     )
-    return Redis(connection_pool=pool)
+    client = Redis(connection_pool=pool)
+    setattr(client, _AUTO_PIPELINE_ATTR, AutoPipeline(client, pipeline_max_commands))
+    return client
 
 
 def dedicated(client: RedisClient) -> RedisClient | None:
@@ -251,7 +256,8 @@ class AutoPipeline:
     reaches every caller not answered yet. A caller that is cancelled does not
     cancel the batch: its reply is read and dropped, so no connection goes back to the pool with
     replies unread; one cancelled before its batch was sent is left out of it. A batch carries
-    at most :data:`PIPELINE_MAX_COMMANDS` commands.
+    at most ``max_commands`` commands (:data:`PIPELINE_MAX_COMMANDS` unless :func:`connect` was
+    told otherwise).
 
     Not for blocking commands (``XREAD BLOCK``, ``BLPOP``): one would hold up every reply
     behind it in its batch.
