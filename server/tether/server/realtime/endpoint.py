@@ -656,8 +656,17 @@ class Connection:
                 # version >= the commit's before the mutation's result goes out.
                 manager = self.endpoint.subscriptions
                 manager.notify_commit(version, outcome.written_keys, outcome.written_values)
-                async with asyncio.timeout(DELIVERY_TIMEOUT):
-                    processed = await manager.wait_processed(version)
+                if core.subscriptions:
+                    async with asyncio.timeout(DELIVERY_TIMEOUT):
+                        processed = await manager.wait_processed(version)
+                else:
+                    # No subscription to deliver first: the result goes out now, not after this
+                    # instance's pump has processed the commit (a writer's round trip shrinks by
+                    # that pump cycle). A subscription made from now on is still delivered at
+                    # >= version: notify_commit has the pump read up to it before it delivers
+                    # anything (LiveQueries._cycle), and the connection's version is now
+                    # ``version``, so its versions still only grow.
+                    processed = version
                 self.execute(core.advance_version(processed, self.now()))
                 if self.partitioned:
                     # The connection's version may be another partition's: never go below it.
