@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 from typing import Any
 
 from tether import App, Context
 
+from tests.apps.tallies import behind_gate
 from tests.apps.tallies import bump as _bump
 from tests.apps.tallies import value as _value
 
@@ -118,10 +118,7 @@ async def big(ctx: Context, size: int) -> str:
 @app.query("tally.behind_gate")
 async def tally_behind_gate(ctx: Context, name: str, gate: str) -> int:
     value = await _value(ctx, name)
-    for _ in range(6000):
-        if os.path.exists(gate):
-            break
-        await asyncio.sleep(0.01)
+    await behind_gate(gate)
     return value
 
 

@@ -641,6 +641,9 @@ class Connection:
                 processed = version
                 if manager is not None:
                     manager.notify_commit(version, outcome.written_keys, outcome.written_values)
+                if manager is not None and core.subscriptions:
+                    # (With no subscription, nothing to wait for: as in the default partition
+                    # below.)
                     try:
                         async with asyncio.timeout(DELIVERY_TIMEOUT):
                             processed = await manager.wait_processed(version)
@@ -664,7 +667,7 @@ class Connection:
                     # instance's pump has processed the commit (a writer's round trip shrinks by
                     # that pump cycle). A subscription made from now on is still delivered at
                     # >= version: notify_commit has the pump read up to it before it delivers
-                    # anything (LiveQueries._cycle), and the connection's version is now
+                    # anything (SubscriptionManager._cycle), and the connection's version is now
                     # ``version``, so its versions still only grow.
                     processed = version
                 self.execute(core.advance_version(processed, self.now()))
