@@ -515,6 +515,30 @@ async def test_a_writer_without_subscriptions_is_answered_before_the_partition_d
     await watcher.wait_held(1, ("value", 1))
 
 
+async def test_a_result_held_for_a_subscription_is_sent_when_that_subscription_ends(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    """A mutation's result waits for every subscription's first result (rule 5). When the
+    subscription it waits for is unsubscribed first, the result goes out then: nothing else
+    would ever send it."""
+    server = server_factory(app=PARTITION_APP)
+    live = await open_live(server, label="unsubscriber")
+    await live.subscribe(1, "tally.get", {"name": "n"})
+    # Its first result takes 3 s (a partition's query): the mutation's result is held for it.
+    slow = {"tenant": unique("tenant"), "name": "n", "ms": 3000}
+    await live.send({"type": "subscribe", "queryId": 2, "name": "tenant.slow", "args": slow})
+    await live.send(
+        {"type": "mutate", "requestId": 1, "name": "tally.bump", "args": {"name": unique("t")}}
+    )
+    with pytest.raises(AssertionError):
+        await live.result(1, timeout=0.5)
+    await live.send({"type": "unsubscribe", "queryId": 2})
+    result = await live.result(1, timeout=2.0)  # well before the slow result would come
+    version, held = live.at_result[1]
+    assert "error" not in result and version >= result["version"], (result, live.frames)
+    assert 2 not in held
+
+
 async def test_a_request_id_re_sent_into_another_partition_is_refused_on_the_wire(
     server_factory: Callable[..., ServerProcess], open_live: Opener
 ) -> None:

@@ -516,6 +516,40 @@ async def test_a_writer_without_subscriptions_is_answered_before_the_pump_delive
     assert version >= second["version"] and held[7] == ("value", 2), (second, writer.frames[sent:])
 
 
+async def test_a_subscription_made_while_the_pump_is_below_the_commit_starts_at_the_commit(
+    server_factory: Callable[..., ServerProcess], open_live: Opener, tmp_path: Any
+) -> None:
+    """The pump is held in a cycle for an earlier commit (on another tally) when a
+    subscription-less writer's commit V is answered; the writer then subscribes to a query
+    whose shared live entry still holds the value from before V. Its first result is the
+    written value, at a version >= V."""
+    server = server_factory(app=TEST_APP)
+    held_name, name = unique("held"), unique("written")
+    gate = tmp_path / "gate"
+    gate.touch()
+    watcher = await open_live(server, label="watcher")
+    await watcher.subscribe(1, "tally.behind_gate", {"name": held_name, "gate": str(gate)})
+    await watcher.subscribe(2, "tally.get", {"name": name})
+    gate.unlink()
+    other, writer = await open_live(server, label="other"), await open_live(server, label="writer")
+    try:
+        bump = {"type": "mutate", "requestId": 1, "name": "tally.bump", "args": {"name": held_name}}
+        await other.send(bump)
+        # No signal says the pump has reached the gate: the pause widens what the test covers
+        # (the writer's commit lands while the pump is below it); it cannot make it fail.
+        await asyncio.sleep(0.3)
+        result = await writer.mutate(1, "tally.bump", {"name": name})
+        assert watcher.held[2] == ("value", 0), watcher.held
+        subscribe = {"type": "subscribe", "queryId": 7, "name": "tally.get", "args": {"name": name}}
+        await writer.send(subscribe)
+    finally:
+        gate.touch()
+    await writer.wait(lambda: 7 in writer.held, "a first result for query 7")
+    assert transitions(writer)[0]["version"] >= result["version"], (writer.frames, result)
+    assert writer.held[7] == ("value", 1), writer.frames
+    await watcher.wait_held(2, ("value", 1))
+
+
 # ---------------------------------------------------------------------------------- idempotency
 
 
