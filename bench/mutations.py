@@ -158,7 +158,7 @@ async def increment(conn: Conn, request_id: int, name: str) -> tuple[float, dict
     """One ``counter.increment``; ``(receipt time, mutation_result)``."""
     conn.send(mutate_frame(request_id, name))
     t, text = await conn.recv_until(lambda t: frame_type(t) == "mutation_result")
-    conn.inbox.clear()  # the empty transitions (read-your-writes) that came before it
+    conn.inbox.clear()  # anything before it (a client with no subscription gets no transition)
     return t, json.loads(text)
 
 

@@ -485,6 +485,60 @@ async def test_a_partitioned_subscription_follows_another_instances_commits(
     await watcher.wait_value(3, lambda v: v == 5, "tally 5")
 
 
+async def test_a_writer_without_subscriptions_is_answered_before_the_partition_delivers(
+    server_factory: Callable[..., ServerProcess], open_live: Opener, tmp_path: Any
+) -> None:
+    """As in the default partition (tests/test_reactive.py): a connection that holds no
+    subscription is answered at the commit, while the partition's follower on this instance is
+    still busy with it; its next subscription there starts at or after the commit."""
+    server = server_factory(app=PARTITION_APP)
+    tenant, gate = unique("tenant"), tmp_path / "gate"
+    gate.touch()
+    watcher = await open_live(server, label="watcher")
+    args = {"tenant": tenant, "name": "n", "gate": str(gate)}
+    await watcher.subscribe(1, "tenant.behind_gate", args)
+    gate.unlink()
+    writer = await open_live(server, label="writer")
+    try:
+        result = await writer.mutate(1, "tenant.bump", {"tenant": tenant, "name": "n"})
+        assert result["value"] == 1 and watcher.held[1] == ("value", 0), (result, watcher.held)
+        assert not [f for f in writer.frames if f["type"] == "transition"], writer.frames
+        subscribe = {"tenant": tenant, "name": "n"}
+        await writer.send(
+            {"type": "subscribe", "queryId": 2, "name": "tenant.get", "args": subscribe}
+        )
+    finally:
+        gate.touch()
+    await writer.wait_held(2, ("value", 1))
+    first = next(f for f in writer.frames if f["type"] == "transition")
+    assert first["version"] >= result["version"], (first, result)
+    await watcher.wait_held(1, ("value", 1))
+
+
+async def test_a_result_held_for_a_subscription_is_sent_when_that_subscription_ends(
+    server_factory: Callable[..., ServerProcess], open_live: Opener
+) -> None:
+    """A mutation's result waits for every subscription's first result (rule 5). When the
+    subscription it waits for is unsubscribed first, the result goes out then: nothing else
+    would ever send it."""
+    server = server_factory(app=PARTITION_APP)
+    live = await open_live(server, label="unsubscriber")
+    await live.subscribe(1, "tally.get", {"name": "n"})
+    # Its first result takes 3 s (a partition's query): the mutation's result is held for it.
+    slow = {"tenant": unique("tenant"), "name": "n", "ms": 3000}
+    await live.send({"type": "subscribe", "queryId": 2, "name": "tenant.slow", "args": slow})
+    await live.send(
+        {"type": "mutate", "requestId": 1, "name": "tally.bump", "args": {"name": unique("t")}}
+    )
+    with pytest.raises(AssertionError):
+        await live.result(1, timeout=0.5)
+    await live.send({"type": "unsubscribe", "queryId": 2})
+    result = await live.result(1, timeout=2.0)  # well before the slow result would come
+    version, held = live.at_result[1]
+    assert "error" not in result and version >= result["version"], (result, live.frames)
+    assert 2 not in held
+
+
 async def test_a_request_id_re_sent_into_another_partition_is_refused_on_the_wire(
     server_factory: Callable[..., ServerProcess], open_live: Opener
 ) -> None:

@@ -1354,6 +1354,21 @@ def test_a_refused_first_result_releases_the_mutation_result_it_held() -> None:
     assert only_frame(actions, "mutation_result")["requestId"] == 9
 
 
+def test_a_connection_without_subscriptions_advances_without_a_transition() -> None:
+    """Read your writes binds the subscriptions a connection holds: with none, advancing to a
+    commit's version sends nothing, and the mutation's result goes out at once."""
+    core = connected()
+    core.receive(msg("mutate", requestId=9, name="notes.add", args={}), 2.0)
+    assert core.advance_version(7, 2.0) == []
+    assert core.version == 7
+    actions = core.mutation_done(0, 9, 2.0, value_json='"n1"', version=7)
+    assert only_frame(actions, "mutation_result")["version"] == 7
+    # A first result at the same version is still sent: the subscription is new.
+    subscribe(core, 1, now=2.5)
+    actions = core.queries_done(0, 7, [QueryResult(1, _text(3))], 2.5)
+    assert only_frame(actions, "transition")["version"] == 7
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(

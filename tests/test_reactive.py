@@ -460,6 +460,96 @@ async def test_read_your_writes_for_counter_notes_and_messages_on_both_instances
         await writer.wait_value(2, lambda notes: len(notes) == 8, "eight notes")
 
 
+async def test_a_writer_without_subscriptions_is_answered_before_the_pump_delivers_the_commit(
+    server_factory: Callable[..., ServerProcess], open_live: Opener, tmp_path: Any
+) -> None:
+    """Read your writes binds a connection's subscriptions; one that holds none is answered as
+    soon as the commit is made, even while this instance's pump is still busy with it, and a
+    subscription it makes afterwards is delivered at or after the commit's version."""
+    server = server_factory(app=TEST_APP)
+    name = unique("writer")
+    gate = tmp_path / "gate"
+    gate.touch()
+    watcher = await open_live(server, label="subscriber")
+    await watcher.subscribe(1, "tally.behind_gate", {"name": name, "gate": str(gate)})
+    gate.unlink()  # from now on the pump's re-run of query 1 waits for the gate
+    writer = await open_live(server, label="writer")
+    try:
+        result = await writer.mutate(1, "tally.bump", {"name": name})
+        # Answered while the pump is held: nothing was delivered at the commit's version yet.
+        assert result["value"] == 1, result
+        assert watcher.held[1] == ("value", 0), watcher.held
+        assert transitions(writer) == [], writer.frames  # no subscription, nothing to say
+        # A subscription made now is not answered from before the commit, even though the
+        # pump has not delivered it yet.
+        await writer.send(
+            {"type": "subscribe", "queryId": 7, "name": "tally.get", "args": {"name": name}}
+        )
+    finally:
+        gate.touch()
+    await writer.wait(lambda: 7 in writer.held, "a first result for query 7")
+    first = transitions(writer)[0]
+    assert first["version"] >= result["version"], (first, result)
+    assert writer.held[7] == ("value", 1), writer.frames
+    await watcher.wait_held(1, ("value", 1))
+    # A connection with a subscription still waits for it (read your writes).
+    gate.unlink()
+    sent = len(writer.frames)
+    await writer.send(
+        {
+            "type": "subscribe",
+            "queryId": 8,
+            "name": "tally.behind_gate",
+            "args": {"name": name, "gate": str(gate)},
+        }
+    )
+    try:
+        await writer.send(
+            {"type": "mutate", "requestId": 2, "name": "tally.bump", "args": {"name": name}}
+        )
+        with pytest.raises(AssertionError):
+            await writer.result(2, timeout=1.0)
+    finally:
+        gate.touch()
+    second = await writer.result(2)
+    version, held = writer.at_result[2]
+    assert version >= second["version"] and held[7] == ("value", 2), (second, writer.frames[sent:])
+
+
+async def test_a_subscription_made_while_the_pump_is_below_the_commit_starts_at_the_commit(
+    server_factory: Callable[..., ServerProcess], open_live: Opener, tmp_path: Any
+) -> None:
+    """The pump is held in a cycle for an earlier commit (on another tally) when a
+    subscription-less writer's commit V is answered; the writer then subscribes to a query
+    whose shared live entry still holds the value from before V. Its first result is the
+    written value, at a version >= V."""
+    server = server_factory(app=TEST_APP)
+    held_name, name = unique("held"), unique("written")
+    gate = tmp_path / "gate"
+    gate.touch()
+    watcher = await open_live(server, label="watcher")
+    await watcher.subscribe(1, "tally.behind_gate", {"name": held_name, "gate": str(gate)})
+    await watcher.subscribe(2, "tally.get", {"name": name})
+    gate.unlink()
+    other, writer = await open_live(server, label="other"), await open_live(server, label="writer")
+    try:
+        bump = {"type": "mutate", "requestId": 1, "name": "tally.bump", "args": {"name": held_name}}
+        await other.send(bump)
+        # No signal says the pump has reached the gate: the pause widens what the test covers
+        # (the writer's commit lands while the pump is below it); it cannot make it fail.
+        await asyncio.sleep(0.3)
+        result = await writer.mutate(1, "tally.bump", {"name": name})
+        assert watcher.held[2] == ("value", 0), watcher.held
+        subscribe = {"type": "subscribe", "queryId": 7, "name": "tally.get", "args": {"name": name}}
+        await writer.send(subscribe)
+    finally:
+        gate.touch()
+    await writer.wait(lambda: 7 in writer.held, "a first result for query 7")
+    assert transitions(writer)[0]["version"] >= result["version"], (writer.frames, result)
+    assert writer.held[7] == ("value", 1), writer.frames
+    await watcher.wait_held(2, ("value", 1))
+
+
 # ---------------------------------------------------------------------------------- idempotency
 
 

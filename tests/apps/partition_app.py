@@ -8,6 +8,8 @@ Served with ``server_factory(app="tests.apps.partition_app:app")``.
 * ``tenant.mine`` query ``{"tenant", "name"}`` → ``{"user", "value"}``: reads the identity
 * ``tally.get`` / ``tally.bump``: the same in the default partition (no tenant)
 * ``tenant.slow`` query ``{"tenant", "name", "ms"}`` → ``tenant.get`` after ``ms`` milliseconds
+* ``tenant.behind_gate`` query ``{"tenant", "name", "gate"}`` → ``tenant.get``, once the file
+  ``gate`` exists (``tests/apps/tallies.py``: ``behind_gate``)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from tether import App, Context
 
+from tests.apps.tallies import behind_gate
 from tests.apps.tallies import bump as _bump
 from tests.apps.tallies import tally as _tally
 
@@ -66,3 +69,10 @@ async def tenant_slow(ctx: Context, tenant: str, name: str, ms: int) -> int:
     """``tenant.get`` after ``ms`` milliseconds: keeps the partition's live queries busy."""
     await asyncio.sleep(ms / 1000)
     return await tenant_get(ctx, tenant, name)
+
+
+@app.query("tenant.behind_gate", partition="tenant")
+async def tenant_behind_gate(ctx: Context, tenant: str, name: str, gate: str) -> int:
+    value = await tenant_get(ctx, tenant, name)
+    await behind_gate(gate)
+    return value

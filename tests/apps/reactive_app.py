@@ -21,6 +21,8 @@ Functions (args → result):
 * ``boom`` query ``{}`` → always raises ``RuntimeError``
 * ``big`` query ``{"size"}`` → a string of ``size`` characters
 * ``tally.bump_slowly`` mutation ``{"name", "seconds"}`` → waits ``seconds``, then bumps
+* ``tally.behind_gate`` query ``{"name", "gate"}`` → the value, once the file ``gate`` (a path)
+  exists: until then it waits (polling, at most 60 s), and so does the pump that runs it
 * ``tally.gated`` query ``{"name"}`` → ``{"value"}``, plus ``"user"`` once the value is positive:
   it reads the identity only then
 
@@ -36,6 +38,7 @@ from typing import Any
 
 from tether import App, Context
 
+from tests.apps.tallies import behind_gate
 from tests.apps.tallies import bump as _bump
 from tests.apps.tallies import value as _value
 
@@ -110,6 +113,13 @@ async def boom(ctx: Context) -> None:
 async def big(ctx: Context, size: int) -> str:
     """A string of ``size`` characters (ASCII, so also ``size`` bytes)."""
     return "x" * size
+
+
+@app.query("tally.behind_gate")
+async def tally_behind_gate(ctx: Context, name: str, gate: str) -> int:
+    value = await _value(ctx, name)
+    await behind_gate(gate)
+    return value
 
 
 @app.query("tally.gated")

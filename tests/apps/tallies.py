@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 from tether import Context
@@ -26,3 +28,12 @@ async def bump(ctx: Context, name: str, by: int) -> int:
     new = int(doc["value"]) + by
     await ctx.db.patch("tallies", doc["_id"], {"value": new})
     return new
+
+
+async def behind_gate(gate: str) -> None:
+    """Wait until the file ``gate`` exists (polling; at most 60 s): a query that calls this
+    holds its instance's pump for as long as the test keeps the gate shut."""
+    for _ in range(6000):
+        if os.path.exists(gate):
+            return
+        await asyncio.sleep(0.01)

@@ -1157,6 +1157,12 @@ class ConnectionCore:
         if self.phase is not Phase.OPEN or version <= self.version or not self._all_fresh():
             return actions
         self.version = version
+        if not self.subscriptions:
+            # No subscription to say it of: the version rides on the mutation's result alone
+            # (read your writes holds for every subscription the connection holds: none).
+            if self.held_results:
+                actions.extend(self._release_results())
+            return actions
         actions.append(
             Send({"type": ServerMessageType.TRANSITION, "version": version, "updates": []})
         )

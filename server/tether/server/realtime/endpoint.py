@@ -541,6 +541,13 @@ class Connection:
         reg = self.regs.pop(query_id, None) if self.regs else None
         if reg is not None:
             self.endpoint.detach(reg)
+        core = self.core
+        if core.held_results and not self.closing:
+            # A mutation's result may have been held for this subscription's first result
+            # (rule 5), above the connection's version: nothing would deliver it now. The
+            # instance's subscriptions are delivered at ``processed``, at or past every held
+            # result's version (run_mutation waited for it before the result was held).
+            self.execute(core.advance_version(self.endpoint.subscriptions.processed, self.now()))
 
     def deliver(
         self,
@@ -641,6 +648,9 @@ class Connection:
                 processed = version
                 if manager is not None:
                     manager.notify_commit(version, outcome.written_keys, outcome.written_values)
+                if manager is not None and core.subscriptions:
+                    # (With no subscription, nothing to wait for: as in the default partition
+                    # below.)
                     try:
                         async with asyncio.timeout(DELIVERY_TIMEOUT):
                             processed = await manager.wait_processed(version)
@@ -656,8 +666,19 @@ class Connection:
                 # version >= the commit's before the mutation's result goes out.
                 manager = self.endpoint.subscriptions
                 manager.notify_commit(version, outcome.written_keys, outcome.written_values)
-                async with asyncio.timeout(DELIVERY_TIMEOUT):
-                    processed = await manager.wait_processed(version)
+                if core.subscriptions:
+                    async with asyncio.timeout(DELIVERY_TIMEOUT):
+                        processed = await manager.wait_processed(version)
+                else:
+                    # No subscription to deliver first: the result goes out now, not after this
+                    # instance's pump has processed the commit (a writer's round trip shrinks by
+                    # that pump cycle). A subscription made from now on is still delivered at
+                    # >= version: notify_commit has the pump read up to it before it delivers
+                    # anything (SubscriptionManager._cycle); a resync or a gap that reads an
+                    # older version meanwhile re-evaluates every entry at a snapshot taken after
+                    # the commit, which raises the target again. The connection's version is now
+                    # ``version``, so its versions still only grow.
+                    processed = version
                 self.execute(core.advance_version(processed, self.now()))
                 if self.partitioned:
                     # The connection's version may be another partition's: never go below it.
