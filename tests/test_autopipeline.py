@@ -432,13 +432,39 @@ async def test_a_rate_limit_refund_takes_back_its_own_hit_once(redis_client: Red
         return int(await limit(keys=["rl", "rl:calls"], args=[2, 60000, mode, call_id]))
 
     assert [await call("hit", "h1"), await call("hit", "h2")] == [0, 0]
-    assert await call("hit", "h3") > 0  # refused: the count is 3
+    assert await call("hit", "h3") > 0  # refused, and not counted: the count stays 2
+    assert await redis_client.get("rl") == "2"
     for _ in range(2):
         await call("refund", "h1")
     await call("refund", "h3")  # refused: nothing to take back
     await call("refund", "unknown")
-    assert await redis_client.get("rl") == "2"
+    assert await redis_client.get("rl") == "1"
     assert await redis_client.smembers("rl:calls") == {"h2"}
+
+
+async def test_a_refused_hit_sent_again_after_a_lost_reply_counts_nothing(
+    redis_client: Redis,
+) -> None:
+    """A refused hit re-sent (redis-py's retry after a lost reply) must not count: once
+    refunds free places, a count inflated by it would refuse a caller within the limit."""
+    limit = load_script(redis_client, "tether.server.auth", "rate_limit")
+
+    async def call(mode: str, call_id: str) -> int:
+        return int(await limit(keys=["rl:{x}", "rl:{x}:calls"], args=[2, 60000, mode, call_id]))
+
+    assert [await call("hit", "a"), await call("hit", "b")] == [0, 0]
+    assert 0 < await call("hit", "c") <= 60000  # refused: when the window resets
+    assert 0 < await call("hit", "c") <= 60000  # ... its reply lost, sent again
+    await call("refund", "a")
+    await call("refund", "b")
+    assert await redis_client.get("rl:{x}") == "0"
+    assert await call("hit", "d") == 0
+    assert await call("hit", "c") == 0  # c, sent once more, now fits: counted once
+    assert await redis_client.get("rl:{x}") == "2"
+    assert await call("hit", "e") > 0
+    # A limit of 0 refuses every hit with a whole window, and keeps nothing.
+    assert await limit(keys=["rl0", "rl0:calls"], args=[0, 5000, "hit", "z"]) == 5000
+    assert await redis_client.exists("rl0", "rl0:calls") == 0
 
 
 async def test_a_single_connection_client_sends_its_scripts_on_its_one_connection(

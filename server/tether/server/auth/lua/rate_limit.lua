@@ -9,8 +9,9 @@
 --
 -- A call sent again after its reply was lost (redis-py's retry) is recognised, not counted
 -- twice: every allowed hit's id is kept in KEYS[2], which expires with the bucket. A refused hit
--- leaves no id: counting it again changes nothing, the bucket is over its limit either way. So
--- KEYS[2] holds at most ARGV[1] ids (each counted in the bucket, and not refunded).
+-- is not counted at all (the bucket never goes past its limit), so sending it again cannot count
+-- it twice either, and a refund that follows frees exactly one place. KEYS[2] holds at most
+-- ARGV[1] ids (each counted in the bucket, and not refunded).
 if ARGV[3] == 'refund' then
   if redis.call('SREM', KEYS[2], ARGV[4]) == 1
       and tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then
@@ -19,17 +20,21 @@ if ARGV[3] == 'refund' then
   return 0
 end
 if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then return 0 end  -- counted and allowed
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  -- A bucket left without a TTL (it cannot happen through this script) must not block forever.
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  ttl = tonumber(ARGV[2])
+local function window_left()
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl == -1 then
+    -- A bucket left without a TTL (it cannot happen through this script) must not block forever.
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    ttl = tonumber(ARGV[2])
+  elseif ttl < 1 then
+    ttl = tonumber(ARGV[2])  -- no bucket (a limit of 0), or one expiring this millisecond
+  end
+  return ttl
 end
-if count <= tonumber(ARGV[1]) then
-  redis.call('SADD', KEYS[2], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ttl)  -- the ids live as long as the window they count in
-  return 0
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then
+  return window_left()  -- refused, and not counted
 end
-return ttl
+if redis.call('INCR', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], window_left())  -- the ids live as long as the window they count in
+return 0
