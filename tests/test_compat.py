@@ -21,7 +21,8 @@ import websockets
 from redis.exceptions import MovedError
 from tether.server.compat.asyncio import start_eagerly
 from tether.server.compat.redis import NodeHookedCluster, node_of_command, reload_layout
-from tether.server.compat.uvicorn import transport_of
+from tether.server.compat.uvicorn import limited_protocols, transport_of
+from tether.server.connection_limits import AddressCap, TrustedProxies
 
 from tests.harness import RedisClusterProcess, free_port
 
@@ -73,6 +74,74 @@ async def test_uvicorn_send_leads_to_the_sockets_transport() -> None:
     assert tuple(seen["peer"])[:2] == tuple(local)[:2], (
         f"uvicorn {version('uvicorn')}: send.__self__.transport is not this connection's socket"
     )
+
+
+async def test_messages_to_a_waiting_app_do_not_stop_the_reads_and_others_do() -> None:
+    """Tether's WebSocket protocol does not stop and restart reading the socket for a message
+    that an app waiting in receive() takes at once (uvicorn does, two epoll_ctl calls per
+    message); a message the app does not wait for stops the reads as uvicorn's does, so what is
+    queued for an app that does not read stays bounded."""
+    http, ws = limited_protocols(AddressCap(0), TrustedProxies([]), 20.0)
+    pauses = 0
+    seen: dict[str, Any] = {}
+    release = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal pauses
+        if scope["type"] != "websocket":
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        transport = transport_of(send)
+        assert transport is not None
+        pause = transport.pause_reading
+
+        def counted() -> None:
+            nonlocal pauses
+            pauses += 1
+            pause()
+
+        transport.pause_reading = counted  # type: ignore[method-assign]
+        seen["protocol"], seen["transport"] = send.__self__, transport
+        while (message := await receive())["type"] == "websocket.receive":
+            if message["text"] == "hold":
+                await send({"type": "websocket.send", "text": "holding"})
+                await release.wait()  # not reading: what arrives meanwhile waits in the queue
+                continue
+            await send({"type": "websocket.send", "text": message["text"]})
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http, ws=ws, lifespan="off")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/") as client:
+            for i in range(20):
+                await client.send(str(i))
+                assert await client.recv() == str(i)
+            assert pauses == 0, (
+                f"uvicorn {version('uvicorn')}: reads stopped {pauses} times for messages the "
+                "app waited for (LimitedWebSocketProtocol.send_receive_event_to_app)"
+            )
+            await client.send("hold")
+            assert await client.recv() == "holding"
+            await client.send("queued")
+            protocol, transport = seen["protocol"], seen["transport"]
+            while protocol.queue.empty():
+                await asyncio.sleep(0.01)  # polls for the server's read (no event to await)
+            assert pauses == 1 and not transport.is_reading(), (
+                f"uvicorn {version('uvicorn')}: a message the app did not wait for left the "
+                "socket's reads on: the queue of an app that does not read is unbounded"
+            )
+            release.set()
+            assert await client.recv() == "queued"
+            assert transport.is_reading()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
 
 
 # ---------------------------------------------------------------------------------- redis-py

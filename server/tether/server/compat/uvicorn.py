@@ -264,8 +264,36 @@ def limited_protocols(
             self.transport.close()
 
     class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
+        # Is the app waiting in receive() on an empty queue (see send_receive_event_to_app)?
+        _app_waiting = False
+
         def connection_lost(self, exc: Exception | None) -> None:
             cap.release(self.transport)
             super().connection_lost(exc)
+
+        def send_receive_event_to_app(self) -> None:
+            # uvicorn stops reading the socket after queueing each message and starts again
+            # when the app has taken the queue's last one: two epoll_ctl calls and their
+            # bookkeeping per message. A message handed to an app that already waits in
+            # receive() is taken before this socket is read again (the app's wake-up is queued
+            # in the event loop ahead of the next poll's reads), so reading need not stop for
+            # it. Any further message, of this read or a later one, stops it as uvicorn does:
+            # what is queued stays bounded by one read.
+            if self._app_waiting and not self.read_paused and self.queue.empty():
+                self._app_waiting = False
+                self.read_paused = True  # uvicorn's method then leaves the reads on
+                try:
+                    super().send_receive_event_to_app()
+                finally:
+                    self.read_paused = False
+                return
+            super().send_receive_event_to_app()
+
+        async def receive(self) -> Any:
+            self._app_waiting = self.queue.empty()
+            try:
+                return await super().receive()
+            finally:
+                self._app_waiting = False
 
     return LimitedH11Protocol, LimitedWebSocketProtocol
