@@ -10,6 +10,8 @@ socket never aborted, a burst answered ``unavailable`` or a stuck writer.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import inspect
 import sys
 from importlib.metadata import version
 from typing import Any
@@ -21,7 +23,7 @@ import websockets
 from redis.exceptions import MovedError
 from tether.server.compat.asyncio import start_eagerly
 from tether.server.compat.redis import NodeHookedCluster, node_of_command, reload_layout
-from tether.server.compat.uvicorn import limited_protocols, transport_of
+from tether.server.compat.uvicorn import cache_handshake_date, limited_protocols, transport_of
 from tether.server.connection_limits import AddressCap, TrustedProxies
 
 from tests.harness import RedisClusterProcess, free_port
@@ -142,6 +144,33 @@ async def test_messages_to_a_waiting_app_do_not_stop_the_reads_and_others_do() -
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, 10)
+
+
+def test_the_handshake_date_is_formatted_once_a_second() -> None:
+    import websockets.server
+
+    source = inspect.getsource(websockets.server.ServerProtocol.accept)
+    assert "email.utils.formatdate(usegmt=True)" in source, (
+        f"websockets {version('websockets')}: ServerProtocol.accept no longer formats its Date "
+        "with email.utils.formatdate; adapt tether.server.compat.uvicorn.cache_handshake_date"
+    )
+    cache_handshake_date()
+    cache_handshake_date()  # idempotent
+    formatter = vars(websockets.server)["email"].utils
+    protocol = websockets.server.ServerProtocol()
+    protocol.receive_data(
+        b"GET /sync HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    [request] = protocol.events_received()
+    before = email.utils.formatdate(usegmt=True)
+    response = protocol.accept(request)
+    after = email.utils.formatdate(usegmt=True)
+    assert response.status_code == 101
+    assert response.headers["Date"] in (before, after)  # the same string as email.utils'
+    assert formatter._second != -1  # and it came from the cache
+    assert formatter.formatdate(0, usegmt=True) == email.utils.formatdate(0, usegmt=True)
 
 
 # ---------------------------------------------------------------------------------- redis-py

@@ -19,11 +19,14 @@ websockets-sansio protocols (``conn``, ``cycle``, ``client``, ``headers`` and
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import os
 import socket
 import sys
+import time
+import types
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +154,43 @@ def draining_server(
     return _DrainingServer(config)
 
 
+class _DatePerSecond:
+    """``email.utils`` as websockets' ``ServerProtocol`` uses it: ``formatdate(usegmt=True)``,
+    the ``Date`` of each handshake response, formatted once a second instead of per socket (the
+    string changes only with the second). Any other call goes to ``email.utils`` itself."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def formatdate(
+        self, timeval: float | None = None, localtime: bool = False, usegmt: bool = False
+    ) -> str:
+        if timeval is not None or localtime or not usegmt:
+            return email.utils.formatdate(timeval, localtime, usegmt)
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._text = email.utils.formatdate(now, usegmt=True)
+            self._second = second
+        return self._text
+
+
+def cache_handshake_date() -> None:
+    """Have websockets' server handshake format its ``Date`` header once a second.
+
+    ``ServerProtocol.accept`` (and ``reject``) format the date for every socket, about 5 us each
+    (uvicorn then replaces it with its own on an accepted handshake); the module's ``email``
+    name is pointed at :class:`_DatePerSecond`, whose header is the same string.
+    ``tests/test_compat.py`` checks that websockets still formats it there. Idempotent.
+    """
+    import websockets.server
+
+    module = vars(websockets.server)
+    if not isinstance(module["email"], types.SimpleNamespace):
+        module["email"] = types.SimpleNamespace(utils=_DatePerSecond())
+
+
 def limited_protocols(
     cap: AddressCap, proxies: TrustedProxies, request_timeout: float
 ) -> tuple[type[asyncio.Protocol], type[asyncio.Protocol]]:
@@ -168,6 +208,8 @@ def limited_protocols(
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    cache_handshake_date()
 
     refused = _raw_response(
         429,
