@@ -10,6 +10,8 @@ socket never aborted, a burst answered ``unavailable`` or a stuck writer.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import inspect
 import sys
 from importlib.metadata import version
 from typing import Any
@@ -21,7 +23,8 @@ import websockets
 from redis.exceptions import MovedError
 from tether.server.compat.asyncio import start_eagerly
 from tether.server.compat.redis import NodeHookedCluster, node_of_command, reload_layout
-from tether.server.compat.uvicorn import transport_of
+from tether.server.compat.uvicorn import cache_handshake_date, limited_protocols, transport_of
+from tether.server.connection_limits import AddressCap, TrustedProxies
 
 from tests.harness import RedisClusterProcess, free_port
 
@@ -73,6 +76,101 @@ async def test_uvicorn_send_leads_to_the_sockets_transport() -> None:
     assert tuple(seen["peer"])[:2] == tuple(local)[:2], (
         f"uvicorn {version('uvicorn')}: send.__self__.transport is not this connection's socket"
     )
+
+
+async def test_messages_to_a_waiting_app_do_not_stop_the_reads_and_others_do() -> None:
+    """Tether's WebSocket protocol does not stop and restart reading the socket for a message
+    that an app waiting in receive() takes at once (uvicorn does, two epoll_ctl calls per
+    message); a message the app does not wait for stops the reads as uvicorn's does, so what is
+    queued for an app that does not read stays bounded."""
+    http, ws = limited_protocols(AddressCap(0), TrustedProxies([]), 20.0)
+    pauses = 0
+    seen: dict[str, Any] = {}
+    release = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal pauses
+        if scope["type"] != "websocket":
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        transport = transport_of(send)
+        assert transport is not None
+        pause = transport.pause_reading
+
+        def counted() -> None:
+            nonlocal pauses
+            pauses += 1
+            pause()
+
+        transport.pause_reading = counted  # type: ignore[method-assign]
+        seen["protocol"], seen["transport"] = send.__self__, transport
+        while (message := await receive())["type"] == "websocket.receive":
+            if message["text"] == "hold":
+                await send({"type": "websocket.send", "text": "holding"})
+                await release.wait()  # not reading: what arrives meanwhile waits in the queue
+                continue
+            await send({"type": "websocket.send", "text": message["text"]})
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http, ws=ws, lifespan="off")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/") as client:
+            for i in range(20):
+                await client.send(str(i))
+                assert await client.recv() == str(i)
+            assert pauses == 0, (
+                f"uvicorn {version('uvicorn')}: reads stopped {pauses} times for messages the "
+                "app waited for (LimitedWebSocketProtocol.send_receive_event_to_app)"
+            )
+            await client.send("hold")
+            assert await client.recv() == "holding"
+            await client.send("queued")
+            protocol, transport = seen["protocol"], seen["transport"]
+            while protocol.queue.empty():
+                await asyncio.sleep(0.01)  # polls for the server's read (no event to await)
+            assert pauses == 1 and not transport.is_reading(), (
+                f"uvicorn {version('uvicorn')}: a message the app did not wait for left the "
+                "socket's reads on: the queue of an app that does not read is unbounded"
+            )
+            release.set()
+            assert await client.recv() == "queued"
+            assert transport.is_reading()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
+def test_the_handshake_date_is_formatted_once_a_second() -> None:
+    import websockets.server
+
+    source = inspect.getsource(websockets.server.ServerProtocol.accept)
+    assert "email.utils.formatdate(usegmt=True)" in source, (
+        f"websockets {version('websockets')}: ServerProtocol.accept no longer formats its Date "
+        "with email.utils.formatdate; adapt tether.server.compat.uvicorn.cache_handshake_date"
+    )
+    cache_handshake_date()
+    cache_handshake_date()  # idempotent
+    formatter = vars(websockets.server)["email"].utils
+    protocol = websockets.server.ServerProtocol()
+    protocol.receive_data(
+        b"GET /sync HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    [request] = protocol.events_received()
+    before = email.utils.formatdate(usegmt=True)
+    response = protocol.accept(request)
+    after = email.utils.formatdate(usegmt=True)
+    assert response.status_code == 101
+    assert response.headers["Date"] in (before, after)  # the same string as email.utils'
+    assert formatter._second != -1  # and it came from the cache
+    assert formatter.formatdate(0, usegmt=True) == email.utils.formatdate(0, usegmt=True)
 
 
 # ---------------------------------------------------------------------------------- redis-py

@@ -19,7 +19,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import websockets.sync.client
-from tether.server.connection_limits import AddressCap, TrustedProxies, address_key
+from tether.server.connection_limits import (
+    ADDRESS_CACHE_SIZE,
+    AddressCap,
+    TrustedProxies,
+    address_key,
+)
 from tether.server.log_repeats import RepeatFilter
 from websockets.exceptions import InvalidStatus
 
@@ -76,6 +81,28 @@ def test_trusted_proxies_name_the_nearest_untrusted_hop() -> None:
     assert proxies.client_address("10.1.2.3", None) == "10.1.2.3"
     assert TrustedProxies(["*"]).client_address("1.2.3.4", "5.6.7.8, 9.9.9.9") == "5.6.7.8"
     assert not TrustedProxies([])
+
+
+def test_remembered_addresses_keep_their_answers_and_their_bound() -> None:
+    """Every socket asks both questions, so their answers are remembered: the second answer
+    is the first, and a churn of made-up addresses (X-Forwarded-For) stays within the bound."""
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    hosts = ["10.1.2.3", "203.0.113.7", "not an address", "2001:db8::1", "::ffff:10.0.0.1"]
+    first = [(h in proxies, address_key(h)) for h in hosts]
+    assert first == [
+        (True, "10.1.2.3"),
+        (False, "203.0.113.7"),
+        (False, "not an address"),
+        (False, "2001:db8::/64"),
+        (False, "10.0.0.1"),  # mapped IPv4 is not in an IPv4 network for ipaddress
+    ]
+    for i in range(ADDRESS_CACHE_SIZE + 10):
+        host = f"198.51.{i // 256 % 256}.{i % 256}"
+        assert host not in proxies and address_key(host) == host
+    assert [(h in proxies, address_key(h)) for h in hosts] == first
+    assert len(proxies._known) <= ADDRESS_CACHE_SIZE
+    assert address_key.cache_info().currsize <= ADDRESS_CACHE_SIZE
+    assert "10.9.9.9" not in TrustedProxies([])  # no proxies: nothing is parsed, nothing kept
 
 
 def _record(msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:

@@ -13,6 +13,7 @@ turn and are bounded by the request deadline instead.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Hashable, Iterable
 
@@ -22,7 +23,14 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: change address within it at will, so counting single addresses would cap nothing.
 IPV6_PREFIX = 64
 
+#: Addresses whose answers :func:`address_key` and :meth:`TrustedProxies.__contains__` remember:
+#: both run for every socket, and parsing an address costs more than the rest of the check. The
+#: answers depend on the string alone; the bound keeps an address churn (every ``X-Forwarded-For``
+#: a client can make up) from growing memory.
+ADDRESS_CACHE_SIZE = 4096
 
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
 def address_key(host: str) -> str:
     """What the per-address cap counts ``host`` under: an IPv4 address itself (an IPv4-mapped
     IPv6 one as IPv4), an IPv6 address's /64, anything else (a Unix socket's name) as given."""
@@ -90,6 +98,7 @@ class TrustedProxies:
         self._networks: list[IPNetwork] = [
             ipaddress.ip_network(e, strict=False) for e in entries if e != "*"
         ]
+        self._known: dict[str, bool] = {}  # host -> trusted, at most ADDRESS_CACHE_SIZE
 
     def __bool__(self) -> bool:
         return self.any or bool(self._networks)
@@ -97,13 +106,20 @@ class TrustedProxies:
     def __contains__(self, host: object) -> bool:
         if self.any:
             return True
-        if not isinstance(host, str):
-            return False
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self._networks)
+        if not self._networks or not isinstance(host, str):
+            return False  # no proxy (the default): nothing to parse
+        known = self._known.get(host)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                known = False
+            else:
+                known = any(address in network for network in self._networks)
+            if len(self._known) >= ADDRESS_CACHE_SIZE:
+                self._known.clear()
+            self._known[host] = known
+        return known
 
     def client_address(self, peer: str, forwarded_for: str | None) -> str:
         """The client a socket from ``peer`` speaks for.

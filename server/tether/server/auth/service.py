@@ -106,11 +106,14 @@ async def redis_unavailable(metrics: Metrics | None = None) -> AsyncIterator[Non
     try:
         yield
     except RedisError as exc:
-        (metrics or discarded()).redis_error("auth")
-        log.warning("redis unavailable: %s", exc.__class__.__name__)
-        raise AuthFailure(
-            AuthErrorCode.UNAVAILABLE, "the session store is unreachable; retry shortly"
-        ) from None
+        raise _unavailable(exc, metrics) from None
+
+
+def _unavailable(exc: RedisError, metrics: Metrics | None) -> AuthFailure:
+    """Count and log a Redis outage met by an auth operation: the failure to raise for it."""
+    (metrics or discarded()).redis_error("auth")
+    log.warning("redis unavailable: %s", exc.__class__.__name__)
+    return AuthFailure(AuthErrorCode.UNAVAILABLE, "the session store is unreachable; retry shortly")
 
 
 class AuthService:
@@ -249,8 +252,11 @@ class AuthService:
         except TokenError as exc:
             raise AuthFailure(exc.code, exc.message) from None
         note_identity(claims.user_id, claims.session_id)
-        async with redis_unavailable(self.metrics):
+        try:
             info = await self.sessions.lookup(claims.session_id)
+        except RedisError as exc:
+            # What redis_unavailable does, without its generator: every authenticate runs this.
+            raise _unavailable(exc, self.metrics) from None
         if info is None or info.user_id != claims.user_id:
             raise AuthFailure(AuthErrorCode.SESSION_REVOKED, "the session has ended")
         return claims

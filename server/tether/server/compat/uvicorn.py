@@ -19,11 +19,14 @@ websockets-sansio protocols (``conn``, ``cycle``, ``client``, ``headers`` and
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import os
 import socket
 import sys
+import time
+import types
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +154,43 @@ def draining_server(
     return _DrainingServer(config)
 
 
+class _DatePerSecond:
+    """``email.utils`` as websockets' ``ServerProtocol`` uses it: ``formatdate(usegmt=True)``,
+    the ``Date`` of each handshake response, formatted once a second instead of per socket (the
+    string changes only with the second). Any other call goes to ``email.utils`` itself."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def formatdate(
+        self, timeval: float | None = None, localtime: bool = False, usegmt: bool = False
+    ) -> str:
+        if timeval is not None or localtime or not usegmt:
+            return email.utils.formatdate(timeval, localtime, usegmt)
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._text = email.utils.formatdate(now, usegmt=True)
+            self._second = second
+        return self._text
+
+
+def cache_handshake_date() -> None:
+    """Have websockets' server handshake format its ``Date`` header once a second.
+
+    ``ServerProtocol.accept`` (and ``reject``) format the date for every socket, about 5 us each
+    (uvicorn then replaces it with its own on an accepted handshake); the module's ``email``
+    name is pointed at :class:`_DatePerSecond`, whose header is the same string.
+    ``tests/test_compat.py`` checks that websockets still formats it there. Idempotent.
+    """
+    import websockets.server
+
+    module = vars(websockets.server)
+    if not isinstance(module["email"], types.SimpleNamespace):
+        module["email"] = types.SimpleNamespace(utils=_DatePerSecond())
+
+
 def limited_protocols(
     cap: AddressCap, proxies: TrustedProxies, request_timeout: float
 ) -> tuple[type[asyncio.Protocol], type[asyncio.Protocol]]:
@@ -168,6 +208,8 @@ def limited_protocols(
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    cache_handshake_date()
 
     refused = _raw_response(
         429,
@@ -264,8 +306,36 @@ def limited_protocols(
             self.transport.close()
 
     class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
+        # Is the app waiting in receive() on an empty queue (see send_receive_event_to_app)?
+        _app_waiting = False
+
         def connection_lost(self, exc: Exception | None) -> None:
             cap.release(self.transport)
             super().connection_lost(exc)
+
+        def send_receive_event_to_app(self) -> None:
+            # uvicorn stops reading the socket after queueing each message and starts again
+            # when the app has taken the queue's last one: two epoll_ctl calls and their
+            # bookkeeping per message. A message handed to an app that already waits in
+            # receive() is taken before this socket is read again (the app's wake-up is queued
+            # in the event loop ahead of the next poll's reads), so reading need not stop for
+            # it. Any further message, of this read or a later one, stops it as uvicorn does:
+            # what is queued stays bounded by one read.
+            if self._app_waiting and not self.read_paused and self.queue.empty():
+                self._app_waiting = False
+                self.read_paused = True  # uvicorn's method then leaves the reads on
+                try:
+                    super().send_receive_event_to_app()
+                finally:
+                    self.read_paused = False
+                return
+            super().send_receive_event_to_app()
+
+        async def receive(self) -> Any:
+            self._app_waiting = self.queue.empty()
+            try:
+                return await super().receive()
+            finally:
+                self._app_waiting = False
 
     return LimitedH11Protocol, LimitedWebSocketProtocol
