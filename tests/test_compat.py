@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import inspect
+import subprocess
 import sys
 from importlib.metadata import version
 from typing import Any
@@ -171,6 +172,28 @@ def test_the_handshake_date_is_formatted_once_a_second() -> None:
     assert response.headers["Date"] in (before, after)  # the same string as email.utils'
     assert formatter._second != -1  # and it came from the cache
     assert formatter.formatdate(0, usegmt=True) == email.utils.formatdate(0, usegmt=True)
+    # websockets.server's whole view of email is unchanged but for the cached date.
+    seen = vars(websockets.server)["email"]
+    for name in ("format_datetime", "parsedate_to_datetime", "formataddr", "localtime"):
+        assert getattr(seen.utils, name) is getattr(email.utils, name), name
+    assert seen.message_from_string is email.message_from_string
+
+
+def test_the_date_cache_leaves_a_websockets_without_its_email_import_alone() -> None:
+    """Should websockets stop formatting the date through its ``email`` name, the server must
+    still start: the cache is skipped, not a KeyError at start-up."""
+    code = (
+        "import websockets.server as s\n"
+        "from email.utils import formatdate\n"
+        "del vars(s)['email']\n"
+        "s.formatdate = formatdate\n"
+        "from tether.server.compat.uvicorn import limited_protocols\n"
+        "from tether.server.connection_limits import AddressCap, TrustedProxies\n"
+        "limited_protocols(AddressCap(0), TrustedProxies([]), 20.0)\n"
+        "assert 'email' not in vars(s)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-600:]
 
 
 # ---------------------------------------------------------------------------------- redis-py

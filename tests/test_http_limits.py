@@ -21,8 +21,10 @@ import pytest
 import websockets.sync.client
 from tether.server.connection_limits import (
     ADDRESS_CACHE_SIZE,
+    MAX_CACHED_ADDRESS_CHARS,
     AddressCap,
     TrustedProxies,
+    _cached_address_key,
     address_key,
 )
 from tether.server.log_repeats import RepeatFilter
@@ -94,15 +96,29 @@ def test_remembered_addresses_keep_their_answers_and_their_bound() -> None:
         (False, "203.0.113.7"),
         (False, "not an address"),
         (False, "2001:db8::/64"),
-        (False, "10.0.0.1"),  # mapped IPv4 is not in an IPv4 network for ipaddress
+        (True, "10.0.0.1"),  # a dual-stack listener's view of an IPv4 proxy
     ]
     for i in range(ADDRESS_CACHE_SIZE + 10):
         host = f"198.51.{i // 256 % 256}.{i % 256}"
         assert host not in proxies and address_key(host) == host
     assert [(h in proxies, address_key(h)) for h in hosts] == first
     assert len(proxies._known) <= ADDRESS_CACHE_SIZE
-    assert address_key.cache_info().currsize <= ADDRESS_CACHE_SIZE
+    assert _cached_address_key.cache_info().currsize <= ADDRESS_CACHE_SIZE
     assert "10.9.9.9" not in TrustedProxies([])  # no proxies: nothing is parsed, nothing kept
+
+
+def test_made_up_long_hops_are_answered_but_not_remembered() -> None:
+    """A client behind a proxy that passes its X-Forwarded-For through chooses the hop: each may
+    be as long as the header. Remembering them would keep megabytes after the sockets close."""
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    before = (len(proxies._known), _cached_address_key.cache_info().currsize)
+    for i in range(50):
+        hop = f"{i:08d}" + "x" * 12_000
+        assert address_key(hop) == hop and hop not in proxies
+    assert (len(proxies._known), _cached_address_key.cache_info().currsize) == before
+    assert all(len(h) <= MAX_CACHED_ADDRESS_CHARS for h in proxies._known)
+    longest = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255%" + "e" * 15  # a zone id, IFNAMSIZ
+    assert len(longest) <= MAX_CACHED_ADDRESS_CHARS
 
 
 def _record(msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:

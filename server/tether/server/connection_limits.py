@@ -28,12 +28,21 @@ IPV6_PREFIX = 64
 #: answers depend on the string alone; the bound keeps an address churn (every ``X-Forwarded-For``
 #: a client can make up) from growing memory.
 ADDRESS_CACHE_SIZE = 4096
+#: Longest string whose answer is remembered. Every IP address is shorter (an IPv6 one with a
+#: zone included); a longer string (an ``X-Forwarded-For`` hop a client made up, up to the
+#: header's size) is answered without being kept, so the caches hold at most a few hundred kB.
+MAX_CACHED_ADDRESS_CHARS = 64
 
 
-@functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
 def address_key(host: str) -> str:
     """What the per-address cap counts ``host`` under: an IPv4 address itself (an IPv4-mapped
     IPv6 one as IPv4), an IPv6 address's /64, anything else (a Unix socket's name) as given."""
+    if len(host) > MAX_CACHED_ADDRESS_CHARS:
+        return _address_key(host)
+    return _cached_address_key(host)
+
+
+def _address_key(host: str) -> str:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -43,6 +52,9 @@ def address_key(host: str) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
     return str(address)
+
+
+_cached_address_key = functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)(_address_key)
 
 
 class AddressCap:
@@ -115,10 +127,14 @@ class TrustedProxies:
             except ValueError:
                 known = False
             else:
+                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                    # A dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d.
+                    address = address.ipv4_mapped
                 known = any(address in network for network in self._networks)
-            if len(self._known) >= ADDRESS_CACHE_SIZE:
-                self._known.clear()
-            self._known[host] = known
+            if len(host) <= MAX_CACHED_ADDRESS_CHARS:
+                if len(self._known) >= ADDRESS_CACHE_SIZE:
+                    self._known.clear()
+                self._known[host] = known
         return known
 
     def client_address(self, peer: str, forwarded_for: str | None) -> str:

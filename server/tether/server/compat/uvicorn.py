@@ -157,11 +157,14 @@ def draining_server(
 class _DatePerSecond:
     """``email.utils`` as websockets' ``ServerProtocol`` uses it: ``formatdate(usegmt=True)``,
     the ``Date`` of each handshake response, formatted once a second instead of per socket (the
-    string changes only with the second). Any other call goes to ``email.utils`` itself."""
+    string changes only with the second). Any other name is ``email.utils``'s own."""
 
     def __init__(self) -> None:
         self._second = -1
         self._text = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(email.utils, name)
 
     def formatdate(
         self, timeval: float | None = None, localtime: bool = False, usegmt: bool = False
@@ -187,8 +190,23 @@ def cache_handshake_date() -> None:
     import websockets.server
 
     module = vars(websockets.server)
-    if not isinstance(module["email"], types.SimpleNamespace):
-        module["email"] = types.SimpleNamespace(utils=_DatePerSecond())
+    if module.get("email") is not email:
+        # Already done, or websockets no longer formats the date through ``email.utils`` (its
+        # module is its own business): leave it as it is, at the per-socket cost.
+        return
+    module["email"] = _EmailWithDatePerSecond()
+
+
+class _EmailWithDatePerSecond(types.ModuleType):
+    """The ``email`` package as ``websockets.server`` sees it: ``utils`` is
+    :class:`_DatePerSecond`; every other name is the package's own."""
+
+    def __init__(self) -> None:
+        super().__init__("email")
+        self.utils = _DatePerSecond()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(email, name)
 
 
 def limited_protocols(
