@@ -338,7 +338,9 @@ def limited_protocols(
             # receive() is taken before this socket is read again (the app's wake-up is queued
             # in the event loop ahead of the next poll's reads), so reading need not stop for
             # it. Any further message, of this read or a later one, stops it as uvicorn does:
-            # what is queued stays bounded by one read.
+            # what is queued stays bounded by one read (by two on an event loop that may read
+            # again before it runs the app's wake-up: uvloop, which uvicorn's default picks
+            # when installed; Tether does not depend on it).
             if self._app_waiting and not self.read_paused and self.queue.empty():
                 self._app_waiting = False
                 self.read_paused = True  # uvicorn's method then leaves the reads on
