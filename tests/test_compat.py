@@ -84,7 +84,7 @@ async def test_messages_to_a_waiting_app_do_not_stop_the_reads_and_others_do() -
     that an app waiting in receive() takes at once (uvicorn does, two epoll_ctl calls per
     message); a message the app does not wait for stops the reads as uvicorn's does, so what is
     queued for an app that does not read stays bounded."""
-    http, ws = limited_protocols(AddressCap(0), TrustedProxies([]), 20.0)
+    http, ws = limited_protocols(AddressCap(0), TrustedProxies([]), 20.0, 10.0)
     pauses = 0
     seen: dict[str, Any] = {}
     release = asyncio.Event()
@@ -353,7 +353,14 @@ def test_uvicorn_protocols_have_what_limited_protocols_extends() -> None:
             "on_response_complete",
             "handle_websocket_upgrade",
         ),
-        WebSocketsSansIOProtocol: ("connection_lost",),
+        WebSocketsSansIOProtocol: (
+            "connection_lost",
+            "data_received",
+            "handle_parser_exception",
+            "send_receive_event_to_app",
+            "receive",
+            "stop_keepalive",
+        ),
         uvicorn.Server: ("startup", "_log_started_message"),
     }
     for cls, names in needed.items():

@@ -15,6 +15,7 @@ import base64
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -30,6 +31,7 @@ import websockets
 from tether.protocol import SessionEndReason
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
 from tether.server.auth.sessions import SessionStore
+from tether.server.compat.uvicorn import LINGER_MAX_BYTES
 from tether.server.realtime.endpoint import CLOSE_TIMEOUT, DRAIN_REASON
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect as redis_connect
@@ -551,6 +553,144 @@ async def test_max_message_bytes_counts_utf8_bytes_not_characters(
     assert len(frame) <= 4096 < len(frame.encode())
     await client.send_raw(frame)
     assert await client.wait_closed(allow=()) == 1009
+
+
+#: Longest wait for the server to end a connection it refused: generous for a slow machine.
+PATIENCE = 20.0
+
+
+def _masked_frame(opcode: int, payload: bytes, declared: int | None = None) -> bytes:
+    """A final client frame (masked, as a client must) carrying ``payload``; its header declares
+    ``declared`` bytes (default: the payload's length), so a frame may be sent in parts."""
+    length = len(payload) if declared is None else declared
+    if length < 126:
+        head = bytes([0x80 | opcode, 0x80 | length])
+    elif length < 1 << 16:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + length.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _peer_ended(sock: socket.socket, timeout: float) -> bool:
+    """Has the peer half-closed (FIN) or reset the connection within ``timeout`` seconds? Seen
+    without reading: what the server sent stays unread in this socket."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return bool(poller.poll(timeout * 1000))
+
+
+#: An oversize frame's declared length, and the part of it a client below sends at first.
+OVERSIZE_DECLARED, OVERSIZE_FIRST = 1 << 20, 1024
+
+
+def _open_oversize(port: int) -> tuple[socket.socket, bytes]:
+    """A WebSocket on a bare blocking socket that has sent the first part of a text frame over
+    the server's 4096-byte limit; returns it and the frame's remaining bytes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /sync HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    response = b""
+    while not response.endswith(b"\r\n\r\n"):  # the server sends nothing more unasked
+        chunk = sock.recv(1)
+        assert chunk, f"closed during the handshake: {response!r}"
+        response += chunk
+    assert response.startswith(b"HTTP/1.1 101"), response
+    sock.sendall(_masked_frame(0x1, b"x" * OVERSIZE_FIRST, declared=OVERSIZE_DECLARED))
+    return sock, b"y" * (OVERSIZE_DECLARED - OVERSIZE_FIRST)
+
+
+def _send_until_the_server_ends(sock: socket.socket, rest: bytes) -> None:
+    """Send ``rest`` (64 KiB at a time), then small frames, reading nothing, until the server
+    has ended its side (a FIN or a reset); a reset fails the test."""
+    junk = _masked_frame(0x1, json.dumps({"type": "ping"}).encode())
+    deadline = time.monotonic() + PATIENCE
+    while not _peer_ended(sock, 0.0 if rest else 0.01):
+        assert time.monotonic() < deadline, "the server never ended its side"
+        try:
+            sock.sendall(rest[:65536] if rest else junk)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise AssertionError(f"the server reset the connection: {exc!r}") from None
+        rest = rest[65536:]
+
+
+def test_the_1009_close_frame_reaches_a_client_that_keeps_sending_after_the_oversize_frame(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    # A client that sends an oversize frame does not know it is refused until it reads the
+    # close frame: it may well still be sending (the rest of that frame, frames queued behind
+    # it). A server that closes its socket with such bytes unread, or that gets some after it
+    # closed, answers them with a reset; the client's next write then fails, and asyncio (the
+    # websockets client's transport) ends the connection at once without reading the close
+    # frame waiting in its socket: the client sees 1006, not the 1009 the contract promises.
+    # This client sends the frame's first part, then keeps sending (the rest, then small
+    # frames), reading nothing until the server has ended its side, and a few frames after
+    # that: no write may fail, and the close frame must be read, then the end of the stream.
+    server = server_factory(env={"TETHER_MAX_MESSAGE_BYTES": "4096"})
+    sock, rest = _open_oversize(server.port)
+    try:
+        _send_until_the_server_ends(sock, rest)
+        junk = _masked_frame(0x1, json.dumps({"type": "ping"}).encode())
+        try:
+            for _ in range(8):
+                sock.sendall(junk)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise AssertionError(f"the server reset the connection: {exc!r}") from None
+        received = bytearray()
+        while chunk := sock.recv(65536):  # a reset fails the test here too
+            received += chunk
+        opcode, payload = _last_frame(bytes(received))
+        assert opcode == 0x8, f"no close frame before the end of the stream: {bytes(received)!r}"
+        assert int.from_bytes(payload[:2], "big") == 1009, payload
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("bound", ["grace", "bytes"])
+def test_a_client_that_never_stops_sending_after_the_oversize_frame_loses_its_socket(
+    server_factory: Callable[..., ServerProcess], bound: str
+) -> None:
+    # The server reads and discards what follows a 1009 until the client ends its stream, but
+    # not for ever: for at most TETHER_CLOSE_GRACE seconds (a client sending slowly) and
+    # LINGER_MAX_BYTES (a client sending fast), then it drops the socket.
+    grace = 2 if bound == "grace" else 60
+    server = server_factory(
+        env={"TETHER_MAX_MESSAGE_BYTES": "4096", "TETHER_CLOSE_GRACE": str(grace)}
+    )
+    sock, rest = _open_oversize(server.port)
+    try:
+        _send_until_the_server_ends(sock, rest)
+        ended = time.monotonic()
+        # Slowly: a small frame every 0.1 s. Fast: 1 MiB a write (the kernels' buffers hold a
+        # few MiB besides what the server discards).
+        chunk = (
+            _masked_frame(0x1, json.dumps({"type": "ping"}).encode())
+            if bound == "grace"
+            else _masked_frame(0x2, b"z" * (1 << 20))
+        )
+        # Slow: dropped within the grace. Fast: well before it, once the bytes are over.
+        limit = grace + 5 if bound == "grace" else grace / 2
+        sent = 0
+        try:
+            while time.monotonic() - ended < limit:
+                sock.sendall(chunk)
+                sent += len(chunk)
+                if bound == "grace":
+                    time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        else:
+            raise AssertionError(f"still held {limit} s after the 1009 ({sent} bytes sent)")
+        assert sent < LINGER_MAX_BYTES + (64 << 20), sent
+    finally:
+        sock.close()
 
 
 #: Receive buffers for a client that stops reading: as small as the kernel allows (the server's

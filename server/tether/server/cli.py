@@ -398,6 +398,7 @@ def _run_uvicorn(settings: Settings, app: TetherApp, sockets: list[socket.socket
         AddressCap(settings.max_connections_per_address),
         TrustedProxies(settings.trusted_proxies),
         settings.request_timeout,
+        settings.close_grace,
     )
     config = uvicorn.Config(
         app.dispatch,  # one coroutine fewer per socket than the app itself (TetherApp.dispatch)

@@ -13,7 +13,9 @@ which backs off when out of file descriptors (asyncio's accept loop does not, on
 uvicorn has no deadline for a request that arrives slowly nor any per-address cap: its
 keep-alive timer runs only between requests. :func:`limited_protocols` subclasses its h11 and
 websockets-sansio protocols (``conn``, ``cycle``, ``client``, ``headers`` and
-``handle_websocket_upgrade`` are internals) to add both.
+``handle_websocket_upgrade`` are internals) to add both. Its WebSocket protocol also closes a
+connection it fails (an oversize frame, a protocol error) only after the client has stopped
+sending (see :func:`limited_protocols`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ logger = logging.getLogger("tether.server.connections")
 
 #: uvicorn's exit status when the server cannot start (``uvicorn.server.STARTUP_FAILURE``).
 STARTUP_FAILURE = 3
+
+#: Bytes a failed WebSocket (its close frame sent, its sending side shut) reads and discards
+#: while it waits for the client to stop sending, before it gives up and closes the socket:
+#: the rest of an oversize frame a client was sending, a few frames queued behind it.
+LINGER_MAX_BYTES = 4 << 20
 
 
 def _raw_response(status: int, reason: str, code: str, message: str) -> bytes:
@@ -210,7 +217,7 @@ class _EmailWithDatePerSecond(types.ModuleType):
 
 
 def limited_protocols(
-    cap: AddressCap, proxies: TrustedProxies, request_timeout: float
+    cap: AddressCap, proxies: TrustedProxies, request_timeout: float, close_grace: float
 ) -> tuple[type[asyncio.Protocol], type[asyncio.Protocol]]:
     """uvicorn's h11 HTTP protocol and websockets-sansio WebSocket protocol, with limits: pass
     them as ``uvicorn.Config(http=..., ws=...)``.
@@ -222,6 +229,14 @@ def limited_protocols(
       byte, the first request of a socket within ``request_timeout`` of the socket's opening;
       otherwise the socket is closed, with 408 ``invalid_request`` when part of a request came.
       The WebSocket upgrade is such a request; after it, ``TETHER_HEARTBEAT_TIMEOUT`` applies.
+    - A WebSocket that websockets fails (a frame over ``ws_max_size``: 1009; a protocol error:
+      1002; invalid UTF-8: 1007) sends its close frame and shuts its sending side, then reads
+      and discards what the client still sends until the client's end of the stream, for at
+      most ``close_grace`` seconds and :data:`LINGER_MAX_BYTES` bytes, and only then closes
+      the socket (RFC 6455 §7.1.1: the server closes the TCP connection after the client).
+      uvicorn closes it at once: bytes the client sent that are still unread then, or that
+      arrive after, are answered with a reset, and a client whose next write meets the reset
+      (asyncio ends the connection then) never reads the close frame: it sees 1006.
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -326,6 +341,58 @@ def limited_protocols(
     class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
         # Is the app waiting in receive() on an empty queue (see send_receive_event_to_app)?
         _app_waiting = False
+        # Failed: the close frame is sent, the sending side shut; what arrives is discarded.
+        _lingering = False
+        _discarded = 0
+
+        def data_received(self, data: bytes) -> None:
+            if self._lingering:
+                self._discarded += len(data)
+                if self._discarded > LINGER_MAX_BYTES:
+                    self._end_linger()
+                return
+            super().data_received(data)
+
+        # eof_received (uvicorn's returns None): asyncio closes the transport when the client
+        # ends its stream, which ends a linger as it should.
+
+        def handle_parser_exception(self) -> None:
+            # uvicorn's, but with a lingering close instead of transport.close(). Reached from
+            # data_received once websockets has failed the connection (its parser_exc), and
+            # from an invalid UTF-8 text message.
+            if self._lingering or self.transport.is_closing():
+                return
+            assert self.conn.close_sent is not None
+            code = self.conn.close_sent.code
+            reason = self.conn.close_sent.reason
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.stop_keepalive()
+            transport = self.transport
+            if not transport.can_write_eof():  # TLS: no half-close; not how tether serves
+                transport.close()
+                return
+            self._lingering = True
+            transport.write_eof()  # after the close frame, once it is written
+            if self.read_paused:
+                self.read_paused = False
+                transport.resume_reading()
+            # uvicorn leaves a socket with a close timer to it when the app returns, and
+            # cancels the timer when the connection is lost. (One the app's close started, when
+            # the client's reply to it failed the connection, is replaced.)
+            if self.close_timer is not None:
+                self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(close_grace, self._end_linger)
+
+        def _end_linger(self) -> None:
+            # The client is still sending: it has had the close grace (or the bytes) to read
+            # the close frame. Whatever it sends now is answered with a reset.
+            if self.close_timer is not None:
+                self.close_timer.cancel()
+                self.close_timer = None
+            logger.debug("closed %s: still sending after its connection failed", self.client)
+            self.transport.abort()
 
         def connection_lost(self, exc: Exception | None) -> None:
             cap.release(self.transport)
