@@ -720,6 +720,34 @@ async def test_end_all_ends_at_most_a_bounded_number_of_sessions_at_once(
     }
 
 
+async def test_fences_go_out_in_bounded_pipelines(
+    store: SessionStore, redis_client: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's sessions times their partitions can be millions of fences: they are written
+    FENCE_PIPELINE_COMMANDS at a time, and every one of them is written."""
+    monkeypatch.setattr(sessions_module, "FENCE_PIPELINE_COMMANDS", 5)
+    sids = [(await store.create("user-1")).session_id for _ in range(12)]
+    sizes: list[int] = []
+    original = redis_client.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = original(*args, **kwargs)
+        execute = pipe.execute
+
+        async def counted(*a: Any, **k: Any) -> Any:
+            sizes.append(len(pipe.command_stack))
+            return await execute(*a, **k)
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
+    monkeypatch.setattr(redis_client, "pipeline", pipeline)
+    await store._fence(sids, SessionEndReason.SIGNED_OUT_EVERYWHERE)
+    assert sizes == [5, 5, 2], sizes
+    fences = [redis_keys.data_session_fence(sid) for sid in sids]
+    assert await redis_client.mget(fences) == ["signed_out_everywhere"] * 12
+
+
 # ----------------------------------------------------------------------------- session-ended events
 
 

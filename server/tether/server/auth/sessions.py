@@ -93,6 +93,9 @@ FENCE_RETRY_CAP = 5.0
 #: Most sessions :meth:`SessionStore.end_all` marks, or ends, at once (a user may hold
 #: thousands: one task and one script call each, all at once, would flood the instance).
 END_ALL_CONCURRENCY = 16
+#: Most fence writes one pipeline carries: a user's sessions times their partitions (up to
+#: TETHER_MAX_SESSION_PARTITIONS each) could otherwise make one pipeline of millions.
+FENCE_PIPELINE_COMMANDS = 1000
 
 
 def _end_call() -> str:
@@ -235,14 +238,19 @@ class SessionStore:
         marked = await _bounded_gather(
             session_ids, lambda sid: self._begin_ending(sid, reason.value), END_ALL_CONCURRENCY
         )
-        partitions = dict(zip(session_ids, marked, strict=True))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in session_ids:
-                pipe.set(redis_keys.data_session_fence(sid), reason.value, px=self.fence_ttl_ms)
-                for partition in partitions[sid]:
-                    fence = redis_keys.data_keys(partition).session_fence(sid)
+        fences = [
+            fence
+            for sid, partitions in zip(session_ids, marked, strict=True)
+            for fence in (
+                redis_keys.data_session_fence(sid),
+                *(redis_keys.data_keys(p).session_fence(sid) for p in partitions),
+            )
+        ]
+        for start in range(0, len(fences), FENCE_PIPELINE_COMMANDS):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for fence in fences[start : start + FENCE_PIPELINE_COMMANDS]:
                     pipe.set(fence, reason.value, px=self.fence_ttl_ms)
-            await pipe.execute()
+                await pipe.execute()
 
     async def create(self, user_id: str) -> SessionGrant:
         """Start a session for ``user_id`` and mint its first refresh token."""
