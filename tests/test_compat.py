@@ -189,7 +189,7 @@ def test_the_date_cache_leaves_a_websockets_without_its_email_import_alone() -> 
         "s.formatdate = formatdate\n"
         "from tether.server.compat.uvicorn import limited_protocols\n"
         "from tether.server.connection_limits import AddressCap, TrustedProxies\n"
-        "limited_protocols(AddressCap(0), TrustedProxies([]), 20.0)\n"
+        "limited_protocols(AddressCap(0), TrustedProxies([]), 20.0, 2.0)\n"
         "assert 'email' not in vars(s)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
