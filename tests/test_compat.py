@@ -10,10 +10,12 @@ socket never aborted, a burst answered ``unavailable`` or a stuck writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import inspect
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any
 
@@ -33,6 +35,21 @@ pytestmark = pytest.mark.timeout(60)
 
 #: The WebSocket implementation ``tether serve`` asks uvicorn for (server/tether/server/cli.py).
 TETHER_WS_IMPLEMENTATION = "websockets-sansio"
+
+
+@contextlib.asynccontextmanager
+async def serving_uvicorn(config: uvicorn.Config) -> AsyncIterator[uvicorn.Server]:
+    """A uvicorn server in this event loop, started before the body and stopped after it."""
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        yield server
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
 
 
 # ---------------------------------------------------------------------------------- uvicorn
@@ -55,19 +72,11 @@ async def test_uvicorn_send_leads_to_the_sockets_transport() -> None:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, ws=TETHER_WS_IMPLEMENTATION, lifespan="off"
     )
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            assert not serving.done(), "uvicorn did not start"
-            await asyncio.sleep(0.01)
+    async with serving_uvicorn(config):
         async with websockets.connect(f"ws://127.0.0.1:{port}/") as ws:
             local = ws.transport.get_extra_info("sockname")
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
     assert seen.get("transport") is not None, (
         f"uvicorn {version('uvicorn')} ({TETHER_WS_IMPLEMENTATION}): the ASGI send is no longer "
         "a bound method of a protocol with an asyncio WriteTransport at send.__self__.transport; "
@@ -115,12 +124,7 @@ async def test_messages_to_a_waiting_app_do_not_stop_the_reads_and_others_do() -
 
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http, ws=ws, lifespan="off")
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            assert not serving.done(), "uvicorn did not start"
-            await asyncio.sleep(0.01)
+    async with serving_uvicorn(config):
         async with websockets.connect(f"ws://127.0.0.1:{port}/") as client:
             for i in range(20):
                 await client.send(str(i))
@@ -142,9 +146,6 @@ async def test_messages_to_a_waiting_app_do_not_stop_the_reads_and_others_do() -
             release.set()
             assert await client.recv() == "queued"
             assert transport.is_reading()
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
 
 
 def test_the_handshake_date_is_formatted_once_a_second() -> None:

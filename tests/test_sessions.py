@@ -610,6 +610,21 @@ class ReplyDroppingProxy:
                 await w.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def store_behind(
+    proxy: ReplyDroppingProxy, like: SessionStore
+) -> AsyncIterator[SessionStore]:
+    """A store like ``like`` whose Redis client goes through ``proxy``: the production client,
+    with its bounded retries on connection errors (tether.server.redis.connection)."""
+    port = await proxy.start()
+    client = connect(f"redis://127.0.0.1:{port}/0")
+    try:
+        yield SessionStore(client, like.codec, like.settings, like.clock)
+    finally:
+        await client.aclose()
+        await proxy.close()
+
+
 async def test_lost_reply_to_rotation_is_retried_by_redis_py_and_converges(
     redis_proc: RedisProcess,
     redis_client: redis.asyncio.Redis,
@@ -622,15 +637,8 @@ async def test_lost_reply_to_rotation_is_retried_by_redis_py_and_converges(
     grant = await direct.create("user-1")  # also loads the scripts into Redis
     await redis_client.script_load(direct._rotate.script)
     proxy = ReplyDroppingProxy(redis_proc.port)
-    port = await proxy.start()
-    # The production client: bounded retries on connection errors (tether.server.redis.connection).
-    client = connect(f"redis://127.0.0.1:{port}/0")
-    try:
-        via_proxy = SessionStore(client, codec, settings, clock)
+    async with store_behind(proxy, direct) as via_proxy:
         rotated = await via_proxy.rotate(grant.refresh_token)
-    finally:
-        await client.aclose()
-        await proxy.close()
 
     # Redis ran the rotation, its reply was lost, redis-py retried on a new connection.
     assert proxy.dropped is not None and b"rotated" in proxy.dropped
@@ -660,17 +668,11 @@ async def test_lost_reply_to_end_all_still_counts_the_sessions_it_ended(
     await redis_client.script_load(direct._end.script)
     await redis_client.script_load(direct._ending.script)
     proxy = ReplyDroppingProxy(redis_proc.port, trigger=direct._end.sha.encode())
-    port = await proxy.start()
-    client = connect(f"redis://127.0.0.1:{port}/0")
-    try:
-        via_proxy = SessionStore(client, codec, settings, clock)
+    async with store_behind(proxy, direct) as via_proxy:
         count = await via_proxy.end_all("user-1", SessionEndReason.SIGNED_OUT_EVERYWHERE)
         one = await direct.create("user-2")
         proxy.dropped = None  # once more, for a single session's end
         assert await via_proxy.end(one.session_id, SessionEndReason.SIGNED_OUT) is True
-    finally:
-        await client.aclose()
-        await proxy.close()
 
     assert proxy.dropped is not None and proxy.connections >= 3  # a reply lost each time
     assert count == 2
