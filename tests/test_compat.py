@@ -10,11 +10,16 @@ socket never aborted, a burst answered ``unavailable`` or a stuck writer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import inspect
+import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any
@@ -30,6 +35,7 @@ from tether.server.compat.uvicorn import cache_handshake_date, limited_protocols
 from tether.server.connection_limits import AddressCap, TrustedProxies
 
 from tests.harness import RedisClusterProcess, free_port
+from tests.test_sync import OVERSIZE_DECLARED, OVERSIZE_FIRST, _masked_frame
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -358,6 +364,7 @@ def test_uvicorn_protocols_have_what_limited_protocols_extends() -> None:
             "connection_lost",
             "data_received",
             "handle_parser_exception",
+            "handle_ping",
             "send_receive_event_to_app",
             "receive",
             "stop_keepalive",
@@ -370,3 +377,79 @@ def test_uvicorn_protocols_have_what_limited_protocols_extends() -> None:
             f"uvicorn {version('uvicorn')}: {cls.__qualname__} has no {missing}; adapt "
             "tether.server.compat.uvicorn (limited_protocols, draining_server)"
         )
+
+
+# ---------------------------------------------------------------------------------- lingering close
+
+#: The close grace given to limited_protocols below (seconds).
+LINGER_GRACE = 1.0
+
+
+def _failing_client(port: int, keep_sending: bool, stop: threading.Event) -> float:
+    """Fail a WebSocket with an oversize frame, then send a ping every 0.1 s (or nothing),
+    never an EOF, until the server drops the socket or ``stop`` is set; the seconds from the
+    oversize frame to the drop (``inf``: not dropped)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            (
+                "GET /x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        response = b""
+        while not response.endswith(b"\r\n\r\n"):
+            response += sock.recv(1)
+        assert response.startswith(b"HTTP/1.1 101"), response
+        sock.sendall(_masked_frame(0x1, b"x" * OVERSIZE_FIRST, declared=OVERSIZE_DECLARED))
+        failed = time.monotonic()
+        ping = _masked_frame(0x9, b"p")
+        while not stop.is_set() and time.monotonic() - failed < 10 * LINGER_GRACE:
+            try:
+                if keep_sending:
+                    sock.sendall(ping)
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - failed
+            stop.wait(0.1)
+        return float("inf")
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("keep_sending", [True, False], ids=["still-sending", "silent"])
+async def test_the_linger_after_a_failed_websocket_ends_at_its_own_grace(
+    keep_sending: bool,
+) -> None:
+    """Without Tether's endpoint (whose own abort after the same grace would hide a linger
+    that never ends): a client that keeps sending after its connection failed, and one that
+    goes silent without an EOF, both lose the socket within the grace."""
+    http, ws = limited_protocols(AddressCap(0), TrustedProxies([]), 20.0, LINGER_GRACE)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=http, ws=ws, ws_max_size=4096, lifespan="off"
+    )
+    stop = threading.Event()
+    async with serving_uvicorn(config) as server:
+        client = asyncio.create_task(asyncio.to_thread(_failing_client, port, keep_sending, stop))
+        try:
+            while not server.server_state.connections and not client.done():
+                await asyncio.sleep(0.01)
+            began = time.monotonic()
+            while server.server_state.connections and time.monotonic() - began < 10:
+                await asyncio.sleep(0.05)
+            held = time.monotonic() - began
+            assert not server.server_state.connections, f"still open after {held:.1f} s"
+            assert held < LINGER_GRACE + 2, f"held {held:.1f} s (grace {LINGER_GRACE} s)"
+        finally:
+            stop.set()
+            await client

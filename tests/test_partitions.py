@@ -658,8 +658,14 @@ async def test_a_partitioned_subscription_that_reads_the_identity_follows_a_sign
 
 
 async def _watching(redis_client: redis.asyncio.Redis) -> int:
-    """Redis connections whose last command is a blocking commit-stream read (XREAD)."""
-    return sum(c.get("cmd") == "xread" for c in await redis_client.client_list())
+    """Redis connections blocked in a commit-stream read (a follower's watch: ``XREAD BLOCK``).
+    Not any connection whose last command was an ``XREAD``: a pooled connection a pump used to
+    read a stream itself (a slow watcher, on a loaded machine) keeps that as its last command
+    after the follower has stopped."""
+    return sum(
+        c.get("cmd") == "xread" and "b" in c.get("flags", "")
+        for c in await redis_client.client_list()
+    )
 
 
 async def test_a_connection_closed_while_its_mutation_waits_leaves_no_follower(

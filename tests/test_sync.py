@@ -585,9 +585,8 @@ def _peer_ended(sock: socket.socket, timeout: float) -> bool:
 OVERSIZE_DECLARED, OVERSIZE_FIRST = 1 << 20, 1024
 
 
-def _open_oversize(port: int) -> tuple[socket.socket, bytes]:
-    """A WebSocket on a bare blocking socket that has sent the first part of a text frame over
-    the server's 4096-byte limit; returns it and the frame's remaining bytes."""
+def _open_raw_ws(port: int) -> socket.socket:
+    """A WebSocket to ``/sync`` on a bare blocking socket, its handshake done."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE)
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
@@ -603,6 +602,13 @@ def _open_oversize(port: int) -> tuple[socket.socket, bytes]:
         assert chunk, f"closed during the handshake: {response!r}"
         response += chunk
     assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+def _open_oversize(port: int) -> tuple[socket.socket, bytes]:
+    """A WebSocket on a bare blocking socket that has sent the first part of a text frame over
+    the server's 4096-byte limit; returns it and the frame's remaining bytes."""
+    sock = _open_raw_ws(port)
     sock.sendall(_masked_frame(0x1, b"x" * OVERSIZE_FIRST, declared=OVERSIZE_DECLARED))
     return sock, b"y" * (OVERSIZE_DECLARED - OVERSIZE_FIRST)
 
@@ -1320,3 +1326,37 @@ async def test_sigterm_1012_comes_from_tethers_drain_not_uvicorn(
     assert code == 1012
     assert reader.ws.close_reason == DRAIN_REASON
     assert exit_code == 0, server.log_text()[-3000:]
+
+
+def test_a_ping_behind_an_invalid_utf8_text_frame_gets_the_lingering_1007(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    # Invalid UTF-8 fails the connection inside uvicorn's handle_events (send_receive_event_to_app
+    # -> 1007 -> handle_parser_exception -> write_eof), and handle_events then goes on with the
+    # frames parsed from the same read: handle_ping calls transport.write(b"") after write_eof,
+    # which asyncio refuses (RuntimeError) before it checks for empty data. The transport is
+    # force-closed ("Fatal error: protocol.data_received() call failed." + traceback at ERROR):
+    # no linger, and a client still sending gets a reset (the 1006 the change set out to end).
+    server = server_factory()
+    sock = _open_raw_ws(server.port)
+    try:
+        # One write, so one read on the server: the bad text frame, then a ping.
+        sock.sendall(_masked_frame(0x1, b"\xff\xfe\xfd") + _masked_frame(0x9, b"p"))
+        time.sleep(0.5)
+        log = server.log_text()
+        assert "Cannot call write() after write_eof()" not in log, log[-3000:]
+        _send_until_the_server_ends(sock, b"")
+        junk = _masked_frame(0x1, json.dumps({"type": "ping"}).encode())
+        try:
+            for _ in range(8):
+                sock.sendall(junk)
+            received = bytearray()
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise AssertionError(f"the server reset the connection: {exc!r}") from None
+        opcode, payload = _last_frame(bytes(received))
+        assert opcode == 0x8, bytes(received)
+        assert int.from_bytes(payload[:2], "big") == 1007, payload
+    finally:
+        sock.close()

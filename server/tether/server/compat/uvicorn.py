@@ -385,6 +385,12 @@ def limited_protocols(
                 self.close_timer.cancel()
             self.close_timer = self.loop.call_later(close_grace, self._end_linger)
 
+        def handle_ping(self) -> None:
+            # A ping parsed in the read that failed the connection (1007 fails it inside
+            # handle_events): its pong went out with the close frame; no write after the FIN.
+            if not self._lingering:
+                super().handle_ping()
+
         def _end_linger(self) -> None:
             # The client is still sending: it has had the close grace (or the bytes) to read
             # the close frame. Whatever it sends now is answered with a reset.
