@@ -16,8 +16,9 @@ import httpx
 import pytest
 from tether.server import cli
 from tether.server.app import create_app
+from tether.server.data.live import COMMIT_BATCH
 from tether.server.redis.connection import auto_pipeline
-from tether.server.settings import Settings, SettingsError
+from tether.server.settings import MAX_READ_CACHE_PENDING_COMMITS, Settings, SettingsError
 
 from tests.harness import (
     FAST_ARGON2_ENV,
@@ -508,6 +509,14 @@ def test_the_pipeline_and_pending_commit_bounds_are_checked_and_reach_the_node(
     ):
         Settings.load(environ={"TETHER_READ_CACHE_PENDING_COMMITS": "-1"})
     assert Settings.load(environ={"TETHER_READ_CACHE_PENDING_COMMITS": "0"}) is not None
+    # Past the commits a follower holds at all, the setting would promise what is never kept.
+    assert MAX_READ_CACHE_PENDING_COMMITS == COMMIT_BATCH
+    held = {"TETHER_READ_CACHE_PENDING_COMMITS": str(COMMIT_BATCH)}
+    assert Settings.load(environ=held).read_cache_pending_commits == COMMIT_BATCH
+    with pytest.raises(
+        SettingsError, match="TETHER_READ_CACHE_PENDING_COMMITS: must be at most 10000"
+    ):
+        Settings.load(environ={"TETHER_READ_CACHE_PENDING_COMMITS": str(COMMIT_BATCH + 1)})
 
     env = {
         **FAST_ARGON2_ENV,

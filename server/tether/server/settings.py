@@ -27,6 +27,10 @@ ENV_PREFIX = "TETHER_"
 
 #: The shortest TETHER_METRICS_TOKEN accepted, and its characters (RFC 6750's b64token).
 MIN_METRICS_TOKEN = 16
+#: Most commits a live-query follower holds before it applies them, whatever
+#: TETHER_READ_CACHE_PENDING_COMMITS says (``COMMIT_BATCH`` in tether.server.data.live, which
+#: this module may not import): a larger setting would promise what is never kept.
+MAX_READ_CACHE_PENDING_COMMITS = 10_000
 _BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
@@ -508,6 +512,12 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
+        if self.read_cache_pending_commits > MAX_READ_CACHE_PENDING_COMMITS:
+            fail(
+                "read_cache_pending_commits",
+                f"must be at most {MAX_READ_CACHE_PENDING_COMMITS} (the commits a follower holds"
+                f" at all), got {self.read_cache_pending_commits}",
+            )
         limit = self.max_connection_result_bytes
         if limit is not None and not 1 <= limit <= self.send_queue_bytes:
             # Above the send limit, one transition carrying every result could exceed it.
