@@ -192,6 +192,61 @@ async def test_a_connection_closed_while_a_pipeline_is_sent_is_a_connection_erro
         await client.aclose()
 
 
+#: Loop turns after which the looping task is cancelled: every point of a command's round trip
+#: (the write, the wait for the reply, the read) is hit by one of them or another.
+CANCEL_POINTS = range(40)
+
+
+async def _cancelled_at_every_point(client: RedisClient, command: Callable[[], Any]) -> list[int]:
+    """Cancel a task that runs ``command`` in a loop after each of :data:`CANCEL_POINTS` turns
+    of the event loop; return the turns after which the task did *not* end cancelled."""
+    lost = []
+    for turns in CANCEL_POINTS:
+
+        async def loop() -> None:
+            while True:
+                await command()
+
+        task = asyncio.create_task(loop())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        if not done or not task.cancelled():
+            lost.append(turns)
+            for _ in range(3):  # a swallowed cancellation: stop it for good
+                task.cancel()
+                await asyncio.wait([task], timeout=1)
+    return lost
+
+
+@pytest.mark.parametrize("topology", ["standalone", "cluster"])
+async def test_a_task_cancelled_during_a_redis_call_ends_cancelled(
+    topology: str, request: pytest.FixtureRequest
+) -> None:
+    """redis-py writes each command inside asyncio.wait_for, which on Python 3.11 returns the
+    write's result when the write finishes in the same turn as the caller's cancel(): the
+    CancelledError was lost, the task went on. The session sweep, cancelled at shutdown during
+    a Redis call, then looped on and the process never exited (a SIGTERM test killed it after
+    15 s in CI). Cancelled at any point of a command, a single command or a pipeline, the task
+    must end cancelled."""
+    fixture = "redis_proc" if topology == "standalone" else "cluster"
+    server: RedisProcess | RedisClusterProcess = request.getfixturevalue(fixture)
+    client = connect(server.url)
+    try:
+        await client.set("{cancel}:k", "1")
+        assert await _cancelled_at_every_point(client, lambda: client.get("{cancel}:k")) == []
+        pipeline = lambda: pipelined(client, "{cancel}:k")  # noqa: E731
+        assert await _cancelled_at_every_point(client, pipeline) == []
+        # Every connection still answers (none went back to the pool mid-reply).
+        assert (
+            await asyncio.gather(*(client.get("{cancel}:k") for _ in range(50)))
+            == [await client.get("{cancel}:k")] * 50
+        )
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
@@ -213,22 +268,22 @@ def test_redact_url_hides_only_the_password(url: str, shown: str) -> None:
 
 async def _lose_the_next_connection(node: Any) -> Callable[[], bool]:
     """Disconnect ``node`` (a cluster node) so its connections reconnect on next use, and have
-    the first reconnect lose its writer as a concurrent ``disconnect()`` leaves it: after the
-    send checked the connection, before it writes (redis-py sends under asyncio.wait_for,
-    which starts the write in a task of its own). Returns: whether it happened."""
+    the first reconnected one lose its writer as a concurrent ``disconnect()`` leaves it, just
+    as a command on ``{closed}:k`` is written on it (the connection's own commands after the
+    reconnect go through). Returns: whether it happened."""
     await node.disconnect()
     lost = False
     for connection in node._free:
-        reconnect = connection._connect
+        write = connection._send_packed_command
 
-        async def connect_then_lose(
-            connection: Any = connection, reconnect: Any = reconnect
+        async def lose_then_write(
+            command: Any, connection: Any = connection, write: Any = write
         ) -> None:
             nonlocal lost
-            await reconnect()
-            if not lost:
+            if not lost and any(b"{closed}:k" in bytes(part) for part in command):
                 lost = True
-                asyncio.get_running_loop().call_soon(setattr, connection, "_writer", None)
+                connection._writer = None
+            await write(command)
 
-        connection._connect = connect_then_lose
+        connection._send_packed_command = lose_then_write
     return lambda: lost

@@ -26,7 +26,7 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 from tether.protocol import HTTPCode, SessionEndReason
-from tether.server.app import Node
+from tether.server.app import Node, stop_tasks
 from tether.server.auth import sessions as sessions_module
 from tether.server.auth.errors import AuthFailure
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
@@ -1418,3 +1418,70 @@ async def test_a_large_batch_is_sent_in_pipelines_of_at_most_lookup_batch(
     found = await asyncio.gather(*(store.lookup(sid) for sid in sids))
     assert (counter.pipelines, counter.hmgets) == (3, 0)  # 4 + 4 + 2
     assert [info and info.user_id for info in found] == [None] * 7 + ["user-0", "user-1", "user-2"]
+
+
+# ----------------------------------------------------------------------------- shutdown
+
+
+async def test_the_sweep_cancelled_at_any_point_ends(
+    redis_proc: RedisProcess, clock: ManualClock
+) -> None:
+    """Found by CI: a server process did not exit within 15 s of SIGTERM. The session sweep,
+    cancelled by the shutdown during one of its Redis calls, lost the cancellation (redis-py
+    writes under asyncio.wait_for, which on Python 3.11 can swallow it) and swept on every
+    second. Cancelled after any number of loop turns, the sweep must end."""
+    node = Node.build(
+        make_settings(
+            redis_url=redis_proc.url,
+            keys=KeySet.generate().to_json(),
+            session_sweep_interval=0.001,
+        ),
+        demo_app,
+        clock,
+    )
+    try:
+        lost = []
+        for turns in range(200):
+            task = asyncio.create_task(node.sweep_sessions_forever())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=3)
+            if not done or not task.cancelled():
+                lost.append(turns)
+                await stop_tasks([task], grace=3)  # cancel it again: it must not run on
+        assert lost == []
+    finally:
+        await node.close()
+
+
+async def test_the_shutdown_goes_on_without_a_task_that_ignores_its_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever swallows a cancellation next, the lifespan's shutdown waits for its background
+    tasks at most its grace, names the one left (an error in the log) and goes on."""
+
+    async def stubborn() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)  # its first cancellation is lost here
+        await asyncio.sleep(3600)
+
+    async def obedient() -> None:
+        await asyncio.sleep(3600)
+
+    tasks = [
+        asyncio.create_task(stubborn(), name="stubborn"),
+        asyncio.create_task(obedient(), name="obedient"),
+    ]
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    with caplog.at_level("ERROR", logger="tether"):
+        left = await stop_tasks(tasks, grace=0.5)
+    assert 0.5 <= time.monotonic() - started < 3
+    assert left == [tasks[0]]
+    assert tasks[1].cancelled()
+    assert "background task stubborn did not stop within 0.5 s" in caplog.text
+    assert "obedient" not in caplog.text
+    tasks[0].cancel()  # a second cancellation ends it
+    await asyncio.wait([tasks[0]], timeout=1)
+    assert tasks[0].cancelled()

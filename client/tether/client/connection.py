@@ -447,8 +447,11 @@ class TetherClient:
         self._stop(ClientClosed("the client was closed"))
         ws = self._ws
         if ws is not None:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # of the caller when the close ends in the same turn.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 2)
+                async with asyncio.timeout(2):
+                    await ws.close()
         tasks: list[asyncio.Task[Any]] = list(self._auth_tasks)
         if self._runner is not None:
             tasks.append(self._runner)
@@ -820,7 +823,8 @@ class TetherClient:
                     await task
             self._lost()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.wait_closed(), 3)
+                async with asyncio.timeout(3):
+                    await ws.wait_closed()
             self._ws = None
         close = ws.protocol.close_rcvd
         if close is None:

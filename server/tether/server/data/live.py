@@ -529,7 +529,10 @@ class SubscriptionManager:
                 # position at most `fetched`). Wait for that rather than read the stream twice.
                 self._handed.clear()
                 try:
-                    await asyncio.wait_for(self._handed.wait(), WATCHER_WAIT)
+                    # asyncio.timeout, not wait_for: no task per wait, and no cancellation of
+                    # the pump lost (Python 3.11's wait_for can swallow one).
+                    async with asyncio.timeout(WATCHER_WAIT):
+                        await self._handed.wait()
                 except TimeoutError:
                     pass  # a hung watcher: read the stream
                 else:

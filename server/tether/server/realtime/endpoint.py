@@ -190,8 +190,11 @@ class Connection:
                 pass
             if self.closing and self.writer is not None:
                 # Let queued frames and the close frame go out, but not forever.
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+                # task's own cancellation when the writer ends in the same turn.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self.writer), CLOSE_TIMEOUT)
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await asyncio.shield(self.writer)
         finally:
             self.closing = True
             endpoint.connections.discard(self)
@@ -894,7 +897,8 @@ class SyncEndpoint:
         for connection in list(self.connections):
             connection.close_soon(CloseCode.SERVICE_RESTART, DRAIN_REASON)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.drained.wait(), drain_timeout)
+            async with asyncio.timeout(drain_timeout):
+                await self.drained.wait()
         left = len(self.connections)
         if left:
             log.warning("drain timeout: %d socket(s) still open after %.1f s", left, drain_timeout)

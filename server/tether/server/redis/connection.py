@@ -25,6 +25,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tether.server.compat.redis import (
     NodeHookedCluster,
+    cancel_safe,
+    cancel_safe_cluster,
     closed_as_connection_error,
     node_of_command,
 )
@@ -87,6 +89,9 @@ def connect(url: str, *, pipeline_max_commands: int = PIPELINE_MAX_COMMANDS) -> 
         health_check_interval=15,
         **common,
     )
+    # Writes that never swallow a cancellation (see tether.server.compat.redis.cancel_safe);
+    # the pool builds its connections from this class, on first use.
+    pool.connection_class = cancel_safe(pool.connection_class)
     client = Redis(connection_pool=pool)
     setattr(client, _AUTO_PIPELINE_ATTR, AutoPipeline(client, pipeline_max_commands))
     return client
@@ -153,6 +158,7 @@ class _RedisCluster(NodeHookedCluster):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._turns: dict[str, asyncio.Semaphore] = {}
+        cancel_safe_cluster(self)
 
     @contextlib.asynccontextmanager
     async def turns(self, nodes: Iterable[str]) -> AsyncIterator[None]:
