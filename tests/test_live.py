@@ -109,6 +109,95 @@ async def test_the_commit_watch_outlives_an_unexpected_error(
             await pump
 
 
+class StalledWatch(QueryEngine):
+    """The demo's engine, whose commit watcher's blocking reads wait until ``release`` is set:
+    a watcher that has not read the stream yet (a loaded instance)."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(demo.app, store)
+        self.release = asyncio.Event()
+        self.stalled = 0
+
+    async def read_commits(self, after: int, *, block_ms: int | None, count: int) -> CommitBatch:
+        if block_ms is not None and not self.release.is_set():
+            self.stalled += 1
+            await self.release.wait()
+        return await super().read_commits(after, block_ms=block_ms, count=count)
+
+
+class Versioned(Watched):
+    """A :class:`Watched` that also keeps the version of each delivery."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: list[int] = []
+
+    def deliver(
+        self,
+        version: int,
+        updates: list[tuple[Registration, Evaluation]],
+        shared: SharedDeliveries | None = None,
+    ) -> None:
+        self.versions.extend(version for _ in updates)
+        super().deliver(version, updates, shared)
+
+
+async def test_a_subscription_after_an_answered_commit_starts_at_its_version(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A writer with no subscription is answered at the commit, before this instance's pump
+    has processed it (endpoint.run_mutation). Its next subscription must still start at or
+    after the commit's version: ``notify_commit`` raises the pump's target, so the pump reads
+    the stream up to the commit before it delivers. With the commit watcher stalled, nothing
+    else tells the pump of the commit or of another instance's commit just before it (stripping
+    the raise fails this test). Another connection's subscription to the same query is live
+    already: the writer's joins its entry, which must not hand out the result from before the
+    commits."""
+    clock = ManualClock()
+    engine = StalledWatch(Store(redis_client, schema=demo.app.schema, clock=clock))
+    manager = SubscriptionManager(engine, clock=clock, identity_usable=lambda _: True)
+    args = engine.resolve("query", "counter.get", {"name": "w"})
+    other = Watched()
+    manager.attach([Registration(other, 1, 1, 0, "counter.get", args, None)])
+    pump = asyncio.create_task(manager.run())
+    try:
+        await other.wait_for(0, timeout=10)
+        async with asyncio.timeout(10):
+            while not engine.stalled:
+                await asyncio.sleep(0.01)
+        kwargs = engine.resolve("mutation", "counter.increment", {"name": "w"})
+        # Another instance's commit first: only the (stalled) watcher could tell this one of
+        # it, so the writer's commit is not the next one the pump would apply.
+        elsewhere = QueryEngine(demo.app, Store(redis_client, schema=demo.app.schema, clock=clock))
+        before = await elsewhere.run_mutation(
+            "counter.increment", kwargs, None, client_id="elsewhere", request_id=1
+        )
+        assert before.error is None, before
+        result = await engine.run_mutation(
+            "counter.increment", kwargs, None, client_id="writer", request_id=1
+        )
+        assert result.error is None and result.version is not None, result
+        manager.notify_commit(result.version, result.written_keys, result.written_values)
+        # The writer subscribes at once, as a client that reads its own write would.
+        watched = Versioned()
+        manager.attach([Registration(watched, 2, 1, 0, "counter.get", args, None)])
+        async with asyncio.timeout(10):
+            while not watched.values:
+                watched.changed.clear()
+                await watched.changed.wait()
+        assert watched.values[0] == 2 and watched.versions[0] >= result.version, (
+            watched.values,
+            watched.versions,
+            result.version,
+        )
+        assert engine.stalled and not engine.release.is_set(), "the watcher was not stalled"
+    finally:
+        engine.release.set()
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+
+
 def test_sigusr1_logs_where_every_task_of_an_instance_waits(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
