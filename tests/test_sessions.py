@@ -26,7 +26,7 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 from tether.protocol import HTTPCode, SessionEndReason
-from tether.server.app import Node, stop_tasks
+from tether.server.app import Node
 from tether.server.auth import sessions as sessions_module
 from tether.server.auth.errors import AuthFailure
 from tether.server.auth.refresh_tokens import RefreshTokenCodec
@@ -45,6 +45,7 @@ from tether.server.demo import app as demo_app
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect
 from tether.server.settings import Settings
+from tether.server.tasks import stop_tasks
 
 from tests.clock import ManualClock
 from tests.harness import RedisProcess

@@ -45,6 +45,7 @@ from tether.server.realtime.observe import connection_collector
 from tether.server.realtime.session_hub import SessionHub
 from tether.server.redis.connection import RedisClient, connect
 from tether.server.settings import Settings, SettingsError
+from tether.server.tasks import stop_tasks
 
 log = logging.getLogger("tether")
 
@@ -52,9 +53,6 @@ SYNC_PATH = "/sync"
 
 #: Seconds a readiness probe waits for Redis before answering 503.
 READY_PING_TIMEOUT = 1.0
-#: Seconds the shutdown waits for each cancelled background task to end before it goes on
-#: without it (logged as an error: a task that ignores its cancellation is a bug).
-TASK_STOP_TIMEOUT = 5.0
 
 
 @dataclass
@@ -196,26 +194,6 @@ def _load_keyring(settings: Settings) -> KeyRing:
     return keyring
 
 
-async def stop_tasks(tasks: list[asyncio.Task[None]], grace: float) -> list[asyncio.Task[None]]:
-    """Cancel ``tasks`` and wait at most ``grace`` seconds for them to end; return those
-    still running then, each logged as an error. Whatever a task does with its cancellation (a
-    library that swallows one, a loop that catches it), the shutdown goes on: a process that
-    never exits is killed by its supervisor, skipping the rest of the clean-up."""
-    for task in tasks:
-        task.cancel()
-    if not tasks:
-        return []
-    _, running = await asyncio.wait(tasks, timeout=grace)
-    left = [task for task in tasks if task in running]
-    for task in left:
-        log.error(
-            "background task %s did not stop within %.1f s of its cancellation",
-            task.get_name(),
-            grace,
-        )
-    return left
-
-
 def _report_crash(task: asyncio.Task[None]) -> None:
     """A background task of the instance ended other than by cancellation: say so loudly."""
     if not task.cancelled() and task.exception() is not None:
@@ -281,7 +259,7 @@ def create_app(
             with _dump_tasks_on_signal():
                 yield
         finally:
-            await stop_tasks(tasks, TASK_STOP_TIMEOUT)
+            await stop_tasks(tasks)
             await node.sync.partitions.close()
             await node.close()
 

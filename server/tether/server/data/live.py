@@ -32,7 +32,6 @@ later either way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from tether.server.data.caller import Caller
 from tether.server.data.read_cache import ReadCache
 from tether.server.data.store import CommitValues
 from tether.server.metrics import Metrics, discarded
+from tether.server.tasks import stop_tasks
 
 log = logging.getLogger("tether.subscriptions")
 
@@ -820,8 +820,4 @@ class PartitionFollowers:
         tasks = list(self._tasks.values())
         self._managers.clear()
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(tasks)

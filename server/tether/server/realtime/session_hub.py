@@ -48,6 +48,7 @@ from tether.server.compat.redis import reload_layout
 from tether.server.metrics import Metrics, discarded
 from tether.server.redis.connection import RedisClient, connect
 from tether.server.redis.keys import SESSION_ENDED_CHANNEL
+from tether.server.tasks import stop_tasks
 
 log = logging.getLogger("tether.session_hub")
 
@@ -246,9 +247,8 @@ class SessionHub:
         self._closing = True
         task = self._task
         if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
-            # wait(), not await: our own cancellation must propagate, the task's must not.
-            await asyncio.wait([task])
+            # Our own cancellation propagates, the task's does not; bounded, as at shutdown.
+            await stop_tasks([task])
         if not self._closed:
             self._closed = True
             await self._redis.aclose()
