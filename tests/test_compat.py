@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import hashlib
 import inspect
 import os
 import socket
@@ -30,7 +31,12 @@ import uvicorn
 import websockets
 from redis.exceptions import MovedError
 from tether.server.compat.asyncio import start_eagerly
-from tether.server.compat.redis import NodeHookedCluster, node_of_command, reload_layout
+from tether.server.compat.redis import (
+    NodeHookedCluster,
+    cancel_safe,
+    node_of_command,
+    reload_layout,
+)
 from tether.server.compat.uvicorn import cache_handshake_date, limited_protocols, transport_of
 from tether.server.connection_limits import AddressCap, TrustedProxies
 
@@ -231,6 +237,52 @@ async def _owner_of(cluster: RedisClusterProcess, key: str) -> str:
             owners.append(f"127.0.0.1:{port}")
     assert len(owners) == 1, owners
     return owners[0]
+
+
+#: SHA-256 of redis-py 8.1's ``AbstractConnection.send_packed_command`` source, which
+#: ``tether.server.compat.redis._CancelSafeWrites`` re-implements (under asyncio.timeout).
+SEND_PACKED_COMMAND_SHA256 = "baaeabd916209157db40455f034a0bac6fb3e2db902271313e0702bcbc678321"
+
+
+def test_redis_send_packed_command_is_the_one_the_cancel_safe_copy_replaces() -> None:
+    from redis.asyncio.connection import AbstractConnection
+
+    source = inspect.getsource(AbstractConnection.send_packed_command)
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    assert "self._send_packed_command(command)" in source and digest == (
+        SEND_PACKED_COMMAND_SHA256
+    ), (
+        f"redis-py {version('redis')}: AbstractConnection.send_packed_command changed. "
+        "tether.server.compat.redis._CancelSafeWrites re-implements it with asyncio.timeout "
+        "instead of asyncio.wait_for (which loses cancellations on Python 3.11): carry the "
+        "change over (or drop the override if redis-py no longer writes under wait_for), then "
+        f"update SEND_PACKED_COMMAND_SHA256 to {digest}"
+    )
+
+
+async def test_every_cluster_node_connects_with_the_cancel_safe_class(
+    cluster: RedisClusterProcess,
+) -> None:
+    """cancel_safe_cluster sets the class in the client's connection_kwargs, the dict every
+    node learnt later is built from: it must be the node manager's own."""
+    from tether.server.redis.connection import connect
+
+    client = connect(cluster.url)
+    try:
+        assert isinstance(client, redis.asyncio.RedisCluster)
+        assert client.connection_kwargs is client.nodes_manager.connection_kwargs, (
+            f"redis-py {version('redis')}: the cluster client no longer shares its "
+            "connection_kwargs with its NodesManager; cancel_safe_cluster must set the "
+            "connection class where nodes are built now"
+        )
+        await client.set("compat:{a}", "1")
+        nodes = client.get_nodes()
+        assert len(nodes) >= 3
+        assert all(node.connection_class is cancel_safe(node.connection_class) for node in nodes)
+        used = [c for node in nodes for c in node._connections]
+        assert used and all(type(c) is cancel_safe(type(c)) for c in used)
+    finally:
+        await client.aclose()
 
 
 async def test_redis_cluster_commands_pass_the_per_node_hook(cluster: RedisClusterProcess) -> None:
