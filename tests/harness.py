@@ -22,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 import redis
@@ -632,3 +633,24 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+async def lost_cancellations(
+    run: Callable[[], Coroutine[Any, Any, Any]], points: Iterable[int]
+) -> list[int]:
+    """For each of ``points``: start ``run()`` as a task, let the event loop turn that many
+    times, cancel the task; return the points after which it did *not* end cancelled within
+    5 s (it is then stopped with more cancellations, so that it does not run on)."""
+    from tether.server.tasks import stop_tasks
+
+    lost = []
+    for turns in points:
+        task = asyncio.create_task(run())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        if not done or not task.cancelled():
+            lost.append(turns)
+            await stop_tasks([task], grace=3)
+    return lost

@@ -35,6 +35,7 @@ class Watched:
 
     def __init__(self) -> None:
         self.values: list[Any] = []
+        self.versions: list[int] = []  # the version of each value's delivery
         self.changed = asyncio.Event()
 
     def deliver(
@@ -46,6 +47,7 @@ class Watched:
         for _, evaluation in updates:
             text = evaluation.value_json
             self.values.append(None if text is None else int(text))
+            self.versions.append(version)
         self.changed.set()
 
     def identity_ended(self) -> None:
@@ -125,23 +127,6 @@ class StalledWatch(QueryEngine):
         return await super().read_commits(after, block_ms=block_ms, count=count)
 
 
-class Versioned(Watched):
-    """A :class:`Watched` that also keeps the version of each delivery."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.versions: list[int] = []
-
-    def deliver(
-        self,
-        version: int,
-        updates: list[tuple[Registration, Evaluation]],
-        shared: SharedDeliveries | None = None,
-    ) -> None:
-        self.versions.extend(version for _ in updates)
-        super().deliver(version, updates, shared)
-
-
 async def test_a_subscription_after_an_answered_commit_starts_at_its_version(
     redis_client: redis.asyncio.Redis,
 ) -> None:
@@ -179,7 +164,7 @@ async def test_a_subscription_after_an_answered_commit_starts_at_its_version(
         assert result.error is None and result.version is not None, result
         manager.notify_commit(result.version, result.written_keys, result.written_values)
         # The writer subscribes at once, as a client that reads its own write would.
-        watched = Versioned()
+        watched = Watched()
         manager.attach([Registration(watched, 2, 1, 0, "counter.get", args, None)])
         async with asyncio.timeout(10):
             while not watched.values:

@@ -20,7 +20,7 @@ from tether.server.redis.connection import (
     without_turns,
 )
 
-from tests.harness import RedisClusterProcess, RedisProcess
+from tests.harness import RedisClusterProcess, RedisProcess, lost_cancellations
 
 #: Commands in flight at once: well past MAX_CONNECTIONS and redis-py's own default of 100.
 BURST = 400
@@ -197,27 +197,15 @@ async def test_a_connection_closed_while_a_pipeline_is_sent_is_a_connection_erro
 CANCEL_POINTS = range(40)
 
 
-async def _cancelled_at_every_point(client: RedisClient, command: Callable[[], Any]) -> list[int]:
-    """Cancel a task that runs ``command`` in a loop after each of :data:`CANCEL_POINTS` turns
-    of the event loop; return the turns after which the task did *not* end cancelled."""
-    lost = []
-    for turns in CANCEL_POINTS:
+async def _cancelled_at_every_point(command: Callable[[], Any]) -> list[int]:
+    """The points of :data:`CANCEL_POINTS` after which a task running ``command`` in a loop did
+    *not* end cancelled."""
 
-        async def loop() -> None:
-            while True:
-                await command()
+    async def loop() -> None:
+        while True:
+            await command()
 
-        task = asyncio.create_task(loop())
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        task.cancel()
-        done, _ = await asyncio.wait([task], timeout=5)
-        if not done or not task.cancelled():
-            lost.append(turns)
-            for _ in range(3):  # a swallowed cancellation: stop it for good
-                task.cancel()
-                await asyncio.wait([task], timeout=1)
-    return lost
+    return await lost_cancellations(loop, CANCEL_POINTS)
 
 
 @pytest.mark.parametrize("topology", ["standalone", "cluster"])
@@ -235,9 +223,9 @@ async def test_a_task_cancelled_during_a_redis_call_ends_cancelled(
     client = connect(server.url)
     try:
         await client.set("{cancel}:k", "1")
-        assert await _cancelled_at_every_point(client, lambda: client.get("{cancel}:k")) == []
+        assert await _cancelled_at_every_point(lambda: client.get("{cancel}:k")) == []
         pipeline = lambda: pipelined(client, "{cancel}:k")  # noqa: E731
-        assert await _cancelled_at_every_point(client, pipeline) == []
+        assert await _cancelled_at_every_point(pipeline) == []
         # Every connection still answers (none went back to the pool mid-reply).
         assert (
             await asyncio.gather(*(client.get("{cancel}:k") for _ in range(50)))

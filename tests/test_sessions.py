@@ -48,7 +48,7 @@ from tether.server.settings import Settings
 from tether.server.tasks import stop_tasks
 
 from tests.clock import ManualClock
-from tests.harness import RedisProcess
+from tests.harness import RedisProcess, lost_cancellations
 
 #: argon2id at the OWASP minimum (the settings refuse anything weaker).
 FAST_ARGON2 = {"argon2_time_cost": 2, "argon2_memory_kib": 19456, "argon2_parallelism": 1}
@@ -1441,17 +1441,7 @@ async def test_the_sweep_cancelled_at_any_point_ends(
         clock,
     )
     try:
-        lost = []
-        for turns in range(200):
-            task = asyncio.create_task(node.sweep_sessions_forever())
-            for _ in range(turns):
-                await asyncio.sleep(0)
-            task.cancel()
-            done, _ = await asyncio.wait([task], timeout=3)
-            if not done or not task.cancelled():
-                lost.append(turns)
-                await stop_tasks([task], grace=3)  # cancel it again: it must not run on
-        assert lost == []
+        assert await lost_cancellations(node.sweep_sessions_forever, range(200)) == []
     finally:
         await node.close()
 
