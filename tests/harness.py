@@ -35,6 +35,7 @@ from tether.server.redis.embedded import (
     find_redis_server,
     free_loopback_port,
 )
+from tether.server.tasks import stop_tasks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -641,8 +642,6 @@ async def lost_cancellations(
     """For each of ``points``: start ``run()`` as a task, let the event loop turn that many
     times, cancel the task; return the points after which it did *not* end cancelled within
     5 s (it is then stopped with more cancellations, so that it does not run on)."""
-    from tether.server.tasks import stop_tasks
-
     lost = []
     for turns in points:
         task = asyncio.create_task(run())
