@@ -21,14 +21,18 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any
 
+import h11
 import pytest
 import redis.asyncio
 import uvicorn
 import websockets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.exceptions import MovedError
 from tether.server.compat.asyncio import start_eagerly
 from tether.server.compat.redis import (
@@ -37,7 +41,12 @@ from tether.server.compat.redis import (
     node_of_command,
     reload_layout,
 )
-from tether.server.compat.uvicorn import cache_handshake_date, limited_protocols, transport_of
+from tether.server.compat.uvicorn import (
+    cache_handshake_date,
+    limited_protocols,
+    transport_of,
+    upgrade_head,
+)
 from tether.server.connection_limits import AddressCap, TrustedProxies
 
 from tests.harness import RedisClusterProcess, free_port
@@ -158,6 +167,233 @@ async def test_messages_to_a_waiting_app_do_not_stop_the_reads_and_others_do() -
             release.set()
             assert await client.recv() == "queued"
             assert transport.is_reading()
+
+
+# ------------------------------------------------------------------ upgrades without h11
+
+
+def _h11_upgrade(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    """What uvicorn's h11 path upgrades ``data`` to: the target and the lower-cased headers of
+    the one whole GET request h11 parses from it, when uvicorn would upgrade it to a WebSocket
+    (its own ``_get_upgrade``), with nothing after it; None otherwise."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.Request) or conn.trailing_data[0]:
+        return None
+    headers = [(name.lower(), value) for name, value in event.headers]
+    upgrade = H11Protocol._get_upgrade(types.SimpleNamespace(headers=headers))  # type: ignore[arg-type]
+    if upgrade != b"websocket" or event.method != b"GET" or event.http_version != b"1.1":
+        return None
+    return event.target, headers
+
+
+#: Upgrade heads as clients send them: websockets' client (the Python client's) and Chromium's.
+CLIENT_HEADS = [
+    b"GET /sync HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    b"User-Agent: Python/3.11 websockets/17.4\r\n\r\n",
+    b"GET /sync?v=1 HTTP/1.1\r\nHost: app.example:8443\r\nConnection: Upgrade\r\n"
+    b"Pragma: no-cache\r\nCache-Control: no-cache\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)"
+    b" AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0.0.0 Safari/537.36\r\n"
+    b"Upgrade: websocket\r\nOrigin: https://app.example\r\nSec-WebSocket-Version: 13\r\n"
+    b"Accept-Encoding: gzip, deflate, br, zstd\r\nAccept-Language: en-US,en;q=0.9\r\n"
+    b"Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n"
+    b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+]
+
+
+def test_client_upgrade_heads_skip_h11_and_parse_as_h11_does() -> None:
+    import websockets.client
+    import websockets.uri
+
+    protocol = websockets.client.ClientProtocol(websockets.uri.parse_uri("ws://127.0.0.1:1/sync"))
+    head = protocol.connect().serialize()
+    for data in [head, *CLIENT_HEADS]:
+        assert upgrade_head(data) is not None, data  # the fast path is taken
+        assert upgrade_head(data) == _h11_upgrade(data), data
+
+
+_request_lines = st.sampled_from(
+    [
+        b"GET /sync HTTP/1.1",
+        b"GET /sync?token=a%20b&x HTTP/1.1",
+        b"GET * HTTP/1.1",
+        b"GET http://h/sync HTTP/1.1",
+        b"get /sync HTTP/1.1",
+        b"GET /sync HTTP/1.0",
+        b"GET /sync HTTP/2.0",
+        b"POST /sync HTTP/1.1",
+        b"GET  /sync HTTP/1.1",
+        b"GET /sync HTTP/1.1 ",
+        b"GET /s\x7fync HTTP/1.1",
+        b"GET /s\xc3\xa9 HTTP/1.1",
+        b"GET HTTP/1.1",
+        b"",
+    ]
+) | st.builds(lambda target: b"GET " + target + b" HTTP/1.1", st.binary(min_size=0, max_size=6))
+_names = st.sampled_from(
+    [
+        b"Host",
+        b"host",
+        b"HOST",
+        b"Upgrade",
+        b"Connection",
+        b"connection",
+        b"Sec-WebSocket-Key",
+        b"Sec-WebSocket-Version",
+        b"Content-Length",
+        b"Transfer-Encoding",
+        b"X-Forwarded-For",
+        b"Bad Name",
+        b"",
+        b"a(b",
+    ]
+) | st.binary(min_size=0, max_size=4)
+_values = st.sampled_from(
+    [
+        b"websocket",
+        b"WebSocket",
+        b"h2c",
+        b"Upgrade",
+        b"keep-alive, Upgrade",
+        b"upgrade,",
+        b" Upgrade ",
+        b"websocket, h2c",
+        b"0",
+        b"chunked",
+        b"dGhlIHNhbXBsZSBub25jZQ==",
+        b"13",
+        b"a  \t b",
+        b"",
+        b"x\x00y",
+        b"a\x01b",
+        b"\xff\xfe",
+        b"a\x0bb",
+        b"a\rb",
+        b"a\nb",
+    ]
+) | st.binary(min_size=0, max_size=6)
+_separators = st.sampled_from([b": ", b":", b":\t", b" :", b":  ", b": \t"])
+_trailers = st.sampled_from([b"", b"", b" ", b"\t", b" \t "])
+_line_ends = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b"\r\r\n"])
+
+
+def _mostly(draw: st.DrawFn, usual: bytes, other: st.SearchStrategy[bytes]) -> bytes:
+    """``usual`` 4 times in 5, else something drawn from ``other``."""
+    return usual if draw(st.integers(0, 4)) else draw(other)
+
+
+@st.composite
+def _heads(draw: st.DrawFn) -> bytes:
+    """Upgrade heads, about half of them ones a client sends, the rest open to what h11
+    refuses or reads another way (a bare LF, folded lines, odd bytes, a body, a missing or
+    repeated header, another upgrade)."""
+    lines = [_mostly(draw, b"GET /sync HTTP/1.1", _request_lines)]
+    required = [
+        (b"Host", b"localhost"),
+        (b"Upgrade", b"websocket"),
+        (b"Connection", b"Upgrade"),
+        (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        (b"Sec-WebSocket-Version", b"13"),
+    ]
+    fields = [pair for pair in required if draw(st.integers(0, 19))]  # each kept 19 in 20
+    for _ in range(draw(st.integers(0, 3))):
+        name = _mostly(draw, b"X-Extra", _names)
+        fields.append((name, _mostly(draw, b"some value", _values)))
+    if draw(st.integers(0, 5)) == 0:
+        fields.append(draw(st.sampled_from(required)))  # a repeated header
+    fields = draw(st.permutations(fields))
+    for name, value in fields:
+        line = name + _mostly(draw, b": ", _separators) + value + _mostly(draw, b"", _trailers)
+        if draw(st.integers(0, 29)) == 0:
+            line = draw(st.sampled_from([b" folded", b"\tfolded"])) + b"\r\n" + line
+        lines.append(line)
+    end = b"\r\n" if draw(st.integers(0, 9)) else draw(_line_ends)
+    data = end.join(lines) + end
+    data += _mostly(draw, b"\r\n", st.sampled_from([b"\n", b"", b"\r\nx", b"\r\n\r\n"]))
+    if draw(st.integers(0, 9)) == 0:  # one byte anywhere
+        at = draw(st.integers(0, len(data)))
+        data = data[:at] + bytes([draw(st.integers(0, 255))]) + data[at:]
+    return data
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_heads())
+def test_an_upgrade_skips_h11_only_where_h11_reads_it_the_same(data: bytes) -> None:
+    """upgrade_head never reads a request another way than uvicorn's h11 path: where it parses
+    one, h11 parses the same target and headers and uvicorn upgrades it; anything else it
+    leaves to h11 (whose answer, a 400 or a plain request, is then unchanged)."""
+    fast = upgrade_head(data)
+    if fast is not None:
+        assert fast == _h11_upgrade(data)
+        assert all(name not in (b"content-length", b"transfer-encoding") for name, _ in fast[1])
+
+
+async def test_both_upgrade_paths_give_the_app_the_same_websocket(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Against a real uvicorn with Tether's protocols: a head whole in one read upgrades without
+    h11 (its h11 connection is never used), a head in two reads through h11, and the app sees
+    the same scope from both; a head h11 refuses gets h11's 400 as before."""
+    http, ws = limited_protocols(AddressCap(0), TrustedProxies([]), 20.0, 10.0)
+    made: list[Any] = []
+
+    class Recorded(http):  # type: ignore[valid-type, misc]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.append(self)
+            super().connection_made(transport)
+
+    scopes: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        scopes.append(scope)
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()
+
+    def exchange(port: int, *parts: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for part in parts:
+                sock.sendall(part)
+                time.sleep(0.05)  # the parts arrive in separate reads
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer
+
+    head = CLIENT_HEADS[1]
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=Recorded, ws=ws, lifespan="off")
+    async with serving_uvicorn(config):
+        whole = await asyncio.to_thread(exchange, port, head)
+        assert whole.startswith(b"HTTP/1.1 101 "), whole
+        assert made[-1].conn.their_state is h11.IDLE, "the whole head went through h11"
+        split = await asyncio.to_thread(exchange, port, head[:20], head[20:])
+        assert split.startswith(b"HTTP/1.1 101 "), split
+        assert made[-1].conn.their_state is not h11.IDLE, "the split head did not use h11"
+        fast, slow = scopes
+        for key in ("path", "raw_path", "query_string", "headers", "subprotocols", "scheme"):
+            assert fast[key] == slow[key], key
+        assert all(name == name.lower() for name, _ in fast["headers"])
+        # No Host: h11's 400, in one read as in two.
+        hostless = head.replace(b"Host: app.example:8443\r\n", b"")
+        for parts in ((hostless,), (hostless[:20], hostless[20:])):
+            answer = await asyncio.to_thread(exchange, port, *parts)
+            assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert len(scopes) == 2
 
 
 def test_the_handshake_date_is_formatted_once_a_second() -> None:
