@@ -48,6 +48,17 @@ FAST_ARGON2_ENV = {
 TEST_ISSUER = "https://tether.test"
 
 
+def recv_until(sock: socket.socket, marker: bytes) -> bytes:
+    """What ``sock`` reads until ``marker`` has arrived, or until the peer closes."""
+    received = b""
+    while marker not in received:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     return free_loopback_port()

@@ -49,7 +49,7 @@ from tether.server.compat.uvicorn import (
 )
 from tether.server.connection_limits import AddressCap, TrustedProxies
 
-from tests.harness import RedisClusterProcess, free_port
+from tests.harness import RedisClusterProcess, free_port, recv_until
 from tests.test_sync import OVERSIZE_DECLARED, OVERSIZE_FIRST, _masked_frame
 
 pytestmark = pytest.mark.timeout(60)
@@ -346,10 +346,16 @@ async def test_both_upgrade_paths_give_the_app_the_same_websocket(
     http, ws = limited_protocols(AddressCap(0), TrustedProxies([]), 20.0, 10.0)
     made: list[Any] = []
 
+    reads = threading.Semaphore(0)
+
     class Recorded(http):  # type: ignore[valid-type, misc]
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             made.append(self)
             super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            reads.release()
 
     scopes: list[dict[str, Any]] = []
 
@@ -365,14 +371,9 @@ async def test_both_upgrade_paths_give_the_app_the_same_websocket(
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             for part in parts:
                 sock.sendall(part)
-                time.sleep(0.05)  # the parts arrive in separate reads
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
-            return answer
+                # The next part is sent once the server has read this one: separate reads.
+                assert reads.acquire(timeout=10), "the server did not read the part"
+            return recv_until(sock, b"\r\n\r\n")
 
     head = CLIENT_HEADS[1]
     port = free_port()

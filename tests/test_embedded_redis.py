@@ -22,7 +22,7 @@ import redis.asyncio
 from tether.server.redis import embedded as embedded_redis
 from tether.server.redis.embedded import EmbeddedRedis, find_redis_server
 
-from tests.harness import REPO_ROOT, RedisProcess, pid_alive, wait_pid_gone
+from tests.harness import REPO_ROOT, RedisProcess, pid_alive, recv_until, wait_pid_gone
 
 
 def _binaries() -> list[str]:
@@ -55,13 +55,7 @@ def _raw_reply(address: str | tuple[str, int], request: bytes) -> bytes:
         sock = socket.create_connection(address, timeout=5)
     with sock:
         sock.sendall(request)
-        reply = b""
-        while b"\r\n" not in reply:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-        return reply.partition(b"\r\n")[0]
+        return recv_until(sock, b"\r\n").partition(b"\r\n")[0]
 
 
 @pytest.fixture
