@@ -36,6 +36,7 @@ from tether.server.realtime.endpoint import CLOSE_TIMEOUT, DRAIN_REASON
 from tether.server.redis import keys as redis_keys
 from tether.server.redis.connection import connect as redis_connect
 from tether.server.settings import Settings
+from tether.server.tasks import TASK_STOP_TIMEOUT
 
 from tests.harness import FAST_ARGON2_ENV, REPO_ROOT, RedisProcess, ServerProcess
 from tests.sync_client import SyncClient, auth_post, connect_sync, signin, signup
@@ -1339,6 +1340,24 @@ async def test_sigterm_1012_comes_from_tethers_drain_not_uvicorn(
     assert code == 1012
     assert reader.ws.close_reason == DRAIN_REASON
     assert exit_code == 0, server.log_text()[-3000:]
+
+
+async def test_sigterm_exits_though_an_application_task_ignores_its_cancellation(
+    server_factory: Callable[..., ServerProcess], open_sync: Opener
+) -> None:
+    """An application's task that swallows every cancellation is left behind, logged as an
+    error, instead of holding up the exit (asyncio.run would wait for it forever)."""
+    server = server_factory(env={"TETHER_DRAIN_TIMEOUT": "1"}, app="tests.apps.stubborn:app")
+    client = await open_sync(server.ws_url)
+    await client.send({"type": "subscribe", "queryId": 1, "name": "start", "args": {}})
+    assert (await client.expect("transition"))["updates"] == [{"queryId": 1, "value": 1}]
+    started = time.monotonic()
+    exit_code = await server.astop(signal.SIGTERM, timeout=1 + TASK_STOP_TIMEOUT + 20)
+    log = server.log_text()
+    assert exit_code == 0, log[-3000:]
+    # The drain (1 s) and the bounded wait for the task; not the harness's SIGKILL.
+    assert time.monotonic() - started < 1 + TASK_STOP_TIMEOUT + 15, log[-3000:]
+    assert "background task stubborn did not stop" in log, log[-3000:]
 
 
 def test_a_ping_behind_an_invalid_utf8_text_frame_gets_the_lingering_1007(

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tether.server import tasks
 from tether.server.compat.uvicorn import draining_server, limited_protocols
 from tether.server.connection_limits import AddressCap, TrustedProxies
 from tether.server.log_repeats import RepeatFilter
@@ -440,7 +441,8 @@ def _run_uvicorn(settings: Settings, app: TetherApp, sockets: list[socket.socket
     # re-raises the signal it caught; our handler (see _shutdown_on_signals) then raises
     # _ShutdownRequested, which the caller reads as a clean exit.
     try:
-        asyncio.run(server.serve(sockets=sockets))
+        # asyncio.run, but a task that ignores its cancellation cannot hold up the exit.
+        tasks.run(server.serve(sockets=sockets))
     except SystemExit as exc:  # uvicorn exits this way when its start-up fails
         return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
     if not server.started:

@@ -1,11 +1,14 @@
-"""Stopping an instance's background tasks at shutdown, bounded."""
+"""Stopping an instance's background tasks at shutdown, bounded, and running a server's event
+loop so that its end is bounded too (:func:`run`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger("tether")
 
@@ -26,8 +29,8 @@ async def stop_tasks(
     cancellation as a warning (something swallowed its cancellation: a bug to find).
 
     Whatever a task does with its cancellations, this returns: the rest of the shutdown goes
-    on. A task that ignores *every* cancellation still holds up the process's exit, because
-    ``asyncio.run`` cancels what is left at the very end and waits for it without a bound.
+    on. (``asyncio.run`` cancels what is left at the very end and waits for it without a bound:
+    a server runs under :func:`run`, which does not.)
 
     The caller's own cancellation propagates (the tasks stay cancelled)."""
     loop = asyncio.get_running_loop()
@@ -60,3 +63,28 @@ async def stop_tasks(
                 task.cancelling(),
             )
     return [task for task in tasks if task in running]
+
+
+def run(main: Coroutine[Any, Any, T], grace: float = TASK_STOP_TIMEOUT) -> T:
+    """``asyncio.run(main)`` whose end is bounded: once ``main`` has returned (or raised),
+    the tasks still running (an application's, a library's) are stopped with
+    :func:`stop_tasks`, and those that ignore every cancellation are left behind (logged as
+    errors) instead of holding up the exit forever, as ``asyncio.run`` would.
+
+    The rest is ``asyncio.run``'s: a new event loop, asynchronous generators closed, the
+    default executor shut down (its threads are joined: a function blocking in one still
+    holds up the exit, as it would the interpreter's), the loop closed."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            if left:
+                loop.run_until_complete(stop_tasks(left, grace))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
