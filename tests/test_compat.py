@@ -16,6 +16,7 @@ import email.utils
 import hashlib
 import inspect
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import pytest
 import redis.asyncio
 import uvicorn
 import websockets
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import MovedError
 from tether.server.compat.asyncio import start_eagerly
@@ -325,15 +326,28 @@ def _heads(draw: st.DrawFn) -> bytes:
     return data
 
 
+_UPGRADE = b"GET /sync HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n"
+
+
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_heads())
+# The grammar's edges, each a way to read a head another way than h11 (found by chance only).
+@example(_UPGRADE + b"Upgrade: websocket\r\nX: a\x0bb\r\n\r\n")
+@example(_UPGRADE + b"Upgrade: websocket\r\nX: a\x0cb\r\n\r\n")
+@example(_UPGRADE + b"Upgrade: websocket\r\nX: a\rb\r\n\r\n")
+@example(_UPGRADE + b"Upgrade: websocket\r\nX: a\x00b\r\n\r\n")
+@example(_UPGRADE + b"Upgrade: websocket\r\nX: \x7f\x80\xff \t\r\n\r\n")
+@example(_UPGRADE + b"Upgrade: h2c\r\nUpgrade: websocket\r\n\r\n")  # uvicorn reads the last
+@example(_UPGRADE + b"Upgrade: websocket\r\nUpgrade: h2c\r\n\r\n")
+@example(_UPGRADE + b"Upgrade: websocket\r\nConnection: close\r\n\r\n")
+@example(_UPGRADE + b"Upgrade: websocket\r\nContent-Length: 0\r\n\r\n")
 def test_an_upgrade_skips_h11_only_where_h11_reads_it_the_same(data: bytes) -> None:
     """upgrade_head never reads a request another way than uvicorn's h11 path: where it parses
     one, h11 parses the same target and headers and uvicorn upgrades it; anything else it
     leaves to h11 (whose answer, a 400 or a plain request, is then unchanged)."""
     fast = upgrade_head(data)
     if fast is not None:
-        assert fast == _h11_upgrade(data)
+        assert fast == _h11_upgrade(data), data
         assert all(name not in (b"content-length", b"transfer-encoding") for name, _ in fast[1])
 
 
@@ -394,6 +408,9 @@ async def test_both_upgrade_paths_give_the_app_the_same_websocket(
         for parts in ((hostless,), (hostless[:20], hostless[20:])):
             answer = await asyncio.to_thread(exchange, port, *parts)
             assert answer.startswith(b"HTTP/1.1 400 "), answer
+        # A whole head after a partial line in an earlier read is that line's continuation.
+        answer = await asyncio.to_thread(exchange, port, b"GET /x HTTP/1.1\r\nX", head)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
         assert len(scopes) == 2
 
 
@@ -648,6 +665,7 @@ def test_uvicorn_protocols_have_what_limited_protocols_extends() -> None:
             "data_received",
             "on_response_complete",
             "handle_websocket_upgrade",
+            "_unset_keepalive_if_required",
         ),
         WebSocketsSansIOProtocol: (
             "connection_lost",
@@ -666,6 +684,12 @@ def test_uvicorn_protocols_have_what_limited_protocols_extends() -> None:
             f"uvicorn {version('uvicorn')}: {cls.__qualname__} has no {missing}; adapt "
             "tether.server.compat.uvicorn (limited_protocols, draining_server)"
         )
+    # The upgrade without h11 hands handle_websocket_upgrade a stand-in for h11's Request.
+    source = inspect.getsource(H11Protocol.handle_websocket_upgrade)
+    assert set(re.findall(r"event\.\w+", source)) == {"event.method", "event.target"}, (
+        f"uvicorn {version('uvicorn')}: handle_websocket_upgrade reads more of its event than "
+        "method and target; adapt tether.server.compat.uvicorn._UpgradeRequest"
+    )
 
 
 # ---------------------------------------------------------------------------------- lingering close

@@ -17,7 +17,8 @@ websockets-sansio protocols (``conn``, ``cycle``, ``client``, ``headers`` and
 connection it fails (an oversize frame, a protocol error) only after the client has stopped
 sending (see :func:`limited_protocols`), and its HTTP protocol hands a WebSocket upgrade that
 arrives whole in its socket's first read to the WebSocket protocol without h11's parse (see
-:func:`upgrade_head`).
+:func:`upgrade_head`; ``ws_protocol_class`` and ``_unset_keepalive_if_required`` are internals
+too, and ``handle_websocket_upgrade`` must read only ``method`` and ``target`` of its event).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def upgrade_head(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
     For the requests this accepts, the bytes websockets gets are the same either way, so its
     answer is too; everything else (another method or version, a bare LF, a folded or malformed
     line, a body, no or several ``Host``, a head over :data:`UPGRADE_HEAD_MAX_BYTES`, any other
-    upgrade) keeps h11's answer. ``tests/test_http_limits.py`` holds this against h11 itself.
+    upgrade) keeps h11's answer. ``tests/test_compat.py`` holds this against h11 itself.
     """
     if len(data) > UPGRADE_HEAD_MAX_BYTES or not data.startswith(b"GET "):
         return None
