@@ -474,11 +474,11 @@ def _index_key(
     return keys.index(table, index, encode_index_values([doc.get(f) for f in fields]))
 
 
-def _encode_document(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """The document as it will read back, and its JSON text."""
+def _encode_document(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str, int]:
+    """The document as it will read back, its JSON text, and that text's size in UTF-8 bytes."""
     try:
         text = _compact(doc)
-        size = len(text.encode("utf-8"))
+        size = _utf8_len(text)
     except (TypeError, ValueError, RecursionError):
         raise MisuseError("the document is not JSON") from None
     if size > MAX_DOCUMENT_BYTES:
@@ -487,7 +487,7 @@ def _encode_document(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
             f"the document is {size} bytes, over the limit of {MAX_DOCUMENT_BYTES}",
         )
     normalized: dict[str, Any] = json.loads(text)
-    return normalized, text
+    return normalized, text, size
 
 
 def _user_fields(fields: object) -> dict[str, Any]:
@@ -801,6 +801,7 @@ class QueryDB(_Database):
 class _Staged:
     doc: dict[str, Any]
     text: str
+    size: int  # of text, in UTF-8 bytes
 
 
 class MutationDB(_Database):
@@ -969,12 +970,12 @@ class MutationDB(_Database):
         if doc is None:
             self._staged[key] = None
         else:
-            normalized, text = _encode_document(doc)
+            normalized, text, size = _encode_document(doc)
             for index, fields in self._indexes(table).items():
                 _index_key(
                     self._store.keys, table, index, fields, normalized
                 )  # its size is checked now, not later
-            self._staged[key] = _Staged(normalized, text)
+            self._staged[key] = _Staged(normalized, text, size)
         self._where[key] = (table, doc_id)
 
     async def insert(self, table: str, doc: Mapping[str, Any]) -> str:
@@ -1127,8 +1128,9 @@ def _utf8_len(text: str) -> int:
 
 
 def _written_bytes(db: MutationDB) -> int:
-    """The size of what ``db`` would write: its staged documents' JSON, in UTF-8 bytes."""
-    return sum(_utf8_len(staged.text) for staged in db._staged.values() if staged is not None)
+    """The size of what ``db`` would write: its staged documents' JSON, in UTF-8 bytes (each
+    measured once, when staged: a batch asks after each member)."""
+    return sum(staged.size for staged in db._staged.values() if staged is not None)
 
 
 class _Member:
