@@ -1451,7 +1451,8 @@ async def test_the_shutdown_goes_on_without_a_task_that_ignores_its_cancellation
 ) -> None:
     """Whatever swallows a cancellation next, the lifespan's shutdown waits for its background
     tasks at most its grace: a task that lost one cancellation is cancelled again and ends (a
-    warning names it); one that ignores them all is named as an error and left."""
+    warning names it); one that ignores them all is named as an error and left; one whose
+    clean-up raises has its error logged."""
     released = asyncio.Event()
 
     async def lost_one() -> None:
@@ -1467,10 +1468,17 @@ async def test_the_shutdown_goes_on_without_a_task_that_ignores_its_cancellation
     async def obedient() -> None:
         await asyncio.sleep(3600)
 
+    async def fails_cleanup() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            raise RuntimeError("its clean-up failed")
+
     tasks = [
         asyncio.create_task(lost_one(), name="lost-one"),
         asyncio.create_task(ignores_all(), name="ignores-all"),
         asyncio.create_task(obedient(), name="obedient"),
+        asyncio.create_task(fails_cleanup(), name="fails-cleanup"),
     ]
     await asyncio.sleep(0)
     started = time.monotonic()
@@ -1482,6 +1490,9 @@ async def test_the_shutdown_goes_on_without_a_task_that_ignores_its_cancellation
     assert "background task ignores-all did not stop within 1.5 s" in caplog.text
     assert "background task lost-one stopped only after 2 cancellations" in caplog.text
     assert "obedient" not in caplog.text
+    # An error instead of the cancellation is reported, as asyncio.run reports one.
+    assert "background task fails-cleanup raised while it stopped" in caplog.text
+    assert "RuntimeError: its clean-up failed" in caplog.text
     released.set()
     tasks[1].cancel()
     await asyncio.wait([tasks[1]], timeout=1)

@@ -26,7 +26,9 @@ async def stop_tasks(
     """Cancel ``tasks`` and wait at most ``grace`` seconds in all for them to end, cancelling
     those still running again every :data:`RECANCEL_INTERVAL`; return those still running
     then. A task that did not stop is logged as an error, one that needed more than one
-    cancellation as a warning (something swallowed its cancellation: a bug to find).
+    cancellation as a warning (something swallowed its cancellation: a bug to find), and one
+    that ended with an exception instead (its clean-up raised) goes to the event loop's
+    exception handler, as ``asyncio.run`` reports such a task.
 
     Whatever a task does with its cancellations, this returns: the rest of the shutdown goes
     on. (``asyncio.run`` cancels what is left at the very end and waits for it without a bound:
@@ -35,7 +37,8 @@ async def stop_tasks(
     The caller's own cancellation propagates (the tasks stay cancelled)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    running = set(tasks)
+    running = {task for task in tasks if not task.done()}
+    stopping = set(running)
     for task in tasks:
         task.cancel()
     rounds = 0
@@ -55,6 +58,15 @@ async def stop_tasks(
                 task.get_name(),
                 grace,
             )
+        elif task in stopping and not task.cancelled() and task.exception() is not None:
+            # Ended by an error instead (its clean-up raised): nobody else will read it.
+            loop.call_exception_handler(
+                {
+                    "message": f"background task {task.get_name()} raised while it stopped",
+                    "exception": task.exception(),
+                    "task": task,
+                }
+            )
         elif rounds and task.cancelling() > 1:
             # Lost a cancellation, most likely (or took over RECANCEL_INTERVAL to clean up).
             log.warning(
@@ -71,9 +83,12 @@ def run(main: Coroutine[Any, Any, T], grace: float = TASK_STOP_TIMEOUT) -> T:
     :func:`stop_tasks`, and those that ignore every cancellation are left behind (logged as
     errors) instead of holding up the exit forever, as ``asyncio.run`` would.
 
-    The rest is ``asyncio.run``'s: a new event loop, asynchronous generators closed, the
-    default executor shut down (its threads are joined: a function blocking in one still
-    holds up the exit, as it would the interpreter's), the loop closed."""
+    Otherwise like ``asyncio.run``: a new event loop set as the current one, asynchronous
+    generators closed, the default executor shut down (its threads are joined: a function
+    blocking in one still holds up the exit, as it would the interpreter's), the loop closed.
+    Unlike it, it installs no SIGINT handler of its own (the caller handles its signals), has
+    no ``debug`` argument (the environment's ``PYTHONASYNCIODEBUG`` still applies) and does
+    not check that no loop runs already."""
     loop = asyncio.new_event_loop()
     try:
         asyncio.set_event_loop(loop)
