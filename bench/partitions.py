@@ -1,14 +1,21 @@
 """Commit throughput of data partitions on a 3-master Redis Cluster, beside a raw Lua ceiling.
 
 Starts its own Redis Cluster (3 masters, no replicas, AOF on as in production, on free ports of
-127.0.0.1) and drives commits from this one process through Tether's store
-(:func:`tether.server.data.engine.run_mutation`: the real ``read.lua`` + ``commit.lua`` path,
-with a client id, so each commit also stores its outcome), C concurrent tasks with one mutation in
-flight each, every task bumping its own counter (no conflicts). Rows, measured in the same run:
+127.0.0.1), caps every master to the same small share of a core (``--master-cpu``, 4 % by
+default: a CPU cgroup of its own with a CFS quota; root), and drives commits from ``--procs``
+client processes through Tether's store (:func:`tether.server.data.engine.run_mutation`: the
+real ``read.lua`` + ``commit.lua`` path, with a client id, so each commit also stores its
+outcome), C concurrent tasks with one mutation in flight each, every task bumping its own
+counter (no conflicts). Rows, measured in the same run:
 
 * ``tether one``    -- every task commits into one partition: one slot, one master.
-* ``tether spread`` -- task i commits into partition ``p<i mod P>`` (P partitions, hashed over
-  the three masters by their slots).
+* ``tether spread`` -- 3C tasks (``--spread-clients``): task i commits into partition
+  ``p<i mod P>`` (P partitions, hashed over the three masters by their slots). Three times the
+  tasks, so each master is offered about the load the one master had alone: a master's commits
+  per wake-up, and so its CPU per commit, depend on how many commits wait for it, and the
+  question is what three masters carry where one carries its load, not how one client's load
+  divides (with C tasks in both rows each master batches a third as much: the ratio then
+  measured 2.4-2.9x, against 2.5-2.9x for the raw script).
 * ``tether paced`` (not by default) -- one partition again, paced at a third of the spread row's
   rate (each master's rate there). Evenly paced arrivals batch nothing, so it costs more per
   commit than either closed-loop row: it shows how much of a lightly loaded master's CPU per
@@ -17,21 +24,31 @@ flight each, every task bumping its own counter (no conflicts). Rows, measured i
   (``INCR`` a version, ``XADD`` it to a stream: a commit's bare bones) from redis-py's cluster
   client, the same C tasks, one tag or P tags.
 
-Measured: commits/s over the window; this process's CPU per commit; for each master, its commits
-(from the partitions' version counters / the raw counters), and its CPU per commit (user + system
-of its ``redis-server`` from ``/proc/PID/stat``, before and after, less the master's idle CPU
-measured for the same time before the rows), and of that CPU the time spent executing commands
-(``INFO commandstats``: without the I/O and event-loop costs, which shrink per commit as a busy
-master batches). Computed, not measured:
-each master's capacity at 100 % of one core of its own (1e6 / its µs per commit), and the
-cluster's for the spread row: limited by the master with the largest share of the partitions
-(capacity_m / share_m, the smallest over the masters), with the ratio to the one-master row.
+**Why the cap.** Two cores cannot hold three masters at full speed beside the clients that
+would saturate them (a Tether commit costs its client more CPU than it costs the master), so
+uncapped, the commits/s of every row is the clients' limit and says nothing about the cluster.
+With each master held to the same small budget, the masters are the bottleneck at a load the
+clients drive with most of their core to spare, as three masters on a core each would be under
+enough instances: the spread row's commits/s over the one-partition row's is then the
+cluster's scaling, **measured**. The report shows the conditions that make it so: each
+master's busy share at its cap, the time it spent throttled, and the clients' busy share well
+below 100 %. Under the cap a master batches more commands per wake-up than a lightly loaded
+one, so its CPU per commit is lower than uncapped; the same holds for both rows.
 
-On a machine with few cores the client (this process) is the bottleneck and the masters share
-cores with it, so the wall-clock commits/s of the spread row cannot show the cluster's capacity:
-the CPU per commit can. Run from the repository root::
+Measured: commits/s over the window; the clients' CPU per commit and busy share; for each
+master, its commits (from the partitions' version counters / the raw counters) and its CPU
+per commit (user + system of its ``redis-server`` from ``/proc/PID/stat``, before and after,
+less the master's idle CPU measured for the same time before the rows). Uncapped
+(``--master-cpu 0``) the report adds the time spent executing commands (``INFO
+commandstats``, wall-clock inside the commands, which a throttled master stretches, so it is
+left out under the cap). Computed, not measured: each master's capacity at 100 % of one core of
+its own (1e6 / its µs per commit), and the cluster's for the spread row: limited by the master
+with the largest share of the commits (capacity_m / share_m, the smallest over the masters),
+with the ratio to the one-master row. Run from the repository root (as root, for the cap)::
 
     .venv/bin/python bench/partitions.py                       # C = 64, P = 64, 5 s a row
+    .venv/bin/python bench/partitions.py --master-cpu 0.08     # a larger budget per master
+    .venv/bin/python bench/partitions.py --master-cpu 0        # uncapped: ratios computed only
     .venv/bin/python bench/partitions.py --clients 16 --partitions 12 --seconds 2   # quick
 """
 
@@ -39,6 +56,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import sys
 import time
@@ -127,6 +146,83 @@ class Cluster:
         return {node.port: node.pid for node in self.nodes}
 
 
+# ------------------------------------------------------------------------------ the masters' CPU
+
+
+class CpuCap:
+    """Each master in a CPU cgroup of its own with a CFS quota: ``fraction`` of one core.
+
+    Two cores cannot hold three masters at full speed and the clients that would saturate them.
+    Capping every master to the same small budget makes the masters the bottleneck at a load the
+    clients can drive, as a core of its own per master would at full scale: the commits/s of a
+    row is then the masters' throughput, measured. cgroup v1's ``cpu`` controller
+    (``cpu.cfs_quota_us``) or cgroup v2's ``cpu.max``; root is needed. The quota's period is
+    chosen so the quota is at least 1 ms (the kernel's minimum is 1 ms)."""
+
+    V1 = Path("/sys/fs/cgroup/cpu")
+    V2 = Path("/sys/fs/cgroup")
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.period_us = max(10_000, int(1000 / fraction) + 1)
+        self.quota_us = int(self.period_us * fraction)
+        self.groups: list[tuple[Path, Path]] = []  # (the group, where its processes go back)
+
+    @classmethod
+    def root(cls) -> tuple[Path, str]:
+        """The cgroup hierarchy to use and its kind, or a ``RuntimeError`` saying why none."""
+        if (cls.V1 / "cpu.cfs_quota_us").exists() or (cls.V1 / "tasks").exists():
+            return cls.V1, "v1"
+        controllers = cls.V2 / "cgroup.controllers"
+        if controllers.exists() and "cpu" in controllers.read_text().split():
+            return cls.V2, "v2"
+        raise RuntimeError("no cgroup cpu controller (cgroup v1 cpu or v2 cpu.max) is mounted")
+
+    def apply(self, pid: int, name: str) -> None:
+        base, kind = self.root()
+        group = base / f"tether-bench-{os.getpid()}-{name}"
+        group.mkdir()
+        self.groups.append((group, base))
+        if kind == "v1":
+            (group / "cpu.cfs_period_us").write_text(str(self.period_us))
+            (group / "cpu.cfs_quota_us").write_text(str(self.quota_us))
+        else:
+            with contextlib.suppress(OSError):  # may be on already; cpu.max tells below
+                (base / "cgroup.subtree_control").write_text("+cpu")
+            (group / "cpu.max").write_text(f"{self.quota_us} {self.period_us}")
+        (group / "cgroup.procs").write_text(str(pid))
+
+    def throttled(self) -> dict[str, float]:
+        """Per group name: the seconds its processes waited throttled so far (``cpu.stat``)."""
+        out = {}
+        for group, _ in self.groups:
+            with contextlib.suppress(OSError):
+                for line in (group / "cpu.stat").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "throttled_time":  # v1, nanoseconds
+                        out[group.name] = int(value) / 1e9
+                    elif key == "throttled_usec":  # v2
+                        out[group.name] = int(value) / 1e6
+        return out
+
+    def release(self) -> None:
+        """Move what is left in each group back to its parent, and remove the groups."""
+        for group, base in reversed(self.groups):
+            with contextlib.suppress(OSError):
+                for pid in (group / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        (base / "cgroup.procs").write_text(pid)
+            with contextlib.suppress(OSError):
+                group.rmdir()
+        self.groups.clear()
+
+    def describe(self) -> str:
+        return (
+            f"each master capped at {self.fraction:.0%} of a core "
+            f"({self.quota_us} µs of CPU per {self.period_us} µs)"
+        )
+
+
 # ------------------------------------------------------------------------------ rows
 
 
@@ -145,84 +241,127 @@ def master_of(client: Any, key: str) -> int:
     return int(client.get_node_from_key(key).port)
 
 
-async def tether_row(
+async def worker(spec: dict[str, Any]) -> None:
+    """A client process (``--worker``): its share of a row's tasks, task ``i`` committing into
+    ``spec["tags"][i]`` (a partition, or a raw script's hash tag). It creates its counters,
+    prints ``ready``, reads the window's start (``time.monotonic()``, one clock for every
+    process) from stdin, commits until the window ends, and prints its CPU and end time."""
+    kind, name, url = spec["kind"], spec["name"], spec["url"]
+    tasks: dict[int, str] = {int(i): tag for i, tag in spec["tags"].items()}
+    total, seconds, rate = spec["total"], spec["seconds"], spec["rate"]
+    if kind == "tether":
+        client: Any = connect(url)
+        store = Store(client, schema=app.schema, clock=system_clock)
+        bump_spec = app.functions["bump"]
+
+        async def one(i: int, request_id: int) -> None:
+            outcome = await run_mutation(
+                store,
+                bump_spec,
+                {"tenant": tasks[i], "name": f"c{i}"},
+                None,
+                client_id=f"bench-{name}-{i}",
+                request_id=request_id,
+            )
+            assert outcome.error is None, outcome.error
+
+    else:
+        client = redis.asyncio.RedisCluster.from_url(url.replace("+cluster", ""))
+        script = client.register_script(RAW_COMMIT)
+
+        async def one(i: int, request_id: int) -> None:
+            await script(keys=list(raw_keys(tasks[i])))
+
+    try:
+        # One command first: a cluster client's first commands discover the cluster, and
+        # redis-py's loses connections started concurrently with that discovery.
+        await client.ping()
+        await asyncio.gather(*(one(i, 0) for i in tasks))  # counters exist before the window
+        print("ready", flush=True)
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        start = float(line)
+        stop_at = start + seconds
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        me_before = cpu_seconds(os.getpid())
+
+        async def loop(i: int) -> None:
+            n = 1
+            period = total / rate if rate else 0.0  # paced: all the tasks together make rate/s
+            next_at = start + period * i / total
+            while time.monotonic() < stop_at:
+                if period:
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                    next_at += period
+                await one(i, n)
+                n += 1
+
+        await asyncio.gather(*(loop(i) for i in tasks))
+        end = time.monotonic()
+        print(json.dumps({"cpu": cpu_seconds(os.getpid()) - me_before, "end": end}), flush=True)
+    finally:
+        await client.aclose()
+
+
+async def run_workers(
     name: str,
-    client: Any,
-    cluster: Cluster,
-    tasks: int,
-    partitions: list[str],
-    seconds: float,
-    rate: float | None = None,
-) -> Row:
-    store = Store(client, schema=app.schema, clock=system_clock)
-    spec = app.functions["bump"]
-    assigned = [partitions[i % len(partitions)] for i in range(tasks)]
-    counter = {"n": 0}
-
-    async def one(i: int, request_id: int) -> None:
-        outcome = await run_mutation(
-            store,
-            spec,
-            {"tenant": assigned[i], "name": f"c{i}"},
-            None,
-            client_id=f"bench-{name}-{i}",
-            request_id=request_id,
-        )
-        assert outcome.error is None, outcome.error
-
-    await asyncio.gather(*(one(i, 0) for i in range(tasks)))  # counters exist before the window
-    used = sorted(set(assigned))
-
-    async def versions() -> dict[str, int]:
-        out = {}
-        for p in used:
-            out[p] = int(await client.get(redis_keys.data_keys(p).version) or 0)
-        return out
-
-    return await measure(
-        name,
-        cluster,
-        seconds,
-        tasks,
-        lambda i, n: one(i, n),
-        versions,
-        {p: master_of(client, redis_keys.data_keys(p).version) for p in used},
-        counter,
-        rate,
-    )
-
-
-async def raw_row(
-    name: str,
-    client: Any,
-    cluster: Cluster,
-    tasks: int,
+    kind: str,
+    url: str,
     tags: list[str],
+    procs: int,
     seconds: float,
-    rate: float | None = None,
-) -> Row:
-    script = client.register_script(RAW_COMMIT)
-    assigned = [tags[i % len(tags)] for i in range(tasks)]
-    used = sorted(set(assigned))
-
-    async def one(i: int, _: int) -> None:
-        await script(keys=list(raw_keys(assigned[i])))
-
-    async def versions() -> dict[str, int]:
-        return {t: int(await client.get(raw_keys(t)[0]) or 0) for t in used}
-
-    await asyncio.gather(*(one(i, 0) for i in range(tasks)))
-    return await measure(
-        name,
-        cluster,
-        seconds,
-        tasks,
-        one,
-        versions,
-        {t: master_of(client, raw_keys(t)[0]) for t in used},
-        {"n": 0},
-        rate,
-    )
+    rate: float | None,
+    on_start: Any,
+) -> tuple[float, float, float]:
+    """Run one row's ``len(tags)`` tasks over ``procs`` worker processes (task ``i`` in worker
+    ``i mod procs``); ``await on_start()`` once every worker is ready, just before the window.
+    Returns (start, end, the workers' CPU seconds in the window)."""
+    children = []
+    try:
+        for w in range(procs):
+            spec = {
+                "kind": kind,
+                "name": name.replace(" ", "-"),
+                "url": url,
+                "tags": {str(i): tag for i, tag in enumerate(tags) if i % procs == w},
+                "total": len(tags),
+                "seconds": seconds,
+                "rate": rate or 0.0,
+            }
+            children.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    json.dumps(spec),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+            )
+        for child in children:
+            assert child.stdout is not None
+            line = await child.stdout.readline()
+            if line.strip() != b"ready":
+                raise RuntimeError(f"a worker of row {name!r} failed before the window")
+        await on_start()
+        start = time.monotonic() + 0.1
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(f"{start!r}\n".encode())
+            await child.stdin.drain()
+        ends, cpu = [], 0.0
+        for child in children:
+            out, _ = await child.communicate()
+            if child.returncode != 0:
+                raise RuntimeError(f"a worker of row {name!r} exited {child.returncode}")
+            result = json.loads(out.decode().strip().splitlines()[-1])
+            ends.append(float(result["end"]))
+            cpu += float(result["cpu"])
+        return start, max(ends), cpu
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
 
 
 def command_usec(port: int) -> int:
@@ -251,41 +390,34 @@ async def measure_idle(cluster: Cluster, seconds: float) -> None:
 
 async def measure(
     name: str,
+    kind: str,
+    url: str,
     cluster: Cluster,
+    tags: list[str],
+    procs: int,
     seconds: float,
-    tasks: int,
-    one: Any,
     versions: Any,
     masters: dict[str, int],
-    counter: dict[str, int],
     rate: float | None = None,
 ) -> Row:
     pids = cluster.pids()
-    before = await versions()
-    usec_before = {port: command_usec(port) for port in pids}
-    cpu_before = {port: cpu_seconds(pid) for port, pid in pids.items()}
-    me_before = cpu_seconds(os.getpid())
-    start = time.monotonic()
-    stop_at = start + seconds
+    before: dict[str, int] = {}
+    usec_before: dict[int, int] = {}
+    cpu_before: dict[int, float] = {}
 
-    async def loop(i: int) -> None:
-        n = 1
-        period = tasks / rate if rate else 0.0  # paced: the tasks together make ``rate``/s
-        next_at = start + period * i / tasks
-        while time.monotonic() < stop_at:
-            if period:
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                next_at += period
-            await one(i, n)
-            n += 1
+    async def on_start() -> None:
+        before.update(await versions())
+        usec_before.update({port: command_usec(port) for port in pids})
+        cpu_before.update({port: cpu_seconds(pid) for port, pid in pids.items()})
 
-    await asyncio.gather(*(loop(i) for i in range(tasks)))
-    elapsed = time.monotonic() - start
-    me = cpu_seconds(os.getpid()) - me_before
+    start, end, client_cpu = await run_workers(
+        name, kind, url, tags, procs, seconds, rate, on_start
+    )
+    elapsed = end - start
     cpu_after = {port: cpu_seconds(pid) for port, pid in pids.items()}
     usec_after = {port: command_usec(port) for port in pids}
     after = await versions()
-    row = Row(name, seconds=elapsed, client_cpu=me)
+    row = Row(name, seconds=elapsed, client_cpu=client_cpu)
     row.command_seconds = {p: (usec_after[p] - usec_before[p]) / 1e6 for p in pids}
     for port in pids:
         n = sum(after[k] - before[k] for k, m in masters.items() if m == port)
@@ -314,15 +446,19 @@ def capacities(row: Row, seconds_of: dict[int, float]) -> tuple[dict[int, float]
     return caps, at_spread, even
 
 
-def report(rows: list[Row], partitions_per_master: dict[int, int]) -> None:
+def report(
+    rows: list[Row], partitions_per_master: dict[int, int], cap: CpuCap | None, procs: int
+) -> None:
     print(
-        f"{'row':<14} {'commits/s':>10} {'client µs/c':>11}   "
+        f"{'row':<14} {'commits/s':>10} {'client µs/c':>11} {'client busy':>11}   "
         "per master: commits, CPU µs/commit (of which executing commands), busy"
     )
     computed: dict[str, tuple[float, float, float, float]] = {}
+    rates: dict[str, float] = {}
     for row in rows:
-        rate = row.commits / row.seconds if row.seconds else 0.0
+        rate = rates[row.name] = row.commits / row.seconds if row.seconds else 0.0
         client = row.client_cpu / row.commits * 1e6 if row.commits else 0.0
+        client_busy = row.client_cpu / row.seconds / procs if row.seconds else 0.0
         parts = []
         for port, (n, cpu) in row.per_master.items():
             busy = cpu / row.seconds
@@ -331,50 +467,90 @@ def report(rows: list[Row], partitions_per_master: dict[int, int]) -> None:
                 parts.append(f":{port} {n} {us:.0f}µs ({ex:.0f}µs) {busy:.0%}")
             else:
                 parts.append(f":{port} 0 ({busy:.0%})")
-        print(f"{row.name:<14} {rate:>10,.0f} {client:>11,.0f}   " + "; ".join(parts))
+        print(
+            f"{row.name:<14} {rate:>10,.0f} {client:>11,.0f} {client_busy:>11.0%}   "
+            + "; ".join(parts)
+        )
         _, cpu_at, cpu_even = capacities(row, {p: c for p, (_, c) in row.per_master.items()})
         _, ex_at, ex_even = capacities(row, row.command_seconds)
         computed[row.name] = (cpu_at, cpu_even, ex_at, ex_even)
         print(
             f"{'':<14} computed, a core per master: from CPU {cpu_at:,.0f}/s at this spread,"
-            f" {cpu_even:,.0f}/s evenly; from command time {ex_at:,.0f}/s, {ex_even:,.0f}/s"
+            f" {cpu_even:,.0f}/s evenly"
+            # a throttled master's commands are stretched by the waits: wall-clock, not work
+            + ("" if cap else f"; from command time {ex_at:,.0f}/s, {ex_even:,.0f}/s")
         )
     for kind in ("tether", "raw"):
         spread = computed.get(f"{kind} spread")
+        if cap is not None and rates.get(f"{kind} one") and f"{kind} spread" in rates:
+            ratio = rates[f"{kind} spread"] / rates[f"{kind} one"]
+            verdict = "met" if ratio >= 2.5 else "missed"
+            print(
+                f"{kind}: spread / one, MEASURED with the masters capped alike: {ratio:.2f}x"
+                + (f" (target >= 2.5x: {verdict})" if kind == "tether" else "")
+            )
         for base in ("one", "paced"):
             one = computed.get(f"{kind} {base}")
             if one and spread and one[0] and one[2]:
                 print(
                     f"{kind}: spread / {base}, computed from CPU: {spread[0] / one[0]:.2f}x at"
-                    f" this spread, {spread[1] / one[0]:.2f}x evenly; from command time:"
-                    f" {spread[2] / one[2]:.2f}x, {spread[3] / one[2]:.2f}x"
+                    f" this spread, {spread[1] / one[0]:.2f}x evenly"
+                    + (
+                        ""
+                        if cap
+                        else f"; from command time: {spread[2] / one[2]:.2f}x,"
+                        f" {spread[3] / one[2]:.2f}x"
+                    )
                 )
     print(
         "partitions per master (spread rows): "
         + ", ".join(f":{p} {n}" for p, n in sorted(partitions_per_master.items()))
     )
+    if cap is not None:
+        print(
+            "a row is the masters' throughput only where they were the bottleneck: each busy"
+            f" master near its cap ({cap.fraction:.0%}) and the clients' busy below ~80 %"
+        )
 
 
 async def main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-partitions-"))
     cluster = Cluster(tmp)
+    cap = CpuCap(args.master_cpu) if args.master_cpu else None
     try:
         url = cluster.start()
+        uncapped = "masters uncapped"
+        if cap is not None:
+            try:
+                for port, pid in cluster.pids().items():
+                    assert pid is not None
+                    cap.apply(pid, str(port))
+            except (OSError, RuntimeError) as exc:
+                cap.release()
+                cap = None
+                uncapped = (
+                    f"masters UNCAPPED: cannot cap their CPU ({exc}; the cap needs root and a"
+                    " cgroup cpu controller), so the rows measure the clients and the ratios"
+                    " are computed from CPU, not measured"
+                )
         client = connect(url)
         raw_client = redis.asyncio.RedisCluster.from_url(url.replace("+cluster", ""))
         try:
             await client.ping()
             await raw_client.ping()
             print(
-                f"bench/partitions.py: C={args.clients} tasks, P={args.partitions} partitions, "
-                f"{args.seconds:g} s a row, 3 masters; {describe_run()}"
+                f"bench/partitions.py: C={args.clients} tasks (spread rows:"
+                f" {args.spread_clients}) over {args.procs} client processes, "
+                f"P={args.partitions} partitions, {args.seconds:g} s a row, 3 masters, "
+                + (cap.describe() if cap else uncapped)
+                + f"; {describe_run()}"
             )
             spread = [f"p{i}" for i in range(args.partitions)]
             per_master: dict[int, int] = {}
             for p in spread:
                 port = master_of(client, redis_keys.data_keys(p).version)
                 per_master[port] = per_master.get(port, 0) + 1
-            await measure_idle(cluster, args.seconds)
+            await measure_idle(cluster, min(args.seconds, 5.0))
             print(
                 "idle CPU per master (subtracted below): "
                 + ", ".join(f":{p} {r:.2%}" for p, r in sorted(IDLE.items()))
@@ -384,36 +560,64 @@ async def main(args: argparse.Namespace) -> None:
             for name in args.rows:
                 kind, _, where = name.partition("-")
                 label = f"{kind} {where}"
-                tags = spread if where == "spread" else ["one"]
+                where_tags = spread if where == "spread" else ["one"]
+                tasks = args.spread_clients if where == "spread" else args.clients
+                tags = [where_tags[i % len(where_tags)] for i in range(tasks)]
                 # paced: one partition at the commit rate each master had in the spread row
                 rate = rates.get(f"{kind} spread", 0.0) / 3 if where == "paced" else None
                 if where == "paced" and not rate:
                     parser_error = f"{name} needs {kind}-spread before it in --rows"
                     raise SystemExit(parser_error)
-                make = tether_row if kind == "tether" else raw_row
-                row = await make(
+                used = sorted(set(tags))
+                if kind == "tether":
+                    counters = {t: redis_keys.data_keys(t).version for t in used}
+                    masters = {t: master_of(client, k) for t, k in counters.items()}
+                else:
+                    counters = {t: raw_keys(t)[0] for t in used}
+                    masters = {t: master_of(raw_client, k) for t, k in counters.items()}
+
+                async def versions(counters: dict[str, str] = counters) -> dict[str, int]:
+                    return {t: int(await client.get(k) or 0) for t, k in counters.items()}
+
+                row = await measure(
                     label,
-                    client if kind == "tether" else raw_client,
+                    kind,
+                    url,
                     cluster,
-                    args.clients,
                     tags,
+                    args.procs,
                     args.seconds,
+                    versions,
+                    masters,
                     rate,
                 )
                 rates[label] = row.commits / row.seconds
                 rows.append(row)
-            report(rows, per_master)
+            report(rows, per_master, cap, args.procs)
+            if cap is not None:
+                throttled = cap.throttled()
+                print(
+                    "time throttled per master over the run: "
+                    + ", ".join(f"{k.rpartition('-')[2]} {v:.1f} s" for k, v in throttled.items())
+                )
             print(f"load average after: {load_average()}")
         finally:
             await client.aclose()
             await raw_client.aclose()
     finally:
+        if cap is not None:
+            cap.release()
         cluster.stop()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument(
+        "--spread-clients",
+        type=int,
+        help="tasks of the spread rows (default: 3 x --clients, each master's load alone)",
+    )
     parser.add_argument("--partitions", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument(
@@ -422,6 +626,19 @@ if __name__ == "__main__":
         default=["tether-one", "tether-spread", "raw-one", "raw-spread"],
         help="rows in order; add tether-paced / raw-paced after the spread row to compare",
     )
+    parser.add_argument(
+        "--master-cpu",
+        type=float,
+        default=0.04,
+        help="cap each master to this fraction of a core (cgroup CPU quota; root); 0: uncapped",
+    )
+    parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    run_bounded(lambda: main(arguments), arguments.timeout)
+    if arguments.spread_clients is None:
+        arguments.spread_clients = 3 * arguments.clients
+    if arguments.worker:
+        asyncio.run(worker(json.loads(arguments.worker)))
+    else:
+        run_bounded(lambda: main(arguments), arguments.timeout)
