@@ -43,6 +43,7 @@ from tether.server.compat.redis import (
     reload_layout,
 )
 from tether.server.compat.uvicorn import (
+    _UpgradeRequest,
     cache_handshake_date,
     limited_protocols,
     transport_of,
@@ -220,6 +221,21 @@ def test_client_upgrade_heads_skip_h11_and_parse_as_h11_does() -> None:
     for data in [head, *CLIENT_HEADS]:
         assert upgrade_head(data) is not None, data  # the fast path is taken
         assert upgrade_head(data) == _h11_upgrade(data), data
+        _assert_stands_in_for_h11(data)
+
+
+def _assert_stands_in_for_h11(data: bytes) -> None:
+    """The event the upgrade without h11 hands uvicorn has every field of the h11 ``Request``
+    that h11's path would hand it, with the same value."""
+    parsed = upgrade_head(data)
+    assert parsed is not None
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    event = conn.next_event()
+    assert isinstance(event, h11.Request)
+    stand_in = _UpgradeRequest(*parsed)
+    for name in type(event).__slots__:
+        assert getattr(stand_in, name) == getattr(event, name), (name, data)
 
 
 _request_lines = st.sampled_from(
@@ -349,6 +365,7 @@ def test_an_upgrade_skips_h11_only_where_h11_reads_it_the_same(data: bytes) -> N
     if fast is not None:
         assert fast == _h11_upgrade(data), data
         assert all(name not in (b"content-length", b"transfer-encoding") for name, _ in fast[1])
+        _assert_stands_in_for_h11(data)
 
 
 async def test_both_upgrade_paths_give_the_app_the_same_websocket(
@@ -684,11 +701,13 @@ def test_uvicorn_protocols_have_what_limited_protocols_extends() -> None:
             f"uvicorn {version('uvicorn')}: {cls.__qualname__} has no {missing}; adapt "
             "tether.server.compat.uvicorn (limited_protocols, draining_server)"
         )
-    # The upgrade without h11 hands handle_websocket_upgrade a stand-in for h11's Request.
+    # The upgrade without h11 hands handle_websocket_upgrade a stand-in for h11's Request,
+    # which has h11's fields (_assert_stands_in_for_h11): what it reads must be one of them.
     source = inspect.getsource(H11Protocol.handle_websocket_upgrade)
-    assert set(re.findall(r"event\.\w+", source)) == {"event.method", "event.target"}, (
-        f"uvicorn {version('uvicorn')}: handle_websocket_upgrade reads more of its event than "
-        "method and target; adapt tether.server.compat.uvicorn._UpgradeRequest"
+    read = {name.removeprefix("event.") for name in re.findall(r"event\.\w+", source)}
+    assert read and read <= set(h11.Request.__slots__), (
+        f"uvicorn {version('uvicorn')}: handle_websocket_upgrade reads {read} of its event; "
+        "adapt tether.server.compat.uvicorn._UpgradeRequest"
     )
 
 

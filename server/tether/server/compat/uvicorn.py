@@ -18,7 +18,7 @@ connection it fails (an oversize frame, a protocol error) only after the client 
 sending (see :func:`limited_protocols`), and its HTTP protocol hands a WebSocket upgrade that
 arrives whole in its socket's first read to the WebSocket protocol without h11's parse (see
 :func:`upgrade_head`; ``ws_protocol_class`` and ``_unset_keepalive_if_required`` are internals
-too, and ``handle_websocket_upgrade`` must read only ``method`` and ``target`` of its event).
+too; its event stands in for h11's ``Request``, field for field).
 """
 
 from __future__ import annotations
@@ -108,13 +108,32 @@ def upgrade_head(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
 
 
 class _UpgradeRequest:
-    """What uvicorn's ``handle_websocket_upgrade`` reads of h11's ``Request``."""
+    """The h11 ``Request`` of an upgrade :func:`upgrade_head` parsed, which uvicorn's
+    ``handle_websocket_upgrade`` gets in place of h11's.
 
-    __slots__ = ("target",)
+    It has every field of h11's ``Request``, with the values h11 gives (``method``, ``target``,
+    ``http_version``, and ``headers``, h11's ``Headers``, built only when read: uvicorn reads
+    only ``method`` and ``target``), so a uvicorn that reads more of its event still upgrades.
+    The one difference: the header names that ``headers.raw_items()`` gives are lower-cased.
+    """
+
+    __slots__ = ("_fields", "_headers", "target")
     method = b"GET"
+    http_version = b"1.1"
 
-    def __init__(self, target: bytes) -> None:
+    def __init__(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.target = target
+        self._fields = headers
+        self._headers: Any = None
+
+    @property
+    def headers(self) -> Any:
+        if self._headers is None:
+            import h11
+
+            request = h11.Request(method=self.method, target=self.target, headers=self._fields)
+            self._headers = request.headers
+        return self._headers
 
 
 def _raw_response(status: int, reason: str, code: str, message: str) -> bytes:
@@ -379,7 +398,8 @@ def limited_protocols(
                 return False
             self._unset_keepalive_if_required()
             target, self.headers = head
-            self.handle_websocket_upgrade(_UpgradeRequest(target))  # type: ignore[arg-type]
+            event = _UpgradeRequest(target, self.headers)
+            self.handle_websocket_upgrade(event)  # type: ignore[arg-type]
             return True
 
         def on_response_complete(self) -> None:
