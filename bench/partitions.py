@@ -5,49 +5,51 @@ Starts its own Redis Cluster (3 masters, no replicas, AOF on as in production, o
 default: a CPU cgroup of its own with a CFS quota; root), and drives commits from ``--procs``
 client processes through Tether's store (:func:`tether.server.data.engine.run_mutation`: the
 real ``read.lua`` + ``commit.lua`` path, with a client id, so each commit also stores its
-outcome), C concurrent tasks with one mutation in flight each, every task bumping its own
-counter (no conflicts). Rows, measured in the same run:
+outcome; without the request-id claim an application with partitions adds, a ``SET NX`` in a
+slot of its own), C concurrent tasks with one mutation in flight each, every task bumping its
+own counter (no conflicts). Rows, in ``--repeat`` rounds (3), alternated:
 
 * ``tether one``    -- every task commits into one partition: one slot, one master.
 * ``tether spread`` -- 3C tasks (``--spread-clients``): task i commits into partition
   ``p<i mod P>`` (P partitions, hashed over the three masters by their slots). Three times the
-  tasks, so each master is offered about the load the one master had alone: a master's commits
-  per wake-up, and so its CPU per commit, depend on how many commits wait for it, and the
-  question is what three masters carry where one carries its load, not how one client's load
-  divides (with C tasks in both rows each master batches a third as much: the ratio then
-  measured 2.4-2.9x, against 2.5-2.9x for the raw script).
-* ``tether paced`` (not by default) -- one partition again, paced at a third of the spread row's
-  rate (each master's rate there). Evenly paced arrivals batch nothing, so it costs more per
-  commit than either closed-loop row: it shows how much of a lightly loaded master's CPU per
-  commit is per-wakeup cost, and is no better a base than ``tether one``.
+  tasks, so that each master is offered about the load the one master had alone: a master's
+  commits per wake-up, and so its CPU per commit, depend on how many commits wait for it. The
+  question is what three masters carry where one carries its load (weak scaling); with
+  ``--spread-clients`` equal to C, how one load divides over three masters, each batching less.
+* ``tether paced`` (not by default; uncapped only) -- one partition again, paced at a third of
+  the spread row's rate (each master's rate there). Evenly paced arrivals batch nothing, so it
+  costs more per commit than either closed-loop row: it shows how much of a lightly loaded
+  master's CPU per commit is per-wakeup cost, and is no better a base than ``tether one``.
 * ``raw one`` / ``raw spread`` (/ ``raw paced``) -- the ceiling: ``EVALSHA`` of a two-key script
   (``INCR`` a version, ``XADD`` it to a stream: a commit's bare bones) from redis-py's cluster
-  client, the same C tasks, one tag or P tags.
+  client, the same tasks, one tag or P tags.
 
 **Why the cap.** Two cores cannot hold three masters at full speed beside the clients that
 would saturate them (a Tether commit costs its client more CPU than it costs the master), so
-uncapped, the commits/s of every row is the clients' limit and says nothing about the cluster.
-With each master held to the same small budget, the masters are the bottleneck at a load the
-clients drive with most of their core to spare, as three masters on a core each would be under
-enough instances: the spread row's commits/s over the one-partition row's is then the
-cluster's scaling, **measured**. The report shows the conditions that make it so: each
-master's busy share at its cap, the time it spent throttled, and the clients' busy share well
-below 100 %. Under the cap a master batches more commands per wake-up than a lightly loaded
-one, so its CPU per commit is lower than uncapped; the same holds for both rows.
+uncapped, every row's commits/s is the clients' limit and says nothing about the cluster. With
+each master held to the same small budget, the masters are the bottleneck at a load the clients
+drive with most of their time to spare, and the spread row's commits/s over the one-partition
+row's is the cluster's scaling under that budget, **measured**. A row counts as the masters'
+throughput only where every master that took commits used at least 90 % of its budget and the
+clients at most 80 % of their time; the summary says whether every row did. A capped master is
+paused for most of each period and batches the commands that queued meanwhile, so its CPU per
+commit is lower than a lightly loaded master's and says nothing of a whole core's capacity:
+nothing is computed from it under the cap.
 
 Measured: commits/s over the window; the clients' CPU per commit and busy share; for each
-master, its commits (from the partitions' version counters / the raw counters) and its CPU
-per commit (user + system of its ``redis-server`` from ``/proc/PID/stat``, before and after,
-less the master's idle CPU measured for the same time before the rows). Uncapped
-(``--master-cpu 0``) the report adds the time spent executing commands (``INFO
-commandstats``, wall-clock inside the commands, which a throttled master stretches, so it is
-left out under the cap). Computed, not measured: each master's capacity at 100 % of one core of
-its own (1e6 / its µs per commit), and the cluster's for the spread row: limited by the master
+master, its commits (from the partitions' version counters / the raw counters), its CPU per
+commit (the sum over its threads of ``/proc/PID/task/TID/schedstat``, to the nanosecond) and,
+capped, its busy share of the budget and the quota periods in which it was throttled
+(``cpu.stat``). Uncapped (``--master-cpu 0``, or where no cgroup can be made: the run says so)
+the report adds the time spent executing commands (``INFO commandstats``), subtracts each
+master's idle CPU, and computes, not measures: each master's capacity at 100 % of one core of
+its own (1e6 / its µs per commit), and the cluster's for the spread row, limited by the master
 with the largest share of the commits (capacity_m / share_m, the smallest over the masters),
 with the ratio to the one-master row. Run from the repository root (as root, for the cap)::
 
     .venv/bin/python bench/partitions.py                       # C = 64, P = 64, 5 s a row
     .venv/bin/python bench/partitions.py --master-cpu 0.08     # a larger budget per master
+    .venv/bin/python bench/partitions.py --spread-clients 64   # the same tasks in both rows
     .venv/bin/python bench/partitions.py --master-cpu 0        # uncapped: ratios computed only
     .venv/bin/python bench/partitions.py --clients 16 --partitions 12 --seconds 2   # quick
 """
@@ -59,6 +61,8 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -72,8 +76,8 @@ import tempfile
 import redis
 import redis.asyncio
 from common import (
+    child_options,
     cluster_node,
-    cpu_seconds,
     describe_run,
     load_average,
     run_bounded,
@@ -154,19 +158,21 @@ class CpuCap:
 
     Two cores cannot hold three masters at full speed and the clients that would saturate them.
     Capping every master to the same small budget makes the masters the bottleneck at a load the
-    clients can drive, as a core of its own per master would at full scale: the commits/s of a
-    row is then the masters' throughput, measured. cgroup v1's ``cpu`` controller
-    (``cpu.cfs_quota_us``) or cgroup v2's ``cpu.max``; root is needed. The quota's period is
-    chosen so the quota is at least 1 ms (the kernel's minimum is 1 ms)."""
+    clients can drive: the commits/s of a row is then the masters' throughput under that
+    budget, measured. cgroup v1's ``cpu`` controller (``cpu.cfs_quota_us``) or cgroup v2's
+    ``cpu.max`` (groups at the hierarchy's root; only v1 was exercised here); root is needed.
+    The quota's period is chosen so the quota is at least 1 ms (the kernel's minimum)."""
 
     V1 = Path("/sys/fs/cgroup/cpu")
     V2 = Path("/sys/fs/cgroup")
+    PREFIX = "tether-bench-"
 
     def __init__(self, fraction: float) -> None:
         self.fraction = fraction
         self.period_us = max(10_000, int(1000 / fraction) + 1)
         self.quota_us = int(self.period_us * fraction)
-        self.groups: list[tuple[Path, Path]] = []  # (the group, where its processes go back)
+        self.groups: dict[int, Path] = {}  # master's port -> its group
+        self.base: Path | None = None
 
     @classmethod
     def root(cls) -> tuple[Path, str]:
@@ -178,11 +184,25 @@ class CpuCap:
             return cls.V2, "v2"
         raise RuntimeError("no cgroup cpu controller (cgroup v1 cpu or v2 cpu.max) is mounted")
 
-    def apply(self, pid: int, name: str) -> None:
+    def remove_stale(self) -> list[str]:
+        """Remove the empty groups an earlier run left (one killed before its clean-up), those
+        whose benchmark process is gone; return their names."""
+        base, _ = self.root()
+        removed = []
+        for group in base.glob(f"{self.PREFIX}*"):
+            owner = group.name.removeprefix(self.PREFIX).partition("-")[0]
+            if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+                with contextlib.suppress(OSError):
+                    group.rmdir()  # refused while a process is still in it
+                    removed.append(group.name)
+        return removed
+
+    def apply(self, pid: int, port: int) -> None:
         base, kind = self.root()
-        group = base / f"tether-bench-{os.getpid()}-{name}"
+        self.base = base
+        group = base / f"{self.PREFIX}{os.getpid()}-{port}"
         group.mkdir()
-        self.groups.append((group, base))
+        self.groups[port] = group
         if kind == "v1":
             (group / "cpu.cfs_period_us").write_text(str(self.period_us))
             (group / "cpu.cfs_quota_us").write_text(str(self.quota_us))
@@ -192,29 +212,40 @@ class CpuCap:
             (group / "cpu.max").write_text(f"{self.quota_us} {self.period_us}")
         (group / "cgroup.procs").write_text(str(pid))
 
-    def throttled(self) -> dict[str, float]:
-        """Per group name: the seconds its processes waited throttled so far (``cpu.stat``)."""
+    def stat(self) -> dict[int, tuple[int, int]]:
+        """Per master's port, so far (``cpu.stat``): the quota periods in which it ran, and
+        those in which it used up its quota and was throttled."""
         out = {}
-        for group, _ in self.groups:
+        for port, group in self.groups.items():
             with contextlib.suppress(OSError):
-                for line in (group / "cpu.stat").read_text().splitlines():
-                    key, _, value = line.partition(" ")
-                    if key == "throttled_time":  # v1, nanoseconds
-                        out[group.name] = int(value) / 1e9
-                    elif key == "throttled_usec":  # v2
-                        out[group.name] = int(value) / 1e6
+                fields = dict(
+                    line.split(" ", 1) for line in (group / "cpu.stat").read_text().splitlines()
+                )
+                out[port] = (int(fields["nr_periods"]), int(fields["nr_throttled"]))
         return out
 
-    def release(self) -> None:
-        """Move what is left in each group back to its parent, and remove the groups."""
-        for group, base in reversed(self.groups):
-            with contextlib.suppress(OSError):
-                for pid in (group / "cgroup.procs").read_text().split():
-                    with contextlib.suppress(OSError):
-                        (base / "cgroup.procs").write_text(pid)
-            with contextlib.suppress(OSError):
-                group.rmdir()
+    def release(self) -> list[str]:
+        """Move what is left in each group back to the root, remove the groups, and return
+        the names of those that could not be removed (after a few tries)."""
+        left = []
+        for group in self.groups.values():
+            for _ in range(20):
+                with contextlib.suppress(OSError):
+                    if self.base is not None:
+                        for pid in (group / "cgroup.procs").read_text().split():
+                            with contextlib.suppress(OSError):
+                                (self.base / "cgroup.procs").write_text(pid)
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            else:
+                left.append(str(group))
         self.groups.clear()
+        return left
 
     def describe(self) -> str:
         return (
@@ -235,10 +266,24 @@ class Row:
     per_master: dict[int, tuple[int, float]] = field(default_factory=dict)  # port -> (n, cpu s)
     #: port -> seconds Redis spent executing commands (INFO commandstats ``usec``), all commands
     command_seconds: dict[int, float] = field(default_factory=dict)
+    #: port -> (quota periods the master ran in, periods it was throttled in) during the row
+    periods: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def master_of(client: Any, key: str) -> int:
     return int(client.get_node_from_key(key).port)
+
+
+def cpu_exact(pid: int | None) -> float:
+    """CPU seconds process ``pid`` has used so far, to the nanosecond: the sum over its threads
+    of ``/proc/PID/task/TID/schedstat`` (``/proc/PID/stat`` counts 10 ms ticks: ±25 % for a
+    master at 4 % of a core over a second)."""
+    assert pid is not None
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 async def worker(spec: dict[str, Any]) -> None:
@@ -282,7 +327,7 @@ async def worker(spec: dict[str, Any]) -> None:
         start = float(line)
         stop_at = start + seconds
         await asyncio.sleep(max(0.0, start - time.monotonic()))
-        me_before = cpu_seconds(os.getpid())
+        me_before = time.process_time()
 
         async def loop(i: int) -> None:
             n = 1
@@ -297,7 +342,7 @@ async def worker(spec: dict[str, Any]) -> None:
 
         await asyncio.gather(*(loop(i) for i in tasks))
         end = time.monotonic()
-        print(json.dumps({"cpu": cpu_seconds(os.getpid()) - me_before, "end": end}), flush=True)
+        print(json.dumps({"cpu": time.process_time() - me_before, "end": end}), flush=True)
     finally:
         await client.aclose()
 
@@ -335,6 +380,7 @@ async def run_workers(
                     json.dumps(spec),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
+                    **child_options(),  # a session of its own; stopped if this process dies
                 )
             )
         for child in children:
@@ -380,12 +426,12 @@ IDLE: dict[int, float] = {}
 
 async def measure_idle(cluster: Cluster, seconds: float) -> None:
     pids = cluster.pids()
-    before = {port: cpu_seconds(pid) for port, pid in pids.items()}
+    before = {port: cpu_exact(pid) for port, pid in pids.items()}
     start = time.monotonic()
     await asyncio.sleep(seconds)
     elapsed = time.monotonic() - start
     for port, pid in pids.items():
-        IDLE[port] = (cpu_seconds(pid) - before[port]) / elapsed
+        IDLE[port] = (cpu_exact(pid) - before[port]) / elapsed
 
 
 async def measure(
@@ -393,6 +439,7 @@ async def measure(
     kind: str,
     url: str,
     cluster: Cluster,
+    cap: CpuCap | None,
     tags: list[str],
     procs: int,
     seconds: float,
@@ -404,24 +451,33 @@ async def measure(
     before: dict[str, int] = {}
     usec_before: dict[int, int] = {}
     cpu_before: dict[int, float] = {}
+    periods_before: dict[int, tuple[int, int]] = {}
 
     async def on_start() -> None:
         before.update(await versions())
         usec_before.update({port: command_usec(port) for port in pids})
-        cpu_before.update({port: cpu_seconds(pid) for port, pid in pids.items()})
+        periods_before.update(cap.stat() if cap else {})
+        cpu_before.update({port: cpu_exact(pid) for port, pid in pids.items()})
 
     start, end, client_cpu = await run_workers(
         name, kind, url, tags, procs, seconds, rate, on_start
     )
     elapsed = end - start
-    cpu_after = {port: cpu_seconds(pid) for port, pid in pids.items()}
+    cpu_after = {port: cpu_exact(pid) for port, pid in pids.items()}
+    periods_after = cap.stat() if cap else {}
     usec_after = {port: command_usec(port) for port in pids}
     after = await versions()
     row = Row(name, seconds=elapsed, client_cpu=client_cpu)
     row.command_seconds = {p: (usec_after[p] - usec_before[p]) / 1e6 for p in pids}
+    row.periods = {
+        p: (ran - periods_before[p][0], throttled - periods_before[p][1])
+        for p, (ran, throttled) in periods_after.items()
+    }
     for port in pids:
         n = sum(after[k] - before[k] for k, m in masters.items() if m == port)
-        busy = cpu_after[port] - cpu_before[port] - IDLE.get(port, 0.0) * elapsed
+        busy = cpu_after[port] - cpu_before[port]
+        if cap is None:  # under the cap the busy share is compared with the cap, idle included
+            busy -= IDLE.get(port, 0.0) * elapsed
         row.per_master[port] = (n, max(busy, 0.0))
     row.commits = sum(after[k] - before[k] for k in masters)
     return row
@@ -446,85 +502,131 @@ def capacities(row: Row, seconds_of: dict[int, float]) -> tuple[dict[int, float]
     return caps, at_spread, even
 
 
-def report(
-    rows: list[Row], partitions_per_master: dict[int, int], cap: CpuCap | None, procs: int
-) -> None:
+#: Under the cap, a row is the masters' throughput only if every master that took commits
+#: used at least this share of its budget and the clients this share of their time at most.
+MASTER_AT_CAP = 0.9
+CLIENTS_BELOW = 0.8
+
+
+def bounded_by_masters(row: Row, cap: CpuCap, procs: int) -> tuple[bool, float, float]:
+    """Whether ``row`` measured the masters: (so, the lowest busy share of its cap among the
+    masters that took commits, the clients' busy share)."""
+    used = [cpu / row.seconds / cap.fraction for n, cpu in row.per_master.values() if n]
+    lowest = min(used) if used else 0.0
+    clients = row.client_cpu / row.seconds / procs if row.seconds else 0.0
+    return lowest >= MASTER_AT_CAP and clients <= CLIENTS_BELOW, lowest, clients
+
+
+def print_row(row: Row, cap: CpuCap | None, procs: int) -> None:
+    rate = row.commits / row.seconds if row.seconds else 0.0
+    client = row.client_cpu / row.commits * 1e6 if row.commits else 0.0
+    client_busy = row.client_cpu / row.seconds / procs if row.seconds else 0.0
+    parts = []
+    for port, (n, cpu) in row.per_master.items():
+        busy = cpu / row.seconds
+        load = f"{busy / cap.fraction:.1%} of cap" if cap else f"{busy:.1%}"
+        if cap and row.periods.get(port, (0, 0))[0]:
+            ran, throttled = row.periods[port]
+            load += f", throttled in {throttled / ran:.0%} of {ran} periods"
+        if n:
+            us = cpu / n * 1e6
+            ex = "" if cap else f" ({row.command_seconds[port] / n * 1e6:.0f}µs)"
+            parts.append(f":{port} {n} {us:.0f}µs{ex} {load}")
+        else:
+            parts.append(f":{port} 0 ({load})")
     print(
-        f"{'row':<14} {'commits/s':>10} {'client µs/c':>11} {'client busy':>11}   "
-        "per master: commits, CPU µs/commit (of which executing commands), busy"
+        f"{row.name:<16} {rate:>10,.0f} {client:>11,.0f} {client_busy:>11.1%}   " + "; ".join(parts)
     )
-    computed: dict[str, tuple[float, float, float, float]] = {}
-    rates: dict[str, float] = {}
-    for row in rows:
-        rate = rates[row.name] = row.commits / row.seconds if row.seconds else 0.0
-        client = row.client_cpu / row.commits * 1e6 if row.commits else 0.0
-        client_busy = row.client_cpu / row.seconds / procs if row.seconds else 0.0
-        parts = []
-        for port, (n, cpu) in row.per_master.items():
-            busy = cpu / row.seconds
-            if n:
-                us, ex = cpu / n * 1e6, row.command_seconds[port] / n * 1e6
-                parts.append(f":{port} {n} {us:.0f}µs ({ex:.0f}µs) {busy:.0%}")
-            else:
-                parts.append(f":{port} 0 ({busy:.0%})")
-        print(
-            f"{row.name:<14} {rate:>10,.0f} {client:>11,.0f} {client_busy:>11.0%}   "
-            + "; ".join(parts)
-        )
+    if cap is None:
+        # Under the cap a master batches as it would not on a core of its own: its CPU per
+        # commit says nothing of a whole core's capacity, so nothing is computed from it.
         _, cpu_at, cpu_even = capacities(row, {p: c for p, (_, c) in row.per_master.items()})
         _, ex_at, ex_even = capacities(row, row.command_seconds)
-        computed[row.name] = (cpu_at, cpu_even, ex_at, ex_even)
         print(
-            f"{'':<14} computed, a core per master: from CPU {cpu_at:,.0f}/s at this spread,"
-            f" {cpu_even:,.0f}/s evenly"
-            # a throttled master's commands are stretched by the waits: wall-clock, not work
-            + ("" if cap else f"; from command time {ex_at:,.0f}/s, {ex_even:,.0f}/s")
+            f"{'':<16} computed, a core per master: from CPU {cpu_at:,.0f}/s at this spread,"
+            f" {cpu_even:,.0f}/s evenly; from command time {ex_at:,.0f}/s, {ex_even:,.0f}/s"
         )
+
+
+def summarize(rounds: list[dict[str, Row]], cap: CpuCap | None, procs: int) -> None:
+    """Spread over one, per kind: each round's ratio and their median, measured under the cap
+    (with whether each row was bounded by the masters), computed from CPU without it."""
     for kind in ("tether", "raw"):
-        spread = computed.get(f"{kind} spread")
-        if cap is not None and rates.get(f"{kind} one") and f"{kind} spread" in rates:
-            ratio = rates[f"{kind} spread"] / rates[f"{kind} one"]
-            verdict = "met" if ratio >= 2.5 else "missed"
+        ratios, computed, unbounded = [], [], 0
+        for rows in rounds:
+            one, spread = rows.get(f"{kind} one"), rows.get(f"{kind} spread")
+            if one is None or spread is None or not one.commits or not spread.commits:
+                continue
+            if cap is not None:
+                for row in (one, spread):
+                    unbounded += not bounded_by_masters(row, cap, procs)[0]
+                ratios.append((spread.commits / spread.seconds) / (one.commits / one.seconds))
+            else:
+                cpu = {p: c for p, (_, c) in one.per_master.items()}
+                one_at = capacities(one, cpu)[1]
+                spread_cpu = {p: c for p, (_, c) in spread.per_master.items()}
+                spread_at, spread_even = capacities(spread, spread_cpu)[1:]
+                if one_at:
+                    computed.append((spread_at / one_at, spread_even / one_at))
+        if ratios:
+            listed = ", ".join(f"{r:.2f}x" for r in ratios)
+            median = statistics.median(ratios)
+            bounded = "yes" if not unbounded else f"NO: {unbounded} rows were not"
+            verdict = ""
+            if kind == "tether":
+                ok = median >= 2.5 and not unbounded
+                verdict = f"; target >= 2.5x: {'met' if ok else 'NOT met'}"
             print(
-                f"{kind}: spread / one, MEASURED with the masters capped alike: {ratio:.2f}x"
-                + (f" (target >= 2.5x: {verdict})" if kind == "tether" else "")
+                f"{kind}: spread / one, MEASURED with the masters capped alike: {listed};"
+                f" median {median:.2f}x (every row bounded by the masters: {bounded}){verdict}"
             )
-        for base in ("one", "paced"):
-            one = computed.get(f"{kind} {base}")
-            if one and spread and one[0] and one[2]:
-                print(
-                    f"{kind}: spread / {base}, computed from CPU: {spread[0] / one[0]:.2f}x at"
-                    f" this spread, {spread[1] / one[0]:.2f}x evenly"
-                    + (
-                        ""
-                        if cap
-                        else f"; from command time: {spread[2] / one[2]:.2f}x,"
-                        f" {spread[3] / one[2]:.2f}x"
-                    )
-                )
-    print(
-        "partitions per master (spread rows): "
-        + ", ".join(f":{p} {n}" for p, n in sorted(partitions_per_master.items()))
-    )
-    if cap is not None:
-        print(
-            "a row is the masters' throughput only where they were the bottleneck: each busy"
-            f" master near its cap ({cap.fraction:.0%}) and the clients' busy below ~80 %"
-        )
+        for at, even in computed:
+            print(
+                f"{kind}: spread / one, computed from CPU (not measured): {at:.2f}x at this"
+                f" spread, {even:.2f}x evenly"
+            )
+
+
+ROW_NAMES = [
+    f"{kind}-{where}" for kind in ("tether", "raw") for where in ("one", "spread", "paced")
+]
+
+
+def check_rows(rows: list[str], capped: bool) -> None:
+    """Refuse, before anything starts, row lists the run cannot measure."""
+    seen = set()
+    for name in rows:
+        if name not in ROW_NAMES:
+            raise SystemExit(f"--rows: unknown row {name!r}; rows are {', '.join(ROW_NAMES)}")
+        if name in seen:
+            raise SystemExit(f"--rows: {name} twice; use --repeat for more rounds")
+        seen.add(name)
+        kind, _, where = name.partition("-")
+        if where == "paced":
+            if capped:
+                # At a third of the spread rate a capped master is saturated anyway: the row
+                # would run back to back and measure nothing the one row does not.
+                raise SystemExit(f"--rows: {name} needs uncapped masters (--master-cpu 0)")
+            if f"{kind}-spread" not in seen:
+                raise SystemExit(f"--rows: {name} needs {kind}-spread before it")
 
 
 async def main(args: argparse.Namespace) -> None:
+    cap = CpuCap(args.master_cpu) if args.master_cpu else None
+    check_rows(args.rows, cap is not None)
     tmp = Path(tempfile.mkdtemp(prefix="bench-partitions-"))
     cluster = Cluster(tmp)
-    cap = CpuCap(args.master_cpu) if args.master_cpu else None
+    uncapped = "masters uncapped"
     try:
         url = cluster.start()
-        uncapped = "masters uncapped"
         if cap is not None:
             try:
+                stale = cap.remove_stale()
+                if stale:
+                    print(f"removed cgroups an earlier run left: {', '.join(stale)}")
                 for port, pid in cluster.pids().items():
                     assert pid is not None
-                    cap.apply(pid, str(port))
+                    cap.apply(pid, port)
             except (OSError, RuntimeError) as exc:
                 cap.release()
                 cap = None
@@ -533,6 +635,7 @@ async def main(args: argparse.Namespace) -> None:
                     " cgroup cpu controller), so the rows measure the clients and the ratios"
                     " are computed from CPU, not measured"
                 )
+                check_rows(args.rows, False)
         client = connect(url)
         raw_client = redis.asyncio.RedisCluster.from_url(url.replace("+cluster", ""))
         try:
@@ -541,7 +644,8 @@ async def main(args: argparse.Namespace) -> None:
             print(
                 f"bench/partitions.py: C={args.clients} tasks (spread rows:"
                 f" {args.spread_clients}) over {args.procs} client processes, "
-                f"P={args.partitions} partitions, {args.seconds:g} s a row, 3 masters, "
+                f"P={args.partitions} partitions, {args.seconds:g} s a row, {args.repeat}"
+                " round(s), 3 masters, "
                 + (cap.describe() if cap else uncapped)
                 + f"; {describe_run()}"
             )
@@ -550,64 +654,80 @@ async def main(args: argparse.Namespace) -> None:
             for p in spread:
                 port = master_of(client, redis_keys.data_keys(p).version)
                 per_master[port] = per_master.get(port, 0) + 1
-            await measure_idle(cluster, min(args.seconds, 5.0))
             print(
-                "idle CPU per master (subtracted below): "
-                + ", ".join(f":{p} {r:.2%}" for p, r in sorted(IDLE.items()))
+                "partitions per master (spread rows): "
+                + ", ".join(f":{p} {n}" for p, n in sorted(per_master.items()))
             )
-            rows = []
-            rates: dict[str, float] = {}
-            for name in args.rows:
-                kind, _, where = name.partition("-")
-                label = f"{kind} {where}"
-                where_tags = spread if where == "spread" else ["one"]
-                tasks = args.spread_clients if where == "spread" else args.clients
-                tags = [where_tags[i % len(where_tags)] for i in range(tasks)]
-                # paced: one partition at the commit rate each master had in the spread row
-                rate = rates.get(f"{kind} spread", 0.0) / 3 if where == "paced" else None
-                if where == "paced" and not rate:
-                    parser_error = f"{name} needs {kind}-spread before it in --rows"
-                    raise SystemExit(parser_error)
-                used = sorted(set(tags))
-                if kind == "tether":
-                    counters = {t: redis_keys.data_keys(t).version for t in used}
-                    masters = {t: master_of(client, k) for t, k in counters.items()}
-                else:
-                    counters = {t: raw_keys(t)[0] for t in used}
-                    masters = {t: master_of(raw_client, k) for t, k in counters.items()}
-
-                async def versions(counters: dict[str, str] = counters) -> dict[str, int]:
-                    return {t: int(await client.get(k) or 0) for t, k in counters.items()}
-
-                row = await measure(
-                    label,
-                    kind,
-                    url,
-                    cluster,
-                    tags,
-                    args.procs,
-                    args.seconds,
-                    versions,
-                    masters,
-                    rate,
-                )
-                rates[label] = row.commits / row.seconds
-                rows.append(row)
-            report(rows, per_master, cap, args.procs)
-            if cap is not None:
-                throttled = cap.throttled()
+            if cap is None:
+                await measure_idle(cluster, min(args.seconds, 5.0))
                 print(
-                    "time throttled per master over the run: "
-                    + ", ".join(f"{k.rpartition('-')[2]} {v:.1f} s" for k, v in throttled.items())
+                    "idle CPU per master (subtracted below): "
+                    + ", ".join(f":{p} {r:.2%}" for p, r in sorted(IDLE.items()))
+                )
+            print(
+                f"{'row':<16} {'commits/s':>10} {'client µs/c':>11} {'client busy':>11}   "
+                "per master: commits, CPU µs/commit"
+                + (", busy share of the cap" if cap else " (executing commands), busy")
+            )
+            rounds: list[dict[str, Row]] = []
+            for number in range(1, args.repeat + 1):
+                rows: dict[str, Row] = {}
+                for name in args.rows:
+                    kind, _, where = name.partition("-")
+                    label = f"{kind} {where}"
+                    where_tags = spread if where == "spread" else ["one"]
+                    tasks = args.spread_clients if where == "spread" else args.clients
+                    tags = [where_tags[i % len(where_tags)] for i in range(tasks)]
+                    # paced: one partition at the commit rate each master had in the spread row
+                    rate = None
+                    if where == "paced":
+                        done = rows[f"{kind} spread"]
+                        rate = done.commits / done.seconds / 3
+                    used = sorted(set(tags))
+                    if kind == "tether":
+                        counters = {t: redis_keys.data_keys(t).version for t in used}
+                        masters = {t: master_of(client, k) for t, k in counters.items()}
+                    else:
+                        counters = {t: raw_keys(t)[0] for t in used}
+                        masters = {t: master_of(raw_client, k) for t, k in counters.items()}
+
+                    async def versions(counters: dict[str, str] = counters) -> dict[str, int]:
+                        return {t: int(await client.get(k) or 0) for t, k in counters.items()}
+
+                    row = await measure(
+                        f"{label} #{number}",  # client ids of their own: no replays
+                        kind,
+                        url,
+                        cluster,
+                        cap,
+                        tags,
+                        args.procs,
+                        args.seconds,
+                        versions,
+                        masters,
+                        rate,
+                    )
+                    rows[label] = row
+                    print_row(row, cap, args.procs)
+                rounds.append(rows)
+            summarize(rounds, cap, args.procs)
+            if cap is not None:
+                print(
+                    f"a row is the masters' throughput where each master that took commits used"
+                    f" >= {MASTER_AT_CAP:.0%} of its cap and the clients <= {CLIENTS_BELOW:.0%}"
+                    " of their time"
                 )
             print(f"load average after: {load_average()}")
         finally:
             await client.aclose()
             await raw_client.aclose()
     finally:
-        if cap is not None:
-            cap.release()
         cluster.stop()
+        if cap is not None:
+            left = cap.release()
+            if left:
+                print(f"could not remove the cgroups {', '.join(left)}: remove them by hand")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
@@ -633,6 +753,9 @@ if __name__ == "__main__":
         help="cap each master to this fraction of a core (cgroup CPU quota; root); 0: uncapped",
     )
     parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds of the rows, alternated (the median ratio)"
+    )
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
