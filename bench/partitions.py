@@ -263,6 +263,8 @@ class Row:
     commits: int = 0
     seconds: float = 0.0
     client_cpu: float = 0.0
+    #: seconds over which the masters' CPU was read (the window and the workers' exit)
+    cpu_window: float = 0.0
     per_master: dict[int, tuple[int, float]] = field(default_factory=dict)  # port -> (n, cpu s)
     #: port -> seconds Redis spent executing commands (INFO commandstats ``usec``), all commands
     command_seconds: dict[int, float] = field(default_factory=dict)
@@ -279,10 +281,13 @@ def cpu_exact(pid: int | None) -> float:
     of ``/proc/PID/task/TID/schedstat`` (``/proc/PID/stat`` counts 10 ms ticks: ±25 % for a
     master at 4 % of a core over a second)."""
     assert pid is not None
-    total = 0
+    total, read = 0, 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             total += int((task / "schedstat").read_text().split()[0])
+            read += 1
+    if not read:
+        raise RuntimeError(f"no /proc/{pid}/task/*/schedstat to read (CONFIG_SCHED_INFO)")
     return total / 1e9
 
 
@@ -355,11 +360,13 @@ async def run_workers(
     procs: int,
     seconds: float,
     rate: float | None,
-    on_start: Any,
+    before_start: Any,
+    at_start: Any,
 ) -> tuple[float, float, float]:
     """Run one row's ``len(tags)`` tasks over ``procs`` worker processes (task ``i`` in worker
-    ``i mod procs``); ``await on_start()`` once every worker is ready, just before the window.
-    Returns (start, end, the workers' CPU seconds in the window)."""
+    ``i mod procs``); ``await before_start()`` once every worker is ready, before any commit of
+    the window, and ``at_start()`` when the window opens. Returns (start, end, the workers' CPU
+    seconds in the window)."""
     children = []
     try:
         for w in range(procs):
@@ -388,12 +395,14 @@ async def run_workers(
             line = await child.stdout.readline()
             if line.strip() != b"ready":
                 raise RuntimeError(f"a worker of row {name!r} failed before the window")
-        await on_start()
+        await before_start()
         start = time.monotonic() + 0.1
         for child in children:
             assert child.stdin is not None
             child.stdin.write(f"{start!r}\n".encode())
             await child.stdin.drain()
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        at_start()
         ends, cpu = [], 0.0
         for child in children:
             out, _ = await child.communicate()
@@ -452,22 +461,29 @@ async def measure(
     usec_before: dict[int, int] = {}
     cpu_before: dict[int, float] = {}
     periods_before: dict[int, tuple[int, int]] = {}
+    read_at: list[float] = []
 
-    async def on_start() -> None:
+    async def before_start() -> None:
         before.update(await versions())
         usec_before.update({port: command_usec(port) for port in pids})
+
+    def at_start() -> None:  # the masters' CPU from the window's start, not before it
+        read_at.append(time.monotonic())
         periods_before.update(cap.stat() if cap else {})
         cpu_before.update({port: cpu_exact(pid) for port, pid in pids.items()})
 
     start, end, client_cpu = await run_workers(
-        name, kind, url, tags, procs, seconds, rate, on_start
+        name, kind, url, tags, procs, seconds, rate, before_start, at_start
     )
     elapsed = end - start
     cpu_after = {port: cpu_exact(pid) for port, pid in pids.items()}
     periods_after = cap.stat() if cap else {}
+    # The masters' CPU covers [window's start, this read], a little longer than the window
+    # (the workers' exit): their busy share is taken over that time, an underestimate if any.
+    cpu_window = time.monotonic() - read_at[0]
     usec_after = {port: command_usec(port) for port in pids}
     after = await versions()
-    row = Row(name, seconds=elapsed, client_cpu=client_cpu)
+    row = Row(name, seconds=elapsed, client_cpu=client_cpu, cpu_window=cpu_window)
     row.command_seconds = {p: (usec_after[p] - usec_before[p]) / 1e6 for p in pids}
     row.periods = {
         p: (ran - periods_before[p][0], throttled - periods_before[p][1])
@@ -487,8 +503,7 @@ def capacities(row: Row, seconds_of: dict[int, float]) -> tuple[dict[int, float]
     """Computed from ``seconds_of`` (each master's CPU, or command, seconds in the row): each
     master's commits/s at 100 % of one core; the cluster's at the row's spread (the pace of the
     master with the largest share of the commits); and spread evenly over the masters (the sum).
-    A master whose CPU read 0 ticks (too few commits for /proc's 10 ms resolution) counts as
-    unknown: the figures are then 0."""
+    A master whose CPU read 0 counts as unknown: the figures are then 0."""
     caps: dict[int, float] = {}
     for port, (n, _) in row.per_master.items():
         if n and seconds_of.get(port):
@@ -511,7 +526,7 @@ CLIENTS_BELOW = 0.8
 def bounded_by_masters(row: Row, cap: CpuCap, procs: int) -> tuple[bool, float, float]:
     """Whether ``row`` measured the masters: (so, the lowest busy share of its cap among the
     masters that took commits, the clients' busy share)."""
-    used = [cpu / row.seconds / cap.fraction for n, cpu in row.per_master.values() if n]
+    used = [cpu / row.cpu_window / cap.fraction for n, cpu in row.per_master.values() if n]
     lowest = min(used) if used else 0.0
     clients = row.client_cpu / row.seconds / procs if row.seconds else 0.0
     return lowest >= MASTER_AT_CAP and clients <= CLIENTS_BELOW, lowest, clients
@@ -523,7 +538,7 @@ def print_row(row: Row, cap: CpuCap | None, procs: int) -> None:
     client_busy = row.client_cpu / row.seconds / procs if row.seconds else 0.0
     parts = []
     for port, (n, cpu) in row.per_master.items():
-        busy = cpu / row.seconds
+        busy = cpu / row.cpu_window
         load = f"{busy / cap.fraction:.1%} of cap" if cap else f"{busy:.1%}"
         if cap and row.periods.get(port, (0, 0))[0]:
             ran, throttled = row.periods[port]
@@ -555,7 +570,10 @@ def summarize(rounds: list[dict[str, Row]], cap: CpuCap | None, procs: int) -> N
         ratios, computed, unbounded = [], [], 0
         for rows in rounds:
             one, spread = rows.get(f"{kind} one"), rows.get(f"{kind} spread")
-            if one is None or spread is None or not one.commits or not spread.commits:
+            if one is None or spread is None:
+                continue
+            if not one.commits or not spread.commits:
+                unbounded += 1  # a round without commits measured nothing: no verdict on it
                 continue
             if cap is not None:
                 for row in (one, spread):
@@ -571,7 +589,7 @@ def summarize(rounds: list[dict[str, Row]], cap: CpuCap | None, procs: int) -> N
         if ratios:
             listed = ", ".join(f"{r:.2f}x" for r in ratios)
             median = statistics.median(ratios)
-            bounded = "yes" if not unbounded else f"NO: {unbounded} rows were not"
+            bounded = "yes" if not unbounded else f"NO, {unbounded} not"
             verdict = ""
             if kind == "tether":
                 ok = median >= 2.5 and not unbounded
@@ -580,6 +598,8 @@ def summarize(rounds: list[dict[str, Row]], cap: CpuCap | None, procs: int) -> N
                 f"{kind}: spread / one, MEASURED with the masters capped alike: {listed};"
                 f" median {median:.2f}x (every row bounded by the masters: {bounded}){verdict}"
             )
+        elif unbounded:
+            print(f"{kind}: no round committed in both rows: nothing measured")
         for at, even in computed:
             print(
                 f"{kind}: spread / one, computed from CPU (not measured): {at:.2f}x at this"
@@ -658,6 +678,12 @@ async def main(args: argparse.Namespace) -> None:
                 "partitions per master (spread rows): "
                 + ", ".join(f":{p} {n}" for p, n in sorted(per_master.items()))
             )
+            if len(per_master) < len(cluster.nodes):
+                print(
+                    f"WARNING: the {args.partitions} partitions land on {len(per_master)} of the"
+                    f" {len(cluster.nodes)} masters: the spread rows cannot use them all"
+                    " (raise --partitions)"
+                )
             if cap is None:
                 await measure_idle(cluster, min(args.seconds, 5.0))
                 print(
@@ -670,9 +696,14 @@ async def main(args: argparse.Namespace) -> None:
                 + (", busy share of the cap" if cap else " (executing commands), busy")
             )
             rounds: list[dict[str, Row]] = []
+            paced = any(name.endswith("-paced") for name in args.rows)
             for number in range(1, args.repeat + 1):
                 rows: dict[str, Row] = {}
-                for name in args.rows:
+                # Every other round in reverse order (A B B A ...), so that a drift of the
+                # machine over the run weighs on both rows alike (paced rows need their spread
+                # row first: then the order stays).
+                order = args.rows[::-1] if number % 2 == 0 and not paced else args.rows
+                for name in order:
                     kind, _, where = name.partition("-")
                     label = f"{kind} {where}"
                     where_tags = spread if where == "spread" else ["one"]
@@ -683,6 +714,8 @@ async def main(args: argparse.Namespace) -> None:
                     if where == "paced":
                         done = rows[f"{kind} spread"]
                         rate = done.commits / done.seconds / 3
+                        if rate <= 0:
+                            raise SystemExit(f"{name}: the spread row committed nothing to pace")
                     used = sorted(set(tags))
                     if kind == "tether":
                         counters = {t: redis_keys.data_keys(t).version for t in used}
@@ -722,12 +755,18 @@ async def main(args: argparse.Namespace) -> None:
             await client.aclose()
             await raw_client.aclose()
     finally:
-        cluster.stop()
-        if cap is not None:
-            left = cap.release()
-            if left:
-                print(f"could not remove the cgroups {', '.join(left)}: remove them by hand")
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            cluster.stop()
+        finally:
+            try:
+                if cap is not None:
+                    left = cap.release()
+                    if left:
+                        print(
+                            f"could not remove the cgroups {', '.join(left)}: remove them by hand"
+                        )
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
@@ -756,11 +795,23 @@ if __name__ == "__main__":
     parser.add_argument(
         "--repeat", type=int, default=3, help="rounds of the rows, alternated (the median ratio)"
     )
-    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--timeout", type=float, help="seconds for the whole run (default: from the rows' count)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.spread_clients is None:
         arguments.spread_clients = 3 * arguments.clients
+    if not 0 <= arguments.master_cpu <= 1:
+        parser.error("--master-cpu: a fraction of a core, 0-1 (0: uncapped)")
+    for option in ("clients", "spread_clients", "partitions", "procs", "repeat"):
+        if getattr(arguments, option) < 1:
+            parser.error(f"--{option.replace('_', '-')}: at least 1")
+    if arguments.seconds <= 0:
+        parser.error("--seconds: more than 0")
+    if arguments.timeout is None:
+        rows = arguments.repeat * len(arguments.rows)
+        arguments.timeout = 120 + rows * (arguments.seconds + 15)
     if arguments.worker:
         asyncio.run(worker(json.loads(arguments.worker)))
     else:
