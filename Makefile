@@ -26,7 +26,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
-.PHONY: browser test-browser
+.PHONY: browser test-browser test-oldest
 
 ## Chromium for the browser tests, from Debian's package, when /usr/bin/chromium is missing.
 browser:
@@ -35,6 +35,20 @@ browser:
 ## Only the browser tests (real Chromium driven by Playwright; the 100-lifetime run takes ~4 min).
 test-browser: $(STAMP) browser
 	$(BIN)/pytest -q -p no:cacheprovider tests/test_browser.py
+
+## The code against the lowest version of each runtime dependency pyproject.toml admits
+## (.ci/oldest.txt), in a venv of its own: the tests that reach into uvicorn, websockets,
+## redis-py, starlette, PyJWT and prometheus-client (about 4 minutes). CI runs it.
+OLDEST := .venv-oldest
+OLDEST_TESTS := tests/test_compat.py tests/test_http_limits.py tests/test_sync.py \
+	tests/test_sync_fuzz.py tests/test_client.py tests/test_client_core.py \
+	tests/test_client_faults.py tests/test_redis_conn.py tests/test_tokens.py \
+	tests/test_auth_http.py tests/test_metrics.py
+test-oldest:
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade pip
+	$(OLDEST)/bin/pip install --quiet -c .ci/oldest.txt -e '.[dev]'
+	$(OLDEST)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadgroup $(OLDEST_TESTS)
 
 ## Lint, format check, and the import contracts of pyproject.toml ([tool.importlinter]).
 lint: $(STAMP) $(IMPORT_TREE)
@@ -95,4 +109,4 @@ js-check: $(STAMP) js/node_modules/.package-lock.json
 		{ echo "server/tether/server/static/tether.js is not the build of js/: run make js and commit it"; exit 1; }
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .mypy_cache .ruff_cache

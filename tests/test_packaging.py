@@ -113,3 +113,30 @@ def test_the_public_api_imports_from_the_built_wheel(wheel: Path, tmp_path: Path
     assert help_text.returncode == 0, help_text.stderr
     for command in ("serve", "watch", "call", "login"):
         assert command in help_text.stdout
+
+
+def test_the_oldest_constraints_pin_every_lower_bound_of_pyproject() -> None:
+    """``.ci/oldest.txt`` (``make test-oldest``, run by CI) pins each runtime dependency at the
+    lowest version ``pyproject.toml`` admits, so that lower bound is one the tests ran."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    lower: dict[str, Version] = {}
+    for line in project["dependencies"]:
+        requirement = Requirement(line)
+        bounds = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        assert len(bounds) == 1, f"{line}: give exactly one lower bound (>=)"
+        lower[canonicalize_name(requirement.name)] = Version(bounds[0])
+    pinned: dict[str, Version] = {}
+    for raw in (REPO / ".ci" / "oldest.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", line
+            pinned[canonicalize_name(requirement.name)] = Version(spec.version)
+    assert pinned == lower
